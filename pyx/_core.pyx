@@ -1,0 +1,37 @@
+# cython: language_level=3
+"""kvmsys._core: the compiled core shared by both ABIs.
+
+Kernel objects (system, VM, vCPU), the comm area, exits, the run loop and the
+thread binding of the syscall-style ABI.  Policy and documentation live in
+the Python package; this module checks every size, offset and id it is given.
+"""
+# Declarations of each concept live in their own .pxd, implementations in the
+# matching .pyx; this module includes them all (one extension, like uvloop).
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from includes.kvm cimport *
+from includes.posix cimport *
+
+include "runstate.pxd"
+
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memset
+
+include "errors.pyx"
+include "mapping.pyx"
+include "runstate.pyx"
+include "system.pyx"
+include "vm.pyx"
+include "exits.pyx"
+include "vcpu.pyx"
+include "binding.pyx"
+include "reference.pyx"
+
+# Constants the Python layer needs, resolved from <linux/kvm.h> at build time.
+H_KINDS = dict(PYTHON=H_PYTHON, SINK=H_SINK, CONST=H_CONST, IGNORE=H_IGNORE, EXIT=H_EXIT)
+SPACES = dict(PIO=SPACE_PIO, MMIO=SPACE_MMIO)
+EXIT_REASONS = {name: num for num, name in _EXIT_NAMES.items()}
+KICK_SIGNAL = kvmsys_kick_signal()
+
+if kvmsys_install_kick_handler() != 0:
+    raise_os(errno, "sigaction(kick signal)",
+             f"signal {kvmsys_kick_signal()} is already owned by someone else")

@@ -1,0 +1,189 @@
+# The syscall-style ABI's thread binding.  The calling thread's vCPU is a C
+# thread-local pointer (kvmsys_bound), so run() finds its vCPU with one TLS
+# load: no argument, no lock, no dictionary.  A _Binding kept in a
+# threading.local releases the vCPU when its thread ends, however it ends.
+import threading as _thr
+
+cdef object _local = _thr.local()
+
+cdef class _Binding:
+    """Lives in the owning thread's threading.local; dies with the thread."""
+    cdef VcpuCore vcpu
+    cdef object on_release
+
+    def __dealloc__(self):
+        cdef VcpuCore v = self.vcpu
+        global kvmsys_bound
+        if v is None:
+            return
+        if kvmsys_bound == <void *>v:
+            kvmsys_bound = NULL
+        if self.on_release is not None:
+            try:
+                self.on_release(v)
+            except BaseException as e:      # a thread is ending: report, never raise
+                import sys
+                print(f"kvmsys: releasing vCPU {v.id} at thread exit failed: {e!r}", file=sys.stderr)
+
+
+def bind(VcpuCore vcpu, on_release=None):
+    """Bind *vcpu* to the calling thread; *on_release(vcpu)* runs if the thread ends bound."""
+    global kvmsys_bound
+    vcpu.require_open()
+    if kvmsys_bound != NULL:
+        raise VcpuBindingError("this thread already has a vCPU: call remove_vcpu() first "
+                               "(one vCPU per thread)")
+    cdef _Binding b = _Binding.__new__(_Binding)
+    b.vcpu = vcpu
+    b.on_release = on_release
+    pthread_mutex_lock(&vcpu.v.lock)
+    vcpu.v.bound = 1
+    vcpu.v.thread = pthread_self()
+    vcpu.v.generation += 1
+    vcpu.v.kick_pending = 0
+    kvmsys_store_u8(&vcpu.v.run.immediate_exit, 0)
+    pthread_mutex_unlock(&vcpu.v.lock)
+    _local.binding = b
+    kvmsys_bound = <void *>vcpu
+    return vcpu.v.generation
+
+
+cdef int _unbind_state(VcpuCore vcpu) except -1:
+    # Under the lock: a kick racing with this either lands before (and is
+    # dropped with the binding) or sees the new generation and fails as stale.
+    pthread_mutex_lock(&vcpu.v.lock)
+    vcpu.v.bound = 0
+    vcpu.v.generation += 1
+    vcpu.v.kick_pending = 0
+    if vcpu.v.run != NULL:
+        kvmsys_store_u8(&vcpu.v.run.immediate_exit, 0)
+    pthread_mutex_unlock(&vcpu.v.lock)
+    return 0
+
+
+def unbind():
+    """Detach the calling thread's vCPU and return it (no release callback runs)."""
+    global kvmsys_bound
+    if kvmsys_bound == NULL:
+        raise VcpuBindingError("this thread has no vCPU: call add_vcpu() first")
+    cdef VcpuCore vcpu = <VcpuCore>kvmsys_bound
+    kvmsys_bound = NULL
+    b = _local.binding
+    (<_Binding>b).vcpu = None
+    del _local.binding
+    _unbind_state(vcpu)
+    return vcpu
+
+
+def release_state(VcpuCore vcpu):
+    """Mark a vCPU whose thread ended as unbound (called from the release callback)."""
+    _unbind_state(vcpu)
+
+
+def bound():
+    """The calling thread's vCPU, or None."""
+    if kvmsys_bound == NULL:
+        return None
+    return <VcpuCore>kvmsys_bound
+
+
+def forget_after_fork():
+    """In a fork child: drop the inherited binding without touching the parent's VM."""
+    global kvmsys_bound
+    kvmsys_bound = NULL
+    b = getattr(_local, "binding", None)
+    if b is not None:
+        (<_Binding>b).vcpu = None
+        del _local.binding
+
+
+def run(budget=None, timeout=None):
+    """Run the calling thread's vCPU (see VcpuCore.run).  The vCPU is implied."""
+    cdef void *p = kvmsys_bound
+    if p == NULL:
+        raise VcpuBindingError("this thread has no vCPU: call kvmsys.add_vcpu() first")
+    if budget is None and timeout is None:
+        return (<VcpuCore>p).run_once(-1, -1.0)
+    return (<VcpuCore>p).run(budget, timeout)
+
+
+cdef class VcpuHandle:
+    """Names a vCPU by (VM, id, generation), never by thread: safe to hold in any thread.
+
+    Every operation raises StaleVcpuError once the vCPU was removed or its thread ended,
+    even if a new vCPU reuses the id."""
+    cdef VcpuCore vcpu
+    cdef readonly uint64_t generation
+
+    def __cinit__(self, VcpuCore vcpu, uint64_t generation):
+        self.vcpu = vcpu
+        self.generation = generation
+
+    @property
+    def id(self):
+        return self.vcpu.id
+
+    @property
+    def vm(self):
+        return self.vcpu.vm
+
+    @property
+    def alive(self):
+        return self.vcpu.v != NULL and self.vcpu.v.generation == self.generation and self.vcpu.v.fd >= 0
+
+    cdef int _check(self) except -1:
+        if not self.alive:
+            raise StaleVcpuError(f"vCPU {self.vcpu.id} (generation {self.generation}) was removed")
+        return 0
+
+    cdef int _kick(self, int bits) except -1:
+        cdef int rc
+        with nogil:
+            rc = kick_vcpu(self.vcpu.v, self.generation, bits)
+        if rc:
+            raise StaleVcpuError(f"vCPU {self.vcpu.id} (generation {self.generation}) was removed")
+        return 0
+
+    def kick(self):
+        """Force the vCPU out of KVM_RUN; its run() returns a KickExit.  Never lost."""
+        self._kick(KICK_USER)
+
+    def call_soon(self, fn, *args):
+        """Run fn(*args) on the vCPU's owning thread at its next exit."""
+        self._check()
+        self.vcpu.pending.append((fn, args))
+        self._kick(KICK_CALLS)
+
+    def interrupt(self, uint32_t vector):
+        """Request external interrupt *vector* for this vCPU.
+
+        With the in-kernel irqchip: an MSI to its local APIC (from this thread).
+        Without: queued and injected by the owning thread at its next exit."""
+        require(16 <= vector < 256, "vector must be 16..255")
+        self._check()
+        if self.vcpu.vm.has_irqchip:
+            # physical destination = APIC id (= vCPU id), fixed delivery, edge
+            self.vcpu.vm.signal_msi(0xFEE00000 | (self.vcpu.id << 12), vector)
+            return
+        self.vcpu.pending.append(("irq", vector))
+        self._kick(KICK_IRQ)
+
+    def nmi(self):
+        """Request an NMI for this vCPU (injected by its owning thread at its next exit)."""
+        self._check()
+        self.vcpu.pending.append(("nmi", None))
+        self._kick(KICK_IRQ)
+
+    def stats(self):
+        """The vCPU's run-loop statistics."""
+        self._check()
+        return self.vcpu.stats()
+
+    def __repr__(self):
+        return f"<VcpuHandle id={self.vcpu.id} generation={self.generation} {'alive' if self.alive else 'stale'}>"
+
+
+def handle_of(VcpuCore vcpu):
+    """A handle naming *vcpu* as it is now (its current generation)."""
+    vcpu.require_open()
+    return VcpuHandle(vcpu, vcpu.v.generation)

@@ -1,0 +1,1 @@
+# Cython package marker for pyx/includes (cimport includes.kvm, includes.posix).

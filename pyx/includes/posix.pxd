@@ -1,0 +1,85 @@
+# Declarations of the libc/POSIX calls the core uses that Cython's bundled
+# libc/posix .pxd files do not cover (or cover without nogil).
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+cdef extern from "<fcntl.h>" nogil:
+    int open(const char *path, int flags, ...)
+    enum: O_RDWR
+    enum: O_CLOEXEC
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+    long sysconf(int name)
+    int getppid()
+    enum: _SC_PAGESIZE
+
+cdef extern from "<sys/mman.h>" nogil:
+    void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void *addr, size_t length)
+    int madvise(void *addr, size_t length, int advice)
+    enum: PROT_READ
+    enum: PROT_WRITE
+    enum: MAP_SHARED
+    enum: MAP_PRIVATE
+    enum: MAP_ANONYMOUS
+    enum: MAP_NORESERVE
+    void *MAP_FAILED
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum: EINTR
+    enum: EAGAIN
+    enum: EINVAL
+    enum: EEXIST
+    enum: ENOENT
+    enum: EACCES
+    enum: ESRCH
+    enum: EBADF
+    enum: EFAULT
+    enum: E2BIG
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+    pthread_t pthread_self()
+    int pthread_equal(pthread_t a, pthread_t b)
+
+cdef extern from "<signal.h>" nogil:
+    int pthread_kill(pthread_t t, int sig)
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    cdef struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    enum: CLOCK_MONOTONIC
+    int clock_gettime(int clk, timespec *ts)
+
+# Small C helpers that have no Cython spelling: atomics, thread-local state,
+# the kick signal handler and per-thread watchdog timers.
+cdef extern from "kvmsys_native.h" nogil:
+    uint64_t kvmsys_now_ns()
+    int kvmsys_load_int(int *p)
+    void kvmsys_store_int(int *p, int v)
+    int kvmsys_xchg_int(int *p, int v)
+    int kvmsys_or_int(int *p, int v)
+    void kvmsys_store_u8(uint8_t *p, uint8_t v)
+    uint64_t kvmsys_add_u64(uint64_t *p, uint64_t v)
+    uint64_t kvmsys_load_u64(uint64_t *p)
+    uint32_t kvmsys_load_u32(uint32_t *p)
+    void kvmsys_store_u32(uint32_t *p, uint32_t v)
+    int kvmsys_kick_signal()
+    int kvmsys_install_kick_handler()
+    void kvmsys_set_running(void *run_page)
+    int kvmsys_arm_watchdog(uint64_t deadline_ns)
+    int kvmsys_disarm_watchdog()
+    void kvmsys_thread_cleanup_register()
+    void *kvmsys_bound

@@ -1,0 +1,87 @@
+# C-level state shared by the run loop, both ABIs and the kick path.  It lives
+# in malloc'd structs so the loop can use it without the GIL.
+
+cdef enum:
+    MAX_HANDLERS = 64
+    NR_REASONS = 64          # KVM exit reasons are small integers; larger ones count as [63]
+    NR_PORTS = 65536
+
+# What a fast handler does with an exit in its range.
+cdef enum:
+    H_PYTHON = 0    # return to the Python layer (per-range callable or default)
+    H_SINK = 1      # writes append to the VM's console buffer; reads return 0
+    H_CONST = 2     # reads return a constant; writes are ignored
+    H_IGNORE = 3    # reads return all-ones; writes are ignored (counted)
+    H_EXIT = 4      # isa-debug-exit: a write stops the run with status (value << 1) | 1
+
+cdef enum:
+    SPACE_PIO = 0
+    SPACE_MMIO = 1
+
+# What the loop tells the Python layer.
+cdef enum:
+    R_EXIT = 0       # an exit for the Python layer (v.last_handler says which range)
+    R_STOP = 1       # the guest asked to stop (v.stop_status)
+    R_KICK = 2
+    R_DEADLINE = 3
+    R_BUDGET = 4
+    R_SIGNAL = 5     # EINTR or periodic poll: check Python signals, then go on
+    R_ERROR = 6      # KVM_RUN failed (v.error)
+
+# Why a vCPU was kicked (bits, OR-ed together until the owner takes them).
+cdef enum:
+    KICK_USER = 1    # kick(): run() returns a KickExit
+    KICK_CALLS = 2   # run queued functions on the owning thread, then go on
+    KICK_IRQ = 4     # inject queued interrupts / NMIs, then go on
+
+cdef struct handler_t:
+    int space
+    int kind
+    uint64_t start
+    uint64_t end         # exclusive
+    uint64_t value
+
+cdef struct vmstate_t:
+    pthread_mutex_t lock
+    int fd
+    int nhandlers
+    handler_t handlers[MAX_HANDLERS]
+    int default_kind[2]          # per space: H_PYTHON or H_IGNORE
+    int hlt_action               # H_PYTHON (return), H_IGNORE (re-enter), H_EXIT (stop)
+    uint64_t *port_counts        # unhandled ports, counted when default is H_IGNORE
+    uint8_t *console
+    size_t console_len
+    size_t console_cap
+    uint64_t console_dropped
+    int coalesced_zones
+    uint64_t coalesced_unhandled
+
+cdef struct vcpustate_t:
+    int fd
+    kvm_run *run
+    size_t run_size
+    kvm_coalesced_mmio_ring *ring
+    uint32_t ring_max
+    vmstate_t *vm
+    pthread_mutex_t lock         # kick vs release, and run entry in the fd ABI
+    int running
+    int active                   # inside a run() call (any thread)
+    int kick_pending             # KICK_* bits
+    int kick_bits                # the bits the loop took when it returned R_KICK
+    int bound                    # owned by one thread (syscall ABI): no locking on run
+    pthread_t thread
+    uint64_t generation
+    int64_t budget_left          # < 0: unlimited
+    uint64_t deadline_ns         # 0: none
+    int poll_signals             # main thread: come back every few ms to check signals
+    int last_handler
+    int stop_status
+    int error
+    uint64_t exits[NR_REASONS]
+    uint64_t handler_hits[MAX_HANDLERS]
+    uint64_t default_hits
+    uint64_t ns_in_run
+    uint64_t ns_in_handlers
+    uint64_t runs
+    uint64_t coalesced
+

@@ -1,0 +1,114 @@
+# The system object: /dev/kvm itself.
+from libc.stdlib cimport malloc, free
+from libc.errno cimport ENXIO, ENODEV, EPERM
+
+cdef enum:
+    CPUID_MAX = 512
+    MSR_LIST_MAX = 4096
+
+_HINT_MISSING = ("load the kvm module (modprobe kvm_intel or kvm_amd), or, inside a VM, "
+                 "enable nested virtualization")
+_HINT_ACCESS = "add your user to the 'kvm' group (sudo usermod -aG kvm $USER) and log in again"
+
+
+cdef class KvmCore:
+    """The KVM system fd (/dev/kvm)."""
+    # The /dev/kvm system fd.
+    cdef int fd
+    cdef readonly str path
+
+    def __cinit__(self, path="/dev/kvm"):
+        self.fd = -1
+        self.path = str(path)
+        cdef bytes p = self.path.encode()
+        cdef int fd = open(p, O_RDWR | O_CLOEXEC)
+        cdef int err
+        if fd < 0:
+            err = errno
+            if err in (ENOENT, ENXIO, ENODEV):
+                raise KvmUnavailableError(err, f"open({self.path})", _HINT_MISSING)
+            if err in (EACCES, EPERM):
+                raise KvmPermissionError(err, f"open({self.path})", _HINT_ACCESS)
+            raise_os(err, f"open({self.path})")
+        self.fd = fd
+
+    cdef int require_open(self) except -1:
+        if self.fd < 0:
+            raise StateError("the KVM system fd is closed")
+        return 0
+
+    cdef long ioctl_int(self, unsigned long req, unsigned long arg, str op) except -1:
+        self.require_open()
+        return check(ioctl(self.fd, req, arg), op)
+
+    def fileno(self):
+        self.require_open()
+        return self.fd
+
+    @property
+    def closed(self):
+        return self.fd < 0
+
+    def api_version(self):
+        """KVM_GET_API_VERSION (12 on every Linux since 2.6.22)."""
+        return self.ioctl_int(KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+
+    def check_extension(self, long cap):
+        """KVM_CHECK_EXTENSION on the system fd: 0 if absent, else a capability-defined value."""
+        require(0 <= cap < (1 << 31), f"capability number {cap} is out of range")
+        return self.ioctl_int(KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def vcpu_mmap_size(self):
+        """Size of a vCPU's mapping (kvm_run page, PIO data and coalesced-MMIO ring)."""
+        return self.ioctl_int(KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def supported_cpuid(self):
+        """KVM_GET_SUPPORTED_CPUID as a list of dicts (function, index, flags, eax..edx)."""
+        self.require_open()
+        cdef size_t sz = sizeof(kvm_cpuid2) + CPUID_MAX * sizeof(kvm_cpuid_entry2)
+        cdef kvm_cpuid2 *c = <kvm_cpuid2 *>malloc(sz)
+        cdef kvm_cpuid_entry2 *e
+        if c == NULL:
+            raise MemoryError()
+        try:
+            memset(c, 0, sz)
+            c.nent = CPUID_MAX
+            check(ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, c), "KVM_GET_SUPPORTED_CPUID")
+            e = <kvm_cpuid_entry2 *>(<char *>c + sizeof(kvm_cpuid2))
+            return [dict(function=e[i].function, index=e[i].index, flags=e[i].flags,
+                         eax=e[i].eax, ebx=e[i].ebx, ecx=e[i].ecx, edx=e[i].edx)
+                    for i in range(min(c.nent, CPUID_MAX))]
+        finally:
+            free(c)
+
+    def msr_index_list(self):
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores."""
+        self.require_open()
+        cdef size_t sz = sizeof(kvm_msr_list) + MSR_LIST_MAX * sizeof(uint32_t)
+        cdef kvm_msr_list *l = <kvm_msr_list *>malloc(sz)
+        cdef uint32_t *idx
+        if l == NULL:
+            raise MemoryError()
+        try:
+            l.nmsrs = MSR_LIST_MAX
+            check(ioctl(self.fd, KVM_GET_MSR_INDEX_LIST, l), "KVM_GET_MSR_INDEX_LIST")
+            idx = <uint32_t *>(<char *>l + sizeof(kvm_msr_list))
+            return [idx[i] for i in range(min(l.nmsrs, MSR_LIST_MAX))]
+        finally:
+            free(l)
+
+    def close(self):
+        """Close the fd.  Idempotent; VMs created from it stay valid."""
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)

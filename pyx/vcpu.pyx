@@ -1,0 +1,429 @@
+# The vCPU object: state ioctls, the comm area and run().
+from cpython.exc cimport PyErr_CheckSignals
+from libc.string cimport memcpy
+import threading as _threading
+
+
+cdef class VcpuCore:
+    """A KVM vCPU fd and its comm area (struct kvm_run, mapped zero-copy)."""
+    # A vCPU fd, its comm area (the mmap'd kvm_run page) and its run state.
+    cdef vcpustate_t *v
+    cdef readonly VmCore vm
+    cdef readonly int id
+    cdef Mapping page
+    cdef int synced            # the kernel has filled run->s.regs at least once
+    cdef int debug_enabled
+    cdef readonly list pending   # (fn, args) calls and ("irq"|"nmi", vector) requests from handles
+    cdef object __weakref__
+
+    def __cinit__(self, VmCore vm, int vcpu_id):
+        vm.require_open()
+        max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
+        require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
+        require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
+        self.vm = vm
+        self.id = vcpu_id
+        self.v = <vcpustate_t *>calloc(1, sizeof(vcpustate_t))
+        if self.v == NULL:
+            raise MemoryError()
+        self.v.fd = -1
+        self.v.budget_left = -1
+        pthread_mutex_init(&self.v.lock, NULL)
+        cdef int fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vcpu_id), "KVM_CREATE_VCPU")
+        cdef void *addr = mmap(NULL, vm.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        if addr == MAP_FAILED:
+            err = errno
+            close(fd)
+            raise_os(err, "mmap(kvm_run)")
+        self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {vcpu_id} comm area")
+        self.v.fd = fd
+        self.v.run = <kvm_run *>addr
+        self.v.run_size = vm.mmap_size
+        self.v.vm = vm.state
+        self.v.generation = 1
+        self.pending = []
+        cdef long page = sysconf(_SC_PAGESIZE)
+        if vm.check_extension(KVM_CAP_COALESCED_MMIO) > 0 and \
+                (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * page <= <long>vm.mmap_size:
+            self.v.ring = <kvm_coalesced_mmio_ring *>(<char *>addr + KVM_COALESCED_MMIO_PAGE_OFFSET * page)
+            self.v.ring_max = (page - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
+        if vm.has_sync_regs:
+            self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
+        vm.vcpu_ids.add(vcpu_id)
+        vm.vcpus.add(self)
+
+    cdef int require_open(self) except -1:
+        if self.v == NULL or self.v.fd < 0:
+            raise StateError(f"vCPU {self.id} is closed")
+        return 0
+
+    cdef long vcpu_ioctl(self, unsigned long req, void *arg, str op) except -1:
+        self.require_open()
+        return check(ioctl(self.v.fd, req, arg), op)
+
+    def fileno(self):
+        self.require_open()
+        return self.v.fd
+
+    @property
+    def closed(self):
+        return self.v == NULL or self.v.fd < 0
+
+    @property
+    def comm_area(self):
+        """Writable zero-copy memoryview of the whole vCPU mapping (kvm_run first)."""
+        self.require_open()
+        return memoryview(self.page)
+
+    # --- running -----------------------------------------------------------
+    cdef Exit run_once(self, int64_t budget, double timeout):
+        """The Python side of the loop: Python handlers, signals, kicks, stops."""
+        self.require_open()
+        cdef vcpustate_t *v = self.v
+        cdef VmCore vm = self.vm
+        cdef int res
+        cdef Exit ex
+        cdef object handler
+        cdef uint64_t t0
+        if kvmsys_xchg_int(&v.active, 1):
+            raise StateError(f"vCPU {self.id} is already running in another thread")
+        try:
+            v.budget_left = budget
+            v.deadline_ns = 0
+            if timeout >= 0:
+                v.deadline_ns = kvmsys_now_ns() + <uint64_t>(timeout * 1e9)
+                if kvmsys_arm_watchdog(v.deadline_ns) != 0:
+                    raise_os(errno, "timer_settime(watchdog)")
+            v.poll_signals = _threading.current_thread() is _threading.main_thread()
+            while True:
+                with nogil:
+                    res = run_loop(v)
+                self.synced = 1
+                if res == R_EXIT:
+                    ex = make_exit(self)
+                    handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
+                    if handler is None and ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO):
+                        handler = vm.default_handler
+                    if handler is None:
+                        return ex
+                    t0 = kvmsys_now_ns()
+                    stop = handler(ex)
+                    v.ns_in_handlers += kvmsys_now_ns() - t0
+                    if stop:
+                        return ex
+                    if v.budget_left == 0:
+                        return BudgetExit._new(self, KVMSYS_EXIT_BUDGET)
+                    continue
+                if res == R_SIGNAL:
+                    PyErr_CheckSignals()     # raises KeyboardInterrupt on Ctrl-C
+                    continue
+                if res == R_STOP:
+                    ex = StopExit._new(self, KVMSYS_EXIT_STOP)
+                    (<StopExit>ex).status = v.stop_status
+                    return ex
+                if res == R_KICK:
+                    if v.kick_bits & (KICK_CALLS | KICK_IRQ):
+                        self._run_pending()
+                    if v.kick_bits & KICK_USER:
+                        return KickExit._new(self, KVMSYS_EXIT_KICK)
+                    continue
+                if res == R_DEADLINE:
+                    return DeadlineExit._new(self, KVMSYS_EXIT_DEADLINE)
+                if res == R_BUDGET:
+                    return BudgetExit._new(self, KVMSYS_EXIT_BUDGET)
+                raise_os(v.error, "KVM_RUN")
+        finally:
+            if v.deadline_ns:
+                kvmsys_disarm_watchdog()
+                v.deadline_ns = 0
+                # a watchdog signal that landed after the last KVM_RUN must not leak into the next run
+                if not kvmsys_load_int(&v.kick_pending):
+                    kvmsys_store_u8(&v.run.immediate_exit, 0)
+            kvmsys_store_int(&v.active, 0)
+
+    cdef _run_pending(self):
+        # On the owning thread: queued calls and interrupt requests from handles.
+        work, self.pending = self.pending, []
+        for fn, arg in work:
+            if fn == "irq":
+                self.interrupt(arg)
+            elif fn == "nmi":
+                self.nmi()
+            else:
+                fn(*arg)
+
+    def run(self, budget=None, timeout=None):
+        """Run until an exit the fast handlers do not take, a stop, a kick, the budget or the deadline.
+
+        budget: at most this many exits (None: unlimited).  timeout: seconds (a watchdog
+        stops even a guest that never exits).  Returns the decoded Exit."""
+        cdef int64_t b = -1
+        cdef double t = -1.0
+        if budget is not None:
+            require(budget >= 1, "budget must be at least 1 exit")
+            b = budget
+        if timeout is not None:
+            require(timeout >= 0, "timeout must be non-negative")
+            t = timeout
+        return self.run_once(b, t)
+
+    def kick(self):
+        """Make the vCPU leave KVM_RUN now, or its next run() return at once (never lost)."""
+        self.require_open()
+        with nogil:
+            kick_vcpu(self.v, 0, KICK_USER)
+
+    @property
+    def immediate_exit(self):
+        self.require_open()
+        return self.v.run.immediate_exit
+
+    @immediate_exit.setter
+    def immediate_exit(self, value):
+        self.require_open()
+        kvmsys_store_u8(&self.v.run.immediate_exit, 1 if value else 0)
+
+    # --- registers ---------------------------------------------------------
+    @property
+    def regs(self):
+        """The general registers in the comm area (KVM_CAP_SYNC_REGS): no ioctl per access;
+        writes are sent back to the kernel on the next run, only if changed."""
+        self.require_open()
+        if not self.vm.has_sync_regs:
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError("SYNC_REGS", "register access through the comm area")
+        if not self.synced:
+            self.v.run.s.regs.regs = self._get_regs_ioctl()
+            self.synced = 1
+        return SyncRegs._new(self)
+
+    cdef kvm_regs _get_regs_ioctl(self) except *:
+        cdef kvm_regs r
+        self.vcpu_ioctl(KVM_GET_REGS, &r, "KVM_GET_REGS")
+        return r
+
+    def get_regs(self):
+        """KVM_GET_REGS as a dict (the comm-area copy, if it holds unsent writes)."""
+        self.require_open()
+        if self.v.run.kvm_dirty_regs & KVM_SYNC_X86_REGS:
+            return self.v.run.s.regs.regs
+        return self._get_regs_ioctl()
+
+    def set_regs(self, dict regs):
+        """KVM_SET_REGS from a dict with every register (get_regs(), modified)."""
+        cdef kvm_regs r = regs
+        self.vcpu_ioctl(KVM_SET_REGS, &r, "KVM_SET_REGS")
+        self.v.run.kvm_dirty_regs &= ~KVM_SYNC_X86_REGS
+        self.v.run.s.regs.regs = r
+        self.synced = 1
+
+    def get_sregs(self):
+        """KVM_GET_SREGS as a dict (segments as nested dicts)."""
+        cdef kvm_sregs s
+        self.vcpu_ioctl(KVM_GET_SREGS, &s, "KVM_GET_SREGS")
+        return s
+
+    def set_sregs(self, dict sregs):
+        """KVM_SET_SREGS from a full dict (get_sregs(), modified)."""
+        cdef kvm_sregs s = sregs
+        self.vcpu_ioctl(KVM_SET_SREGS, &s, "KVM_SET_SREGS")
+
+    def get_debugregs(self):
+        cdef kvm_debugregs d
+        self.vcpu_ioctl(KVM_GET_DEBUGREGS, &d, "KVM_GET_DEBUGREGS")
+        return d
+
+    def set_debugregs(self, dict debugregs):
+        cdef kvm_debugregs d = debugregs
+        self.vcpu_ioctl(KVM_SET_DEBUGREGS, &d, "KVM_SET_DEBUGREGS")
+
+    def get_msrs(self, indices):
+        """KVM_GET_MSRS: {index: value} for the MSRs the kernel returned (it stops at the first it cannot read)."""
+        cdef list idx = [int(i) for i in indices]
+        require(0 < len(idx) <= 4096, "between 1 and 4096 MSR indices")
+        cdef size_t n = len(idx)
+        cdef kvm_msrs *m = <kvm_msrs *>calloc(1, sizeof(kvm_msrs) + n * sizeof(kvm_msr_entry))
+        if m == NULL:
+            raise MemoryError()
+        cdef kvm_msr_entry *e = <kvm_msr_entry *>(<char *>m + sizeof(kvm_msrs))
+        try:
+            m.nmsrs = n
+            for i in range(n):
+                require(0 <= idx[i] < (1 << 32), f"MSR index {idx[i]:#x} is out of range")
+                e[i].index = idx[i]
+            got = self.vcpu_ioctl(KVM_GET_MSRS, m, "KVM_GET_MSRS")
+            return {e[i].index: e[i].data for i in range(got)}
+        finally:
+            free(m)
+
+    def set_msrs(self, msrs):
+        """KVM_SET_MSRS from {index: value}; returns how many the kernel accepted (in order)."""
+        cdef list items = [(int(k), int(v)) for k, v in dict(msrs).items()]
+        require(0 < len(items) <= 4096, "between 1 and 4096 MSRs")
+        cdef size_t n = len(items)
+        cdef kvm_msrs *m = <kvm_msrs *>calloc(1, sizeof(kvm_msrs) + n * sizeof(kvm_msr_entry))
+        if m == NULL:
+            raise MemoryError()
+        cdef kvm_msr_entry *e = <kvm_msr_entry *>(<char *>m + sizeof(kvm_msrs))
+        try:
+            m.nmsrs = n
+            for i in range(n):
+                require(0 <= items[i][0] < (1 << 32), f"MSR index {items[i][0]:#x} is out of range")
+                require(0 <= items[i][1] < (1 << 64), f"MSR value {items[i][1]:#x} is out of range")
+                e[i].index = items[i][0]
+                e[i].data = items[i][1]
+            return self.vcpu_ioctl(KVM_SET_MSRS, m, "KVM_SET_MSRS")
+        finally:
+            free(m)
+
+    def set_cpuid2(self, entries):
+        """KVM_SET_CPUID2 from a list of dicts like KvmCore.supported_cpuid() returns."""
+        cdef list ents = list(entries)
+        require(0 < len(ents) <= 512, "between 1 and 512 CPUID entries")
+        cdef size_t n = len(ents)
+        cdef kvm_cpuid2 *c = <kvm_cpuid2 *>calloc(1, sizeof(kvm_cpuid2) + n * sizeof(kvm_cpuid_entry2))
+        if c == NULL:
+            raise MemoryError()
+        cdef kvm_cpuid_entry2 *e = <kvm_cpuid_entry2 *>(<char *>c + sizeof(kvm_cpuid2))
+        try:
+            c.nent = n
+            for i in range(n):
+                d = ents[i]
+                e[i].function = d["function"]
+                e[i].index = d.get("index", 0)
+                e[i].flags = d.get("flags", 0)
+                e[i].eax = d.get("eax", 0)
+                e[i].ebx = d.get("ebx", 0)
+                e[i].ecx = d.get("ecx", 0)
+                e[i].edx = d.get("edx", 0)
+            self.vcpu_ioctl(KVM_SET_CPUID2, c, "KVM_SET_CPUID2")
+        finally:
+            free(c)
+
+    def get_mp_state(self):
+        cdef kvm_mp_state s
+        self.vcpu_ioctl(KVM_GET_MP_STATE, &s, "KVM_GET_MP_STATE")
+        return s.mp_state
+
+    def set_mp_state(self, uint32_t state):
+        cdef kvm_mp_state s
+        s.mp_state = state
+        self.vcpu_ioctl(KVM_SET_MP_STATE, &s, "KVM_SET_MP_STATE")
+
+    # Opaque state blobs (the raw kernel structs), for save and restore.
+    cdef bytes get_blob(self, unsigned long req, size_t size, str op):
+        cdef bytearray buf = bytearray(size)
+        self.vcpu_ioctl(req, <char *>buf, op)
+        return bytes(buf)
+
+    cdef int set_blob(self, unsigned long req, object data, size_t size, str op) except -1:
+        cdef bytearray buf = bytearray(data)
+        require(<size_t>len(buf) == size, f"{op} takes exactly {size} bytes, got {len(buf)}")
+        self.vcpu_ioctl(req, <char *>buf, op)
+        return 0
+
+    def get_fpu(self):
+        return self.get_blob(KVM_GET_FPU, sizeof(kvm_fpu), "KVM_GET_FPU")
+
+    def set_fpu(self, data):
+        self.set_blob(KVM_SET_FPU, data, sizeof(kvm_fpu), "KVM_SET_FPU")
+
+    def get_lapic(self):
+        require(self.vm.has_irqchip, "the local APIC exists only with the in-kernel irqchip")
+        return self.get_blob(KVM_GET_LAPIC, sizeof(kvm_lapic_state), "KVM_GET_LAPIC")
+
+    def set_lapic(self, data):
+        require(self.vm.has_irqchip, "the local APIC exists only with the in-kernel irqchip")
+        self.set_blob(KVM_SET_LAPIC, data, sizeof(kvm_lapic_state), "KVM_SET_LAPIC")
+
+    def get_vcpu_events(self):
+        return self.get_blob(KVM_GET_VCPU_EVENTS, sizeof(kvm_vcpu_events), "KVM_GET_VCPU_EVENTS")
+
+    def set_vcpu_events(self, data):
+        self.set_blob(KVM_SET_VCPU_EVENTS, data, sizeof(kvm_vcpu_events), "KVM_SET_VCPU_EVENTS")
+
+    def get_xsave(self):
+        return self.get_blob(KVM_GET_XSAVE, sizeof(kvm_xsave), "KVM_GET_XSAVE")
+
+    def set_xsave(self, data):
+        self.set_blob(KVM_SET_XSAVE, data, sizeof(kvm_xsave), "KVM_SET_XSAVE")
+
+    def get_xcrs(self):
+        return self.get_blob(KVM_GET_XCRS, sizeof(kvm_xcrs), "KVM_GET_XCRS")
+
+    def set_xcrs(self, data):
+        self.set_blob(KVM_SET_XCRS, data, sizeof(kvm_xcrs), "KVM_SET_XCRS")
+
+    def set_guest_debug(self, bint enable=True, bint single_step=False):
+        """KVM_SET_GUEST_DEBUG: with single_step, every instruction ends in a DEBUG exit."""
+        cdef kvm_guest_debug d
+        memset(&d, 0, sizeof(d))
+        if enable:
+            d.control = KVM_GUESTDBG_ENABLE
+            if single_step:
+                d.control |= KVM_GUESTDBG_SINGLESTEP
+        self.vcpu_ioctl(KVM_SET_GUEST_DEBUG, &d, "KVM_SET_GUEST_DEBUG")
+        self.debug_enabled = enable
+
+    def interrupt(self, uint32_t vector):
+        """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip)."""
+        require(vector < 256, "vector must be 0..255")
+        require(not self.vm.has_irqchip, "with the in-kernel irqchip use irq_line or signal_msi")
+        cdef kvm_interrupt i
+        i.irq = vector
+        self.vcpu_ioctl(KVM_INTERRUPT, &i, "KVM_INTERRUPT")
+
+    def nmi(self):
+        """KVM_NMI: queue an NMI."""
+        self.vcpu_ioctl(KVM_NMI, NULL, "KVM_NMI")
+
+    # --- statistics --------------------------------------------------------
+    def stats(self):
+        """Counters kept by the run loop in C."""
+        self.require_open()
+        cdef vcpustate_t *v = self.v
+        cdef int i
+        exits = {exit_name(i): v.exits[i] for i in range(NR_REASONS) if v.exits[i]}
+        hits = {i: v.handler_hits[i] for i in range(self.vm.state.nhandlers) if v.handler_hits[i]}
+        return dict(exits=exits, total_exits=sum(exits.values()), handler_hits=hits,
+                    default_hits=v.default_hits, runs=v.runs, ns_in_run=v.ns_in_run,
+                    ns_in_handlers=v.ns_in_handlers, coalesced=v.coalesced)
+
+    def reset_stats(self):
+        self.require_open()
+        cdef vcpustate_t *v = self.v
+        memset(v.exits, 0, sizeof(v.exits))
+        memset(v.handler_hits, 0, sizeof(v.handler_hits))
+        v.default_hits = v.runs = v.ns_in_run = v.ns_in_handlers = v.coalesced = 0
+
+    # --- lifetime ----------------------------------------------------------
+    def close(self):
+        """Close the vCPU fd (the comm area is unmapped once no view of it is left).
+
+        KVM keeps a vCPU until its VM is destroyed, so its id stays taken in this VM."""
+        if self.v == NULL or self.v.fd < 0:
+            return
+        if kvmsys_load_int(&self.v.active):
+            raise StateError(f"vCPU {self.id} is running; kick it and let run() return first")
+        pthread_mutex_lock(&self.v.lock)
+        close(self.v.fd)
+        self.v.fd = -1
+        self.v.run = NULL
+        self.v.ring = NULL
+        self.v.generation += 1
+        pthread_mutex_unlock(&self.v.lock)
+        self.page = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __dealloc__(self):
+        if self.v != NULL:
+            if self.v.fd >= 0:
+                close(self.v.fd)
+            pthread_mutex_destroy(&self.v.lock)
+            free(self.v)
+            self.v = NULL

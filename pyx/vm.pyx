@@ -1,0 +1,398 @@
+# The VM object: memory slots, interrupt plumbing, fast handlers, console.
+from libc.string cimport memcpy
+import weakref
+
+
+cdef class MemorySlot:
+    """One KVM memory slot backed by anonymous host memory."""
+    cdef readonly int slot
+    cdef readonly uint64_t guest_phys_addr
+    cdef readonly uint64_t size
+    cdef readonly uint32_t flags
+    cdef Mapping mapping
+
+    def view(self):
+        """Writable zero-copy memoryview of the slot's memory."""
+        return memoryview(self.mapping)
+
+    def __repr__(self):
+        return (f"MemorySlot(slot={self.slot}, gpa={self.guest_phys_addr:#x}, "
+                f"size={self.size:#x}, flags={self.flags:#x})")
+
+
+cdef class VmCore:
+    """A KVM VM fd.  Memory, devices and vCPUs hang off it."""
+    # A VM fd, its memory slots, fast-handler table and console buffer.
+    cdef int fd
+    cdef vmstate_t *state
+    cdef readonly KvmCore kvm
+    cdef readonly size_t mmap_size
+    cdef readonly int max_slots
+    cdef dict slots                 # slot -> MemorySlot
+    cdef list py_handlers           # handler index -> callable or None
+    cdef public object default_handler
+    cdef readonly int has_irqchip
+    cdef readonly int has_sync_regs
+    cdef readonly set vcpu_ids
+    cdef object vcpus               # WeakSet of live VcpuCore, closed with the VM
+    cdef object __weakref__
+
+    def __cinit__(self, KvmCore kvm, unsigned long vm_type=0):
+        self.fd = -1
+        kvm.require_open()
+        self.kvm = kvm
+        self.slots = {}
+        self.py_handlers = []
+        self.vcpu_ids = set()
+        self.vcpus = weakref.WeakSet()
+        self.mmap_size = kvm.ioctl_int(KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+        self.fd = kvm.ioctl_int(KVM_CREATE_VM, vm_type, "KVM_CREATE_VM")
+        self.state = <vmstate_t *>calloc(1, sizeof(vmstate_t))
+        if self.state == NULL:
+            raise MemoryError()
+        vm_init(self.state, self.fd)
+        n = self.check_extension(KVM_CAP_NR_MEMSLOTS)
+        self.max_slots = n if n > 0 else 32
+        self.has_sync_regs = self.check_extension(KVM_CAP_SYNC_REGS) & KVM_SYNC_X86_REGS != 0
+
+    cdef int require_open(self) except -1:
+        if self.fd < 0:
+            raise StateError("the VM is closed")
+        return 0
+
+    cdef long vm_ioctl(self, unsigned long req, void *arg, str op) except -1:
+        self.require_open()
+        return check(ioctl(self.fd, req, arg), op)
+
+    def fileno(self):
+        self.require_open()
+        return self.fd
+
+    @property
+    def closed(self):
+        return self.fd < 0
+
+    def check_extension(self, long cap):
+        """KVM_CHECK_EXTENSION on the VM fd (answers for this VM)."""
+        require(0 <= cap < (1 << 31), f"capability number {cap} is out of range")
+        self.require_open()
+        return check(ioctl(self.fd, KVM_CHECK_EXTENSION, <unsigned long>cap), "KVM_CHECK_EXTENSION")
+
+    # --- memory -----------------------------------------------------------
+    def add_memory(self, int slot, uint64_t guest_phys_addr, uint64_t size, *, bint readonly=False,
+                   bint log_dirty=False):
+        """Back [guest_phys_addr, +size) with fresh zeroed host memory in *slot*.
+
+        Returns a writable zero-copy memoryview of it."""
+        self.require_open()
+        cdef long page = sysconf(_SC_PAGESIZE)
+        require(0 <= slot < self.max_slots, f"slot {slot} is out of range 0..{self.max_slots - 1}")
+        require(slot not in self.slots, f"slot {slot} is already in use")
+        require(size > 0, "memory size must be positive")
+        require(guest_phys_addr % page == 0 and size % page == 0,
+                f"guest address and size must be multiples of the page size ({page})")
+        require(guest_phys_addr + size > guest_phys_addr and guest_phys_addr + size <= (1 << 52),
+                "memory region exceeds the guest-physical address space")
+        for s in self.slots.values():
+            require(guest_phys_addr + size <= (<MemorySlot>s).guest_phys_addr or
+                    guest_phys_addr >= (<MemorySlot>s).guest_phys_addr + (<MemorySlot>s).size,
+                    f"[{guest_phys_addr:#x}, {guest_phys_addr + size:#x}) overlaps {s!r}")
+        cdef uint32_t flags = 0
+        if readonly:
+            if not self.check_extension(KVM_CAP_READONLY_MEM):
+                from kvmsys.errors import CapabilityError
+                raise CapabilityError("READONLY_MEM", "a read-only memory slot")
+            flags |= KVM_MEM_READONLY
+        if log_dirty:
+            flags |= KVM_MEM_LOG_DIRTY_PAGES
+        cdef void *addr = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if addr == MAP_FAILED:
+            raise_os(errno, "mmap(guest memory)")
+        cdef MemorySlot ms = MemorySlot.__new__(MemorySlot)
+        ms.mapping = Mapping.wrap(addr, size, f"memory slot {slot}")
+        ms.slot = slot
+        ms.guest_phys_addr = guest_phys_addr
+        ms.size = size
+        ms.flags = flags
+        cdef kvm_userspace_memory_region r
+        r.slot = slot
+        r.flags = flags
+        r.guest_phys_addr = guest_phys_addr
+        r.memory_size = size
+        r.userspace_addr = <uint64_t>addr
+        self.vm_ioctl(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION")
+        self.slots[slot] = ms
+        return ms.view()
+
+    def remove_memory(self, int slot):
+        """Delete a memory slot.  Views of it stay valid (host memory outlives the slot)."""
+        self.require_open()
+        require(slot in self.slots, f"slot {slot} is not in use")
+        cdef MemorySlot ms = self.slots[slot]
+        cdef kvm_userspace_memory_region r
+        memset(&r, 0, sizeof(r))
+        r.slot = slot
+        r.guest_phys_addr = ms.guest_phys_addr
+        self.vm_ioctl(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION(delete)")
+        del self.slots[slot]
+
+    @property
+    def memory_slots(self):
+        """The memory slots, by slot number."""
+        return dict(self.slots)
+
+    def memory(self, int slot=0):
+        """Writable zero-copy memoryview of one slot."""
+        require(slot in self.slots, f"slot {slot} is not in use")
+        return (<MemorySlot>self.slots[slot]).view()
+
+    cdef MemorySlot _find(self, uint64_t gpa, uint64_t length):
+        for s in self.slots.values():
+            ms = <MemorySlot>s
+            if ms.guest_phys_addr <= gpa and gpa - ms.guest_phys_addr + length <= ms.size \
+                    and length <= ms.size:
+                return ms
+        raise InvalidArgumentError(
+            f"guest-physical range [{gpa:#x}, {gpa + length:#x}) is not inside one memory slot")
+
+    def read(self, uint64_t gpa, uint64_t length):
+        """Copy *length* bytes of guest memory at *gpa* (bounds-checked)."""
+        cdef MemorySlot ms = self._find(gpa, length)
+        ms.mapping.check_range(gpa - ms.guest_phys_addr, length)
+        return (<char *>ms.mapping.addr)[gpa - ms.guest_phys_addr:gpa - ms.guest_phys_addr + length]
+
+    def write(self, uint64_t gpa, data):
+        """Copy *data* (bytes-like) into guest memory at *gpa* (bounds-checked)."""
+        cdef const uint8_t[::1] src = memoryview(data).cast("B")
+        cdef uint64_t n = src.shape[0]
+        cdef MemorySlot ms = self._find(gpa, n)
+        ms.mapping.check_range(gpa - ms.guest_phys_addr, n)
+        if n:
+            memcpy(ms.mapping.addr + (gpa - ms.guest_phys_addr), &src[0], n)
+
+    def get_dirty_log(self, int slot):
+        """KVM_GET_DIRTY_LOG: one bit per page of the slot (bytes, little-endian bit order)."""
+        self.require_open()
+        require(slot in self.slots, f"slot {slot} is not in use")
+        cdef MemorySlot ms = self.slots[slot]
+        require(ms.flags & KVM_MEM_LOG_DIRTY_PAGES, f"slot {slot} was not added with log_dirty=True")
+        cdef uint64_t pages = ms.size // sysconf(_SC_PAGESIZE)
+        cdef bytearray bitmap = bytearray(((pages + 63) // 64) * 8)
+        cdef kvm_dirty_log log
+        memset(&log, 0, sizeof(log))
+        log.slot = slot
+        log.dirty_bitmap = <char *>bitmap
+        self.vm_ioctl(KVM_GET_DIRTY_LOG, &log, "KVM_GET_DIRTY_LOG")
+        return bytes(bitmap)
+
+    # --- platform and interrupts ------------------------------------------
+    def set_tss_addr(self, uint64_t addr):
+        """KVM_SET_TSS_ADDR: three pages the VT-x real-mode emulation needs (below 4 GiB)."""
+        require(addr + 3 * 4096 <= (1 << 32), "the TSS address must leave 3 pages below 4 GiB")
+        self.require_open()
+        check(ioctl(self.fd, KVM_SET_TSS_ADDR, <unsigned long>addr), "KVM_SET_TSS_ADDR")
+
+    def set_identity_map_addr(self, uint64_t addr):
+        """KVM_SET_IDENTITY_MAP_ADDR: one page for the VT-x identity map (below 4 GiB)."""
+        require(addr % 4096 == 0 and addr + 4096 <= (1 << 32), "the identity map address must be a page below 4 GiB")
+        cdef uint64_t a = addr
+        self.vm_ioctl(KVM_SET_IDENTITY_MAP_ADDR, &a, "KVM_SET_IDENTITY_MAP_ADDR")
+
+    def create_irqchip(self):
+        """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and local APICs (before any vCPU)."""
+        require(not self.vcpu_ids, "the irqchip must be created before the first vCPU")
+        self.vm_ioctl(KVM_CREATE_IRQCHIP, NULL, "KVM_CREATE_IRQCHIP")
+        self.has_irqchip = 1
+
+    def create_pit2(self, uint32_t flags=0):
+        """KVM_CREATE_PIT2: in-kernel i8254 timer (needs the irqchip)."""
+        cdef kvm_pit_config c
+        memset(&c, 0, sizeof(c))
+        c.flags = flags
+        self.vm_ioctl(KVM_CREATE_PIT2, &c, "KVM_CREATE_PIT2")
+
+    def irq_line(self, uint32_t irq, int level):
+        """KVM_IRQ_LINE: set an interrupt line of the in-kernel irqchip high (1) or low (0)."""
+        require(self.has_irqchip, "irq_line needs the in-kernel irqchip (create_irqchip)")
+        require(level in (0, 1), "level must be 0 or 1")
+        require(irq < 1024, f"irq {irq} is out of range")
+        cdef kvm_irq_level l
+        memset(&l, 0, sizeof(l))
+        l.irq = irq
+        l.level = level
+        self.vm_ioctl(KVM_IRQ_LINE, &l, "KVM_IRQ_LINE")
+
+    def signal_msi(self, uint32_t address_lo, uint32_t data, uint32_t address_hi=0, uint32_t flags=0,
+                   uint32_t devid=0):
+        """KVM_SIGNAL_MSI: inject one MSI.  Returns 1 if delivered, 0 if the guest blocked it."""
+        require(self.has_irqchip, "signal_msi needs the in-kernel irqchip (create_irqchip)")
+        cdef kvm_msi m
+        memset(&m, 0, sizeof(m))
+        m.address_lo = address_lo
+        m.address_hi = address_hi
+        m.data = data
+        m.flags = flags
+        m.devid = devid
+        return self.vm_ioctl(KVM_SIGNAL_MSI, &m, "KVM_SIGNAL_MSI")
+
+    def ioeventfd(self, int fd, uint64_t addr, uint32_t length, *, datamatch=None, bint pio=False,
+                  bint deassign=False):
+        """KVM_IOEVENTFD: a guest write of *length* bytes at *addr* signals eventfd *fd*."""
+        require(fd >= 0, "fd must be an open eventfd")
+        require(length in (0, 1, 2, 4, 8), "length must be 0, 1, 2, 4 or 8")
+        require(not pio or addr <= 0xffff, "a PIO address must be a 16-bit port")
+        cdef kvm_ioeventfd e
+        memset(&e, 0, sizeof(e))
+        e.addr = addr
+        e.len = length
+        e.fd = fd
+        if datamatch is not None:
+            e.datamatch = datamatch
+            e.flags |= KVM_IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            e.flags |= KVM_IOEVENTFD_FLAG_PIO
+        if deassign:
+            e.flags |= KVM_IOEVENTFD_FLAG_DEASSIGN
+        self.vm_ioctl(KVM_IOEVENTFD, &e, "KVM_IOEVENTFD")
+
+    def irqfd(self, int fd, uint32_t gsi, *, int resamplefd=-1, bint deassign=False):
+        """KVM_IRQFD: a write to eventfd *fd* raises interrupt *gsi* (needs the irqchip)."""
+        require(self.has_irqchip, "irqfd needs the in-kernel irqchip (create_irqchip)")
+        require(fd >= 0, "fd must be an open eventfd")
+        cdef kvm_irqfd q
+        memset(&q, 0, sizeof(q))
+        q.fd = fd
+        q.gsi = gsi
+        if deassign:
+            q.flags |= KVM_IRQFD_FLAG_DEASSIGN
+        if resamplefd >= 0:
+            q.flags |= KVM_IRQFD_FLAG_RESAMPLE
+            q.resamplefd = resamplefd
+        self.vm_ioctl(KVM_IRQFD, &q, "KVM_IRQFD")
+
+    def register_coalesced(self, uint64_t addr, uint32_t size, *, bint pio=False, bint unregister=False):
+        """KVM_(UN)REGISTER_COALESCED_MMIO: guest writes to the zone are batched in a ring
+        that the run loop drains into the fast handlers, with no exit per write."""
+        require(size > 0, "zone size must be positive")
+        require(not pio or addr + size <= 0x10000, "a PIO zone must lie within ports 0..0xffff")
+        cap = KVM_CAP_COALESCED_PIO if pio else KVM_CAP_COALESCED_MMIO
+        if not self.check_extension(cap):
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError("COALESCED_PIO" if pio else "COALESCED_MMIO", "a coalesced zone")
+        cdef kvm_coalesced_mmio_zone z
+        memset(&z, 0, sizeof(z))
+        z.addr = addr
+        z.size = size
+        z.pio = 1 if pio else 0
+        if unregister:
+            self.vm_ioctl(KVM_UNREGISTER_COALESCED_MMIO, &z, "KVM_UNREGISTER_COALESCED_MMIO")
+            self.state.coalesced_zones -= 1
+        else:
+            self.vm_ioctl(KVM_REGISTER_COALESCED_MMIO, &z, "KVM_REGISTER_COALESCED_MMIO")
+            self.state.coalesced_zones += 1
+
+    def enable_cap(self, uint32_t cap, uint32_t flags=0, args=()):
+        """KVM_ENABLE_CAP on the VM."""
+        require(len(args) <= 4, "at most 4 capability arguments")
+        cdef kvm_enable_cap c
+        memset(&c, 0, sizeof(c))
+        c.cap = cap
+        c.flags = flags
+        for i, a in enumerate(args):
+            c.args[i] = a
+        self.vm_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP")
+
+    # --- fast handlers (used by the run loop) ------------------------------
+    def add_handler(self, int space, uint64_t start, uint64_t end, int kind, uint64_t value=0,
+                    callback=None):
+        """Route exits at [start, end) of *space* (0 = PIO, 1 = MMIO) to a handler kind.
+
+        Returns the handler's index.  An earlier handler wins where ranges overlap."""
+        require(space in (SPACE_PIO, SPACE_MMIO), "space must be 0 (PIO) or 1 (MMIO)")
+        require(kind in (H_PYTHON, H_SINK, H_CONST, H_IGNORE, H_EXIT), f"unknown handler kind {kind}")
+        require(start < end, "handler range is empty")
+        require(space != SPACE_PIO or end <= 0x10000, "a PIO range must lie within ports 0..0xffff")
+        require((kind == H_PYTHON) == (callback is not None) or (kind == H_PYTHON and callback is None),
+                "only a Python handler takes a callback")
+        require(callback is None or callable(callback), "callback must be callable")
+        cdef int n = self.state.nhandlers
+        if n >= MAX_HANDLERS:
+            raise InvalidArgumentError(f"at most {MAX_HANDLERS} handlers per VM")
+        cdef handler_t *h = &self.state.handlers[n]
+        h.space = space
+        h.kind = kind
+        h.start = start
+        h.end = end
+        h.value = value
+        self.py_handlers.append(callback)
+        kvmsys_store_int(&self.state.nhandlers, n + 1)   # publish after the entry is complete
+        return n
+
+    def handlers(self):
+        """The handler table: list of (space, start, end, kind, value, callback)."""
+        cdef int i
+        return [(self.state.handlers[i].space, self.state.handlers[i].start, self.state.handlers[i].end,
+                 self.state.handlers[i].kind, self.state.handlers[i].value, self.py_handlers[i])
+                for i in range(self.state.nhandlers)]
+
+    def set_default(self, int space, int kind):
+        """What happens to an access no handler covers: H_PYTHON (return it) or H_IGNORE."""
+        require(space in (SPACE_PIO, SPACE_MMIO), "space must be 0 (PIO) or 1 (MMIO)")
+        require(kind in (H_PYTHON, H_IGNORE), "the default is H_PYTHON or H_IGNORE")
+        self.state.default_kind[space] = kind
+
+    def set_hlt_action(self, int kind):
+        """HLT exits: H_PYTHON (return them), H_IGNORE (re-enter at once) or H_EXIT (stop the run)."""
+        require(kind in (H_PYTHON, H_IGNORE, H_EXIT), "HLT action is H_PYTHON, H_IGNORE or H_EXIT")
+        self.state.hlt_action = kind
+
+    def console(self, bint clear=False):
+        """Bytes collected by sink handlers (serial THR, debugcon), optionally clearing them."""
+        pthread_mutex_lock(&self.state.lock)
+        try:
+            out = (<char *>self.state.console)[:self.state.console_len] if self.state.console_len else b""
+            if clear:
+                self.state.console_len = 0
+        finally:
+            pthread_mutex_unlock(&self.state.lock)
+        return out
+
+    @property
+    def console_dropped(self):
+        """Console bytes dropped because the buffer reached its 64 MiB cap."""
+        return self.state.console_dropped
+
+    @property
+    def coalesced_unhandled(self):
+        """Coalesced writes that landed outside any fast handler (never silently: counted here)."""
+        return self.state.coalesced_unhandled
+
+    def port_counts(self):
+        """Accesses to ports with no handler (when the PIO default is H_IGNORE): {port: count}."""
+        cdef int p
+        return {p: self.state.port_counts[p] for p in range(NR_PORTS) if self.state.port_counts[p]}
+
+    def close(self):
+        """Close the VM fd and its vCPUs.  Memory views stay valid until dropped.  Idempotent."""
+        for vcpu in list(self.vcpus):
+            vcpu.close()
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+        self.slots.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+        if self.state != NULL:
+            vm_free(self.state)
+            free(self.state)
+            self.state = NULL
