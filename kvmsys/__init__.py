@@ -1,1 +1,33 @@
-"""kvmsys"""
+"""kvmsys: real vCPUs on Linux KVM, with two ABIs over one Cython core.
+
+Syscall-style ABI (vCPUs bound to threads, an implicit VM per process)::
+
+    import kvmsys
+    comm = kvmsys.add_vcpu()      # attach a vCPU to this thread
+    exit = kvmsys.run()           # run this thread's vCPU
+    kvmsys.remove_vcpu()
+
+fd-based ABI (the /dev/kvm model)::
+
+    from kvmsys import Kvm
+    vm = Kvm().create_vm()
+    vcpu = vm.create_vcpu(0)
+    exit = vcpu.run()
+"""
+from . import _core
+from ._core import (Exit, IoExit, MmioExit, HltExit, ShutdownExit, IntrExit, FailEntryExit,
+                    InternalErrorExit, SystemEventExit, DebugExit, UnknownExit, StopExit,
+                    KickExit, DeadlineExit, BudgetExit, VcpuHandle, exit_name)
+from .errors import *  # noqa: F401,F403
+from .errors import __all__ as _errors_all
+from .fd import Kvm, Vm, Vcpu
+from .syscall import (configure, add_vcpu, run, remove_vcpu, current, handle, vm, vcpus,
+                      destroy_vm)
+
+__version__ = "0.1.0"
+
+__all__ = ["Kvm", "Vm", "Vcpu", "configure", "add_vcpu", "run", "remove_vcpu", "current",
+           "handle", "vm", "vcpus", "destroy_vm", "Exit", "IoExit", "MmioExit", "HltExit",
+           "ShutdownExit", "IntrExit", "FailEntryExit", "InternalErrorExit", "SystemEventExit",
+           "DebugExit", "UnknownExit", "StopExit", "KickExit", "DeadlineExit", "BudgetExit",
+           "VcpuHandle", "exit_name", "__version__"] + list(_errors_all)

@@ -1,0 +1,119 @@
+"""The kvmsys command line: info, guests, run, bench."""
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+
+from .errors import CapabilityError, KvmOSError, KvmsysError
+
+
+def _cmd_info(args) -> int:
+    from . import __version__, pvm
+    from .fd import Kvm
+    print(f"kvmsys {__version__}")
+    try:
+        st = os.stat("/dev/kvm")
+        print(f"/dev/kvm: mode {stat.filemode(st.st_mode)}, uid {st.st_uid}, gid {st.st_gid}, "
+              f"{'readable and writable' if os.access('/dev/kvm', os.R_OK | os.W_OK) else 'NOT accessible'} by this user")
+    except FileNotFoundError:
+        print("/dev/kvm: missing")
+    with Kvm() as kvm:
+        print(f"KVM API version: {kvm.api_version()}")
+        print(f"host KVM flavour: {pvm.host_flavour()}")
+        print(f"vCPU mmap size: {kvm.vcpu_mmap_size()} bytes")
+        caps = kvm.capabilities()
+        present = {k: v for k, v in caps.items() if v}
+        print(f"capabilities: {len(present)} of {len(caps)} known to this build are present")
+        if args.all:
+            rows = caps.items()
+        else:
+            rows = present.items()
+        width = max(len(k) for k, _ in rows)
+        print(f"  {'capability':{width}}  value")
+        for name, value in rows:
+            print(f"  {name:{width}}  {value}")
+    return 0
+
+
+def _cmd_guests(args) -> int:
+    from .guests import GUESTS
+    width = max(map(len, GUESTS))
+    for name, g in sorted(GUESTS.items()):
+        print(f"{name:{width}}  {g.description}")
+    return 0
+
+
+def _print_result(r) -> None:
+    if r.console:
+        sys.stdout.write(r.console.decode("utf-8", "replace"))
+        if not r.console.endswith(b"\n"):
+            sys.stdout.write("\n")
+    status = "none" if r.status is None else str(r.status)
+    print(f"--- {r.guest} over the {r.abi} ABI on {r.vcpus} vCPU(s): {r.reason}, exit status {status}, "
+          f"{r.elapsed_s * 1e3:.1f} ms{' (64-bit native on PVM)' if r.native64 else ''}")
+    total = sum(r.exits.values())
+    print(f"exits: {total} (" + ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) + ")")
+    if r.port_counts:
+        print("unhandled ports: " + ", ".join(f"{p:#x}×{n}" for p, n in sorted(r.port_counts.items())))
+
+
+def _cmd_run(args) -> int:
+    from . import runner
+    if args.firmware:
+        with open(args.firmware, "rb") as f:
+            image = f.read()
+        r = runner.run_firmware(image, abi=args.abi, timeout=args.timeout, label=args.firmware)
+    else:
+        inputs = {}
+        if args.n is not None:
+            inputs["n"] = args.n
+        r = runner.run_guest(args.guest, abi=args.abi, vcpus=args.vcpus, timeout=args.timeout, **inputs)
+    _print_result(r)
+    if r.status is not None:
+        return r.status
+    return 0 if r.ok else 2
+
+
+def _cmd_bench(args) -> int:
+    from benchmarks.__main__ import main as bench_main
+    return bench_main(args.rest)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="kvmsys", description="Real vCPUs on Linux KVM.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("info", help="host KVM: API version, flavour, capabilities, /dev/kvm access")
+    i.add_argument("--all", action="store_true", help="also list absent capabilities")
+    i.set_defaults(fn=_cmd_info)
+    g = sub.add_parser("guests", help="list the built-in guests")
+    g.set_defaults(fn=_cmd_guests)
+    r = sub.add_parser("run", help="run a built-in guest or a raw firmware image to completion")
+    what = r.add_mutually_exclusive_group(required=True)
+    what.add_argument("--guest", help="built-in guest name (see `kvmsys guests`)")
+    what.add_argument("--firmware", help="raw firmware image, started at the reset vector")
+    r.add_argument("--abi", choices=("fd", "sys"), default="sys", help="which ABI drives the vCPUs")
+    r.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (one thread each)")
+    r.add_argument("--timeout", type=float, default=10.0, help="seconds before the watchdog stops it")
+    r.add_argument("--n", type=int, help="iteration count input of loop/compute guests")
+    r.set_defaults(fn=_cmd_run)
+    b = sub.add_parser("bench", help="benchmark both ABIs on built-in guests (python -m benchmarks)",
+                       add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=_cmd_bench)
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except CapabilityError as e:
+        print(f"kvmsys: {e}", file=sys.stderr)
+        return 3
+    except KvmOSError as e:
+        print(f"kvmsys: {e}", file=sys.stderr)
+        return 3
+    except (KvmsysError, KeyError, ValueError) as e:
+        print(f"kvmsys: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvmsys: interrupted", file=sys.stderr)
+        return 130

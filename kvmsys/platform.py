@@ -1,0 +1,64 @@
+"""PC platform conventions for guests, compatible with QEMU's test setups.
+
+- port 0xf4: isa-debug-exit, a write stops the run with status (value << 1) | 1;
+- port 0xe9: debugcon, bytes collected on the console;
+- ports 0x3f8-0x3ff: enough of an 8250 UART for a polling guest (THR collected,
+  LSR says "transmitter empty");
+- any other port reads as all-ones and ignores writes, counted per port.
+All of it is handled by the run loop in C: no exit reaches Python.
+"""
+from __future__ import annotations
+
+from . import _core
+
+PIO, MMIO = _core.SPACES["PIO"], _core.SPACES["MMIO"]
+K = _core.H_KINDS
+
+DEBUG_EXIT_PORT = 0xF4
+DEBUGCON_PORT = 0xE9
+COM1 = 0x3F8
+LSR_THRE_TEMT = 0x60
+
+FIRMWARE_LOW_MAX = 128 * 1024
+FOUR_GIB = 1 << 32
+
+
+def install_pc_ports(vm) -> None:
+    """Install the PC port semantics above on *vm* (fd or process VM)."""
+    vm.add_handler(PIO, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT + 1, K["EXIT"])
+    vm.add_handler(PIO, DEBUGCON_PORT, DEBUGCON_PORT + 1, K["SINK"])
+    vm.add_handler(PIO, COM1, COM1 + 1, K["SINK"])                       # THR (RBR reads 0)
+    vm.add_handler(PIO, COM1 + 5, COM1 + 6, K["CONST"], LSR_THRE_TEMT)  # LSR
+    vm.add_handler(PIO, COM1 + 1, COM1 + 8, K["CONST"], 0)              # IER..SCR read 0
+    vm.set_default(PIO, K["IGNORE"])
+
+
+def load_firmware(vm, image: bytes, *, ram_size: int, first_slot: int = 0) -> list[int]:
+    """Map a raw firmware image the way a PC does; returns the slots used.
+
+    The image ends at 4 GiB (so the reset vector F000:FFF0 lands 16 bytes below
+    its end) and, if it is 128 KiB or smaller, is also copied to end at 1 MiB.
+    RAM covers [0, 640 KiB) and [1 MiB, ram_size)."""
+    size = len(image)
+    if not 0 < size <= 16 << 20:
+        raise ValueError(f"firmware image of {size} bytes: expected 1 byte .. 16 MiB")
+    if ram_size < 2 << 20 or ram_size % 4096:
+        raise ValueError("firmware needs at least 2 MiB of page-aligned RAM")
+    mapped = (size + 4095) & ~4095
+    slots = []
+    slot = first_slot
+
+    def add(gpa, length, data=None):
+        nonlocal slot
+        view = vm.add_memory(slot, gpa, length)
+        if data is not None:
+            view[length - len(data):] = data     # right-aligned: the image ends at the top
+        slots.append(slot)
+        slot += 1
+
+    add(0, 0xA0000)
+    if size <= FIRMWARE_LOW_MAX:
+        add(0x100000 - mapped, mapped, image)
+    add(0x100000, ram_size - 0x100000)
+    add(FOUR_GIB - mapped, mapped, image)
+    return slots

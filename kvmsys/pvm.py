@@ -1,0 +1,49 @@
+"""Everything specific to the PVM flavour of KVM (our development and CI hosts).
+
+On PVM, 64-bit guests run under KVM's instruction emulator unless MSR
+0x4b564d10 is set to (page | 1) before the first KVM_RUN; MSR 0x4b564d11 reads
+"PVM" there.  On an ordinary VT-x/AMD-V host neither MSR exists and nothing
+here changes anything.  See shared/HOST-KVM.md.
+"""
+from __future__ import annotations
+
+import os
+
+MSR_PVM_NATIVE = 0x4B564D10   # write (page-aligned GPA in a memory slot) | 1
+MSR_PVM_SIGNATURE = 0x4B564D11
+PVM_SIGNATURE = 0x4D5650      # "PVM"
+
+
+def module_loaded() -> bool:
+    """True if the kvm_pvm module is loaded (no VM needed)."""
+    return os.path.isdir("/sys/module/kvm_pvm")
+
+
+def host_flavour() -> str:
+    """'PVM', 'VT-x', 'AMD-V' or 'unknown', from the loaded KVM modules."""
+    if module_loaded():
+        return "PVM"
+    if os.path.isdir("/sys/module/kvm_intel"):
+        return "VT-x"
+    if os.path.isdir("/sys/module/kvm_amd"):
+        return "AMD-V"
+    return "unknown"
+
+
+def is_pvm(vcpu) -> bool:
+    """True if *vcpu* runs on a PVM host (its signature MSR reads 'PVM')."""
+    try:
+        return vcpu.get_msrs([MSR_PVM_SIGNATURE]).get(MSR_PVM_SIGNATURE) == PVM_SIGNATURE
+    except OSError:
+        return False
+
+
+def enable_native(vcpu, page_gpa: int) -> bool:
+    """On PVM, let a 64-bit guest run natively; elsewhere do nothing.  Returns True if enabled.
+
+    Must be called before the vCPU's first KVM_RUN; *page_gpa* is a free page in a memory slot."""
+    if page_gpa % 4096:
+        raise ValueError(f"PVM page {page_gpa:#x} is not page-aligned")
+    if not is_pvm(vcpu):
+        return False
+    return vcpu.set_msrs({MSR_PVM_NATIVE: page_gpa | 1}) == 1

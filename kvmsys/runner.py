@@ -1,0 +1,219 @@
+"""One runner over either ABI: load a guest, run it on N vCPUs (one thread each),
+collect its console output, exit status and exit counts.
+
+Only two things differ between the ABIs, and they are the two small classes
+below: how a thread gets its vCPU and how it runs it.  Everything else (memory,
+devices, CPU setup, the drive loop) is shared.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from . import _core, platform, pvm, syscall
+from .errors import InvalidArgumentError
+from .fd import Kvm
+from .guests import get as get_guest, layout
+
+ABIS = ("fd", "sys")
+_K = _core.H_KINDS
+
+
+@dataclass
+class RunResult:
+    """What a run produced."""
+    guest: str
+    abi: str
+    vcpus: int
+    status: int | None          # isa-debug-exit status, None if the guest did not stop that way
+    reason: str                 # STOP, SHUTDOWN, DEADLINE, INTERNAL_ERROR, ...
+    console: bytes
+    exits: dict = field(default_factory=dict)         # by reason, all vCPUs
+    port_counts: dict = field(default_factory=dict)   # ports with no handler: {port: accesses}
+    elapsed_s: float = 0.0
+    native64: bool = False      # 64-bit guest ran natively on a PVM host
+
+    @property
+    def ok(self) -> bool:
+        return self.reason == "STOP"
+
+
+# Exits after which a vCPU cannot go on.
+_TERMINAL = {"SHUTDOWN", "INTERNAL_ERROR", "FAIL_ENTRY", "SYSTEM_EVENT", "DEADLINE", "UNKNOWN"}
+
+
+def _drive(run, deadline: float) -> _core.Exit:
+    """Run until the guest stops, fails, or the deadline passes."""
+    while True:
+        remaining = deadline - time.monotonic()
+        ex = run(timeout=max(remaining, 0.0))
+        if isinstance(ex, (_core.StopExit, _core.DeadlineExit)) or ex.name in _TERMINAL:
+            return ex
+        if isinstance(ex, (_core.IoExit, _core.MmioExit)):
+            continue        # an access no handler took; reads already answered with all-ones
+        if remaining <= 0:
+            return ex
+
+
+def setup_devices(vm) -> None:
+    """The runner's devices: PC ports, MMIO reads as all-ones, HLT re-enters."""
+    platform.install_pc_ports(vm)
+    vm.set_default(platform.MMIO, _K["IGNORE"])
+    vm.set_hlt_action(_K["IGNORE"])     # no irqchip: HLT just re-enters (hlt loops count exits)
+
+
+class _FdAbi:
+    name = "fd"
+
+    def __init__(self, memory_size: int):
+        self.kvm = Kvm()
+        self.vm = self.kvm.create_vm()
+        self.mem = self.vm.add_memory(0, 0, memory_size)
+        setup_devices(self.vm)
+
+    def attach(self, i: int):
+        return self.vm.create_vcpu(i)
+
+    def run(self, vcpu):
+        return vcpu.run
+
+    def detach(self, vcpu) -> None:
+        pass
+
+    def close(self) -> None:
+        self.vm.close()
+        self.kvm.close()
+
+
+class _SysAbi:
+    name = "sys"
+
+    def __init__(self, memory_size: int):
+        self.saved = syscall.config()
+        syscall.destroy_vm()            # a fresh process VM for this run
+        syscall.configure(memory_size=memory_size, pc_ports=False)
+        self.vm = syscall.vm()
+        self.mem = self.vm.memory(0)
+        setup_devices(self.vm)
+
+    def attach(self, i: int):
+        syscall.add_vcpu()
+        return syscall.current()
+
+    def run(self, vcpu):
+        return syscall.run
+
+    def detach(self, vcpu) -> None:
+        syscall.remove_vcpu()
+
+    def close(self) -> None:
+        del self.mem
+        syscall.destroy_vm()
+        syscall.configure(**self.saved)
+
+
+def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10.0,
+              memory_size: int = layout.RAM_SIZE, **inputs) -> RunResult:
+    """Run built-in guest *name* over *abi* on *vcpus* threads until it stops."""
+    if abi not in ABIS:
+        raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
+    if vcpus < 1:
+        raise InvalidArgumentError("vcpus must be at least 1")
+    guest = get_guest(name)
+    machine = (_FdAbi if abi == "fd" else _SysAbi)(memory_size)
+    results: list = [None] * vcpus
+    errors: list = []
+    stats: list = []
+    native = [False] * vcpus
+    setup_lock = threading.Lock()
+    ready = threading.Barrier(vcpus)
+    deadline = time.monotonic() + timeout
+
+    def worker(i: int) -> None:
+        vcpu = None
+        try:
+            vcpu = machine.attach(i)
+            with setup_lock:
+                if guest.mode == "long64":
+                    native[i] = pvm.enable_native(vcpu, layout.PVM_PAGE)
+                layout.prepare(guest, vcpu, machine.mem, **inputs)
+            ready.wait()
+            results[i] = _drive(machine.run(vcpu), deadline)
+            stats.append(vcpu.stats())
+        except BaseException as e:          # reported to the caller below
+            errors.append(e)
+            ready.abort()
+        finally:
+            if vcpu is not None:
+                machine.detach(vcpu)
+
+    t0 = time.monotonic()
+    try:
+        if vcpus == 1:
+            worker(0)
+        else:
+            threads = [threading.Thread(target=worker, args=(i,), name=f"vcpu{i}") for i in range(vcpus)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        elapsed = time.monotonic() - t0
+        if errors:
+            raise errors[0]
+        first = results[0]
+        exits = Counter()
+        for s in stats:
+            exits.update(s["exits"])
+        return RunResult(
+            guest=name, abi=abi, vcpus=vcpus,
+            status=first.status if isinstance(first, _core.StopExit) else None,
+            reason=first.name, console=machine.vm.console(), exits=dict(exits),
+            port_counts=machine.vm.port_counts(), elapsed_s=elapsed, native64=any(native))
+    finally:
+        machine.close()
+
+
+def run_firmware(image: bytes, *, abi: str = "fd", timeout: float = 10.0,
+                 memory_size: int = 16 << 20, label: str = "firmware") -> RunResult:
+    """Run a raw firmware image from the reset vector (F000:FFF0, real mode)."""
+    if abi not in ABIS:
+        raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
+    deadline = time.monotonic() + timeout
+    if abi == "fd":
+        kvm = Kvm()
+        vm = kvm.create_vm()
+        closer = lambda: (vm.close(), kvm.close())      # noqa: E731
+    else:
+        saved = syscall.config()
+        syscall.destroy_vm()
+        syscall.configure(memory_size=4096, pc_ports=False)   # slot 0 replaced below
+        vm = syscall.vm()
+        vm.remove_memory(0)
+
+        def closer():
+            syscall.destroy_vm()
+            syscall.configure(**saved)
+    try:
+        platform.load_firmware(vm, image, ram_size=memory_size)
+        setup_devices(vm)
+        t0 = time.monotonic()
+        if abi == "fd":
+            vcpu = vm.create_vcpu(0)
+            ex = _drive(vcpu.run, deadline)
+        else:
+            syscall.add_vcpu()
+            vcpu = syscall.current()
+            try:
+                ex = _drive(syscall.run, deadline)
+            finally:
+                stats = vcpu.stats()
+                syscall.remove_vcpu()
+        stats = vcpu.stats() if abi == "fd" else stats
+        return RunResult(guest=label, abi=abi, vcpus=1,
+                         status=ex.status if isinstance(ex, _core.StopExit) else None,
+                         reason=ex.name, console=vm.console(), exits=stats["exits"],
+                         port_counts=vm.port_counts(), elapsed_s=time.monotonic() - t0)
+    finally:
+        closer()

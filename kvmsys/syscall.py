@@ -1,0 +1,213 @@
+"""The syscall-style ABI: vCPUs bound to threads, one implicit VM per process.
+
+    comm = kvmsys.add_vcpu()     # this thread now has a vCPU (and the process a VM)
+    kvmsys.run()                 # runs *this thread's* vCPU: no argument, no lock
+    kvmsys.remove_vcpu()
+
+The binding itself (a C thread-local pointer, the handle, the kick) is in the
+compiled core; this module holds the policy: the process VM's configuration,
+its creation, recycling of kernel vCPUs, and fork.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from . import _core, platform
+from .errors import ConfigurationError, InvalidArgumentError, VcpuBindingError
+from .fd import Kvm, Vm, Vcpu
+
+__all__ = ["configure", "add_vcpu", "run", "remove_vcpu", "current", "handle", "vm",
+           "destroy_vm", "config", "vcpus", "DEFAULTS"]
+
+DEFAULTS = dict(
+    memory_size=16 << 20,   # guest RAM at guest-physical 0
+    irqchip=False,          # in-kernel PIC/IOAPIC/LAPIC (HLT no longer exits with it)
+    pit=False,              # in-kernel i8254 (needs irqchip)
+    pc_ports=True,          # isa-debug-exit, debugcon, serial, other ports ignored (kvmsys.platform)
+)
+
+# The VM belongs to the process: one lock guards its creation and the vCPU pool
+# (add/remove only; run() never takes it).
+_lock = threading.Lock()
+_config = dict(DEFAULTS)
+_kvm: Kvm | None = None
+_vm: "ProcessVm | None" = None
+_pool: dict[int, "ThreadVcpu"] = {}      # released kernel vCPUs by id, ready for reuse
+_bound: dict[int, "ThreadVcpu"] = {}     # id -> vCPU bound to some thread
+
+
+class ThreadVcpu(Vcpu):
+    """A vCPU owned by one thread (the syscall-style ABI)."""
+
+    def handle(self) -> "_core.VcpuHandle":
+        """A handle other threads may hold (kick, interrupt, call_soon, stats)."""
+        return _core.handle_of(self)
+
+
+class ProcessVm(Vm):
+    """The process's implicit VM."""
+
+
+def configure(**options) -> None:
+    """Set options of the process VM before it exists (see DEFAULTS)."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise InvalidArgumentError(f"unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    size = options.get("memory_size", _config["memory_size"])
+    if not isinstance(size, int) or size <= 0 or size % 4096:
+        raise InvalidArgumentError("memory_size must be a positive multiple of 4096")
+    if options.get("pit") and not options.get("irqchip", _config["irqchip"]):
+        raise InvalidArgumentError("pit=True needs irqchip=True")
+    with _lock:
+        if _vm is not None:
+            raise ConfigurationError("the process VM already exists (created by the first add_vcpu "
+                                     "or vm()); configure() must come before it, or call destroy_vm() first")
+        _config.update(options)
+
+
+def config() -> dict:
+    """The process VM's configuration (a copy)."""
+    return dict(_config)
+
+
+def _create_vm() -> ProcessVm:
+    global _kvm, _vm
+    if _kvm is None:
+        _kvm = Kvm()
+    v = ProcessVm(_kvm)
+    try:
+        if _config["irqchip"]:
+            v.require("IRQCHIP", "configure(irqchip=True)")
+            v.create_irqchip()
+            if _config["pit"]:
+                v.create_pit2()
+        v.add_memory(0, 0, _config["memory_size"])
+        if _config["pc_ports"]:
+            platform.install_pc_ports(v)
+    except BaseException:
+        v.close()
+        raise
+    _vm = v
+    return v
+
+
+def vm() -> ProcessVm:
+    """The process VM, created with the current configuration if it does not exist yet."""
+    with _lock:
+        return _vm if _vm is not None else _create_vm()
+
+
+def _reset_for_reuse(vcpu: ThreadVcpu) -> None:
+    # A kernel vCPU lives as long as its VM, so kvmsys recycles it: back to the
+    # state it had when created, so a new owner cannot tell it from a fresh one.
+    for name, value in vcpu._initial.items():
+        getattr(vcpu, "set_" + name)(value)
+    vcpu.reset_stats()
+    vcpu.pending.clear()
+
+
+def _snapshot(vcpu: ThreadVcpu) -> dict:
+    state = dict(regs=vcpu.get_regs(), sregs=vcpu.get_sregs(), fpu=vcpu.get_fpu(),
+                 mp_state=vcpu.get_mp_state(), vcpu_events=vcpu.get_vcpu_events(),
+                 debugregs=vcpu.get_debugregs(), xcrs=vcpu.get_xcrs(), xsave=vcpu.get_xsave())
+    if vcpu.vm.has_irqchip:
+        state["lapic"] = vcpu.get_lapic()
+    return state
+
+
+def _release(vcpu: ThreadVcpu) -> None:
+    """Return a vCPU whose owner removed it, or whose thread ended, to the pool."""
+    _core.release_state(vcpu)
+    with _lock:
+        if _bound.get(vcpu.id) is vcpu:
+            del _bound[vcpu.id]
+        if vcpu.vm is not _vm or vcpu.closed:
+            return                      # its VM was destroyed meanwhile
+        _reset_for_reuse(vcpu)
+        _pool[vcpu.id] = vcpu
+
+
+def add_vcpu():
+    """Attach a new vCPU to the calling thread and return its comm area.
+
+    The comm area is a writable zero-copy memoryview of the vCPU's struct kvm_run.
+    The first call in a process creates the process VM (see configure())."""
+    if _core.bound() is not None:
+        raise VcpuBindingError("this thread already has a vCPU: call remove_vcpu() first "
+                               "(one vCPU per thread)")
+    with _lock:
+        v = _vm if _vm is not None else _create_vm()
+        if _pool:
+            vcpu = _pool.pop(min(_pool))    # the lowest free id
+        else:
+            vcpu_id = 0
+            while vcpu_id in v.vcpu_ids:
+                vcpu_id += 1
+            vcpu = ThreadVcpu(v, vcpu_id)
+            vcpu._initial = _snapshot(vcpu)
+        _bound[vcpu.id] = vcpu
+    try:
+        _core.bind(vcpu, _release)
+    except BaseException:
+        with _lock:
+            del _bound[vcpu.id]
+            _pool[vcpu.id] = vcpu
+        raise
+    return vcpu.comm_area
+
+
+run = _core.run
+run.__doc__ = _core.run.__doc__
+
+
+def remove_vcpu() -> None:
+    """Detach the calling thread's vCPU and release it (its id becomes reusable)."""
+    vcpu = _core.unbind()
+    _release(vcpu)
+
+
+def current() -> ThreadVcpu | None:
+    """The calling thread's vCPU, or None."""
+    return _core.bound()
+
+
+def handle() -> "_core.VcpuHandle":
+    """A handle to the calling thread's vCPU, for other threads to hold."""
+    vcpu = _core.bound()
+    if vcpu is None:
+        raise VcpuBindingError("this thread has no vCPU: call add_vcpu() first")
+    return vcpu.handle()
+
+
+def vcpus() -> dict[int, ThreadVcpu]:
+    """The vCPUs bound to threads right now, by id."""
+    with _lock:
+        return dict(_bound)
+
+
+def destroy_vm() -> None:
+    """Close the process VM (no vCPU may be bound); the next add_vcpu creates a fresh one."""
+    global _vm
+    with _lock:
+        if _bound:
+            raise VcpuBindingError(f"vCPUs {sorted(_bound)} are still bound to threads: remove them first")
+        if _vm is not None:
+            _vm.close()
+        _vm = None
+        _pool.clear()
+
+
+def _after_fork_in_child() -> None:
+    # KVM refuses a VM from another process (EIO): the child starts with none.
+    # The inherited fds close when these objects are collected.
+    global _vm, _kvm, _lock
+    _core.forget_after_fork()
+    _lock = threading.Lock()
+    _vm = None
+    _kvm = None
+    _pool.clear()
+    _bound.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,106 @@
+"""Test configuration: real /dev/kvm, the same test bodies over both ABIs.
+
+Tests need /dev/kvm unless marked `nokvm`.  Without /dev/kvm they skip with a
+reason, unless KVMSYS_REQUIRE_KVM=1 (CI sets it where /dev/kvm exists), in
+which case a skipped KVM test is a failure.
+"""
+import os
+
+import pytest
+
+HAVE_KVM = os.path.exists("/dev/kvm")
+REQUIRE_KVM = os.environ.get("KVMSYS_REQUIRE_KVM") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "nokvm: the test does not need /dev/kvm")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_KVM:
+        return
+    for item in items:
+        if item.get_closest_marker("nokvm") is None:
+            if REQUIRE_KVM:
+                item.add_marker(pytest.mark.xfail(reason="/dev/kvm is required but absent", run=False, strict=True))
+            else:
+                item.add_marker(pytest.mark.skip(reason="/dev/kvm is absent (KVM module not loaded, "
+                                                        "or a VM without nested virtualization)"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_KVM and report.skipped and item.get_closest_marker("nokvm") is None:
+        report.outcome = "failed"
+        report.longrepr = f"KVMSYS_REQUIRE_KVM=1 but a KVM test was skipped: {report.longrepr}"
+
+
+class Machine:
+    """One VM with one vCPU, over either ABI; tests use only this surface."""
+
+    def __init__(self, abi, memory_size):
+        import kvmsys
+        from kvmsys import syscall
+        self.abi = abi
+        if abi == "fd":
+            self.kvm = kvmsys.Kvm()
+            self.vm = self.kvm.create_vm()
+            self.mem = self.vm.add_memory(0, 0, memory_size)
+            self.vcpu = self.vm.create_vcpu(0)
+            self._run = self.vcpu.run
+        else:
+            self._saved = syscall.config()
+            syscall.destroy_vm()
+            syscall.configure(memory_size=memory_size, pc_ports=False)
+            self.comm = kvmsys.add_vcpu()
+            self.vm = kvmsys.vm()
+            self.mem = self.vm.memory(0)
+            self.vcpu = kvmsys.current()
+            self._run = kvmsys.run
+
+    def run(self, **kw):
+        """Run the vCPU through this ABI's own entry point."""
+        return self._run(**kw)
+
+    def devices(self):
+        """The runner's PC devices (isa-debug-exit, serial, debugcon, ports ignored)."""
+        from kvmsys.runner import setup_devices
+        setup_devices(self.vm)
+        return self
+
+    def load(self, guest_name, **inputs):
+        """Load a built-in guest and set up the vCPU for its mode (native 64-bit on PVM)."""
+        from kvmsys import pvm
+        from kvmsys.guests import get, layout
+        guest = get(guest_name)
+        if guest.mode == "long64":
+            pvm.enable_native(self.vcpu, layout.PVM_PAGE)
+        layout.prepare(guest, self.vcpu, self.mem, **inputs)
+        return guest
+
+    def close(self):
+        from kvmsys import syscall
+        if self.abi == "fd":
+            self.vm.close()
+            self.kvm.close()
+        else:
+            if syscall.current() is not None:
+                syscall.remove_vcpu()
+            del self.mem, self.comm
+            syscall.destroy_vm()
+            syscall.configure(**self._saved)
+
+
+@pytest.fixture(params=["fd", "sys"])
+def abi(request):
+    return request.param
+
+
+@pytest.fixture
+def machine(abi):
+    from kvmsys.guests import layout
+    m = Machine(abi, layout.RAM_SIZE)
+    yield m
+    m.close()
