@@ -138,7 +138,9 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
             with setup_lock:
                 if guest.mode == "long64":
                     native[i] = pvm.enable_native(vcpu, layout.PVM_PAGE)
-                layout.prepare(guest, vcpu, machine.mem, **inputs)
+                per_cpu = {p.name: v for p in guest.params
+                           for v in [{"cpu": i, "ncpus": vcpus}.get(p.name)] if v is not None}
+                layout.prepare(guest, vcpu, machine.mem, **{**inputs, **per_cpu})
             ready.wait()
             results[i] = _drive(machine.run(vcpu), deadline)
             stats.append(vcpu.stats())

@@ -14,17 +14,19 @@ import os
 import threading
 
 from . import _core, platform
+from . import placement as _placement
 from .errors import ConfigurationError, InvalidArgumentError, VcpuBindingError
 from .fd import Kvm, Vm, Vcpu
 
 __all__ = ["configure", "add_vcpu", "run", "remove_vcpu", "current", "handle", "vm",
-           "destroy_vm", "config", "vcpus", "DEFAULTS"]
+           "destroy_vm", "config", "vcpus", "set_placement", "DEFAULTS"]
 
 DEFAULTS = dict(
     memory_size=16 << 20,   # guest RAM at guest-physical 0
     irqchip=False,          # in-kernel PIC/IOAPIC/LAPIC (HLT no longer exits with it)
     pit=False,              # in-kernel i8254 (needs irqchip)
     pc_ports=True,          # isa-debug-exit, debugcon, serial, other ports ignored (kvmsys.platform)
+    placement="float",      # vCPU threads: float, pin or balance (kvmsys.placement)
 )
 
 # The VM belongs to the process: one lock guards its creation and the vCPU pool
@@ -39,6 +41,19 @@ _bound: dict[int, "ThreadVcpu"] = {}     # id -> vCPU bound to some thread
 
 class ThreadVcpu(Vcpu):
     """A vCPU owned by one thread (the syscall-style ABI)."""
+    tid = None          # native id of the owning thread while bound
+    placement = None    # its placement policy while bound
+
+    def stats(self) -> dict:
+        """Run-loop counters, plus host CPU, migrations and context switches of its thread."""
+        s = super().stats()
+        tid = self.tid
+        if tid is not None:
+            try:
+                s.update(_placement.thread_stats(tid))
+            except OSError:
+                pass        # the thread just ended
+        return s
 
     def handle(self) -> "_core.VcpuHandle":
         """A handle other threads may hold (kick, interrupt, call_soon, stats)."""
@@ -57,6 +72,8 @@ def configure(**options) -> None:
     size = options.get("memory_size", _config["memory_size"])
     if not isinstance(size, int) or size <= 0 or size % 4096:
         raise InvalidArgumentError("memory_size must be a positive multiple of 4096")
+    if "placement" in options:
+        _placement.check_policy(options["placement"])
     if options.get("pit") and not options.get("irqchip", _config["irqchip"]):
         raise InvalidArgumentError("pit=True needs irqchip=True")
     with _lock:
@@ -122,17 +139,43 @@ def _release(vcpu: ThreadVcpu) -> None:
     with _lock:
         if _bound.get(vcpu.id) is vcpu:
             del _bound[vcpu.id]
+        if vcpu.tid == threading.get_native_id():
+            _placement.apply(vcpu.tid, set(_placement.allowed_cpus()))    # the thread floats again
+        vcpu.tid = vcpu.placement = None
         if vcpu.vm is not _vm or vcpu.closed:
             return                      # its VM was destroyed meanwhile
         _reset_for_reuse(vcpu)
         _pool[vcpu.id] = vcpu
 
 
-def add_vcpu():
+def _place(vcpu: ThreadVcpu) -> None:
+    # Under _lock.  Siblings: the other bound vCPUs pinned to one CPU.
+    siblings = [next(iter(c)) for v in _bound.values() if v is not vcpu and v.tid is not None
+                for c in [os.sched_getaffinity(v.tid)] if len(c) == 1]
+    _placement.apply(vcpu.tid, _placement.choose_cpus(vcpu.placement, vcpu.id, siblings))
+
+
+def set_placement(policy: str, vcpu: ThreadVcpu | None = None) -> None:
+    """Change the placement policy at run time: of one bound vCPU, or of all (and the default)."""
+    _placement.check_policy(policy)
+    with _lock:
+        targets = [vcpu] if vcpu is not None else list(_bound.values())
+        if vcpu is None:
+            _config["placement"] = policy
+        for v in targets:
+            if v.tid is None:
+                raise VcpuBindingError(f"vCPU {v.id} is not bound to a thread")
+            v.placement = policy
+            _place(v)
+
+
+def add_vcpu(placement: str | None = None):
     """Attach a new vCPU to the calling thread and return its comm area.
 
     The comm area is a writable zero-copy memoryview of the vCPU's struct kvm_run.
-    The first call in a process creates the process VM (see configure())."""
+    The first call in a process creates the process VM (see configure()).
+    *placement* overrides the configured policy for this vCPU's thread."""
+    policy = None if placement is None else _placement.check_policy(placement)
     if _core.bound() is not None:
         raise VcpuBindingError("this thread already has a vCPU: call remove_vcpu() first "
                                "(one vCPU per thread)")
@@ -147,6 +190,9 @@ def add_vcpu():
             vcpu = ThreadVcpu(v, vcpu_id)
             vcpu._initial = _snapshot(vcpu)
         _bound[vcpu.id] = vcpu
+        vcpu.tid = threading.get_native_id()
+        vcpu.placement = policy or _config["placement"]
+        _place(vcpu)
     try:
         _core.bind(vcpu, _release)
     except BaseException:
