@@ -1,0 +1,63 @@
+"""Raw firmware images, loaded the way a PC does and started at the reset vector."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kvmsys.guests
+from kvmsys import platform
+from kvmsys.runner import run_firmware
+
+FW_DIR = Path(kvmsys.guests.__file__).parent / "firmware"    # installed with the package
+IMAGE = (FW_DIR / "hello.bin").read_bytes()
+EXPECTED = b"kvmsys firmware: hello from the reset vector\n"
+
+
+@pytest.mark.nokvm
+@pytest.mark.skipif(not (shutil.which("as") and shutil.which("objcopy")), reason="GNU as/objcopy not on PATH")
+def test_firmware_image_matches_source(tmp_path):
+    subprocess.run(["as", "--32", "-o", str(tmp_path / "fw.o"), str(FW_DIR / "hello.S")], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "fw.o"), str(tmp_path / "fw.bin")],
+                   check=True)
+    assert (tmp_path / "fw.bin").read_bytes() == IMAGE
+
+
+def test_firmware_runs_from_reset_vector(abi):
+    r = run_firmware(IMAGE, abi=abi, timeout=10)
+    assert r.reason == "STOP" and r.status == (0x10 << 1) | 1
+    assert r.console == EXPECTED
+    # one LSR poll (in) and one THR write (out) per byte, plus the debug-exit write
+    assert r.exits == {"IO": 2 * len(EXPECTED) + 1}
+
+
+def test_firmware_is_mapped_below_4g_and_below_1m():
+    from kvmsys import Kvm
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        platform.load_firmware(vm, IMAGE, ram_size=4 << 20)
+        assert vm.read((1 << 32) - len(IMAGE), len(IMAGE)) == IMAGE
+        assert vm.read(0x100000 - len(IMAGE), len(IMAGE)) == IMAGE      # <= 128 KiB: low copy too
+        big = IMAGE * 64                                                  # 256 KiB: no low copy
+        with kvm.create_vm() as vm2:
+            platform.load_firmware(vm2, big, ram_size=4 << 20)
+            assert vm2.read((1 << 32) - len(big), len(big)) == big
+            assert all(s.guest_phys_addr != 0x100000 - len(big) for s in vm2.memory_slots.values())
+
+
+@pytest.mark.parametrize("bad", [b"", b"\0" * ((16 << 20) + 1)])
+def test_firmware_size_is_validated(bad):
+    from kvmsys import Kvm
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        with pytest.raises(ValueError):
+            platform.load_firmware(vm, bad, ram_size=4 << 20)
+
+
+def test_cli_runs_firmware(abi, tmp_path):
+    path = tmp_path / "fw.bin"
+    path.write_bytes(IMAGE)
+    p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--firmware", str(path), "--abi", abi,
+                        "--timeout", "10"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0x21, p.stderr       # the guest's isa-debug-exit status, as QEMU does
+    assert EXPECTED.decode() in p.stdout
+    assert "exit status 33" in p.stdout
