@@ -25,8 +25,9 @@ cdef enum:
     R_KICK = 2
     R_DEADLINE = 3
     R_BUDGET = 4
-    R_SIGNAL = 5     # EINTR or periodic poll: check Python signals, then go on
+    R_SIGNAL = 5     # EINTR from a signal that is not ours: check Python signals, return INTR
     R_ERROR = 6      # KVM_RUN failed (v.error)
+    R_POLL = 7       # main thread, every POLL_NS: check Python signals, then go on
 
 # Why a vCPU was kicked (bits, OR-ed together until the owner takes them).
 cdef enum:

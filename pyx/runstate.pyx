@@ -224,7 +224,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
             res = R_DEADLINE
             break
         if v.poll_signals and t_out - t_poll >= POLL_NS:
-            res = R_SIGNAL
+            res = R_POLL
             break
     if v.bound:
         kvmsys_store_int(&v.running, 0)

@@ -114,9 +114,12 @@ cdef class VcpuCore:
                     if v.budget_left == 0:
                         return BudgetExit._new(self, KVMSYS_EXIT_BUDGET)
                     continue
-                if res == R_SIGNAL:
+                if res == R_POLL:
                     PyErr_CheckSignals()     # raises KeyboardInterrupt on Ctrl-C
                     continue
+                if res == R_SIGNAL:
+                    PyErr_CheckSignals()     # run Python signal handlers (Ctrl-C raises here)
+                    return IntrExit._new(self, KVM_EXIT_INTR)
                 if res == R_STOP:
                     ex = StopExit._new(self, KVMSYS_EXIT_STOP)
                     (<StopExit>ex).status = v.stop_status
