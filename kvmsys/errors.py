@@ -72,8 +72,3 @@ class VcpuBindingError(StateError):
 
 class ConfigurationError(StateError):
     """configure() was called after the process VM already exists."""
-
-
-def os_error(err, op, hint=None):
-    """Build the right KvmOSError subclass for errno *err* raised by *op*."""
-    return KvmOSError(err, op, hint)

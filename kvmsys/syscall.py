@@ -10,6 +10,7 @@ its creation, recycling of kernel vCPUs, and fork.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 
@@ -256,4 +257,16 @@ def _after_fork_in_child() -> None:
     _bound.clear()
 
 
+def _at_exit() -> None:
+    # Release the main thread's vCPU and the VM explicitly rather than leaving
+    # them to interpreter teardown (daemon threads may still hold theirs).
+    try:
+        if _core.bound() is not None:
+            remove_vcpu()
+        destroy_vm()
+    except Exception:
+        pass
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_at_exit)
