@@ -94,9 +94,10 @@ cdef class IoExit(Exit):
         return int.from_bytes(self.data[:self.run.io.size], "little")
 
     @value.setter
-    def value(self, uint64_t v):
-        cdef uint8_t size = self.run.io.size
-        require(v < (1 << (8 * size)), f"{v:#x} does not fit in {size} bytes")
+    def value(self, v):
+        cdef int size = self.run.io.size
+        v = int(v)
+        require(0 <= v < (<object>1 << (8 * size)), f"{v:#x} does not fit in {size} bytes")
         self.data[:size] = v.to_bytes(size, "little")
 
     def __repr__(self):
@@ -131,9 +132,10 @@ cdef class MmioExit(Exit):
         return int.from_bytes(self.data, "little")
 
     @value.setter
-    def value(self, uint64_t v):
-        cdef uint32_t n = self.run.mmio.len
-        require(0 < n <= 8 and (n == 8 or v < (1 << (8 * n))), f"{v:#x} does not fit in {n} bytes")
+    def value(self, v):
+        cdef int n = self.run.mmio.len
+        v = int(v)
+        require(0 < n <= 8 and 0 <= v < (<object>1 << (8 * n)), f"{v:#x} does not fit in {n} bytes")
         self.data[:] = v.to_bytes(n, "little")
 
     def __repr__(self):

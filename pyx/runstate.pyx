@@ -189,6 +189,12 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     while True:
         t_in = kvmsys_now_ns()
         v.ns_in_handlers += t_in - t_out
+        if v.deadline_ns and t_in >= v.deadline_ns:
+            # passed outside KVM_RUN (e.g. in a Python handler): the watchdog's
+            # signal found no KVM_RUN to interrupt
+            t_out = t_in
+            res = R_DEADLINE
+            break
         r = ioctl(v.fd, KVM_RUN, 0)
         err = errno
         t_out = kvmsys_now_ns()
