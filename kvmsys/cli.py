@@ -100,8 +100,10 @@ def main(argv=None) -> int:
     r.set_defaults(fn=_cmd_run)
     b = sub.add_parser("bench", help="benchmark both ABIs on built-in guests (python -m benchmarks)",
                        add_help=False)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_cmd_bench)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:       # everything after "bench" belongs to the benchmark's parser
+        return _cmd_bench(argparse.Namespace(rest=argv[1:]))
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -119,8 +119,10 @@ def vm() -> ProcessVm:
 def _reset_for_reuse(vcpu: ThreadVcpu) -> None:
     # A kernel vCPU lives as long as its VM, so kvmsys recycles it: back to the
     # state it had when created, so a new owner cannot tell it from a fresh one.
-    for name, value in vcpu._initial.items():
-        getattr(vcpu, "set_" + name)(value)
+    if vcpu.touched:      # a vCPU that never ran nor had state set is still pristine
+        for name, value in vcpu._initial.items():
+            getattr(vcpu, "set_" + name)(value)
+        vcpu.mark_pristine()
     vcpu.reset_stats()
     vcpu.pending.clear()
 

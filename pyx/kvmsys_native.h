@@ -23,6 +23,9 @@ static KVMSYS_TLS void *kvmsys_bound;
  * signal handler: setting immediate_exit there makes a kick that lands just
  * before KVM_RUN impossible to lose. */
 static KVMSYS_TLS struct kvm_run *kvmsys_running;
+/* Kick/watchdog signals this thread received: a late one (for a kick already
+ * taken) must not be mistaken for somebody else's signal. */
+static KVMSYS_TLS unsigned kvmsys_own_signals;
 static KVMSYS_TLS int kvmsys_timer_ok;
 static KVMSYS_TLS timer_t kvmsys_timer;
 
@@ -48,6 +51,7 @@ static inline int kvmsys_kick_signal(void) { return SIGRTMIN + 5; }
 static void kvmsys_kick_handler(int sig) {
     struct kvm_run *run = kvmsys_running;
     (void)sig;
+    kvmsys_own_signals++;
     if (run)
         __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
 }
@@ -68,6 +72,10 @@ static int kvmsys_install_kick_handler(void) {
     sa.sa_handler = kvmsys_kick_handler;
     sigemptyset(&sa.sa_mask);
     return sigaction(sig, &sa, NULL);
+}
+
+static inline unsigned kvmsys_own_signal_count(void) {
+    return __atomic_load_n(&kvmsys_own_signals, __ATOMIC_SEQ_CST);
 }
 
 static inline void kvmsys_set_running(void *run) {

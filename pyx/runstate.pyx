@@ -176,6 +176,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     cdef kvm_run *run = v.run
     cdef uint64_t t_in, t_out, t_poll
     cdef int r, res, err
+    cdef unsigned sigs
     t_out = kvmsys_now_ns()
     t_poll = t_out
     kvmsys_set_running(run)
@@ -186,6 +187,13 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         v.thread = pthread_self()
         kvmsys_store_int(&v.running, 1)
         pthread_mutex_unlock(&v.lock)
+    if not kvmsys_load_int(&v.kick_pending) and run.immediate_exit:
+        # A kick signal that landed after the kick was consumed left immediate_exit
+        # set: clear it, then look again, since a new kick may have come meanwhile
+        # (its signal can have landed before the clear).
+        kvmsys_store_u8(&run.immediate_exit, 0)
+        if kvmsys_load_int(&v.kick_pending):
+            kvmsys_store_u8(&run.immediate_exit, 1)
     while True:
         t_in = kvmsys_now_ns()
         v.ns_in_handlers += t_in - t_out
@@ -195,6 +203,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
             t_out = t_in
             res = R_DEADLINE
             break
+        sigs = kvmsys_own_signal_count()
         r = ioctl(v.fd, KVM_RUN, 0)
         err = errno
         t_out = kvmsys_now_ns()
@@ -211,6 +220,12 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
                     res = R_KICK
                 elif v.deadline_ns and t_out >= v.deadline_ns:
                     res = R_DEADLINE
+                elif kvmsys_own_signal_count() != sigs:
+                    # the late signal of a kick taken earlier: go on, unless a new
+                    # kick came meanwhile (its signal may have been this one)
+                    if kvmsys_load_int(&v.kick_pending):
+                        kvmsys_store_u8(&run.immediate_exit, 1)
+                    continue
                 else:
                     res = R_SIGNAL
                 break

@@ -13,6 +13,7 @@ cdef class VcpuCore:
     cdef Mapping page
     cdef int synced            # the kernel has filled run->s.regs at least once
     cdef int debug_enabled
+    cdef int _touched            # ran or had state set: a recycled vCPU must be reset
     cdef readonly list pending   # (fn, args) calls and ("irq"|"nmi", vector) requests from handles
     cdef object __weakref__
 
@@ -59,7 +60,18 @@ cdef class VcpuCore:
 
     cdef long vcpu_ioctl(self, unsigned long req, void *arg, str op) except -1:
         self.require_open()
+        if not op.startswith("KVM_GET"):
+            self._touched = 1
         return check(ioctl(self.v.fd, req, arg), op)
+
+    @property
+    def touched(self):
+        """True once the vCPU ran or had state set since creation (or since mark_pristine())."""
+        return bool(self._touched)
+
+    def mark_pristine(self):
+        """Record that the vCPU's state is its initial state again (after a reset)."""
+        self._touched = 0
 
     def fileno(self):
         self.require_open()
@@ -87,6 +99,7 @@ cdef class VcpuCore:
         cdef uint64_t t0
         if kvmsys_xchg_int(&v.active, 1):
             raise StateError(f"vCPU {self.id} is already running in another thread")
+        self._touched = 1
         try:
             v.budget_left = budget
             v.deadline_ns = 0
@@ -183,8 +196,15 @@ cdef class VcpuCore:
 
     @immediate_exit.setter
     def immediate_exit(self, value):
+        """Setting it is a kick (the next or current run() returns KickExit); clearing it
+        withdraws a kick not yet taken."""
         self.require_open()
-        kvmsys_store_u8(&self.v.run.immediate_exit, 1 if value else 0)
+        if value:
+            with nogil:
+                kick_vcpu(self.v, 0, KICK_USER)
+        else:
+            kvmsys_store_int(&self.v.kick_pending, 0)
+            kvmsys_store_u8(&self.v.run.immediate_exit, 0)
 
     # --- registers ---------------------------------------------------------
     @property

@@ -79,6 +79,7 @@ cdef extern from "kvmsys_native.h" nogil:
     int kvmsys_kick_signal()
     int kvmsys_install_kick_handler()
     void kvmsys_set_running(void *run_page)
+    unsigned kvmsys_own_signal_count()
     int kvmsys_arm_watchdog(uint64_t deadline_ns)
     int kvmsys_disarm_watchdog()
     void kvmsys_thread_cleanup_register()

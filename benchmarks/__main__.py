@@ -1,0 +1,104 @@
+"""python -m benchmarks [--quick] [--suite NAME ...] [--json FILE] [--plot FILE.png] [--mode MODE]
+
+Also `kvmsys bench ...`, which calls main(argv) and uses its return value:
+0 = all checks passed, 1 = a check failed, 2 = usage error, 3 = KVM unavailable.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+SUITES = ["exits", "dispatch", "threads", "lifecycle", "kick", "scaling", "memory"]
+EXIT_MODES = ("real", "pm32", "long64")
+
+
+def suite_module(name: str):
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def run_suites(names, profile) -> dict:
+    """Run the named suites in order; {name: SuiteResult}.  (The tests call this too.)"""
+    from .harness import progress
+    results = {}
+    for name in names:
+        progress(f"suite {name} ...")
+        results[name] = suite_module(name).run(profile)
+        progress(f"suite {name} done in {results[name].elapsed_s:.1f} s")
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Measure kvmsys on its built-in guests: exit round trips, kernel entry, thread "
+                    "switches, vCPU lifecycle, kick latency, scaling and memory, over both ABIs.  "
+                    "A Markdown report goes to stdout, progress to stderr.")
+    p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    p.add_argument("--suite", action="append", choices=SUITES, metavar="NAME",
+                   help=f"run only this suite (repeatable): {', '.join(SUITES)}")
+    p.add_argument("--json", metavar="FILE", help="also write raw samples and the machine record as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw a plot (needs matplotlib: kvmsys[plot])")
+    p.add_argument("--mode", choices=EXIT_MODES, default="pm32",
+                   help="guest mode of the exit-based suites (default pm32: on a PVM host the cheap "
+                        "emulated mode; long64 runs natively there, with costlier exits)")
+    p.add_argument("--reps", type=int, help="override the number of interleaved repetitions")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--profile", choices=["tiny", "quick", "full"], help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:              # `kvmsys bench -- --quick`: the separator is not ours
+        argv = argv[1:]
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:             # --help, or a usage error: an exit code, not an exception
+        return e.code if isinstance(e.code, int) else 2
+    from . import harness, report
+    if args.plot and not report.have_matplotlib():
+        print(f"benchmarks: {report.PLOT_HINT}", file=sys.stderr)
+        return 2
+    if args.reps is not None and args.reps < 1:
+        print("benchmarks: --reps must be at least 1", file=sys.stderr)
+        return 2
+    if not os.path.exists("/dev/kvm"):
+        print("benchmarks: /dev/kvm is missing: KVM is not available on this machine", file=sys.stderr)
+        return 3
+    harness.set_quiet(args.quiet)
+    profile = harness.PROFILES[args.profile or ("quick" if args.quick else "full")].with_(mode=args.mode)
+    if args.reps:
+        profile = profile.with_(reps=args.reps)
+    names = [s for s in SUITES if s in (args.suite or SUITES)]
+    t0 = time.perf_counter()
+    try:
+        machine = harness.machine_record()
+        harness.progress(f"profile {profile.name}, suites {', '.join(names)}, guest mode {profile.mode}")
+        results = run_suites(names, profile)
+    except OSError as e:
+        print(f"benchmarks: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("benchmarks: interrupted", file=sys.stderr)
+        return 130
+    doc = report.document(machine, profile, results, argv)
+    doc["elapsed_s"] = time.perf_counter() - t0
+    print(report.markdown(doc))
+    print(f"_Total: {doc['elapsed_s']:.1f} s._")
+    if args.json:
+        report.write_json(doc, args.json)
+        harness.progress(f"JSON written to {args.json}")
+    if args.plot:
+        report.plot(doc, args.plot)
+        harness.progress(f"plot written to {args.plot}")
+    if not doc["ok"]:
+        print("benchmarks: some checks FAILED (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The benchmark harness: every suite in a tiny configuration, through the same
+functions `python -m benchmarks` uses; the JSON is well formed, its numbers
+positive, its ratios and differences consistent with its raw samples, and the
+loops agree with the guest on how many exits it made.  No timing assertions."""
+import json
+import math
+import statistics
+import sys
+
+import pytest
+
+from benchmarks import __main__ as bench
+from benchmarks import harness, report
+
+TINY = harness.PROFILES["tiny"]
+MACHINE_KEYS = {"host_kvm_flavour", "cpu_model", "cores", "kernel", "python", "kvmsys", "date"}
+POSITIVE_UNITS = {"ns", "1/s", "x"}     # bytes and counts may be 0 (e.g. a reused thread stack)
+
+
+@pytest.fixture(scope="module")
+def docs():
+    """Every suite once, tiny, as the JSON document __main__ writes (round-tripped)."""
+    harness.set_quiet(True)
+    try:
+        results = bench.run_suites(bench.SUITES, TINY)
+        doc = report.document(harness.machine_record(), TINY, results, ["--profile", "tiny"])
+    finally:
+        harness.set_quiet(False)
+    return json.loads(json.dumps(doc))
+
+
+def _check_stat(stat):
+    s = stat["samples"]
+    assert s and all(isinstance(x, (int, float)) and math.isfinite(x) for x in s)
+    assert stat["median"] == pytest.approx(statistics.median(s))
+    assert stat["min"] == min(s) and stat["max"] == max(s)
+
+
+@pytest.mark.parametrize("name", bench.SUITES)
+def test_suite_json_is_consistent(docs, name):
+    suite = docs["suites"][name]
+    assert suite["name"] == name and suite["title"] and suite["rows"]
+    keys = {k for k, _h in suite["columns"]}
+    used = set()
+    for rid, row in suite["rows"].items():
+        used |= set(row["cells"]) | set(row["stats"])
+        for key, stat in row["stats"].items():
+            _check_stat(stat)
+            d = stat.get("derived")
+            if d is None:
+                if stat["unit"] in POSITIVE_UNITS:
+                    assert min(stat["samples"]) > 0, (rid, key)
+                else:
+                    assert min(stat["samples"]) >= 0, (rid, key)
+                continue
+            # recompute the ratio/difference from the raw samples it names
+            a = suite["rows"][d["a"]]["stats"][d["field"]]["samples"]
+            b = suite["rows"][d["b"]]["stats"][d["field"]]["samples"]
+            assert len(a) == len(b) == len(stat["samples"])
+            want = [x / y for x, y in zip(a, b)] if d["op"] == "ratio" else [x - y for x, y in zip(a, b)]
+            assert stat["samples"] == pytest.approx(want, rel=1e-12)
+            if d["op"] == "ratio":
+                assert min(stat["samples"]) > 0
+    assert keys <= used, f"columns nobody fills: {keys - used}"
+    assert all(c["ok"] for c in suite["checks"]), suite["checks"]
+    md = report.markdown_suite(suite)
+    assert f"## {name}:" in md and md.count("\n|") >= len(suite["rows"]) + 2
+
+
+def test_memory_per_vcpu_is_positive(docs):
+    rows = docs["suites"]["memory"]["rows"]
+    for rid in ("fd", "sys"):      # each vCPU maps at least its comm area
+        assert rows[rid]["stats"]["rss"]["min"] > 0, rid
+
+
+def test_machine_record(docs):
+    assert MACHINE_KEYS <= set(docs["machine"])
+    assert docs["machine"]["cores"] >= 1
+    assert docs["ok"] is True
+
+
+def test_exit_loops_agree_with_the_guest_counter(docs):
+    rows = docs["suites"]["exits"]["rows"]
+    loops = {rid.split("/")[1] for rid in rows}
+    assert {"ref", "fd_c", "fd_py", "sys_c", "sys_py"} <= loops
+    for rid, row in rows.items():
+        counter, counted = row["extra"]["counter"], row["extra"]["counted"]
+        assert counted > 0
+        slack = 1 if rid.startswith("hlt/") and TINY.mode == "long64" else 0
+        assert 0 <= counter - counted <= slack, rid
+        # every sample was n exits
+        assert counted >= len(row["stats"]["time"]["samples"]) * row["extra"]["n"]
+
+
+def test_naive_loop_agrees_with_the_guest_counter(docs):
+    from benchmarks import naive
+    if naive.kvm_run_request() is None:
+        pytest.skip(naive.UNAVAILABLE)
+    rows = docs["suites"]["exits"]["rows"]
+    naive_rows = [r for rid, r in rows.items() if rid.endswith("/naive")]
+    assert len(naive_rows) == 5
+    for r in naive_rows:
+        assert r["extra"]["counter"] == r["extra"]["counted"] > 0
+
+
+def test_main_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--profile", "tiny", "--suite", "lifecycle", "--suite", "memory",
+                     "--json", str(out), "--quiet"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["suites"]) == ["lifecycle", "memory"]
+    assert MACHINE_KEYS <= set(doc["machine"])
+    stdout = capsys.readouterr().out
+    assert "## lifecycle:" in stdout and "## memory:" in stdout and doc["machine"]["kernel"] in stdout
+
+
+def test_cli_bench_passes_options_through(capsys):
+    from kvmsys import cli
+    try:
+        rc = cli.main(["bench", "--profile", "tiny", "--suite", "lifecycle", "--quiet"])
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 0
+
+
+def test_cli_bench_after_separator(capsys):
+    from kvmsys import cli
+    assert cli.main(["bench", "--", "--profile", "tiny", "--suite", "lifecycle", "--quiet"]) == 0
+    assert "## lifecycle:" in capsys.readouterr().out
+
+
+# --- no KVM needed ---------------------------------------------------------------
+@pytest.mark.nokvm
+def test_paired_ratio_and_difference():
+    rows = {"a": {"stats": {"t": harness.Stat([2.0, 6.0, 9.0], "ns")}},
+            "b": {"stats": {"t": harness.Stat([1.0, 2.0, 3.0], "ns")}}}
+    r = harness.derive(rows, "t", "a", "b", "ratio")
+    assert r.samples == [2.0, 3.0, 3.0] and r.median == 3.0 and r.unit == "x"
+    d = harness.derive(rows, "t", "a", "b", "difference")
+    assert d.samples == [1.0, 4.0, 6.0] and (d.min, d.max) == (1.0, 6.0) and d.unit == "ns"
+    with pytest.raises(ValueError):
+        harness.paired([1.0], [1.0, 2.0], "ratio")
+
+
+@pytest.mark.nokvm
+def test_interleave_order_and_warmup():
+    order = []
+    variants = {"A": lambda: order.append("A") or 1.0, "B": lambda: order.append("B") or {"B1": 2.0}}
+    out = harness.interleave(variants, reps=2, warmup=1)
+    assert order == ["A", "B"] * 3
+    assert out == {"A": [1.0, 1.0], "B1": [2.0, 2.0]}
+
+
+@pytest.mark.nokvm
+def test_formatting():
+    assert report.fmt_stat(dict(unit="ns", median=12_345, min=12_000, max=13_000)) == "12.3 µs (12.0 – 13.0)"
+    assert report.fmt_stat(dict(unit="x", median=1.5, min=1.5, max=1.5)) == "1.50×"
+    assert report.fmt_stat(dict(unit="bytes", median=4096, min=4096, max=4096)) == "4.00 KiB"
+
+
+@pytest.mark.nokvm
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib -> ImportError
+    rc = bench.main(["--suite", "dispatch", "--plot", str(tmp_path / "x.png")])
+    assert rc == 2
+    assert "pip install 'kvmsys[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.nokvm
+def test_usage_errors_are_exit_codes(capsys):
+    assert bench.main(["--suite", "no-such-suite"]) == 2
+    assert bench.main(["--help"]) == 0
+    assert "--quick" in capsys.readouterr().out
+
+
+@pytest.mark.nokvm
+def test_scaling_thread_counts():
+    from benchmarks.scaling import thread_counts
+    assert thread_counts(1) == [1]
+    assert thread_counts(4)[:4] == [1, 2, 3, 4] and thread_counts(4)[-1] == 4
+    big = thread_counts(64)
+    assert big[0] == 1 and big[-1] == 64 and big == sorted(set(big)) and len(big) < 20
+
+
+# --- found while measuring kick latency --------------------------------------------
+def test_no_spurious_exit_after_a_kick(machine):
+    """Each run() of a continuously exiting guest ends only by the kick aimed at it."""
+    import threading
+    import time
+    from benchmarks.guestvm import set_handling
+    machine.load("pio_out_loop.pm32", n=0)
+    set_handling(machine.vm, "pio_out", "c")
+    handle = machine.vcpu.handle()
+    running, done = threading.Event(), threading.Event()
+
+    def kicker():
+        while not done.is_set():
+            if running.wait(0.1):
+                running.clear()
+                time.sleep(0.0001)
+                handle.kick()
+
+    t = threading.Thread(target=kicker)
+    t.start()
+    names = []
+    try:
+        deadline = time.monotonic() + 4      # the race hit once in a few thousand kicks
+        while time.monotonic() < deadline and len(names) < 40000:
+            running.set()
+            names.append(machine.run(timeout=None).name)
+            if names[-1] != "KICK":
+                break
+    finally:
+        done.set()
+        t.join()
+        machine.run(budget=1)       # a kick that landed after the last run() is taken here
+    assert set(names) == {"KICK"}, f"after {len(names) - 1} kicks run() returned {names[-1]}"
