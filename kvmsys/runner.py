@@ -67,9 +67,12 @@ def setup_devices(vm) -> None:
 class _FdAbi:
     name = "fd"
 
-    def __init__(self, memory_size: int):
+    def __init__(self, memory_size: int, irqchip: bool):
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
+        if irqchip:
+            self.vm.require("IRQCHIP", "a guest that takes interrupts")
+            self.vm.create_irqchip()
         self.mem = self.vm.add_memory(0, 0, memory_size)
         setup_devices(self.vm)
 
@@ -90,10 +93,10 @@ class _FdAbi:
 class _SysAbi:
     name = "sys"
 
-    def __init__(self, memory_size: int):
+    def __init__(self, memory_size: int, irqchip: bool):
         self.saved = syscall.config()
         syscall.destroy_vm()            # a fresh process VM for this run
-        syscall.configure(memory_size=memory_size, pc_ports=False)
+        syscall.configure(memory_size=memory_size, pc_ports=False, irqchip=irqchip)
         self.vm = syscall.vm()
         self.mem = self.vm.memory(0)
         setup_devices(self.vm)
@@ -122,7 +125,8 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
     if vcpus < 1:
         raise InvalidArgumentError("vcpus must be at least 1")
     guest = get_guest(name)
-    machine = (_FdAbi if abi == "fd" else _SysAbi)(memory_size)
+    irqchip = bool(guest.expect.get("irqchip"))
+    machine = (_FdAbi if abi == "fd" else _SysAbi)(memory_size, irqchip)
     results: list = [None] * vcpus
     errors: list = []
     stats: list = []
@@ -136,7 +140,8 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
         try:
             vcpu = machine.attach(i)
             with setup_lock:
-                if guest.mode == "long64":
+                if guest.mode == "long64" and not irqchip:
+                    # PVM's native mode does not deliver interrupts to the guest: stay emulated
                     native[i] = pvm.enable_native(vcpu, layout.PVM_PAGE)
                 per_cpu = {p.name: v for p in guest.params
                            for v in [{"cpu": i, "ncpus": vcpus}.get(p.name)] if v is not None}

@@ -36,6 +36,7 @@ _lock = threading.Lock()
 _config = dict(DEFAULTS)
 _kvm: Kvm | None = None
 _vm: "ProcessVm | None" = None
+_vm_pid = 0                              # the process that created _vm
 _pool: dict[int, "ThreadVcpu"] = {}      # released kernel vCPUs by id, ready for reuse
 _bound: dict[int, "ThreadVcpu"] = {}     # id -> vCPU bound to some thread
 
@@ -106,7 +107,8 @@ def _create_vm() -> ProcessVm:
     except BaseException:
         v.close()
         raise
-    _vm = v
+    global _vm_pid
+    _vm, _vm_pid = v, os.getpid()
     return v
 
 
@@ -145,8 +147,8 @@ def _release(vcpu: ThreadVcpu) -> None:
         if vcpu.tid == threading.get_native_id():
             _placement.apply(vcpu.tid, set(_placement.allowed_cpus()))    # the thread floats again
         vcpu.tid = vcpu.placement = None
-        if vcpu.vm is not _vm or vcpu.closed:
-            return                      # its VM was destroyed meanwhile
+        if vcpu.vm is not _vm or vcpu.closed or _vm_pid != os.getpid():
+            return      # its VM was destroyed meanwhile, or belongs to the parent of this fork child
         _reset_for_reuse(vcpu)
         _pool[vcpu.id] = vcpu
 

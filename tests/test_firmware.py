@@ -57,7 +57,8 @@ def test_cli_runs_firmware(abi, tmp_path):
     path = tmp_path / "fw.bin"
     path.write_bytes(IMAGE)
     p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--firmware", str(path), "--abi", abi,
-                        "--timeout", "10"], capture_output=True, text=True, timeout=60)
+                        "--timeout", "10"], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)     # not the source tree: import the installed package
     assert p.returncode == 0x21, p.stderr       # the guest's isa-debug-exit status, as QEMU does
     assert EXPECTED.decode() in p.stdout
     assert "exit status 33" in p.stdout

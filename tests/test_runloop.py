@@ -785,9 +785,9 @@ def run_with_sigint(m, delay, **kw):
     Returns (outcome, seconds): outcome is 'interrupted' if run() raised KeyboardInterrupt,
     else the exit it returned.  A KeyboardInterrupt is never let out of here."""
     if threading.current_thread() is not threading.main_thread():
-        pytest.skip("needs the main thread")
+        pytest.skip("env: needs the main thread")
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT is not Python's default KeyboardInterrupt handler here")
+        pytest.skip("env: SIGINT is not Python's default KeyboardInterrupt handler here")
     sent = threading.Event()
 
     def fire():

@@ -132,6 +132,55 @@ _SPECS: dict[str, tuple[str, tuple[Param, ...], dict]] = {
         {"exit_value": 0x21, "exit_status": exit_status(0x21)}),
 }
 
+# --- SMP and interrupt guests (smp.inc) -----------------------------------------
+# The SMP guests run one image on N vCPUs (one thread each) and take `cpu` (this
+# vCPU's index, EDX) and `ncpus` (N, ESI): the runner passes both, and
+# layout.prepare() gives each vCPU its own stack. Every vCPU of a run ends with
+# the same isa-debug-exit verdict after a final barrier: value 0 (status 1) if the
+# shared result is right, value 2 (status 5) if not. `value` is SMP_VALUE_ADDR's
+# final content, ncpus * n; COUNTER_ADDR ends at ncpus (one exit per vCPU).
+SMP_N = 2000
+PINGPONG_N = 200
+IPI_N = 50
+
+
+def _smp(default: int, doc: str) -> tuple[Param, ...]:
+    return (Param("n", "rcx", default, doc),
+            Param("cpu", "rdx", 0, "this vCPU's index, 0..ncpus-1 (EDX)", bits=6),
+            Param("ncpus", "rsi", 1, f"number of vCPUs running the guest, 1..{layout.SMP_MAX_CPUS} (ESI)",
+                  bits=7))
+
+
+def _smp_expect(n: int, **more) -> dict:
+    return {**_DONE, "fail_value": layout.SMP_FAIL_VALUE,
+            "fail_status": exit_status(layout.SMP_FAIL_VALUE),
+            "value_addr": layout.SMP_VALUE_ADDR, "value": n, **more}
+
+
+_SPECS.update({
+    "smp_counter": (
+        "SMP: each vCPU adds 1 to a shared u32 n times under a spinlock (xchg + pause); "
+        "the last to finish checks it is ncpus * n; all report pass (status 1) or fail (5)",
+        _smp(SMP_N, "increments per vCPU (ECX)"),
+        _smp_expect(SMP_N, irqchip=False)),
+    "smp_pingpong": (
+        "SMP: a token goes round the ring 0 -> 1 -> ... -> ncpus-1 -> 0 through shared "
+        "mailboxes, n rounds; hops counted by the token holder; pass (1) or fail (5)",
+        _smp(PINGPONG_N, "rounds (ECX)"),
+        _smp_expect(PINGPONG_N, irqchip=False)),
+    "smp_ipi": (
+        f"SMP, in-kernel irqchip: the ring of smp_pingpong passed by local APIC IPIs on "
+        f"vector {layout.IRQ_VECTOR:#x}, n rounds; pass (1) or fail (5)",
+        _smp(IPI_N, "rounds (ECX)"),
+        _smp_expect(IPI_N, irqchip=True)),
+    "irq_count": (
+        f"in-kernel irqchip: enables its local APIC, sets SMP_READY_ADDR, sleeps in sti; hlt "
+        f"until n interrupts on vector {layout.IRQ_VECTOR:#x} arrived (counted per APIC id at "
+        f"IRQ_COUNTS_ADDR); then debug-exit 0",
+        _n(1, "interrupts to wait for (ECX)"),
+        {**_DONE, "irqchip": True, "vector": layout.IRQ_VECTOR}),
+})
+
 
 def _build() -> dict[str, Guest]:
     guests = {}

@@ -59,6 +59,36 @@ PTE_TABLE = 0x7          # P|RW|US: PVM needs U/S=1 at every level
 PTE_2M = 0x87            # P|RW|US|PS
 RFLAGS_DEFAULT = 0x2     # reserved bit 1; IF=0, DF=0
 
+# --- SMP guests (smp_counter, smp_pingpong, smp_ipi) and irq_count -----------
+# Shared words live in the data page (zeroed by prepare(), so before any vCPU runs
+# when the runner prepares every vCPU first), each on its own 64-byte line.
+SMP_MAX_CPUS = 64
+SMP_LOCK_ADDR = 0x1040     # u32 spinlock: 0 free, 1 taken
+SMP_VALUE_ADDR = 0x1080    # u32: the shared counter / ping-pong hop count
+SMP_DONE_ADDR = 0x10C0     # u32: vCPUs finished (lock xadd)
+SMP_VERDICT_ADDR = 0x1100  # u32: 0 undecided, else (debug-exit value + 1), set by the last vCPU
+SMP_FAIL_ADDR = 0x1140     # u32: nonzero if some vCPU saw a message out of order
+SMP_READY_ADDR = 0x1180    # u32: vCPUs (irq guests: LAPICs) ready
+SMP_MAILBOX_ADDR = 0x1800  # per vCPU i: 16 bytes at +i*STRIDE: u32 token, u32 APIC id
+SMP_MAILBOX_STRIDE = 0x10
+IRQ_COUNTS_ADDR = 0x1C00   # u32 per APIC id (0..255): interrupts taken on vector IRQ_VECTOR
+SMP_PASS_VALUE = 0         # debug-exit value of a passing SMP guest (status 1)
+SMP_FAIL_VALUE = 2         # ... of a failing one (status 5)
+# Per-vCPU stacks: vCPU i owns [SMP_STACKS_ADDR + i*SMP_STACK_SIZE, + SMP_STACK_SIZE);
+# prepare() points (R/E)SP there for guests with a `cpu` input (real mode: SS base).
+SMP_STACKS_ADDR = 0x10000
+SMP_STACK_SIZE = 0x400
+IRQ_VECTOR = 0x40          # irq guests: vector counted per APIC id (IDT gate set by the guest)
+IRQ_SPURIOUS_VECTOR = 0x41 # LAPIC SVR spurious vector (its handler only returns)
+LAPIC_BASE = 0xFEE00000    # xAPIC MMIO (in-kernel irqchip)
+LAPIC_ID = 0x20
+LAPIC_EOI = 0xB0
+LAPIC_SVR = 0xF0
+LAPIC_ICR_LOW = 0x300
+LAPIC_ICR_HIGH = 0x310
+LAPIC_SVR_ENABLE = 0x100
+MP_STATE_RUNNABLE = 0      # KVM_MP_STATE_RUNNABLE
+
 MODE_BITS = {"real": 16, "pm32": 32, "long64": 64}
 REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
@@ -81,7 +111,15 @@ REGIONS = {
     "pd_mmio": (PD_MMIO_ADDR, PD_MMIO_ADDR + _PAGE),
     "stack": (STACK_BOTTOM, STACK_TOP),
     "image": (LOAD_ADDR, IMAGE_LIMIT),
+    "smp_stacks": (SMP_STACKS_ADDR, SMP_STACKS_ADDR + SMP_MAX_CPUS * SMP_STACK_SIZE),
 }
+
+
+def smp_stack_top(cpu: int) -> int:
+    """Initial stack pointer (flat address) of vCPU *cpu* in an SMP guest."""
+    if not 0 <= cpu < SMP_MAX_CPUS:
+        raise ValueError(f"cpu {cpu} is out of range 0..{SMP_MAX_CPUS - 1}")
+    return SMP_STACKS_ADDR + (cpu + 1) * SMP_STACK_SIZE
 
 
 def read_bin(stem: str) -> bytes:
@@ -191,6 +229,11 @@ def prepare(guest, vcpu, mem, *, pvm_page=None, **inputs) -> dict:
             raise ValueError(f"{guest.name}: {name}={value} does not fit in {p.bits} bits")
         regs[p.reg] = value
 
+    if "ncpus" in params and not 1 <= regs[params["ncpus"].reg] <= SMP_MAX_CPUS:
+        raise ValueError(f"{guest.name}: ncpus must be 1..{SMP_MAX_CPUS}")
+    if "cpu" in params and "ncpus" in params and regs[params["cpu"].reg] >= regs[params["ncpus"].reg]:
+        raise ValueError(f"{guest.name}: cpu must be below ncpus")
+
     image = guest.image
     if not (LOAD_ADDR <= guest.load_addr and guest.load_addr + len(image) <= IMAGE_LIMIT):
         raise ValueError(f"{guest.name}: image does not fit below {IMAGE_LIMIT:#x}")
@@ -202,6 +245,19 @@ def prepare(guest, vcpu, mem, *, pvm_page=None, **inputs) -> dict:
 
     sregs = vcpu.get_sregs()
     _sregs(sregs, guest.mode)
+    if "cpu" in params:
+        # SMP guest: each vCPU its own stack (real mode: SS base, SP at the top of it).
+        top = smp_stack_top(regs[params["cpu"].reg])
+        if guest.mode == "real":
+            base = top - SMP_STACK_SIZE
+            sregs["ss"].update(base=base, selector=base >> 4)
+            regs["rsp"] = SMP_STACK_SIZE
+        else:
+            regs["rsp"] = top
+        # With the in-kernel LAPIC every vCPU but 0 waits for INIT/SIPI; SMP guests
+        # start all of them at once.
+        if getattr(getattr(vcpu, "vm", None), "has_irqchip", False):
+            vcpu.set_mp_state(MP_STATE_RUNNABLE)
     vcpu.set_sregs(sregs)
 
     vcpu.set_regs(regs)

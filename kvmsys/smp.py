@@ -1,0 +1,316 @@
+"""Stop-the-world for the process VM (syscall ABI), and snapshot / restore.
+
+    with kvmsys.smp.paused():           # every bound vCPU has left KVM_RUN and waits
+        snap = kvmsys.smp.snapshot()    # picklable: vCPU states, guest memory, configuration
+    ...
+    states = kvmsys.smp.restore(snap)   # in a process without a process VM (a fork child)
+    # then in N threads, in vCPU id order:  kvmsys.add_vcpu(); kvmsys.smp.apply_vcpu_state(states[i])
+
+How a pause works: pause() queues a call on each bound vCPU (VcpuHandle.call_soon),
+which kicks it out of KVM_RUN; its owning thread runs the call inside run() at that
+exit, and the call blocks there (acknowledging first) until resume().  Nothing is
+lost on the way: the run loop had already handled the exit it stopped at, a kick sent
+while paused stays pending and ends the owner's run() with KickExit after resume, and
+exits stay counted in the vCPU's stats.  The only new exits are INTR ones (one per
+pause per vCPU that was inside KVM_RUN).  A paused vCPU stopped at an instruction
+boundary with any I/O it started completed (KVM_RUN returned EINTR), so its state is
+consistent and can be saved.
+
+Precondition (there is no public "inside run()" flag to check it): every vCPU bound
+when pause() is called is driven by a run loop, i.e. its thread is inside run() or will
+call run() again, and will not remove its vCPU first.  Waiting for all acknowledgements
+is then enough: a vCPU between two run() calls parks as soon as it re-enters.  A vCPU
+whose thread never calls run() again cannot park: pause() raises TimeoutError after
+*timeout* and resumes the others (its queued call then returns at once if it ever
+runs).  The calling thread's own vCPU, if it has one, counts as paused: its thread is
+here, not in run().  Note that run(timeout=...) counts paused time too.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import pvm, syscall
+from .errors import StaleVcpuError, StateError, VcpuBindingError
+
+__all__ = ["pause", "resume", "paused", "is_paused", "snapshot", "restore", "apply_vcpu_state",
+           "capture_vcpu_state", "Snapshot", "MemoryImage"]
+
+_RESUME = None          # the inbox message that ends a park
+
+
+class _Part:
+    """One vCPU's share of one pause: its acknowledgement and its inbox."""
+
+    def __init__(self, vcpu):
+        self.vcpu = vcpu
+        self.arrived = threading.Event()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+
+class _Pause:
+    def __init__(self):
+        self.parts: dict[int, _Part] = {}
+        self.own = None         # the calling thread's vCPU, paused by being here
+
+
+_lock = threading.Lock()
+_current: _Pause | None = None
+
+
+def _park(part: _Part) -> None:
+    # Runs on the vCPU's owning thread, inside run(), at the exit the kick caused.
+    # Serves requests (snapshot captures) until resumed.  A park of a pause that
+    # already ended finds _RESUME waiting and returns at once.
+    part.arrived.set()
+    while True:
+        msg = part.inbox.get()
+        if msg is _RESUME:
+            return
+        fn, reply = msg
+        try:
+            reply.put((True, fn(part.vcpu)))
+        except BaseException as e:      # handed to the requester, never raised into run()
+            reply.put((False, e))
+
+
+def _release(p: _Pause) -> None:
+    for part in p.parts.values():
+        part.inbox.put(_RESUME)
+
+
+def is_paused() -> bool:
+    return _current is not None
+
+
+def pause(timeout: float = 5.0) -> list[int]:
+    """Stop every vCPU bound to a thread; return their ids once all are parked.
+
+    Raises StateError if already paused, TimeoutError (after resuming the others)
+    if some vCPU did not park within *timeout* seconds (see the module's precondition)."""
+    global _current
+    with _lock:
+        if _current is not None:
+            raise StateError("the process VM is already paused: resume() first")
+        p = _Pause()
+        _current = p
+    try:
+        own = syscall.current()
+        p.own = own
+        for vcpu_id, vcpu in sorted(syscall.vcpus().items()):
+            if vcpu is own:
+                continue
+            part = _Part(vcpu)
+            try:
+                vcpu.handle().call_soon(_park, part)
+            except (StaleVcpuError, StateError):
+                continue        # removed (or closed) since vcpus() listed it: nothing to stop
+            p.parts[vcpu_id] = part
+        deadline = time.monotonic() + timeout
+        late = [i for i, part in p.parts.items()
+                if not part.arrived.wait(max(0.0, deadline - time.monotonic()))]
+        if late:
+            raise TimeoutError(f"vCPU(s) {late} did not pause within {timeout} s: is every bound "
+                               f"vCPU's thread running it (inside run() or about to call it)?")
+    except BaseException:
+        with _lock:
+            _current = None
+        _release(p)
+        raise
+    ids = sorted(p.parts) + ([own.id] if own is not None else [])
+    return sorted(ids)
+
+
+def resume() -> None:
+    """Let every paused vCPU go on (StateError if not paused)."""
+    global _current
+    with _lock:
+        p = _current
+        if p is None:
+            raise StateError("the process VM is not paused")
+        _current = None
+    _release(p)
+
+
+@contextlib.contextmanager
+def paused(timeout: float = 5.0):
+    """`with paused(): ...` -- pause(), then resume() however the block ends."""
+    ids = pause(timeout)
+    try:
+        yield ids
+    finally:
+        resume()
+
+
+# --- snapshot / restore --------------------------------------------------------------
+
+@dataclass
+class MemoryImage:
+    slot: int
+    gpa: int
+    flags: int
+    data: bytes
+
+
+@dataclass
+class Snapshot:
+    """A paused process VM: configuration, guest memory and every vCPU's state.
+
+    Not included (the core has no ioctls for them, or they are host-side):
+    in-kernel PIC/IOAPIC/PIT state (KVM_GET_IRQCHIP / KVM_GET_PIT2), kvmclock
+    (KVM_GET_CLOCK), fast handlers and the console, and interrupts queued through a
+    VcpuHandle without irqchip that the owner had not injected yet."""
+    config: dict
+    memory: list[MemoryImage] = field(default_factory=list)
+    vcpus: list[dict] = field(default_factory=list)     # by vCPU id
+
+
+_MEM_LOG_DIRTY = 1          # KVM_MEM_LOG_DIRTY_PAGES
+_MEM_READONLY = 2           # KVM_MEM_READONLY
+
+
+def _msr_indices(vcpu) -> list[int]:
+    return list(vcpu.vm.kvm.msr_index_list())
+
+
+def _read_msrs(vcpu, indices: list[int]) -> dict[int, int]:
+    # KVM_GET_MSRS stops at the first MSR it cannot read: skip that one and go on.
+    out: dict[int, int] = {}
+    rest = list(indices)
+    while rest:
+        got = vcpu.get_msrs(rest)
+        out.update(got)
+        rest = rest[len(got) + 1:]
+    return out
+
+
+def _write_msrs(vcpu, msrs: dict[int, int]) -> list[int]:
+    # Same for KVM_SET_MSRS; returns the indices KVM refused.
+    refused: list[int] = []
+    rest = list(msrs.items())
+    while rest:
+        n = vcpu.set_msrs(dict(rest))
+        if n < len(rest):
+            refused.append(rest[n][0])
+        rest = rest[n + 1:]
+    return refused
+
+
+def capture_vcpu_state(vcpu) -> dict:
+    """Everything KVM keeps about *vcpu* that kvmsys can read (call it on a stopped vCPU)."""
+    state = dict(id=vcpu.id, regs=vcpu.get_regs(), sregs=vcpu.get_sregs(), fpu=vcpu.get_fpu(),
+                 xsave=vcpu.get_xsave(), xcrs=vcpu.get_xcrs(), debugregs=vcpu.get_debugregs(),
+                 msrs=_read_msrs(vcpu, _msr_indices(vcpu)), mp_state=vcpu.get_mp_state(),
+                 vcpu_events=vcpu.get_vcpu_events())
+    if vcpu.vm.has_irqchip:
+        state["lapic"] = vcpu.get_lapic()
+    return state
+
+
+def _ask(part: _Part, fn, timeout: float):
+    reply: queue.SimpleQueue = queue.SimpleQueue()
+    part.inbox.put((fn, reply))
+    try:
+        ok, value = reply.get(timeout=timeout)
+    except queue.Empty:
+        raise TimeoutError(f"paused vCPU {part.vcpu.id} did not answer within {timeout} s") from None
+    if not ok:
+        raise value
+    return value
+
+
+def snapshot(timeout: float = 5.0) -> Snapshot:
+    """Save the paused process VM (StateError unless paused, with the same vCPUs bound).
+
+    Each vCPU's state is read by its own thread (where it is parked)."""
+    p = _current
+    if p is None:
+        raise StateError("snapshot() needs a paused VM: call pause() first")
+    bound = syscall.vcpus()
+    covered = set(p.parts) | ({p.own.id} if p.own is not None else set())
+    if set(bound) != covered:
+        raise StateError(f"vCPUs bound now {sorted(bound)} are not the paused ones {sorted(covered)}")
+    if not bound:
+        raise StateError("no vCPU is bound: nothing to snapshot")
+    vm = next(iter(bound.values())).vm
+    states = {}
+    for vcpu_id, part in p.parts.items():
+        states[vcpu_id] = _ask(part, capture_vcpu_state, timeout)
+    if p.own is not None:
+        states[p.own.id] = capture_vcpu_state(p.own)
+    memory = [MemoryImage(slot=n, gpa=s.guest_phys_addr, flags=s.flags, data=bytes(s.view()))
+              for n, s in sorted(vm.memory_slots.items())]
+    return Snapshot(config=syscall.config(), memory=memory,
+                    vcpus=[states[i] for i in sorted(states)])
+
+
+def restore(snap: Snapshot) -> list[dict]:
+    """Recreate a snapshot's process VM in this process: configuration and memory.
+
+    There must be no process VM (a fork child, or after destroy_vm()): else
+    ConfigurationError.  Returns the vCPU states by id; each of N threads then calls
+    kvmsys.add_vcpu() -- one after the other, so that ids come out 0, 1, ... as in
+    the snapshot -- and apply_vcpu_state(its state), then runs.  Fast handlers
+    (e.g. kvmsys.runner.setup_devices) are the caller's to install again."""
+    syscall.configure(**snap.config)
+    vm = syscall.vm()
+    for img in snap.memory:
+        slots = vm.memory_slots
+        if img.slot in slots and (slots[img.slot].guest_phys_addr != img.gpa
+                                  or slots[img.slot].size != len(img.data)):
+            vm.remove_memory(img.slot)
+            slots = vm.memory_slots
+        if img.slot not in slots:
+            vm.add_memory(img.slot, img.gpa, len(img.data),
+                          readonly=bool(img.flags & _MEM_READONLY),
+                          log_dirty=bool(img.flags & _MEM_LOG_DIRTY))
+        vm.memory(img.slot)[:] = img.data
+    return [dict(s) for s in snap.vcpus]
+
+
+def apply_vcpu_state(state: dict, *, check_id: bool = True, pvm_page: int | None = None) -> list[int]:
+    """Load a saved vCPU state into the calling thread's vCPU (before it runs).
+
+    check_id: the vCPU id must be the saved one (its APIC id and MSI routing follow it).
+    pvm_page: on a PVM host, let a 64-bit guest run natively (kvmsys.pvm.enable_native).
+    Returns the indices of saved MSRs that differ from the vCPU's and that KVM refused
+    to write (usually none)."""
+    vcpu = syscall.current()
+    if vcpu is None:
+        raise VcpuBindingError("this thread has no vCPU: call add_vcpu() first")
+    if check_id and vcpu.id != state["id"]:
+        raise StateError(f"this thread's vCPU has id {vcpu.id}, the state is of vCPU {state['id']}: "
+                         f"add the vCPUs in id order, or pass check_id=False")
+    if pvm_page is not None:
+        pvm.enable_native(vcpu, pvm_page)
+    # The order KVM needs: sregs (modes, EFER) before MSRs, LAPIC before pending events.
+    vcpu.set_regs(state["regs"])
+    vcpu.set_fpu(state["fpu"])
+    vcpu.set_xsave(state["xsave"])
+    vcpu.set_xcrs(state["xcrs"])
+    vcpu.set_sregs(state["sregs"])
+    # Only MSRs that differ: KVM refuses some writes it would not need (e.g. paravirtual
+    # MSRs the guest's CPUID does not announce, written with the value they hold).
+    saved = state["msrs"]
+    now = _read_msrs(vcpu, list(saved)) if saved else {}
+    refused = _write_msrs(vcpu, {k: v for k, v in saved.items() if now.get(k) != v})
+    if "lapic" in state and vcpu.vm.has_irqchip:
+        vcpu.set_lapic(state["lapic"])
+    vcpu.set_mp_state(state["mp_state"])
+    vcpu.set_vcpu_events(state["vcpu_events"])
+    vcpu.set_debugregs(state["debugregs"])
+    return refused
+
+
+def _after_fork_in_child() -> None:
+    # The parent's pause (and its parked threads) do not exist in the child.
+    global _current, _lock
+    _current = None
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
