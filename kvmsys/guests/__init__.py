@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from . import layout
 from .layout import (COM1_BASE, COMPUTE_SEED, LOAD_ADDR, MMIO_READ_ADDR, MMIO_WRITE_ADDR,
-                     PORT_DEBUG_EXIT, PORT_IN, PORT_OUT, PORT_RESULT)
+                     PORT_DEBUG_EXIT, PORT_DEBUGCON, PORT_IN, PORT_OUT, PORT_RESULT)
 
 MODES = tuple(layout.MODE_BITS)
 
@@ -98,6 +98,12 @@ _SPECS: dict[str, tuple[str, tuple[Param, ...], dict]] = {
         _n(DEFAULT_N, _LOOP_N),
         {**_DONE, "iterations": DEFAULT_N,
          "exit": {"kind": "pio_out", "port": PORT_OUT, "size": 1}}),
+    "console_flood": (
+        f"1-byte out to the debugcon port {PORT_DEBUGCON:#x} per iteration, no polling "
+        "('A'..'P' from the counter's low 4 bits)",
+        _n(DEFAULT_N, _LOOP_N),
+        {**_DONE, "iterations": DEFAULT_N,
+         "exit": {"kind": "pio_out", "port": PORT_DEBUGCON, "size": 1}}),
     "pio_in_loop": (
         f"1-byte in from port {PORT_IN:#x} per iteration; sum in EBX and at RESULT_ADDR",
         _n(DEFAULT_N, _LOOP_N),

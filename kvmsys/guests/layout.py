@@ -37,6 +37,7 @@ PORT_OUT = 0x10          # pio_out_loop: 1-byte out
 PORT_IN = 0x11           # pio_in_loop: 1-byte in
 PORT_RESULT = 0x12       # compute: 4-byte out of the result
 PORT_DEBUG_EXIT = 0xF4   # QEMU isa-debug-exit: status = (value << 1) | 1
+PORT_DEBUGCON = 0xE9     # QEMU/Bochs debug console: console_flood writes here
 COM1_BASE = 0x3F8        # 8250 THR
 COM1_LSR = 0x3FD         # 8250 line status register
 LSR_THRE = 0x20          # LSR bit 5: transmit holding register empty
