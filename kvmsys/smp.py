@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import pvm, syscall
+from . import _core, pvm, syscall
 from .errors import StaleVcpuError, StateError, VcpuBindingError
 
 __all__ = ["pause", "resume", "paused", "is_paused", "snapshot", "restore", "apply_vcpu_state",
@@ -160,17 +160,17 @@ class MemoryImage:
 class Snapshot:
     """A paused process VM: configuration, guest memory and every vCPU's state.
 
-    Not included (the core has no ioctls for them, or they are host-side):
-    in-kernel PIC/IOAPIC/PIT state (KVM_GET_IRQCHIP / KVM_GET_PIT2), kvmclock
-    (KVM_GET_CLOCK), fast handlers and the console, and interrupts queued through a
-    VcpuHandle without irqchip that the owner had not injected yet."""
+    VM-level device state (in-kernel PIC/IOAPIC, PIT, kvmclock) is in ``devices``.
+    Not included (host-side): fast handlers and the console, and interrupts queued
+    through a VcpuHandle without irqchip that the owner had not injected yet."""
     config: dict
     memory: list[MemoryImage] = field(default_factory=list)
     vcpus: list[dict] = field(default_factory=list)     # by vCPU id
+    devices: dict = field(default_factory=dict)
 
 
-_MEM_LOG_DIRTY = 1          # KVM_MEM_LOG_DIRTY_PAGES
-_MEM_READONLY = 2           # KVM_MEM_READONLY
+_MEM_LOG_DIRTY = _core.MEM_FLAGS["LOG_DIRTY_PAGES"]
+_MEM_READONLY = _core.MEM_FLAGS["READONLY"]
 
 
 def _msr_indices(vcpu) -> list[int]:
@@ -245,7 +245,17 @@ def snapshot(timeout: float = 5.0) -> Snapshot:
     memory = [MemoryImage(slot=n, gpa=s.guest_phys_addr, flags=s.flags, data=bytes(s.view()))
               for n, s in sorted(vm.memory_slots.items())]
     return Snapshot(config=syscall.config(), memory=memory,
-                    vcpus=[states[i] for i in sorted(states)])
+                    vcpus=[states[i] for i in sorted(states)], devices=capture_vm_devices(vm))
+
+
+def capture_vm_devices(vm) -> dict:
+    """The VM's in-kernel device state: irqchips, PIT, kvmclock (raw kernel structs)."""
+    devices = {"clock": vm.get_clock()}
+    if vm.has_irqchip:
+        devices["irqchip"] = [vm.get_irqchip(chip) for chip in (0, 1, 2)]
+        if syscall.config().get("pit"):
+            devices["pit2"] = vm.get_pit2()
+    return devices
 
 
 def restore(snap: Snapshot) -> list[dict]:
@@ -269,6 +279,12 @@ def restore(snap: Snapshot) -> list[dict]:
                           readonly=bool(img.flags & _MEM_READONLY),
                           log_dirty=bool(img.flags & _MEM_LOG_DIRTY))
         vm.memory(img.slot)[:] = img.data
+    for chip in snap.devices.get("irqchip", ()):
+        vm.set_irqchip(chip)
+    if "pit2" in snap.devices:
+        vm.set_pit2(snap.devices["pit2"])
+    if "clock" in snap.devices:
+        vm.set_clock(snap.devices["clock"])
     return [dict(s) for s in snap.vcpus]
 
 

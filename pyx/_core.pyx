@@ -32,6 +32,7 @@ H_KINDS = dict(PYTHON=H_PYTHON, SINK=H_SINK, CONST=H_CONST, IGNORE=H_IGNORE, EXI
 SPACES = dict(PIO=SPACE_PIO, MMIO=SPACE_MMIO)
 EXIT_REASONS = {name: num for num, name in _EXIT_NAMES.items()}
 KICK_SIGNAL = kvmsys_kick_signal()
+MEM_FLAGS = dict(LOG_DIRTY_PAGES=KVM_MEM_LOG_DIRTY_PAGES, READONLY=KVM_MEM_READONLY)
 
 if kvmsys_install_kick_handler() != 0:
     raise_os(errno, "sigaction(kick signal)",

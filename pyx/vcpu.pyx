@@ -82,6 +82,11 @@ cdef class VcpuCore:
         return self.v == NULL or self.v.fd < 0
 
     @property
+    def active(self):
+        """True while some thread is inside this vCPU's run()."""
+        return self.v != NULL and kvmsys_load_int(&self.v.active) != 0
+
+    @property
     def comm_area(self):
         """Writable zero-copy memoryview of the whole vCPU mapping (kvm_run first)."""
         self.require_open()

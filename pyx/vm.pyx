@@ -303,6 +303,50 @@ cdef class VmCore:
             c.args[i] = a
         self.vm_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP")
 
+    # --- device state blobs (the raw kernel structs), for save and restore ----
+    cdef bytes get_vm_blob(self, unsigned long req, void *buf, size_t size, str op):
+        self.vm_ioctl(req, buf, op)
+        return (<char *>buf)[:size]
+
+    def get_irqchip(self, uint32_t chip_id):
+        """KVM_GET_IRQCHIP: chip 0 = PIC master, 1 = PIC slave, 2 = IOAPIC (raw struct kvm_irqchip)."""
+        require(self.has_irqchip, "get_irqchip needs the in-kernel irqchip (create_irqchip)")
+        require(chip_id in (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC),
+                f"unknown irqchip {chip_id}")
+        cdef kvm_irqchip c
+        memset(&c, 0, sizeof(c))
+        c.chip_id = chip_id
+        return self.get_vm_blob(KVM_GET_IRQCHIP, &c, sizeof(c), "KVM_GET_IRQCHIP")
+
+    def set_irqchip(self, data):
+        """KVM_SET_IRQCHIP from get_irqchip()'s bytes (the chip id is inside)."""
+        require(self.has_irqchip, "set_irqchip needs the in-kernel irqchip (create_irqchip)")
+        cdef bytearray buf = bytearray(data)
+        require(<size_t>len(buf) == sizeof(kvm_irqchip), f"KVM_SET_IRQCHIP takes {sizeof(kvm_irqchip)} bytes")
+        self.vm_ioctl(KVM_SET_IRQCHIP, <char *>buf, "KVM_SET_IRQCHIP")
+
+    def get_pit2(self):
+        """KVM_GET_PIT2 (raw struct kvm_pit_state2)."""
+        cdef kvm_pit_state2 p
+        return self.get_vm_blob(KVM_GET_PIT2, &p, sizeof(p), "KVM_GET_PIT2")
+
+    def set_pit2(self, data):
+        cdef bytearray buf = bytearray(data)
+        require(<size_t>len(buf) == sizeof(kvm_pit_state2), f"KVM_SET_PIT2 takes {sizeof(kvm_pit_state2)} bytes")
+        self.vm_ioctl(KVM_SET_PIT2, <char *>buf, "KVM_SET_PIT2")
+
+    def get_clock(self):
+        """KVM_GET_CLOCK: the guest's kvmclock (raw struct kvm_clock_data)."""
+        cdef kvm_clock_data c
+        memset(&c, 0, sizeof(c))
+        return self.get_vm_blob(KVM_GET_CLOCK, &c, sizeof(c), "KVM_GET_CLOCK")
+
+    def set_clock(self, data):
+        cdef bytearray buf = bytearray(data)
+        require(<size_t>len(buf) == sizeof(kvm_clock_data), f"KVM_SET_CLOCK takes {sizeof(kvm_clock_data)} bytes")
+        (<kvm_clock_data *><char *>buf).flags = 0      # only the clock value is settable everywhere
+        self.vm_ioctl(KVM_SET_CLOCK, <char *>buf, "KVM_SET_CLOCK")
+
     # --- fast handlers (used by the run loop) ------------------------------
     def add_handler(self, int space, uint64_t start, uint64_t end, int kind, uint64_t value=0,
                     callback=None):

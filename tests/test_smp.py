@@ -615,6 +615,7 @@ def test_snapshot_restore_in_fork_child(loops, mode):
     # The snapshot holds what a restore needs.
     assert [s["id"] for s in snap.vcpus] == [0, 1]
     assert snap.config["irqchip"] is True and snap.memory[0].gpa == 0
+    assert len(snap.devices["irqchip"]) == 3 and len(snap.devices["clock"]) > 8     # PICs + IOAPIC, kvmclock
     assert len(snap.memory[0].data) == layout.RAM_SIZE
     assert all("lapic" in s and 0x10 in s["msrs"] for s in snap.vcpus)     # TSC among the MSRs
     assert 0 < u32(snap.memory[0].data, layout.SMP_VALUE_ADDR) == at < n * k
