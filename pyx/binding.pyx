@@ -91,6 +91,7 @@ def forget_after_fork():
     """In a fork child: drop the inherited binding without touching the parent's VM."""
     global kvmsys_bound
     kvmsys_bound = NULL
+    kvmsys_forget_watchdog()
     b = getattr(_local, "binding", None)
     if b is not None:
         (<_Binding>b).vcpu = None

@@ -128,6 +128,9 @@ static int kvmsys_arm_watchdog(uint64_t deadline_ns) {
     return timer_settime(kvmsys_timer, TIMER_ABSTIME, &its, NULL);
 }
 
+/* In a fork child: POSIX timers are not inherited, so forget this thread's. */
+static void kvmsys_forget_watchdog(void) { kvmsys_timer_ok = 0; }
+
 static int kvmsys_disarm_watchdog(void) {
     struct itimerspec its;
     if (!kvmsys_timer_ok)

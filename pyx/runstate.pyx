@@ -187,13 +187,14 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         v.thread = pthread_self()
         kvmsys_store_int(&v.running, 1)
         pthread_mutex_unlock(&v.lock)
-    if not kvmsys_load_int(&v.kick_pending) and run.immediate_exit:
-        # A kick signal that landed after the kick was consumed left immediate_exit
-        # set: clear it, then look again, since a new kick may have come meanwhile
-        # (its signal can have landed before the clear).
-        kvmsys_store_u8(&run.immediate_exit, 0)
-        if kvmsys_load_int(&v.kick_pending):
-            kvmsys_store_u8(&run.immediate_exit, 1)
+    # immediate_exit may be stale (set by a kick signal that landed after its kick
+    # was taken) or missing (a kick that came while we were outside the loop):
+    # derive it from kick_pending.  Kickers set kick_pending before immediate_exit
+    # and signal only a running vCPU, so reading it after `running` loses nothing.
+    kvmsys_store_u8(&run.immediate_exit, 0)
+    if kvmsys_load_int(&v.kick_pending):
+        kvmsys_store_u8(&run.immediate_exit, 1)
+    sigs = kvmsys_own_signal_count()
     while True:
         t_in = kvmsys_now_ns()
         v.ns_in_handlers += t_in - t_out
@@ -203,7 +204,6 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
             t_out = t_in
             res = R_DEADLINE
             break
-        sigs = kvmsys_own_signal_count()
         r = ioctl(v.fd, KVM_RUN, 0)
         err = errno
         t_out = kvmsys_now_ns()
@@ -221,8 +221,9 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
                 elif v.deadline_ns and t_out >= v.deadline_ns:
                     res = R_DEADLINE
                 elif kvmsys_own_signal_count() != sigs:
-                    # the late signal of a kick taken earlier: go on, unless a new
-                    # kick came meanwhile (its signal may have been this one)
+                    # one of our signals since the last look, for a kick taken
+                    # earlier: go on, unless a new kick came meanwhile
+                    sigs = kvmsys_own_signal_count()
                     if kvmsys_load_int(&v.kick_pending):
                         kvmsys_store_u8(&run.immediate_exit, 1)
                     continue

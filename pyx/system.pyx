@@ -31,6 +31,15 @@ cdef class KvmCore:
                 raise KvmPermissionError(err, f"open({self.path})", _HINT_ACCESS)
             raise_os(err, f"open({self.path})")
         self.fd = fd
+        # Refuse a path that is not KVM (e.g. /dev/null) at once, not at first use.
+        version = ioctl(fd, KVM_GET_API_VERSION, 0)
+        if version != KVM_API_VERSION:
+            err = errno if version < 0 else EINVAL
+            close(fd)
+            self.fd = -1
+            raise KvmUnavailableError(err, f"KVM_GET_API_VERSION on {self.path}",
+                                      f"{self.path} is not a KVM device" if version < 0 else
+                                      f"API version {version}, kvmsys needs {KVM_API_VERSION}")
 
     cdef int require_open(self) except -1:
         if self.fd < 0:

@@ -3,6 +3,10 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.string cimport memcpy
 import threading as _threading
 
+_REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+                        "r11", "r12", "r13", "r14", "r15", "rip", "rflags"))
+_CPUID_KEYS = frozenset(("function", "index", "flags", "eax", "ebx", "ecx", "edx"))
+
 
 cdef class VcpuCore:
     """A KVM vCPU fd and its comm area (struct kvm_run, mapped zero-copy)."""
@@ -17,8 +21,9 @@ cdef class VcpuCore:
     cdef readonly list pending   # (fn, args) calls and ("irq"|"nmi", vector) requests from handles
     cdef object __weakref__
 
-    def __cinit__(self, VmCore vm, int vcpu_id):
+    def __cinit__(self, VmCore vm, vcpu_id_):
         vm.require_open()
+        cdef int vcpu_id = as_int(vcpu_id_, "vCPU id", 0, 0x7fffffff)
         max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
         require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
         require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
@@ -102,6 +107,9 @@ cdef class VcpuCore:
         cdef Exit ex
         cdef object handler
         cdef uint64_t t0
+        if v.bound and not pthread_equal(v.thread, pthread_self()):
+            raise VcpuBindingError(f"vCPU {self.id} is bound to another thread: only its owner runs it "
+                                   "(use its handle to kick, interrupt or call_soon)")
         if kvmsys_xchg_int(&v.active, 1):
             raise StateError(f"vCPU {self.id} is already running in another thread")
         self._touched = 1
@@ -155,11 +163,8 @@ cdef class VcpuCore:
                 raise_os(v.error, "KVM_RUN")
         finally:
             if v.deadline_ns:
-                kvmsys_disarm_watchdog()
+                kvmsys_disarm_watchdog()    # a late watchdog signal is harmless: run_loop rederives immediate_exit
                 v.deadline_ns = 0
-                # a watchdog signal that landed after the last KVM_RUN must not leak into the next run
-                if not kvmsys_load_int(&v.kick_pending):
-                    kvmsys_store_u8(&v.run.immediate_exit, 0)
             kvmsys_store_int(&v.active, 0)
 
     cdef _run_pending(self):
@@ -239,6 +244,8 @@ cdef class VcpuCore:
 
     def set_regs(self, dict regs):
         """KVM_SET_REGS from a dict with every register (get_regs(), modified)."""
+        require(set(regs) == _REG_NAMES, f"set_regs needs exactly the keys {sorted(_REG_NAMES)}; "
+                f"missing {sorted(_REG_NAMES - set(regs))}, unknown {sorted(set(regs) - _REG_NAMES)}")
         cdef kvm_regs r = regs
         self.vcpu_ioctl(KVM_SET_REGS, &r, "KVM_SET_REGS")
         self.v.run.kvm_dirty_regs &= ~KVM_SYNC_X86_REGS
@@ -317,6 +324,8 @@ cdef class VcpuCore:
             c.nent = n
             for i in range(n):
                 d = ents[i]
+                require(isinstance(d, dict) and "function" in d and set(d) <= _CPUID_KEYS,
+                        f"CPUID entry {i} must be a dict with 'function' and only {sorted(_CPUID_KEYS)}")
                 e[i].function = d["function"]
                 e[i].index = d.get("index", 0)
                 e[i].flags = d.get("flags", 0)
@@ -345,7 +354,7 @@ cdef class VcpuCore:
         return bytes(buf)
 
     cdef int set_blob(self, unsigned long req, object data, size_t size, str op) except -1:
-        cdef bytearray buf = bytearray(data)
+        cdef bytearray buf = bytearray(as_blob(data, op))
         require(<size_t>len(buf) == size, f"{op} takes exactly {size} bytes, got {len(buf)}")
         self.vcpu_ioctl(req, <char *>buf, op)
         return 0

@@ -79,12 +79,14 @@ cdef class VmCore:
         return check(ioctl(self.fd, KVM_CHECK_EXTENSION, <unsigned long>cap), "KVM_CHECK_EXTENSION")
 
     # --- memory -----------------------------------------------------------
-    def add_memory(self, int slot, uint64_t guest_phys_addr, uint64_t size, *, bint readonly=False,
-                   bint log_dirty=False):
+    def add_memory(self, slot_, guest_phys_addr_, size_, *, bint readonly=False, bint log_dirty=False):
         """Back [guest_phys_addr, +size) with fresh zeroed host memory in *slot*.
 
         Returns a writable zero-copy memoryview of it."""
         self.require_open()
+        cdef int slot = as_int(slot_, "slot", 0, 0x7fffffff)
+        cdef uint64_t guest_phys_addr = as_u64(guest_phys_addr_, "guest-physical address")
+        cdef uint64_t size = as_u64(size_, "memory size")
         cdef long page = sysconf(_SC_PAGESIZE)
         require(0 <= slot < self.max_slots, f"slot {slot} is out of range 0..{self.max_slots - 1}")
         require(slot not in self.slots, f"slot {slot} is already in use")
@@ -125,9 +127,10 @@ cdef class VmCore:
         self.slots[slot] = ms
         return ms.view()
 
-    def remove_memory(self, int slot):
+    def remove_memory(self, slot_):
         """Delete a memory slot.  Views of it stay valid (host memory outlives the slot)."""
         self.require_open()
+        cdef int slot = as_int(slot_, "slot", 0, 0x7fffffff)
         require(slot in self.slots, f"slot {slot} is not in use")
         cdef MemorySlot ms = self.slots[slot]
         cdef kvm_userspace_memory_region r
@@ -142,8 +145,9 @@ cdef class VmCore:
         """The memory slots, by slot number."""
         return dict(self.slots)
 
-    def memory(self, int slot=0):
+    def memory(self, slot=0):
         """Writable zero-copy memoryview of one slot."""
+        self.require_open()
         require(slot in self.slots, f"slot {slot} is not in use")
         return (<MemorySlot>self.slots[slot]).view()
 
@@ -156,14 +160,19 @@ cdef class VmCore:
         raise InvalidArgumentError(
             f"guest-physical range [{gpa:#x}, {gpa + length:#x}) is not inside one memory slot")
 
-    def read(self, uint64_t gpa, uint64_t length):
+    def read(self, gpa_, length_):
         """Copy *length* bytes of guest memory at *gpa* (bounds-checked)."""
+        self.require_open()
+        cdef uint64_t gpa = as_u64(gpa_, "guest-physical address")
+        cdef uint64_t length = as_u64(length_, "length")
         cdef MemorySlot ms = self._find(gpa, length)
         ms.mapping.check_range(gpa - ms.guest_phys_addr, length)
         return (<char *>ms.mapping.addr)[gpa - ms.guest_phys_addr:gpa - ms.guest_phys_addr + length]
 
-    def write(self, uint64_t gpa, data):
+    def write(self, gpa_, data):
         """Copy *data* (bytes-like) into guest memory at *gpa* (bounds-checked)."""
+        self.require_open()
+        cdef uint64_t gpa = as_u64(gpa_, "guest-physical address")
         cdef const uint8_t[::1] src = memoryview(data).cast("B")
         cdef uint64_t n = src.shape[0]
         cdef MemorySlot ms = self._find(gpa, n)
@@ -321,7 +330,7 @@ cdef class VmCore:
     def set_irqchip(self, data):
         """KVM_SET_IRQCHIP from get_irqchip()'s bytes (the chip id is inside)."""
         require(self.has_irqchip, "set_irqchip needs the in-kernel irqchip (create_irqchip)")
-        cdef bytearray buf = bytearray(data)
+        cdef bytearray buf = bytearray(as_blob(data, "set_irqchip"))
         require(<size_t>len(buf) == sizeof(kvm_irqchip), f"KVM_SET_IRQCHIP takes {sizeof(kvm_irqchip)} bytes")
         self.vm_ioctl(KVM_SET_IRQCHIP, <char *>buf, "KVM_SET_IRQCHIP")
 
@@ -331,7 +340,7 @@ cdef class VmCore:
         return self.get_vm_blob(KVM_GET_PIT2, &p, sizeof(p), "KVM_GET_PIT2")
 
     def set_pit2(self, data):
-        cdef bytearray buf = bytearray(data)
+        cdef bytearray buf = bytearray(as_blob(data, "set_pit2"))
         require(<size_t>len(buf) == sizeof(kvm_pit_state2), f"KVM_SET_PIT2 takes {sizeof(kvm_pit_state2)} bytes")
         self.vm_ioctl(KVM_SET_PIT2, <char *>buf, "KVM_SET_PIT2")
 
@@ -342,7 +351,7 @@ cdef class VmCore:
         return self.get_vm_blob(KVM_GET_CLOCK, &c, sizeof(c), "KVM_GET_CLOCK")
 
     def set_clock(self, data):
-        cdef bytearray buf = bytearray(data)
+        cdef bytearray buf = bytearray(as_blob(data, "set_clock"))
         require(<size_t>len(buf) == sizeof(kvm_clock_data), f"KVM_SET_CLOCK takes {sizeof(kvm_clock_data)} bytes")
         (<kvm_clock_data *><char *>buf).flags = 0      # only the clock value is settable everywhere
         self.vm_ioctl(KVM_SET_CLOCK, <char *>buf, "KVM_SET_CLOCK")
@@ -360,6 +369,7 @@ cdef class VmCore:
         require((kind == H_PYTHON) == (callback is not None) or (kind == H_PYTHON and callback is None),
                 "only a Python handler takes a callback")
         require(callback is None or callable(callback), "callback must be callable")
+        self.require_open()
         cdef int n = self.state.nhandlers
         if n >= MAX_HANDLERS:
             raise InvalidArgumentError(f"at most {MAX_HANDLERS} handlers per VM")
@@ -384,11 +394,13 @@ cdef class VmCore:
         """What happens to an access no handler covers: H_PYTHON (return it) or H_IGNORE."""
         require(space in (SPACE_PIO, SPACE_MMIO), "space must be 0 (PIO) or 1 (MMIO)")
         require(kind in (H_PYTHON, H_IGNORE), "the default is H_PYTHON or H_IGNORE")
+        self.require_open()
         self.state.default_kind[space] = kind
 
     def set_hlt_action(self, int kind):
         """HLT exits: H_PYTHON (return them), H_IGNORE (re-enter at once) or H_EXIT (stop the run)."""
         require(kind in (H_PYTHON, H_IGNORE, H_EXIT), "HLT action is H_PYTHON, H_IGNORE or H_EXIT")
+        self.require_open()
         self.state.hlt_action = kind
 
     def console(self, bint clear=False):

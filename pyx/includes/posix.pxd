@@ -82,5 +82,6 @@ cdef extern from "kvmsys_native.h" nogil:
     unsigned kvmsys_own_signal_count()
     int kvmsys_arm_watchdog(uint64_t deadline_ns)
     int kvmsys_disarm_watchdog()
+    void kvmsys_forget_watchdog()
     void kvmsys_thread_cleanup_register()
     void *kvmsys_bound
