@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-SUITES = ["exits", "console", "dispatch", "threads", "lifecycle", "kick", "scaling", "memory"]
+SUITES = ["exits", "abi", "console", "dispatch", "threads", "lifecycle", "kick", "scaling", "memory"]
 EXIT_MODES = ("real", "pm32", "long64")
 
 

@@ -1,0 +1,60 @@
+"""Suite `abi`: the two ABIs' run entry points, one exit per call.
+
+`kvmsys.run()` (the thread's implied vCPU, found by one thread-local load) vs
+`vcpu.run()` (an explicit handle) when every exit comes back to Python: the
+case where the entry point itself is paid once per exit.  Both go through the
+same C loop, so the ratio isolates the dispatch of the call."""
+from __future__ import annotations
+
+import time
+
+import kvmsys
+
+from .guestvm import PIO, K, FdGuest, SysGuest, guest_name, mode_label, process_vm
+from .harness import SuiteResult, Stat, derive, interleave, progress
+
+NAME = "abi"
+TITLE = "run() per exit: syscall ABI vs fd ABI"
+
+
+def _loop(run, n: int) -> float:
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        run()
+    return (time.perf_counter_ns() - t0) / n
+
+
+def run(profile) -> SuiteResult:
+    t_start = time.perf_counter()
+    n = max(profile.min_exits, min(profile.max_exits, int(profile.sample_ms * 80)))
+    name = guest_name("pio_out_loop", profile.mode)
+    res = SuiteResult(NAME, TITLE, columns=[("entry", "entry point"), ("time", "per exit"),
+                                            ("ratio", "vs fd `vcpu.run()`")])
+    with kvmsys.Kvm() as kvm, process_vm() as pvm_:
+        pvm_.set_default(PIO, K["PYTHON"])          # no handler: every exit returns to the caller
+        fd = FdGuest(kvm, name, n=0)
+        fd.vm.set_default(PIO, K["PYTHON"])
+        sysg = SysGuest(name, n=0)
+        try:
+            progress(f"{NAME}: {n} exits per sample, {profile.reps} reps")
+            samples = interleave({"fd": lambda: _loop(fd.run, n), "sys": lambda: _loop(sysg.run, n)},
+                                 profile.reps, profile.warmup)
+            counts = (fd.counter(), sysg.counter(), fd.vcpu.stats()["exits"].get("IO", 0),
+                      sysg.vcpu.stats()["exits"].get("IO", 0))
+            native = fd.native
+        finally:
+            sysg.close()
+            fd.close()
+    res.add_row("fd", {"entry": "fd ABI: `vcpu.run()` (explicit vCPU)"}, {"time": Stat(samples["fd"], "ns")})
+    res.add_row("sys", {"entry": "syscall ABI: `kvmsys.run()` (the thread's vCPU)"},
+                {"time": Stat(samples["sys"], "ns")})
+    res.rows["sys"]["stats"]["ratio"] = derive(res.rows, "time", "sys", "fd", "ratio")
+    res.check("exits counted", counts[0] == counts[2] and counts[1] == counts[3],
+              f"guest counters {counts[0]}, {counts[1]}; IO exits counted {counts[2]}, {counts[3]}")
+    res.config = dict(mode=profile.mode, exits_per_sample=n, reps=profile.reps)
+    res.notes += [
+        f"Guest {name}, mode {mode_label(profile.mode, native)}, n=0 (endless); the port has no handler "
+        f"and the default is PYTHON, so each run() returns one IoExit; {n} calls per sample.",
+    ]
+    res.elapsed_s = time.perf_counter() - t_start
+    return res
