@@ -64,16 +64,24 @@ def setup_devices(vm) -> None:
     vm.set_hlt_action(_K["IGNORE"])     # no irqchip: HLT just re-enters (hlt loops count exits)
 
 
+def _memory(vm, memory_size: int, firmware: bytes | None):
+    """RAM at 0 for a guest (its view), or a PC memory map around a firmware image (None)."""
+    if firmware is None:
+        return vm.add_memory(0, 0, memory_size)
+    platform.load_firmware(vm, firmware, ram_size=memory_size)
+    return None
+
+
 class _FdAbi:
     name = "fd"
 
-    def __init__(self, memory_size: int, irqchip: bool):
+    def __init__(self, memory_size: int, irqchip: bool, firmware: bytes | None = None):
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
         if irqchip:
             self.vm.require("IRQCHIP", "a guest that takes interrupts")
             self.vm.create_irqchip()
-        self.mem = self.vm.add_memory(0, 0, memory_size)
+        self.mem = _memory(self.vm, memory_size, firmware)
         setup_devices(self.vm)
 
     def attach(self, i: int):
@@ -93,12 +101,14 @@ class _FdAbi:
 class _SysAbi:
     name = "sys"
 
-    def __init__(self, memory_size: int, irqchip: bool):
+    def __init__(self, memory_size: int, irqchip: bool, firmware: bytes | None = None):
         self.saved = syscall.config()
         syscall.destroy_vm()            # a fresh process VM for this run
-        syscall.configure(memory_size=memory_size, pc_ports=False, irqchip=irqchip)
+        syscall.configure(memory_size=4096 if firmware else memory_size, pc_ports=False, irqchip=irqchip)
         self.vm = syscall.vm()
-        self.mem = self.vm.memory(0)
+        if firmware:
+            self.vm.remove_memory(0)    # the firmware's PC memory map replaces the default slot
+        self.mem = _memory(self.vm, memory_size, firmware) if firmware else self.vm.memory(0)
         setup_devices(self.vm)
 
     def attach(self, i: int):
@@ -188,39 +198,18 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float = 10.0,
     if abi not in ABIS:
         raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
     deadline = time.monotonic() + timeout
-    if abi == "fd":
-        kvm = Kvm()
-        vm = kvm.create_vm()
-        closer = lambda: (vm.close(), kvm.close())      # noqa: E731
-    else:
-        saved = syscall.config()
-        syscall.destroy_vm()
-        syscall.configure(memory_size=4096, pc_ports=False)   # slot 0 replaced below
-        vm = syscall.vm()
-        vm.remove_memory(0)
-
-        def closer():
-            syscall.destroy_vm()
-            syscall.configure(**saved)
+    machine = (_FdAbi if abi == "fd" else _SysAbi)(memory_size, False, firmware=image)
     try:
-        platform.load_firmware(vm, image, ram_size=memory_size)
-        setup_devices(vm)
         t0 = time.monotonic()
-        if abi == "fd":
-            vcpu = vm.create_vcpu(0)
-            ex = _drive(vcpu.run, deadline)
-        else:
-            syscall.add_vcpu()
-            vcpu = syscall.current()
-            try:
-                ex = _drive(syscall.run, deadline)
-            finally:
-                stats = vcpu.stats()
-                syscall.remove_vcpu()
-        stats = vcpu.stats() if abi == "fd" else stats
+        vcpu = machine.attach(0)        # a new vCPU starts in the x86 reset state
+        try:
+            ex = _drive(machine.run(vcpu), deadline)
+            stats = vcpu.stats()
+        finally:
+            machine.detach(vcpu)
         return RunResult(guest=label, abi=abi, vcpus=1,
                          status=ex.status if isinstance(ex, _core.StopExit) else None,
-                         reason=ex.name, console=vm.console(), exits=stats["exits"],
-                         port_counts=vm.port_counts(), elapsed_s=time.monotonic() - t0)
+                         reason=ex.name, console=machine.vm.console(), exits=stats["exits"],
+                         port_counts=machine.vm.port_counts(), elapsed_s=time.monotonic() - t0)
     finally:
-        closer()
+        machine.close()
