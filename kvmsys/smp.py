@@ -16,9 +16,9 @@ pause per vCPU that was inside KVM_RUN).  A paused vCPU stopped at an instructio
 boundary with any I/O it started completed (KVM_RUN returned EINTR), so its state is
 consistent and can be saved.
 
-Precondition (there is no public "inside run()" flag to check it): every vCPU bound
-when pause() is called is driven by a run loop, i.e. its thread is inside run() or will
-call run() again, and will not remove its vCPU first.  Waiting for all acknowledgements
+Precondition: every vCPU bound when pause() is called is driven by a run loop, i.e.
+its thread is inside run() (``vcpu.active``) or will call run() again, and will not
+remove its vCPU first.  Waiting for all acknowledgements
 is then enough: a vCPU between two run() calls parks as soon as it re-enters.  A vCPU
 whose thread never calls run() again cannot park: pause() raises TimeoutError after
 *timeout* and resumes the others (its queued call then returns at once if it ever
