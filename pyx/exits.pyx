@@ -244,7 +244,19 @@ _EXIT_TYPES = {
 
 cdef Exit make_exit(VcpuCore vcpu):
     cdef int reason = vcpu.v.run.exit_reason
-    return Exit._new_of(_EXIT_TYPES.get(reason, UnknownExit), vcpu, reason)
+    cdef Exit e
+    # IO and MMIO are the exits that reach Python handlers most: allocate them directly
+    if reason == KVM_EXIT_IO:
+        e = IoExit.__new__(IoExit)
+    elif reason == KVM_EXIT_MMIO:
+        e = MmioExit.__new__(MmioExit)
+    else:
+        return Exit._new_of(_EXIT_TYPES.get(reason, UnknownExit), vcpu, reason)
+    e.vcpu = vcpu
+    e.reason = reason
+    e.page = vcpu.page
+    e.run = vcpu.v.run
+    return e
 
 
 cdef class SyncRegs:

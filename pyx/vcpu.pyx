@@ -2,6 +2,9 @@
 from cpython.exc cimport PyErr_CheckSignals
 from libc.string cimport memcpy
 import threading as _threading
+from cpython.pythread cimport PyThread_get_thread_ident
+
+cdef unsigned long _main_ident = _threading.main_thread().ident
 
 _REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
                         "r11", "r12", "r13", "r14", "r15", "rip", "rflags"))
@@ -120,7 +123,7 @@ cdef class VcpuCore:
                 v.deadline_ns = kvmsys_now_ns() + <uint64_t>(timeout * 1e9)
                 if kvmsys_arm_watchdog(v.deadline_ns) != 0:
                     raise_os(errno, "timer_settime(watchdog)")
-            v.poll_signals = _threading.current_thread() is _threading.main_thread()
+            v.poll_signals = PyThread_get_thread_ident() == _main_ident   # only it runs signal handlers
             while True:
                 with nogil:
                     res = run_loop(v)
