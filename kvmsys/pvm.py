@@ -38,6 +38,11 @@ def is_pvm(vcpu) -> bool:
         return False
 
 
+def extra_msrs(vcpu) -> list[int]:
+    """MSRs of this host flavour to save and restore with a vCPU's state (not in KVM's list)."""
+    return [MSR_PVM_NATIVE] if is_pvm(vcpu) else []
+
+
 def enable_native(vcpu, page_gpa: int) -> bool:
     """On PVM, let a 64-bit guest run natively; elsewhere do nothing.  Returns True if enabled.
 

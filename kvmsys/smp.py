@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import _core, pvm, syscall
+from . import _core, pvm, syscall, vcpustate
 from .errors import StaleVcpuError, StateError, VcpuBindingError
 
 __all__ = ["pause", "resume", "paused", "is_paused", "snapshot", "restore", "apply_vcpu_state",
@@ -173,42 +173,9 @@ _MEM_LOG_DIRTY = _core.MEM_FLAGS["LOG_DIRTY_PAGES"]
 _MEM_READONLY = _core.MEM_FLAGS["READONLY"]
 
 
-def _msr_indices(vcpu) -> list[int]:
-    return list(vcpu.vm.kvm.msr_index_list())
-
-
-def _read_msrs(vcpu, indices: list[int]) -> dict[int, int]:
-    # KVM_GET_MSRS stops at the first MSR it cannot read: skip that one and go on.
-    out: dict[int, int] = {}
-    rest = list(indices)
-    while rest:
-        got = vcpu.get_msrs(rest)
-        out.update(got)
-        rest = rest[len(got) + 1:]
-    return out
-
-
-def _write_msrs(vcpu, msrs: dict[int, int]) -> list[int]:
-    # Same for KVM_SET_MSRS; returns the indices KVM refused.
-    refused: list[int] = []
-    rest = list(msrs.items())
-    while rest:
-        n = vcpu.set_msrs(dict(rest))
-        if n < len(rest):
-            refused.append(rest[n][0])
-        rest = rest[n + 1:]
-    return refused
-
-
 def capture_vcpu_state(vcpu) -> dict:
     """Everything KVM keeps about *vcpu* that kvmsys can read (call it on a stopped vCPU)."""
-    state = dict(id=vcpu.id, regs=vcpu.get_regs(), sregs=vcpu.get_sregs(), fpu=vcpu.get_fpu(),
-                 xsave=vcpu.get_xsave(), xcrs=vcpu.get_xcrs(), debugregs=vcpu.get_debugregs(),
-                 msrs=_read_msrs(vcpu, _msr_indices(vcpu)), mp_state=vcpu.get_mp_state(),
-                 vcpu_events=vcpu.get_vcpu_events())
-    if vcpu.vm.has_irqchip:
-        state["lapic"] = vcpu.get_lapic()
-    return state
+    return vcpustate.capture(vcpu)
 
 
 def _ask(part: _Part, fn, timeout: float):
@@ -303,23 +270,7 @@ def apply_vcpu_state(state: dict, *, check_id: bool = True, pvm_page: int | None
                          f"add the vCPUs in id order, or pass check_id=False")
     if pvm_page is not None:
         pvm.enable_native(vcpu, pvm_page)
-    # The order KVM needs: sregs (modes, EFER) before MSRs, LAPIC before pending events.
-    vcpu.set_regs(state["regs"])
-    vcpu.set_fpu(state["fpu"])
-    vcpu.set_xsave(state["xsave"])
-    vcpu.set_xcrs(state["xcrs"])
-    vcpu.set_sregs(state["sregs"])
-    # Only MSRs that differ: KVM refuses some writes it would not need (e.g. paravirtual
-    # MSRs the guest's CPUID does not announce, written with the value they hold).
-    saved = state["msrs"]
-    now = _read_msrs(vcpu, list(saved)) if saved else {}
-    refused = _write_msrs(vcpu, {k: v for k, v in saved.items() if now.get(k) != v})
-    if "lapic" in state and vcpu.vm.has_irqchip:
-        vcpu.set_lapic(state["lapic"])
-    vcpu.set_mp_state(state["mp_state"])
-    vcpu.set_vcpu_events(state["vcpu_events"])
-    vcpu.set_debugregs(state["debugregs"])
-    return refused
+    return vcpustate.apply(vcpu, state)
 
 
 def _after_fork_in_child() -> None:

@@ -14,7 +14,7 @@ import atexit
 import os
 import threading
 
-from . import _core, platform
+from . import _core, platform, vcpustate
 from . import placement as _placement
 from .errors import ConfigurationError, InvalidArgumentError, VcpuBindingError
 from .fd import Kvm, Vm, Vcpu
@@ -122,20 +122,10 @@ def _reset_for_reuse(vcpu: ThreadVcpu) -> None:
     # A kernel vCPU lives as long as its VM, so kvmsys recycles it: back to the
     # state it had when created, so a new owner cannot tell it from a fresh one.
     if vcpu.touched:      # a vCPU that never ran nor had state set is still pristine
-        for name, value in vcpu._initial.items():
-            getattr(vcpu, "set_" + name)(value)
+        vcpustate.apply(vcpu, vcpu._initial)
         vcpu.mark_pristine()
     vcpu.reset_stats()
     vcpu.pending.clear()
-
-
-def _snapshot(vcpu: ThreadVcpu) -> dict:
-    state = dict(regs=vcpu.get_regs(), sregs=vcpu.get_sregs(), fpu=vcpu.get_fpu(),
-                 mp_state=vcpu.get_mp_state(), vcpu_events=vcpu.get_vcpu_events(),
-                 debugregs=vcpu.get_debugregs(), xcrs=vcpu.get_xcrs(), xsave=vcpu.get_xsave())
-    if vcpu.vm.has_irqchip:
-        state["lapic"] = vcpu.get_lapic()
-    return state
 
 
 def _release(vcpu: ThreadVcpu) -> None:
@@ -193,7 +183,7 @@ def add_vcpu(placement: str | None = None):
             while vcpu_id in v.vcpu_ids:
                 vcpu_id += 1
             vcpu = ThreadVcpu(v, vcpu_id)
-            vcpu._initial = _snapshot(vcpu)
+            vcpu._initial = vcpustate.capture(vcpu)
         _bound[vcpu.id] = vcpu
         vcpu.tid = threading.get_native_id()
         vcpu.placement = policy or _config["placement"]

@@ -327,6 +327,9 @@ def test_thread_exit_releases_everything(fresh, monkeypatch):
     assert len(paths) == len(baseline[2]) and paths == baseline[2]
 
 
+MSR_SYSENTER_CS, MSR_SYSENTER_EIP = 0x174, 0x176      # architectural MSRs every KVM saves
+
+
 def test_recycled_vcpu_looks_fresh(fresh):
     vm = devices_vm()
     mem = vm.memory(0)
@@ -346,6 +349,8 @@ def test_recycled_vcpu_looks_fresh(fresh):
         struct.pack_into("<H", fpu, 128, 0x027F)    # fcw
         v.set_fpu(bytes(fpu))
         v.set_debugregs(dict(v.get_debugregs(), db=[0x1000, 0, 0, 0], dr7=0x401))
+        assert v.set_msrs({MSR_SYSENTER_CS: 0x10, MSR_SYSENTER_EIP: 0xC0DE}) == 2
+        initial["msrs"] = v.get_msrs([MSR_SYSENTER_CS, MSR_SYSENTER_EIP])
         h = kvmsys.handle()
         h.kick()                        # must not leak into the next owner
         h.call_soon(called.append, "stale call")
@@ -365,6 +370,9 @@ def test_recycled_vcpu_looks_fresh(fresh):
     for key in ("fpu", "debugregs", "mp_state", "events", "xcrs", "xsave"):
         assert now[key] == initial[key], key
     assert v.regs.rax == 0 and v.regs.rip == initial["regs"]["rip"]
+    # MSRs are state too: back to a fresh vCPU's values, not the last owner's
+    fresh_msrs = ref.get_msrs([MSR_SYSENTER_CS, MSR_SYSENTER_EIP])
+    assert v.get_msrs([MSR_SYSENTER_CS, MSR_SYSENTER_EIP]) == fresh_msrs != initial["msrs"]
     stats = v.stats()
     assert stats["exits"] == {} and stats["total_exits"] == 0 and stats["runs"] == 0
     assert stats["default_hits"] == 0 and stats["handler_hits"] == {}

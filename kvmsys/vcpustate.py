@@ -1,0 +1,68 @@
+"""A vCPU's whole architectural state, captured and applied in one place.
+
+Used to reset a recycled vCPU of the syscall ABI to its initial state, and by
+kvmsys.smp for snapshots.  States are plain dicts (picklable).
+"""
+from __future__ import annotations
+
+from . import pvm
+
+
+def read_msrs(vcpu, indices: list[int]) -> dict[int, int]:
+    """KVM_GET_MSRS stops at the first MSR it cannot read: skip that one and go on."""
+    out: dict[int, int] = {}
+    rest = list(indices)
+    while rest:
+        got = vcpu.get_msrs(rest)
+        out.update(got)
+        rest = rest[len(got) + 1:]
+    return out
+
+
+def write_msrs(vcpu, msrs: dict[int, int]) -> list[int]:
+    """Same for KVM_SET_MSRS; returns the indices KVM refused."""
+    refused: list[int] = []
+    rest = list(msrs.items())
+    while rest:
+        n = vcpu.set_msrs(dict(rest))
+        if n < len(rest):
+            refused.append(rest[n][0])
+        rest = rest[n + 1:]
+    return refused
+
+
+def msr_indices(vcpu) -> list[int]:
+    """The MSRs KVM saves and restores, plus the host flavour's own (kvmsys.pvm)."""
+    return list(vcpu.vm.kvm.msr_index_list()) + pvm.extra_msrs(vcpu)
+
+
+def capture(vcpu, msrs: list[int] | None = None) -> dict:
+    """Everything KVM keeps about *vcpu* that kvmsys can read (call it on a stopped vCPU)."""
+    state = dict(id=vcpu.id, regs=vcpu.get_regs(), sregs=vcpu.get_sregs(), fpu=vcpu.get_fpu(),
+                 xsave=vcpu.get_xsave(), xcrs=vcpu.get_xcrs(), debugregs=vcpu.get_debugregs(),
+                 msrs=read_msrs(vcpu, msr_indices(vcpu) if msrs is None else msrs),
+                 mp_state=vcpu.get_mp_state(), vcpu_events=vcpu.get_vcpu_events())
+    if vcpu.vm.has_irqchip:
+        state["lapic"] = vcpu.get_lapic()
+    return state
+
+
+def apply(vcpu, state: dict) -> list[int]:
+    """Load *state* into *vcpu* (not running).  Returns the MSRs KVM refused (usually none)."""
+    # The order KVM needs: sregs (modes, EFER) before MSRs, LAPIC before pending events.
+    vcpu.set_regs(state["regs"])
+    vcpu.set_fpu(state["fpu"])
+    vcpu.set_xsave(state["xsave"])
+    vcpu.set_xcrs(state["xcrs"])
+    vcpu.set_sregs(state["sregs"])
+    # Only MSRs that differ: KVM refuses some writes it would not need (e.g. paravirtual
+    # MSRs the guest's CPUID does not announce, written with the value they hold).
+    saved = state["msrs"]
+    now = read_msrs(vcpu, list(saved)) if saved else {}
+    refused = write_msrs(vcpu, {k: v for k, v in saved.items() if now.get(k) != v})
+    if "lapic" in state and vcpu.vm.has_irqchip:
+        vcpu.set_lapic(state["lapic"])
+    vcpu.set_mp_state(state["mp_state"])
+    vcpu.set_vcpu_events(state["vcpu_events"])
+    vcpu.set_debugregs(state["debugregs"])
+    return refused
