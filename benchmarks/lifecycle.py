@@ -49,6 +49,15 @@ def run(profile) -> SuiteResult:
                 kvmsys.remove_vcpu()
             return (time.perf_counter_ns() - t0) / b
 
+        def sys_ran():
+            # one state change (what any use does), so remove_vcpu() must reset the vCPU
+            t0 = time.perf_counter_ns()
+            for _ in range(b):
+                kvmsys.add_vcpu()
+                kvmsys.current().set_mp_state(0)        # KVM_MP_STATE_RUNNABLE
+                kvmsys.remove_vcpu()
+            return (time.perf_counter_ns() - t0) / b
+
         def sys_new():
             # a fresh process VM: add_vcpu() creates a kernel vCPU and snapshots its state
             kvmsys.destroy_vm()
@@ -59,7 +68,8 @@ def run(profile) -> SuiteResult:
             return time.perf_counter_ns() - t0
 
         with process_vm():
-            variants = {"c": c_ref, "fd": fd, "sys_recycled": sys_recycled, "sys_new": sys_new}
+            variants = {"c": c_ref, "fd": fd, "sys_recycled": sys_recycled, "sys_ran": sys_ran,
+                        "sys_new": sys_new}
             progress(f"{NAME}: {b} vCPUs per sample, {profile.reps} reps")
             samples = interleave(variants, profile.reps, profile.warmup)
             max_id = kvmsys.vm().check_extension("MAX_VCPU_ID")
@@ -67,6 +77,7 @@ def run(profile) -> SuiteResult:
         "c": f"C reference: KVM_CREATE_VCPU + mmap + munmap + close (`_core.reference_lifecycle`, fresh VM per {b})",
         "fd": f"fd ABI: `vm.create_vcpu(i)` + `close()` (fresh VM per {b})",
         "sys_recycled": "syscall ABI: `add_vcpu()` + `remove_vcpu()`, kernel vCPU recycled",
+        "sys_ran": "syscall ABI: `add_vcpu()` + one state change + `remove_vcpu()` (its state is reset on release)",
         "sys_new": "syscall ABI: first `add_vcpu()` + `remove_vcpu()` in a fresh process VM (new kernel vCPU + state snapshot)",
     }
     for key, label in labels.items():
