@@ -16,7 +16,7 @@ import pytest
 
 import kvmsys
 from kvmsys import StopExit, _core, cli, pvm, runner, smp, syscall
-from kvmsys.errors import ConfigurationError, StateError
+from kvmsys.errors import ConfigurationError, InvalidArgumentError, StateError
 from kvmsys.fd import Kvm
 from kvmsys.guests import exit_status, get, layout
 
@@ -712,3 +712,15 @@ def test_fork_child_leaves_the_parents_vcpus_alone():
         stop.set()
         t.join()
     assert got == ""
+
+
+@pytest.mark.parametrize("mode", ["real", "long64"])
+def test_runner_feeds_interrupts_to_a_waiting_guest(abi, mode):
+    # irq_count sleeps until the host sent it n interrupts: the runner does, through handles
+    r = runner.run_guest(f"irq_count.{mode}", abi=abi, timeout=20, n=4)
+    assert r.reason == "STOP" and r.status == 1, r
+
+
+def test_runner_refuses_smp_for_a_uniprocessor_irqchip_guest(abi):
+    with pytest.raises(InvalidArgumentError, match="uniprocessor"):
+        runner.run_guest("irq_count.real", abi=abi, vcpus=2, n=1)
