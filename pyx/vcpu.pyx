@@ -92,7 +92,7 @@ cdef class VcpuCore:
     @property
     def active(self):
         """True while some thread is inside this vCPU's run()."""
-        return self.v != NULL and kvmsys_load_int(&self.v.active) != 0
+        return self.v != NULL and self.v.fd >= 0 and kvmsys_load_int(&self.v.active) != 0
 
     @property
     def comm_area(self):
@@ -114,6 +114,7 @@ cdef class VcpuCore:
             raise VcpuBindingError(f"vCPU {self.id} is bound to another thread: only its owner runs it "
                                    "(use its handle to kick, interrupt or call_soon)")
         if kvmsys_xchg_int(&v.active, 1):
+            self.require_open()          # closed meanwhile: say so
             raise StateError(f"vCPU {self.id} is already running in another thread")
         self._touched = 1
         try:
@@ -443,7 +444,9 @@ cdef class VcpuCore:
         KVM keeps a vCPU until its VM is destroyed, so its id stays taken in this VM."""
         if self.v == NULL or self.v.fd < 0:
             return
-        if kvmsys_load_int(&self.v.active):
+        # Claim the vCPU as run() does, so a run() starting in another thread now
+        # fails cleanly instead of entering KVM_RUN on a closing vCPU; keep the claim.
+        if kvmsys_xchg_int(&self.v.active, 1):
             raise StateError(f"vCPU {self.id} is running; kick it and let run() return first")
         pthread_mutex_lock(&self.v.lock)
         close(self.v.fd)

@@ -589,3 +589,42 @@ def test_error_hierarchy():
     assert issubclass(ConfigurationError, StateError)
     assert issubclass(KvmUnavailableError, KvmOSError) and issubclass(KvmOSError, OSError)
     assert issubclass(kvmsys.KvmPermissionError, PermissionError)
+
+
+def test_close_racing_run_never_crashes():
+    # close() and run() claim the vCPU atomically: one of them is refused, cleanly.
+    import threading
+    from kvmsys import Kvm, _core
+    from kvmsys.guests import get, layout
+    outcomes = []
+    with Kvm() as kvm:
+        for _ in range(100):
+            vm = kvm.create_vm()
+            mem = vm.add_memory(0, 0, layout.RAM_SIZE)
+            vm.set_default(0, _core.H_KINDS["IGNORE"])
+            v = vm.create_vcpu(0)
+            layout.prepare(get("pio_out_loop.pm32"), v, mem, n=0)
+            go = threading.Barrier(2)
+
+            def run():
+                go.wait()
+                try:
+                    outcomes.append(type(v.run(budget=20, timeout=5)).__name__)
+                except StateError:
+                    outcomes.append("run refused")
+
+            t = threading.Thread(target=run)
+            t.start()
+            go.wait()
+            try:
+                v.close()
+                outcomes.append("closed")
+            except StateError:
+                outcomes.append("close refused")
+            t.join()
+            if not v.closed:
+                v.close()
+            vm.close()
+    assert len(outcomes) == 200
+    assert set(outcomes) <= {"closed", "close refused", "run refused", "BudgetExit"}
+    assert outcomes.count("closed") + outcomes.count("close refused") == 100
