@@ -46,22 +46,27 @@ def _declared_limit(report) -> bool:
 
 
 class Machine:
-    """One VM with one vCPU, over either ABI; tests use only this surface."""
+    """One VM with one vCPU (optionally with the in-kernel irqchip and PIT), over either
+    ABI; tests use only this surface."""
 
-    def __init__(self, abi, memory_size):
+    def __init__(self, abi, memory_size, irqchip=False, pit=False):
         import kvmsys
         from kvmsys import syscall
         self.abi = abi
         if abi == "fd":
             self.kvm = kvmsys.Kvm()
             self.vm = self.kvm.create_vm()
+            if irqchip:
+                self.vm.create_irqchip()
+                if pit:
+                    self.vm.create_pit2()
             self.mem = self.vm.add_memory(0, 0, memory_size)
             self.vcpu = self.vm.create_vcpu(0)
             self._run = self.vcpu.run
         else:
             self._saved = syscall.config()
             syscall.destroy_vm()
-            syscall.configure(memory_size=memory_size, pc_ports=False)
+            syscall.configure(memory_size=memory_size, pc_ports=False, irqchip=irqchip, pit=pit)
             self.comm = kvmsys.add_vcpu()
             self.vm = kvmsys.vm()
             self.mem = self.vm.memory(0)

@@ -71,46 +71,17 @@ def status(value):
 
 # --- a VM with an in-kernel irqchip, over either ABI ----------------------------------
 
-class Rig:
-    """VM + irqchip (+ PIT) + one vCPU; the sys ABI gets them through configure()."""
-
-    def __init__(self, abi, pit=True):
-        self.abi = abi
-        if abi == "fd":
-            self.kvm = kvmsys.Kvm()
-            self.vm = self.kvm.create_vm()
-            self.vm.create_irqchip()
-            if pit:
-                self.vm.create_pit2()
-            self.mem = self.vm.add_memory(0, 0, L.RAM_SIZE)
-            self.vcpu = self.vm.create_vcpu(0)
-            self.run = self.vcpu.run
-        else:
-            self.saved = syscall.config()
-            syscall.destroy_vm()
-            syscall.configure(memory_size=L.RAM_SIZE, pc_ports=False, irqchip=True, pit=pit)
-            kvmsys.add_vcpu()
-            self.vm = kvmsys.vm()
-            self.mem = self.vm.memory(0)
-            self.vcpu = kvmsys.current()
-            self.run = kvmsys.run
-        debug_exit_port(self.vm)
-
-    def close(self):
-        if self.abi == "fd":
-            self.vm.close()
-            self.kvm.close()
-        else:
-            if syscall.current() is not None:
-                syscall.remove_vcpu()
-            del self.mem
-            syscall.destroy_vm()
-            syscall.configure(**self.saved)
+def irq_machine(abi, pit=True):
+    """The shared two-ABI Machine (conftest) with the irqchip (+ PIT) and the debug-exit port."""
+    from conftest import Machine
+    m = Machine(abi, L.RAM_SIZE, irqchip=True, pit=pit)
+    debug_exit_port(m.vm)
+    return m
 
 
 @pytest.fixture
 def rig(abi):
-    r = Rig(abi)
+    r = irq_machine(abi)
     yield r
     r.close()
 
@@ -345,7 +316,7 @@ def test_pit_ports_are_in_kernel(abi):
     code = b"\xE4\x40" + READY
     seen = {}
     for pit in (False, True):
-        r = Rig(abi, pit=pit)
+        r = irq_machine(abi, pit=pit)
         try:
             load_code(r.vcpu, r.mem, code)
             ex = r.run(timeout=5)
