@@ -117,3 +117,33 @@ def machine(abi):
     m = Machine(abi, layout.RAM_SIZE)
     yield m
     m.close()
+
+
+@pytest.fixture
+def fresh_process_vm():
+    """No process VM and no binding: the next add_vcpu()/vm() creates the VM (RAM_SIZE at
+    0, no PC ports); afterwards the VM is destroyed and the configuration restored."""
+    import kvmsys
+    from kvmsys import syscall
+    from kvmsys.guests import layout
+    saved = syscall.config()
+    syscall.destroy_vm()
+    syscall.configure(memory_size=layout.RAM_SIZE, pc_ports=False)
+    yield
+    if kvmsys.current() is not None:
+        kvmsys.remove_vcpu()
+    syscall.destroy_vm()
+    syscall.configure(**saved)
+
+
+@pytest.fixture
+def fdvm():
+    """A bare fd-ABI VM with RAM_SIZE at 0 and no vCPU."""
+    import kvmsys
+    from kvmsys.guests import layout
+    kvm = kvmsys.Kvm()
+    vm = kvm.create_vm()
+    vm.add_memory(0, 0, layout.RAM_SIZE)
+    yield vm
+    vm.close()
+    kvm.close()

@@ -82,16 +82,9 @@ def wait_until(cond, timeout=10.0, what="condition"):
 
 
 @pytest.fixture
-def fresh():
+def fresh(fresh_process_vm):
     """No process VM and no binding: the next add_vcpu()/vm() creates the VM (2 MiB, no PC ports)."""
-    saved = syscall.config()
-    syscall.destroy_vm()
-    syscall.configure(memory_size=layout.RAM_SIZE, pc_ports=False)
     yield
-    if kvmsys.current() is not None:
-        kvmsys.remove_vcpu()
-    syscall.destroy_vm()
-    syscall.configure(**saved)
 
 
 def devices_vm():

@@ -25,17 +25,6 @@ def u32(mem, addr):
     return struct.unpack_from("<I", mem, addr)[0]
 
 
-@pytest.fixture
-def fdvm():
-    """A bare fd-ABI VM with 2 MiB at 0 and no vCPU."""
-    kvm = kvmsys.Kvm()
-    vm = kvm.create_vm()
-    vm.add_memory(0, 0, L.RAM_SIZE)
-    yield vm
-    vm.close()
-    kvm.close()
-
-
 # === memory slots ======================================================================
 
 BAD_SLOTS = {
@@ -120,18 +109,6 @@ def test_bad_vcpu_ids(fdvm):
     with pytest.raises(InvalidArgumentError, match="already exists"):
         fdvm.create_vcpu(0)
     assert fdvm.create_vcpu(max_id - 1).id == max_id - 1
-
-
-@pytest.fixture
-def fresh_process_vm():
-    saved = syscall.config()
-    syscall.destroy_vm()
-    syscall.configure(memory_size=L.RAM_SIZE, pc_ports=False)
-    yield
-    if syscall.current() is not None:
-        syscall.remove_vcpu()
-    syscall.destroy_vm()
-    syscall.configure(**saved)
 
 
 def test_binding_errors(fresh_process_vm):

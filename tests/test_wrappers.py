@@ -87,22 +87,13 @@ def rig(abi):
 
 
 @pytest.fixture
-def bare_vm(abi):
+def bare_vm(abi, request):
     """A VM with memory and no vCPU yet."""
     if abi == "fd":
-        kvm = kvmsys.Kvm()
-        vm = kvm.create_vm()
-        vm.add_memory(0, 0, L.RAM_SIZE)
-        yield vm
-        vm.close()
-        kvm.close()
+        yield request.getfixturevalue("fdvm")
     else:
-        saved = syscall.config()
-        syscall.destroy_vm()
-        syscall.configure(memory_size=L.RAM_SIZE, pc_ports=False)
+        request.getfixturevalue("fresh_process_vm")
         yield kvmsys.vm()
-        syscall.destroy_vm()
-        syscall.configure(**saved)
 
 
 def pm32_with_vectors(vcpu, mem, code):
