@@ -86,14 +86,8 @@ class FdGuest:
 @contextlib.contextmanager
 def process_vm(**options):
     """A fresh process VM (syscall ABI) for the duration; the old configuration is restored."""
-    saved = syscall.config()
-    syscall.destroy_vm()
-    syscall.configure(**{**dict(memory_size=layout.RAM_SIZE, pc_ports=False), **options})
-    try:
-        yield kvmsys.vm()
-    finally:
-        syscall.destroy_vm()
-        syscall.configure(**saved)
+    with syscall.fresh_vm(**{**dict(memory_size=layout.RAM_SIZE, pc_ports=False), **options}) as vm:
+        yield vm
 
 
 class SysGuest:

@@ -102,10 +102,10 @@ class _SysAbi:
     name = "sys"
 
     def __init__(self, memory_size: int, irqchip: bool, firmware: bytes | None = None):
-        self.saved = syscall.config()
-        syscall.destroy_vm()            # a fresh process VM for this run
-        syscall.configure(memory_size=4096 if firmware else memory_size, pc_ports=False, irqchip=irqchip)
-        self.vm = syscall.vm()
+        # a fresh process VM for this run
+        self._scope = syscall.fresh_vm(memory_size=4096 if firmware else memory_size,
+                                       pc_ports=False, irqchip=irqchip)
+        self.vm = self._scope.__enter__()
         if firmware:
             self.vm.remove_memory(0)    # the firmware's PC memory map replaces the default slot
         self.mem = _memory(self.vm, memory_size, firmware) if firmware else self.vm.memory(0)
@@ -123,8 +123,7 @@ class _SysAbi:
 
     def close(self) -> None:
         del self.mem
-        syscall.destroy_vm()
-        syscall.configure(**self.saved)
+        self._scope.__exit__(None, None, None)
 
 
 def _feed_interrupts(mem, handles, vector: int, n: int, deadline: float, done) -> None:

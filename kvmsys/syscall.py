@@ -11,6 +11,7 @@ its creation, recycling of kernel vCPUs, and fork.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 
@@ -20,7 +21,7 @@ from .errors import ConfigurationError, InvalidArgumentError, VcpuBindingError
 from .fd import Kvm, Vm, Vcpu
 
 __all__ = ["configure", "add_vcpu", "run", "remove_vcpu", "current", "handle", "vm",
-           "destroy_vm", "config", "vcpus", "set_placement", "DEFAULTS"]
+           "destroy_vm", "config", "vcpus", "set_placement", "fresh_vm", "DEFAULTS"]
 
 DEFAULTS = dict(
     memory_size=16 << 20,   # guest RAM at guest-physical 0
@@ -237,6 +238,21 @@ def destroy_vm() -> None:
             _vm.close()
         _vm = None
         _pool.clear()
+
+
+@contextlib.contextmanager
+def fresh_vm(**options):
+    """A fresh process VM with *options* (see configure()) for the duration of a `with`
+    block, which yields it; afterwards it is destroyed and the old configuration is back.
+    No vCPU may be bound when it starts or ends."""
+    saved = config()
+    destroy_vm()
+    try:
+        configure(**options)
+        yield vm()
+    finally:
+        destroy_vm()
+        configure(**saved)
 
 
 def _after_fork_in_child() -> None:

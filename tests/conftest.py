@@ -64,11 +64,10 @@ class Machine:
             self.vcpu = self.vm.create_vcpu(0)
             self._run = self.vcpu.run
         else:
-            self._saved = syscall.config()
-            syscall.destroy_vm()
-            syscall.configure(memory_size=memory_size, pc_ports=False, irqchip=irqchip, pit=pit)
+            self._scope = syscall.fresh_vm(memory_size=memory_size, pc_ports=False,
+                                           irqchip=irqchip, pit=pit)
+            self.vm = self._scope.__enter__()
             self.comm = kvmsys.add_vcpu()
-            self.vm = kvmsys.vm()
             self.mem = self.vm.memory(0)
             self.vcpu = kvmsys.current()
             self._run = kvmsys.run
@@ -102,8 +101,7 @@ class Machine:
             if syscall.current() is not None:
                 syscall.remove_vcpu()
             del self.mem, self.comm
-            syscall.destroy_vm()
-            syscall.configure(**self._saved)
+            self._scope.__exit__(None, None, None)
 
 
 @pytest.fixture(params=["fd", "sys"])

@@ -954,3 +954,12 @@ def test_64_threads_each_run_their_own_vcpu(fresh):
             assert still_mine
         assert kvmsys.vcpus() == {}
         assert vm.vcpu_ids == set(range(n))     # later rounds recycle, never create
+
+
+def test_fresh_vm_scope_restores_the_configuration(fresh):
+    before = syscall.config()
+    old = kvmsys.vm()
+    with syscall.fresh_vm(memory_size=1 << 20, irqchip=True) as vm:
+        assert vm is kvmsys.vm() and vm is not old and old.closed
+        assert syscall.config()["irqchip"] is True and vm.memory_slots[0].size == 1 << 20
+    assert vm.closed and syscall.config() == before
