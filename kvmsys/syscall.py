@@ -58,10 +58,6 @@ class ThreadVcpu(Vcpu):
                 pass        # the thread just ended
         return s
 
-    def handle(self) -> "_core.VcpuHandle":
-        """A handle other threads may hold (kick, interrupt, call_soon, stats)."""
-        return _core.handle_of(self)
-
 
 class ProcessVm(Vm):
     """The process's implicit VM."""

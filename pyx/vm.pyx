@@ -366,8 +366,7 @@ cdef class VmCore:
         require(kind in (H_PYTHON, H_SINK, H_CONST, H_IGNORE, H_EXIT), f"unknown handler kind {kind}")
         require(start < end, "handler range is empty")
         require(space != SPACE_PIO or end <= 0x10000, "a PIO range must lie within ports 0..0xffff")
-        require((kind == H_PYTHON) == (callback is not None) or (kind == H_PYTHON and callback is None),
-                "only a Python handler takes a callback")
+        require(callback is None or kind == H_PYTHON, "only a Python handler takes a callback")
         require(callback is None or callable(callback), "callback must be callable")
         self.require_open()
         cdef int n = self.state.nhandlers
