@@ -10,7 +10,7 @@ import os as _os
 
 __all__ = [
     "KvmsysError", "KvmOSError", "KvmUnavailableError", "KvmPermissionError",
-    "CapabilityError", "InvalidArgumentError", "StateError", "StaleVcpuError",
+    "CapabilityError", "InvalidArgumentError", "ArgumentTypeError", "StateError", "StaleVcpuError",
     "VcpuBindingError", "ConfigurationError",
 ]
 
@@ -56,6 +56,10 @@ class CapabilityError(KvmsysError):
 
 class InvalidArgumentError(KvmsysError, ValueError):
     """An argument failed validation before it reached the kernel."""
+
+
+class ArgumentTypeError(InvalidArgumentError, TypeError):
+    """An argument of the wrong type (a float where an int is meant, a str for bytes...)."""
 
 
 class StateError(KvmsysError, RuntimeError):

@@ -45,15 +45,22 @@ cdef class Exit:
         e.run = vcpu.v.run
         return e
 
-    @classmethod
-    def _new(cls, VcpuCore vcpu, int reason):
-        return Exit._new_of(cls, vcpu, reason)
+    def __init__(self, *args, **kwargs):
+        raise ArgumentTypeError(f"{type(self).__name__} objects come from run(); they cannot be constructed")
+
+    cdef inline kvm_run *live(self) except NULL:
+        # Built without a comm area (Exit.__new__ from Python), or the vCPU was closed.
+        if self.run == NULL:
+            raise StateError(f"this {type(self).__name__} has no comm area behind it (not made by run())")
+        return self.run
 
     @property
     def name(self):
         return exit_name(self.reason)
 
     def __repr__(self):
+        if self.run == NULL:
+            return f"<{type(self).__name__} {self.name} (no comm area)>"
         return f"<{type(self).__name__} {self.name}>"
 
 
@@ -62,45 +69,48 @@ cdef class IoExit(Exit):
 
     @property
     def port(self):
-        return self.run.io.port
+        return self.live().io.port
 
     @property
     def size(self):
-        return self.run.io.size
+        return self.live().io.size
 
     @property
     def count(self):
-        return self.run.io.count
+        return self.live().io.count
 
     @property
     def is_in(self):
-        return self.run.io.direction == KVM_EXIT_IO_IN
+        return self.live().io.direction == KVM_EXIT_IO_IN
 
     @property
     def direction(self):
-        return "in" if self.run.io.direction == KVM_EXIT_IO_IN else "out"
+        return "in" if self.live().io.direction == KVM_EXIT_IO_IN else "out"
 
     @property
     def data(self):
         """Writable zero-copy view of the data (size * count bytes): fill it for IN."""
-        cdef uint64_t off = self.run.io.data_offset
-        cdef uint64_t n = <uint64_t>self.run.io.size * self.run.io.count
+        cdef uint64_t off = self.live().io.data_offset
+        cdef uint64_t n = <uint64_t>self.live().io.size * self.live().io.count
         self.page.check_range(off, n)
         return memoryview(self.page)[off:off + n]
 
     @property
     def value(self):
         """The first element as an unsigned little-endian int."""
-        return int.from_bytes(self.data[:self.run.io.size], "little")
+        return int.from_bytes(self.data[:self.live().io.size], "little")
 
     @value.setter
     def value(self, v):
-        cdef int size = self.run.io.size
-        v = int(v)
-        require(0 <= v < (<object>1 << (8 * size)), f"{v:#x} does not fit in {size} bytes")
-        self.data[:size] = v.to_bytes(size, "little")
+        cdef int size = self.live().io.size
+        cdef uint64_t x = as_u64(v, "value")
+        if not (1 <= size <= 8 and (size == 8 or x >> (8 * size) == 0)) or self.live().io.count < 1:
+            raise InvalidArgumentError(f"{x:#x} does not fit in {size} bytes (count {self.run.io.count})")
+        self.data[:size] = (<object>x).to_bytes(size, "little")
 
     def __repr__(self):
+        if self.run == NULL:
+            return Exit.__repr__(self)
         return f"<IoExit {self.direction} port={self.port:#x} size={self.size} count={self.count}>"
 
 
@@ -109,22 +119,22 @@ cdef class MmioExit(Exit):
 
     @property
     def address(self):
-        return self.run.mmio.phys_addr
+        return self.live().mmio.phys_addr
 
     @property
     def length(self):
-        return self.run.mmio.len
+        return self.live().mmio.len
 
     @property
     def is_write(self):
-        return bool(self.run.mmio.is_write)
+        return bool(self.live().mmio.is_write)
 
     @property
     def data(self):
         """Writable zero-copy view of the 1..8 data bytes: fill it for a read."""
-        cdef uint32_t n = self.run.mmio.len
+        cdef uint32_t n = self.live().mmio.len
         require(0 < n <= 8, f"invalid MMIO length {n}")
-        cdef uint64_t off = <uint64_t>(<char *>self.run.mmio.data - <char *>self.run)
+        cdef uint64_t off = <uint64_t>(<char *>self.live().mmio.data - <char *>self.run)
         return memoryview(self.page)[off:off + n]
 
     @property
@@ -133,12 +143,15 @@ cdef class MmioExit(Exit):
 
     @value.setter
     def value(self, v):
-        cdef int n = self.run.mmio.len
-        v = int(v)
-        require(0 < n <= 8 and 0 <= v < (<object>1 << (8 * n)), f"{v:#x} does not fit in {n} bytes")
-        self.data[:] = v.to_bytes(n, "little")
+        cdef int n = self.live().mmio.len
+        cdef uint64_t x = as_u64(v, "value")
+        if not (1 <= n <= 8 and (n == 8 or x >> (8 * n) == 0)):
+            raise InvalidArgumentError(f"{x:#x} does not fit in {n} bytes")
+        self.data[:] = (<object>x).to_bytes(n, "little")
 
     def __repr__(self):
+        if self.run == NULL:
+            return Exit.__repr__(self)
         return f"<MmioExit {'write' if self.is_write else 'read'} address={self.address:#x} length={self.length}>"
 
 
@@ -159,11 +172,11 @@ cdef class FailEntryExit(Exit):
 
     @property
     def hardware_entry_failure_reason(self):
-        return self.run.fail_entry.hardware_entry_failure_reason
+        return self.live().fail_entry.hardware_entry_failure_reason
 
     @property
     def cpu(self):
-        return self.run.fail_entry.cpu
+        return self.live().fail_entry.cpu
 
 
 cdef class InternalErrorExit(Exit):
@@ -171,11 +184,11 @@ cdef class InternalErrorExit(Exit):
 
     @property
     def suberror(self):
-        return self.run.internal.suberror
+        return self.live().internal.suberror
 
     @property
     def data(self):
-        return tuple(self.run.internal.data[i] for i in range(min(self.run.internal.ndata, 16)))
+        return tuple(self.live().internal.data[i] for i in range(min(self.live().internal.ndata, 16)))
 
 
 cdef class SystemEventExit(Exit):
@@ -183,11 +196,11 @@ cdef class SystemEventExit(Exit):
 
     @property
     def type(self):
-        return self.run.system_event.type
+        return self.live().system_event.type
 
     @property
     def data(self):
-        return tuple(self.run.system_event.data[i] for i in range(min(self.run.system_event.ndata, 16)))
+        return tuple(self.live().system_event.data[i] for i in range(min(self.live().system_event.ndata, 16)))
 
 
 cdef class DebugExit(Exit):
@@ -195,19 +208,19 @@ cdef class DebugExit(Exit):
 
     @property
     def exception(self):
-        return self.run.debug.arch.exception
+        return self.live().debug.arch.exception
 
     @property
     def pc(self):
-        return self.run.debug.arch.pc
+        return self.live().debug.arch.pc
 
     @property
     def dr6(self):
-        return self.run.debug.arch.dr6
+        return self.live().debug.arch.dr6
 
     @property
     def dr7(self):
-        return self.run.debug.arch.dr7
+        return self.live().debug.arch.dr7
 
 
 cdef class UnknownExit(Exit):
@@ -276,63 +289,71 @@ cdef class SyncRegs:
         s.r = &vcpu.v.run.s.regs.regs
         return s
 
+    def __init__(self, *args, **kwargs):
+        raise ArgumentTypeError("SyncRegs objects come from vcpu.regs; they cannot be constructed")
+
+    cdef inline kvm_regs *live(self) except NULL:
+        if self.r == NULL:
+            raise StateError("these registers have no comm area behind them (not made by vcpu.regs)")
+        return self.r
+
     cdef inline void dirty(self):
         self.run.kvm_dirty_regs |= KVM_SYNC_X86_REGS
 
     def as_dict(self):
-        return self.r[0]
+        return self.live()[0]
 
     property rax:
-        def __get__(self): return self.r.rax
-        def __set__(self, uint64_t v): self.r.rax = v; self.dirty()
+        def __get__(self): return self.live().rax
+        def __set__(self, v): self.live().rax = as_u64(v, "rax"); self.dirty()
     property rbx:
-        def __get__(self): return self.r.rbx
-        def __set__(self, uint64_t v): self.r.rbx = v; self.dirty()
+        def __get__(self): return self.live().rbx
+        def __set__(self, v): self.live().rbx = as_u64(v, "rbx"); self.dirty()
     property rcx:
-        def __get__(self): return self.r.rcx
-        def __set__(self, uint64_t v): self.r.rcx = v; self.dirty()
+        def __get__(self): return self.live().rcx
+        def __set__(self, v): self.live().rcx = as_u64(v, "rcx"); self.dirty()
     property rdx:
-        def __get__(self): return self.r.rdx
-        def __set__(self, uint64_t v): self.r.rdx = v; self.dirty()
+        def __get__(self): return self.live().rdx
+        def __set__(self, v): self.live().rdx = as_u64(v, "rdx"); self.dirty()
     property rsi:
-        def __get__(self): return self.r.rsi
-        def __set__(self, uint64_t v): self.r.rsi = v; self.dirty()
+        def __get__(self): return self.live().rsi
+        def __set__(self, v): self.live().rsi = as_u64(v, "rsi"); self.dirty()
     property rdi:
-        def __get__(self): return self.r.rdi
-        def __set__(self, uint64_t v): self.r.rdi = v; self.dirty()
+        def __get__(self): return self.live().rdi
+        def __set__(self, v): self.live().rdi = as_u64(v, "rdi"); self.dirty()
     property rsp:
-        def __get__(self): return self.r.rsp
-        def __set__(self, uint64_t v): self.r.rsp = v; self.dirty()
+        def __get__(self): return self.live().rsp
+        def __set__(self, v): self.live().rsp = as_u64(v, "rsp"); self.dirty()
     property rbp:
-        def __get__(self): return self.r.rbp
-        def __set__(self, uint64_t v): self.r.rbp = v; self.dirty()
+        def __get__(self): return self.live().rbp
+        def __set__(self, v): self.live().rbp = as_u64(v, "rbp"); self.dirty()
     property r8:
-        def __get__(self): return self.r.r8
-        def __set__(self, uint64_t v): self.r.r8 = v; self.dirty()
+        def __get__(self): return self.live().r8
+        def __set__(self, v): self.live().r8 = as_u64(v, "r8"); self.dirty()
     property r9:
-        def __get__(self): return self.r.r9
-        def __set__(self, uint64_t v): self.r.r9 = v; self.dirty()
+        def __get__(self): return self.live().r9
+        def __set__(self, v): self.live().r9 = as_u64(v, "r9"); self.dirty()
     property r10:
-        def __get__(self): return self.r.r10
-        def __set__(self, uint64_t v): self.r.r10 = v; self.dirty()
+        def __get__(self): return self.live().r10
+        def __set__(self, v): self.live().r10 = as_u64(v, "r10"); self.dirty()
     property r11:
-        def __get__(self): return self.r.r11
-        def __set__(self, uint64_t v): self.r.r11 = v; self.dirty()
+        def __get__(self): return self.live().r11
+        def __set__(self, v): self.live().r11 = as_u64(v, "r11"); self.dirty()
     property r12:
-        def __get__(self): return self.r.r12
-        def __set__(self, uint64_t v): self.r.r12 = v; self.dirty()
+        def __get__(self): return self.live().r12
+        def __set__(self, v): self.live().r12 = as_u64(v, "r12"); self.dirty()
     property r13:
-        def __get__(self): return self.r.r13
-        def __set__(self, uint64_t v): self.r.r13 = v; self.dirty()
+        def __get__(self): return self.live().r13
+        def __set__(self, v): self.live().r13 = as_u64(v, "r13"); self.dirty()
     property r14:
-        def __get__(self): return self.r.r14
-        def __set__(self, uint64_t v): self.r.r14 = v; self.dirty()
+        def __get__(self): return self.live().r14
+        def __set__(self, v): self.live().r14 = as_u64(v, "r14"); self.dirty()
     property r15:
-        def __get__(self): return self.r.r15
-        def __set__(self, uint64_t v): self.r.r15 = v; self.dirty()
+        def __get__(self): return self.live().r15
+        def __set__(self, v): self.live().r15 = as_u64(v, "r15"); self.dirty()
     property rip:
-        def __get__(self): return self.r.rip
-        def __set__(self, uint64_t v): self.r.rip = v; self.dirty()
+        def __get__(self): return self.live().rip
+        def __set__(self, v): self.live().rip = as_u64(v, "rip"); self.dirty()
     property rflags:
-        def __get__(self): return self.r.rflags
-        def __set__(self, uint64_t v): self.r.rflags = v; self.dirty()
+        def __get__(self): return self.live().rflags
+        def __set__(self, v): self.live().rflags = as_u64(v, "rflags"); self.dirty()

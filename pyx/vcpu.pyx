@@ -22,15 +22,17 @@ cdef class VcpuCore:
     cdef int debug_enabled
     cdef int _touched            # ran or had state set: a recycled vCPU must be reset
     cdef readonly list pending   # (fn, args) calls and ("irq"|"nmi", vector) requests from handles
+    cdef unsigned long _runner   # Python thread ident of the run() in progress (for messages)
     cdef object __weakref__
 
-    def __cinit__(self, VmCore vm, vcpu_id_):
-        vm.require_open()
+    def __cinit__(self, vm, vcpu_id_):
+        cdef VmCore vm_ = of_type(vm, VmCore, "vm")
+        vm_.require_open()
         cdef int vcpu_id = as_int(vcpu_id_, "vCPU id", 0, 0x7fffffff)
-        max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
+        max_id = vm_.check_extension(KVM_CAP_MAX_VCPU_ID) or vm_.check_extension(KVM_CAP_MAX_VCPUS) or 1
         require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
-        require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
-        self.vm = vm
+        require(vcpu_id not in vm_.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
+        self.vm = vm_
         self.id = vcpu_id
         self.v = <vcpustate_t *>calloc(1, sizeof(vcpustate_t))
         if self.v == NULL:
@@ -38,28 +40,28 @@ cdef class VcpuCore:
         self.v.fd = -1
         self.v.budget_left = -1
         pthread_mutex_init(&self.v.lock, NULL)
-        cdef int fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vcpu_id), "KVM_CREATE_VCPU")
-        cdef void *addr = mmap(NULL, vm.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        cdef int fd = check(ioctl(vm_.fd, KVM_CREATE_VCPU, <unsigned long>vcpu_id), "KVM_CREATE_VCPU")
+        cdef void *addr = mmap(NULL, vm_.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         if addr == MAP_FAILED:
             err = errno
             close(fd)
             raise_os(err, "mmap(kvm_run)")
-        self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {vcpu_id} comm area")
+        self.page = Mapping.wrap(addr, vm_.mmap_size, f"vCPU {vcpu_id} comm area")
         self.v.fd = fd
         self.v.run = <kvm_run *>addr
-        self.v.run_size = vm.mmap_size
-        self.v.vm = vm.state
+        self.v.run_size = vm_.mmap_size
+        self.v.vm = vm_.state
         self.v.generation = 1
         self.pending = []
         cdef long page = sysconf(_SC_PAGESIZE)
-        if vm.check_extension(KVM_CAP_COALESCED_MMIO) > 0 and \
-                (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * page <= <long>vm.mmap_size:
+        if vm_.check_extension(KVM_CAP_COALESCED_MMIO) > 0 and \
+                (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * page <= <long>vm_.mmap_size:
             self.v.ring = <kvm_coalesced_mmio_ring *>(<char *>addr + KVM_COALESCED_MMIO_PAGE_OFFSET * page)
             self.v.ring_max = (page - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
-        if vm.has_sync_regs:
+        if vm_.has_sync_regs:
             self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
-        vm.vcpu_ids.add(vcpu_id)
-        vm.vcpus.add(self)
+        vm_.vcpu_ids.add(vcpu_id)
+        vm_.vcpus.add(self)
 
     cdef int require_open(self) except -1:
         if self.v == NULL or self.v.fd < 0:
@@ -67,10 +69,21 @@ cdef class VcpuCore:
         return 0
 
     cdef long vcpu_ioctl(self, unsigned long req, void *arg, str op) except -1:
+        # KVM serialises vCPU ioctls with KVM_RUN on the vCPU's mutex: from another thread
+        # during KVM_RUN this would wait for the guest's next exit.  Refuse that plainly;
+        # in the race where the vCPU enters KVM_RUN just after this check, the call waits
+        # for its next exit (or a kick) with the GIL released, so nothing else stops.
         self.require_open()
+        if kvmsys_load_int(&self.v.running):
+            raise StateError(f"vCPU {self.id} is inside KVM_RUN in another thread: {op} would wait for "
+                             "its next exit; kick it (or queue the call with handle().call_soon) first")
         if not op.startswith("KVM_GET"):
             self._touched = 1
-        return check(ioctl(self.v.fd, req, arg), op)
+        cdef int fd = self.v.fd
+        cdef long r
+        with nogil:
+            r = ioctl(fd, req, arg)
+        return check(r, op)
 
     @property
     def touched(self):
@@ -115,7 +128,11 @@ cdef class VcpuCore:
                                    "(use its handle to kick, interrupt or call_soon)")
         if kvmsys_xchg_int(&v.active, 1):
             self.require_open()          # closed meanwhile: say so
+            if self._runner == PyThread_get_thread_ident():
+                raise StateError(f"run() of vCPU {self.id} from inside its own run() (an exit handler or "
+                                 "a call_soon callback): return from the handler to let the run go on")
             raise StateError(f"vCPU {self.id} is already running in another thread")
+        self._runner = PyThread_get_thread_ident()
         self._touched = 1
         try:
             v.budget_left = budget
@@ -142,28 +159,28 @@ cdef class VcpuCore:
                     if stop:
                         return ex
                     if v.budget_left == 0:
-                        return BudgetExit._new(self, KVMSYS_EXIT_BUDGET)
+                        return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                     continue
                 if res == R_POLL:
                     PyErr_CheckSignals()     # raises KeyboardInterrupt on Ctrl-C
                     continue
                 if res == R_SIGNAL:
                     PyErr_CheckSignals()     # run Python signal handlers (Ctrl-C raises here)
-                    return IntrExit._new(self, KVM_EXIT_INTR)
+                    return Exit._new_of(IntrExit, self, KVM_EXIT_INTR)
                 if res == R_STOP:
-                    ex = StopExit._new(self, KVMSYS_EXIT_STOP)
+                    ex = Exit._new_of(StopExit, self, KVMSYS_EXIT_STOP)
                     (<StopExit>ex).status = v.stop_status
                     return ex
                 if res == R_KICK:
                     if v.kick_bits & (KICK_CALLS | KICK_IRQ):
                         self._run_pending()
                     if v.kick_bits & KICK_USER:
-                        return KickExit._new(self, KVMSYS_EXIT_KICK)
+                        return Exit._new_of(KickExit, self, KVMSYS_EXIT_KICK)
                     continue
                 if res == R_DEADLINE:
-                    return DeadlineExit._new(self, KVMSYS_EXIT_DEADLINE)
+                    return Exit._new_of(DeadlineExit, self, KVMSYS_EXIT_DEADLINE)
                 if res == R_BUDGET:
-                    return BudgetExit._new(self, KVMSYS_EXIT_BUDGET)
+                    return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                 raise_os(v.error, "KVM_RUN")
         finally:
             if v.deadline_ns:
@@ -185,16 +202,11 @@ cdef class VcpuCore:
     def run(self, budget=None, timeout=None):
         """Run until an exit the fast handlers do not take, a stop, a kick, the budget or the deadline.
 
-        budget: at most this many exits (None: unlimited).  timeout: seconds (a watchdog
-        stops even a guest that never exits).  Returns the decoded Exit."""
-        cdef int64_t b = -1
-        cdef double t = -1.0
-        if budget is not None:
-            require(budget >= 1, "budget must be at least 1 exit")
-            b = budget
-        if timeout is not None:
-            require(timeout >= 0, "timeout must be non-negative")
-            t = timeout
+        budget: at most this many exits, a positive int (None: unlimited).  timeout: seconds,
+        an int or float >= 0 (a watchdog stops even a guest that never exits); None or inf:
+        no deadline, and so are values of 2**32 s or more.  Returns the decoded Exit."""
+        cdef int64_t b = as_budget(budget)
+        cdef double t = as_timeout(timeout)
         return self.run_once(b, t)
 
     def kick(self):
@@ -246,10 +258,15 @@ cdef class VcpuCore:
             return self.v.run.s.regs.regs
         return self._get_regs_ioctl()
 
-    def set_regs(self, dict regs):
+    def set_regs(self, regs):
         """KVM_SET_REGS from a dict with every register (get_regs(), modified)."""
-        require(set(regs) == _REG_NAMES, f"set_regs needs exactly the keys {sorted(_REG_NAMES)}; "
-                f"missing {sorted(_REG_NAMES - set(regs))}, unknown {sorted(set(regs) - _REG_NAMES)}")
+        of_type(regs, dict, "regs")
+        if regs.keys() != _REG_NAMES:
+            raise InvalidArgumentError(
+                f"set_regs needs exactly the keys {sorted(_REG_NAMES)}; missing "
+                f"{sorted(_REG_NAMES - set(regs))}, unknown {sorted(set(regs) - _REG_NAMES, key=repr)}")
+        for k, x in (<dict>regs).items():
+            as_u64(x, k)
         cdef kvm_regs r = regs
         self.vcpu_ioctl(KVM_SET_REGS, &r, "KVM_SET_REGS")
         self.v.run.kvm_dirty_regs &= ~KVM_SYNC_X86_REGS
@@ -262,9 +279,13 @@ cdef class VcpuCore:
         self.vcpu_ioctl(KVM_GET_SREGS, &s, "KVM_GET_SREGS")
         return s
 
-    def set_sregs(self, dict sregs):
+    def set_sregs(self, sregs):
         """KVM_SET_SREGS from a full dict (get_sregs(), modified)."""
-        cdef kvm_sregs s = sregs
+        cdef kvm_sregs s
+        try:
+            s = int_leaves(of_type(sregs, dict, "sregs"), "sregs")
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InvalidArgumentError(f"sregs: {e}") from None
         self.vcpu_ioctl(KVM_SET_SREGS, &s, "KVM_SET_SREGS")
 
     def get_debugregs(self):
@@ -272,13 +293,17 @@ cdef class VcpuCore:
         self.vcpu_ioctl(KVM_GET_DEBUGREGS, &d, "KVM_GET_DEBUGREGS")
         return d
 
-    def set_debugregs(self, dict debugregs):
-        cdef kvm_debugregs d = debugregs
+    def set_debugregs(self, debugregs):
+        cdef kvm_debugregs d
+        try:
+            d = int_leaves(of_type(debugregs, dict, "debugregs"), "debugregs")
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InvalidArgumentError(f"debugregs: {e}") from None
         self.vcpu_ioctl(KVM_SET_DEBUGREGS, &d, "KVM_SET_DEBUGREGS")
 
     def get_msrs(self, indices):
         """KVM_GET_MSRS: {index: value} for the MSRs the kernel returned (it stops at the first it cannot read)."""
-        cdef list idx = [int(i) for i in indices]
+        cdef list idx = [as_u32(i, "MSR index") for i in as_list(indices, "MSR indices")]
         require(0 < len(idx) <= 4096, "between 1 and 4096 MSR indices")
         cdef size_t n = len(idx)
         cdef kvm_msrs *m = <kvm_msrs *>calloc(1, sizeof(kvm_msrs) + n * sizeof(kvm_msr_entry))
@@ -288,7 +313,6 @@ cdef class VcpuCore:
         try:
             m.nmsrs = n
             for i in range(n):
-                require(0 <= idx[i] < (1 << 32), f"MSR index {idx[i]:#x} is out of range")
                 e[i].index = idx[i]
             got = self.vcpu_ioctl(KVM_GET_MSRS, m, "KVM_GET_MSRS")
             return {e[i].index: e[i].data for i in range(got)}
@@ -297,7 +321,8 @@ cdef class VcpuCore:
 
     def set_msrs(self, msrs):
         """KVM_SET_MSRS from {index: value}; returns how many the kernel accepted (in order)."""
-        cdef list items = [(int(k), int(v)) for k, v in dict(msrs).items()]
+        cdef list items = [(as_u32(k, "MSR index"), as_u64(v, "MSR value"))
+                           for k, v in of_type(msrs, dict, "msrs").items()]
         require(0 < len(items) <= 4096, "between 1 and 4096 MSRs")
         cdef size_t n = len(items)
         cdef kvm_msrs *m = <kvm_msrs *>calloc(1, sizeof(kvm_msrs) + n * sizeof(kvm_msr_entry))
@@ -307,8 +332,6 @@ cdef class VcpuCore:
         try:
             m.nmsrs = n
             for i in range(n):
-                require(0 <= items[i][0] < (1 << 32), f"MSR index {items[i][0]:#x} is out of range")
-                require(0 <= items[i][1] < (1 << 64), f"MSR value {items[i][1]:#x} is out of range")
                 e[i].index = items[i][0]
                 e[i].data = items[i][1]
             return self.vcpu_ioctl(KVM_SET_MSRS, m, "KVM_SET_MSRS")
@@ -317,7 +340,7 @@ cdef class VcpuCore:
 
     def set_cpuid2(self, entries):
         """KVM_SET_CPUID2 from a list of dicts like KvmCore.supported_cpuid() returns."""
-        cdef list ents = list(entries)
+        cdef list ents = as_list(entries, "CPUID entries")
         require(0 < len(ents) <= 512, "between 1 and 512 CPUID entries")
         cdef size_t n = len(ents)
         cdef kvm_cpuid2 *c = <kvm_cpuid2 *>calloc(1, sizeof(kvm_cpuid2) + n * sizeof(kvm_cpuid_entry2))
@@ -328,15 +351,16 @@ cdef class VcpuCore:
             c.nent = n
             for i in range(n):
                 d = ents[i]
-                require(isinstance(d, dict) and "function" in d and set(d) <= _CPUID_KEYS,
-                        f"CPUID entry {i} must be a dict with 'function' and only {sorted(_CPUID_KEYS)}")
-                e[i].function = d["function"]
-                e[i].index = d.get("index", 0)
-                e[i].flags = d.get("flags", 0)
-                e[i].eax = d.get("eax", 0)
-                e[i].ebx = d.get("ebx", 0)
-                e[i].ecx = d.get("ecx", 0)
-                e[i].edx = d.get("edx", 0)
+                if not (isinstance(d, dict) and "function" in d and d.keys() <= _CPUID_KEYS):
+                    raise InvalidArgumentError(f"CPUID entry {i} must be a dict with 'function' and "
+                                               f"only {sorted(_CPUID_KEYS)}")
+                e[i].function = as_u32(d["function"], "CPUID function")
+                e[i].index = as_u32(d.get("index", 0), "CPUID index")
+                e[i].flags = as_u32(d.get("flags", 0), "CPUID flags")
+                e[i].eax = as_u32(d.get("eax", 0), "CPUID eax")
+                e[i].ebx = as_u32(d.get("ebx", 0), "CPUID ebx")
+                e[i].ecx = as_u32(d.get("ecx", 0), "CPUID ecx")
+                e[i].edx = as_u32(d.get("edx", 0), "CPUID edx")
             self.vcpu_ioctl(KVM_SET_CPUID2, c, "KVM_SET_CPUID2")
         finally:
             free(c)
@@ -346,9 +370,9 @@ cdef class VcpuCore:
         self.vcpu_ioctl(KVM_GET_MP_STATE, &s, "KVM_GET_MP_STATE")
         return s.mp_state
 
-    def set_mp_state(self, uint32_t state):
+    def set_mp_state(self, state):
         cdef kvm_mp_state s
-        s.mp_state = state
+        s.mp_state = as_u32(state, "MP state")
         self.vcpu_ioctl(KVM_SET_MP_STATE, &s, "KVM_SET_MP_STATE")
 
     # Opaque state blobs (the raw kernel structs), for save and restore.
@@ -406,12 +430,12 @@ cdef class VcpuCore:
         self.vcpu_ioctl(KVM_SET_GUEST_DEBUG, &d, "KVM_SET_GUEST_DEBUG")
         self.debug_enabled = enable
 
-    def interrupt(self, uint32_t vector):
+    def interrupt(self, vector):
         """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip)."""
-        require(vector < 256, "vector must be 0..255")
+        cdef uint32_t vector_ = <uint32_t>as_uint(vector, "interrupt vector_", 255)
         require(not self.vm.has_irqchip, "with the in-kernel irqchip use irq_line or signal_msi")
         cdef kvm_interrupt i
-        i.irq = vector
+        i.irq = vector_
         self.vcpu_ioctl(KVM_INTERRUPT, &i, "KVM_INTERRUPT")
 
     def nmi(self):
