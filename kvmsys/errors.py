@@ -11,7 +11,7 @@ import os as _os
 __all__ = [
     "KvmsysError", "KvmOSError", "KvmUnavailableError", "KvmPermissionError",
     "CapabilityError", "InvalidArgumentError", "ArgumentTypeError", "StateError", "StaleVcpuError",
-    "VcpuBindingError", "ConfigurationError",
+    "VcpuBindingError", "ConfigurationError", "OperationTimeoutError",
 ]
 
 
@@ -76,3 +76,7 @@ class VcpuBindingError(StateError):
 
 class ConfigurationError(StateError):
     """configure() was called after the process VM already exists."""
+
+
+class OperationTimeoutError(KvmsysError, TimeoutError):
+    """An operation that waits for other threads (smp.pause, a snapshot) ran out of time."""

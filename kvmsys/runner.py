@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from . import _core, platform, pvm, syscall
-from .errors import InvalidArgumentError
+from .errors import ArgumentTypeError, InvalidArgumentError, KvmsysError
 from .fd import Kvm
 from .guests import get as get_guest, layout
 
@@ -49,8 +49,8 @@ def _drive(run, deadline: float) -> _core.Exit:
     while True:
         remaining = deadline - time.monotonic()
         ex = run(timeout=max(remaining, 0.0))
-        if isinstance(ex, (_core.StopExit, _core.DeadlineExit)) or ex.name in _TERMINAL:
-            return ex
+        if isinstance(ex, (_core.StopExit, _core.DeadlineExit, _core.KickExit)) or ex.name in _TERMINAL:
+            return ex       # a kick is how the runner stops its vCPUs early (Ctrl-C)
         if isinstance(ex, (_core.IoExit, _core.MmioExit)):
             continue        # an access no handler took; reads already answered with all-ones
         if remaining <= 0:
@@ -78,11 +78,15 @@ class _FdAbi:
     def __init__(self, memory_size: int, irqchip: bool, firmware: bytes | None = None):
         self.kvm = Kvm()
         self.vm = self.kvm.create_vm()
-        if irqchip:
-            self.vm.require("IRQCHIP", "a guest that takes interrupts")
-            self.vm.create_irqchip()
-        self.mem = _memory(self.vm, memory_size, firmware)
-        setup_devices(self.vm)
+        try:
+            if irqchip:
+                self.vm.require("IRQCHIP", "a guest that takes interrupts")
+                self.vm.create_irqchip()
+            self.mem = _memory(self.vm, memory_size, firmware)
+            setup_devices(self.vm)
+        except BaseException:
+            self.close()
+            raise
 
     def attach(self, i: int):
         return self.vm.create_vcpu(i)
@@ -103,12 +107,16 @@ class _SysAbi:
 
     def __init__(self, memory_size: int, irqchip: bool, firmware: bytes | None = None):
         # a fresh process VM for this run
-        self._scope = syscall.fresh_vm(memory_size=4096 if firmware else memory_size,
+        self._scope = syscall.fresh_vm(memory_size=4096 if firmware is not None else memory_size,
                                        pc_ports=False, irqchip=irqchip)
         self.vm = self._scope.__enter__()
-        if firmware:
-            self.vm.remove_memory(0)    # the firmware's PC memory map replaces the default slot
-        self.mem = _memory(self.vm, memory_size, firmware) if firmware else self.vm.memory(0)
+        try:
+            if firmware is not None:
+                self.vm.remove_memory(0)    # the firmware's PC memory map replaces the default slot
+            self.mem = _memory(self.vm, memory_size, firmware) if firmware is not None else self.vm.memory(0)
+        except BaseException:
+            self._scope.__exit__(None, None, None)
+            raise
         setup_devices(self.vm)
 
     def attach(self, i: int):
@@ -148,13 +156,36 @@ def _feed_interrupts(mem, handles, vector: int, n: int, deadline: float, done) -
                 return
 
 
+def _check_run_args(abi, timeout) -> None:
+    if abi not in ABIS:
+        raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise ArgumentTypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not 0 <= timeout < float("inf"):
+        raise InvalidArgumentError(f"timeout must be finite non-negative seconds, not {timeout!r}")
+
+
+def _stop_workers(threads, handles, ready) -> None:
+    """The caller was interrupted (Ctrl-C): stop every vCPU thread, then wait for them."""
+    ready.abort()               # threads not yet running never start (handles are set before)
+    for h in handles:
+        if h is not None:
+            try:
+                h.kick()        # their run() returns KickExit and _drive returns it
+            except KvmsysError:
+                pass            # already removed: that thread is ending anyway
+    for t in threads:
+        t.join()
+
+
 def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10.0,
               memory_size: int = layout.RAM_SIZE, **inputs) -> RunResult:
     """Run built-in guest *name* over *abi* on *vcpus* threads until it stops."""
-    if abi not in ABIS:
-        raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
-    if vcpus < 1:
-        raise InvalidArgumentError("vcpus must be at least 1")
+    _check_run_args(abi, timeout)
+    if not isinstance(vcpus, int) or isinstance(vcpus, bool):
+        raise ArgumentTypeError(f"vcpus must be an int, not {type(vcpus).__name__}")
+    if not 1 <= vcpus <= layout.SMP_MAX_CPUS:
+        raise InvalidArgumentError(f"vcpus must be 1..{layout.SMP_MAX_CPUS}, not {vcpus}")
     guest = get_guest(name)
     irqchip = bool(guest.expect.get("irqchip"))
     if vcpus > 1 and irqchip and "cpu" not in {p.name for p in guest.params}:
@@ -215,8 +246,13 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
             threads = [threading.Thread(target=worker, args=(i,), name=f"vcpu{i}") for i in range(vcpus)]
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join()
+            try:
+                for t in threads:
+                    t.join()
+            except BaseException:       # Ctrl-C lands in this (the main) thread only
+                done.set()
+                _stop_workers(threads, handles, ready)
+                raise
         done.set()
         if feed is not None:
             feed.join()
@@ -239,8 +275,11 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
 def run_firmware(image: bytes, *, abi: str = "fd", timeout: float = 10.0,
                  memory_size: int = 16 << 20, label: str = "firmware") -> RunResult:
     """Run a raw firmware image from the reset vector (F000:FFF0, real mode)."""
-    if abi not in ABIS:
-        raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
+    _check_run_args(abi, timeout)
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise ArgumentTypeError(f"firmware image must be bytes, not {type(image).__name__}")
+    if not 0 < len(image) <= platform.MAX_FIRMWARE_SIZE:
+        raise InvalidArgumentError(f"firmware image of {len(image)} bytes: expected 1 byte .. 16 MiB")
     deadline = time.monotonic() + timeout
     machine = (_FdAbi if abi == "fd" else _SysAbi)(memory_size, False, firmware=image)
     try:

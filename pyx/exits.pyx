@@ -229,7 +229,7 @@ cdef class UnknownExit(Exit):
 
 cdef class StopExit(Exit):
     """The guest asked to stop (isa-debug-exit, or HLT when asked); ``status`` says how."""
-    cdef readonly int status
+    cdef readonly uint64_t status
 
     def __repr__(self):
         return f"<StopExit status={self.status}>"

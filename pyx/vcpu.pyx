@@ -5,6 +5,32 @@ import threading as _threading
 from cpython.pythread cimport PyThread_get_thread_ident
 
 cdef unsigned long _main_ident = _threading.main_thread().ident
+import os as _os
+import weakref as _weakref
+
+# Every live vCPU of this process (both ABIs), for shutdown().
+_all_vcpus = _weakref.WeakSet()
+cdef long _all_vcpus_pid = _os.getpid()
+
+
+def shutdown():
+    """At interpreter exit: no vCPU enters KVM_RUN again, and those inside it are kicked
+    out, so threads (daemon ones too) stop and the vCPUs can be released."""
+    global shutting_down
+    kvmsys_store_int(&shutting_down, 1)
+    if _os.getpid() != _all_vcpus_pid:
+        return          # a fork child: these vCPUs are the parent's
+    cdef vcpustate_t *v
+    for vcpu in list(_all_vcpus):
+        v = (<VcpuCore>vcpu).v
+        if v != NULL:
+            with nogil:
+                kick_vcpu(v, 0, KICK_USER)
+
+
+def is_shutting_down():
+    """True once shutdown() ran (the interpreter is exiting)."""
+    return bool(kvmsys_load_int(&shutting_down))
 
 _REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
                         "r11", "r12", "r13", "r14", "r15", "rip", "rflags"))
@@ -62,6 +88,7 @@ cdef class VcpuCore:
             self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
         vm_.vcpu_ids.add(vcpu_id)
         vm_.vcpus.add(self)
+        _all_vcpus.add(self)
 
     cdef int require_open(self) except -1:
         if self.v == NULL or self.v.fd < 0:
@@ -108,6 +135,12 @@ cdef class VcpuCore:
         return self.v != NULL and self.v.fd >= 0 and kvmsys_load_int(&self.v.active) != 0
 
     @property
+    def running(self):
+        """True while a thread is inside this vCPU's C run loop (KVM_RUN): vCPU ioctls from
+        other threads are refused meanwhile (StateError)."""
+        return self.v != NULL and self.v.fd >= 0 and kvmsys_load_int(&self.v.running) != 0
+
+    @property
     def comm_area(self):
         """Writable zero-copy memoryview of the whole vCPU mapping (kvm_run first)."""
         self.require_open()
@@ -134,6 +167,9 @@ cdef class VcpuCore:
             raise StateError(f"vCPU {self.id} is already running in another thread")
         self._runner = PyThread_get_thread_ident()
         self._touched = 1
+        if kvmsys_load_int(&shutting_down):
+            kvmsys_store_int(&v.active, 0)
+            raise StateError("the interpreter is exiting: vCPUs no longer run")
         try:
             v.budget_left = budget
             v.deadline_ns = 0
@@ -146,6 +182,8 @@ cdef class VcpuCore:
                 with nogil:
                     res = run_loop(v)
                 self.synced = 1
+                if kvmsys_load_int(&shutting_down):
+                    raise StateError("the interpreter is exiting: vCPUs no longer run")
                 if res == R_EXIT:
                     ex = make_exit(self)
                     handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
@@ -181,6 +219,8 @@ cdef class VcpuCore:
                     return Exit._new_of(DeadlineExit, self, KVMSYS_EXIT_DEADLINE)
                 if res == R_BUDGET:
                     return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
+                if v.error < 0:
+                    raise_os(-v.error, "KVM_RUN", "the comm area holds a size, offset or ring index out of range")
                 raise_os(v.error, "KVM_RUN")
         finally:
             if v.deadline_ns:
