@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 
 import kvmsys
+from kvmsys.enums import Kind
 
-from .guestvm import PIO, K, FdGuest, SysGuest, guest_name, mode_label, process_vm
+from .guestvm import PIO, FdGuest, SysGuest, guest_name, mode_label, process_vm
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "abi"
@@ -31,9 +32,9 @@ def run(profile) -> SuiteResult:
     res = SuiteResult(NAME, TITLE, columns=[("entry", "entry point"), ("time", "per exit"),
                                             ("ratio", "vs fd `vcpu.run()`")])
     with kvmsys.Kvm() as kvm, process_vm() as pvm_:
-        pvm_.set_default(PIO, K["PYTHON"])          # no handler: every exit returns to the caller
+        pvm_.set_default(PIO, Kind.PYTHON)          # no handler: every exit returns to the caller
         fd = FdGuest(kvm, name, n=0)
-        fd.vm.set_default(PIO, K["PYTHON"])
+        fd.vm.set_default(PIO, Kind.PYTHON)
         sysg = SysGuest(name, n=0)
         try:
             progress(f"{NAME}: {n} exits per sample, {profile.reps} reps")

@@ -10,9 +10,10 @@ import time
 
 import kvmsys
 from kvmsys import platform
+from kvmsys.enums import Kind
 from kvmsys.guests import layout
 
-from .guestvm import K, PIO, load, mode_label
+from .guestvm import PIO, load, mode_label
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "console"
@@ -22,8 +23,8 @@ TITLE = "Console output: an exit per byte vs a coalesced PIO zone"
 def _machine(kvm, mode: str, coalesced: bool):
     vm = kvm.create_vm()
     mem = vm.add_memory(0, 0, layout.RAM_SIZE)
-    vm.add_handler(PIO, layout.PORT_DEBUGCON, layout.PORT_DEBUGCON + 1, K["SINK"])
-    vm.add_handler(PIO, platform.DEBUG_EXIT_PORT, platform.DEBUG_EXIT_PORT + 1, K["EXIT"])
+    vm.add_handler(PIO, layout.PORT_DEBUGCON, layout.PORT_DEBUGCON + 1, Kind.SINK)
+    vm.add_handler(PIO, platform.DEBUG_EXIT_PORT, platform.DEBUG_EXIT_PORT + 1, Kind.EXIT)
     if coalesced:
         vm.register_coalesced(layout.PORT_DEBUGCON, 1, pio=True)
     vcpu = vm.create_vcpu(0)

@@ -9,10 +9,10 @@ import contextlib
 
 import kvmsys
 from kvmsys import _core, pvm, syscall
+from kvmsys.enums import Kind, Space
 from kvmsys.guests import get as get_guest, layout
 
-K = _core.H_KINDS
-PIO, MMIO = _core.SPACES["PIO"], _core.SPACES["MMIO"]
+PIO, MMIO = Space.PIO, Space.MMIO
 
 # Exit kinds measured by the suites: guest base name, label, address space (None = HLT).
 EXIT_KINDS = {
@@ -40,7 +40,7 @@ def set_handling(vm, kind: str, how: str) -> None:
     the C run loop), "python" = PYTHON with vm.default_handler = noop_handler.
     HLT: IGNORE (re-entered in C) or PYTHON (run() returns every HLT)."""
     space = EXIT_KINDS[kind][2]
-    action = K["IGNORE"] if how == "c" else K["PYTHON"]
+    action = Kind.IGNORE if how == "c" else Kind.PYTHON
     if space is None:
         vm.set_hlt_action(action)
     else:

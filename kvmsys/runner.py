@@ -13,12 +13,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from . import _core, platform, pvm, syscall
+from .enums import Kind
 from .errors import InvalidArgumentError
 from .fd import Kvm
 from .guests import get as get_guest, layout
 
 ABIS = ("fd", "sys")
-_K = _core.H_KINDS
 
 
 @dataclass
@@ -60,8 +60,8 @@ def _drive(run, deadline: float) -> _core.Exit:
 def setup_devices(vm) -> None:
     """The runner's devices: PC ports, MMIO reads as all-ones, HLT re-enters."""
     platform.install_pc_ports(vm)
-    vm.set_default(platform.MMIO, _K["IGNORE"])
-    vm.set_hlt_action(_K["IGNORE"])     # no irqchip: HLT just re-enters (hlt loops count exits)
+    vm.set_default(platform.MMIO, Kind.IGNORE)
+    vm.set_hlt_action(Kind.IGNORE)     # no irqchip: HLT just re-enters (hlt loops count exits)
 
 
 def _memory(vm, memory_size: int, firmware: bytes | None):
