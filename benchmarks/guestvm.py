@@ -5,7 +5,7 @@ that every suite builds its machines the same way.
 """
 from __future__ import annotations
 
-from kvmsys import _core, pvm
+from kvmsys import pvm
 from kvmsys.enums import Kind, Space
 from kvmsys.machine import Machine
 
