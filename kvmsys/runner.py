@@ -7,6 +7,7 @@ devices, CPU setup, the drive loop) is shared.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -44,10 +45,10 @@ class RunResult:
 _TERMINAL = {"SHUTDOWN", "INTERNAL_ERROR", "FAIL_ENTRY", "SYSTEM_EVENT", "DEADLINE", "UNKNOWN"}
 
 
-def _drive(run, deadline: float) -> _core.Exit:
-    """Run until the guest stops, fails, or the deadline passes."""
+def _drive(run, deadline) -> _core.Exit:
+    """Run until the guest stops, fails, or the deadline (a function) passes."""
     while True:
-        remaining = deadline - time.monotonic()
+        remaining = deadline() - time.monotonic()
         ex = run(timeout=max(remaining, 0.0))
         if isinstance(ex, (_core.StopExit, _core.DeadlineExit)) or ex.name in _TERMINAL:
             return ex
@@ -148,9 +149,20 @@ def _feed_interrupts(mem, handles, vector: int, n: int, deadline: float, done) -
                 return
 
 
+def _debugged(gdb, vcpu, run, deadline: float):
+    """*run* and its deadline function, under the gdb server if there is one: time the
+    guest spends stopped in the debugger does not count against the timeout."""
+    if gdb is None:
+        return contextlib.nullcontext(run), lambda: deadline
+    return gdb.attach(vcpu, run), lambda: deadline + gdb.parked_seconds(vcpu.id)
+
+
 def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10.0,
-              memory_size: int = layout.RAM_SIZE, **inputs) -> RunResult:
-    """Run built-in guest *name* over *abi* on *vcpus* threads until it stops."""
+              memory_size: int = layout.RAM_SIZE, gdb=None, **inputs) -> RunResult:
+    """Run built-in guest *name* over *abi* on *vcpus* threads until it stops.
+
+    gdb: a kvmsys.gdb.GdbServer made for *vcpus* vCPUs; the guest then waits for gdb
+    before its first instruction."""
     if abi not in ABIS:
         raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
     if vcpus < 1:
@@ -187,15 +199,18 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
         try:
             vcpu = machine.attach(i)
             with setup_lock:
-                if guest.mode == "long64" and not irqchip:
-                    # PVM's native mode does not deliver interrupts to the guest: stay emulated
+                if guest.mode == "long64" and not irqchip and (gdb is None or pvm.NATIVE_GUEST_DEBUG):
+                    # PVM's native mode does not deliver interrupts to the guest, nor
+                    # debug exits: stay emulated
                     native[i] = pvm.enable_native(vcpu, layout.PVM_PAGE)
                 per_cpu = {p.name: v for p in guest.params
                            for v in [{"cpu": i, "ncpus": vcpus}.get(p.name)] if v is not None}
                 layout.prepare(guest, vcpu, machine.mem, **{**inputs, **per_cpu})
                 handles[i] = vcpu.handle()
             ready.wait()
-            results[i] = _drive(machine.run(vcpu), deadline)
+            debugged, until = _debugged(gdb, vcpu, machine.run(vcpu), deadline)
+            with debugged as run:
+                results[i] = _drive(run, until)
             stats.append(vcpu.stats())
         except BaseException as e:          # reported to the caller below
             errors.append(e)
@@ -237,8 +252,9 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
 
 
 def run_firmware(image: bytes, *, abi: str = "fd", timeout: float = 10.0,
-                 memory_size: int = 16 << 20, label: str = "firmware") -> RunResult:
-    """Run a raw firmware image from the reset vector (F000:FFF0, real mode)."""
+                 memory_size: int = 16 << 20, label: str = "firmware", gdb=None) -> RunResult:
+    """Run a raw firmware image from the reset vector (F000:FFF0, real mode); *gdb* as
+    for run_guest."""
     if abi not in ABIS:
         raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
     deadline = time.monotonic() + timeout
@@ -247,7 +263,9 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float = 10.0,
         t0 = time.monotonic()
         vcpu = machine.attach(0)        # a new vCPU starts in the x86 reset state
         try:
-            ex = _drive(machine.run(vcpu), deadline)
+            debugged, until = _debugged(gdb, vcpu, machine.run(vcpu), deadline)
+            with debugged as run:
+                ex = _drive(run, until)
             stats = vcpu.stats()
         finally:
             machine.detach(vcpu)
