@@ -9,7 +9,9 @@ touched only by the vCPU's owner.  The server stops running vCPUs with kick().
 One gdb thread per vCPU (thread id = vCPU id + 1).  Memory is addressed by guest-virtual
 address (translated with KVM_TRANSLATE on the selected vCPU), or guest-physical after
 ``monitor phys``.  Software breakpoints are int3 with KVM_GUESTDBG_USE_SW_BP where the
-host stops the guest at an int3 (kvmsys.gdb.probe), else debug registers.
+host stops the guest at an int3 (kvmsys.gdb.probe), else debug registers (four in all,
+shared with hardware breakpoints and watchpoints); watchpoints use debug registers
+where the host honours them, else gdb's own (single-stepping) watchpoints.
 """
 from __future__ import annotations
 
@@ -101,6 +103,7 @@ class GdbServer:
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         self.sw_bp_native: bool | None = None      # int3 breakpoints (else debug registers)
+        self.watch_native: bool | None = None      # data breakpoints (else gdb single-steps)
         self._sw_bps: dict[int, tuple[int, int]] = {}   # address -> (gpa, original byte)
         self._hw: list = [None] * target.HW_SLOTS         # (kind, address, length)
         self._hw_sw: set[int] = set()               # hw slots standing in for Z0
@@ -302,6 +305,7 @@ class GdbServer:
         self.mode = target.mode_of(self._call(first, first.vcpu.get_sregs))
         self.regs = target.registers(self.mode)
         self.sw_bp_native = probe.sw_breakpoints_work(self.mode)
+        self.watch_native = probe.watchpoints_work(self.mode)
 
     def _loop(self) -> None:
         conn = self._conn
@@ -477,6 +481,8 @@ class GdbServer:
             return "OK"
         if cmd in "Zz" and text[1:2] in "01234":
             kind, addr, length = (int(x, 16) for x in text[1:].split(";")[0].split(","))
+            if kind >= 2 and not self.watch_native:
+                return ""           # unsupported: gdb falls back to software watchpoints
             (self._insert if cmd == "Z" else self._remove)(kind, addr, length)
             return "OK"
         if text == "vCont?":
