@@ -18,20 +18,16 @@ _RESULT = 0x1004        # a data word of the built-in layout (layout.RESULT_ADDR
 
 
 def _run(mode: str, code: bytes, **debug):
-    from ..fd import Kvm
-    from ..guests import get, layout
-    with Kvm() as kvm, kvm.create_vm() as vm:
-        mem = vm.add_memory(0, 0, layout.RAM_SIZE)
-        vcpu = vm.create_vcpu(0)
-        try:
-            layout.prepare(get(f"debug_exit.{mode}"), vcpu, mem)
-            mem[layout.LOAD_ADDR:layout.LOAD_ADDR + len(code)] = code
-            vcpu.set_guest_debug(True, **debug)
-            ex = vcpu.run(budget=4, timeout=1.0)
-            return (ex.exception, ex.dr6) if isinstance(ex, _core.DebugExit) else None
-        finally:
-            vcpu.close()
-            del mem
+    """(exception, dr6) of the DEBUG exit that *code* ends in under *debug*, else None."""
+    from ..guests import layout
+    from ..machine import Machine
+    with Machine("fd") as m:
+        vcpu = m.attach()
+        m.load(f"debug_exit.{mode}", vcpu, native=False)
+        m.mem[layout.LOAD_ADDR:layout.LOAD_ADDR + len(code)] = code
+        vcpu.set_guest_debug(True, **debug)
+        ex = vcpu.run(budget=4, timeout=1.0)
+        return (ex.exception, ex.dr6) if isinstance(ex, _core.DebugExit) else None
 
 
 @functools.cache
