@@ -17,7 +17,7 @@ import threading
 
 from . import _core, platform, vcpustate
 from . import placement as _placement
-from .errors import ConfigurationError, InvalidArgumentError, VcpuBindingError
+from .errors import ConfigurationError, InvalidArgumentError, StateError, VcpuBindingError
 from .fd import Kvm, Vm, Vcpu
 
 __all__ = ["configure", "add_vcpu", "run", "remove_vcpu", "current", "handle", "vm",
@@ -139,6 +139,8 @@ def _release(vcpu: ThreadVcpu) -> None:
         vcpu.tid = vcpu.placement = None
         if vcpu.vm is not _vm or vcpu.closed or _vm_pid != os.getpid():
             return      # its VM was destroyed meanwhile, or belongs to the parent of this fork child
+        if vcpu.active:
+            return      # a daemon thread torn down inside run() at exit: never reuse it under its loop
         fresh = vcpu.renew()
         fresh._initial = vcpu._initial
         _reset_for_reuse(fresh)
@@ -233,6 +235,10 @@ def destroy_vm() -> None:
     """Close the process VM (no vCPU may be bound); the next add_vcpu creates a fresh one."""
     global _vm
     with _lock:
+        running = sorted(v.id for v in _bound.values() if v.active)
+        if running:
+            raise StateError(f"vCPUs {running} are running (destroy_vm() from an exit handler or "
+                             "another thread): nothing is released under a running loop")
         if _bound:
             raise VcpuBindingError(f"vCPUs {sorted(_bound)} are still bound to threads: remove them first")
         if _vm is not None:

@@ -72,8 +72,8 @@ def unbind():
         raise VcpuBindingError("this thread has no vCPU: call add_vcpu() first")
     cdef VcpuCore vcpu = <VcpuCore>kvmsys_bound
     if kvmsys_load_int(&vcpu.v.active):
-        raise StateError(f"vCPU {vcpu.id} is inside run() (remove_vcpu() from its own exit handler "
-                         "or call_soon callback): let run() return first")
+        raise StateError(f"vCPU {vcpu.id} is running (remove_vcpu() from its own exit handler "
+                         "or a call_soon callback): let run() return first")
     kvmsys_bound = NULL
     b = _local.binding
     (<_Binding>b).vcpu = None
