@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 
 import kvmsys
+from kvmsys.enums import Kind
 
-from .guestvm import PIO, K, guest_name, mode_label, one_vcpu
+from .guestvm import PIO, guest_name, mode_label, one_vcpu
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "abi"
@@ -34,7 +35,7 @@ def run(profile) -> SuiteResult:
         fd = one_vcpu("fd", name, kvm=kvm, n=0)
         sysg = one_vcpu("sys", name, n=0)
         for g in (fd, sysg):
-            g.vm.set_default(PIO, K["PYTHON"])      # no handler: every exit returns to the caller
+            g.vm.set_default(PIO, Kind.PYTHON)      # no handler: every exit returns to the caller
         try:
             progress(f"{NAME}: {n} exits per sample, {profile.reps} reps")
             samples = interleave({"fd": lambda: _loop(fd.run, n), "sys": lambda: _loop(sysg.run, n)},

@@ -12,9 +12,10 @@ import kvmsys
 from kvmsys import platform
 from kvmsys.guests import layout
 
+from kvmsys.enums import Kind
 from kvmsys.machine import Machine
 
-from .guestvm import K, PIO, mode_label
+from .guestvm import PIO, mode_label
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "console"
@@ -24,8 +25,8 @@ TITLE = "Console output: an exit per byte vs a coalesced PIO zone"
 def _machine(kvm, mode: str, coalesced: bool):
     m = Machine("fd", kvm=kvm)
     vm = m.vm
-    vm.add_handler(PIO, layout.PORT_DEBUGCON, layout.PORT_DEBUGCON + 1, K["SINK"])
-    vm.add_handler(PIO, platform.DEBUG_EXIT_PORT, platform.DEBUG_EXIT_PORT + 1, K["EXIT"])
+    vm.add_handler(PIO, layout.PORT_DEBUGCON, layout.PORT_DEBUGCON + 1, Kind.SINK)
+    vm.add_handler(PIO, platform.DEBUG_EXIT_PORT, platform.DEBUG_EXIT_PORT + 1, Kind.EXIT)
     if coalesced:
         vm.register_coalesced(layout.PORT_DEBUGCON, 1, pio=True)
     vcpu = m.attach(0)

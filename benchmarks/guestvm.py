@@ -5,11 +5,11 @@ that every suite builds its machines the same way.
 """
 from __future__ import annotations
 
-from kvmsys import _core, pvm
+from kvmsys import pvm
+from kvmsys.enums import Kind, Space
 from kvmsys.machine import Machine
 
-K = _core.H_KINDS
-PIO, MMIO = _core.SPACES["PIO"], _core.SPACES["MMIO"]
+PIO, MMIO = Space.PIO, Space.MMIO
 
 # Exit kinds measured by the suites: guest base name, label, address space (None = HLT).
 EXIT_KINDS = {
@@ -37,7 +37,7 @@ def set_handling(vm, kind: str, how: str) -> None:
     the C run loop), "python" = PYTHON with vm.default_handler = noop_handler.
     HLT: IGNORE (re-entered in C) or PYTHON (run() returns every HLT)."""
     space = EXIT_KINDS[kind][2]
-    action = K["IGNORE"] if how == "c" else K["PYTHON"]
+    action = Kind.IGNORE if how == "c" else Kind.PYTHON
     if space is None:
         vm.set_hlt_action(action)
     else:

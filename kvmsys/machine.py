@@ -16,7 +16,7 @@ lifetime: one such machine at a time per process.
 from __future__ import annotations
 
 from . import platform, pvm, syscall
-from ._core import H_KINDS
+from .enums import Kind
 from .errors import InvalidArgumentError
 from .fd import Kvm
 from .guests import get as get_guest, layout
@@ -27,8 +27,8 @@ ABIS = ("fd", "sys")
 def setup_devices(vm) -> None:
     """The runner's devices: PC ports, MMIO reads as all-ones, HLT re-enters."""
     platform.install_pc_ports(vm)
-    vm.set_default(platform.MMIO, H_KINDS["IGNORE"])
-    vm.set_hlt_action(H_KINDS["IGNORE"])    # no irqchip: HLT just re-enters (hlt loops count exits)
+    vm.set_default(platform.MMIO, Kind.IGNORE)
+    vm.set_hlt_action(Kind.IGNORE)    # no irqchip: HLT just re-enters (hlt loops count exits)
 
 
 def check_abi(abi: str) -> str:

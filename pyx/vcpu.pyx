@@ -27,6 +27,10 @@ cdef class VcpuCore:
     def __cinit__(self, VmCore vm, vcpu_id_):
         vm.require_open()
         cdef int vcpu_id = as_int(vcpu_id_, "vCPU id", 0, 0x7fffffff)
+        if not vm.check_extension(KVM_CAP_IMMEDIATE_EXIT):
+            # kicks and the watchdog rely on kvm_run.immediate_exit (Linux >= 4.11)
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError("IMMEDIATE_EXIT", "kvmsys's run loop (kicks, the watchdog)")
         max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
         require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
         require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
@@ -132,7 +136,8 @@ cdef class VcpuCore:
                 if res == R_EXIT:
                     ex = make_exit(self)
                     handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
-                    if handler is None and ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO):
+                    if handler is None and ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_X86_RDMSR,
+                                                         KVM_EXIT_X86_WRMSR):
                         handler = vm.default_handler
                     if handler is None:
                         return ex
@@ -219,6 +224,23 @@ cdef class VcpuCore:
         else:
             kvmsys_store_int(&self.v.kick_pending, 0)
             kvmsys_store_u8(&self.v.run.immediate_exit, 0)
+
+    def last_exit(self):
+        """The exit the comm area holds now, decoded (valid until the vCPU runs again)."""
+        self.require_open()
+        return make_exit(self)
+
+    @property
+    def request_interrupt_window(self):
+        """kvm_run.request_interrupt_window: while set (no in-kernel irqchip), KVM_RUN
+        exits with IRQ_WINDOW_OPEN as soon as the guest can take an interrupt."""
+        self.require_open()
+        return bool(self.v.run.request_interrupt_window)
+
+    @request_interrupt_window.setter
+    def request_interrupt_window(self, bint value):
+        self.require_open()
+        self.v.run.request_interrupt_window = 1 if value else 0
 
     # --- registers ---------------------------------------------------------
     @property
@@ -344,7 +366,7 @@ cdef class VcpuCore:
     def get_mp_state(self):
         cdef kvm_mp_state s
         self.vcpu_ioctl(KVM_GET_MP_STATE, &s, "KVM_GET_MP_STATE")
-        return s.mp_state
+        return as_enum("MpState", s.mp_state)
 
     def set_mp_state(self, uint32_t state):
         cdef kvm_mp_state s

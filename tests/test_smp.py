@@ -16,6 +16,7 @@ import pytest
 
 import kvmsys
 from kvmsys import StopExit, _core, cli, pvm, runner, smp, syscall
+from kvmsys.enums import Kind, Space
 from kvmsys.errors import ConfigurationError, InvalidArgumentError, StateError
 from kvmsys.fd import Kvm
 from kvmsys.guests import exit_status, get, layout
@@ -382,8 +383,8 @@ def test_pause_resume_under_load(loops):
     # paused guest memory does not change, and afterwards no exit is missing.
     n, k = 2, (20_000 if IS_PVM else 200_000)     # runs ~0.2 s: PVM exits cost ~8 us
     lp = loops("pio_out_loop.pm32", n, n=k)
-    out_handler = lp.m.vm.add_handler(_core.SPACES["PIO"], layout.PORT_OUT, layout.PORT_OUT + 1,
-                                      _core.H_KINDS["SINK"])
+    out_handler = lp.m.vm.add_handler(Space.PIO, layout.PORT_OUT, layout.PORT_OUT + 1,
+                                      Kind.SINK)
     lp.start()
     frozen_checks = mid_run = 0
     for cycle in range(1000):
