@@ -5,12 +5,13 @@ The VM over either ABI is `kvmsys.machine.Machine`; this module only drives it.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from . import _core
+from . import _core, pvm
 from .errors import InvalidArgumentError
 from .guests import get as get_guest, layout
 from .machine import ABIS, Machine, check_abi, setup_devices  # noqa: F401 (setup_devices: API)
@@ -39,10 +40,10 @@ class RunResult:
 _TERMINAL = {"SHUTDOWN", "INTERNAL_ERROR", "FAIL_ENTRY", "SYSTEM_EVENT", "DEADLINE", "UNKNOWN"}
 
 
-def _drive(run, deadline: float) -> _core.Exit:
-    """Run until the guest stops, fails, or the deadline passes."""
+def _drive(run, deadline) -> _core.Exit:
+    """Run until the guest stops, fails, or the deadline (a function) passes."""
     while True:
-        remaining = deadline - time.monotonic()
+        remaining = deadline() - time.monotonic()
         ex = run(timeout=max(remaining, 0.0))
         if isinstance(ex, (_core.StopExit, _core.DeadlineExit)) or ex.name in _TERMINAL:
             return ex
@@ -74,9 +75,20 @@ def _feed_interrupts(mem, handles, vector: int, n: int, deadline: float, done) -
                 return
 
 
+def _debugged(gdb, vcpu, run, deadline: float):
+    """*run* and its deadline function, under the gdb server if there is one: time the
+    guest spends stopped in the debugger does not count against the timeout."""
+    if gdb is None:
+        return contextlib.nullcontext(run), lambda: deadline
+    return gdb.attach(vcpu, run), lambda: deadline + gdb.parked_seconds(vcpu.id)
+
+
 def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10.0,
-              memory_size: int = layout.RAM_SIZE, **inputs) -> RunResult:
-    """Run built-in guest *name* over *abi* on *vcpus* threads until it stops."""
+              memory_size: int = layout.RAM_SIZE, gdb=None, **inputs) -> RunResult:
+    """Run built-in guest *name* over *abi* on *vcpus* threads until it stops.
+
+    gdb: a kvmsys.gdb.GdbServer made for *vcpus* vCPUs; the guest then waits for gdb
+    before its first instruction."""
     check_abi(abi)
     if vcpus < 1:
         raise InvalidArgumentError("vcpus must be at least 1")
@@ -114,11 +126,15 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
             with setup_lock:
                 per_cpu = {p.name: v for p in guest.params
                            for v in [{"cpu": i, "ncpus": vcpus}.get(p.name)] if v is not None}
-                # PVM's native mode does not deliver interrupts to the guest: stay emulated
-                native[i] = machine.load(name, vcpu, native=not irqchip, **{**inputs, **per_cpu})
+                # PVM's native mode does not deliver interrupts to the guest, nor debug
+                # exits: stay emulated
+                native_ok = not irqchip and (gdb is None or pvm.NATIVE_GUEST_DEBUG)
+                native[i] = machine.load(name, vcpu, native=native_ok, **{**inputs, **per_cpu})
                 handles[i] = vcpu.handle()
             ready.wait()
-            results[i] = _drive(machine.runner(vcpu), deadline)
+            debugged, until = _debugged(gdb, vcpu, machine.runner(vcpu), deadline)
+            with debugged as run:
+                results[i] = _drive(run, until)
             stats.append(vcpu.stats())
         except BaseException as e:          # reported to the caller below
             errors.append(e)
@@ -160,8 +176,9 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
 
 
 def run_firmware(image: bytes, *, abi: str = "fd", timeout: float = 10.0,
-                 memory_size: int = 16 << 20, label: str = "firmware") -> RunResult:
-    """Run a raw firmware image from the reset vector (F000:FFF0, real mode)."""
+                 memory_size: int = 16 << 20, label: str = "firmware", gdb=None) -> RunResult:
+    """Run a raw firmware image from the reset vector (F000:FFF0, real mode); *gdb* as
+    for run_guest."""
     check_abi(abi)
     deadline = time.monotonic() + timeout
     machine = Machine(abi, memory_size=memory_size, firmware=image, devices=True)
@@ -169,7 +186,9 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float = 10.0,
         t0 = time.monotonic()
         vcpu = machine.attach(0)        # a new vCPU starts in the x86 reset state
         try:
-            ex = _drive(machine.runner(vcpu), deadline)
+            debugged, until = _debugged(gdb, vcpu, machine.runner(vcpu), deadline)
+            with debugged as run:
+                ex = _drive(run, until)
             stats = vcpu.stats()
         finally:
             machine.detach(vcpu)

@@ -417,16 +417,44 @@ cdef class VcpuCore:
     def set_xcrs(self, data):
         self.set_blob(KVM_SET_XCRS, data, sizeof(kvm_xcrs), "KVM_SET_XCRS")
 
-    def set_guest_debug(self, bint enable=True, bint single_step=False):
-        """KVM_SET_GUEST_DEBUG: with single_step, every instruction ends in a DEBUG exit."""
+    def set_guest_debug(self, bint enable=True, bint single_step=False, bint sw_breakpoints=False,
+                        bint hw_breakpoints=False, debugreg=None, bint block_irq=False):
+        """KVM_SET_GUEST_DEBUG.  single_step: every instruction ends in a DEBUG exit (#DB);
+        sw_breakpoints: the guest's int3 ends in a DEBUG exit (#BP) instead of reaching the
+        guest; hw_breakpoints: the debug registers in *debugreg* (DR0-DR3 addresses, index 7
+        DR7; 8 values) are the host's, hits end in a DEBUG exit (#DB); block_irq: no
+        interrupts are injected while stepping.  enable=False turns all of it off."""
         cdef kvm_guest_debug d
+        cdef int i
         memset(&d, 0, sizeof(d))
+        if debugreg is not None:
+            regs = [as_u64(x, "debug register") for x in debugreg]
+            require(len(regs) == 8, f"debugreg takes 8 values (DR0-DR7), got {len(regs)}")
+            require(hw_breakpoints, "debugreg is used only with hw_breakpoints=True")
+            for i in range(8):
+                d.arch.debugreg[i] = regs[i]
         if enable:
             d.control = KVM_GUESTDBG_ENABLE
             if single_step:
                 d.control |= KVM_GUESTDBG_SINGLESTEP
+            if sw_breakpoints:
+                d.control |= KVM_GUESTDBG_USE_SW_BP
+            if hw_breakpoints:
+                d.control |= KVM_GUESTDBG_USE_HW_BP
+            if block_irq:
+                d.control |= KVM_GUESTDBG_BLOCKIRQ
         self.vcpu_ioctl(KVM_SET_GUEST_DEBUG, &d, "KVM_SET_GUEST_DEBUG")
         self.debug_enabled = enable
+
+    def translate(self, linear_address):
+        """KVM_TRANSLATE: the guest-physical address of a linear (guest-virtual) address under
+        the vCPU's current paging mode, as a dict: physical_address, valid, writeable, usermode."""
+        cdef kvm_translation t
+        memset(&t, 0, sizeof(t))
+        t.linear_address = as_u64(linear_address, "linear address")
+        self.vcpu_ioctl(KVM_TRANSLATE, &t, "KVM_TRANSLATE")
+        return dict(physical_address=t.physical_address, valid=bool(t.valid),
+                    writeable=bool(t.writeable), usermode=bool(t.usermode))
 
     def interrupt(self, uint32_t vector):
         """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip)."""
