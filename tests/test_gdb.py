@@ -11,9 +11,11 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
+import kvmsys.guests
 from kvmsys import runner
 from kvmsys.gdb import GdbKilled, GdbServer, target
 from kvmsys.gdb.protocol import Connection, INTERRUPT, checksum, escape, frame, unescape
@@ -117,6 +119,25 @@ def test_smp_guest_one_thread_per_vcpu(tmp_path, abi):
     assert "hit Breakpoint 1," in out or "Breakpoint 1, " in out, out
     assert values(out) == [hex(L.LOAD_ADDR + 4)], out
     assert rc == 1 and "2 vCPU(s): STOP, exit status 1" in stdout, (stdout, stderr)
+
+
+@needs_gdb
+def test_firmware_real_mode_pc_is_linear(tmp_path):
+    # The reset vector F000:FFF0 with CS base 0xFFFF0000: gdb's PC is the linear address.
+    fw = Path(kvmsys.guests.__file__).parent / "firmware" / "hello.bin"
+    run = KvmsysRun(tmp_path, "--firmware", str(fw), "--abi", "fd")
+    out = gdb_batch(run.address, "p/x $pc", "break *0xfffff000", "continue", "p/x $pc", "stepi",
+                    "p/x $pc", "detach")
+    rc, stdout, stderr = run.wait()
+    assert values(out) == ["0xfffffff0", "0xfffff000", "0xfffff001"], out
+    assert rc == 0x21 and "hello from the reset vector" in stdout, (stdout, stderr)
+
+
+def test_ctrl_c_while_waiting_for_gdb(tmp_path):
+    run = KvmsysRun(tmp_path, "--guest", "compute.pm32")
+    run.proc.send_signal(signal.SIGINT)
+    rc, stdout, stderr = run.wait(timeout=10)
+    assert rc == 130 and "interrupted" in stderr, (rc, stdout, stderr)
 
 
 @needs_gdb

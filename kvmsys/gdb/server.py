@@ -257,6 +257,8 @@ class GdbServer:
             self._cond.notify_all()
         self._wake()
         with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)   # wakes accept(); close() alone does not
+        with contextlib.suppress(OSError):
             self._listener.close()
         if self._conn is not None:
             with contextlib.suppress(OSError):
@@ -539,10 +541,10 @@ class GdbServer:
     def _read_regs(self, n: int | None = None) -> str:
         regs, sregs, fpu = self._state(self._g)
         if n is None:
-            return b"".join(target.read_value(r, regs, sregs, fpu) for r in self.regs).hex()
+            return b"".join(target.read_value(r, regs, sregs, fpu, self.mode) for r in self.regs).hex()
         if not 0 <= n < len(self.regs):
             raise _Failure(0x16)
-        return target.read_value(self.regs[n], regs, sregs, fpu).hex()
+        return target.read_value(self.regs[n], regs, sregs, fpu, self.mode).hex()
 
     def _write_regs(self, data: bytes, n: int | None = None) -> str:
         cpu = self._g
@@ -554,7 +556,7 @@ class GdbServer:
                 chosen.append((r, data[off:off + r.bits // 8]))
                 off += r.bits // 8
             # gdb sends every register: write those that changed
-            chosen = [(r, d) for r, d in chosen if d != target.read_value(r, regs, sregs, fpu)]
+            chosen = [(r, d) for r, d in chosen if d != target.read_value(r, regs, sregs, fpu, self.mode)]
         else:
             if not 0 <= n < len(self.regs):
                 raise _Failure(0x16)

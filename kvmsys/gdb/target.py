@@ -79,10 +79,16 @@ def _x87_ctrl(fpu: bytes) -> dict:
                 fooff=last_dp & 0xFFFFFFFF, fop=fop)
 
 
-def read_value(reg: Reg, regs: dict, sregs: dict, fpu: bytes) -> bytes:
+def _pc_base(reg: Reg, sregs: dict, mode: str) -> int:
+    # Real mode: gdb's eip is the linear address CS.base + IP, the address breakpoints
+    # (debug registers) and memory use; a firmware's reset vector is 0xFFFFFFF0.
+    return sregs["cs"]["base"] if mode == "real" and reg.src == "rip" else 0
+
+
+def read_value(reg: Reg, regs: dict, sregs: dict, fpu: bytes, mode: str) -> bytes:
     """Register *reg* as gdb's little-endian bytes."""
     if reg.kind == "gpr":
-        value = regs[reg.src]
+        value = regs[reg.src] + _pc_base(reg, sregs, mode)
     elif reg.kind == "seg":
         value = sregs[reg.src]["selector"]
     elif reg.kind == "st":
@@ -100,6 +106,9 @@ def write_value(reg: Reg, data: bytes, regs: dict, sregs: dict, fpu: bytearray, 
         raise ValueError(f"{reg.name} takes {reg.bits // 8} bytes")
     value = int.from_bytes(data, "little")
     if reg.kind == "gpr":
+        value -= _pc_base(reg, sregs, mode)
+        if not 0 <= value < 1 << reg.bits:
+            raise ValueError(f"{reg.name} outside the code segment")
         if reg.bits == 32:      # 32-bit view: keep the upper half of the 64-bit register
             value |= regs[reg.src] & ~0xFFFFFFFF
         regs[reg.src] = value
