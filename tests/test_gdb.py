@@ -57,14 +57,20 @@ class KvmsysRun:
         return self.proc.returncode, out, err
 
 
-def gdb_batch(address, *commands, timeout=60, interrupt_after=None):
+def gdb_batch(address, *commands, timeout=60, interrupt_at=None):
+    """gdb's output for *commands*; with interrupt_at=(marker path, seconds), SIGINT
+    (what Ctrl-C at gdb's terminal does) that long after the marker file appears."""
     argv = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", f"target remote {address}"]
     for c in commands:
         argv += ["-ex", c]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if interrupt_after is not None:
-        time.sleep(interrupt_after)
-        proc.send_signal(signal.SIGINT)     # what Ctrl-C at gdb's terminal does
+    if interrupt_at is not None:
+        marker, delay = interrupt_at
+        give_up = time.monotonic() + timeout
+        while not os.path.exists(marker) and time.monotonic() < give_up and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
@@ -100,8 +106,9 @@ def test_ctrl_c_interrupts_a_running_guest(tmp_path, abi):
     # pio_out_loop with n=0 runs forever; Ctrl-C stops it, gdb ends the loop by writing
     # the loop registers, and after detach the guest finishes.
     run = KvmsysRun(tmp_path, "--guest", "pio_out_loop.real", "--n", "0", "--abi", abi)
-    out = gdb_batch(run.address, "continue", "p $edi", "set var $edi = 1", "set var $ecx = 1",
-                    "detach", interrupt_after=3.0)
+    marker = tmp_path / "continuing"
+    out = gdb_batch(run.address, f"shell touch {marker}", "continue", "p $edi", "set var $edi = 1",
+                    "set var $ecx = 1", "detach", interrupt_at=(marker, 1.0))
     rc, stdout, stderr = run.wait()
     assert "received signal SIGINT" in out, out
     assert values(out) == ["0"], out
