@@ -158,14 +158,16 @@ def test_memory_registers_virtual_and_physical(tmp_path):
                     f"p/x *(unsigned int *){L.LOAD_ADDR:#x}",
                     "monitor virt", "p/x *(unsigned long *)0x40000000",
                     "set var $rbx = 0x1122334455667788", "p/x $rbx", "p $st0", "p/x $fctrl",
-                    "detach")
+                    "set var $xmm15.v4_int32[2] = 7", "set var $st1 = 1.5", "p $xmm15.v4_int32",
+                    "p $st1", "detach")
     rc, stdout, stderr = run.wait()
     word = hex(int.from_bytes(image[:4], "little"))
     v = values(out)
     assert v[:3] == [word, "0x5a", word], out
     assert "memory by guest-physical address" in out and "memory by guest-virtual address" in out
     assert "Cannot access memory at address 0x40000000" in out, out      # not mapped
-    assert v[3:] == ["0x1122334455667788", "0", "0x37f"], out           # x87 reset: FCW 0x37f
+    assert v[3:] == ["0x1122334455667788", "0", "0x37f",                # x87 reset: FCW 0x37f
+                     "{0, 0, 7, 0}", "1.5"], out                          # SSE and x87 written
     assert rc == 1, (stdout, stderr)
 
 

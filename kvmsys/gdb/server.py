@@ -180,9 +180,10 @@ class GdbServer(Commands):
                 self._cond.wait()
             step = cpu.resume == "s" and not self._detached
             cpu.resume = None
+            # withdraw a stop request it took already; the server kicks only "running" vCPUs
+            cpu.vcpu.immediate_exit = 0
             cpu.state = "running"
         self._apply_debug(cpu, step)
-        cpu.vcpu.immediate_exit = 0     # withdraw a stop request it no longer needs
         cpu.parked_s += time.monotonic() - t0
 
     def _apply_debug(self, cpu: _Cpu, step: bool) -> None:
@@ -226,10 +227,12 @@ class GdbServer(Commands):
     def _stop_all(self) -> None:
         with self._cond:
             self._stop = True
-            for c in self._cpus.values():
-                if c.state == "running":
-                    c.handle.kick()
-            while not self._all_stopped() and not self._closed:
+            while True:
+                for c in self._cpus.values():
+                    if c.state == "running":
+                        c.handle.kick()         # kicks are never lost; again is harmless
+                if self._all_stopped() or self._closed:
+                    return
                 self._cond.wait(0.1)
 
     def _resume(self, actions: dict[int, str], default: str | None) -> None:
