@@ -102,6 +102,19 @@ def test_breakpoint_register_step_detach(tmp_path, abi, mode):
 
 
 @needs_gdb
+def test_write_watchpoint(tmp_path, abi):
+    # Debug registers where the host honours data breakpoints, else the server steps.
+    at = store_address("pm32")
+    run = KvmsysRun(tmp_path, "--guest", "compute.pm32", "--n", "20", "--abi", abi)
+    out = gdb_batch(run.address, f"watch *(unsigned int *){L.RESULT_ADDR:#x}", "continue",
+                    "p/x $pc", "delete", "detach")
+    rc, stdout, stderr = run.wait()
+    assert f"New value = {compute_reference(20)}" in out, out
+    assert values(out) == [hex(at + len(RESULT_STORE["pm32"]))], out       # after the store
+    assert rc == 1, (stdout, stderr)
+
+
+@needs_gdb
 def test_ctrl_c_interrupts_a_running_guest(tmp_path, abi):
     # pio_out_loop with n=0 runs forever; Ctrl-C stops it, gdb ends the loop by writing
     # the loop registers, and after detach the guest finishes.

@@ -89,8 +89,8 @@ class Commands:
             return "OK"
         if cmd in "Zz" and text[1:2] in "01234":
             kind, addr, length = (int(x, 16) for x in text[1:].split(";")[0].split(","))
-            if kind >= 2 and not self.watch_native:
-                return ""           # unsupported: gdb falls back to software watchpoints
+            if kind >= 3 and not self.watch_native:
+                return ""           # unsupported: read/access watchpoints need the DRs
             (self._insert if cmd == "Z" else self._remove)(kind, addr, length)
             return "OK"
         if text == "vCont?":
@@ -240,6 +240,11 @@ class Commands:
             target.check_watch(hw_kind, addr, length)
         except ValueError:
             raise Failure(0x16) from None
+        if kind == 2 and not self.watch_native:
+            if (addr, length) not in self._stepped:
+                (gpa, _), = self._gpa_ranges(addr, length)
+                self._stepped[(addr, length)] = [gpa, self._vm().read(gpa, length)]
+            return
         slot = (hw_kind, addr, length if hw_kind != 1 else 1)
         if slot in self._hw:
             return
@@ -256,6 +261,9 @@ class Commands:
             if entry is not None:
                 self._vm().write(entry[0], bytes((entry[1],)))
             return
+        if kind == 2 and not self.watch_native:
+            self._stepped.pop((addr, length), None)
+            return
         hw_kind = 1 if kind == 0 else kind
         slot = (hw_kind, addr, length if hw_kind != 1 else 1)
         if slot in self._hw:
@@ -263,10 +271,11 @@ class Commands:
             self._hw[i] = None
             self._hw_sw.discard(i)
 
-    def _remove_sw_breakpoints(self) -> None:
+    def _remove_all_breakpoints(self) -> None:
         vm = self._vm()
         for gpa, orig in self._sw_bps.values():
             vm.write(gpa, bytes((orig,)))
         self._sw_bps.clear()
         self._hw = [None] * target.HW_SLOTS
+        self._stepped.clear()
 

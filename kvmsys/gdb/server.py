@@ -44,11 +44,12 @@ class _Cpu:
         self.state = "running"      # running, parked, done
         self.calls: list = []       # [fn, result, done] run on the vCPU thread while parked
         self.resume: str | None = None      # "c" or "s", set by the server
-        self.event = None           # (exception, dr6, pc) of the debug exit that stopped it
+        self.event = None           # (exception, dr6, pc, watched address or None) that stopped it
         self.stepping = False
         self.debug = None           # guest-debug settings last applied
         self.parked_s = 0.0         # time spent stopped in the debugger
         self.final = None           # the exit that ended it
+        self.action = None          # how it was last resumed: "c" or "s"
 
 
 def parse_address(address: str):
@@ -95,7 +96,9 @@ class GdbServer(Commands):
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         self.sw_bp_native: bool | None = None      # int3 breakpoints (else debug registers)
-        self.watch_native: bool | None = None      # data breakpoints (else gdb single-steps)
+        self.watch_native: bool | None = None      # data breakpoints (else stepped watchpoints)
+        self._stepped: dict = {}    # (address, length) -> [gpa, last bytes]: write watchpoints
+                                    # checked after each single-step where DRs do not watch data
         self._sw_bps: dict[int, tuple[int, int]] = {}   # address -> (gpa, original byte)
         self._hw: list = [None] * target.HW_SLOTS         # (kind, address, length)
         self._hw_sw: set[int] = set()               # hw slots standing in for Z0
@@ -149,7 +152,10 @@ class GdbServer(Commands):
                 if isinstance(ex, _core.KickExit):
                     continue            # the server's stop request (or a stale kick): park
                 if isinstance(ex, _core.DebugExit):
-                    cpu.event = (ex.exception, ex.dr6, ex.pc)
+                    watch = self._check_stepped() if self._stepped else None
+                    if watch is None and cpu.action == "c" and ex.exception == 1 and not ex.dr6 & 0xF:
+                        continue        # a step of a stepped watchpoint, nothing written: go on
+                    cpu.event = (ex.exception, ex.dr6, ex.pc, watch)
                     self._cond.notify_all()
                 else:
                     return ex
@@ -178,7 +184,8 @@ class GdbServer(Commands):
                 if cpu.resume is not None or self._detached or self._closed:
                     break
                 self._cond.wait()
-            step = cpu.resume == "s" and not self._detached
+            cpu.action = cpu.resume
+            step = cpu.resume == "s" or bool(self._stepped)
             cpu.resume = None
             # withdraw a stop request it took already; the server kicks only "running" vCPUs
             cpu.vcpu.immediate_exit = 0
@@ -189,6 +196,7 @@ class GdbServer(Commands):
     def _apply_debug(self, cpu: _Cpu, step: bool) -> None:
         if self._detached or self._closed:
             settings = None
+            cpu.action = None
         else:
             hw = any(s is not None for s in self._hw)
             settings = (step, hw, tuple(target.debugreg(self._hw)) if hw else None)
@@ -201,6 +209,16 @@ class GdbServer(Commands):
             cpu.vcpu.set_guest_debug(True, single_step=step, sw_breakpoints=True,
                                      hw_breakpoints=hw, debugreg=regs)
         cpu.debug = settings
+
+    def _check_stepped(self):
+        """Under the lock: the address of a stepped watchpoint whose bytes changed."""
+        vm = next(iter(self._cpus.values())).vcpu.vm
+        for (addr, length), entry in self._stepped.items():
+            now = vm.read(entry[0], length)
+            if now != entry[1]:
+                entry[1] = now
+                return addr
+        return None
 
     # --- server side: control of the vCPUs ----------------------------------------
     def _call(self, cpu: _Cpu, fn):
@@ -238,6 +256,9 @@ class GdbServer(Commands):
     def _resume(self, actions: dict[int, str], default: str | None) -> None:
         with self._cond:
             self._stop = False
+            vm = self._vm()
+            for entry in self._stepped.values():    # gdb may have written memory meanwhile
+                entry[1] = vm.read(entry[0], len(entry[1]))
             for c in self._live():
                 c.resume = actions.get(c.tid, default)     # None: gdb leaves it stopped
                 if c.resume is not None:
@@ -368,9 +389,11 @@ class GdbServer(Commands):
                     return f"T{SIGINT:02x}thread:{cpu.tid:x};"
 
     def _stop_reply(self, cpu: _Cpu) -> str:
-        exception, dr6, pc = cpu.event
+        exception, dr6, pc, watch = cpu.event
         why = ""
-        if exception == 3:
+        if watch is not None:
+            why = f"watch:{watch:x};"
+        elif exception == 3:
             self._fix_int3_pc(cpu)
             why = "swbreak:;"
         elif dr6 & 0xF:
@@ -403,7 +426,7 @@ class GdbServer(Commands):
         if self._cpus:
             self._stop_all()        # gdb may have gone while the guest ran
             with contextlib.suppress(Exception):
-                self._remove_sw_breakpoints()
+                self._remove_all_breakpoints()
         with self._cond:
             self._detached = True
             self._stop = False
