@@ -295,3 +295,24 @@ def test_target_description(mode):
     assert target.mode_of({"efer": 0x500, "cr0": 0x80000011}) == "long64"
     assert target.mode_of({"efer": 0, "cr0": 0x11}) == "pm32"
     assert target.mode_of({"efer": 0, "cr0": 0x10}) == "real"
+
+
+@pytest.mark.nokvm
+@pytest.mark.parametrize("bad", ["nohost", "host:port", "127.0.0.1:70000", ""])
+def test_bad_gdb_address_is_refused(bad):
+    from kvmsys.errors import InvalidArgumentError
+    with pytest.raises(InvalidArgumentError):
+        GdbServer(bad)
+    p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--guest", "compute.pm32", "--gdb", bad],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "gdb address" in p.stderr, (p.returncode, p.stderr)
+
+
+def test_gdb_server_refuses_a_second_attach_of_one_vcpu(tmp_path, fdvm):
+    from kvmsys.errors import InvalidArgumentError
+    with GdbServer(str(tmp_path / "s")) as server:
+        v = fdvm.create_vcpu(0)
+        with server.attach(v, v.run):
+            with pytest.raises(InvalidArgumentError):
+                with server.attach(v, v.run):
+                    pass
