@@ -35,10 +35,12 @@ cdef class VmCore:
     cdef readonly int has_sync_regs
     cdef readonly set vcpu_ids
     cdef object vcpus               # WeakSet of live VcpuCore, closed with the VM
+    cdef unsigned long forkgen      # the process that created it
     cdef object __weakref__
 
     def __cinit__(self, KvmCore kvm, unsigned long vm_type=0):
         self.fd = -1
+        self.forkgen = kvmsys_fork_generation
         kvm.require_open()
         self.kvm = kvm
         self.slots = {}
@@ -56,6 +58,8 @@ cdef class VmCore:
         self.has_sync_regs = self.check_extension(KVM_CAP_SYNC_REGS) & KVM_SYNC_X86_REGS != 0
 
     cdef int require_open(self) except -1:
+        if self.forkgen != kvmsys_fork_generation:
+            raise StateError("this VM belongs to the parent process (this is a fork child)")
         if self.fd < 0:
             raise StateError("the VM is closed")
         return 0
@@ -436,6 +440,8 @@ cdef class VmCore:
 
     def console(self, bint clear=False):
         """Bytes collected by sink handlers (serial THR, debugcon), optionally clearing them."""
+        if self.forkgen != kvmsys_fork_generation:
+            self.require_open()         # its lock may be held by a thread of the parent
         pthread_mutex_lock(&self.state.lock)
         try:
             out = (<char *>self.state.console)[:self.state.console_len] if self.state.console_len else b""
@@ -461,9 +467,23 @@ cdef class VmCore:
         return {p: self.state.port_counts[p] for p in range(NR_PORTS) if self.state.port_counts[p]}
 
     def close(self):
-        """Close the VM fd and its vCPUs.  Memory views stay valid until dropped.  Idempotent."""
-        for vcpu in list(self.vcpus):
-            vcpu.close()
+        """Close the VM fd and its vCPUs.  Memory views stay valid until dropped.  Idempotent.
+
+        Refused (StateError), closing nothing, while any of its vCPUs is inside run()."""
+        cdef VcpuCore vcpu
+        cdef list claimed = []
+        if self.forkgen == kvmsys_fork_generation:
+            try:
+                for vcpu in list(self.vcpus):
+                    if not vcpu.closed:
+                        vcpu.claim("close its VM")
+                        claimed.append(vcpu)
+            except BaseException:
+                for vcpu in claimed:
+                    kvmsys_store_int(&vcpu.v.active, 0)
+                raise
+            for vcpu in claimed:
+                vcpu.close_claimed()
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
