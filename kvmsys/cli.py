@@ -62,7 +62,7 @@ def _print_result(r) -> None:
 def _gdb_server(args):
     """The gdb server --gdb asks for (it says where it listens), or a no-op context."""
     import contextlib
-    if not args.gdb:
+    if args.gdb is None:
         return contextlib.nullcontext()
     from .gdb import GdbServer
     server = GdbServer(args.gdb, vcpus=1 if args.firmware else args.vcpus)
