@@ -11,7 +11,7 @@ in the compiled core (kvmsys._core), shared with the syscall-style ABI.
 """
 from __future__ import annotations
 
-from . import _core, routing, state
+from . import _core, kvmstats, routing, state
 from .errors import CapabilityError, InvalidArgumentError
 
 __all__ = ["Kvm", "Vm", "Vcpu", "CAPABILITIES"]
@@ -79,6 +79,10 @@ class Vm(_core.VmCore):
         lo, hi, data = routing.msi_message(apic_id, vector, x2apic_format=self.x2apic_format)
         return self.signal_msi(lo, data, hi)
 
+    def kvm_stats(self, detail: bool = False) -> dict:
+        """What KVM counts for this VM (KVM_GET_STATS_FD), by name; see kvmsys.kvmstats."""
+        return kvmstats.read(self, detail)
+
     def trap_msrs(self, indices, *, read: bool = True, write: bool = True) -> None:
         """Make guest accesses to these MSRs exit to user space as MsrExit (answer them in
         Python, or with vm.add_handler(Space.MSR, ...) in C); every other MSR stays
@@ -138,3 +142,8 @@ class Vcpu(_core.VcpuCore):
         if not self.vm.has_irqchip:
             return super().interrupt(vector)
         self.vm.msi_to_apic(self.apic_id(), vector)
+
+    def kvm_stats(self, detail: bool = False) -> dict:
+        """What KVM counts for this vCPU (KVM_GET_STATS_FD): exits, io_exits, halt_exits,
+        insn_emulation, ... by name; see kvmsys.kvmstats."""
+        return kvmstats.read(self, detail)
