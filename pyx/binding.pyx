@@ -10,11 +10,14 @@ cdef class _Binding:
     """Lives in the owning thread's threading.local; dies with the thread."""
     cdef VcpuCore vcpu
     cdef object on_release
+    cdef unsigned long forkgen
 
     def __dealloc__(self):
         cdef VcpuCore v = self.vcpu
         global kvmsys_bound
-        if v is None:
+        if v is None or self.forkgen != kvmsys_fork_generation:
+            # A fork child clearing the parent's other threads (inside os.fork()): their
+            # vCPUs, locks and comm areas are the parent's; touch nothing.
             return
         if kvmsys_bound == <void *>v:
             kvmsys_bound = NULL
@@ -37,6 +40,7 @@ def bind(vcpu, on_release=None):
     cdef _Binding b = _Binding.__new__(_Binding)
     b.vcpu = vcpu_
     b.on_release = on_release
+    b.forkgen = kvmsys_fork_generation
     pthread_mutex_lock(&vcpu_.v.lock)
     vcpu_.v.bound = 1
     vcpu_.v.thread = pthread_self()
@@ -68,6 +72,9 @@ def unbind():
     if kvmsys_bound == NULL:
         raise VcpuBindingError("this thread has no vCPU: call add_vcpu() first")
     cdef VcpuCore vcpu = <VcpuCore>kvmsys_bound
+    if kvmsys_load_int(&vcpu.v.active):
+        raise StateError(f"vCPU {vcpu.id} is running (remove_vcpu() from its own exit handler "
+                         "or a call_soon callback): let run() return first")
     kvmsys_bound = NULL
     b = _local.binding
     (<_Binding>b).vcpu = None
@@ -89,10 +96,8 @@ def bound():
 
 
 def forget_after_fork():
-    """In a fork child: drop the inherited binding without touching the parent's VM."""
-    global kvmsys_bound
-    kvmsys_bound = NULL
-    kvmsys_forget_watchdog()
+    """In a fork child: drop the inherited binding without touching the parent's VM.
+    (The C at-fork handler already cleared this thread's vCPU pointer and timer.)"""
     b = getattr(_local, "binding", None)
     if b is not None:
         (<_Binding>b).vcpu = None
@@ -142,8 +147,8 @@ cdef class VcpuHandle:
     @property
     def alive(self):
         # generation 0 is never a vCPU's (they start at 1): a handle made by __new__ is dead
-        return self.vcpu is not None and self.generation != 0 and self.vcpu.v != NULL \
-            and self.vcpu.v.generation == self.generation and self.vcpu.v.fd >= 0
+        return self.vcpu is not None and self.generation != 0 and not self.vcpu.closed \
+            and self.vcpu.v.generation == self.generation
 
     cdef int _check(self) except -1:
         if not self.alive:
@@ -154,7 +159,7 @@ cdef class VcpuHandle:
 
     cdef int _kick(self, int bits) except -1:
         cdef int rc
-        self._check()
+        self._check()               # also: never a parent's vCPU in a fork child
         with nogil:
             rc = kick_vcpu(self.vcpu.v, self.generation, bits)
         if rc:
@@ -171,19 +176,18 @@ cdef class VcpuHandle:
         self.vcpu.pending.append((fn, args))
         self._kick(KICK_CALLS)
 
-    def interrupt(self, vector):
-        """Request external interrupt *vector* for this vCPU.
+    def interrupt(self, vector_):
+        """Request external interrupt *vector* for this vCPU: queued and injected by the
+        thread that runs it, at once if it is running (a kick), else at its next run().
 
-        With the in-kernel irqchip: an MSI to its local APIC (from this thread).
-        Without: queued and injected by the owning thread at its next exit."""
-        cdef uint32_t vector_ = <uint32_t>as_uint(vector, "interrupt vector_", 255)
-        require(vector_ >= 16, "vector must be 16..255")
+        With the in-kernel irqchip that thread sends an MSI to the APIC id the vCPU has
+        then (read from its LAPIC state: a guest may change it, x2APIC ids exceed 255),
+        which only it can read: KVM_GET_LAPIC waits while the vCPU is in KVM_RUN.
+        Without: KVM_INTERRUPT."""
+        cdef uint32_t vector = <uint32_t>as_uint(vector_, "interrupt vector", 255)
+        require(vector >= 16, "vector must be 16..255")
         self._check()
-        if self.vcpu.vm.has_irqchip:
-            # physical destination = APIC id (= vCPU id), fixed delivery, edge
-            self.vcpu.vm.signal_msi(0xFEE00000 | (self.vcpu.id << 12), vector_)
-            return
-        self.vcpu.pending.append(("irq", vector_))
+        self.vcpu.pending.append(("irq", vector))
         self._kick(KICK_IRQ)
 
     def nmi(self):

@@ -100,10 +100,6 @@ def test_other_core_classes_refuse_construction():
     for fn in (_core.bind, _core.release_state, _core.handle_of):
         with pytest.raises(ArgumentTypeError):
             fn(None)
-    with pytest.raises(ArgumentTypeError):
-        _core.reference_run(None, 1)
-    with pytest.raises(ArgumentTypeError):
-        _core.reference_lifecycle(None, 0, 1)
 
 
 def test_handle_generation_comes_from_the_vcpu(machine):
@@ -111,36 +107,6 @@ def test_handle_generation_comes_from_the_vcpu(machine):
     assert h.alive and h.generation >= 1
     with pytest.raises(ArgumentTypeError):
         type(h)(machine.vcpu, 0)            # no handle with a made-up generation
-
-
-def test_reference_loop_claims_the_vcpu(fdvm):
-    vcpu = fdvm.create_vcpu(0)
-    L.prepare(get("pio_out_loop.pm32"), vcpu, fdvm.memory(0), n=0)    # loops for ever
-    errors = []
-    done = threading.Event()
-
-    def ref():
-        try:
-            _core.reference_run(vcpu, 20000)
-        finally:
-            done.set()
-
-    t = threading.Thread(target=ref)
-    t.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not vcpu.active and not done.is_set() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        if not done.is_set():
-            with pytest.raises(StateError):
-                vcpu.close()            # refused: the reference loop has the vCPU
-            with pytest.raises(StateError):
-                vcpu.run(budget=1)
-    finally:
-        t.join()
-    assert not errors
-    assert not vcpu.active
-    vcpu.close()
 
 
 # === 2. no freeze: vCPU ioctls from another thread during KVM_RUN ======================
