@@ -92,8 +92,15 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from benchmarks.__main__ import main as bench_main
-    return bench_main(args.rest)
+    # The harness is a layer above the library: found through its entry point
+    # (kvmsys_bench, installed with kvmsys), never imported by name from here.
+    from importlib.metadata import entry_points
+    found = entry_points(group="kvmsys.commands", name="bench")
+    if not found:
+        print("kvmsys: the benchmark harness is not installed (pip install kvmsys, "
+              "or python -m benchmarks from a checkout)", file=sys.stderr)
+        return 2
+    return next(iter(found)).load()(args.rest)
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ in the compiled core (kvmsys._core), shared with the syscall-style ABI.
 """
 from __future__ import annotations
 
-from . import _core
+from . import _core, kvmstats
 from .errors import CapabilityError, InvalidArgumentError
 
 __all__ = ["Kvm", "Vm", "Vcpu", "CAPABILITIES"]
@@ -61,6 +61,10 @@ class Vm(_core.VmCore):
     def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
         return Vcpu(self, vcpu_id)
 
+    def kvm_stats(self, detail: bool = False) -> dict:
+        """What KVM counts for this VM (KVM_GET_STATS_FD), by name; see kvmsys.kvmstats."""
+        return kvmstats.read(self, detail)
+
     def trap_msrs(self, indices, *, read: bool = True, write: bool = True) -> None:
         """Make guest accesses to these MSRs exit to user space as MsrExit (answer them in
         Python, or with vm.add_handler(Space.MSR, ...) in C); every other MSR stays
@@ -85,3 +89,8 @@ class Vcpu(_core.VcpuCore):
     def handle(self) -> "_core.VcpuHandle":
         """A handle other threads may use to kick or interrupt this vCPU."""
         return _core.handle_of(self)
+
+    def kvm_stats(self, detail: bool = False) -> dict:
+        """What KVM counts for this vCPU (KVM_GET_STATS_FD): exits, io_exits, halt_exits,
+        insn_emulation, ... by name; see kvmsys.kvmstats."""
+        return kvmstats.read(self, detail)

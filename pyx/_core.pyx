@@ -24,8 +24,8 @@ include "vm.pyx"
 include "exits.pyx"
 include "vcpu.pyx"
 include "binding.pyx"
-include "reference.pyx"
 include "caps.pyx"
+include "kvmstats.pyx"
 
 # Constants the Python layer needs, resolved from <linux/kvm.h> at build time.
 H_KINDS = dict(PYTHON=H_PYTHON, SINK=H_SINK, CONST=H_CONST, IGNORE=H_IGNORE, EXIT=H_EXIT)
