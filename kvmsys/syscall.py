@@ -25,7 +25,7 @@ __all__ = ["configure", "add_vcpu", "run", "remove_vcpu", "current", "handle", "
 
 DEFAULTS = dict(
     memory_size=16 << 20,   # guest RAM at guest-physical 0
-    irqchip=False,          # in-kernel PIC/IOAPIC/LAPIC (HLT no longer exits with it)
+    irqchip=False,          # in-kernel PIC/IOAPIC/LAPIC (HLT no longer exits with it); "split": LAPICs only
     pit=False,              # in-kernel i8254 (needs irqchip)
     pc_ports=True,          # isa-debug-exit, debugcon, serial, other ports ignored (kvmsys.platform)
     placement="float",      # vCPU threads: float, pin or balance (kvmsys.placement)
@@ -73,7 +73,9 @@ def configure(**options) -> None:
         raise InvalidArgumentError("memory_size must be a positive multiple of 4096")
     if "placement" in options:
         _placement.check_policy(options["placement"])
-    if options.get("pit") and not options.get("irqchip", _config["irqchip"]):
+    if options.get("irqchip", False) not in (False, True, "split"):
+        raise InvalidArgumentError("irqchip must be False, True or 'split'")
+    if options.get("pit") and options.get("irqchip", _config["irqchip"]) is not True:
         raise InvalidArgumentError("pit=True needs irqchip=True")
     with _lock:
         if _vm is not None:
@@ -93,7 +95,9 @@ def _create_vm() -> ProcessVm:
         _kvm = Kvm()
     v = ProcessVm(_kvm)
     try:
-        if _config["irqchip"]:
+        if _config["irqchip"] == "split":
+            v.create_split_irqchip()
+        elif _config["irqchip"]:
             v.require("IRQCHIP", "configure(irqchip=True)")
             v.create_irqchip()
             if _config["pit"]:

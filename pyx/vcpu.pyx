@@ -471,11 +471,22 @@ cdef class VcpuCore:
     def set_vcpu_events(self, data):
         self.set_blob(KVM_SET_VCPU_EVENTS, data, sizeof(kvm_vcpu_events), "KVM_SET_VCPU_EVENTS")
 
+    @property
+    def xsave_size(self):
+        """Bytes of this vCPU's XSAVE state: KVM_CAP_XSAVE2's value on the VM (AMX-capable
+        hosts report more than 4 KiB), else sizeof(struct kvm_xsave)."""
+        cdef long n = self.vm.check_extension(KVM_CAP_XSAVE2)
+        return n if n > <long>sizeof(kvm_xsave) else sizeof(kvm_xsave)
+
     def get_xsave(self):
+        """KVM_GET_XSAVE2 (xsave_size bytes) where KVM_CAP_XSAVE2 exists, else KVM_GET_XSAVE."""
+        if self.vm.check_extension(KVM_CAP_XSAVE2) > 0:
+            return self.get_blob(KVM_GET_XSAVE2, self.xsave_size, "KVM_GET_XSAVE2")
         return self.get_blob(KVM_GET_XSAVE, sizeof(kvm_xsave), "KVM_GET_XSAVE")
 
     def set_xsave(self, data):
-        self.set_blob(KVM_SET_XSAVE, data, sizeof(kvm_xsave), "KVM_SET_XSAVE")
+        """KVM_SET_XSAVE from get_xsave()'s bytes (the kernel reads xsave_size of them)."""
+        self.set_blob(KVM_SET_XSAVE, data, self.xsave_size, "KVM_SET_XSAVE")
 
     def get_xcrs(self):
         return self.get_blob(KVM_GET_XCRS, sizeof(kvm_xcrs), "KVM_GET_XCRS")
@@ -523,7 +534,8 @@ cdef class VcpuCore:
                     writeable=bool(t.writeable), usermode=bool(t.usermode))
 
     def interrupt(self, uint32_t vector):
-        """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip)."""
+        """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip;
+        kvmsys.Vcpu.interrupt sends an MSI to the vCPU's APIC where there is one)."""
         require(vector < 256, "vector must be 0..255")
         require(not self.vm.has_irqchip, "with the in-kernel irqchip use irq_line or signal_msi")
         cdef kvm_interrupt i
