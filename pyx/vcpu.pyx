@@ -93,6 +93,8 @@ cdef class VcpuCore:
         StaleVcpuError, and its comm-area views are released (slices of them read
         private zeros): nothing done through them reaches the vCPU or its next owner."""
         self.require_open()
+        if self.v.bound:
+            raise StateError(f"vCPU {self.id} is bound to a thread: remove_vcpu() hands it on")
         self.claim("hand it on")
         cdef VcpuCore n
         cdef Mapping old = self.page

@@ -309,6 +309,8 @@ def test_thread_end_kills_its_vcpu_object_too(fresh_process_vm):
 def test_a_kept_current_cannot_run_or_dirty_a_pooled_vcpu(fresh_process_vm):
     kvmsys.add_vcpu()
     v = kvmsys.current()
+    with pytest.raises(StateError, match="bound"):
+        v.renew()                           # only remove_vcpu() hands a bound vCPU on
     kvmsys.remove_vcpu()                    # the kernel vCPU is in the pool now
     with pytest.raises(StaleVcpuError):
         v.run(timeout=1)
