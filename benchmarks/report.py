@@ -121,6 +121,8 @@ def markdown(doc: dict) -> str:
     out.append("")
     for res in doc["suites"].values():
         out.append(markdown_suite(res))
+    if doc.get("elapsed_s") is not None:
+        out.append(f"_Total: {doc['elapsed_s']:.1f} s._")
     return "\n".join(out)
 
 

@@ -240,3 +240,49 @@ def test_no_spurious_exit_after_a_kick(machine):
         t.join()
         machine.run(budget=1)       # a kick that landed after the last run() is taken here
     assert set(names) == {"KICK"}, f"after {len(names) - 1} kicks run() returned {names[-1]}"
+
+
+# --- regressions against a stored run -----------------------------------------------
+def _exits_doc(tmp_path, name):
+    out = tmp_path / name
+    assert bench.main(["--profile", "tiny", "--suite", "exits", "--mode", "long64", "--json", str(out),
+                       "--quiet"]) == 0
+    return out
+
+
+def test_baseline_catches_a_slowed_loop(tmp_path, monkeypatch, capsys):
+    """A Python handler that sleeps 0.2 ms is a regression of the Python-handler loops, named
+    on stderr with exit code 4; the C-handler loops, not slowed, are not flagged."""
+    import time
+    from kvmsys_bench import baseline, guestvm
+    base = _exits_doc(tmp_path, "base.json")
+    doc = baseline.load(str(base))
+    assert not any(r["worse"] for r in baseline.compare(doc, doc))      # a run is not worse than itself
+    monkeypatch.setattr(guestvm, "noop_handler", lambda ex: time.sleep(0.0002))
+    slow = tmp_path / "slow.json"
+    capsys.readouterr()
+    rc = bench.main(["--profile", "tiny", "--suite", "exits", "--mode", "long64", "--json", str(slow),
+                     "--quiet", "--baseline", str(base)])
+    err = capsys.readouterr().err
+    assert rc == 4
+    worse = {r["metric"] for r in baseline.compare(baseline.load(str(slow)), doc) if r["worse"]}
+    assert "exits/long64/pio_out/fd_py/user_ns" in worse and "exits/long64/mmio_read/sys_py/user_ns" in worse
+    assert "REGRESSION exits/long64/pio_out/fd_py/user_ns" in err
+    assert not any(m.endswith(("/fd_c/user_ns", "/sys_c/user_ns", "/ref/user_ns")) for m in worse)
+
+
+def test_report_regenerates_the_markdown_from_json(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    assert bench.main(["--profile", "tiny", "--suite", "lifecycle", "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert bench.main(["--report", str(out)]) == 0
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.nokvm
+def test_baseline_usage_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    assert bench.main(["--baseline", str(tmp_path / "missing.json")]) == 2
+    assert bench.main(["--report", str(bad)]) == 2
+    assert bench.main(["--tolerance", "-1"]) == 2

@@ -155,8 +155,9 @@ cdef class RefVcpu:
         """The thread-switch rotation done from C.  Per repetition, interleaved, three
         samples of *exits* exits each, timed inside the thread that runs them: from the
         calling thread ("caller"), from one fixed worker thread ("worker"), and from the
-        next of *pool* threads in rotation ("rotating": a different thread every time).
-        Returns {"caller": [ns], "worker": [ns], "rotating": [ns]}."""
+        next of *pool* threads in rotation ("rotating": a different thread every time), and
+        from a thread created for that one run ("new"; its creation is not timed).
+        Returns {"caller": [ns], "worker": [ns], "rotating": [ns], "new": [ns]}."""
         self.require_open()
         return thread_switch(self.fd, self.run, self.size, exits, pool, reps)
 
@@ -275,7 +276,8 @@ cdef thread_switch(int fd, kvm_run *run, size_t mmap_size, uint64_t exits, int p
     cdef int i, r, started = 0, err = 0, nxt = 0
     cdef uint64_t done, kernel, t0
     cdef uint32_t stop
-    out = {"caller": [], "worker": [], "rotating": []}
+    cdef worker_t fresh
+    out = {"caller": [], "worker": [], "rotating": [], "new": []}
     try:
         for i in range(pool + 1):           # ws[0]: the fixed worker; ws[1..pool]: the rotation
             ws[i].fd, ws[i].run, ws[i].size, ws[i].exits = fd, run, mmap_size, exits
@@ -303,6 +305,24 @@ cdef thread_switch(int fd, kvm_run *run, size_t mmap_size, uint64_t exits, int p
                 break
             out["rotating"].append(ws[1 + nxt].ns)
             nxt = (nxt + 1) % pool
+            # a thread created for this one run (its creation is not timed)
+            memset(&fresh, 0, sizeof(fresh))
+            fresh.fd, fresh.run, fresh.size, fresh.exits = fd, run, mmap_size, exits
+            sem_init(&fresh.go, 0, 0)
+            sem_init(&fresh.done, 0, 0)
+            if pthread_create(&fresh.thread, NULL, worker_main, &fresh) != 0:
+                err = errno
+                break
+            with nogil:
+                err = job_on(&fresh)
+                fresh.quit = 1
+                sem_post(&fresh.go)
+                pthread_join(fresh.thread, NULL)
+            sem_destroy(&fresh.go)
+            sem_destroy(&fresh.done)
+            if err:
+                break
+            out["new"].append(fresh.ns)
     finally:
         with nogil:
             for i in range(started):
