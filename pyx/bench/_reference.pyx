@@ -248,11 +248,18 @@ cdef struct worker_t:
     uint32_t stop
 
 
+# sem_wait is never restarted after a signal handler (signal(7)): a late kick signal
+# must not pass for a post.
+cdef inline void wait_post(sem_t *s) noexcept nogil:
+    while sem_wait(s) != 0 and errno == EINTR:
+        pass
+
+
 cdef void *worker_main(void *arg) noexcept nogil:
     cdef worker_t *w = <worker_t *>arg
     cdef uint64_t done, kernel, t0
     while True:
-        sem_wait(&w.go)
+        wait_post(&w.go)
         if w.quit:
             return NULL
         t0 = kvmsys_now_ns()
@@ -263,7 +270,7 @@ cdef void *worker_main(void *arg) noexcept nogil:
 
 cdef int job_on(worker_t *w) noexcept nogil:
     sem_post(&w.go)
-    sem_wait(&w.done)
+    wait_post(&w.done)
     return w.err or <int>w.stop
 
 
@@ -362,7 +369,7 @@ cdef void *target_main(void *arg) noexcept nogil:
     sigaddset(&s, t.signo)
     pthread_sigmask(SIG_UNBLOCK, &s, NULL)     # a creator's blocked mask must not hide kicks
     while True:
-        sem_wait(&t.go)
+        wait_post(&t.go)
         if t.quit:
             return NULL
         kvmsys_store_int(&t.in_run, 1)
