@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --baseline: how much worse a median may get before it counts (default 0.5 = 50%%)")
     p.add_argument("--report", metavar="FILE.json",
                    help="measure nothing: print the Markdown report of a stored run (and --plot it)")
+    p.add_argument("--trace", action="store_true",
+                   help="also break one exit round trip into segments from the kernel's tracepoints "
+                        "(root; mounts tracefs if needed; says why and skips otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--profile", choices=["tiny", "quick", "full"], help=argparse.SUPPRESS)
     return p
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
     try:
         machine = harness.machine_record()
         harness.progress(f"profile {profile.name}, suites {', '.join(names)}, guest mode {profile.mode}")
-        results = run_suites(names, profile)
+        results = run_suites(names + (["trace"] if args.trace else []), profile)
     except OSError as e:
         print(f"benchmarks: {e}", file=sys.stderr)
         return 3

@@ -288,3 +288,39 @@ def test_baseline_usage_errors(tmp_path, capsys):
     assert bench.main(["--baseline", str(tmp_path / "missing.json")]) == 2
     assert bench.main(["--report", str(bad)]) == 2
     assert bench.main(["--tolerance", "-1"]) == 2
+
+
+# --- --trace ----------------------------------------------------------------------------
+@pytest.mark.nokvm
+def test_trace_segments_from_a_trace():
+    from kvmsys_bench import trace
+    run = trace._KVM_RUN_ARG
+    text = "\n".join([
+        "# tracer: nop",
+        f" python-7 [000] ..... 100.000010: sys_enter: NR 16 (5, {run}, 0, 0, 0, 0)",
+        " python-7 [000] ..... 100.000013: kvm_entry: vcpu 0, rip 0x1000",
+        " python-7 [000] ..... 100.000020: kvm_exit: vcpu 0 reason IO_INSTRUCTION",
+        " python-7 [000] ..... 100.000024: kvm_userspace_exit: reason KVM_EXIT_IO (2)",
+        " python-7 [000] ..... 100.000025: sys_exit: NR 16 = 0",
+        " python-7 [000] ..... 100.000026: sys_enter: NR 16 (5, 5401, 0, 0, 0, 0)",     # not KVM_RUN
+        " python-7 [000] ..... 100.000026: sys_exit: NR 16 = -25",
+        f" python-7 [000] ..... 100.000027: sys_enter: NR 16 (5, {run}, 0, 0, 0, 0)",
+        " python-7 [000] ..... 100.000036: kvm_userspace_exit: reason KVM_EXIT_IO (2)",  # emulated
+        " python-7 [000] ..... 100.000038: sys_exit: NR 16 = 0",
+    ])
+    seg = trace.segments(text)
+    assert seg == {"enter": [3000, 9000], "guest": [7000], "exit": [4000], "ret": [1000, 2000],
+                   "user": [2000]}
+
+
+def test_trace_breaks_down_round_trips():
+    from kvmsys_bench import trace
+    why = trace.unavailable()
+    if why:
+        pytest.skip(f"host: {why}")
+    res = trace.run(TINY)
+    assert not res.skipped
+    for rid, row in res.rows.items():
+        if rid.endswith(("/enter", "/ret")):
+            assert row["cells"]["count"] >= 50, rid       # every traced round trip was seen
+    assert {rid.split("/")[1] for rid in res.rows} == {"fd", "sys"}
