@@ -162,16 +162,15 @@ cdef class VcpuHandle:
         self._kick(KICK_CALLS)
 
     def interrupt(self, uint32_t vector):
-        """Request external interrupt *vector* for this vCPU.
+        """Request external interrupt *vector* for this vCPU: queued and injected by the
+        thread that runs it, at once if it is running (a kick), else at its next run().
 
-        With the in-kernel irqchip: an MSI to its local APIC (from this thread).
-        Without: queued and injected by the owning thread at its next exit."""
+        With the in-kernel irqchip that thread sends an MSI to the APIC id the vCPU has
+        then (read from its LAPIC state: a guest may change it, x2APIC ids exceed 255),
+        which only it can read: KVM_GET_LAPIC waits while the vCPU is in KVM_RUN.
+        Without: KVM_INTERRUPT."""
         require(16 <= vector < 256, "vector must be 16..255")
         self._check()
-        if self.vcpu.vm.has_irqchip:
-            # physical destination = APIC id (= vCPU id), fixed delivery, edge
-            self.vcpu.vm.signal_msi(0xFEE00000 | (self.vcpu.id << 12), vector)
-            return
         self.vcpu.pending.append(("irq", vector))
         self._kick(KICK_IRQ)
 
