@@ -12,7 +12,7 @@ in the compiled core (kvmsys._core), shared with the syscall-style ABI.
 from __future__ import annotations
 
 from . import _core, kvmstats, routing, state
-from .errors import CapabilityError, InvalidArgumentError
+from .errors import ArgumentTypeError, CapabilityError, InvalidArgumentError
 
 __all__ = ["Kvm", "Vm", "Vcpu", "CAPABILITIES"]
 
@@ -88,7 +88,12 @@ class Vm(_core.VmCore):
         Python, or with vm.add_handler(Space.MSR, ...) in C); every other MSR stays
         KVM's.  Enables KVM_CAP_X86_USER_SPACE_MSR for filter exits and installs an MSR
         filter (KVM_X86_SET_MSR_FILTER) that replaces any earlier one; at most 16 MSRs."""
-        idx = sorted({int(i) for i in indices})
+        if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+            raise ArgumentTypeError(f"trap_msrs takes a list of MSR indices, not {type(indices).__name__}")
+        indices = list(indices)
+        if not all(isinstance(i, int) and 0 <= i <= 0xFFFFFFFF for i in indices):
+            raise InvalidArgumentError(f"MSR indices are ints 0..0xffffffff, not {indices!r}")
+        idx = sorted(set(indices))
         if not idx or len(idx) > 16:
             raise InvalidArgumentError(f"trap_msrs takes 1..16 MSR indices, got {len(idx)}")
         if not (read or write):

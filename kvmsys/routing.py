@@ -9,7 +9,7 @@ A table replaces the kernel's default one (which maps GSIs 0..15 to the PICs and
 from __future__ import annotations
 
 from . import _core
-from .errors import InvalidArgumentError
+from .errors import ArgumentTypeError, InvalidArgumentError
 
 __all__ = ["msi_message", "msi_route", "irqchip_route", "default_routes"]
 
@@ -22,6 +22,9 @@ def msi_message(apic_id: int, vector: int, *, level: bool = False,
                 x2apic_format: bool = False) -> tuple[int, int, int]:
     """(address_lo, address_hi, data) of a fixed, physical-destination MSI.  APIC ids
     above 255 travel in address_hi (KVM_X2APIC_API_USE_32BIT_IDS, *x2apic_format*)."""
+    for name, v in (("vector", vector), ("APIC id", apic_id)):
+        if not isinstance(v, int):
+            raise ArgumentTypeError(f"{name} must be an int, not {type(v).__name__}")
     if not 16 <= vector <= 255:
         raise InvalidArgumentError(f"vector must be 16..255, not {vector}")
     if not 0 <= apic_id < (1 << 32) or (apic_id > 0xFF and not x2apic_format):

@@ -172,6 +172,8 @@ cdef class VcpuHandle:
 
     def call_soon(self, fn, *args):
         """Run fn(*args) on the vCPU's owning thread at its next exit."""
+        if not callable(fn):
+            raise ArgumentTypeError(f"call_soon takes a callable, not {type(fn).__name__}")
         self._check()
         self.vcpu.pending.append((fn, args))
         self._kick(KICK_CALLS)

@@ -290,7 +290,8 @@ cdef class VcpuCore:
 
     def set_tsc_khz(self, khz):
         """KVM_SET_TSC_KHZ (KVM refuses a frequency it cannot scale to: KvmOSError)."""
-        cdef uint32_t k = as_int(khz, "TSC frequency (kHz)", 1, 0xffffffff)
+        cdef uint32_t k = as_u32(khz, "TSC frequency (kHz)")
+        require(k >= 1, "the TSC frequency must be at least 1 kHz")
         self.require_open()
         self._touched = 1
         check(ioctl(self.v.fd, KVM_SET_TSC_KHZ, <unsigned long>k), "KVM_SET_TSC_KHZ")
@@ -551,7 +552,7 @@ cdef class VcpuCore:
         cdef kvm_sregs s
         try:
             s = int_leaves(of_type(sregs, dict, "sregs"), "sregs")
-        except (TypeError, ValueError, OverflowError) as e:
+        except (TypeError, ValueError, OverflowError, IndexError) as e:
             raise InvalidArgumentError(f"sregs: {e}") from None
         self.vcpu_ioctl(KVM_SET_SREGS, &s, "KVM_SET_SREGS")
 
@@ -564,7 +565,7 @@ cdef class VcpuCore:
         cdef kvm_debugregs d
         try:
             d = int_leaves(of_type(debugregs, dict, "debugregs"), "debugregs")
-        except (TypeError, ValueError, OverflowError) as e:
+        except (TypeError, ValueError, OverflowError, IndexError) as e:
             raise InvalidArgumentError(f"debugregs: {e}") from None
         self.vcpu_ioctl(KVM_SET_DEBUGREGS, &d, "KVM_SET_DEBUGREGS")
 
@@ -709,7 +710,7 @@ cdef class VcpuCore:
         cdef int i
         memset(&d, 0, sizeof(d))
         if debugreg is not None:
-            regs = [as_u64(x, "debug register") for x in debugreg]
+            regs = [as_u64(x, "debug register") for x in as_list(debugreg, "debugreg")]
             require(len(regs) == 8, f"debugreg takes 8 values (DR0-DR7), got {len(regs)}")
             require(hw_breakpoints, "debugreg is used only with hw_breakpoints=True")
             for i in range(8):
