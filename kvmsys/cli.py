@@ -182,7 +182,9 @@ def main(argv=None) -> int:
         if argv[:1] == ["bench"]:       # everything after "bench" belongs to the benchmark's parser
             return _cmd_bench(argparse.Namespace(rest=argv[1:]))
         args = p.parse_args(argv)
-        return _run(args)
+        status = _run(args)
+        sys.stdout.flush()          # a closed pipe shows here, not in the interpreter's exit
+        return status
     except BrokenPipeError:
         # the reader went away (`kvmsys guests | head -1`): end quietly, as a program
         # killed by SIGPIPE would; stdout points at /dev/null so the final flush is silent

@@ -461,3 +461,81 @@ def test_python_helpers_raise_typed_errors(machine, what, call):
 def test_pause_timeout_is_a_kvmsys_error():
     from kvmsys.errors import OperationTimeoutError
     assert issubclass(OperationTimeoutError, KvmsysError) and issubclass(OperationTimeoutError, TimeoutError)
+
+
+# === 7. the command line ==============================================================
+
+def kvmsys_cli(*args, timeout=60, **kw):
+    return subprocess.run([sys.executable, "-m", "kvmsys", *args], capture_output=True, timeout=timeout,
+                          cwd=tempfile.gettempdir(), **kw)
+
+
+def one_line_error(p):
+    err = p.stderr.decode()
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory", "missing", "empty"])
+def test_cli_refuses_bad_firmware_files_in_one_line(tmp_path, kind):
+    path = {"dev-zero": "/dev/zero", "directory": str(tmp_path), "missing": str(tmp_path / "nope"),
+            "fifo": str(tmp_path / "fifo"), "empty": str(tmp_path / "empty")}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)                 # no writer: a blocking open would never return
+    if kind == "empty":
+        open(path, "wb").close()
+    for abi in ("sys", "fd"):
+        p = kvmsys_cli("run", "--firmware", path, "--abi", abi, timeout=30)
+        assert p.returncode == 2, p.stderr.decode()
+        assert path in one_line_error(p)
+
+
+def test_cli_user_errors_exit_2_without_traceback():
+    p = kvmsys_cli("run", "--guest", "hello.real", "--n", "5")
+    assert p.returncode == 2
+    assert "unknown input" in one_line_error(p)
+    p = kvmsys_cli("run", "--guest", "nope.real")
+    assert p.returncode == 2
+    one_line_error(p)
+    for bad in (["--timeout", "-1"], ["--timeout", "nan"], ["--vcpus", "0"]):
+        p = kvmsys_cli("run", "--guest", "hello.real", *bad)
+        assert p.returncode == 2 and b"Traceback" not in p.stderr, p.stderr.decode()
+
+
+def test_cli_closed_pipe_is_quiet():
+    proc = subprocess.Popen([sys.executable, "-m", "kvmsys", "guests"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    proc.stdout.close()                 # the reader is gone before anything is written
+    _, err = proc.communicate(timeout=60)
+    assert err == b"", err.decode()
+    assert proc.returncode == 128 + 13
+
+
+def test_cli_bench_checks_its_json_output_first(tmp_path):
+    t0 = time.monotonic()
+    p = kvmsys_cli("bench", "--quick", "--json", str(tmp_path / "no" / "such" / "dir.json"), timeout=120)
+    assert p.returncode == 2, p.stderr.decode()[-1000:]
+    assert "cannot write" in p.stderr.decode()
+    assert time.monotonic() - t0 < 30            # refused before the run, not after it
+
+
+def test_cli_ctrl_c_stops_every_vcpu():
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "kvmsys", "run", "--guest", "smp_counter.pm32", "--vcpus", "2",
+                             "--n", "100000000", "--timeout", "120"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    try:
+        deadline = time.monotonic() + 30
+        while len(os.listdir(f"/proc/{proc.pid}/task")) < 3:     # main + two vCPU threads
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err.decode()
+    assert "interrupted" in err.decode() and "Traceback" not in err.decode()
