@@ -24,6 +24,9 @@ cdef class VcpuCore:
     cdef int synced            # the kernel has filled run->s.regs at least once
     cdef int debug_enabled
     cdef int _touched            # ran or had state set: a recycled vCPU must be reset
+    cdef int ran                 # entered KVM_RUN at least once (an I/O may await completion)
+    cdef int ran_here            # ... since this object got it (renew() clears it)
+    cdef int cpuid_was_set       # KVM_SET_CPUID2 happened: KVM cannot undo it once the vCPU ran
     cdef readonly list pending   # (fn, args) calls and ("irq"|"nmi", vector) requests from handles
     cdef bint owner              # this object frees v
     cdef str gone                # why this object no longer reaches its vCPU, or None
@@ -124,6 +127,8 @@ cdef class VcpuCore:
         StaleVcpuError, and its comm-area views are released (slices of them read
         private zeros): nothing done through them reaches the vCPU or its next owner."""
         self.require_open()
+        if self.v.bound:
+            raise StateError(f"vCPU {self.id} is bound to a thread: remove_vcpu() hands it on")
         self.claim("hand it on")
         cdef VcpuCore n
         cdef Mapping old = self.page
@@ -131,6 +136,7 @@ cdef class VcpuCore:
             n = type(self).__new__(type(self))
             n.v, n.vm, n.id, n.forkgen = self.v, self.vm, self.id, self.forkgen
             n.synced, n.debug_enabled, n._touched = self.synced, self.debug_enabled, self._touched
+            n.ran, n.cpuid_was_set = self.ran, self.cpuid_was_set
             n.pending, n.views = [], []
             n.dirty_ring, n.dirty_fetch = self.dirty_ring, self.dirty_fetch
             n.map_comm_area()
@@ -177,6 +183,117 @@ cdef class VcpuCore:
         """Record that the vCPU's state is its initial state again (after a reset)."""
         self._touched = 0
 
+    @property
+    def has_run(self):
+        """True once the vCPU entered KVM_RUN.  KVM then accepts no CPUID table but the
+        one it has (none, on a new vCPU), for good: nothing resets that."""
+        return bool(self.ran)
+
+    @property
+    def run_before(self):
+        """True if the kernel vCPU ran before this object got it (recycled), not since."""
+        return bool(self.ran and not self.ran_here)
+
+    def replace_kernel_vcpu(self, new_id):
+        """Move this object onto a new kernel vCPU *new_id* of its VM, mapped where the
+        comm area is (views of it stay valid); the old kernel vCPU is retired (KVM keeps
+        it, and its id, until the VM goes).  State is the new vCPU's initial state."""
+        self.require_open()
+        cdef VmCore vm = self.vm
+        cdef int vid = as_int(new_id, "vCPU id", 0, 0x7fffffff)
+        require(vid not in vm.vcpu_ids, f"vCPU id {vid} already exists in this VM")
+        self.claim("replace it")
+        cdef int fd = -1
+        cdef void *addr
+        try:
+            fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vid), "KVM_CREATE_VCPU")
+            vm.vcpu_ids.add(vid)
+            addr = mmap(<void *>self.v.run, self.v.run_size, PROT_READ | PROT_WRITE,
+                        MAP_SHARED | MAP_FIXED, fd, 0)
+            if addr == MAP_FAILED or madvise(addr, self.v.run_size, MADV_DONTFORK) != 0:
+                err = errno
+                close(fd)
+                # the old vCPU's page is gone from this address: this object is done for
+                kvmsys_detach_region(<void *>self.v.run, self.v.run_size)
+                self.close_claimed()
+                raise_os(err, "mmap(kvm_run, MAP_FIXED)")
+            pthread_mutex_lock(&self.v.lock)
+            close(self.v.fd)
+            self.v.fd = fd
+            pthread_mutex_unlock(&self.v.lock)
+            self.id = vid
+            self.ran = self.ran_here = self.cpuid_was_set = self.debug_enabled = self._touched = 0
+            self.synced = 0
+            if vm.has_sync_regs:
+                self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS
+        finally:
+            kvmsys_store_int(&self.v.active, 0)
+
+    @property
+    def cpuid_set(self):
+        """True once KVM_SET_CPUID2 was called on this vCPU (a new one has no CPUID table)."""
+        return bool(self.cpuid_was_set)
+
+    @property
+    def guest_debug(self):
+        """True while KVM_SET_GUEST_DEBUG is enabled on this vCPU."""
+        return bool(self.debug_enabled)
+
+    def complete_pending_io(self):
+        """KVM_RUN with immediate_exit set: KVM completes an I/O or MMIO access the last
+        exit left for user space and returns at once, without running guest code (the
+        way KVM documents to settle a vCPU before its state is saved or reset)."""
+        self.require_open()
+        if not self.ran:
+            return
+        self.claim("complete its I/O")
+        cdef int r, err
+        try:
+            kvmsys_store_u8(&self.v.run.immediate_exit, 1)
+            r = ioctl(self.v.fd, KVM_RUN, 0)
+            err = errno
+            kvmsys_store_u8(&self.v.run.immediate_exit, 0)
+            if r < 0 and err != EINTR and err != EAGAIN:
+                raise_os(err, "KVM_RUN(immediate_exit)")
+        finally:
+            kvmsys_store_int(&self.v.active, 0)
+
+    def clear_comm_area(self):
+        """Zero the kvm_run page and the PIO data page as a new vCPU has them (the
+        coalesced ring, which KVM indexes, stays); registers come from KVM again."""
+        self.require_open()
+        cdef long page = sysconf(_SC_PAGESIZE)
+        cdef size_t n = min(<size_t>self.v.run_size, <size_t>(KVM_COALESCED_MMIO_PAGE_OFFSET * page))
+        memset(<void *>self.v.run, 0, n)
+        if self.vm.has_sync_regs:
+            self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS
+        self.synced = 0
+
+    def get_nested_state(self):
+        """KVM_GET_NESTED_STATE as raw bytes (KVM_CAP_NESTED_STATE gives the size)."""
+        cdef long size = self.require_cap(KVM_CAP_NESTED_STATE, "NESTED_STATE", "KVM_GET_NESTED_STATE")
+        require(<size_t>size >= sizeof(kvm_nested_state), "KVM reported a nested-state size below its header")
+        cdef bytearray buf = bytearray(size)
+        (<kvm_nested_state *><char *>buf).size = size
+        self.vcpu_ioctl(KVM_GET_NESTED_STATE, <char *>buf, "KVM_GET_NESTED_STATE")
+        return bytes(buf[:(<kvm_nested_state *><char *>buf).size])
+
+    def set_nested_state(self, data):
+        cdef long size = self.require_cap(KVM_CAP_NESTED_STATE, "NESTED_STATE", "KVM_SET_NESTED_STATE")
+        cdef bytearray buf = bytearray(as_blob(data, "set_nested_state"))
+        require(sizeof(kvm_nested_state) <= <size_t>len(buf) <= <size_t>size and
+                (<kvm_nested_state *><char *>buf).size == <uint32_t>len(buf),
+                f"nested state must be a kvm_nested_state blob whose size field matches ({len(buf)} bytes given)")
+        self.vcpu_ioctl(KVM_SET_NESTED_STATE, <char *>buf, "KVM_SET_NESTED_STATE")
+
+    cdef long require_cap(self, int cap, str name, str op) except -1:
+        self.require_open()
+        cdef long n = self.vm.check_extension(cap)
+        if n <= 0:
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError(name, op)
+        return n
+
     def fileno(self):
         self.require_open()
         return self.v.fd
@@ -221,6 +338,7 @@ cdef class VcpuCore:
             self.require_open()          # closed meanwhile: say so
             raise StateError(f"vCPU {self.id} is already running in another thread")
         self._touched = 1
+        self.ran = self.ran_here = 1
         try:
             v.budget_left = budget
             v.deadline_ns = 0
@@ -446,6 +564,7 @@ cdef class VcpuCore:
                 e[i].ebx = d.get("ebx", 0)
                 e[i].ecx = d.get("ecx", 0)
                 e[i].edx = d.get("edx", 0)
+            self.cpuid_was_set = 1
             self.vcpu_ioctl(KVM_SET_CPUID2, c, "KVM_SET_CPUID2")
         finally:
             free(c)
@@ -516,15 +635,9 @@ cdef class VcpuCore:
         self.set_blob(KVM_SET_XCRS, data, sizeof(kvm_xcrs), "KVM_SET_XCRS")
 
     # --- more state and controls (each needs a capability; CapabilityError without) ---
-    cdef int need(self, long cap, str name, str needed_for) except -1:
-        if self.vm.check_extension(cap) <= 0:
-            from kvmsys.errors import CapabilityError
-            raise CapabilityError(name, needed_for)
-        return 0
-
     def get_sregs2(self):
         """KVM_GET_SREGS2: the special registers plus the PAE PDPTRs (flags says if valid)."""
-        self.need(KVM_CAP_SREGS2, "SREGS2", "KVM_GET_SREGS2")
+        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_GET_SREGS2")
         cdef kvm_sregs2 s
         memset(&s, 0, sizeof(s))
         self.vcpu_ioctl(KVM_GET_SREGS2, &s, "KVM_GET_SREGS2")
@@ -532,7 +645,7 @@ cdef class VcpuCore:
 
     def set_sregs2(self, dict sregs2):
         """KVM_SET_SREGS2 from a full dict (get_sregs2(), modified)."""
-        self.need(KVM_CAP_SREGS2, "SREGS2", "KVM_SET_SREGS2")
+        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_SET_SREGS2")
         cdef kvm_sregs2 s = sregs2
         self.vcpu_ioctl(KVM_SET_SREGS2, &s, "KVM_SET_SREGS2")
 
@@ -543,7 +656,7 @@ cdef class VcpuCore:
 
     def get_tsc_khz(self):
         """KVM_GET_TSC_KHZ: the guest's TSC frequency in kHz."""
-        self.need(KVM_CAP_GET_TSC_KHZ, "GET_TSC_KHZ", "KVM_GET_TSC_KHZ")
+        self.require_cap(KVM_CAP_GET_TSC_KHZ, "GET_TSC_KHZ", "KVM_GET_TSC_KHZ")
         self.require_open()
         return check(ioctl(self.v.fd, KVM_GET_TSC_KHZ, 0), "KVM_GET_TSC_KHZ")
 
@@ -551,7 +664,7 @@ cdef class VcpuCore:
         """KVM_SET_TSC_KHZ: scale the guest's TSC to *khz* (needs KVM_CAP_TSC_CONTROL)."""
         cdef uint32_t k = as_u32(khz, "TSC frequency (kHz)")
         require(k > 0, "the TSC frequency must be positive")
-        self.need(KVM_CAP_TSC_CONTROL, "TSC_CONTROL", "KVM_SET_TSC_KHZ")
+        self.require_cap(KVM_CAP_TSC_CONTROL, "TSC_CONTROL", "KVM_SET_TSC_KHZ")
         self.require_open()
         self._touched = 1
         check(ioctl(self.v.fd, KVM_SET_TSC_KHZ, <unsigned long>k), "KVM_SET_TSC_KHZ")
@@ -559,12 +672,12 @@ cdef class VcpuCore:
     def kvmclock_ctrl(self):
         """KVM_KVMCLOCK_CTRL: tell the guest's kvmclock the vCPU was paused by the host
         (no soft-lockup warnings); EINVAL unless the guest set up kvmclock."""
-        self.need(KVM_CAP_KVMCLOCK_CTRL, "KVMCLOCK_CTRL", "KVM_KVMCLOCK_CTRL")
+        self.require_cap(KVM_CAP_KVMCLOCK_CTRL, "KVMCLOCK_CTRL", "KVM_KVMCLOCK_CTRL")
         self.vcpu_ioctl(KVM_KVMCLOCK_CTRL, NULL, "KVM_KVMCLOCK_CTRL")
 
     def smi(self):
         """KVM_SMI: queue a system-management interrupt (needs KVM_CAP_X86_SMM)."""
-        self.need(KVM_CAP_X86_SMM, "X86_SMM", "KVM_SMI")
+        self.require_cap(KVM_CAP_X86_SMM, "X86_SMM", "KVM_SMI")
         self.vcpu_ioctl(KVM_SMI, NULL, "KVM_SMI")
 
     def enable_cap(self, uint32_t cap, uint32_t flags=0, args=()):
@@ -572,26 +685,6 @@ cdef class VcpuCore:
         cdef kvm_enable_cap c
         fill_enable_cap(&c, cap, flags, args)
         self.vcpu_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP(vCPU)")
-
-    def get_nested_state(self):
-        """KVM_GET_NESTED_STATE: the nested-virtualization state, raw (header + data)."""
-        cdef long size = self.vm.check_extension(KVM_CAP_NESTED_STATE)
-        if size <= 0:
-            self.need(KVM_CAP_NESTED_STATE, "NESTED_STATE", "KVM_GET_NESTED_STATE")
-        require(<size_t>size >= sizeof(kvm_nested_state), f"KVM reports a nested state of {size} bytes")
-        cdef bytearray buf = bytearray(size)
-        (<kvm_nested_state *><char *>buf).size = size
-        self.vcpu_ioctl(KVM_GET_NESTED_STATE, <char *>buf, "KVM_GET_NESTED_STATE")
-        return bytes(buf[:(<kvm_nested_state *><char *>buf).size])
-
-    def set_nested_state(self, data):
-        """KVM_SET_NESTED_STATE from get_nested_state()'s bytes."""
-        self.need(KVM_CAP_NESTED_STATE, "NESTED_STATE", "KVM_SET_NESTED_STATE")
-        cdef bytearray buf = bytearray(as_blob(data, "set_nested_state"))
-        require(<size_t>len(buf) >= sizeof(kvm_nested_state) and
-                (<kvm_nested_state *><char *>buf).size == <uint32_t>len(buf),
-                "nested state: the header's size must be the blob's length")
-        self.vcpu_ioctl(KVM_SET_NESTED_STATE, <char *>buf, "KVM_SET_NESTED_STATE")
 
     def set_guest_debug(self, bint enable=True, bint single_step=False, bint sw_breakpoints=False,
                         bint hw_breakpoints=False, debugreg=None, bint block_irq=False):

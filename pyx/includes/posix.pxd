@@ -27,6 +27,8 @@ cdef extern from "<sys/mman.h>" nogil:
     enum: MAP_ANONYMOUS
     enum: MAP_NORESERVE
     enum: MAP_HUGETLB
+    enum: MAP_FIXED
+    enum: MADV_DONTFORK
     void *MAP_FAILED
 
 cdef extern from "<errno.h>" nogil:
