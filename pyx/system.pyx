@@ -12,20 +12,29 @@ _HINT_MISSING = ("load the kvm module (modprobe kvm_intel or kvm_amd), or, insid
 _HINT_ACCESS = "add your user to the 'kvm' group (sudo usermod -aG kvm $USER) and log in again"
 
 
-cdef list cpuid_query(int fd, unsigned long req, str op):
-    """A CPUID-list ioctl (KVM_GET_SUPPORTED_CPUID, _EMULATED_CPUID, KVM_GET_CPUID2) as dicts."""
-    cdef size_t sz = sizeof(kvm_cpuid2) + CPUID_MAX * sizeof(kvm_cpuid_entry2)
-    cdef kvm_cpuid2 *c = <kvm_cpuid2 *>calloc(1, sz)
-    cdef kvm_cpuid_entry2 *e
+cdef kvm_cpuid2 *cpuid_new() except NULL:
+    """A zeroed kvm_cpuid2 with room for CPUID_MAX entries (free() it)."""
+    cdef kvm_cpuid2 *c = <kvm_cpuid2 *>calloc(1, sizeof(kvm_cpuid2) + CPUID_MAX * sizeof(kvm_cpuid_entry2))
     if c == NULL:
         raise MemoryError()
+    c.nent = CPUID_MAX
+    return c
+
+
+cdef list cpuid_read(kvm_cpuid2 *c):
+    """The entries a CPUID-list ioctl filled in, as dicts."""
+    cdef kvm_cpuid_entry2 *e = <kvm_cpuid_entry2 *>(<char *>c + sizeof(kvm_cpuid2))
+    return [dict(function=e[i].function, index=e[i].index, flags=e[i].flags,
+                 eax=e[i].eax, ebx=e[i].ebx, ecx=e[i].ecx, edx=e[i].edx)
+            for i in range(min(c.nent, CPUID_MAX))]
+
+
+cdef list cpuid_query(int fd, unsigned long req, str op):
+    """A CPUID-list ioctl on the system fd (KVM_GET_SUPPORTED_CPUID, _EMULATED_CPUID)."""
+    cdef kvm_cpuid2 *c = cpuid_new()
     try:
-        c.nent = CPUID_MAX
         check(ioctl(fd, req, c), op)
-        e = <kvm_cpuid_entry2 *>(<char *>c + sizeof(kvm_cpuid2))
-        return [dict(function=e[i].function, index=e[i].index, flags=e[i].flags,
-                     eax=e[i].eax, ebx=e[i].ebx, ecx=e[i].ecx, edx=e[i].edx)
-                for i in range(min(c.nent, CPUID_MAX))]
+        return cpuid_read(c)
     finally:
         free(c)
 
@@ -46,8 +55,8 @@ cdef list msr_list_query(int fd, unsigned long req, str op):
         free(l)
 
 
-cdef dict msrs_get(int fd, indices, str op):
-    """KVM_GET_MSRS on a vCPU or the system fd: {index: value} for those the kernel read."""
+cdef kvm_msrs *msrs_new(indices) except NULL:
+    """A kvm_msrs asking for *indices* (free() it)."""
     cdef list idx = [as_u32(i, "MSR index") for i in as_list(indices, "MSR indices")]
     require(0 < len(idx) <= MSR_LIST_MAX, f"between 1 and {MSR_LIST_MAX} MSR indices")
     cdef size_t n = len(idx)
@@ -55,14 +64,16 @@ cdef dict msrs_get(int fd, indices, str op):
     if m == NULL:
         raise MemoryError()
     cdef kvm_msr_entry *e = <kvm_msr_entry *>(<char *>m + sizeof(kvm_msrs))
-    try:
-        m.nmsrs = n
-        for i in range(n):
-            e[i].index = idx[i]
-        got = check(ioctl(fd, KVM_GET_MSRS, m), op)
-        return {e[i].index: e[i].data for i in range(got)}
-    finally:
-        free(m)
+    m.nmsrs = n
+    for i in range(n):
+        e[i].index = idx[i]
+    return m
+
+
+cdef dict msrs_read(kvm_msrs *m, long got):
+    """{index: value} of the first *got* entries (KVM_GET_MSRS stops at the first it cannot read)."""
+    cdef kvm_msr_entry *e = <kvm_msr_entry *>(<char *>m + sizeof(kvm_msrs))
+    return {e[i].index: e[i].data for i in range(got)}
 
 
 cdef int require_system_cap(KvmCore kvm, long cap, str name, str needed_for) except -1:
@@ -169,7 +180,11 @@ cdef class KvmCore:
         (msr_feature_index_list()), {index: value}, stopping at the first it cannot read."""
         self.require_open()
         require_system_cap(self, KVM_CAP_GET_MSR_FEATURES, "GET_MSR_FEATURES", "reading feature MSRs")
-        return msrs_get(self.fd, indices, "KVM_GET_MSRS(system)")
+        cdef kvm_msrs *m = msrs_new(indices)
+        try:
+            return msrs_read(m, check(ioctl(self.fd, KVM_GET_MSRS, m), "KVM_GET_MSRS(system)"))
+        finally:
+            free(m)
 
     def close(self):
         """Close the fd.  Idempotent; VMs created from it stay valid."""

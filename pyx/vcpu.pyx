@@ -584,8 +584,11 @@ cdef class VcpuCore:
 
     def get_msrs(self, indices):
         """KVM_GET_MSRS: {index: value} for the MSRs the kernel returned (it stops at the first it cannot read)."""
-        self.require_open()
-        return msrs_get(self.v.fd, indices, "KVM_GET_MSRS")
+        cdef kvm_msrs *m = msrs_new(indices)
+        try:
+            return msrs_read(m, self.vcpu_ioctl(KVM_GET_MSRS, m, "KVM_GET_MSRS"))
+        finally:
+            free(m)
 
     def set_msrs(self, msrs):
         """KVM_SET_MSRS from {index: value}; returns how many the kernel accepted (in order)."""
@@ -716,23 +719,25 @@ cdef class VcpuCore:
 
     def get_cpuid2(self):
         """KVM_GET_CPUID2: the CPUID entries set on this vCPU (set_cpuid2's form)."""
-        self.require_open()
-        return cpuid_query(self.v.fd, KVM_GET_CPUID2, "KVM_GET_CPUID2")
+        cdef kvm_cpuid2 *c = cpuid_new()
+        try:
+            self.vcpu_ioctl(KVM_GET_CPUID2, c, "KVM_GET_CPUID2")
+            return cpuid_read(c)
+        finally:
+            free(c)
 
     def get_tsc_khz(self):
         """KVM_GET_TSC_KHZ: the guest's TSC frequency in kHz."""
         self.require_cap(KVM_CAP_GET_TSC_KHZ, "GET_TSC_KHZ", "KVM_GET_TSC_KHZ")
         self.require_open()
-        return check(ioctl(self.v.fd, KVM_GET_TSC_KHZ, 0), "KVM_GET_TSC_KHZ")
+        return self.vcpu_ioctl(KVM_GET_TSC_KHZ, NULL, "KVM_GET_TSC_KHZ")
 
     def set_tsc_khz(self, khz):
         """KVM_SET_TSC_KHZ: scale the guest's TSC to *khz* (needs KVM_CAP_TSC_CONTROL)."""
         cdef uint32_t k = as_u32(khz, "TSC frequency (kHz)")
         require(k > 0, "the TSC frequency must be positive")
         self.require_cap(KVM_CAP_TSC_CONTROL, "TSC_CONTROL", "KVM_SET_TSC_KHZ")
-        self.require_open()
-        self._touched = 1
-        check(ioctl(self.v.fd, KVM_SET_TSC_KHZ, <unsigned long>k), "KVM_SET_TSC_KHZ")
+        self.vcpu_ioctl(KVM_SET_TSC_KHZ, <void *><size_t>k, "KVM_SET_TSC_KHZ")   # the value is the argument
 
     def kvmclock_ctrl(self):
         """KVM_KVMCLOCK_CTRL: tell the guest's kvmclock the vCPU was paused by the host
