@@ -235,13 +235,18 @@ cdef class VcpuCore:
         self.synced = 0
 
     def get_sregs2(self):
-        """KVM_GET_SREGS2 (raw struct kvm_sregs2: the special registers plus PDPTRs)."""
+        """KVM_GET_SREGS2 as a dict: the special registers plus the PAE PDPTRs (flags says if valid)."""
         self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_GET_SREGS2")
-        return self.get_blob(KVM_GET_SREGS2, sizeof(kvm_sregs2), "KVM_GET_SREGS2")
+        cdef kvm_sregs2 s
+        memset(&s, 0, sizeof(s))
+        self.vcpu_ioctl(KVM_GET_SREGS2, &s, "KVM_GET_SREGS2")
+        return s
 
-    def set_sregs2(self, data):
+    def set_sregs2(self, dict sregs2):
+        """KVM_SET_SREGS2 from a full dict (get_sregs2(), modified)."""
         self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_SET_SREGS2")
-        self.set_blob(KVM_SET_SREGS2, data, sizeof(kvm_sregs2), "KVM_SET_SREGS2")
+        cdef kvm_sregs2 s = sregs2
+        self.vcpu_ioctl(KVM_SET_SREGS2, &s, "KVM_SET_SREGS2")
 
     def get_tsc_khz(self):
         """KVM_GET_TSC_KHZ: the guest TSC frequency in kHz."""
