@@ -237,9 +237,9 @@ def test_fork_from_a_worker_thread_gives_the_child_working_ctrl_c(fresh_process_
         def poke():
             time.sleep(0.3)
             signal.pthread_kill(threading.get_ident(), signal.SIGINT)
-        threading.Thread(target=poke).start()
         t0 = time.monotonic()
         try:
+            threading.Thread(target=poke).start()
             ex = kvmsys.run(timeout=20)
             return dict(result=type(ex).__name__)
         except KeyboardInterrupt:
