@@ -41,6 +41,7 @@ cdef class VmCore:
 
     def __cinit__(self, KvmCore kvm, unsigned long vm_type=0):
         self.fd = -1
+        kvmsys_atfork_install()         # a fork child must know this VM is not its own
         self.forkgen = kvmsys_fork_generation
         kvm.require_open()
         self.kvm = kvm

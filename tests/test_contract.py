@@ -249,6 +249,18 @@ def test_fork_from_a_worker_thread_gives_the_child_working_ctrl_c(fresh_process_
     assert got == dict(result="KeyboardInterrupt", fast=True)
 
 
+def test_a_fork_child_refuses_the_parents_bare_vm():
+    with kvmsys.Kvm() as kvm, kvm.create_vm() as vm:      # no memory, no vCPU: no mapping at all
+        def child():
+            try:
+                vm.check_extension("SYNC_REGS")
+                return dict(got="allowed")
+            except StateError as e:
+                return dict(got=type(e).__name__, parent="parent process" in str(e))
+        assert forked(child) == dict(got="StateError", parent=True)
+        assert vm.check_extension("SYNC_REGS")            # still the parent's own
+
+
 # --- ownership by generation -----------------------------------------------------------------
 
 def test_everything_a_thread_had_is_dead_after_remove_vcpu(fresh_process_vm):
