@@ -71,8 +71,10 @@ def call(draw, obj, name, fn, params, getters):
             continue
         if p.default is not p.empty and draw(st.booleans()):
             continue        # leave an optional parameter out
-        if p.name == "log_dirty":
-            continue        # a dirty bitmap for a random (huge) slot could exhaust host memory
+        if p.name == "log_dirty":   # a dirty bitmap for a random (huge) slot could exhaust host memory
+            if p.default is p.empty:
+                kwargs[p.name] = False
+            continue
         getter = getters.get(name)
         value = mutate(draw, getter()) if getter is not None and not args and draw(st.booleans()) else draw(ARG)
         if p.kind is p.KEYWORD_ONLY:

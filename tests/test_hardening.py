@@ -88,6 +88,13 @@ def test_other_core_classes_refuse_construction():
         _core.VcpuHandle(None, 0)
     with pytest.raises(ArgumentTypeError):
         _core.MemorySlot()
+    with pytest.raises(ArgumentTypeError):
+        _core.DeviceCore()
+    d = _core.DeviceCore.__new__(_core.DeviceCore)      # fd -1, not stdin's 0
+    with pytest.raises(StateError):
+        d.has_attr(0, 0)
+    del d
+    os.fstat(0)                                         # stdin was not closed by its dealloc
     h = _core.VcpuHandle.__new__(_core.VcpuHandle)
     assert not h.alive and "no vCPU" in repr(h)
     for op in (h.kick, h.nmi, h.stats, lambda: h.interrupt(32), lambda: h.call_soon(print), lambda: h.id):
