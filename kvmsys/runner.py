@@ -91,8 +91,10 @@ def _check_run_args(abi, timeout) -> None:
         raise InvalidArgumentError(f"timeout must be finite non-negative seconds, not {timeout!r}")
 
 
-def _stop_workers(threads, handles, ready) -> None:
-    """The caller was interrupted (Ctrl-C): stop every vCPU thread, then wait for them."""
+def _stop_workers(finished, handles, ready) -> None:
+    """The caller was interrupted (Ctrl-C): stop every vCPU thread, then wait until each
+    has given its vCPU up.  (Not Thread.join(): after a join that Ctrl-C interrupted,
+    CPython 3.11 counts the thread as stopped although it still runs.)"""
     ready.abort()               # threads not yet running never start (handles are set before)
     for h in handles:
         if h is not None:
@@ -100,8 +102,8 @@ def _stop_workers(threads, handles, ready) -> None:
                 h.kick()        # their run() returns KickExit and _drive returns it
             except KvmsysError:
                 pass            # already removed: that thread is ending anyway
-    for t in threads:
-        t.join()
+    for done in finished:
+        done.wait()
 
 
 def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10.0,
@@ -163,9 +165,13 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
             errors.append(e)
             ready.abort()
         finally:
-            if vcpu is not None:
-                machine.detach(vcpu)
+            try:
+                if vcpu is not None:
+                    machine.detach(vcpu)
+            finally:
+                finished[i].set()
 
+    finished = [threading.Event() for _ in range(vcpus)]
     t0 = time.monotonic()
     feed = threading.Thread(target=feeder, name="interrupts") if vector else None
     try:
@@ -174,15 +180,17 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
         if vcpus == 1:
             worker(0)
         else:
-            threads = [threading.Thread(target=worker, args=(i,), name=f"vcpu{i}") for i in range(vcpus)]
-            for t in threads:
-                t.start()
+            threads: list = []
             try:
+                for i in range(vcpus):
+                    t = threading.Thread(target=worker, args=(i,), name=f"vcpu{i}")
+                    t.start()
+                    threads.append(t)
                 for t in threads:
                     t.join()
             except BaseException:       # Ctrl-C lands in this (the main) thread only
                 done.set()
-                _stop_workers(threads, handles, ready)
+                _stop_workers(finished[:len(threads)], handles, ready)
                 raise
         done.set()
         if feed is not None:

@@ -537,7 +537,7 @@ def test_cli_ctrl_c_stops_every_vcpu():
         while len(os.listdir(f"/proc/{proc.pid}/task")) < 3:     # main + two vCPU threads
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
             time.sleep(0.05)
-        time.sleep(0.3)
+        time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
     finally:

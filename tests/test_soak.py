@@ -16,16 +16,20 @@ RSS_SLACK = 128 << 10       # allocator noise; a 250 B/thread leak over 2000 thr
 
 
 def usage():
+    """fds, kvmsys's named mappings (comm areas), all mappings, RSS."""
     gc.collect()
     with open("/proc/self/maps") as f:
-        maps = sum(1 for _ in f)
-    return len(os.listdir("/proc/self/fd")), maps, psutil.Process().memory_info().rss
+        lines = f.readlines()
+    return (len(os.listdir("/proc/self/fd")), sum("kvm" in line for line in lines), len(lines),
+            psutil.Process().memory_info().rss)
 
 
 def check_flat(before, after, what):
     assert after[0] == before[0], f"{what}: fds {before[0]} -> {after[0]}"
-    assert after[1] <= before[1], f"{what}: mappings {before[1]} -> {after[1]}"
-    assert after[2] - before[2] <= RSS_SLACK, f"{what}: RSS grew by {(after[2] - before[2]) >> 10} KiB"
+    assert after[1] == before[1], f"{what}: comm-area mappings {before[1]} -> {after[1]}"
+    # CPython's allocator may map one more 1 MiB arena for its own objects meanwhile
+    assert after[2] <= before[2] + 2, f"{what}: mappings {before[2]} -> {after[2]}"
+    assert after[3] - before[3] <= RSS_SLACK, f"{what}: RSS grew by {(after[3] - before[3]) >> 10} KiB"
 
 
 def test_soak_add_run_remove(fresh_process_vm):
