@@ -177,8 +177,9 @@ def vm() -> ProcessVm:
 def _reset_for_reuse(vcpu: ThreadVcpu) -> bool:
     # A kernel vCPU lives as long as its VM, so kvmsys recycles it: back to the
     # state it had when created, so a new owner cannot tell it from a fresh one.
-    # False where KVM cannot undo what happened to it (a CPUID table): retired.
-    if vcpu.cpuid_set:
+    # False where KVM cannot undo what happened to it (a CPUID table, a vCPU
+    # capability): retired.
+    if vcpu.irreversible:
         return False
     try:
         vcpustate.reset(vcpu, vcpu._initial)

@@ -63,7 +63,7 @@ cdef class VcpuCore:
     cdef int _touched            # ran or had state set: a recycled vCPU must be reset
     cdef int ran                 # entered KVM_RUN at least once (an I/O may await completion)
     cdef int ran_here            # ... since this object got it (renew() clears it)
-    cdef int cpuid_was_set       # KVM_SET_CPUID2 happened: KVM cannot undo it once the vCPU ran
+    cdef int irreversible_done   # KVM_SET_CPUID2 or a vCPU KVM_ENABLE_CAP happened: no undo
     cdef readonly list pending   # (fn, args) calls and ("irq"|"nmi", vector) requests from handles
     cdef bint owner              # this object frees v
     cdef str gone                # why this object no longer reaches its vCPU, or None
@@ -142,7 +142,7 @@ cdef class VcpuCore:
             n = type(self).__new__(type(self))
             n.v, n.vm, n.id, n.forkgen = self.v, self.vm, self.id, self.forkgen
             n.synced, n.debug_enabled, n._touched = self.synced, self.debug_enabled, self._touched
-            n.ran, n.cpuid_was_set = self.ran, self.cpuid_was_set
+            n.ran, n.irreversible_done = self.ran, self.irreversible_done
             n.pending, n.views = [], []
             n.map_comm_area()
             old.revoke("belongs to a vCPU that was removed (or whose thread ended)")
@@ -180,6 +180,8 @@ cdef class VcpuCore:
         # in the race where the vCPU enters KVM_RUN just after this check, the call waits
         # for its next exit (or a kick) with the GIL released, so nothing else stops.
         self.require_open()
+        if req == KVM_SET_CPUID2 or req == KVM_ENABLE_CAP:
+            self.irreversible_done = 1      # whatever the outcome: a vCPU KVM may have changed
         if kvmsys_load_int(&self.v.running):
             raise StateError(f"vCPU {self.id} is inside KVM_RUN in another thread: {op} would wait for "
                              "its next exit; kick it (or queue the call with handle().call_soon) first")
@@ -239,7 +241,7 @@ cdef class VcpuCore:
             self.v.fd = fd
             pthread_mutex_unlock(&self.v.lock)
             self.id = vid
-            self.ran = self.ran_here = self.cpuid_was_set = self.debug_enabled = self._touched = 0
+            self.ran = self.ran_here = self.irreversible_done = self.debug_enabled = self._touched = 0
             self.synced = 0
             if vm.has_sync_regs:
                 self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS
@@ -247,9 +249,10 @@ cdef class VcpuCore:
             kvmsys_store_int(&self.v.active, 0)
 
     @property
-    def cpuid_set(self):
-        """True once KVM_SET_CPUID2 was called on this vCPU (a new one has no CPUID table)."""
-        return bool(self.cpuid_was_set)
+    def irreversible(self):
+        """True once something KVM cannot undo was done to this vCPU: a CPUID table set
+        (a new vCPU has none) or a capability enabled on it (KVM_ENABLE_CAP on the vCPU)."""
+        return bool(self.irreversible_done)
 
     @property
     def guest_debug(self):
@@ -645,7 +648,6 @@ cdef class VcpuCore:
                 e[i].ebx = as_u32(d.get("ebx", 0), "CPUID ebx")
                 e[i].ecx = as_u32(d.get("ecx", 0), "CPUID ecx")
                 e[i].edx = as_u32(d.get("edx", 0), "CPUID edx")
-            self.cpuid_was_set = 1
             self.vcpu_ioctl(KVM_SET_CPUID2, c, "KVM_SET_CPUID2")
         finally:
             free(c)
