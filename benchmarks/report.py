@@ -103,7 +103,8 @@ MACHINE_LABELS = [
     ("host_kvm_flavour", "host KVM flavour"), ("cpu_model", "CPU"), ("cores", "cores"),
     ("cores_usable", "cores usable by this process"), ("kernel", "kernel"), ("python", "Python"),
     ("kvmsys", "kvmsys"), ("kvm_api_version", "KVM API version"), ("vcpu_mmap_size", "vCPU mmap size"),
-    ("date", "date (UTC)"), ("kvm_error", "KVM error"),
+    ("date", "date (UTC)"), ("load_avg", "load average (1, 5, 15 min) at the start"),
+    ("load_avg_end", "load average at the end"), ("kvm_error", "KVM error"),
 ]
 
 
