@@ -323,9 +323,9 @@ def _exits_panel(ax, s: dict) -> None:
     for g in groups:
         first = next(r for rid, r in rows.items() if rid.startswith(g + "/"))
         ref = rows.get(f"{g}/ref", {}).get("stats", {}).get("kernel_ns")
-        name = f"{_plain(first['cells'].get('mode', ''))} {_plain(first['cells'].get('exit', g))}"
+        name = f"{_plain(first['cells'].get('mode', ''))}\n{_plain(first['cells'].get('exit', g))}"
         ticks.append(f"{name}\nkernel {fmt_value(ref['median'], ref['unit'])}" if ref else name)
-    ax.set_xticks(range(len(groups)), ticks, fontsize=8.5)
+    ax.set_xticks(range(len(groups)), ticks, fontsize=8)
     ax.tick_params(axis="x", length=0)
     ax.set_xlim(-0.55, len(groups) - 0.45)
     ax.set_ylabel("user-space ns per exit (log)", fontsize=9.5)
