@@ -239,6 +239,10 @@ def test_api_in_process(tmp_path, abi, mode):
         assert c.ask("vCont;c") == "T05thread:1;hwbreak:;"
         assert c.ask(f"z1,{at:x},1") == "OK"
         assert c.ask("vCont;s:1") == "T05thread:1;"
+        for bad in ("H", "m", "mzz,4", "M1000,2:00", "Z1,zz", "pzz", "P0=zz", "Hg99", "T7",
+                    f"m{L.MMIO_BASE:x},4", "qXfer:features:read:target.xml:zz", "G00"):
+            assert c.ask(bad)[:1] in ("E", ""), bad      # an error reply, the server goes on
+        assert c.ask("?") == "T05thread:1;"
         c.conn.send("D")
         assert c.conn.read() == b"OK"
         t.join(30)
