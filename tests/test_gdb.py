@@ -175,7 +175,8 @@ def test_memory_registers_virtual_and_physical(tmp_path):
                     "monitor virt", "p/x *(unsigned long *)0x40000000",
                     "set var $rbx = 0x1122334455667788", "p/x $rbx", "p $st0", "p/x $fctrl",
                     "set var $xmm15.v4_int32[2] = 7", "set var $st1 = 1.5", "p $xmm15.v4_int32",
-                    "p $st1", "set var $fs_base = 0x1000", "p/x $fs_base", "p $eflags", "detach")
+                    "p $st1", "set var $fs_base = 0x1000", "p/x $fs_base", "p $eflags",
+                    "p/x $mxcsr", "set var $mxcsr = 0x1f00", "p/x $mxcsr", "p $xmm15.v4_int32", "detach")
     rc, stdout, stderr = run.wait()
     word = hex(int.from_bytes(image[:4], "little"))
     v = values(out)
@@ -184,7 +185,8 @@ def test_memory_registers_virtual_and_physical(tmp_path):
     assert "Cannot access memory at address 0x40000000" in out, out      # not mapped
     assert v[3:] == ["0x1122334455667788", "0", "0x37f",                # x87 reset: FCW 0x37f
                      "{0, 0, 7, 0}", "1.5",                               # SSE and x87 written
-                     "0x1000", "[ ]"], out                                # FS base; EFLAGS by flag
+                     "0x1000", "[ ]",                                     # FS base; EFLAGS by flag
+                     "0x1f80", "0x1f00", "{0, 0, 7, 0}"], out             # MXCSR (XSAVE), xmm kept
     assert rc == 1, (stdout, stderr)
 
 
