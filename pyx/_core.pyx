@@ -19,6 +19,7 @@ from libc.string cimport memcpy, memset
 include "errors.pyx"
 include "mapping.pyx"
 include "runstate.pyx"
+include "signals.pyx"
 include "system.pyx"
 include "vm.pyx"
 include "exits.pyx"
@@ -31,9 +32,4 @@ include "caps.pyx"
 H_KINDS = dict(PYTHON=H_PYTHON, SINK=H_SINK, CONST=H_CONST, IGNORE=H_IGNORE, EXIT=H_EXIT)
 SPACES = dict(PIO=SPACE_PIO, MMIO=SPACE_MMIO)
 EXIT_REASONS = {name: num for num, name in _EXIT_NAMES.items()}
-KICK_SIGNAL = kvmsys_kick_signal()
 MEM_FLAGS = dict(LOG_DIRTY_PAGES=KVM_MEM_LOG_DIRTY_PAGES, READONLY=KVM_MEM_READONLY)
-
-if kvmsys_install_kick_handler() != 0:
-    raise_os(errno, "sigaction(kick signal)",
-             f"signal {kvmsys_kick_signal()} is already owned by someone else")

@@ -3,6 +3,7 @@
 # load: no argument, no lock, no dictionary.  A _Binding kept in a
 # threading.local releases the vCPU when its thread ends, however it ends.
 import threading as _thr
+from concurrent.futures import Future as _Future
 
 cdef object _local = _thr.local()
 
@@ -40,8 +41,7 @@ def bind(VcpuCore vcpu, on_release=None):
     vcpu.v.bound = 1
     vcpu.v.thread = pthread_self()
     vcpu.v.generation += 1
-    vcpu.v.kick_pending = 0
-    kvmsys_store_u8(&vcpu.v.run.immediate_exit, 0)
+    clear_queued_locked(vcpu.v)
     pthread_mutex_unlock(&vcpu.v.lock)
     _local.binding = b
     kvmsys_bound = <void *>vcpu
@@ -54,10 +54,11 @@ cdef int _unbind_state(VcpuCore vcpu) except -1:
     pthread_mutex_lock(&vcpu.v.lock)
     vcpu.v.bound = 0
     vcpu.v.generation += 1
-    vcpu.v.kick_pending = 0
-    if vcpu.v.run != NULL:
-        kvmsys_store_u8(&vcpu.v.run.immediate_exit, 0)
+    clear_queued_locked(vcpu.v)
     pthread_mutex_unlock(&vcpu.v.lock)
+    work, vcpu.pending = vcpu.pending, []
+    for _fn, _args, future in work:
+        future.cancel()                 # never run: the vCPU changed hands
     return 0
 
 
@@ -150,30 +151,48 @@ cdef class VcpuHandle:
         self._kick(KICK_USER)
 
     def call_soon(self, fn, *args):
-        """Run fn(*args) on the vCPU's owning thread at its next exit."""
+        """Run fn(*args) on the vCPU's owning thread at its next exit; the run goes on.
+
+        Returns a concurrent.futures.Future with fn's result or exception (a call
+        that raises does not keep the calls queued behind it from running).  Calls
+        still queued when the vCPU is removed are cancelled."""
         self._check()
-        self.vcpu.pending.append((fn, args))
+        future = _Future()
+        self.vcpu.pending.append((fn, args, future))
         self._kick(KICK_CALLS)
+        return future
+
+    cdef int _queue(self, int vector) except -1:
+        cdef int rc
+        with nogil:
+            rc = queue_interrupt(self.vcpu.v, self.generation, vector)
+        if rc == ESRCH:
+            raise StaleVcpuError(f"vCPU {self.vcpu.id} (generation {self.generation}) was removed")
+        if rc == ENOSPC:
+            raise StateError(f"vCPU {self.vcpu.id} already has {IRQ_QUEUE_MAX} interrupts queued "
+                             "that the guest has not taken (interrupts disabled?)")
+        return 0
 
     def interrupt(self, uint32_t vector):
         """Request external interrupt *vector* for this vCPU.
 
         With the in-kernel irqchip: an MSI to its local APIC (from this thread).
-        Without: queued and injected by the owning thread at its next exit."""
+        Without: queued; the owner's run loop injects each vector once, in order, when
+        the guest can take it (IF=1, as KVM reports), asking KVM for an
+        interrupt-window exit meanwhile."""
         require(16 <= vector < 256, "vector must be 16..255")
         self._check()
         if self.vcpu.vm.has_irqchip:
             # physical destination = APIC id (= vCPU id), fixed delivery, edge
             self.vcpu.vm.signal_msi(0xFEE00000 | (self.vcpu.id << 12), vector)
             return
-        self.vcpu.pending.append(("irq", vector))
-        self._kick(KICK_IRQ)
+        self._queue(vector)
 
     def nmi(self):
-        """Request an NMI for this vCPU (injected by its owning thread at its next exit)."""
+        """Request an NMI for this vCPU: queued; the owner's run loop injects each one
+        once, in order, when KVM holds no NMI pending."""
         self._check()
-        self.vcpu.pending.append(("nmi", None))
-        self._kick(KICK_IRQ)
+        self._queue(-1)
 
     def stats(self):
         """The vCPU's run-loop statistics."""

@@ -21,7 +21,7 @@ cdef class VcpuCore:
     cdef int synced            # the kernel has filled run->s.regs at least once
     cdef int debug_enabled
     cdef int _touched            # ran or had state set: a recycled vCPU must be reset
-    cdef readonly list pending   # (fn, args) calls and ("irq"|"nmi", vector) requests from handles
+    cdef readonly list pending   # (fn, args, future) calls queued by handles' call_soon()
     cdef object __weakref__
 
     def __cinit__(self, VmCore vm, vcpu_id_):
@@ -110,6 +110,9 @@ cdef class VcpuCore:
         cdef Exit ex
         cdef object handler
         cdef uint64_t t0
+        cdef uint64_t outer_deadline = 0
+        cdef const char *op = "timer_create(watchdog)"
+        cdef int err
         if v.bound and not pthread_equal(v.thread, pthread_self()):
             raise VcpuBindingError(f"vCPU {self.id} is bound to another thread: only its owner runs it "
                                    "(use its handle to kick, interrupt or call_soon)")
@@ -122,17 +125,20 @@ cdef class VcpuCore:
             v.deadline_ns = 0
             if timeout >= 0:
                 v.deadline_ns = kvmsys_now_ns() + <uint64_t>(timeout * 1e9)
-                if kvmsys_arm_watchdog(v.deadline_ns) != 0:
-                    raise_os(errno, "timer_settime(watchdog)")
+                with nogil:     # may wait a few ms for timer_create (EAGAIN)
+                    err = kvmsys_watchdog_push(v.deadline_ns, &outer_deadline, &op)
+                if err:
+                    v.deadline_ns = 0
+                    raise_os(err, op.decode())
             v.poll_signals = PyThread_get_thread_ident() == _main_ident   # only it runs signal handlers
             while True:
                 with nogil:
                     res = run_loop(v)
                 self.synced = 1
                 if res == R_EXIT:
-                    ex = make_exit(self)
+                    ex = CoalescedExit.of_ring(self) if v.from_ring else make_exit(self)
                     handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
-                    if handler is None and ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO):
+                    if handler is None and (ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO) or v.from_ring):
                         handler = vm.default_handler
                     if handler is None:
                         return ex
@@ -155,7 +161,7 @@ cdef class VcpuCore:
                     (<StopExit>ex).status = v.stop_status
                     return ex
                 if res == R_KICK:
-                    if v.kick_bits & (KICK_CALLS | KICK_IRQ):
+                    if v.kick_bits & KICK_CALLS:
                         self._run_pending()
                     if v.kick_bits & KICK_USER:
                         return KickExit._new(self, KVMSYS_EXIT_KICK)
@@ -164,23 +170,52 @@ cdef class VcpuCore:
                     return DeadlineExit._new(self, KVMSYS_EXIT_DEADLINE)
                 if res == R_BUDGET:
                     return BudgetExit._new(self, KVMSYS_EXIT_BUDGET)
-                raise_os(v.error, "KVM_RUN")
+                raise_os(v.error, "KVM_RUN (or injecting a queued interrupt before it)")
         finally:
             if v.deadline_ns:
-                kvmsys_disarm_watchdog()    # a late watchdog signal is harmless: run_loop rederives immediate_exit
+                # back to the enclosing run's deadline, if any; a late watchdog
+                # signal is harmless: run_loop rederives immediate_exit
+                kvmsys_watchdog_pop(outer_deadline, &op)
                 v.deadline_ns = 0
             kvmsys_store_int(&v.active, 0)
 
     cdef _run_pending(self):
-        # On the owning thread: queued calls and interrupt requests from handles.
+        # On the owning thread: calls queued by handles' call_soon(), in order.  A call
+        # that raises sets its future's exception and the rest still run; a
+        # KeyboardInterrupt or SystemExit goes on up after the queue is put back.
         work, self.pending = self.pending, []
-        for fn, arg in work:
-            if fn == "irq":
-                self.interrupt(arg)
-            elif fn == "nmi":
-                self.nmi()
+        for i, (fn, args, future) in enumerate(work):
+            if not future.set_running_or_notify_cancel():
+                continue                # cancelled before it ran
+            try:
+                result = fn(*args)
+            except Exception as e:
+                future.set_exception(e)
+            except BaseException as e:
+                future.set_exception(e)
+                self.pending[:0] = work[i + 1:]
+                raise
             else:
-                fn(*arg)
+                future.set_result(result)
+
+    @property
+    def signal_mask(self):
+        """How kicks reach KVM_RUN: 'kvm' (KVM_SET_SIGNAL_MASK: blocked outside KVM_RUN, let in
+        inside it), 'handler' (the host refused it: the kick handler sets immediate_exit), or
+        None before the first run."""
+        self.require_open()
+        return {1: "kvm", -1: "handler"}.get(self.v.sigmask_state)
+
+    @property
+    def pending_interrupts(self):
+        """Interrupts queued by handles and not injected yet: (vectors in order, NMI count)."""
+        self.require_open()
+        cdef vcpustate_t *v = self.v
+        pthread_mutex_lock(&v.lock)
+        vectors = [v.irq_queue[(v.irq_head + i) % IRQ_QUEUE_MAX] for i in range(v.nirq)]
+        nmis = v.nmi_queued
+        pthread_mutex_unlock(&v.lock)
+        return vectors, nmis
 
     def run(self, budget=None, timeout=None):
         """Run until an exit the fast handlers do not take, a stop, a kick, the budget or the deadline.
@@ -211,14 +246,17 @@ cdef class VcpuCore:
     @immediate_exit.setter
     def immediate_exit(self, value):
         """Setting it is a kick (the next or current run() returns KickExit); clearing it
-        withdraws a kick not yet taken."""
+        withdraws a user kick not yet taken (queued calls and interrupts stay queued)."""
         self.require_open()
+        cdef vcpustate_t *v = self.v
         if value:
             with nogil:
-                kick_vcpu(self.v, 0, KICK_USER)
+                kick_vcpu(v, 0, KICK_USER)
         else:
-            kvmsys_store_int(&self.v.kick_pending, 0)
-            kvmsys_store_u8(&self.v.run.immediate_exit, 0)
+            pthread_mutex_lock(&v.lock)
+            if not kvmsys_and_int(&v.kick_pending, ~KICK_USER):
+                kvmsys_store_u8(&v.run.immediate_exit, 0)
+            pthread_mutex_unlock(&v.lock)
 
     # --- registers ---------------------------------------------------------
     @property

@@ -35,16 +35,19 @@ cdef class VmCore:
     cdef readonly int has_sync_regs
     cdef readonly set vcpu_ids
     cdef object vcpus               # WeakSet of live VcpuCore, closed with the VM
+    cdef set coalesced_zones        # registered (addr, size, pio)
     cdef object __weakref__
 
     def __cinit__(self, KvmCore kvm, unsigned long vm_type=0):
         self.fd = -1
         kvm.require_open()
+        first_vm()
         self.kvm = kvm
         self.slots = {}
         self.py_handlers = []
         self.vcpu_ids = set()
         self.vcpus = weakref.WeakSet()
+        self.coalesced_zones = set()
         self.mmap_size = kvm.ioctl_int(KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
         self.fd = kvm.ioctl_int(KVM_CREATE_VM, vm_type, "KVM_CREATE_VM")
         self.state = <vmstate_t *>calloc(1, sizeof(vmstate_t))
@@ -282,7 +285,11 @@ cdef class VmCore:
 
     def register_coalesced(self, uint64_t addr, uint32_t size, *, bint pio=False, bint unregister=False):
         """KVM_(UN)REGISTER_COALESCED_MMIO: guest writes to the zone are batched in a ring
-        that the run loop drains into the fast handlers, with no exit per write."""
+        that the run loop drains at the next exit, each write through the handler of its
+        range in order (an EXIT range stops the run, a PYTHON range gets a CoalescedExit),
+        with no exit per write.  Writes still in the ring when a zone is unregistered
+        are delivered all the same; unregistering a zone that is not registered (the
+        same addr, size and pio) is an InvalidArgumentError."""
         require(size > 0, "zone size must be positive")
         require(not pio or addr + size <= 0x10000, "a PIO zone must lie within ports 0..0xffff")
         cap = KVM_CAP_COALESCED_PIO if pio else KVM_CAP_COALESCED_MMIO
@@ -294,12 +301,15 @@ cdef class VmCore:
         z.addr = addr
         z.size = size
         z.pio = 1 if pio else 0
+        key = (addr, size, bool(pio))
         if unregister:
+            require(key in self.coalesced_zones,
+                    f"no coalesced {'PIO' if pio else 'MMIO'} zone {addr:#x}+{size:#x} is registered")
             self.vm_ioctl(KVM_UNREGISTER_COALESCED_MMIO, &z, "KVM_UNREGISTER_COALESCED_MMIO")
-            self.state.coalesced_zones -= 1
+            self.coalesced_zones.discard(key)
         else:
             self.vm_ioctl(KVM_REGISTER_COALESCED_MMIO, &z, "KVM_REGISTER_COALESCED_MMIO")
-            self.state.coalesced_zones += 1
+            self.coalesced_zones.add(key)
 
     def enable_cap(self, uint32_t cap, uint32_t flags=0, args=()):
         """KVM_ENABLE_CAP on the VM."""

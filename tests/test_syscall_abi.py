@@ -24,7 +24,7 @@ from kvmsys.runner import setup_devices
 
 PIO = _core.SPACES["PIO"]
 K = _core.H_KINDS
-KICK_SIGNAL = _core.KICK_SIGNAL
+KICK_SIGNAL = _core.kick_signal()
 HELLO = b"Hello, world!\n"
 
 # kvm_run layout (linux/kvm.h): immediate_exit at 1, exit_reason (u32) at 8,
@@ -644,10 +644,10 @@ def test_interrupt_queued_before_run_is_injected(machine):
     assert isinstance(machine.run(budget=5, timeout=10), BudgetExit)
     h = machine.vcpu.handle()
     h.interrupt(0x41)
-    assert machine.vcpu.pending == [("irq", 0x41)]
+    assert machine.vcpu.pending_interrupts == ([0x41], 0)
     ex = machine.run(timeout=10)
     assert isinstance(ex, IoExit) and ex.port == 0x12 and ex.value == 0x41
-    assert machine.vcpu.pending == []
+    assert machine.vcpu.pending_interrupts == ([], 0)
 
 
 def test_nmi_is_injected_by_the_owner(machine):
