@@ -17,7 +17,8 @@ fd-based ABI (the /dev/kvm model)::
 from . import _core
 from ._core import (Exit, IoExit, MmioExit, HltExit, ShutdownExit, IntrExit, FailEntryExit,
                     InternalErrorExit, SystemEventExit, DebugExit, UnknownExit, StopExit,
-                    KickExit, DeadlineExit, BudgetExit, VcpuHandle, exit_name)
+                    KickExit, DeadlineExit, BudgetExit, CoalescedExit, VcpuHandle, exit_name,
+                    kick_signal, set_kick_signal)
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
 from .fd import Kvm, Vm, Vcpu
@@ -30,4 +31,4 @@ __all__ = ["Kvm", "Vm", "Vcpu", "configure", "add_vcpu", "run", "remove_vcpu", "
            "handle", "vm", "vcpus", "destroy_vm", "Exit", "IoExit", "MmioExit", "HltExit",
            "ShutdownExit", "IntrExit", "FailEntryExit", "InternalErrorExit", "SystemEventExit",
            "DebugExit", "UnknownExit", "StopExit", "KickExit", "DeadlineExit", "BudgetExit",
-           "VcpuHandle", "exit_name", "__version__"] + list(_errors_all)
+           "CoalescedExit", "VcpuHandle", "exit_name", "kick_signal", "set_kick_signal", "__version__"] + list(_errors_all)

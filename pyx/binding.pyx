@@ -3,7 +3,6 @@
 # load: no argument, no lock, no dictionary.  A _Binding kept in a
 # threading.local releases the vCPU when its thread ends, however it ends.
 import threading as _thr
-from concurrent.futures import Future as _Future
 
 cdef object _local = _thr.local()
 
@@ -157,7 +156,8 @@ cdef class VcpuHandle:
         that raises does not keep the calls queued behind it from running).  Calls
         still queued when the vCPU is removed are cancelled."""
         self._check()
-        future = _Future()
+        from concurrent.futures import Future     # here: it imports logging, which hooks atexit
+        future = Future()
         self.vcpu.pending.append((fn, args, future))
         self._kick(KICK_CALLS)
         return future

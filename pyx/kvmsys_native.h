@@ -109,6 +109,16 @@ static inline int kvmsys_block_run_signals(sigset_t *old) {
     return pthread_sigmask(SIG_BLOCK, &s, old);
 }
 
+/* Test hook: a signal to raise in the next thread that enters the run loop, once,
+ * right after it blocked its signals: one that lands between two KVM_RUNs. */
+static int kvmsys_window_signal;
+static inline void kvmsys_raise_window_signal(void) {
+    int sig = __atomic_exchange_n(&kvmsys_window_signal, 0, __ATOMIC_SEQ_CST);
+    if (sig)
+        pthread_kill(pthread_self(), sig);
+}
+static inline void kvmsys_set_window_signal(int sig) { __atomic_store_n(&kvmsys_window_signal, sig, __ATOMIC_SEQ_CST); }
+
 static inline void kvmsys_restore_signals(const sigset_t *old) { pthread_sigmask(SIG_SETMASK, old, NULL); }
 
 /* The mask KVM_RUN runs with, as the kernel's 64-bit sigset: the thread's own

@@ -249,6 +249,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
             else:
                 v.sigmask_state = -1
                 kvmsys_restore_signals(&saved_mask)
+    kvmsys_raise_window_signal()
     kvmsys_set_running(run)
     if v.bound:
         kvmsys_store_int(&v.running, 1)     # only this thread runs it: no lock

@@ -68,3 +68,9 @@ def _fail_timer_create(int n):
 def watchdog_uses_thread():
     """True if this thread's watchdog is the helper thread (timer_create kept failing)."""
     return bool(kvmsys_watchdog_uses_thread())
+
+
+def _signal_between_runs(int sig):
+    """Test hook: the next thread to enter the run loop raises *sig* on itself there, once,
+    after blocking its signals: a signal that lands between two KVM_RUNs."""
+    kvmsys_set_window_signal(sig)

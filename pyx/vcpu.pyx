@@ -194,6 +194,8 @@ cdef class VcpuCore:
             except BaseException as e:
                 future.set_exception(e)
                 self.pending[:0] = work[i + 1:]
+                if self.pending:
+                    kvmsys_or_int(&self.v.kick_pending, KICK_CALLS)     # run at the next run()
                 raise
             else:
                 future.set_result(result)

@@ -95,6 +95,8 @@ cdef extern from "kvmsys_native.h" nogil:
     void kvmsys_restore_signals(const sigset_t *old)
     uint64_t kvmsys_run_sigmask(const sigset_t *old, int main_thread)
     unsigned kvmsys_take_kick_signals()
+    void kvmsys_raise_window_signal()
+    void kvmsys_set_window_signal(int sig)
     void kvmsys_forget_watchdog()
     void kvmsys_thread_cleanup_register()
     void *kvmsys_bound
