@@ -18,7 +18,10 @@ from . import _core
 from ._core import (Exit, IoExit, MmioExit, HltExit, ShutdownExit, IntrExit, FailEntryExit,
                     InternalErrorExit, SystemEventExit, DebugExit, UnknownExit, StopExit,
                     KickExit, DeadlineExit, BudgetExit, CoalescedExit, VcpuHandle, exit_name,
-                    kick_signal, set_kick_signal)
+                    kick_signal, set_kick_signal, MsrExit,
+                    HypercallExit, IrqWindowOpenExit, IoapicEoiExit, NotifyExit, BusLockExit,
+                    MemoryFaultExit, DirtyRingFullExit)
+from .enums import Kind, Space, ExitReason, SystemEvent, MpState, MsrExitReason
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
 from .fd import Kvm, Vm, Vcpu
@@ -31,4 +34,7 @@ __all__ = ["Kvm", "Vm", "Vcpu", "configure", "add_vcpu", "run", "remove_vcpu", "
            "handle", "vm", "vcpus", "destroy_vm", "Exit", "IoExit", "MmioExit", "HltExit",
            "ShutdownExit", "IntrExit", "FailEntryExit", "InternalErrorExit", "SystemEventExit",
            "DebugExit", "UnknownExit", "StopExit", "KickExit", "DeadlineExit", "BudgetExit",
-           "CoalescedExit", "VcpuHandle", "exit_name", "kick_signal", "set_kick_signal", "__version__"] + list(_errors_all)
+           "CoalescedExit", "VcpuHandle", "exit_name", "kick_signal", "set_kick_signal",
+           "MsrExit", "HypercallExit", "IrqWindowOpenExit",
+           "IoapicEoiExit", "NotifyExit", "BusLockExit", "MemoryFaultExit", "DirtyRingFullExit",
+           "Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReason", "__version__"] + list(_errors_all)

@@ -11,7 +11,7 @@ in the compiled core (kvmsys._core), shared with the syscall-style ABI.
 """
 from __future__ import annotations
 
-from . import _core
+from . import _core, kvmstats
 from .errors import CapabilityError, InvalidArgumentError
 
 __all__ = ["Kvm", "Vm", "Vcpu", "CAPABILITIES"]
@@ -61,6 +61,27 @@ class Vm(_core.VmCore):
     def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
         return Vcpu(self, vcpu_id)
 
+    def kvm_stats(self, detail: bool = False) -> dict:
+        """What KVM counts for this VM (KVM_GET_STATS_FD), by name; see kvmsys.kvmstats."""
+        return kvmstats.read(self, detail)
+
+    def trap_msrs(self, indices, *, read: bool = True, write: bool = True) -> None:
+        """Make guest accesses to these MSRs exit to user space as MsrExit (answer them in
+        Python, or with vm.add_handler(Space.MSR, ...) in C); every other MSR stays
+        KVM's.  Enables KVM_CAP_X86_USER_SPACE_MSR for filter exits and installs an MSR
+        filter (KVM_X86_SET_MSR_FILTER) that replaces any earlier one; at most 16 MSRs."""
+        idx = sorted({int(i) for i in indices})
+        if not idx or len(idx) > 16:
+            raise InvalidArgumentError(f"trap_msrs takes 1..16 MSR indices, got {len(idx)}")
+        if not (read or write):
+            raise InvalidArgumentError("trap_msrs: trap reads, writes or both")
+        self.require("X86_USER_SPACE_MSR", "trapping MSR accesses to user space")
+        self.require("X86_MSR_FILTER", "trapping MSR accesses to user space")
+        from .enums import MsrExitReason
+        self.enable_cap(CAPABILITIES["X86_USER_SPACE_MSR"], 0, (int(MsrExitReason.FILTER),))   # a bit mask
+        flags = (_core.MSR_FILTER["READ"] if read else 0) | (_core.MSR_FILTER["WRITE"] if write else 0)
+        self.set_msr_filter([(flags, i, 1, b"\0") for i in idx])     # bit 0 clear: denied
+
 
 class Vcpu(_core.VcpuCore):
     """A vCPU, run by whichever thread calls run() (one at a time)."""
@@ -68,3 +89,8 @@ class Vcpu(_core.VcpuCore):
     def handle(self) -> "_core.VcpuHandle":
         """A handle other threads may use to kick or interrupt this vCPU."""
         return _core.handle_of(self)
+
+    def kvm_stats(self, detail: bool = False) -> dict:
+        """What KVM counts for this vCPU (KVM_GET_STATS_FD): exits, io_exits, halt_exits,
+        insn_emulation, ... by name; see kvmsys.kvmstats."""
+        return kvmstats.read(self, detail)

@@ -1,24 +1,20 @@
 """One runner over either ABI: load a guest, run it on N vCPUs (one thread each),
 collect its console output, exit status and exit counts.
 
-Only two things differ between the ABIs, and they are the two small classes
-below: how a thread gets its vCPU and how it runs it.  Everything else (memory,
-devices, CPU setup, the drive loop) is shared.
+The VM over either ABI is `kvmsys.machine.Machine`; this module only drives it.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from . import _core, platform, pvm, syscall
+from . import _core, pvm
 from .errors import InvalidArgumentError
-from .fd import Kvm
 from .guests import get as get_guest, layout
-
-ABIS = ("fd", "sys")
-_K = _core.H_KINDS
+from .machine import ABIS, Machine, check_abi, setup_devices  # noqa: F401 (setup_devices: API)
 
 
 @dataclass
@@ -44,10 +40,10 @@ class RunResult:
 _TERMINAL = {"SHUTDOWN", "INTERNAL_ERROR", "FAIL_ENTRY", "SYSTEM_EVENT", "DEADLINE", "UNKNOWN"}
 
 
-def _drive(run, deadline: float) -> _core.Exit:
-    """Run until the guest stops, fails, or the deadline passes."""
+def _drive(run, deadline) -> _core.Exit:
+    """Run until the guest stops, fails, or the deadline (a function) passes."""
     while True:
-        remaining = deadline - time.monotonic()
+        remaining = deadline() - time.monotonic()
         ex = run(timeout=max(remaining, 0.0))
         if isinstance(ex, (_core.StopExit, _core.DeadlineExit)) or ex.name in _TERMINAL:
             return ex
@@ -55,75 +51,6 @@ def _drive(run, deadline: float) -> _core.Exit:
             continue        # an access no handler took; reads already answered with all-ones
         if remaining <= 0:
             return ex
-
-
-def setup_devices(vm) -> None:
-    """The runner's devices: PC ports, MMIO reads as all-ones, HLT re-enters."""
-    platform.install_pc_ports(vm)
-    vm.set_default(platform.MMIO, _K["IGNORE"])
-    vm.set_hlt_action(_K["IGNORE"])     # no irqchip: HLT just re-enters (hlt loops count exits)
-
-
-def _memory(vm, memory_size: int, firmware: bytes | None):
-    """RAM at 0 for a guest (its view), or a PC memory map around a firmware image (None)."""
-    if firmware is None:
-        return vm.add_memory(0, 0, memory_size)
-    platform.load_firmware(vm, firmware, ram_size=memory_size)
-    return None
-
-
-class _FdAbi:
-    name = "fd"
-
-    def __init__(self, memory_size: int, irqchip: bool, firmware: bytes | None = None):
-        self.kvm = Kvm()
-        self.vm = self.kvm.create_vm()
-        if irqchip:
-            self.vm.require("IRQCHIP", "a guest that takes interrupts")
-            self.vm.create_irqchip()
-        self.mem = _memory(self.vm, memory_size, firmware)
-        setup_devices(self.vm)
-
-    def attach(self, i: int):
-        return self.vm.create_vcpu(i)
-
-    def run(self, vcpu):
-        return vcpu.run
-
-    def detach(self, vcpu) -> None:
-        pass
-
-    def close(self) -> None:
-        self.vm.close()
-        self.kvm.close()
-
-
-class _SysAbi:
-    name = "sys"
-
-    def __init__(self, memory_size: int, irqchip: bool, firmware: bytes | None = None):
-        # a fresh process VM for this run
-        self._scope = syscall.fresh_vm(memory_size=4096 if firmware else memory_size,
-                                       pc_ports=False, irqchip=irqchip)
-        self.vm = self._scope.__enter__()
-        if firmware:
-            self.vm.remove_memory(0)    # the firmware's PC memory map replaces the default slot
-        self.mem = _memory(self.vm, memory_size, firmware) if firmware else self.vm.memory(0)
-        setup_devices(self.vm)
-
-    def attach(self, i: int):
-        syscall.add_vcpu()
-        return syscall.current()
-
-    def run(self, vcpu):
-        return syscall.run
-
-    def detach(self, vcpu) -> None:
-        syscall.remove_vcpu()
-
-    def close(self) -> None:
-        del self.mem
-        self._scope.__exit__(None, None, None)
 
 
 def _feed_interrupts(mem, handles, vector: int, n: int, deadline: float, done) -> None:
@@ -148,11 +75,21 @@ def _feed_interrupts(mem, handles, vector: int, n: int, deadline: float, done) -
                 return
 
 
+def _debugged(gdb, vcpu, run, deadline: float):
+    """*run* and its deadline function, under the gdb server if there is one: time the
+    guest spends stopped in the debugger does not count against the timeout."""
+    if gdb is None:
+        return contextlib.nullcontext(run), lambda: deadline
+    return gdb.attach(vcpu, run), lambda: deadline + gdb.parked_seconds(vcpu.id)
+
+
 def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10.0,
-              memory_size: int = layout.RAM_SIZE, **inputs) -> RunResult:
-    """Run built-in guest *name* over *abi* on *vcpus* threads until it stops."""
-    if abi not in ABIS:
-        raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
+              memory_size: int = layout.RAM_SIZE, gdb=None, **inputs) -> RunResult:
+    """Run built-in guest *name* over *abi* on *vcpus* threads until it stops.
+
+    gdb: a kvmsys.gdb.GdbServer made for *vcpus* vCPUs; the guest then waits for gdb
+    before its first instruction."""
+    check_abi(abi)
     if vcpus < 1:
         raise InvalidArgumentError("vcpus must be at least 1")
     guest = get_guest(name)
@@ -160,7 +97,7 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
     if vcpus > 1 and irqchip and "cpu" not in {p.name for p in guest.params}:
         # with the in-kernel irqchip, vCPUs other than 0 wait for INIT/SIPI that it never sends
         raise InvalidArgumentError(f"{name} is a uniprocessor guest: run it with vcpus=1")
-    machine = (_FdAbi if abi == "fd" else _SysAbi)(memory_size, irqchip)
+    machine = Machine(abi, memory_size=memory_size, irqchip=irqchip, devices=True)
     results: list = [None] * vcpus
     errors: list = []
     stats: list = []
@@ -187,15 +124,17 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
         try:
             vcpu = machine.attach(i)
             with setup_lock:
-                if guest.mode == "long64" and not irqchip:
-                    # PVM's native mode does not deliver interrupts to the guest: stay emulated
-                    native[i] = pvm.enable_native(vcpu, layout.PVM_PAGE)
                 per_cpu = {p.name: v for p in guest.params
                            for v in [{"cpu": i, "ncpus": vcpus}.get(p.name)] if v is not None}
-                layout.prepare(guest, vcpu, machine.mem, **{**inputs, **per_cpu})
+                # PVM's native mode does not deliver interrupts to the guest, nor debug
+                # exits: stay emulated
+                native_ok = not irqchip and (gdb is None or pvm.NATIVE_GUEST_DEBUG)
+                native[i] = machine.load(name, vcpu, native=native_ok, **{**inputs, **per_cpu})
                 handles[i] = vcpu.handle()
             ready.wait()
-            results[i] = _drive(machine.run(vcpu), deadline)
+            debugged, until = _debugged(gdb, vcpu, machine.runner(vcpu), deadline)
+            with debugged as run:
+                results[i] = _drive(run, until)
             stats.append(vcpu.stats())
         except BaseException as e:          # reported to the caller below
             errors.append(e)
@@ -237,17 +176,19 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
 
 
 def run_firmware(image: bytes, *, abi: str = "fd", timeout: float = 10.0,
-                 memory_size: int = 16 << 20, label: str = "firmware") -> RunResult:
-    """Run a raw firmware image from the reset vector (F000:FFF0, real mode)."""
-    if abi not in ABIS:
-        raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
+                 memory_size: int = 16 << 20, label: str = "firmware", gdb=None) -> RunResult:
+    """Run a raw firmware image from the reset vector (F000:FFF0, real mode); *gdb* as
+    for run_guest."""
+    check_abi(abi)
     deadline = time.monotonic() + timeout
-    machine = (_FdAbi if abi == "fd" else _SysAbi)(memory_size, False, firmware=image)
+    machine = Machine(abi, memory_size=memory_size, firmware=image, devices=True)
     try:
         t0 = time.monotonic()
         vcpu = machine.attach(0)        # a new vCPU starts in the x86 reset state
         try:
-            ex = _drive(machine.run(vcpu), deadline)
+            debugged, until = _debugged(gdb, vcpu, machine.runner(vcpu), deadline)
+            with debugged as run:
+                ex = _drive(run, until)
             stats = vcpu.stats()
         finally:
             machine.detach(vcpu)

@@ -17,7 +17,7 @@ import threading
 
 from . import _core, platform, vcpustate
 from . import placement as _placement
-from .errors import ConfigurationError, InvalidArgumentError, VcpuBindingError
+from .errors import ConfigurationError, InvalidArgumentError, StateError, VcpuBindingError
 from .fd import Kvm, Vm, Vcpu
 
 __all__ = ["configure", "add_vcpu", "run", "remove_vcpu", "current", "handle", "vm",
@@ -126,7 +126,10 @@ def _reset_for_reuse(vcpu: ThreadVcpu) -> None:
 
 
 def _release(vcpu: ThreadVcpu) -> None:
-    """Return a vCPU whose owner removed it, or whose thread ended, to the pool."""
+    """Return a vCPU whose owner removed it, or whose thread ended, to the pool.
+
+    The pool gets a new object for the kernel vCPU (renew()): the old one, its
+    comm-area views, exits and regs are dead for whoever still holds them."""
     _core.release_state(vcpu)
     with _lock:
         if _bound.get(vcpu.id) is vcpu:
@@ -136,8 +139,12 @@ def _release(vcpu: ThreadVcpu) -> None:
         vcpu.tid = vcpu.placement = None
         if vcpu.vm is not _vm or vcpu.closed or _vm_pid != os.getpid():
             return      # its VM was destroyed meanwhile, or belongs to the parent of this fork child
-        _reset_for_reuse(vcpu)
-        _pool[vcpu.id] = vcpu
+        if vcpu.active:
+            return      # a daemon thread torn down inside run() at exit: never reuse it under its loop
+        fresh = vcpu.renew()
+        fresh._initial = vcpu._initial
+        _reset_for_reuse(fresh)
+        _pool[fresh.id] = fresh
 
 
 def _place(vcpu: ThreadVcpu) -> None:
@@ -228,6 +235,10 @@ def destroy_vm() -> None:
     """Close the process VM (no vCPU may be bound); the next add_vcpu creates a fresh one."""
     global _vm
     with _lock:
+        running = sorted(v.id for v in _bound.values() if v.active)
+        if running:
+            raise StateError(f"vCPUs {running} are running (destroy_vm() from an exit handler or "
+                             "another thread): nothing is released under a running loop")
         if _bound:
             raise VcpuBindingError(f"vCPUs {sorted(_bound)} are still bound to threads: remove them first")
         if _vm is not None:
@@ -251,9 +262,19 @@ def fresh_vm(**options):
         configure(**saved)
 
 
+def _before_fork() -> None:
+    # The child gets this module's state consistent: no add/remove half done.
+    _lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _lock.release()
+
+
 def _after_fork_in_child() -> None:
-    # KVM refuses a VM from another process (EIO): the child starts with none.
-    # The inherited fds close when these objects are collected.
+    # KVM refuses a VM from another process (EIO): the child starts with none.  The
+    # parent's objects refuse every use here (StateError); their fds close when they
+    # are collected, and their mappings were never shared (MADV_DONTFORK).
     global _vm, _kvm, _lock
     _core.forget_after_fork()
     _lock = threading.Lock()
@@ -275,7 +296,8 @@ def _at_exit() -> None:
 
 
 def _install_hooks() -> None:
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
     atexit.register(_at_exit)
 
 

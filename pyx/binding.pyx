@@ -10,11 +10,14 @@ cdef class _Binding:
     """Lives in the owning thread's threading.local; dies with the thread."""
     cdef VcpuCore vcpu
     cdef object on_release
+    cdef unsigned long forkgen
 
     def __dealloc__(self):
         cdef VcpuCore v = self.vcpu
         global kvmsys_bound
-        if v is None:
+        if v is None or self.forkgen != kvmsys_fork_generation:
+            # A fork child clearing the parent's other threads (inside os.fork()): their
+            # vCPUs, locks and comm areas are the parent's; touch nothing.
             return
         if kvmsys_bound == <void *>v:
             kvmsys_bound = NULL
@@ -36,6 +39,7 @@ def bind(VcpuCore vcpu, on_release=None):
     cdef _Binding b = _Binding.__new__(_Binding)
     b.vcpu = vcpu
     b.on_release = on_release
+    b.forkgen = kvmsys_fork_generation
     pthread_mutex_lock(&vcpu.v.lock)
     vcpu.v.bound = 1
     vcpu.v.thread = pthread_self()
@@ -67,6 +71,9 @@ def unbind():
     if kvmsys_bound == NULL:
         raise VcpuBindingError("this thread has no vCPU: call add_vcpu() first")
     cdef VcpuCore vcpu = <VcpuCore>kvmsys_bound
+    if kvmsys_load_int(&vcpu.v.active):
+        raise StateError(f"vCPU {vcpu.id} is running (remove_vcpu() from its own exit handler "
+                         "or a call_soon callback): let run() return first")
     kvmsys_bound = NULL
     b = _local.binding
     (<_Binding>b).vcpu = None
@@ -88,10 +95,8 @@ def bound():
 
 
 def forget_after_fork():
-    """In a fork child: drop the inherited binding without touching the parent's VM."""
-    global kvmsys_bound
-    kvmsys_bound = NULL
-    kvmsys_forget_watchdog()
+    """In a fork child: drop the inherited binding without touching the parent's VM.
+    (The C at-fork handler already cleared this thread's vCPU pointer and timer.)"""
     b = getattr(_local, "binding", None)
     if b is not None:
         (<_Binding>b).vcpu = None
@@ -130,7 +135,7 @@ cdef class VcpuHandle:
 
     @property
     def alive(self):
-        return self.vcpu.v != NULL and self.vcpu.v.generation == self.generation and self.vcpu.v.fd >= 0
+        return not self.vcpu.closed and self.vcpu.v.generation == self.generation
 
     cdef int _check(self) except -1:
         if not self.alive:
@@ -139,6 +144,7 @@ cdef class VcpuHandle:
 
     cdef int _kick(self, int bits) except -1:
         cdef int rc
+        self._check()               # also: never a parent's vCPU in a fork child
         with nogil:
             rc = kick_vcpu(self.vcpu.v, self.generation, bits)
         if rc:

@@ -18,6 +18,8 @@ cdef enum:
 cdef enum:
     SPACE_PIO = 0
     SPACE_MMIO = 1
+    SPACE_MSR = 2       # user-space MSR exits (KVM_EXIT_X86_RDMSR/WRMSR), by MSR index
+    NR_SPACES = 3
 
 # What the loop tells the Python layer.
 cdef enum:
@@ -49,7 +51,7 @@ cdef struct vmstate_t:
     int fd
     int nhandlers
     handler_t handlers[MAX_HANDLERS]
-    int default_kind[2]          # per space: H_PYTHON or H_IGNORE
+    int default_kind[NR_SPACES]  # per space: H_PYTHON or H_IGNORE
     int hlt_action               # H_PYTHON (return), H_IGNORE (re-enter), H_EXIT (stop)
     uint64_t *port_counts        # unhandled ports, counted when default is H_IGNORE
     uint8_t *console
@@ -73,6 +75,7 @@ cdef struct vcpustate_t:
     int bound                    # owned by one thread (syscall ABI): no locking on run
     pthread_t thread
     uint64_t generation
+    uint64_t run_seq             # bumped before every KVM_RUN: exits of earlier runs are stale
     int64_t budget_left          # < 0: unlimited
     uint64_t deadline_ns         # 0: none
     int poll_signals             # main thread: come back every few ms to check signals

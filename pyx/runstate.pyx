@@ -13,6 +13,7 @@ cdef int vm_init(vmstate_t *vm, int fd) except -1:
     vm.fd = fd
     vm.default_kind[SPACE_PIO] = H_PYTHON
     vm.default_kind[SPACE_MMIO] = H_PYTHON
+    vm.default_kind[SPACE_MSR] = H_PYTHON
     vm.hlt_action = H_PYTHON
     pthread_mutex_init(&vm.lock, NULL)
     pthread_mutex_init(&vm.ring_lock, NULL)
@@ -206,6 +207,11 @@ cdef inline int dispatch(vcpustate_t *v, kvm_run *run) noexcept nogil:
     if reason == KVM_EXIT_IRQ_WINDOW_OPEN and v.irq_window:
         v.last_handler = -1
         return -1                   # ours: the loop injects the next queued interrupt
+    if reason == KVM_EXIT_X86_RDMSR or reason == KVM_EXIT_X86_WRMSR:
+        # an MSR is one 8-byte unit: CONST answers rdmsr, IGNORE reads all-ones
+        run.msr.error = 0
+        return access(v, SPACE_MSR, run.msr.index, reason == KVM_EXIT_X86_WRMSR,
+                      <uint8_t *>&run.msr.data, 8, 8)
     if reason == KVM_EXIT_HLT:
         vm_action = v.vm.hlt_action
         v.last_handler = -1
@@ -302,7 +308,11 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
             # EINTR: a kick, the watchdog, or somebody else's signal
             kvmsys_store_u8(&run.immediate_exit, 0)
             v.exits[KVM_EXIT_INTR] += 1
-            taken = kvmsys_take_kick_signals() if v.sigmask_state > 0 else 0
+            taken = 0
+            if v.sigmask_state > 0:
+                taken = kvmsys_take_kick_signals()
+                if v.poll_signals:
+                    kvmsys_keep_sigint()
             v.kick_bits = kvmsys_xchg_int(&v.kick_pending, 0) & ~KICK_IRQ
             if v.kick_bits:
                 res = R_KICK

@@ -2,9 +2,10 @@
 from cpython.exc cimport PyErr_CheckSignals
 from libc.string cimport memcpy
 import threading as _threading
+import weakref as _weakref
 from cpython.pythread cimport PyThread_get_thread_ident
 
-cdef unsigned long _main_ident = _threading.main_thread().ident
+kvmsys_main_ident = _threading.main_thread().ident     # a fork child's is its forking thread
 
 _REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
                         "r11", "r12", "r13", "r14", "r15", "rip", "rflags"))
@@ -13,7 +14,9 @@ _CPUID_KEYS = frozenset(("function", "index", "flags", "eax", "ebx", "ecx", "edx
 
 cdef class VcpuCore:
     """A KVM vCPU fd and its comm area (struct kvm_run, mapped zero-copy)."""
-    # A vCPU fd, its comm area (the mmap'd kvm_run page) and its run state.
+    # A vCPU fd, its comm area (the mmap'd kvm_run page) and its run state.  The
+    # kernel vCPU (v) outlives this object when renew() hands it to a new one:
+    # this one is then stale, and keeps its successor (the owner of v) alive.
     cdef vcpustate_t *v
     cdef readonly VmCore vm
     cdef readonly int id
@@ -22,11 +25,25 @@ cdef class VcpuCore:
     cdef int debug_enabled
     cdef int _touched            # ran or had state set: a recycled vCPU must be reset
     cdef readonly list pending   # (fn, args, future) calls queued by handles' call_soon()
+    cdef bint owner              # this object frees v
+    cdef str gone                # why this object no longer reaches its vCPU, or None
+    cdef object successor
+    cdef unsigned long forkgen   # the process that created it
+    cdef list views              # weak references to the comm-area views it handed out
     cdef object __weakref__
 
-    def __cinit__(self, VmCore vm, vcpu_id_):
+    def __cinit__(self, *args, **kwargs):
+        self.forkgen = kvmsys_fork_generation
+
+    def __init__(self, VmCore vm, vcpu_id_):
+        if self.v != NULL:
+            raise StateError(f"vCPU {self.id} is already initialized")
         vm.require_open()
         cdef int vcpu_id = as_int(vcpu_id_, "vCPU id", 0, 0x7fffffff)
+        if not vm.check_extension(KVM_CAP_IMMEDIATE_EXIT):
+            # kicks and the watchdog rely on kvm_run.immediate_exit (Linux >= 4.11)
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError("IMMEDIATE_EXIT", "kvmsys's run loop (kicks, the watchdog)")
         max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
         require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
         require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
@@ -35,33 +52,77 @@ cdef class VcpuCore:
         self.v = <vcpustate_t *>calloc(1, sizeof(vcpustate_t))
         if self.v == NULL:
             raise MemoryError()
+        self.owner = 1
         self.v.fd = -1
         self.v.budget_left = -1
         pthread_mutex_init(&self.v.lock, NULL)
-        cdef int fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vcpu_id), "KVM_CREATE_VCPU")
-        cdef void *addr = mmap(NULL, vm.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-        if addr == MAP_FAILED:
-            err = errno
-            close(fd)
-            raise_os(err, "mmap(kvm_run)")
-        self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {vcpu_id} comm area")
-        self.v.fd = fd
-        self.v.run = <kvm_run *>addr
-        self.v.run_size = vm.mmap_size
+        self.v.fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vcpu_id), "KVM_CREATE_VCPU")
         self.v.vm = vm.state
         self.v.generation = 1
         self.pending = []
-        cdef long page = sysconf(_SC_PAGESIZE)
-        if vm.check_extension(KVM_CAP_COALESCED_MMIO) > 0 and \
-                (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * page <= <long>vm.mmap_size:
-            self.v.ring = <kvm_coalesced_mmio_ring *>(<char *>addr + KVM_COALESCED_MMIO_PAGE_OFFSET * page)
-            self.v.ring_max = (page - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
+        self.views = []
+        self.map_comm_area()
         if vm.has_sync_regs:
             self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
         vm.vcpu_ids.add(vcpu_id)
         vm.vcpus.add(self)
 
+    cdef int map_comm_area(self) except -1:
+        # (Re)map the vCPU's kvm_run page (+ the coalesced ring) at a new address.
+        cdef VmCore vm = self.vm
+        cdef void *addr = mmap(NULL, vm.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, self.v.fd, 0)
+        if addr == MAP_FAILED:
+            raise_os(errno, "mmap(kvm_run)")
+        self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {self.id} comm area")
+        self.v.run = <kvm_run *>addr
+        self.v.run_size = vm.mmap_size
+        cdef long page = sysconf(_SC_PAGESIZE)
+        if vm.check_extension(KVM_CAP_COALESCED_MMIO) > 0 and \
+                (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * page <= <long>vm.mmap_size:
+            self.v.ring = <kvm_coalesced_mmio_ring *>(<char *>addr + KVM_COALESCED_MMIO_PAGE_OFFSET * page)
+            self.v.ring_max = (page - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
+        return 0
+
+    def renew(self):
+        """Hand this kernel vCPU to a new object, which is returned; this one goes stale.
+
+        Afterwards every use of this object, of its exits and of its regs raises
+        StaleVcpuError, and its comm-area views are released (slices of them read
+        private zeros): nothing done through them reaches the vCPU or its next owner."""
+        self.require_open()
+        self.claim("hand it on")
+        cdef VcpuCore n
+        cdef Mapping old = self.page
+        try:
+            n = type(self).__new__(type(self))
+            n.v, n.vm, n.id, n.forkgen = self.v, self.vm, self.id, self.forkgen
+            n.synced, n.debug_enabled, n._touched = self.synced, self.debug_enabled, self._touched
+            n.pending, n.views = [], []
+            n.map_comm_area()
+            old.revoke("belongs to a vCPU that was removed (or whose thread ended)")
+        finally:
+            kvmsys_store_int(&self.v.active, 0)
+        for ref in self.views:
+            view = ref()
+            if view is not None:
+                try:
+                    view.release()
+                except BufferError:
+                    pass            # something exported from it: it reads the zeros now
+        self.views = []
+        self.owner, n.owner = 0, 1
+        self.gone = "was removed (or its thread ended)"
+        self.successor = n
+        self.page = None
+        self.vm.vcpus.discard(self)
+        self.vm.vcpus.add(n)
+        return n
+
     cdef int require_open(self) except -1:
+        if self.gone is not None:
+            raise StaleVcpuError(f"this vCPU {self.id} object {self.gone}: use the new owner's current()")
+        if self.forkgen != kvmsys_fork_generation:
+            raise StateError(f"vCPU {self.id} belongs to the parent process (this is a fork child)")
         if self.v == NULL or self.v.fd < 0:
             raise StateError(f"vCPU {self.id} is closed")
         return 0
@@ -87,7 +148,12 @@ cdef class VcpuCore:
 
     @property
     def closed(self):
-        return self.v == NULL or self.v.fd < 0
+        return self.v == NULL or self.v.fd < 0 or self.gone is not None or self.forkgen != kvmsys_fork_generation
+
+    @property
+    def stale(self):
+        """True once this object was handed on (remove_vcpu(), thread end): StaleVcpuError on use."""
+        return self.gone is not None
 
     @property
     def active(self):
@@ -98,7 +164,10 @@ cdef class VcpuCore:
     def comm_area(self):
         """Writable zero-copy memoryview of the whole vCPU mapping (kvm_run first)."""
         self.require_open()
-        return memoryview(self.page)
+        view = memoryview(self.page)
+        self.views = [r for r in self.views if r() is not None]
+        self.views.append(_weakref.ref(view))
+        return view
 
     # --- running -----------------------------------------------------------
     cdef Exit run_once(self, int64_t budget, double timeout):
@@ -130,15 +199,17 @@ cdef class VcpuCore:
                 if err:
                     v.deadline_ns = 0
                     raise_os(err, op.decode())
-            v.poll_signals = PyThread_get_thread_ident() == _main_ident   # only it runs signal handlers
+            v.poll_signals = PyThread_get_thread_ident() == kvmsys_main_ident   # only it runs signal handlers
             while True:
+                v.run_seq += 1              # exits of the previous KVM_RUN go stale
                 with nogil:
                     res = run_loop(v)
                 self.synced = 1
                 if res == R_EXIT:
                     ex = CoalescedExit.of_ring(self) if v.from_ring else make_exit(self)
                     handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
-                    if handler is None and (ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO) or v.from_ring):
+                    if handler is None and (v.from_ring or ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO,
+                                                                         KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR)):
                         handler = vm.default_handler
                     if handler is None:
                         return ex
@@ -259,6 +330,23 @@ cdef class VcpuCore:
             if not kvmsys_and_int(&v.kick_pending, ~KICK_USER):
                 kvmsys_store_u8(&v.run.immediate_exit, 0)
             pthread_mutex_unlock(&v.lock)
+
+    def last_exit(self):
+        """The exit the comm area holds now, decoded (valid until the vCPU runs again)."""
+        self.require_open()
+        return make_exit(self)
+
+    @property
+    def request_interrupt_window(self):
+        """kvm_run.request_interrupt_window: while set (no in-kernel irqchip), KVM_RUN
+        exits with IRQ_WINDOW_OPEN as soon as the guest can take an interrupt."""
+        self.require_open()
+        return bool(self.v.run.request_interrupt_window)
+
+    @request_interrupt_window.setter
+    def request_interrupt_window(self, bint value):
+        self.require_open()
+        self.v.run.request_interrupt_window = 1 if value else 0
 
     # --- registers ---------------------------------------------------------
     @property
@@ -384,7 +472,7 @@ cdef class VcpuCore:
     def get_mp_state(self):
         cdef kvm_mp_state s
         self.vcpu_ioctl(KVM_GET_MP_STATE, &s, "KVM_GET_MP_STATE")
-        return s.mp_state
+        return as_enum("MpState", s.mp_state)
 
     def set_mp_state(self, uint32_t state):
         cdef kvm_mp_state s
@@ -435,16 +523,44 @@ cdef class VcpuCore:
     def set_xcrs(self, data):
         self.set_blob(KVM_SET_XCRS, data, sizeof(kvm_xcrs), "KVM_SET_XCRS")
 
-    def set_guest_debug(self, bint enable=True, bint single_step=False):
-        """KVM_SET_GUEST_DEBUG: with single_step, every instruction ends in a DEBUG exit."""
+    def set_guest_debug(self, bint enable=True, bint single_step=False, bint sw_breakpoints=False,
+                        bint hw_breakpoints=False, debugreg=None, bint block_irq=False):
+        """KVM_SET_GUEST_DEBUG.  single_step: every instruction ends in a DEBUG exit (#DB);
+        sw_breakpoints: the guest's int3 ends in a DEBUG exit (#BP) instead of reaching the
+        guest; hw_breakpoints: the debug registers in *debugreg* (DR0-DR3 addresses, index 7
+        DR7; 8 values) are the host's, hits end in a DEBUG exit (#DB); block_irq: no
+        interrupts are injected while stepping.  enable=False turns all of it off."""
         cdef kvm_guest_debug d
+        cdef int i
         memset(&d, 0, sizeof(d))
+        if debugreg is not None:
+            regs = [as_u64(x, "debug register") for x in debugreg]
+            require(len(regs) == 8, f"debugreg takes 8 values (DR0-DR7), got {len(regs)}")
+            require(hw_breakpoints, "debugreg is used only with hw_breakpoints=True")
+            for i in range(8):
+                d.arch.debugreg[i] = regs[i]
         if enable:
             d.control = KVM_GUESTDBG_ENABLE
             if single_step:
                 d.control |= KVM_GUESTDBG_SINGLESTEP
+            if sw_breakpoints:
+                d.control |= KVM_GUESTDBG_USE_SW_BP
+            if hw_breakpoints:
+                d.control |= KVM_GUESTDBG_USE_HW_BP
+            if block_irq:
+                d.control |= KVM_GUESTDBG_BLOCKIRQ
         self.vcpu_ioctl(KVM_SET_GUEST_DEBUG, &d, "KVM_SET_GUEST_DEBUG")
         self.debug_enabled = enable
+
+    def translate(self, linear_address):
+        """KVM_TRANSLATE: the guest-physical address of a linear (guest-virtual) address under
+        the vCPU's current paging mode, as a dict: physical_address, valid, writeable, usermode."""
+        cdef kvm_translation t
+        memset(&t, 0, sizeof(t))
+        t.linear_address = as_u64(linear_address, "linear address")
+        self.vcpu_ioctl(KVM_TRANSLATE, &t, "KVM_TRANSLATE")
+        return dict(physical_address=t.physical_address, valid=bool(t.valid),
+                    writeable=bool(t.writeable), usermode=bool(t.usermode))
 
     def interrupt(self, uint32_t vector):
         """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip)."""
@@ -481,13 +597,32 @@ cdef class VcpuCore:
     def close(self):
         """Close the vCPU fd (the comm area is unmapped once no view of it is left).
 
-        KVM keeps a vCPU until its VM is destroyed, so its id stays taken in this VM."""
+        KVM keeps a vCPU until its VM is destroyed, so its id stays taken in this VM.
+        Refused (StateError) while the vCPU is inside run(), from any thread."""
+        if self.gone is not None:
+            self.require_open()                 # StaleVcpuError: it is somebody else's now
         if self.v == NULL or self.v.fd < 0:
+            return
+        if self.forkgen != kvmsys_fork_generation:
+            # A fork child's copy of the parent's vCPU: its locks and flags are a snapshot
+            # of other threads; closing our fd touches nothing of the parent's.
+            close(self.v.fd)
+            self.v.fd = -1
+            self.page = None
             return
         # Claim the vCPU as run() does, so a run() starting in another thread now
         # fails cleanly instead of entering KVM_RUN on a closing vCPU; keep the claim.
+        self.claim("close it")
+        self.close_claimed()
+
+    cdef int claim(self, str what) except -1:
+        """Mark the vCPU busy as run() does: StateError if it is inside run() (any thread)."""
         if kvmsys_xchg_int(&self.v.active, 1):
-            raise StateError(f"vCPU {self.id} is running; kick it and let run() return first")
+            raise StateError(f"vCPU {self.id} is running (inside run(), from its own handler or another thread): "
+                             f"cannot {what} now; let run() return first")
+        return 0
+
+    cdef void close_claimed(self):
         pthread_mutex_lock(&self.v.lock)
         close(self.v.fd)
         self.v.fd = -1
@@ -504,9 +639,9 @@ cdef class VcpuCore:
         self.close()
 
     def __dealloc__(self):
-        if self.v != NULL:
+        if self.v != NULL and self.owner:
             if self.v.fd >= 0:
                 close(self.v.fd)
             pthread_mutex_destroy(&self.v.lock)
             free(self.v)
-            self.v = NULL
+        self.v = NULL

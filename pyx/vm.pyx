@@ -36,10 +36,12 @@ cdef class VmCore:
     cdef readonly set vcpu_ids
     cdef object vcpus               # WeakSet of live VcpuCore, closed with the VM
     cdef set coalesced_zones        # registered (addr, size, pio)
+    cdef unsigned long forkgen      # the process that created it
     cdef object __weakref__
 
     def __cinit__(self, KvmCore kvm, unsigned long vm_type=0):
         self.fd = -1
+        self.forkgen = kvmsys_fork_generation
         kvm.require_open()
         first_vm()
         self.kvm = kvm
@@ -59,6 +61,8 @@ cdef class VmCore:
         self.has_sync_regs = self.check_extension(KVM_CAP_SYNC_REGS) & KVM_SYNC_X86_REGS != 0
 
     cdef int require_open(self) except -1:
+        if self.forkgen != kvmsys_fork_generation:
+            raise StateError("this VM belongs to the parent process (this is a fork child)")
         if self.fd < 0:
             raise StateError("the VM is closed")
         return 0
@@ -322,6 +326,37 @@ cdef class VmCore:
             c.args[i] = a
         self.vm_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP")
 
+    def set_msr_filter(self, ranges, bint default_deny=False):
+        """KVM_X86_SET_MSR_FILTER: *ranges* of (flags, base, nmsrs, bitmap); a 0 bit in a
+        range's bitmap denies the accesses in its flags (KVM_MSR_FILTER_READ=1, WRITE=2),
+        which then exit to user space if KVM_CAP_X86_USER_SPACE_MSR asks for FILTER exits.
+        A new filter replaces the old; no ranges and default allow turn filtering off."""
+        cdef list rs = list(ranges)
+        require(len(rs) <= KVM_MSR_FILTER_MAX_RANGES,
+                f"at most {KVM_MSR_FILTER_MAX_RANGES} MSR filter ranges, got {len(rs)}")
+        cdef kvm_msr_filter f
+        memset(&f, 0, sizeof(f))
+        f.flags = KVM_MSR_FILTER_DEFAULT_DENY if default_deny else KVM_MSR_FILTER_DEFAULT_ALLOW
+        cdef list keep = []         # the bitmaps stay alive through the ioctl
+        cdef bytes bm
+        for i, r in enumerate(rs):
+            require(isinstance(r, tuple) and len(r) == 4, f"MSR filter range {i} must be (flags, base, nmsrs, bitmap)")
+            flags, base, nmsrs, bitmap = r
+            require(isinstance(flags, int) and flags != 0 and
+                    flags & ~(KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE) == 0,
+                    f"MSR filter range {i}: flags must be READ (1), WRITE (2) or both")
+            base = as_int(base, "MSR filter base", 0, 0xffffffff)
+            nmsrs = as_int(nmsrs, "MSR filter count", 1, KVM_MSR_FILTER_MAX_BITMAP_SIZE * 8)
+            bm = as_blob(bitmap, "MSR filter bitmap")
+            require(len(bm) * 8 >= nmsrs, f"MSR filter range {i}: a bitmap of {len(bm)} bytes "
+                    f"cannot cover {nmsrs} MSRs")
+            keep.append(bm)
+            f.ranges[i].flags = flags
+            f.ranges[i].base = base
+            f.ranges[i].nmsrs = nmsrs
+            f.ranges[i].bitmap = <uint8_t *><char *>bm
+        self.vm_ioctl(KVM_X86_SET_MSR_FILTER, &f, "KVM_X86_SET_MSR_FILTER")
+
     # --- device state blobs (the raw kernel structs), for save and restore ----
     cdef bytes get_vm_blob(self, unsigned long req, void *buf, size_t size, str op):
         self.vm_ioctl(req, buf, op)
@@ -369,11 +404,12 @@ cdef class VmCore:
     # --- fast handlers (used by the run loop) ------------------------------
     def add_handler(self, int space, uint64_t start, uint64_t end, int kind, uint64_t value=0,
                     callback=None):
-        """Route exits at [start, end) of *space* (0 = PIO, 1 = MMIO) to a handler kind.
+        """Route exits at [start, end) of *space* (kvmsys.Space: PIO, MMIO, or MSR by index) to a handler kind.
 
         Returns the handler's index.  An earlier handler wins where ranges overlap."""
-        require(space in (SPACE_PIO, SPACE_MMIO), "space must be 0 (PIO) or 1 (MMIO)")
+        require(space in (SPACE_PIO, SPACE_MMIO, SPACE_MSR), "space must be 0 (PIO), 1 (MMIO) or 2 (MSR)")
         require(kind in (H_PYTHON, H_SINK, H_CONST, H_IGNORE, H_EXIT), f"unknown handler kind {kind}")
+        require(space != SPACE_MSR or end <= (<uint64_t>1 << 32), "an MSR range must lie within indices 0..0xffffffff")
         require(start < end, "handler range is empty")
         require(space != SPACE_PIO or end <= 0x10000, "a PIO range must lie within ports 0..0xffff")
         require(callback is None or kind == H_PYTHON, "only a Python handler takes a callback")
@@ -401,7 +437,7 @@ cdef class VmCore:
 
     def set_default(self, int space, int kind):
         """What happens to an access no handler covers: H_PYTHON (return it) or H_IGNORE."""
-        require(space in (SPACE_PIO, SPACE_MMIO), "space must be 0 (PIO) or 1 (MMIO)")
+        require(space in (SPACE_PIO, SPACE_MMIO, SPACE_MSR), "space must be 0 (PIO), 1 (MMIO) or 2 (MSR)")
         require(kind in (H_PYTHON, H_IGNORE), "the default is H_PYTHON or H_IGNORE")
         self.require_open()
         self.state.default_kind[space] = kind
@@ -414,6 +450,8 @@ cdef class VmCore:
 
     def console(self, bint clear=False):
         """Bytes collected by sink handlers (serial THR, debugcon), optionally clearing them."""
+        if self.forkgen != kvmsys_fork_generation:
+            self.require_open()         # its lock may be held by a thread of the parent
         pthread_mutex_lock(&self.state.lock)
         try:
             out = (<char *>self.state.console)[:self.state.console_len] if self.state.console_len else b""
@@ -439,9 +477,23 @@ cdef class VmCore:
         return {p: self.state.port_counts[p] for p in range(NR_PORTS) if self.state.port_counts[p]}
 
     def close(self):
-        """Close the VM fd and its vCPUs.  Memory views stay valid until dropped.  Idempotent."""
-        for vcpu in list(self.vcpus):
-            vcpu.close()
+        """Close the VM fd and its vCPUs.  Memory views stay valid until dropped.  Idempotent.
+
+        Refused (StateError), closing nothing, while any of its vCPUs is inside run()."""
+        cdef VcpuCore vcpu
+        cdef list claimed = []
+        if self.forkgen == kvmsys_fork_generation:
+            try:
+                for vcpu in list(self.vcpus):
+                    if not vcpu.closed:
+                        vcpu.claim("close its VM")
+                        claimed.append(vcpu)
+            except BaseException:
+                for vcpu in claimed:
+                    kvmsys_store_int(&vcpu.v.active, 0)
+                raise
+            for vcpu in claimed:
+                vcpu.close_claimed()
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1

@@ -3,6 +3,7 @@ handles that other threads hold (kick, interrupt, call_soon), recycling of
 kernel vCPUs, thread exit and fork.  Where a behaviour also exists in the fd
 ABI (handles of fd vCPUs) the test runs over both through the `machine` fixture.
 """
+import gc
 import json
 import os
 import signal
@@ -19,11 +20,11 @@ import pytest
 import kvmsys
 from kvmsys import (BudgetExit, ConfigurationError, DeadlineExit, HltExit, IntrExit, IoExit,
                     KickExit, StaleVcpuError, StateError, StopExit, VcpuBindingError, _core, syscall)
+from kvmsys.enums import Kind, Space
 from kvmsys.guests import exit_status, get, layout
 from kvmsys.runner import setup_devices
 
-PIO = _core.SPACES["PIO"]
-K = _core.H_KINDS
+PIO = Space.PIO
 KICK_SIGNAL = _core.kick_signal()
 HELLO = b"Hello, world!\n"
 
@@ -305,6 +306,7 @@ def test_thread_exit_releases_everything(fresh, monkeypatch):
 
     one(False)                  # warm-up: the pooled kernel vCPU, a cached stack, an arena
     one(True)
+    gc.collect()                # earlier tests' garbage may hold old comm areas (one map each)
     baseline = resources()
     ids.clear()
     raised.clear()
@@ -534,7 +536,8 @@ def test_handle_is_stale_after_thread_exit_even_when_the_id_is_reused(fresh):
     assert_stale(old)
     kvmsys.add_vcpu()
     new = kvmsys.handle()
-    assert new.id == old.id and kvmsys.current() is old_vcpu    # the same kernel vCPU, recycled
+    # the same kernel vCPU, recycled, in a new object: the old one is dead
+    assert new.id == old.id and kvmsys.current() is not old_vcpu and old_vcpu.stale
     assert new.alive and new.generation != old.generation
     assert_stale(old)
     assert new.stats()["total_exits"] == 0
@@ -619,7 +622,7 @@ def test_call_soon_runs_on_the_owning_thread_and_the_run_goes_on(machine):
 @pytest.mark.parametrize("vector", [0x40, 0x41])
 def test_interrupt_without_irqchip_is_injected_by_the_owner(machine, vector):
     machine.devices()
-    machine.vm.add_handler(PIO, 0x12, 0x13, K["PYTHON"])    # the ISRs' report returns to Python
+    machine.vm.add_handler(PIO, 0x12, 0x13, Kind.PYTHON)    # the ISRs' report returns to Python
     irq_guest(machine.mem, machine.vcpu)
     h = machine.vcpu.handle()
     assert isinstance(machine.run(budget=20, timeout=10), BudgetExit)  # IF=1, looping
@@ -639,7 +642,7 @@ def test_interrupt_without_irqchip_is_injected_by_the_owner(machine, vector):
 
 def test_interrupt_queued_before_run_is_injected(machine):
     machine.devices()
-    machine.vm.add_handler(PIO, 0x12, 0x13, K["PYTHON"])
+    machine.vm.add_handler(PIO, 0x12, 0x13, Kind.PYTHON)
     irq_guest(machine.mem, machine.vcpu)
     assert isinstance(machine.run(budget=5, timeout=10), BudgetExit)
     h = machine.vcpu.handle()

@@ -95,8 +95,16 @@ cdef extern from "kvmsys_native.h" nogil:
     void kvmsys_restore_signals(const sigset_t *old)
     uint64_t kvmsys_run_sigmask(const sigset_t *old, int main_thread)
     unsigned kvmsys_take_kick_signals()
+    void kvmsys_keep_sigint()
     void kvmsys_raise_window_signal()
     void kvmsys_set_window_signal(int sig)
-    void kvmsys_forget_watchdog()
     void kvmsys_thread_cleanup_register()
     void *kvmsys_bound
+    ctypedef struct kvmsys_region_t:
+        pass
+    kvmsys_region_t *kvmsys_region_add(void *addr, size_t size)
+    void kvmsys_region_remove(kvmsys_region_t *r)
+    int kvmsys_detach_region(void *addr, size_t size)
+    unsigned long kvmsys_fork_generation
+    unsigned long kvmsys_main_ident
+
