@@ -61,7 +61,8 @@ cdef int _unbind_state(VcpuCore vcpu) except -1:
     pthread_mutex_unlock(&vcpu.v.lock)
     work, vcpu.pending = vcpu.pending, []
     for _fn, _args, future in work:
-        future.cancel()                 # never run: the vCPU changed hands
+        if future is not None:
+            future.cancel()             # never run: the vCPU changed hands
     return 0
 
 
@@ -180,17 +181,20 @@ cdef class VcpuHandle:
         return 0
 
     def interrupt(self, uint32_t vector):
-        """Request external interrupt *vector* for this vCPU.
+        """Request external interrupt *vector* for this vCPU: queued and injected by the
+        thread that runs it, at once if it is running (a kick), else at its next run().
 
-        With the in-kernel irqchip: an MSI to its local APIC (from this thread).
+        With the in-kernel irqchip that thread sends an MSI to the APIC id the vCPU has
+        then (read from its LAPIC state: a guest may change it, x2APIC ids exceed 255),
+        which only it can read: KVM_GET_LAPIC waits while the vCPU is in KVM_RUN.
         Without: queued; the owner's run loop injects each vector once, in order, when
         the guest can take it (IF=1, as KVM reports), asking KVM for an
         interrupt-window exit meanwhile."""
         require(16 <= vector < 256, "vector must be 16..255")
         self._check()
         if self.vcpu.vm.has_irqchip:
-            # physical destination = APIC id (= vCPU id), fixed delivery, edge
-            self.vcpu.vm.signal_msi(0xFEE00000 | (self.vcpu.id << 12), vector)
+            self.vcpu.pending.append((self.vcpu.interrupt, (vector,), None))
+            self._kick(KICK_CALLS)
             return
         self._queue(vector)
 
