@@ -188,8 +188,8 @@ static inline void kvmsys_set_running(void *run) {
  * to this thread only, armed at the earliest deadline of the runs this thread
  * is inside (a run nested in a handler keeps the outer run's deadline).
  * timer_create can fail for a while (on some hosts EAGAIN for up to ~0.5 s
- * after a process that ran a VM exits): it is retried briefly, then a helper
- * thread that sleeps until the deadline and signals stands in for the timer. */
+ * after a process that ran a VM exits): it is retried for up to ~1 s, then a
+ * helper thread that sleeps until the deadline and signals stands in for the timer. */
 static KVMSYS_TLS uint64_t kvmsys_armed_ns;      /* the deadline armed now; 0: none */
 
 struct kvmsys_wd_thread {
@@ -298,30 +298,37 @@ static int kvmsys_timer_create(void) {
     return timer_create(CLOCK_MONOTONIC, &sev, &kvmsys_timer);
 }
 
+/* Make this thread's timer (or helper thread) if it has none yet; before the
+ * deadline is taken, since it may wait.  Returns 0 or an errno; *op names the call. */
+static int kvmsys_watchdog_ready(const char **op) {
+    struct timespec pause = {0, 1000000};
+    int tries;
+    if (kvmsys_timer_ok || kvmsys_wd)
+        return 0;
+    /* EAGAIN passes within ~0.5 s where we saw it: wait up to ~1 s (1, 2, 4 ...
+     * 512 ms), since the helper thread costs a thread for the rest of this one */
+    for (tries = 0; tries < 11; tries++) {
+        if (kvmsys_timer_create() == 0) {
+            kvmsys_timer_ok = 1;
+            kvmsys_thread_cleanup_register();
+            return 0;
+        }
+        if (errno != EAGAIN || tries == 10)
+            break;
+        nanosleep(&pause, NULL);
+        pause.tv_nsec *= 2;
+    }
+    *op = "pthread_create(watchdog thread, after timer_create failed)";
+    return kvmsys_start_wd_thread();
+}
+
 /* Set this thread's watchdog to fire at deadline_ns (0: disarm).  Returns 0 or
  * an errno; *op names the call that failed. */
 static int kvmsys_set_watchdog(uint64_t deadline_ns, const char **op) {
     struct itimerspec its;
-    struct timespec pause = {0, 2000000};
-    int tries, rc;
-    if (!kvmsys_timer_ok && !kvmsys_wd && deadline_ns) {
-        for (tries = 0; tries < 5; tries++) {
-            if (kvmsys_timer_create() == 0) {
-                kvmsys_timer_ok = 1;
-                kvmsys_thread_cleanup_register();
-                break;
-            }
-            if (errno != EAGAIN)
-                break;
-            nanosleep(&pause, NULL);
-        }
-        if (!kvmsys_timer_ok) {
-            *op = "pthread_create(watchdog thread, after timer_create failed)";
-            rc = kvmsys_start_wd_thread();
-            if (rc)
-                return rc;
-        }
-    }
+    int rc;
+    if (deadline_ns && (rc = kvmsys_watchdog_ready(op)) != 0)
+        return rc;
     kvmsys_armed_ns = deadline_ns;
     if (kvmsys_wd) {
         pthread_mutex_lock(&kvmsys_wd->m);

@@ -332,9 +332,12 @@ cdef class VcpuCore:
             v.budget_left = budget
             v.deadline_ns = 0
             if timeout >= 0:
+                with nogil:     # may wait for timer_create (EAGAIN) before the clock starts
+                    err = kvmsys_watchdog_ready(&op)
+                if err:
+                    raise_os(err, op.decode())
                 v.deadline_ns = kvmsys_now_ns() + <uint64_t>(timeout * 1e9)
-                with nogil:     # may wait a few ms for timer_create (EAGAIN)
-                    err = kvmsys_watchdog_push(v.deadline_ns, &outer_deadline, &op)
+                err = kvmsys_watchdog_push(v.deadline_ns, &outer_deadline, &op)
                 if err:
                     v.deadline_ns = 0
                     raise_os(err, op.decode())
