@@ -316,6 +316,8 @@ def test_thread_exit_releases_everything(fresh, monkeypatch):
     assert ids == [0] * 1000    # one after another: each got the recycled id 0
     assert kvmsys.vcpus() == {}
     assert kvmsys.vm().vcpu_ids == {0}      # one kernel vCPU in all
+    gc.collect()                # as before the baseline: a failed worker's traceback cycle
+                                # keeps its stale vCPU object, and that its revoked comm area
     fds, timers, paths = resources()
     assert fds == baseline[0]
     assert timers == baseline[1]
