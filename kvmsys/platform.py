@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from . import _core
 from .enums import Kind, Space
+from .errors import ArgumentTypeError, InvalidArgumentError
 
 PIO, MMIO = Space.PIO, Space.MMIO
 
@@ -20,6 +21,7 @@ COM1 = 0x3F8
 LSR_THRE_TEMT = 0x60
 
 FIRMWARE_LOW_MAX = 128 * 1024
+MAX_FIRMWARE_SIZE = 16 << 20
 FOUR_GIB = 1 << 32
 
 
@@ -39,11 +41,13 @@ def load_firmware(vm, image: bytes, *, ram_size: int, first_slot: int = 0) -> li
     The image ends at 4 GiB (so the reset vector F000:FFF0 lands 16 bytes below
     its end) and, if it is 128 KiB or smaller, is also copied to end at 1 MiB.
     RAM covers [0, 640 KiB) and [1 MiB, ram_size)."""
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise ArgumentTypeError(f"firmware image must be bytes, not {type(image).__name__}")
     size = len(image)
-    if not 0 < size <= 16 << 20:
-        raise ValueError(f"firmware image of {size} bytes: expected 1 byte .. 16 MiB")
-    if ram_size < 2 << 20 or ram_size % 4096:
-        raise ValueError("firmware needs at least 2 MiB of page-aligned RAM")
+    if not 0 < size <= MAX_FIRMWARE_SIZE:
+        raise InvalidArgumentError(f"firmware image of {size} bytes: expected 1 byte .. 16 MiB")
+    if not isinstance(ram_size, int) or not 2 << 20 <= ram_size <= FOUR_GIB - (16 << 20) or ram_size % 4096:
+        raise InvalidArgumentError("firmware needs 2 MiB .. 4 GiB - 16 MiB of page-aligned RAM")
     mapped = (size + 4095) & ~4095
     slots = []
     slot = first_slot

@@ -7,6 +7,9 @@ cdef enum:
     POLL_NS = 10000000   # main thread: check Python signals at least every 10 ms
     CONSOLE_MAX = 64 * 1024 * 1024
 
+# Set at interpreter exit: no vCPU enters KVM_RUN again (see shutdown() in vcpu.pyx).
+cdef int shutting_down = 0
+
 
 cdef int vm_init(vmstate_t *vm, int fd) except -1:
     memset(vm, 0, sizeof(vmstate_t))
@@ -103,7 +106,7 @@ cdef inline int access(vcpustate_t *v, int space, uint64_t addr, int is_write,
         if kind == H_SINK:
             console_append(vm, data, total)
         elif kind == H_EXIT:
-            v.stop_status = <int>((le_value(data, unit) << 1) | 1)
+            v.stop_status = (le_value(data, unit) << 1) | 1     # 64-bit: 0xffffffff is no -1
             return R_STOP
         return -1
     if kind == H_CONST:
@@ -119,15 +122,24 @@ cdef inline int access(vcpustate_t *v, int space, uint64_t addr, int is_write,
 # through the handler of its range, in order.  Returns -1 once the ring is empty,
 # or the R_* of an entry that goes to Python or stops the run; that entry is
 # copied to v.ring_entry first (once `first` moves on, the kernel may reuse its slot).
+# Ring indices out of range (the ring is writable from Python through the comm
+# area) are R_ERROR with v.error = -EFAULT: never trusted, or the loop never ends.
 cdef int drain_ring(vcpustate_t *v) noexcept nogil:
     cdef kvm_coalesced_mmio_ring *ring = v.ring
     cdef kvm_coalesced_mmio *entries = <kvm_coalesced_mmio *>(<char *>ring + sizeof(kvm_coalesced_mmio_ring))
     cdef kvm_coalesced_mmio *e = &v.ring_entry
-    cdef uint32_t first
+    cdef uint32_t first, last
     cdef int res = -1
     pthread_mutex_lock(&v.vm.ring_lock)
     first = ring.first
-    while first != kvmsys_load_u32(&ring.last) and first < v.ring_max:
+    while True:
+        last = kvmsys_load_u32(&ring.last)
+        if first >= v.ring_max or last >= v.ring_max:
+            v.error = -EFAULT       # negative: a check of ours, not the kernel's errno
+            res = R_ERROR
+            break
+        if first == last:
+            break
         e[0] = entries[first]
         first = (first + 1) % v.ring_max
         kvmsys_store_u32(&ring.first, first)
@@ -141,7 +153,7 @@ cdef int drain_ring(vcpustate_t *v) noexcept nogil:
         if v.last_handler < 0:
             kvmsys_add_u64(&v.vm.coalesced_unhandled, 1)    # default IGNORE: counted, never silent
     pthread_mutex_unlock(&v.vm.ring_lock)
-    v.from_ring = res >= 0
+    v.from_ring = res == R_EXIT or res == R_STOP
     return res
 
 
@@ -194,13 +206,13 @@ cdef inline int dispatch(vcpustate_t *v, kvm_run *run) noexcept nogil:
     if reason == KVM_EXIT_IO:
         total = <uint64_t>run.io.size * run.io.count
         if run.io.size == 0 or run.io.data_offset + total > v.run_size or run.io.data_offset < sizeof(kvm_run):
-            v.error = EFAULT
+            v.error = -EFAULT
             return R_ERROR
         return access(v, SPACE_PIO, run.io.port, run.io.direction == KVM_EXIT_IO_OUT,
                       <uint8_t *>run + run.io.data_offset, run.io.size, total)
     if reason == KVM_EXIT_MMIO:
         if run.mmio.len == 0 or run.mmio.len > 8:
-            v.error = EFAULT
+            v.error = -EFAULT
             return R_ERROR
         return access(v, SPACE_MMIO, run.mmio.phys_addr, run.mmio.is_write,
                       run.mmio.data, run.mmio.len, run.mmio.len)
@@ -238,7 +250,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     cdef kvm_run *run = v.run
     cdef uint64_t t_in, t_out, t_poll, want
     cdef int r, res, err
-    cdef unsigned sigs, taken
+    cdef unsigned sigs, now_sigs, taken
     cdef sigset_t saved_mask
     t_out = kvmsys_now_ns()
     t_poll = t_out
@@ -269,14 +281,20 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     # derive it from kick_pending.  Kickers set kick_pending before immediate_exit
     # and signal only a running vCPU, so reading it after `running` loses nothing.
     # Queued interrupts need no immediate exit: they are injected before KVM_RUN.
+    # Count our signals *before* clearing immediate_exit: one that lands in between
+    # sets it again and is counted after `sigs`, so its EINTR is known as ours.
+    sigs = kvmsys_own_signal_count()
     kvmsys_store_u8(&run.immediate_exit, 0)
     if kvmsys_and_int(&v.kick_pending, ~KICK_IRQ):
         kvmsys_store_u8(&run.immediate_exit, 1)
-    sigs = kvmsys_own_signal_count()
     while True:
         if not v.need_dispatch:
             t_in = kvmsys_now_ns()
             v.ns_in_handlers += t_in - t_out
+            if kvmsys_load_int(&shutting_down):
+                t_out = t_in
+                res = R_KICK        # run_once() sees shutting_down and raises
+                break
             if v.deadline_ns and t_in >= v.deadline_ns:
                 # passed outside KVM_RUN (e.g. in a Python handler): the watchdog's
                 # signal found no KVM_RUN to interrupt
@@ -306,6 +324,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
                 break
         if not v.need_dispatch:
             # EINTR: a kick, the watchdog, or somebody else's signal
+            now_sigs = kvmsys_own_signal_count()     # before clearing, as above
             kvmsys_store_u8(&run.immediate_exit, 0)
             v.exits[KVM_EXIT_INTR] += 1
             taken = 0
@@ -318,11 +337,11 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
                 res = R_KICK
             elif v.deadline_ns and t_out >= v.deadline_ns:
                 res = R_DEADLINE
-            elif taken or kvmsys_own_signal_count() != sigs or kvmsys_load_int(&v.nirq) or \
+            elif taken or now_sigs != sigs or kvmsys_load_int(&v.nirq) or \
                     kvmsys_load_int(&v.nmi_queued):
                 # one of our signals (for a kick taken earlier, or interrupts to
                 # inject): go on, unless a new kick came meanwhile
-                sigs = kvmsys_own_signal_count()
+                sigs = now_sigs
                 if kvmsys_load_int(&v.kick_pending) & ~KICK_IRQ:
                     kvmsys_store_u8(&run.immediate_exit, 1)
                 continue

@@ -5,7 +5,44 @@ import threading as _threading
 import weakref as _weakref
 from cpython.pythread cimport PyThread_get_thread_ident
 
-kvmsys_main_ident = _threading.main_thread().ident     # a fork child's is its forking thread
+cdef unsigned long _main_ident = _threading.main_thread().ident
+cdef int _main_pid = getpid()
+
+
+cdef inline bint on_main_thread():
+    # The thread CPython runs signal handlers in.  In a fork child it is the thread that
+    # forked (CPython makes it so), whichever that was: look again in a new process.
+    global _main_ident, _main_pid
+    if getpid() != _main_pid:
+        _main_ident = _threading.main_thread().ident
+        _main_pid = getpid()
+    return PyThread_get_thread_ident() == _main_ident
+
+import os as _os
+
+# Every live vCPU of this process (both ABIs), for shutdown().
+_all_vcpus = _weakref.WeakSet()
+cdef long _all_vcpus_pid = _os.getpid()
+
+
+def shutdown():
+    """At interpreter exit: no vCPU enters KVM_RUN again, and those inside it are kicked
+    out, so threads (daemon ones too) stop and the vCPUs can be released."""
+    global shutting_down
+    kvmsys_store_int(&shutting_down, 1)
+    if _os.getpid() != _all_vcpus_pid:
+        return          # a fork child: these vCPUs are the parent's
+    cdef vcpustate_t *v
+    for vcpu in list(_all_vcpus):
+        v = (<VcpuCore>vcpu).v
+        if v != NULL:
+            with nogil:
+                kick_vcpu(v, 0, KICK_USER)
+
+
+def is_shutting_down():
+    """True once shutdown() ran (the interpreter is exiting)."""
+    return bool(kvmsys_load_int(&shutting_down))
 
 _REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
                         "r11", "r12", "r13", "r14", "r15", "rip", "rflags"))
@@ -33,14 +70,18 @@ cdef class VcpuCore:
     cdef object successor
     cdef unsigned long forkgen   # the process that created it
     cdef list views              # weak references to the comm-area views it handed out
+    cdef Mapping dirty_ring      # its dirty-page ring (vm.enable_dirty_ring), or None
+    cdef uint32_t dirty_fetch    # next ring entry to harvest
+    cdef unsigned long _runner   # Python thread ident of the run() in progress (for messages)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
         self.forkgen = kvmsys_fork_generation
 
-    def __init__(self, VmCore vm, vcpu_id_):
+    def __init__(self, vm_, vcpu_id_):
         if self.v != NULL:
             raise StateError(f"vCPU {self.id} is already initialized")
+        cdef VmCore vm = of_type(vm_, VmCore, "vm")
         vm.require_open()
         cdef int vcpu_id = as_int(vcpu_id_, "vCPU id", 0, 0x7fffffff)
         if not vm.check_extension(KVM_CAP_IMMEDIATE_EXIT):
@@ -65,10 +106,13 @@ cdef class VcpuCore:
         self.pending = []
         self.views = []
         self.map_comm_area()
+        if vm.dirty_ring_size:
+            self.map_dirty_ring()
         if vm.has_sync_regs:
             self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
         vm.vcpu_ids.add(vcpu_id)
         vm.vcpus.add(self)
+        _all_vcpus.add(self)
 
     cdef int map_comm_area(self) except -1:
         # (Re)map the vCPU's kvm_run page (+ the coalesced ring) at a new address.
@@ -85,6 +129,36 @@ cdef class VcpuCore:
             self.v.ring = <kvm_coalesced_mmio_ring *>(<char *>addr + KVM_COALESCED_MMIO_PAGE_OFFSET * page)
             self.v.ring_max = (page - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
         return 0
+
+    cdef int map_dirty_ring(self) except -1:
+        cdef long page = sysconf(_SC_PAGESIZE)
+        cdef void *addr = mmap(NULL, self.vm.dirty_ring_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+                               self.v.fd, KVM_DIRTY_LOG_PAGE_OFFSET * page)
+        if addr == MAP_FAILED:
+            raise_os(errno, "mmap(dirty ring)")
+        self.dirty_ring = Mapping.wrap(addr, self.vm.dirty_ring_size, f"vCPU {self.id} dirty ring")
+        return 0
+
+    def harvest_dirty_ring(self):
+        """The pages this vCPU dirtied since the last harvest, as (slot, page index in the
+        slot), in the order KVM logged them; each entry is handed back to KVM (call
+        vm.reset_dirty_rings() afterwards to re-arm the logging of those pages)."""
+        self.require_open()
+        require(self.dirty_ring is not None, f"vCPU {self.id} has no dirty ring "
+                "(vm.enable_dirty_ring() before the vCPU is created)")
+        self.dirty_ring.check_usable()
+        cdef kvm_dirty_gfn *g = <kvm_dirty_gfn *>self.dirty_ring.addr
+        cdef uint32_t n = self.vm.dirty_ring_size // sizeof(kvm_dirty_gfn)
+        cdef kvm_dirty_gfn *e
+        cdef list out = []
+        while True:
+            e = &g[self.dirty_fetch % n]
+            if not kvmsys_load_u32(&e.flags) & KVM_DIRTY_GFN_F_DIRTY:
+                break
+            out.append((e.slot, e.offset))
+            kvmsys_store_u32(&e.flags, KVM_DIRTY_GFN_F_RESET)    # ours -> KVM's, on reset
+            self.dirty_fetch += 1
+        return out
 
     def renew(self):
         """Hand this kernel vCPU to a new object, which is returned; this one goes stale.
@@ -104,6 +178,7 @@ cdef class VcpuCore:
             n.synced, n.debug_enabled, n._touched = self.synced, self.debug_enabled, self._touched
             n.ran, n.cpuid_was_set = self.ran, self.cpuid_was_set
             n.pending, n.views = [], []
+            n.dirty_ring, n.dirty_fetch = self.dirty_ring, self.dirty_fetch
             n.map_comm_area()
             old.revoke("belongs to a vCPU that was removed (or whose thread ended)")
         finally:
@@ -119,6 +194,7 @@ cdef class VcpuCore:
         self.owner, n.owner = 0, 1
         self.gone = "was removed (or its thread ended)"
         self.successor = n
+        _all_vcpus.add(n)
         self.page = None
         self.vm.vcpus.discard(self)
         self.vm.vcpus.add(n)
@@ -134,10 +210,21 @@ cdef class VcpuCore:
         return 0
 
     cdef long vcpu_ioctl(self, unsigned long req, void *arg, str op) except -1:
+        # KVM serialises vCPU ioctls with KVM_RUN on the vCPU's mutex: from another thread
+        # during KVM_RUN this would wait for the guest's next exit.  Refuse that plainly;
+        # in the race where the vCPU enters KVM_RUN just after this check, the call waits
+        # for its next exit (or a kick) with the GIL released, so nothing else stops.
         self.require_open()
+        if kvmsys_load_int(&self.v.running):
+            raise StateError(f"vCPU {self.id} is inside KVM_RUN in another thread: {op} would wait for "
+                             "its next exit; kick it (or queue the call with handle().call_soon) first")
         if not op.startswith("KVM_GET"):
             self._touched = 1
-        return check(ioctl(self.v.fd, req, arg), op)
+        cdef int fd = self.v.fd
+        cdef long r
+        with nogil:
+            r = ioctl(fd, req, arg)
+        return check(r, op)
 
     @property
     def touched(self):
@@ -234,27 +321,6 @@ cdef class VcpuCore:
             self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS
         self.synced = 0
 
-    def get_sregs2(self):
-        """KVM_GET_SREGS2 (raw struct kvm_sregs2: the special registers plus PDPTRs)."""
-        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_GET_SREGS2")
-        return self.get_blob(KVM_GET_SREGS2, sizeof(kvm_sregs2), "KVM_GET_SREGS2")
-
-    def set_sregs2(self, data):
-        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_SET_SREGS2")
-        self.set_blob(KVM_SET_SREGS2, data, sizeof(kvm_sregs2), "KVM_SET_SREGS2")
-
-    def get_tsc_khz(self):
-        """KVM_GET_TSC_KHZ: the guest TSC frequency in kHz."""
-        self.require_cap(KVM_CAP_GET_TSC_KHZ, "GET_TSC_KHZ", "KVM_GET_TSC_KHZ")
-        return self.vcpu_ioctl(KVM_GET_TSC_KHZ, NULL, "KVM_GET_TSC_KHZ")
-
-    def set_tsc_khz(self, khz):
-        """KVM_SET_TSC_KHZ (KVM refuses a frequency it cannot scale to: KvmOSError)."""
-        cdef uint32_t k = as_int(khz, "TSC frequency (kHz)", 1, 0xffffffff)
-        self.require_open()
-        self._touched = 1
-        check(ioctl(self.v.fd, KVM_SET_TSC_KHZ, <unsigned long>k), "KVM_SET_TSC_KHZ")
-
     def get_nested_state(self):
         """KVM_GET_NESTED_STATE as raw bytes (KVM_CAP_NESTED_STATE gives the size)."""
         cdef long size = self.require_cap(KVM_CAP_NESTED_STATE, "NESTED_STATE", "KVM_GET_NESTED_STATE")
@@ -299,6 +365,12 @@ cdef class VcpuCore:
         return self.v != NULL and self.v.fd >= 0 and kvmsys_load_int(&self.v.active) != 0
 
     @property
+    def running(self):
+        """True while a thread is inside this vCPU's C run loop (KVM_RUN): vCPU ioctls from
+        other threads are refused meanwhile (StateError)."""
+        return self.v != NULL and self.v.fd >= 0 and kvmsys_load_int(&self.v.running) != 0
+
+    @property
     def comm_area(self):
         """Writable zero-copy memoryview of the whole vCPU mapping (kvm_run first)."""
         self.require_open()
@@ -325,9 +397,16 @@ cdef class VcpuCore:
                                    "(use its handle to kick, interrupt or call_soon)")
         if kvmsys_xchg_int(&v.active, 1):
             self.require_open()          # closed meanwhile: say so
+            if self._runner == PyThread_get_thread_ident():
+                raise StateError(f"run() of vCPU {self.id} from inside its own run() (an exit handler or "
+                                 "a call_soon callback): return from the handler to let the run go on")
             raise StateError(f"vCPU {self.id} is already running in another thread")
+        self._runner = PyThread_get_thread_ident()
         self._touched = 1
         self.ran = self.ran_here = 1
+        if kvmsys_load_int(&shutting_down):
+            kvmsys_store_int(&v.active, 0)
+            raise StateError("the interpreter is exiting: vCPUs no longer run")
         try:
             v.budget_left = budget
             v.deadline_ns = 0
@@ -341,12 +420,14 @@ cdef class VcpuCore:
                 if err:
                     v.deadline_ns = 0
                     raise_os(err, op.decode())
-            v.poll_signals = PyThread_get_thread_ident() == kvmsys_main_ident   # only it runs signal handlers
+            v.poll_signals = on_main_thread()     # only it runs Python's signal handlers
             while True:
                 v.run_seq += 1              # exits of the previous KVM_RUN go stale
                 with nogil:
                     res = run_loop(v)
                 self.synced = 1
+                if kvmsys_load_int(&shutting_down):
+                    raise StateError("the interpreter is exiting: vCPUs no longer run")
                 if res == R_EXIT:
                     ex = CoalescedExit.of_ring(self) if v.from_ring else make_exit(self)
                     handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
@@ -361,28 +442,30 @@ cdef class VcpuCore:
                     if stop:
                         return ex
                     if v.budget_left == 0:
-                        return BudgetExit._new(self, KVMSYS_EXIT_BUDGET)
+                        return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                     continue
                 if res == R_POLL:
                     PyErr_CheckSignals()     # raises KeyboardInterrupt on Ctrl-C
                     continue
                 if res == R_SIGNAL:
                     PyErr_CheckSignals()     # run Python signal handlers (Ctrl-C raises here)
-                    return IntrExit._new(self, KVM_EXIT_INTR)
+                    return Exit._new_of(IntrExit, self, KVM_EXIT_INTR)
                 if res == R_STOP:
-                    ex = StopExit._new(self, KVMSYS_EXIT_STOP)
+                    ex = Exit._new_of(StopExit, self, KVMSYS_EXIT_STOP)
                     (<StopExit>ex).status = v.stop_status
                     return ex
                 if res == R_KICK:
                     if v.kick_bits & KICK_CALLS:
                         self._run_pending()
                     if v.kick_bits & KICK_USER:
-                        return KickExit._new(self, KVMSYS_EXIT_KICK)
+                        return Exit._new_of(KickExit, self, KVMSYS_EXIT_KICK)
                     continue
                 if res == R_DEADLINE:
-                    return DeadlineExit._new(self, KVMSYS_EXIT_DEADLINE)
+                    return Exit._new_of(DeadlineExit, self, KVMSYS_EXIT_DEADLINE)
                 if res == R_BUDGET:
-                    return BudgetExit._new(self, KVMSYS_EXIT_BUDGET)
+                    return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
+                if v.error < 0:
+                    raise_os(-v.error, "KVM_RUN", "the comm area holds a size, offset or ring index out of range")
                 raise_os(v.error, "KVM_RUN (or injecting a queued interrupt before it)")
         finally:
             if v.deadline_ns:
@@ -437,16 +520,11 @@ cdef class VcpuCore:
     def run(self, budget=None, timeout=None):
         """Run until an exit the fast handlers do not take, a stop, a kick, the budget or the deadline.
 
-        budget: at most this many exits (None: unlimited).  timeout: seconds (a watchdog
-        stops even a guest that never exits).  Returns the decoded Exit."""
-        cdef int64_t b = -1
-        cdef double t = -1.0
-        if budget is not None:
-            require(budget >= 1, "budget must be at least 1 exit")
-            b = budget
-        if timeout is not None:
-            require(timeout >= 0, "timeout must be non-negative")
-            t = timeout
+        budget: at most this many exits, a positive int (None: unlimited).  timeout: seconds,
+        an int or float >= 0 (a watchdog stops even a guest that never exits); None or inf:
+        no deadline, and so are values of 2**32 s or more.  Returns the decoded Exit."""
+        cdef int64_t b = as_budget(budget)
+        cdef double t = as_timeout(timeout)
         return self.run_once(b, t)
 
     def kick(self):
@@ -518,10 +596,15 @@ cdef class VcpuCore:
             return self.v.run.s.regs.regs
         return self._get_regs_ioctl()
 
-    def set_regs(self, dict regs):
+    def set_regs(self, regs):
         """KVM_SET_REGS from a dict with every register (get_regs(), modified)."""
-        require(set(regs) == _REG_NAMES, f"set_regs needs exactly the keys {sorted(_REG_NAMES)}; "
-                f"missing {sorted(_REG_NAMES - set(regs))}, unknown {sorted(set(regs) - _REG_NAMES)}")
+        of_type(regs, dict, "regs")
+        if regs.keys() != _REG_NAMES:
+            raise InvalidArgumentError(
+                f"set_regs needs exactly the keys {sorted(_REG_NAMES)}; missing "
+                f"{sorted(_REG_NAMES - set(regs))}, unknown {sorted(set(regs) - _REG_NAMES, key=repr)}")
+        for k, x in (<dict>regs).items():
+            as_u64(x, k)
         cdef kvm_regs r = regs
         self.vcpu_ioctl(KVM_SET_REGS, &r, "KVM_SET_REGS")
         self.v.run.kvm_dirty_regs &= ~KVM_SYNC_X86_REGS
@@ -534,9 +617,13 @@ cdef class VcpuCore:
         self.vcpu_ioctl(KVM_GET_SREGS, &s, "KVM_GET_SREGS")
         return s
 
-    def set_sregs(self, dict sregs):
+    def set_sregs(self, sregs):
         """KVM_SET_SREGS from a full dict (get_sregs(), modified)."""
-        cdef kvm_sregs s = sregs
+        cdef kvm_sregs s
+        try:
+            s = int_leaves(of_type(sregs, dict, "sregs"), "sregs")
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InvalidArgumentError(f"sregs: {e}") from None
         self.vcpu_ioctl(KVM_SET_SREGS, &s, "KVM_SET_SREGS")
 
     def get_debugregs(self):
@@ -544,32 +631,26 @@ cdef class VcpuCore:
         self.vcpu_ioctl(KVM_GET_DEBUGREGS, &d, "KVM_GET_DEBUGREGS")
         return d
 
-    def set_debugregs(self, dict debugregs):
-        cdef kvm_debugregs d = debugregs
+    def set_debugregs(self, debugregs):
+        cdef kvm_debugregs d
+        try:
+            d = int_leaves(of_type(debugregs, dict, "debugregs"), "debugregs")
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InvalidArgumentError(f"debugregs: {e}") from None
         self.vcpu_ioctl(KVM_SET_DEBUGREGS, &d, "KVM_SET_DEBUGREGS")
 
     def get_msrs(self, indices):
         """KVM_GET_MSRS: {index: value} for the MSRs the kernel returned (it stops at the first it cannot read)."""
-        cdef list idx = [int(i) for i in indices]
-        require(0 < len(idx) <= 4096, "between 1 and 4096 MSR indices")
-        cdef size_t n = len(idx)
-        cdef kvm_msrs *m = <kvm_msrs *>calloc(1, sizeof(kvm_msrs) + n * sizeof(kvm_msr_entry))
-        if m == NULL:
-            raise MemoryError()
-        cdef kvm_msr_entry *e = <kvm_msr_entry *>(<char *>m + sizeof(kvm_msrs))
+        cdef kvm_msrs *m = msrs_new(indices)
         try:
-            m.nmsrs = n
-            for i in range(n):
-                require(0 <= idx[i] < (1 << 32), f"MSR index {idx[i]:#x} is out of range")
-                e[i].index = idx[i]
-            got = self.vcpu_ioctl(KVM_GET_MSRS, m, "KVM_GET_MSRS")
-            return {e[i].index: e[i].data for i in range(got)}
+            return msrs_read(m, self.vcpu_ioctl(KVM_GET_MSRS, m, "KVM_GET_MSRS"))
         finally:
             free(m)
 
     def set_msrs(self, msrs):
         """KVM_SET_MSRS from {index: value}; returns how many the kernel accepted (in order)."""
-        cdef list items = [(int(k), int(v)) for k, v in dict(msrs).items()]
+        cdef list items = [(as_u32(k, "MSR index"), as_u64(v, "MSR value"))
+                           for k, v in of_type(msrs, dict, "msrs").items()]
         require(0 < len(items) <= 4096, "between 1 and 4096 MSRs")
         cdef size_t n = len(items)
         cdef kvm_msrs *m = <kvm_msrs *>calloc(1, sizeof(kvm_msrs) + n * sizeof(kvm_msr_entry))
@@ -579,8 +660,6 @@ cdef class VcpuCore:
         try:
             m.nmsrs = n
             for i in range(n):
-                require(0 <= items[i][0] < (1 << 32), f"MSR index {items[i][0]:#x} is out of range")
-                require(0 <= items[i][1] < (1 << 64), f"MSR value {items[i][1]:#x} is out of range")
                 e[i].index = items[i][0]
                 e[i].data = items[i][1]
             return self.vcpu_ioctl(KVM_SET_MSRS, m, "KVM_SET_MSRS")
@@ -589,7 +668,7 @@ cdef class VcpuCore:
 
     def set_cpuid2(self, entries):
         """KVM_SET_CPUID2 from a list of dicts like KvmCore.supported_cpuid() returns."""
-        cdef list ents = list(entries)
+        cdef list ents = as_list(entries, "CPUID entries")
         require(0 < len(ents) <= 512, "between 1 and 512 CPUID entries")
         cdef size_t n = len(ents)
         cdef kvm_cpuid2 *c = <kvm_cpuid2 *>calloc(1, sizeof(kvm_cpuid2) + n * sizeof(kvm_cpuid_entry2))
@@ -600,15 +679,16 @@ cdef class VcpuCore:
             c.nent = n
             for i in range(n):
                 d = ents[i]
-                require(isinstance(d, dict) and "function" in d and set(d) <= _CPUID_KEYS,
-                        f"CPUID entry {i} must be a dict with 'function' and only {sorted(_CPUID_KEYS)}")
-                e[i].function = d["function"]
-                e[i].index = d.get("index", 0)
-                e[i].flags = d.get("flags", 0)
-                e[i].eax = d.get("eax", 0)
-                e[i].ebx = d.get("ebx", 0)
-                e[i].ecx = d.get("ecx", 0)
-                e[i].edx = d.get("edx", 0)
+                if not (isinstance(d, dict) and "function" in d and d.keys() <= _CPUID_KEYS):
+                    raise InvalidArgumentError(f"CPUID entry {i} must be a dict with 'function' and "
+                                               f"only {sorted(_CPUID_KEYS)}")
+                e[i].function = as_u32(d["function"], "CPUID function")
+                e[i].index = as_u32(d.get("index", 0), "CPUID index")
+                e[i].flags = as_u32(d.get("flags", 0), "CPUID flags")
+                e[i].eax = as_u32(d.get("eax", 0), "CPUID eax")
+                e[i].ebx = as_u32(d.get("ebx", 0), "CPUID ebx")
+                e[i].ecx = as_u32(d.get("ecx", 0), "CPUID ecx")
+                e[i].edx = as_u32(d.get("edx", 0), "CPUID edx")
             self.cpuid_was_set = 1
             self.vcpu_ioctl(KVM_SET_CPUID2, c, "KVM_SET_CPUID2")
         finally:
@@ -619,9 +699,9 @@ cdef class VcpuCore:
         self.vcpu_ioctl(KVM_GET_MP_STATE, &s, "KVM_GET_MP_STATE")
         return as_enum("MpState", s.mp_state)
 
-    def set_mp_state(self, uint32_t state):
+    def set_mp_state(self, state):
         cdef kvm_mp_state s
-        s.mp_state = state
+        s.mp_state = as_u32(state, "MP state")
         self.vcpu_ioctl(KVM_SET_MP_STATE, &s, "KVM_SET_MP_STATE")
 
     # Opaque state blobs (the raw kernel structs), for save and restore.
@@ -679,6 +759,60 @@ cdef class VcpuCore:
     def set_xcrs(self, data):
         self.set_blob(KVM_SET_XCRS, data, sizeof(kvm_xcrs), "KVM_SET_XCRS")
 
+    # --- more state and controls (each needs a capability; CapabilityError without) ---
+    def get_sregs2(self):
+        """KVM_GET_SREGS2: the special registers plus the PAE PDPTRs (flags says if valid)."""
+        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_GET_SREGS2")
+        cdef kvm_sregs2 s
+        memset(&s, 0, sizeof(s))
+        self.vcpu_ioctl(KVM_GET_SREGS2, &s, "KVM_GET_SREGS2")
+        return s
+
+    def set_sregs2(self, dict sregs2):
+        """KVM_SET_SREGS2 from a full dict (get_sregs2(), modified)."""
+        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_SET_SREGS2")
+        cdef kvm_sregs2 s = sregs2
+        self.vcpu_ioctl(KVM_SET_SREGS2, &s, "KVM_SET_SREGS2")
+
+    def get_cpuid2(self):
+        """KVM_GET_CPUID2: the CPUID entries set on this vCPU (set_cpuid2's form)."""
+        cdef kvm_cpuid2 *c = cpuid_new()
+        try:
+            self.vcpu_ioctl(KVM_GET_CPUID2, c, "KVM_GET_CPUID2")
+            return cpuid_read(c)
+        finally:
+            free(c)
+
+    def get_tsc_khz(self):
+        """KVM_GET_TSC_KHZ: the guest's TSC frequency in kHz."""
+        self.require_cap(KVM_CAP_GET_TSC_KHZ, "GET_TSC_KHZ", "KVM_GET_TSC_KHZ")
+        self.require_open()
+        return self.vcpu_ioctl(KVM_GET_TSC_KHZ, NULL, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz):
+        """KVM_SET_TSC_KHZ: scale the guest's TSC to *khz* (needs KVM_CAP_TSC_CONTROL)."""
+        cdef uint32_t k = as_u32(khz, "TSC frequency (kHz)")
+        require(k > 0, "the TSC frequency must be positive")
+        self.require_cap(KVM_CAP_TSC_CONTROL, "TSC_CONTROL", "KVM_SET_TSC_KHZ")
+        self.vcpu_ioctl(KVM_SET_TSC_KHZ, <void *><size_t>k, "KVM_SET_TSC_KHZ")   # the value is the argument
+
+    def kvmclock_ctrl(self):
+        """KVM_KVMCLOCK_CTRL: tell the guest's kvmclock the vCPU was paused by the host
+        (no soft-lockup warnings); EINVAL unless the guest set up kvmclock."""
+        self.require_cap(KVM_CAP_KVMCLOCK_CTRL, "KVMCLOCK_CTRL", "KVM_KVMCLOCK_CTRL")
+        self.vcpu_ioctl(KVM_KVMCLOCK_CTRL, NULL, "KVM_KVMCLOCK_CTRL")
+
+    def smi(self):
+        """KVM_SMI: queue a system-management interrupt (needs KVM_CAP_X86_SMM)."""
+        self.require_cap(KVM_CAP_X86_SMM, "X86_SMM", "KVM_SMI")
+        self.vcpu_ioctl(KVM_SMI, NULL, "KVM_SMI")
+
+    def enable_cap(self, cap, flags=0, args=()):
+        """KVM_ENABLE_CAP on the vCPU (e.g. KVM_CAP_ENFORCE_PV_FEATURE_CPUID)."""
+        cdef kvm_enable_cap c
+        fill_enable_cap(&c, cap, flags, args)
+        self.vcpu_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP(vCPU)")
+
     def set_guest_debug(self, bint enable=True, bint single_step=False, bint sw_breakpoints=False,
                         bint hw_breakpoints=False, debugreg=None, bint block_irq=False):
         """KVM_SET_GUEST_DEBUG.  single_step: every instruction ends in a DEBUG exit (#DB);
@@ -718,13 +852,13 @@ cdef class VcpuCore:
         return dict(physical_address=t.physical_address, valid=bool(t.valid),
                     writeable=bool(t.writeable), usermode=bool(t.usermode))
 
-    def interrupt(self, uint32_t vector):
+    def interrupt(self, vector):
         """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip;
         kvmsys.Vcpu.interrupt sends an MSI to the vCPU's APIC where there is one)."""
-        require(vector < 256, "vector must be 0..255")
+        cdef uint32_t vector_ = <uint32_t>as_uint(vector, "interrupt vector", 255)
         require(not self.vm.has_irqchip, "with the in-kernel irqchip use irq_line or signal_msi")
         cdef kvm_interrupt i
-        i.irq = vector
+        i.irq = vector_
         self.vcpu_ioctl(KVM_INTERRUPT, &i, "KVM_INTERRUPT")
 
     def nmi(self):
