@@ -59,21 +59,63 @@ def _print_result(r) -> None:
         print("unhandled ports: " + ", ".join(f"{p:#x}×{n}" for p, n in sorted(r.port_counts.items())))
 
 
+def _serial(spec: str):
+    """--serial: None (collect), or a sink with attach(pc) and close()."""
+    from . import terminal
+    if spec == "collect":
+        return None
+    if spec == "stdio":
+        return terminal.Stdio()
+    if spec.startswith("file:") and len(spec) > 5:
+        return terminal.FileSink(spec[5:])
+    raise ValueError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
+
+
+def _run_firmware(args):
+    from . import runner
+    with open(args.firmware, "rb") as f:
+        image = f.read()
+    disk, readonly = None, False
+    if args.disk:
+        disk, _, opt = args.disk.partition(",")
+        if opt not in ("", "readonly"):
+            raise ValueError(f"--disk {args.disk!r}: expected FILE or FILE,readonly")
+        readonly = opt == "readonly"
+    sink = _serial(args.serial)
+    timeout = args.timeout
+    if timeout is None:
+        timeout = None if args.serial == "stdio" else 10.0     # an interactive session has no deadline
+    try:
+        return runner.run_firmware(
+            image, abi=args.abi, timeout=timeout, label=args.firmware, vcpus=args.vcpus,
+            memory_size=args.memory << 20, irqchip=args.irqchip == "kernel", disk=disk,
+            disk_readonly=readonly, serial=sink, no_reboot=args.no_reboot,
+            until=args.until.encode() if args.until else None,
+            on_start=sink.attach if sink is not None else None)
+    finally:
+        if sink is not None:
+            sink.close()
+
+
 def _cmd_run(args) -> int:
     from . import runner
     if args.firmware:
-        with open(args.firmware, "rb") as f:
-            image = f.read()
-        r = runner.run_firmware(image, abi=args.abi, timeout=args.timeout, label=args.firmware)
+        r = _run_firmware(args)
+        if args.debug_log:
+            with open(args.debug_log, "wb") as f:
+                f.write(r.debug)
+        if args.serial != "collect":
+            r.console = b""         # already shown as it came
     else:
         inputs = {}
         if args.n is not None:
             inputs["n"] = args.n
-        r = runner.run_guest(args.guest, abi=args.abi, vcpus=args.vcpus, timeout=args.timeout, **inputs)
+        r = runner.run_guest(args.guest, abi=args.abi, vcpus=args.vcpus,
+                             timeout=10.0 if args.timeout is None else args.timeout, **inputs)
     _print_result(r)
     if r.status is not None:
         return r.status
-    return 0 if r.ok else 2
+    return 0 if r.ok or r.reason == "QUIT" else 2
 
 
 def _cmd_bench(args) -> int:
@@ -95,8 +137,21 @@ def main(argv=None) -> int:
     what.add_argument("--firmware", help="raw firmware image, started at the reset vector")
     r.add_argument("--abi", choices=("fd", "sys"), default="sys", help="which ABI drives the vCPUs")
     r.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (one thread each)")
-    r.add_argument("--timeout", type=float, default=10.0, help="seconds before the watchdog stops it")
+    r.add_argument("--timeout", type=float, help="seconds before the watchdog stops it (default 10; "
+                   "none for firmware with --serial stdio)")
     r.add_argument("--n", type=int, help="iteration count input of loop/compute guests")
+    pcg = r.add_argument_group("PC firmware (--firmware)")
+    pcg.add_argument("--disk", metavar="FILE[,readonly]", help="raw disk image on the ATA primary master")
+    pcg.add_argument("--serial", default="collect", metavar="stdio|file:PATH|collect",
+                     help="the UART: the terminal (Ctrl-A x quits), a file, or collected and printed "
+                          "at the end (default)")
+    pcg.add_argument("--irqchip", nargs="?", const="kernel", default="kernel", choices=("kernel", "none"),
+                     help="KVM's in-kernel PIC, IOAPIC, LAPIC and PIT (default), or none: a PIT in "
+                          "kvmsys and no interrupts")
+    pcg.add_argument("--memory", type=int, default=128, metavar="MIB", help="RAM size (default 128)")
+    pcg.add_argument("--no-reboot", action="store_true", help="a guest reset ends the run")
+    pcg.add_argument("--until", metavar="TEXT", help="end the run once the serial or debug console shows TEXT")
+    pcg.add_argument("--debug-log", metavar="PATH", help="write the debug console (0xe9, 0x402) to PATH")
     r.set_defaults(fn=_cmd_run)
     b = sub.add_parser("bench", help="benchmark both ABIs on built-in guests (python -m benchmarks)",
                        add_help=False)

@@ -34,6 +34,8 @@ class RunResult:
     port_counts: dict = field(default_factory=dict)   # ports with no handler: {port: accesses}
     elapsed_s: float = 0.0
     native64: bool = False      # 64-bit guest ran natively on a PVM host
+    debug: bytes = b""          # firmware: what it wrote to the debug console (0xe9, 0x402)
+    resets: int = 0             # firmware: guest resets the run went through
 
     @property
     def ok(self) -> bool:
@@ -65,10 +67,9 @@ def setup_devices(vm) -> None:
 
 
 def _memory(vm, memory_size: int, firmware: bytes | None):
-    """RAM at 0 for a guest (its view), or a PC memory map around a firmware image (None)."""
+    """RAM at 0 for a guest (its view); none for firmware, whose PC (kvmsys.pc) maps it."""
     if firmware is None:
         return vm.add_memory(0, 0, memory_size)
-    platform.load_firmware(vm, firmware, ram_size=memory_size)
     return None
 
 
@@ -236,24 +237,114 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
         machine.close()
 
 
-def run_firmware(image: bytes, *, abi: str = "fd", timeout: float = 10.0,
-                 memory_size: int = 16 << 20, label: str = "firmware") -> RunResult:
-    """Run a raw firmware image from the reset vector (F000:FFF0, real mode)."""
+def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
+                 memory_size: int = 16 << 20, label: str = "firmware", vcpus: int = 1,
+                 irqchip: bool = False, disk: str | None = None, disk_readonly: bool = False,
+                 serial=None, no_reboot: bool = False, cpuid=None, on_start=None,
+                 until: bytes | None = None) -> RunResult:
+    """Boot a raw firmware image (SeaBIOS, or any image entered at the reset vector F000:FFF0)
+    on a PC (kvmsys.pc) over *abi*, on *vcpus* threads, until it stops, the deadline
+    (*timeout* seconds, None: none) passes or something calls ``pc.stop()``.
+
+    serial: a callable receiving the UART's output as it comes (it is also collected in
+    ``RunResult.console``; the debug console 0xe9/0x402 in ``RunResult.debug``).
+    disk: a raw image on the ATA primary master.  no_reboot: a guest reset ends the run
+    (reason "RESET") instead of restarting the firmware.  cpuid: a hook
+    ``cpuid(entries, vcpu_id) -> entries``.  on_start: called with the Pc before the
+    vCPUs start (e.g. to connect a terminal to ``pc.uart``).  until: end the run (reason
+    "MATCHED") once the serial or the debug console shows these bytes (looked for every
+    few ms)."""
+    from .pc import Pc
     if abi not in ABIS:
         raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
-    deadline = time.monotonic() + timeout
-    machine = (_FdAbi if abi == "fd" else _SysAbi)(memory_size, False, firmware=image)
+    if vcpus < 1:
+        raise InvalidArgumentError("vcpus must be at least 1")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    machine = (_FdAbi if abi == "fd" else _SysAbi)(memory_size, irqchip, firmware=image)
+    pc = None
     try:
+        pc = Pc(machine.vm, image, ram_size=memory_size, cpus=vcpus, disk=disk,
+                disk_readonly=disk_readonly, serial_sink=serial, cpuid=cpuid)
+        results: list = [None] * vcpus
+        errors: list = []
+        stats: list = []
+        setup_lock = threading.Lock()
+        ready = threading.Barrier(vcpus)
+
+        def remaining():
+            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+        def worker(i: int) -> None:
+            vcpu = None
+            try:
+                vcpu = machine.attach(i)
+                with setup_lock:
+                    pc.add_vcpu(vcpu)
+                ready.wait()
+                results[i] = _drive_pc(pc, machine.run(vcpu), vcpu, remaining, no_reboot)
+                stats.append(vcpu.stats())
+            except BaseException as e:          # reported to the caller below
+                errors.append(e)
+                ready.abort()
+                pc.stop("ERROR")
+            finally:
+                if vcpu is not None:
+                    machine.detach(vcpu)
+
         t0 = time.monotonic()
-        vcpu = machine.attach(0)        # a new vCPU starts in the x86 reset state
-        try:
-            ex = _drive(machine.run(vcpu), deadline)
-            stats = vcpu.stats()
-        finally:
-            machine.detach(vcpu)
-        return RunResult(guest=label, abi=abi, vcpus=1,
-                         status=ex.status if isinstance(ex, _core.StopExit) else None,
-                         reason=ex.name, console=machine.vm.console(), exits=stats["exits"],
-                         port_counts=machine.vm.port_counts(), elapsed_s=time.monotonic() - t0)
+        if on_start is not None:
+            on_start(pc)
+        if until is not None:
+            threading.Thread(target=_watch, args=(pc, bytes(until)), name="until", daemon=True).start()
+        if vcpus == 1:
+            worker(0)
+        else:
+            threads = [threading.Thread(target=worker, args=(i,), name=f"vcpu{i}") for i in range(vcpus)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        elapsed = time.monotonic() - t0
+        if errors:
+            raise errors[0]
+        first = results[0]
+        exits = Counter()
+        for s in stats:
+            exits.update(s["exits"])
+        return RunResult(guest=label, abi=abi, vcpus=vcpus,
+                         status=first.status if isinstance(first, _core.StopExit) else None,
+                         reason=first if isinstance(first, str) else first.name,
+                         console=bytes(pc.uart.output), debug=machine.vm.console(), exits=dict(exits),
+                         port_counts=machine.vm.port_counts(), elapsed_s=elapsed, resets=pc.resets)
     finally:
+        if pc is not None:
+            pc.close()
         machine.close()
+
+
+def _watch(pc, pattern: bytes) -> None:
+    """Stop *pc* once its serial output or debug console contains *pattern*."""
+    while not pc.finished.wait(0.005):
+        if pattern in pc.uart.output or pattern in pc.vm.console():
+            pc.stop("MATCHED")
+            return
+
+
+def _drive_pc(pc, run, vcpu, remaining, no_reboot: bool):
+    """One vCPU of a PC until the run ends: an Exit, or the reason the PC stopped (a str)."""
+    while True:
+        left = remaining()
+        ex = run(timeout=left)
+        if ex.name == "SHUTDOWN":               # a triple fault resets a PC
+            pc.request_reset("triple fault")
+        if pc.pending == "reset" and not no_reboot:
+            pc.synchronized_reset(vcpu, left)
+            continue
+        if pc.pending is not None:
+            return "RESET" if pc.pending == "reset" else pc.pending
+        if isinstance(ex, (_core.StopExit, _core.DeadlineExit)) or ex.name in _TERMINAL:
+            pc.stop(ex.name)                    # the other vCPUs end too
+            return ex
+        if left == 0.0:
+            pc.stop("DEADLINE")
+            return ex

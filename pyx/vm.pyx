@@ -361,7 +361,9 @@ cdef class VmCore:
                     callback=None):
         """Route exits at [start, end) of *space* (0 = PIO, 1 = MMIO) to a handler kind.
 
-        Returns the handler's index.  An earlier handler wins where ranges overlap."""
+        Returns the handler's index.  Where ranges overlap the latest handler wins, so a
+        handler added later overrides (replaces) part of an earlier one; remove_handler()
+        takes it away again.  A SINK handler's reads return *value* (0 by default)."""
         require(space in (SPACE_PIO, SPACE_MMIO), "space must be 0 (PIO) or 1 (MMIO)")
         require(kind in (H_PYTHON, H_SINK, H_CONST, H_IGNORE, H_EXIT), f"unknown handler kind {kind}")
         require(start < end, "handler range is empty")
@@ -382,12 +384,22 @@ cdef class VmCore:
         kvmsys_store_int(&self.state.nhandlers, n + 1)   # publish after the entry is complete
         return n
 
+    def remove_handler(self, int index):
+        """Remove handler *index* (as add_handler returned it): its range falls through to
+        earlier handlers or the default.  Indexes are never reused: at most MAX_HANDLERS
+        handlers are ever added to a VM."""
+        self.require_open()
+        require(0 <= index < self.state.nhandlers and self.state.handlers[index].space >= 0,
+                f"no handler {index}")
+        kvmsys_store_int(&self.state.handlers[index].space, -1)   # matches nothing from now on
+        self.py_handlers[index] = None
+
     def handlers(self):
         """The handler table: list of (space, start, end, kind, value, callback)."""
         cdef int i
         return [(self.state.handlers[i].space, self.state.handlers[i].start, self.state.handlers[i].end,
                  self.state.handlers[i].kind, self.state.handlers[i].value, self.py_handlers[i])
-                for i in range(self.state.nhandlers)]
+                for i in range(self.state.nhandlers) if self.state.handlers[i].space >= 0]
 
     def set_default(self, int space, int kind):
         """What happens to an access no handler covers: H_PYTHON (return it) or H_IGNORE."""
