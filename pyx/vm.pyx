@@ -395,11 +395,12 @@ cdef class VmCore:
         self.py_handlers[index] = None
 
     def handlers(self):
-        """The handler table: list of (space, start, end, kind, value, callback)."""
+        """The handler table by index: list of (space, start, end, kind, value, callback);
+        a removed handler's space is -1."""
         cdef int i
         return [(self.state.handlers[i].space, self.state.handlers[i].start, self.state.handlers[i].end,
                  self.state.handlers[i].kind, self.state.handlers[i].value, self.py_handlers[i])
-                for i in range(self.state.nhandlers) if self.state.handlers[i].space >= 0]
+                for i in range(self.state.nhandlers)]
 
     def set_default(self, int space, int kind):
         """What happens to an access no handler covers: H_PYTHON (return it) or H_IGNORE."""
