@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 
 import kvmsys
+from kvmsys.enums import Kind
 
-from .guestvm import PIO, K, FdGuest, SysGuest, guest_name, mode_label, process_vm
+from .guestvm import PIO, guest_name, mode_label, one_vcpu
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "abi"
@@ -30,11 +31,11 @@ def run(profile) -> SuiteResult:
     name = guest_name("pio_out_loop", profile.mode)
     res = SuiteResult(NAME, TITLE, columns=[("entry", "entry point"), ("time", "per exit"),
                                             ("ratio", "vs fd `vcpu.run()`")])
-    with kvmsys.Kvm() as kvm, process_vm() as pvm_:
-        pvm_.set_default(PIO, K["PYTHON"])          # no handler: every exit returns to the caller
-        fd = FdGuest(kvm, name, n=0)
-        fd.vm.set_default(PIO, K["PYTHON"])
-        sysg = SysGuest(name, n=0)
+    with kvmsys.Kvm() as kvm:
+        fd = one_vcpu("fd", name, kvm=kvm, n=0)
+        sysg = one_vcpu("sys", name, n=0)
+        for g in (fd, sysg):
+            g.vm.set_default(PIO, Kind.PYTHON)      # no handler: every exit returns to the caller
         try:
             progress(f"{NAME}: {n} exits per sample, {profile.reps} reps")
             samples = interleave({"fd": lambda: _loop(fd.run, n), "sys": lambda: _loop(sysg.run, n)},

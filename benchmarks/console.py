@@ -12,7 +12,10 @@ import kvmsys
 from kvmsys import platform
 from kvmsys.guests import layout
 
-from .guestvm import K, PIO, load, mode_label
+from kvmsys.enums import Kind
+from kvmsys.machine import Machine
+
+from .guestvm import PIO, mode_label
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "console"
@@ -20,15 +23,15 @@ TITLE = "Console output: an exit per byte vs a coalesced PIO zone"
 
 
 def _machine(kvm, mode: str, coalesced: bool):
-    vm = kvm.create_vm()
-    mem = vm.add_memory(0, 0, layout.RAM_SIZE)
-    vm.add_handler(PIO, layout.PORT_DEBUGCON, layout.PORT_DEBUGCON + 1, K["SINK"])
-    vm.add_handler(PIO, platform.DEBUG_EXIT_PORT, platform.DEBUG_EXIT_PORT + 1, K["EXIT"])
+    m = Machine("fd", kvm=kvm)
+    vm = m.vm
+    vm.add_handler(PIO, layout.PORT_DEBUGCON, layout.PORT_DEBUGCON + 1, Kind.SINK)
+    vm.add_handler(PIO, platform.DEBUG_EXIT_PORT, platform.DEBUG_EXIT_PORT + 1, Kind.EXIT)
     if coalesced:
         vm.register_coalesced(layout.PORT_DEBUGCON, 1, pio=True)
-    vcpu = vm.create_vcpu(0)
-    native = load(vcpu, mem, f"console_flood.{mode}", n=0)
-    return vm, vcpu, native
+    vcpu = m.attach(0)
+    native = m.load(f"console_flood.{mode}", n=0)
+    return m, vcpu, native
 
 
 def run(profile) -> SuiteResult:
@@ -46,7 +49,8 @@ def run(profile) -> SuiteResult:
         exits = {m: [] for m in machines}
 
         def variant(m):
-            vm, vcpu, _ = machines[m]
+            machine, vcpu, _ = machines[m]
+            vm = machine.vm
             # a coalesced exit carries a ring of writes: fewer exits give a sample of similar length
             n = budget if m[1] == "per_exit" else max(2, budget // 50)
 
@@ -65,8 +69,8 @@ def run(profile) -> SuiteResult:
         samples = interleave({f"{mode}/{key}": variant((mode, key)) for mode, key in machines},
                              profile.reps, profile.warmup)
         native = {mode: machines[(mode, "per_exit")][2] for mode in modes}
-        for vm, _, _ in machines.values():
-            vm.close()
+        for machine, _, _ in machines.values():
+            machine.close()
     labels = {"per_exit": "C sink handler, one KVM exit per byte",
               "coalesced": "C sink handler behind a coalesced PIO zone (`vm.register_coalesced(0xe9, 1, pio=True)`)"}
     for mode in modes:

@@ -12,7 +12,7 @@ import time
 import kvmsys
 from kvmsys import _core
 
-from .guestvm import FdGuest, SysGuest, process_vm
+from .guestvm import one_vcpu
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "dispatch"
@@ -49,9 +49,9 @@ def run(profile) -> SuiteResult:
     t_start = time.perf_counter()
     res = SuiteResult(NAME, TITLE, columns=[("op", "operation"), ("from", "called from"),
                                             ("time", "per call"), ("ratio", "vs C")])
-    with kvmsys.Kvm() as kvm, process_vm():
-        fdg = FdGuest(kvm)
-        sysg = SysGuest()
+    with kvmsys.Kvm() as kvm:
+        fdg = one_vcpu("fd", kvm=kvm)
+        sysg = one_vcpu("sys")
         try:
             n_ref = _calibrate(fdg.vcpu.get_mp_state, profile.sample_ms)
             calls = {

@@ -13,8 +13,7 @@ from kvmsys import _core
 from kvmsys.guests import get as get_guest
 
 from . import naive
-from .guestvm import EXIT_KINDS, FdGuest, SysGuest, guest_name, mode_label, noop_handler, \
-    process_vm, set_handling
+from .guestvm import EXIT_KINDS, guest_name, mode_label, noop_handler, one_vcpu, set_handling
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "exits"
@@ -60,71 +59,73 @@ def _measure_kind(kind: str, profile, kvm, request) -> dict:
     base, label, _space = EXIT_KINDS[kind]
     name = guest_name(base, profile.mode)
     machines = {}
+    counted = {}               # exits the benchmark loops counted, by machine
     naive_vcpu = None
     try:
         for key in ("ref", "fd_c", "fd_py") + (("naive",) if request is not None else ()):
-            machines[key] = FdGuest(kvm, name, n=0)
+            machines[key] = one_vcpu("fd", name, kvm=kvm, n=0)
         set_handling(machines["fd_c"].vm, kind, "c")
         set_handling(machines["fd_py"].vm, kind, "python")
         set_handling(machines["ref"].vm, kind, "c")        # unused by reference_run; for symmetry
-        with process_vm():
-            sysg = SysGuest(name, n=0)
-            try:
-                fd_c = machines["fd_c"]
-                n, probe_ns = calibrate(fd_c.run, profile.min_exits, profile.max_exits, profile.sample_ms)
-                fd_c.exits += 2 * max(10, profile.min_exits // 2)
+        counted = {key: 0 for key in machines}
+        counted["sys"] = 0
+        sysg = one_vcpu("sys", name, n=0)
+        try:
+            fd_c = machines["fd_c"]
+            n, probe_ns = calibrate(fd_c.run, profile.min_exits, profile.max_exits, profile.sample_ms)
+            counted["fd_c"] += 2 * max(10, profile.min_exits // 2)
 
-                if request is not None:
-                    m = machines["naive"]
-                    naive_vcpu = naive.NaiveVcpu(m.vcpu, m.vm.mmap_size, request)
-                    _validate_naive(naive_vcpu, name)
-                    m.exits += 1
+            if request is not None:
+                m = machines["naive"]
+                naive_vcpu = naive.NaiveVcpu(m.vcpu, m.vm.mmap_size, request)
+                _validate_naive(naive_vcpu, name)
+                counted["naive"] += 1
 
-                def per_exit(machine, fn):
-                    def sample():
-                        t0 = time.perf_counter_ns()
-                        fn()
-                        dt = time.perf_counter_ns() - t0
-                        machine.exits += n
-                        return dt / n
-                    return sample
+            def per_exit(key, fn):
+                def sample():
+                    t0 = time.perf_counter_ns()
+                    fn()
+                    dt = time.perf_counter_ns() - t0
+                    counted[key] += n
+                    return dt / n
+                return sample
 
-                def ref():
-                    done, _ns, reason = _core.reference_run(machines["ref"].vcpu, n)
-                    if done != n:
-                        raise RuntimeError(f"reference_run stopped after {done} of {n} exits "
-                                           f"(exit reason {reason})")
+            def ref():
+                done, _ns, reason = _core.reference_run(machines["ref"].vcpu, n)
+                if done != n:
+                    raise RuntimeError(f"reference_run stopped after {done} of {n} exits "
+                                       f"(exit reason {reason})")
 
-                def sys_loop(how):
-                    def go():
-                        set_handling(sysg.vm, kind, how)
-                        if how == "python" and kind == "hlt":
-                            _python_hlt_run(sysg.run, n)
-                        else:
-                            _budget_run(sysg.run, n)
-                    return go
-
-                def fd_loop(machine, how):
+            def sys_loop(how):
+                def go():
+                    set_handling(sysg.vm, kind, how)
                     if how == "python" and kind == "hlt":
-                        return lambda: _python_hlt_run(machine.run, n)
-                    return lambda: _budget_run(machine.run, n)
+                        _python_hlt_run(sysg.run, n)
+                    else:
+                        _budget_run(sysg.run, n)
+                return go
 
-                variants = {"ref": per_exit(machines["ref"], ref)}
-                if naive_vcpu is not None:
-                    variants["naive"] = per_exit(machines["naive"], lambda: naive_vcpu.run(n))
-                variants["fd_c"] = per_exit(fd_c, fd_loop(fd_c, "c"))
-                variants["fd_py"] = per_exit(machines["fd_py"], fd_loop(machines["fd_py"], "python"))
-                variants["sys_c"] = per_exit(sysg, sys_loop("c"))
-                variants["sys_py"] = per_exit(sysg, sys_loop("python"))
-                progress(f"{NAME}: {label} ({name}): {n} exits per sample, "
-                         f"{len(variants)} loops × {profile.reps} reps")
-                samples = interleave(variants, profile.reps, profile.warmup)
-                sys_counter = sysg.counter()
-                native = sysg.native
-            finally:
-                sysg.close()
-        counts = {k: (m.counter(), m.exits) for k, m in machines.items()}
-        counts["sys_c"] = counts["sys_py"] = (sys_counter, sysg.exits)
+            def fd_loop(machine, how):
+                if how == "python" and kind == "hlt":
+                    return lambda: _python_hlt_run(machine.run, n)
+                return lambda: _budget_run(machine.run, n)
+
+            variants = {"ref": per_exit("ref", ref)}
+            if naive_vcpu is not None:
+                variants["naive"] = per_exit("naive", lambda: naive_vcpu.run(n))
+            variants["fd_c"] = per_exit("fd_c", fd_loop(fd_c, "c"))
+            variants["fd_py"] = per_exit("fd_py", fd_loop(machines["fd_py"], "python"))
+            variants["sys_c"] = per_exit("sys", sys_loop("c"))
+            variants["sys_py"] = per_exit("sys", sys_loop("python"))
+            progress(f"{NAME}: {label} ({name}): {n} exits per sample, "
+                     f"{len(variants)} loops × {profile.reps} reps")
+            samples = interleave(variants, profile.reps, profile.warmup)
+            sys_counter = sysg.counter()
+            native = sysg.native
+        finally:
+            sysg.close()
+        counts = {k: (m.counter(), counted[k]) for k, m in machines.items()}
+        counts["sys_c"] = counts["sys_py"] = (sys_counter, counted["sys"])
         return dict(name=name, n=n, probe_ns=probe_ns, samples=samples, counts=counts, native=native)
     finally:
         if naive_vcpu is not None:

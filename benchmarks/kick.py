@@ -15,7 +15,7 @@ import time
 import kvmsys
 from kvmsys import _core
 
-from .guestvm import FdGuest, SysGuest, guest_name, load, mode_label, process_vm, set_handling
+from .guestvm import guest_name, mode_label, one_vcpu, set_handling
 from .harness import SuiteResult, Stat, interleave, progress
 
 NAME = "kick"
@@ -48,7 +48,7 @@ class _Target:
 
     def _main(self) -> None:
         try:
-            self.g = FdGuest(self.kvm) if self.abi == "fd" else SysGuest()
+            self.g = one_vcpu(self.abi, kvm=self.kvm)
             set_handling(self.g.vm, "pio_out", "c")
             self.results.put((True, self.g.vcpu.handle()))
         except BaseException as e:
@@ -72,7 +72,7 @@ class _Target:
             return time.perf_counter_ns(), self.g.run(timeout=1.0).name
         if self.loaded != which:
             base, inputs, _label = GUESTS[which]
-            self.native = load(self.g.vcpu, self.g.mem, guest_name(base, self.mode), **inputs)
+            self.native = self.g.load(guest_name(base, self.mode), **inputs)
             self.loaded = which
         self.in_run.set()
         ex = self.g.run()
@@ -116,7 +116,7 @@ def run(profile) -> SuiteResult:
     res = SuiteResult(NAME, TITLE, columns=[("abi", "ABI"), ("guest", "target guest"),
                                             ("time", "latency"), ("p90", "90th percentile")])
     lost = {}
-    with kvmsys.Kvm() as kvm, process_vm():
+    with kvmsys.Kvm() as kvm:
         targets = {abi: _Target(abi, kvm, profile.mode) for abi in ("fd", "sys")}
         try:
             def variant(abi, which):

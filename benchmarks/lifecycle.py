@@ -11,7 +11,9 @@ import time
 import kvmsys
 from kvmsys import _core
 
-from .guestvm import process_vm
+from kvmsys import syscall
+from kvmsys.guests import layout
+
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "lifecycle"
@@ -67,7 +69,7 @@ def run(profile) -> SuiteResult:
             kvmsys.remove_vcpu()
             return time.perf_counter_ns() - t0
 
-        with process_vm():
+        with syscall.fresh_vm(memory_size=layout.RAM_SIZE, pc_ports=False):
             variants = {"c": c_ref, "fd": fd, "sys_recycled": sys_recycled, "sys_ran": sys_ran,
                         "sys_new": sys_new}
             progress(f"{NAME}: {b} vCPUs per sample, {profile.reps} reps")

@@ -13,7 +13,9 @@ import time
 import kvmsys
 import psutil
 
-from .guestvm import process_vm
+from kvmsys import syscall
+from kvmsys.guests import layout
+
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "memory"
@@ -78,7 +80,7 @@ def run(profile) -> SuiteResult:
                 vm.close()
 
         def sys_threads():
-            with process_vm():
+            with syscall.fresh_vm(memory_size=layout.RAM_SIZE, pc_ports=False):
                 kvmsys.vm()
                 before = _rss()
                 return (_with_threads(k, kvmsys.add_vcpu, _rss) - before) / k

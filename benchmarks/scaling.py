@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .guestvm import SysGuest, guest_name, mode_label, process_vm, set_handling
+from kvmsys.machine import Machine
+
+from .guestvm import guest_name, mode_label, set_handling
 from .harness import SuiteResult, Stat, derive, progress
 
 NAME = "scaling"
@@ -86,8 +88,9 @@ def _read_task(tid: int) -> dict:
 class _Worker:
     """A thread with its own syscall-ABI vCPU, running the guest when told to."""
 
-    def __init__(self, index: int, name: str, setup_lock: threading.Lock):
-        self.index, self.name, self.setup_lock = index, name, setup_lock
+    def __init__(self, index: int, machine, name: str, setup_lock: threading.Lock):
+        self.index, self.machine, self.name, self.setup_lock = index, machine, name, setup_lock
+        self.exits = 0
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._main, name=f"bench-scale-{index}", daemon=True)
@@ -100,9 +103,11 @@ class _Worker:
     def _main(self) -> None:
         try:
             with self.setup_lock:           # the guest image is shared: load it before anyone runs
-                self.g = SysGuest(self.name, n=0)
+                self.vcpu = self.machine.attach()
+                self.run = self.machine.runner(self.vcpu)
+                native = self.machine.load(self.name, self.vcpu, n=0)
             self.tid = threading.get_native_id()
-            self.results.put((True, self.g.native))
+            self.results.put((True, native))
         except BaseException as e:
             self.results.put((False, e))
             return
@@ -116,7 +121,7 @@ class _Worker:
                 except BaseException as e:
                     self.results.put((False, e))
         finally:
-            self.g.close()
+            self.machine.detach(self.vcpu)
 
     def call(self, job):
         self.jobs.put(job)
@@ -139,13 +144,13 @@ def _step_job(barrier: threading.Barrier, seconds: float, budget: int):
         t0 = time.perf_counter_ns()
         end = t0 + int(seconds * 1e9)
         exits = 0
-        run = w.g.run
+        run = w.run
         while time.perf_counter_ns() < end:
             run(budget=budget)
             exits += budget
         t1 = time.perf_counter_ns()
         after = _read_task(w.tid)
-        w.g.exits += exits
+        w.exits += exits
         delta = {k: (after[k] - before[k]) if after[k] is not None and before[k] is not None else None
                  for k in before}
         return dict(exits=exits, t0=t0, t1=t1, **delta)
@@ -166,21 +171,21 @@ def run(profile) -> SuiteResult:
         ("migrations", "migrations/s per vCPU"), ("voluntary", "voluntary cs/s per vCPU"),
         ("involuntary", "involuntary cs/s per vCPU")])
     raw: dict = {}
-    with process_vm() as vm:
-        set_handling(vm, "pio_out", "c")
+    with Machine("sys") as machine:
+        set_handling(machine.vm, "pio_out", "c")
         lock = threading.Lock()
         workers = []
         try:
             for i in range(maximum):
-                workers.append(_Worker(i, name, lock))
+                workers.append(_Worker(i, machine, name, lock))
             # exits per run() call: a few ms, so the time check costs nothing
             w0 = workers[0]
 
             def probe(w):
-                w.g.run(budget=20)
+                w.run(budget=20)
                 t0 = time.perf_counter_ns()
-                w.g.run(budget=50)
-                w.g.exits += 70
+                w.run(budget=50)
+                w.exits += 70
                 return (time.perf_counter_ns() - t0) / 50
             w0.call(probe)
             per_exit = w0.result()
@@ -197,8 +202,8 @@ def run(profile) -> SuiteResult:
                             w.call(job)
                         per_thread = [w.result() for w in workers[:k]]
                         raw.setdefault((placement.name, k), []).append(per_thread)
-            counter = workers[0].g.counter()
-            counted = sum(w.g.exits for w in workers)
+            counter = machine.counter()
+            counted = sum(w.exits for w in workers)
             native = workers[0].native
         finally:
             for w in workers:

@@ -12,7 +12,7 @@ import time
 
 import kvmsys
 
-from .guestvm import FdGuest, SysGuest, guest_name, mode_label, process_vm, set_handling
+from .guestvm import guest_name, mode_label, one_vcpu, set_handling
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "threads"
@@ -65,11 +65,11 @@ def run(profile) -> SuiteResult:
         ("how", "vCPU driven by"), ("time", f"per run(budget={n})"),
         ("per_exit", "per exit"), ("d_bound", "extra vs thread-bound (per switch)"),
         ("d_fd", "extra vs fd one worker thread (per switch)")])
-    with kvmsys.Kvm() as kvm, process_vm():
-        fd_same = FdGuest(kvm, name, n=0)
-        fd_worker = FdGuest(kvm, name, n=0)
-        fd_rot = FdGuest(kvm, name, n=0)
-        sysg = SysGuest(name, n=0)
+    with kvmsys.Kvm() as kvm:
+        fd_same = one_vcpu("fd", name, kvm=kvm, n=0)
+        fd_worker = one_vcpu("fd", name, kvm=kvm, n=0)
+        fd_rot = one_vcpu("fd", name, kvm=kvm, n=0)
+        sysg = one_vcpu("sys", name, n=0)
         pool = _Pool(profile.thread_pool)
         single = _Pool(1)
         try:

@@ -17,7 +17,10 @@ fd-based ABI (the /dev/kvm model)::
 from . import _core
 from ._core import (Exit, IoExit, MmioExit, HltExit, ShutdownExit, IntrExit, FailEntryExit,
                     InternalErrorExit, SystemEventExit, DebugExit, UnknownExit, StopExit,
-                    KickExit, DeadlineExit, BudgetExit, VcpuHandle, exit_name)
+                    KickExit, DeadlineExit, BudgetExit, VcpuHandle, exit_name, MsrExit,
+                    HypercallExit, IrqWindowOpenExit, IoapicEoiExit, NotifyExit, BusLockExit,
+                    MemoryFaultExit, DirtyRingFullExit)
+from .enums import Kind, Space, ExitReason, SystemEvent, MpState, MsrExitReason
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors_all
 from .fd import Kvm, Vm, Vcpu
@@ -30,4 +33,6 @@ __all__ = ["Kvm", "Vm", "Vcpu", "configure", "add_vcpu", "run", "remove_vcpu", "
            "handle", "vm", "vcpus", "destroy_vm", "Exit", "IoExit", "MmioExit", "HltExit",
            "ShutdownExit", "IntrExit", "FailEntryExit", "InternalErrorExit", "SystemEventExit",
            "DebugExit", "UnknownExit", "StopExit", "KickExit", "DeadlineExit", "BudgetExit",
-           "VcpuHandle", "exit_name", "__version__"] + list(_errors_all)
+           "VcpuHandle", "exit_name", "MsrExit", "HypercallExit", "IrqWindowOpenExit",
+           "IoapicEoiExit", "NotifyExit", "BusLockExit", "MemoryFaultExit", "DirtyRingFullExit",
+           "Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReason", "__version__"] + list(_errors_all)

@@ -5,8 +5,14 @@ from typing import Any, Callable, Iterable, Mapping as _Mapping
 CAPABILITIES: dict[str, int]
 IOCTLS: dict[str, int]
 H_KINDS: dict[str, int]      # PYTHON, SINK, CONST, IGNORE, EXIT
-SPACES: dict[str, int]       # PIO, MMIO
+SPACES: dict[str, int]       # PIO, MMIO, MSR
 EXIT_REASONS: dict[str, int]
+SYSTEM_EVENTS: dict[str, int]
+MP_STATES: dict[str, int]
+MSR_EXIT_REASONS: dict[str, int]
+HYPERCALLS: dict[str, int]
+MSR_FILTER: dict[str, int]
+KVM_RUN_LAYOUT: dict[str, int]
 KICK_SIGNAL: int
 MEM_FLAGS: dict[str, int]   # LOG_DIRTY_PAGES, READONLY
 
@@ -76,6 +82,7 @@ class VmCore:
     def register_coalesced(self, addr: int, size: int, *, pio: bool = False,
                            unregister: bool = False) -> None: ...
     def enable_cap(self, cap: int, flags: int = 0, args: Iterable[int] = ()) -> None: ...
+    def set_msr_filter(self, ranges: Iterable[tuple[int, int, int, bytes]], default_deny: bool = False) -> None: ...
     def get_irqchip(self, chip_id: int) -> bytes: ...
     def set_irqchip(self, data: bytes) -> None: ...
     def get_pit2(self) -> bytes: ...
@@ -122,6 +129,8 @@ class VcpuCore:
     def run(self, budget: int | None = None, timeout: float | None = None) -> "Exit": ...
     def kick(self) -> None: ...
     immediate_exit: int
+    request_interrupt_window: bool
+    def last_exit(self) -> "Exit": ...
     @property
     def regs(self) -> SyncRegs: ...
     def get_regs(self) -> dict[str, int]: ...
@@ -145,7 +154,10 @@ class VcpuCore:
     def set_xsave(self, data: bytes) -> None: ...
     def get_xcrs(self) -> bytes: ...
     def set_xcrs(self, data: bytes) -> None: ...
-    def set_guest_debug(self, enable: bool = True, single_step: bool = False) -> None: ...
+    def set_guest_debug(self, enable: bool = True, single_step: bool = False,
+                        sw_breakpoints: bool = False, hw_breakpoints: bool = False,
+                        debugreg: Iterable[int] | None = None, block_irq: bool = False) -> None: ...
+    def translate(self, linear_address: int) -> dict[str, Any]: ...
     def interrupt(self, vector: int) -> None: ...
     def nmi(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...
@@ -189,8 +201,42 @@ class InternalErrorExit(Exit):
     data: tuple[int, ...]
 
 class SystemEventExit(Exit):
-    type: int
+    type: int       # a kvmsys.SystemEvent where known
     data: tuple[int, ...]
+
+class MsrExit(Exit):
+    index: int
+    msr_reason: int
+    is_write: bool
+    data: int       # settable for a read
+    error: bool     # settable: the guest takes #GP
+
+class HypercallExit(Exit):
+    nr: int
+    args: tuple[int, ...]
+    longmode: bool
+    ret: int        # settable
+
+class IrqWindowOpenExit(Exit):
+    ready_for_interrupt_injection: bool
+    if_flag: bool
+
+class IoapicEoiExit(Exit):
+    vector: int
+
+class NotifyExit(Exit):
+    flags: int
+    context_invalid: bool
+
+class BusLockExit(Exit): ...
+
+class MemoryFaultExit(Exit):
+    flags: int
+    gpa: int
+    size: int
+    private: bool
+
+class DirtyRingFullExit(Exit): ...
 
 class DebugExit(Exit):
     exception: int

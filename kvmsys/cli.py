@@ -71,7 +71,7 @@ def _serial(spec: str):
     raise ValueError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
 
 
-def _run_firmware(args):
+def _run_firmware(args, gdb=None):
     from . import runner
     with open(args.firmware, "rb") as f:
         image = f.read()
@@ -91,27 +91,40 @@ def _run_firmware(args):
             memory_size=args.memory << 20, irqchip=args.irqchip == "kernel", disk=disk,
             disk_readonly=readonly, serial=sink, no_reboot=args.no_reboot,
             until=args.until.encode() if args.until else None,
-            on_start=sink.attach if sink is not None else None)
+            on_start=sink.attach if sink is not None else None, gdb=gdb)
     finally:
         if sink is not None:
             sink.close()
 
 
+def _gdb_server(args):
+    """The gdb server --gdb asks for (it says where it listens), or a no-op context."""
+    import contextlib
+    if not args.gdb:
+        return contextlib.nullcontext()
+    from .gdb import GdbServer
+    server = GdbServer(args.gdb, vcpus=1 if args.firmware else args.vcpus)
+    print(f"kvmsys: gdb server listening on {server.address}; the guest waits for gdb",
+          file=sys.stderr, flush=True)
+    return server
+
+
 def _cmd_run(args) -> int:
     from . import runner
-    if args.firmware:
-        r = _run_firmware(args)
-        if args.debug_log:
-            with open(args.debug_log, "wb") as f:
-                f.write(r.debug)
-        if args.serial != "collect":
-            r.console = b""         # already shown as it came
-    else:
-        inputs = {}
-        if args.n is not None:
-            inputs["n"] = args.n
-        r = runner.run_guest(args.guest, abi=args.abi, vcpus=args.vcpus,
-                             timeout=10.0 if args.timeout is None else args.timeout, **inputs)
+    with _gdb_server(args) as gdb:
+        if args.firmware:
+            r = _run_firmware(args, gdb)
+            if args.debug_log:
+                with open(args.debug_log, "wb") as f:
+                    f.write(r.debug)
+            if args.serial != "collect":
+                r.console = b""         # already shown as it came
+        else:
+            inputs = {}
+            if args.n is not None:
+                inputs["n"] = args.n
+            r = runner.run_guest(args.guest, abi=args.abi, vcpus=args.vcpus,
+                                 timeout=10.0 if args.timeout is None else args.timeout, gdb=gdb, **inputs)
     _print_result(r)
     if r.status is not None:
         return r.status
@@ -140,6 +153,9 @@ def main(argv=None) -> int:
     r.add_argument("--timeout", type=float, help="seconds before the watchdog stops it (default 10; "
                    "none for firmware with --serial stdio)")
     r.add_argument("--n", type=int, help="iteration count input of loop/compute guests")
+    r.add_argument("--gdb", metavar="ADDRESS",
+                   help="serve gdb on HOST:PORT (port 0: any free one) or a Unix socket path; "
+                        "the guest waits for gdb before its first instruction")
     pcg = r.add_argument_group("PC firmware (--firmware)")
     pcg.add_argument("--disk", metavar="FILE[,readonly]", help="raw disk image on the ATA primary master")
     pcg.add_argument("--serial", default="collect", metavar="stdio|file:PATH|collect",

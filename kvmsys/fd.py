@@ -61,6 +61,23 @@ class Vm(_core.VmCore):
     def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
         return Vcpu(self, vcpu_id)
 
+    def trap_msrs(self, indices, *, read: bool = True, write: bool = True) -> None:
+        """Make guest accesses to these MSRs exit to user space as MsrExit (answer them in
+        Python, or with vm.add_handler(Space.MSR, ...) in C); every other MSR stays
+        KVM's.  Enables KVM_CAP_X86_USER_SPACE_MSR for filter exits and installs an MSR
+        filter (KVM_X86_SET_MSR_FILTER) that replaces any earlier one; at most 16 MSRs."""
+        idx = sorted({int(i) for i in indices})
+        if not idx or len(idx) > 16:
+            raise InvalidArgumentError(f"trap_msrs takes 1..16 MSR indices, got {len(idx)}")
+        if not (read or write):
+            raise InvalidArgumentError("trap_msrs: trap reads, writes or both")
+        self.require("X86_USER_SPACE_MSR", "trapping MSR accesses to user space")
+        self.require("X86_MSR_FILTER", "trapping MSR accesses to user space")
+        from .enums import MsrExitReason
+        self.enable_cap(CAPABILITIES["X86_USER_SPACE_MSR"], 0, (int(MsrExitReason.FILTER),))   # a bit mask
+        flags = (_core.MSR_FILTER["READ"] if read else 0) | (_core.MSR_FILTER["WRITE"] if write else 0)
+        self.set_msr_filter([(flags, i, 1, b"\0") for i in idx])     # bit 0 clear: denied
+
 
 class Vcpu(_core.VcpuCore):
     """A vCPU, run by whichever thread calls run() (one at a time)."""

@@ -43,18 +43,22 @@ def default_cpuid(kvm, vcpu_id: int, cpus: int) -> list[dict]:
 
 
 class Pc:
-    """The platform around one firmware image.  *cpuid* is a hook
-    ``cpuid(entries, vcpu_id) -> entries`` that may change the CPUID entries each vCPU gets."""
+    """The platform around one firmware image on *vm*, which has the in-kernel irqchip or
+    not (then a PIT in Python and no interrupts).  *cpuid* is a hook
+    ``cpuid(entries, vcpu_id) -> entries`` that may change the CPUID entries each vCPU gets.
+    *map_memory*: map RAM and the image (platform.load_firmware); False if done already."""
 
     def __init__(self, vm, image: bytes, *, ram_size: int, cpus: int = 1, disk: str | None = None,
-                 disk_readonly: bool = False, serial_sink=None, cpuid=None, boot_menu: bool = False):
+                 disk_readonly: bool = False, serial_sink=None, cpuid=None, boot_menu: bool = False,
+                 map_memory: bool = True):
         if cpus < 1:
             raise InvalidArgumentError("cpus must be at least 1")
         if cpus > 1 and not vm.has_irqchip:
             raise InvalidArgumentError("more than one vCPU needs the in-kernel irqchip (irqchip=True): "
                                        "firmware starts application processors through the local APIC")
         self.vm, self.image, self.cpus, self.cpuid_hook = vm, bytes(image), cpus, cpuid
-        self.slots = platform.load_firmware(vm, self.image, ram_size=ram_size)
+        if map_memory:
+            platform.load_firmware(vm, self.image, ram_size=ram_size)
         for call, addr in ((vm.set_tss_addr, TSS_ADDR), (vm.set_identity_map_addr, IDENTITY_MAP_ADDR)):
             try:
                 call(addr)

@@ -10,9 +10,9 @@ All of it is handled by the run loop in C: no exit reaches Python.
 from __future__ import annotations
 
 from . import _core
+from .enums import Kind, Space
 
-PIO, MMIO = _core.SPACES["PIO"], _core.SPACES["MMIO"]
-K = _core.H_KINDS
+PIO, MMIO = Space.PIO, Space.MMIO
 
 DEBUG_EXIT_PORT = 0xF4
 DEBUGCON_PORT = 0xE9
@@ -29,12 +29,12 @@ RAM_MAX = 3 << 30               # RAM below the 32-bit PCI/firmware hole
 
 def install_pc_ports(vm) -> None:
     """Install the PC port semantics above on *vm* (fd or process VM)."""
-    vm.add_handler(PIO, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT + 1, K["EXIT"])
-    vm.add_handler(PIO, DEBUGCON_PORT, DEBUGCON_PORT + 1, K["SINK"])
-    vm.add_handler(PIO, COM1, COM1 + 1, K["SINK"])                       # THR (RBR reads 0)
-    vm.add_handler(PIO, COM1 + 1, COM1 + 8, K["CONST"], 0)              # IER..SCR read 0
-    vm.add_handler(PIO, COM1 + 5, COM1 + 6, K["CONST"], LSR_THRE_TEMT)  # LSR (later wins)
-    vm.set_default(PIO, K["IGNORE"])
+    vm.add_handler(PIO, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT + 1, Kind.EXIT)
+    vm.add_handler(PIO, DEBUGCON_PORT, DEBUGCON_PORT + 1, Kind.SINK)
+    vm.add_handler(PIO, COM1, COM1 + 1, Kind.SINK)                       # THR (RBR reads 0)
+    vm.add_handler(PIO, COM1 + 1, COM1 + 8, Kind.CONST, 0)              # IER..SCR read 0
+    vm.add_handler(PIO, COM1 + 5, COM1 + 6, Kind.CONST, LSR_THRE_TEMT)  # LSR (later wins)
+    vm.set_default(PIO, Kind.IGNORE)
 
 
 def _low_copy(size: int) -> int:

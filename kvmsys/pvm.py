@@ -12,6 +12,10 @@ import os
 MSR_PVM_NATIVE = 0x4B564D10   # write (page-aligned GPA in a memory slot) | 1
 MSR_PVM_SIGNATURE = 0x4B564D11
 PVM_SIGNATURE = 0x4D5650      # "PVM"
+# In native mode KVM_SET_GUEST_DEBUG has no effect on PVM: single-step and hardware
+# breakpoints reach the guest as its own #DB (measured 2026-11-30).  A debugged
+# 64-bit guest stays under the emulator, where they end in KVM_EXIT_DEBUG.
+NATIVE_GUEST_DEBUG = False
 
 
 def module_loaded() -> bool:

@@ -1,24 +1,20 @@
 """One runner over either ABI: load a guest, run it on N vCPUs (one thread each),
 collect its console output, exit status and exit counts.
 
-Only two things differ between the ABIs, and they are the two small classes
-below: how a thread gets its vCPU and how it runs it.  Everything else (memory,
-devices, CPU setup, the drive loop) is shared.
+The VM over either ABI is `kvmsys.machine.Machine`; this module only drives it.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from . import _core, platform, pvm, syscall
+from . import _core, pvm
 from .errors import InvalidArgumentError
-from .fd import Kvm
 from .guests import get as get_guest, layout
-
-ABIS = ("fd", "sys")
-_K = _core.H_KINDS
+from .machine import ABIS, Machine, check_abi, setup_devices  # noqa: F401 (setup_devices: API)
 
 
 @dataclass
@@ -46,10 +42,10 @@ class RunResult:
 _TERMINAL = {"SHUTDOWN", "INTERNAL_ERROR", "FAIL_ENTRY", "SYSTEM_EVENT", "DEADLINE", "UNKNOWN"}
 
 
-def _drive(run, deadline: float) -> _core.Exit:
-    """Run until the guest stops, fails, or the deadline passes."""
+def _drive(run, deadline) -> _core.Exit:
+    """Run until the guest stops, fails, or the deadline (a function) passes."""
     while True:
-        remaining = deadline - time.monotonic()
+        remaining = deadline() - time.monotonic()
         ex = run(timeout=max(remaining, 0.0))
         if isinstance(ex, (_core.StopExit, _core.DeadlineExit)) or ex.name in _TERMINAL:
             return ex
@@ -57,74 +53,6 @@ def _drive(run, deadline: float) -> _core.Exit:
             continue        # an access no handler took; reads already answered with all-ones
         if remaining <= 0:
             return ex
-
-
-def setup_devices(vm) -> None:
-    """The runner's devices: PC ports, MMIO reads as all-ones, HLT re-enters."""
-    platform.install_pc_ports(vm)
-    vm.set_default(platform.MMIO, _K["IGNORE"])
-    vm.set_hlt_action(_K["IGNORE"])     # no irqchip: HLT just re-enters (hlt loops count exits)
-
-
-def _memory(vm, memory_size: int, firmware: bytes | None):
-    """RAM at 0 for a guest (its view); none for firmware, whose PC (kvmsys.pc) maps it."""
-    if firmware is None:
-        return vm.add_memory(0, 0, memory_size)
-    return None
-
-
-class _FdAbi:
-    name = "fd"
-
-    def __init__(self, memory_size: int, irqchip: bool, firmware: bytes | None = None):
-        self.kvm = Kvm()
-        self.vm = self.kvm.create_vm()
-        if irqchip:
-            self.vm.require("IRQCHIP", "a guest that takes interrupts")
-            self.vm.create_irqchip()
-        self.mem = _memory(self.vm, memory_size, firmware)
-        setup_devices(self.vm)
-
-    def attach(self, i: int):
-        return self.vm.create_vcpu(i)
-
-    def run(self, vcpu):
-        return vcpu.run
-
-    def detach(self, vcpu) -> None:
-        pass
-
-    def close(self) -> None:
-        self.vm.close()
-        self.kvm.close()
-
-
-class _SysAbi:
-    name = "sys"
-
-    def __init__(self, memory_size: int, irqchip: bool, firmware: bytes | None = None):
-        # a fresh process VM for this run
-        self._scope = syscall.fresh_vm(memory_size=4096 if firmware else memory_size,
-                                       pc_ports=False, irqchip=irqchip)
-        self.vm = self._scope.__enter__()
-        if firmware:
-            self.vm.remove_memory(0)    # the firmware's PC memory map replaces the default slot
-        self.mem = _memory(self.vm, memory_size, firmware) if firmware else self.vm.memory(0)
-        setup_devices(self.vm)
-
-    def attach(self, i: int):
-        syscall.add_vcpu()
-        return syscall.current()
-
-    def run(self, vcpu):
-        return syscall.run
-
-    def detach(self, vcpu) -> None:
-        syscall.remove_vcpu()
-
-    def close(self) -> None:
-        del self.mem
-        self._scope.__exit__(None, None, None)
 
 
 def _feed_interrupts(mem, handles, vector: int, n: int, deadline: float, done) -> None:
@@ -149,11 +77,21 @@ def _feed_interrupts(mem, handles, vector: int, n: int, deadline: float, done) -
                 return
 
 
+def _debugged(gdb, vcpu, run, deadline: float):
+    """*run* and its deadline function, under the gdb server if there is one: time the
+    guest spends stopped in the debugger does not count against the timeout."""
+    if gdb is None:
+        return contextlib.nullcontext(run), lambda: deadline
+    return gdb.attach(vcpu, run), lambda: deadline + gdb.parked_seconds(vcpu.id)
+
+
 def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10.0,
-              memory_size: int = layout.RAM_SIZE, **inputs) -> RunResult:
-    """Run built-in guest *name* over *abi* on *vcpus* threads until it stops."""
-    if abi not in ABIS:
-        raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
+              memory_size: int = layout.RAM_SIZE, gdb=None, **inputs) -> RunResult:
+    """Run built-in guest *name* over *abi* on *vcpus* threads until it stops.
+
+    gdb: a kvmsys.gdb.GdbServer made for *vcpus* vCPUs; the guest then waits for gdb
+    before its first instruction."""
+    check_abi(abi)
     if vcpus < 1:
         raise InvalidArgumentError("vcpus must be at least 1")
     guest = get_guest(name)
@@ -161,7 +99,7 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
     if vcpus > 1 and irqchip and "cpu" not in {p.name for p in guest.params}:
         # with the in-kernel irqchip, vCPUs other than 0 wait for INIT/SIPI that it never sends
         raise InvalidArgumentError(f"{name} is a uniprocessor guest: run it with vcpus=1")
-    machine = (_FdAbi if abi == "fd" else _SysAbi)(memory_size, irqchip)
+    machine = Machine(abi, memory_size=memory_size, irqchip=irqchip, devices=True)
     results: list = [None] * vcpus
     errors: list = []
     stats: list = []
@@ -188,15 +126,17 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
         try:
             vcpu = machine.attach(i)
             with setup_lock:
-                if guest.mode == "long64" and not irqchip:
-                    # PVM's native mode does not deliver interrupts to the guest: stay emulated
-                    native[i] = pvm.enable_native(vcpu, layout.PVM_PAGE)
                 per_cpu = {p.name: v for p in guest.params
                            for v in [{"cpu": i, "ncpus": vcpus}.get(p.name)] if v is not None}
-                layout.prepare(guest, vcpu, machine.mem, **{**inputs, **per_cpu})
+                # PVM's native mode does not deliver interrupts to the guest, nor debug
+                # exits: stay emulated
+                native_ok = not irqchip and (gdb is None or pvm.NATIVE_GUEST_DEBUG)
+                native[i] = machine.load(name, vcpu, native=native_ok, **{**inputs, **per_cpu})
                 handles[i] = vcpu.handle()
             ready.wait()
-            results[i] = _drive(machine.run(vcpu), deadline)
+            debugged, until = _debugged(gdb, vcpu, machine.runner(vcpu), deadline)
+            with debugged as run:
+                results[i] = _drive(run, until)
             stats.append(vcpu.stats())
         except BaseException as e:          # reported to the caller below
             errors.append(e)
@@ -241,7 +181,7 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
                  memory_size: int = 16 << 20, label: str = "firmware", vcpus: int = 1,
                  irqchip: bool = False, disk: str | None = None, disk_readonly: bool = False,
                  serial=None, no_reboot: bool = False, cpuid=None, on_start=None,
-                 until: bytes | None = None) -> RunResult:
+                 until: bytes | None = None, gdb=None) -> RunResult:
     """Boot a raw firmware image (SeaBIOS, or any image entered at the reset vector F000:FFF0)
     on a PC (kvmsys.pc) over *abi*, on *vcpus* threads, until it stops, the deadline
     (*timeout* seconds, None: none) passes or something calls ``pc.stop()``.
@@ -253,26 +193,24 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
     ``cpuid(entries, vcpu_id) -> entries``.  on_start: called with the Pc before the
     vCPUs start (e.g. to connect a terminal to ``pc.uart``).  until: end the run (reason
     "MATCHED") once the serial or the debug console shows these bytes (looked for every
-    few ms)."""
+    few ms).  gdb: as for run_guest (one vCPU)."""
     from .pc import Pc
-    if abi not in ABIS:
-        raise InvalidArgumentError(f"abi must be one of {ABIS}, not {abi!r}")
+    check_abi(abi)
     if vcpus < 1:
         raise InvalidArgumentError("vcpus must be at least 1")
-    deadline = None if timeout is None else time.monotonic() + timeout
-    machine = (_FdAbi if abi == "fd" else _SysAbi)(memory_size, irqchip, firmware=image)
+    if gdb is not None and vcpus != 1:
+        raise InvalidArgumentError("the gdb server debugs firmware on one vCPU")
+    deadline = float("inf") if timeout is None else time.monotonic() + timeout
+    machine = Machine(abi, memory_size=memory_size, firmware=image, devices=True, irqchip=irqchip)
     pc = None
     try:
-        pc = Pc(machine.vm, image, ram_size=memory_size, cpus=vcpus, disk=disk,
+        pc = Pc(machine.vm, image, ram_size=memory_size, cpus=vcpus, disk=disk, map_memory=False,
                 disk_readonly=disk_readonly, serial_sink=serial, cpuid=cpuid)
         results: list = [None] * vcpus
         errors: list = []
         stats: list = []
         setup_lock = threading.Lock()
         ready = threading.Barrier(vcpus)
-
-        def remaining():
-            return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
         def worker(i: int) -> None:
             vcpu = None
@@ -281,7 +219,9 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
                 with setup_lock:
                     pc.add_vcpu(vcpu)
                 ready.wait()
-                results[i] = _drive_pc(pc, machine.run(vcpu), vcpu, remaining, no_reboot)
+                debugged, until_fn = _debugged(gdb, vcpu, machine.runner(vcpu), deadline)
+                with debugged as run:
+                    results[i] = _drive_pc(pc, run, vcpu, until_fn, no_reboot)
                 stats.append(vcpu.stats())
             except BaseException as e:          # reported to the caller below
                 errors.append(e)
@@ -330,10 +270,12 @@ def _watch(pc, pattern: bytes) -> None:
             return
 
 
-def _drive_pc(pc, run, vcpu, remaining, no_reboot: bool):
-    """One vCPU of a PC until the run ends: an Exit, or the reason the PC stopped (a str)."""
+def _drive_pc(pc, run, vcpu, deadline, no_reboot: bool):
+    """One vCPU of a PC until the run ends: an Exit, or the reason the PC stopped (a str).
+    *deadline*: a function (the gdb server moves it), inf for none."""
     while True:
-        left = remaining()
+        left = deadline() - time.monotonic()
+        left = None if left == float("inf") else max(left, 0.0)
         ex = run(timeout=left)
         if ex.name == "SHUTDOWN":               # a triple fault resets a PC
             pc.request_reset("triple fault")

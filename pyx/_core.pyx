@@ -29,9 +29,27 @@ include "caps.pyx"
 
 # Constants the Python layer needs, resolved from <linux/kvm.h> at build time.
 H_KINDS = dict(PYTHON=H_PYTHON, SINK=H_SINK, CONST=H_CONST, IGNORE=H_IGNORE, EXIT=H_EXIT)
-SPACES = dict(PIO=SPACE_PIO, MMIO=SPACE_MMIO)
+SPACES = dict(PIO=SPACE_PIO, MMIO=SPACE_MMIO, MSR=SPACE_MSR)
 EXIT_REASONS = {name: num for num, name in _EXIT_NAMES.items()}
 KICK_SIGNAL = kvmsys_kick_signal()
+SYSTEM_EVENTS = dict(SHUTDOWN=KVM_SYSTEM_EVENT_SHUTDOWN, RESET=KVM_SYSTEM_EVENT_RESET,
+                     CRASH=KVM_SYSTEM_EVENT_CRASH, WAKEUP=KVM_SYSTEM_EVENT_WAKEUP,
+                     SUSPEND=KVM_SYSTEM_EVENT_SUSPEND, SEV_TERM=KVM_SYSTEM_EVENT_SEV_TERM)
+MP_STATES = dict(RUNNABLE=KVM_MP_STATE_RUNNABLE, UNINITIALIZED=KVM_MP_STATE_UNINITIALIZED,
+                 INIT_RECEIVED=KVM_MP_STATE_INIT_RECEIVED, HALTED=KVM_MP_STATE_HALTED,
+                 SIPI_RECEIVED=KVM_MP_STATE_SIPI_RECEIVED, STOPPED=KVM_MP_STATE_STOPPED,
+                 CHECK_STOP=KVM_MP_STATE_CHECK_STOP, OPERATING=KVM_MP_STATE_OPERATING,
+                 LOAD=KVM_MP_STATE_LOAD, AP_RESET_HOLD=KVM_MP_STATE_AP_RESET_HOLD,
+                 SUSPENDED=KVM_MP_STATE_SUSPENDED)
+MSR_EXIT_REASONS = dict(INVAL=KVM_MSR_EXIT_REASON_INVAL, UNKNOWN=KVM_MSR_EXIT_REASON_UNKNOWN,
+                        FILTER=KVM_MSR_EXIT_REASON_FILTER)
+HYPERCALLS = dict(MAP_GPA_RANGE=KVM_HC_MAP_GPA_RANGE)
+MSR_FILTER = dict(READ=KVM_MSR_FILTER_READ, WRITE=KVM_MSR_FILTER_WRITE)
+cdef kvm_run _layout_run
+KVM_RUN_LAYOUT = dict(       # offsets in struct kvm_run, from the C header
+    exit_reason=<size_t>(<char *>&_layout_run.exit_reason - <char *>&_layout_run),
+    exit_union=<size_t>(<char *>&_layout_run.hw - <char *>&_layout_run),
+    sync_regs=<size_t>(<char *>&_layout_run.s - <char *>&_layout_run))
 MEM_FLAGS = dict(LOG_DIRTY_PAGES=KVM_MEM_LOG_DIRTY_PAGES, READONLY=KVM_MEM_READONLY)
 
 if kvmsys_install_kick_handler() != 0:

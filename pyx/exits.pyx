@@ -19,9 +19,25 @@ _EXIT_NAMES = {
     KVM_EXIT_SYSTEM_EVENT: "SYSTEM_EVENT", KVM_EXIT_IOAPIC_EOI: "IOAPIC_EOI",
     KVM_EXIT_X86_RDMSR: "X86_RDMSR", KVM_EXIT_X86_WRMSR: "X86_WRMSR",
     KVM_EXIT_DIRTY_RING_FULL: "DIRTY_RING_FULL", KVM_EXIT_NOTIFY: "NOTIFY",
+    KVM_EXIT_X86_BUS_LOCK: "X86_BUS_LOCK", KVM_EXIT_MEMORY_FAULT: "MEMORY_FAULT",
     KVMSYS_EXIT_STOP: "STOP", KVMSYS_EXIT_KICK: "KICK", KVMSYS_EXIT_DEADLINE: "DEADLINE",
     KVMSYS_EXIT_BUDGET: "BUDGET",
 }
+
+
+cdef object _enums = None
+
+
+cdef object as_enum(str name, value):
+    """*value* as the kvmsys IntEnum *name* (kvmsys.enums), or the plain int if unknown."""
+    global _enums
+    if _enums is None:
+        import kvmsys.enums
+        _enums = kvmsys.enums
+    try:
+        return getattr(_enums, name)(value)
+    except ValueError:
+        return value
 
 
 cpdef str exit_name(int reason):
@@ -183,7 +199,8 @@ cdef class SystemEventExit(Exit):
 
     @property
     def type(self):
-        return self.run.system_event.type
+        """A kvmsys.SystemEvent (a plain int if this build does not know the value)."""
+        return as_enum("SystemEvent", self.run.system_event.type)
 
     @property
     def data(self):
@@ -208,6 +225,146 @@ cdef class DebugExit(Exit):
     @property
     def dr7(self):
         return self.run.debug.arch.dr7
+
+
+cdef class MsrExit(Exit):
+    """KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR: an MSR access KVM left to user space
+    (KVM_CAP_X86_USER_SPACE_MSR; an MSR filter chooses which).  Set ``error`` to make
+    the guest take a #GP; for a read, set ``data`` to what rdmsr returns."""
+
+    @property
+    def index(self):
+        return self.run.msr.index
+
+    @property
+    def msr_reason(self):
+        """Why it exited: a kvmsys.MsrExitReason (INVAL, UNKNOWN or FILTER)."""
+        return as_enum("MsrExitReason", self.run.msr.reason)
+
+    @property
+    def is_write(self):
+        return self.reason == KVM_EXIT_X86_WRMSR
+
+    @property
+    def data(self):
+        """The value written (WRMSR), or the one rdmsr will return (RDMSR: settable)."""
+        return self.run.msr.data
+
+    @data.setter
+    def data(self, v):
+        require(self.reason == KVM_EXIT_X86_RDMSR, "only a RDMSR exit takes data")
+        self.run.msr.data = as_u64(v, "MSR value")
+
+    @property
+    def error(self):
+        return bool(self.run.msr.error)
+
+    @error.setter
+    def error(self, bint v):
+        self.run.msr.error = 1 if v else 0
+
+    def __repr__(self):
+        return (f"<MsrExit {'wrmsr' if self.is_write else 'rdmsr'} index={self.index:#x} "
+                f"data={self.data:#x}{' error' if self.error else ''}>")
+
+
+cdef class HypercallExit(Exit):
+    """KVM_EXIT_HYPERCALL: a hypercall KVM forwards to user space (KVM_CAP_EXIT_HYPERCALL);
+    ``ret`` (settable) is what the guest finds in RAX."""
+
+    @property
+    def nr(self):
+        return self.run.hypercall.nr
+
+    @property
+    def args(self):
+        return tuple(self.run.hypercall.args[i] for i in range(6))
+
+    @property
+    def longmode(self):
+        return bool(self.run.hypercall.longmode & 1)
+
+    @property
+    def ret(self):
+        return self.run.hypercall.ret
+
+    @ret.setter
+    def ret(self, v):
+        self.run.hypercall.ret = as_u64(v, "hypercall return value")
+
+    def __repr__(self):
+        return f"<HypercallExit nr={self.nr} args={self.args[:3]}>"
+
+
+cdef class IrqWindowOpenExit(Exit):
+    """KVM_EXIT_IRQ_WINDOW_OPEN: the guest can take an interrupt now (asked for with
+    vcpu.request_interrupt_window; no in-kernel irqchip)."""
+
+    @property
+    def ready_for_interrupt_injection(self):
+        return bool(self.run.ready_for_interrupt_injection)
+
+    @property
+    def if_flag(self):
+        return bool(self.run.if_flag)
+
+
+cdef class IoapicEoiExit(Exit):
+    """KVM_EXIT_IOAPIC_EOI: with a split irqchip, the guest ended a level-triggered
+    interrupt that the user-space IOAPIC routes."""
+
+    @property
+    def vector(self):
+        return self.run.eoi.vector
+
+    def __repr__(self):
+        return f"<IoapicEoiExit vector={self.vector:#x}>"
+
+
+cdef class NotifyExit(Exit):
+    """KVM_EXIT_NOTIFY: the CPU spent too long in the guest without an event window
+    (KVM_CAP_X86_NOTIFY_VMEXIT)."""
+
+    @property
+    def flags(self):
+        return self.run.notify.flags
+
+    @property
+    def context_invalid(self):
+        return bool(self.run.notify.flags & KVM_NOTIFY_CONTEXT_INVALID)
+
+
+cdef class BusLockExit(Exit):
+    """KVM_EXIT_X86_BUS_LOCK: the guest took a bus lock (KVM_CAP_X86_BUS_LOCK_EXIT)."""
+
+
+cdef class MemoryFaultExit(Exit):
+    """KVM_EXIT_MEMORY_FAULT: KVM could not resolve a guest access (e.g. private vs
+    shared memory); ``gpa`` and ``size`` say where."""
+
+    @property
+    def flags(self):
+        return kvmsys_run_memory_fault(self.run).flags
+
+    @property
+    def gpa(self):
+        return kvmsys_run_memory_fault(self.run).gpa
+
+    @property
+    def size(self):
+        return kvmsys_run_memory_fault(self.run).size
+
+    @property
+    def private(self):
+        return bool(kvmsys_run_memory_fault(self.run).flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
+
+    def __repr__(self):
+        return f"<MemoryFaultExit gpa={self.gpa:#x} size={self.size:#x}>"
+
+
+cdef class DirtyRingFullExit(Exit):
+    """KVM_EXIT_DIRTY_RING_FULL: this vCPU's dirty ring is full; harvest it
+    (vm.harvest_dirty_ring()) and run again."""
 
 
 cdef class UnknownExit(Exit):
@@ -238,7 +395,10 @@ _EXIT_TYPES = {
     KVM_EXIT_IO: IoExit, KVM_EXIT_MMIO: MmioExit, KVM_EXIT_HLT: HltExit,
     KVM_EXIT_SHUTDOWN: ShutdownExit, KVM_EXIT_INTR: IntrExit, KVM_EXIT_FAIL_ENTRY: FailEntryExit,
     KVM_EXIT_INTERNAL_ERROR: InternalErrorExit, KVM_EXIT_SYSTEM_EVENT: SystemEventExit,
-    KVM_EXIT_DEBUG: DebugExit,
+    KVM_EXIT_DEBUG: DebugExit, KVM_EXIT_X86_RDMSR: MsrExit, KVM_EXIT_X86_WRMSR: MsrExit,
+    KVM_EXIT_HYPERCALL: HypercallExit, KVM_EXIT_IRQ_WINDOW_OPEN: IrqWindowOpenExit,
+    KVM_EXIT_IOAPIC_EOI: IoapicEoiExit, KVM_EXIT_NOTIFY: NotifyExit, KVM_EXIT_X86_BUS_LOCK: BusLockExit,
+    KVM_EXIT_MEMORY_FAULT: MemoryFaultExit, KVM_EXIT_DIRTY_RING_FULL: DirtyRingFullExit,
 }
 
 

@@ -16,6 +16,20 @@
 
 #define KVMSYS_TLS __thread __attribute__((tls_model("initial-exec")))
 
+/* KVM_EXIT_MEMORY_FAULT came with Linux 6.8; older <linux/kvm.h> lack it.  The
+ * values and the layout (kvm_run.memory_fault, in the exit union) are the
+ * kernel's ABI. */
+#ifndef KVM_EXIT_MEMORY_FAULT
+#define KVM_EXIT_MEMORY_FAULT 39
+#endif
+#ifndef KVM_MEMORY_EXIT_FLAG_PRIVATE
+#define KVM_MEMORY_EXIT_FLAG_PRIVATE (1ULL << 3)
+#endif
+struct kvmsys_memory_fault { __u64 flags; __u64 gpa; __u64 size; };
+static inline struct kvmsys_memory_fault *kvmsys_run_memory_fault(struct kvm_run *run) {
+    return (struct kvmsys_memory_fault *)&run->hw;     /* first member of the union */
+}
+
 /* The vCPU bound to this thread by the syscall-style ABI (a borrowed PyObject*):
  * the implied-vCPU lookup of run() is one TLS load. */
 static KVMSYS_TLS void *kvmsys_bound;

@@ -17,6 +17,8 @@ cdef enum:
 cdef enum:
     SPACE_PIO = 0
     SPACE_MMIO = 1
+    SPACE_MSR = 2       # user-space MSR exits (KVM_EXIT_X86_RDMSR/WRMSR), by MSR index
+    NR_SPACES = 3
 
 # What the loop tells the Python layer.
 cdef enum:
@@ -47,7 +49,7 @@ cdef struct vmstate_t:
     int fd
     int nhandlers
     handler_t handlers[MAX_HANDLERS]
-    int default_kind[2]          # per space: H_PYTHON or H_IGNORE
+    int default_kind[NR_SPACES]  # per space: H_PYTHON or H_IGNORE
     int hlt_action               # H_PYTHON (return), H_IGNORE (re-enter), H_EXIT (stop)
     uint64_t *port_counts        # unhandled ports, counted when default is H_IGNORE
     uint8_t *console

@@ -13,6 +13,7 @@ cdef int vm_init(vmstate_t *vm, int fd) except -1:
     vm.fd = fd
     vm.default_kind[SPACE_PIO] = H_PYTHON
     vm.default_kind[SPACE_MMIO] = H_PYTHON
+    vm.default_kind[SPACE_MSR] = H_PYTHON
     vm.hlt_action = H_PYTHON
     pthread_mutex_init(&vm.lock, NULL)
     vm.port_counts = <uint64_t *>calloc(NR_PORTS, sizeof(uint64_t))
@@ -161,6 +162,11 @@ cdef inline int dispatch(vcpustate_t *v, kvm_run *run) noexcept nogil:
             return R_ERROR
         return access(v, SPACE_MMIO, run.mmio.phys_addr, run.mmio.is_write,
                       run.mmio.data, run.mmio.len, run.mmio.len)
+    if reason == KVM_EXIT_X86_RDMSR or reason == KVM_EXIT_X86_WRMSR:
+        # an MSR is one 8-byte unit: CONST answers rdmsr, IGNORE reads all-ones
+        run.msr.error = 0
+        return access(v, SPACE_MSR, run.msr.index, reason == KVM_EXIT_X86_WRMSR,
+                      <uint8_t *>&run.msr.data, 8, 8)
     if reason == KVM_EXIT_HLT:
         vm_action = v.vm.hlt_action
         v.last_handler = -1

@@ -27,6 +27,10 @@ cdef class VcpuCore:
     def __cinit__(self, VmCore vm, vcpu_id_):
         vm.require_open()
         cdef int vcpu_id = as_int(vcpu_id_, "vCPU id", 0, 0x7fffffff)
+        if not vm.check_extension(KVM_CAP_IMMEDIATE_EXIT):
+            # kicks and the watchdog rely on kvm_run.immediate_exit (Linux >= 4.11)
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError("IMMEDIATE_EXIT", "kvmsys's run loop (kicks, the watchdog)")
         max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
         require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
         require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
@@ -132,7 +136,8 @@ cdef class VcpuCore:
                 if res == R_EXIT:
                     ex = make_exit(self)
                     handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
-                    if handler is None and ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO):
+                    if handler is None and ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_X86_RDMSR,
+                                                         KVM_EXIT_X86_WRMSR):
                         handler = vm.default_handler
                     if handler is None:
                         return ex
@@ -219,6 +224,23 @@ cdef class VcpuCore:
         else:
             kvmsys_store_int(&self.v.kick_pending, 0)
             kvmsys_store_u8(&self.v.run.immediate_exit, 0)
+
+    def last_exit(self):
+        """The exit the comm area holds now, decoded (valid until the vCPU runs again)."""
+        self.require_open()
+        return make_exit(self)
+
+    @property
+    def request_interrupt_window(self):
+        """kvm_run.request_interrupt_window: while set (no in-kernel irqchip), KVM_RUN
+        exits with IRQ_WINDOW_OPEN as soon as the guest can take an interrupt."""
+        self.require_open()
+        return bool(self.v.run.request_interrupt_window)
+
+    @request_interrupt_window.setter
+    def request_interrupt_window(self, bint value):
+        self.require_open()
+        self.v.run.request_interrupt_window = 1 if value else 0
 
     # --- registers ---------------------------------------------------------
     @property
@@ -344,7 +366,7 @@ cdef class VcpuCore:
     def get_mp_state(self):
         cdef kvm_mp_state s
         self.vcpu_ioctl(KVM_GET_MP_STATE, &s, "KVM_GET_MP_STATE")
-        return s.mp_state
+        return as_enum("MpState", s.mp_state)
 
     def set_mp_state(self, uint32_t state):
         cdef kvm_mp_state s
@@ -395,16 +417,44 @@ cdef class VcpuCore:
     def set_xcrs(self, data):
         self.set_blob(KVM_SET_XCRS, data, sizeof(kvm_xcrs), "KVM_SET_XCRS")
 
-    def set_guest_debug(self, bint enable=True, bint single_step=False):
-        """KVM_SET_GUEST_DEBUG: with single_step, every instruction ends in a DEBUG exit."""
+    def set_guest_debug(self, bint enable=True, bint single_step=False, bint sw_breakpoints=False,
+                        bint hw_breakpoints=False, debugreg=None, bint block_irq=False):
+        """KVM_SET_GUEST_DEBUG.  single_step: every instruction ends in a DEBUG exit (#DB);
+        sw_breakpoints: the guest's int3 ends in a DEBUG exit (#BP) instead of reaching the
+        guest; hw_breakpoints: the debug registers in *debugreg* (DR0-DR3 addresses, index 7
+        DR7; 8 values) are the host's, hits end in a DEBUG exit (#DB); block_irq: no
+        interrupts are injected while stepping.  enable=False turns all of it off."""
         cdef kvm_guest_debug d
+        cdef int i
         memset(&d, 0, sizeof(d))
+        if debugreg is not None:
+            regs = [as_u64(x, "debug register") for x in debugreg]
+            require(len(regs) == 8, f"debugreg takes 8 values (DR0-DR7), got {len(regs)}")
+            require(hw_breakpoints, "debugreg is used only with hw_breakpoints=True")
+            for i in range(8):
+                d.arch.debugreg[i] = regs[i]
         if enable:
             d.control = KVM_GUESTDBG_ENABLE
             if single_step:
                 d.control |= KVM_GUESTDBG_SINGLESTEP
+            if sw_breakpoints:
+                d.control |= KVM_GUESTDBG_USE_SW_BP
+            if hw_breakpoints:
+                d.control |= KVM_GUESTDBG_USE_HW_BP
+            if block_irq:
+                d.control |= KVM_GUESTDBG_BLOCKIRQ
         self.vcpu_ioctl(KVM_SET_GUEST_DEBUG, &d, "KVM_SET_GUEST_DEBUG")
         self.debug_enabled = enable
+
+    def translate(self, linear_address):
+        """KVM_TRANSLATE: the guest-physical address of a linear (guest-virtual) address under
+        the vCPU's current paging mode, as a dict: physical_address, valid, writeable, usermode."""
+        cdef kvm_translation t
+        memset(&t, 0, sizeof(t))
+        t.linear_address = as_u64(linear_address, "linear address")
+        self.vcpu_ioctl(KVM_TRANSLATE, &t, "KVM_TRANSLATE")
+        return dict(physical_address=t.physical_address, valid=bool(t.valid),
+                    writeable=bool(t.writeable), usermode=bool(t.usermode))
 
     def interrupt(self, uint32_t vector):
         """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip)."""

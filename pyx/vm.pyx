@@ -312,6 +312,37 @@ cdef class VmCore:
             c.args[i] = a
         self.vm_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP")
 
+    def set_msr_filter(self, ranges, bint default_deny=False):
+        """KVM_X86_SET_MSR_FILTER: *ranges* of (flags, base, nmsrs, bitmap); a 0 bit in a
+        range's bitmap denies the accesses in its flags (KVM_MSR_FILTER_READ=1, WRITE=2),
+        which then exit to user space if KVM_CAP_X86_USER_SPACE_MSR asks for FILTER exits.
+        A new filter replaces the old; no ranges and default allow turn filtering off."""
+        cdef list rs = list(ranges)
+        require(len(rs) <= KVM_MSR_FILTER_MAX_RANGES,
+                f"at most {KVM_MSR_FILTER_MAX_RANGES} MSR filter ranges, got {len(rs)}")
+        cdef kvm_msr_filter f
+        memset(&f, 0, sizeof(f))
+        f.flags = KVM_MSR_FILTER_DEFAULT_DENY if default_deny else KVM_MSR_FILTER_DEFAULT_ALLOW
+        cdef list keep = []         # the bitmaps stay alive through the ioctl
+        cdef bytes bm
+        for i, r in enumerate(rs):
+            require(isinstance(r, tuple) and len(r) == 4, f"MSR filter range {i} must be (flags, base, nmsrs, bitmap)")
+            flags, base, nmsrs, bitmap = r
+            require(isinstance(flags, int) and flags != 0 and
+                    flags & ~(KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE) == 0,
+                    f"MSR filter range {i}: flags must be READ (1), WRITE (2) or both")
+            base = as_int(base, "MSR filter base", 0, 0xffffffff)
+            nmsrs = as_int(nmsrs, "MSR filter count", 1, KVM_MSR_FILTER_MAX_BITMAP_SIZE * 8)
+            bm = as_blob(bitmap, "MSR filter bitmap")
+            require(len(bm) * 8 >= nmsrs, f"MSR filter range {i}: a bitmap of {len(bm)} bytes "
+                    f"cannot cover {nmsrs} MSRs")
+            keep.append(bm)
+            f.ranges[i].flags = flags
+            f.ranges[i].base = base
+            f.ranges[i].nmsrs = nmsrs
+            f.ranges[i].bitmap = <uint8_t *><char *>bm
+        self.vm_ioctl(KVM_X86_SET_MSR_FILTER, &f, "KVM_X86_SET_MSR_FILTER")
+
     # --- device state blobs (the raw kernel structs), for save and restore ----
     cdef bytes get_vm_blob(self, unsigned long req, void *buf, size_t size, str op):
         self.vm_ioctl(req, buf, op)
@@ -359,13 +390,14 @@ cdef class VmCore:
     # --- fast handlers (used by the run loop) ------------------------------
     def add_handler(self, int space, uint64_t start, uint64_t end, int kind, uint64_t value=0,
                     callback=None):
-        """Route exits at [start, end) of *space* (0 = PIO, 1 = MMIO) to a handler kind.
+        """Route exits at [start, end) of *space* (kvmsys.Space: PIO, MMIO, or MSR by index) to a handler kind.
 
         Returns the handler's index.  Where ranges overlap the latest handler wins, so a
         handler added later overrides (replaces) part of an earlier one; remove_handler()
         takes it away again.  A SINK handler's reads return *value* (0 by default)."""
-        require(space in (SPACE_PIO, SPACE_MMIO), "space must be 0 (PIO) or 1 (MMIO)")
+        require(space in (SPACE_PIO, SPACE_MMIO, SPACE_MSR), "space must be 0 (PIO), 1 (MMIO) or 2 (MSR)")
         require(kind in (H_PYTHON, H_SINK, H_CONST, H_IGNORE, H_EXIT), f"unknown handler kind {kind}")
+        require(space != SPACE_MSR or end <= (<uint64_t>1 << 32), "an MSR range must lie within indices 0..0xffffffff")
         require(start < end, "handler range is empty")
         require(space != SPACE_PIO or end <= 0x10000, "a PIO range must lie within ports 0..0xffff")
         require(callback is None or kind == H_PYTHON, "only a Python handler takes a callback")
@@ -404,7 +436,7 @@ cdef class VmCore:
 
     def set_default(self, int space, int kind):
         """What happens to an access no handler covers: H_PYTHON (return it) or H_IGNORE."""
-        require(space in (SPACE_PIO, SPACE_MMIO), "space must be 0 (PIO) or 1 (MMIO)")
+        require(space in (SPACE_PIO, SPACE_MMIO, SPACE_MSR), "space must be 0 (PIO), 1 (MMIO) or 2 (MSR)")
         require(kind in (H_PYTHON, H_IGNORE), "the default is H_PYTHON or H_IGNORE")
         self.require_open()
         self.state.default_kind[space] = kind

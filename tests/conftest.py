@@ -45,63 +45,12 @@ def _declared_limit(report) -> bool:
     return reason.removeprefix("Skipped: ").startswith(("host:", "env:"))
 
 
-class Machine:
-    """One VM with one vCPU (optionally with the in-kernel irqchip and PIT), over either
-    ABI; tests use only this surface."""
-
-    def __init__(self, abi, memory_size, irqchip=False, pit=False):
-        import kvmsys
-        from kvmsys import syscall
-        self.abi = abi
-        if abi == "fd":
-            self.kvm = kvmsys.Kvm()
-            self.vm = self.kvm.create_vm()
-            if irqchip:
-                self.vm.create_irqchip()
-                if pit:
-                    self.vm.create_pit2()
-            self.mem = self.vm.add_memory(0, 0, memory_size)
-            self.vcpu = self.vm.create_vcpu(0)
-            self._run = self.vcpu.run
-        else:
-            self._scope = syscall.fresh_vm(memory_size=memory_size, pc_ports=False,
-                                           irqchip=irqchip, pit=pit)
-            self.vm = self._scope.__enter__()
-            self.comm = kvmsys.add_vcpu()
-            self.mem = self.vm.memory(0)
-            self.vcpu = kvmsys.current()
-            self._run = kvmsys.run
-
-    def run(self, **kw):
-        """Run the vCPU through this ABI's own entry point."""
-        return self._run(**kw)
-
-    def devices(self):
-        """The runner's PC devices (isa-debug-exit, serial, debugcon, ports ignored)."""
-        from kvmsys.runner import setup_devices
-        setup_devices(self.vm)
-        return self
-
-    def load(self, guest_name, **inputs):
-        """Load a built-in guest and set up the vCPU for its mode (native 64-bit on PVM)."""
-        from kvmsys import pvm
-        from kvmsys.guests import get, layout
-        guest = get(guest_name)
-        if guest.mode == "long64":
-            pvm.enable_native(self.vcpu, layout.PVM_PAGE)
-        layout.prepare(guest, self.vcpu, self.mem, **inputs)
-        return guest
-
-    def close(self):
-        from kvmsys import syscall
-        if self.abi == "fd":
-            self.vm.close()
-            self.kvm.close()
-        else:
-            if syscall.current() is not None:
-                syscall.remove_vcpu()
-            del self.mem, self.comm
-            self._scope.__exit__(None, None, None)
+def Machine(abi, memory_size, irqchip=False, pit=False):
+    """kvmsys's one two-ABI machine (kvmsys.machine), with vCPU 0 attached to this thread."""
+    from kvmsys.machine import Machine
+    m = Machine(abi, memory_size=memory_size, irqchip=irqchip, pit=pit)
+    m.attach(0)
+    return m
 
 
 @pytest.fixture(params=["fd", "sys"])

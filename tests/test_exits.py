@@ -15,10 +15,10 @@ import pytest
 import kvmsys
 from kvmsys import (_core, pvm, BudgetExit, DeadlineExit, HltExit, InternalErrorExit, IntrExit,
                     IoExit, KickExit, MmioExit, ShutdownExit, StopExit)
+from kvmsys.enums import Kind, Space
 from kvmsys.guests import get, layout as L
 
-PIO, MMIO = _core.SPACES["PIO"], _core.SPACES["MMIO"]
-K = _core.H_KINDS
+PIO, MMIO = Space.PIO, Space.MMIO
 MODES = ("real", "pm32", "long64")
 KVM_INTERNAL_ERROR_EMULATION = 1
 
@@ -41,7 +41,7 @@ def status(value):
 
 
 def debug_exit_port(vm):
-    vm.add_handler(PIO, L.PORT_DEBUG_EXIT, L.PORT_DEBUG_EXIT + 1, K["EXIT"])
+    vm.add_handler(PIO, L.PORT_DEBUG_EXIT, L.PORT_DEBUG_EXIT + 1, Kind.EXIT)
 
 
 def load_code(vcpu, mem, code, mode="pm32"):
@@ -109,7 +109,7 @@ def test_io_python_handler(machine):
         ex.value = len(seen)
         return None                 # falsy: go on running
 
-    vm.add_handler(PIO, L.PORT_IN, L.PORT_IN + 1, K["PYTHON"], callback=on_in)
+    vm.add_handler(PIO, L.PORT_IN, L.PORT_IN + 1, Kind.PYTHON, callback=on_in)
     machine.load("pio_in_loop.pm32", n=10)
     ex = machine.run(timeout=5)
     assert isinstance(ex, StopExit)
@@ -119,7 +119,7 @@ def test_io_python_handler(machine):
 
 def test_io_python_handler_truthy_returns_the_exit(machine):
     calls = []
-    machine.vm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, K["PYTHON"],
+    machine.vm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, Kind.PYTHON,
                            callback=lambda ex: calls.append(ex.value) or ex.value == 3)
     machine.load("pio_out_loop.pm32", n=10)
     ex = machine.run(timeout=5)
@@ -177,9 +177,9 @@ def test_mmio_python_handler_and_const(machine):
     vm = machine.vm
     debug_exit_port(vm)
     writes = []
-    vm.add_handler(MMIO, L.MMIO_WRITE_ADDR, L.MMIO_WRITE_ADDR + 4, K["PYTHON"],
+    vm.add_handler(MMIO, L.MMIO_WRITE_ADDR, L.MMIO_WRITE_ADDR + 4, Kind.PYTHON,
                    callback=lambda ex: writes.append(ex.value))
-    vm.add_handler(MMIO, L.MMIO_READ_ADDR, L.MMIO_READ_ADDR + 4, K["CONST"], value=0x11)
+    vm.add_handler(MMIO, L.MMIO_READ_ADDR, L.MMIO_READ_ADDR + 4, Kind.CONST, value=0x11)
     machine.load("mmio_write_loop.pm32", n=4)
     assert isinstance(machine.run(timeout=5), StopExit)
     assert writes == [1, 2, 3, 4]
@@ -210,11 +210,11 @@ def test_hlt_returned(machine, mode):
 def test_hlt_actions(machine):
     vm = machine.vm
     debug_exit_port(vm)
-    vm.set_hlt_action(K["IGNORE"])              # re-enter at once
+    vm.set_hlt_action(Kind.IGNORE)              # re-enter at once
     machine.load("hlt_loop.pm32", n=3)
     assert isinstance(machine.run(timeout=5), StopExit)
     assert machine.vcpu.stats()["exits"]["HLT"] == 3
-    vm.set_hlt_action(K["EXIT"])                # a HLT stops the run with status 0
+    vm.set_hlt_action(Kind.EXIT)                # a HLT stops the run with status 0
     machine.load("hlt_loop.pm32", n=3)
     ex = machine.run(timeout=5)
     assert isinstance(ex, StopExit) and ex.status == 0
@@ -407,7 +407,7 @@ def test_kick_exit_via_handle(machine):
 
 def test_budget_exit(machine):
     vm = machine.vm
-    vm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, K["SINK"])
+    vm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, Kind.SINK)
     machine.load("pio_out_loop.pm32", n=0)      # forever
     ex = machine.run(budget=5, timeout=5)
     assert type(ex) is BudgetExit and (ex.name, ex.reason) == ("BUDGET", -4)
@@ -418,7 +418,7 @@ def test_budget_exit(machine):
 
 
 def test_budget_counts_python_handled_exits(machine):
-    machine.vm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, K["PYTHON"], callback=lambda ex: None)
+    machine.vm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, Kind.PYTHON, callback=lambda ex: None)
     machine.load("pio_out_loop.pm32", n=0)
     ex = machine.run(budget=4, timeout=5)
     assert isinstance(ex, BudgetExit) and u32(machine.mem, L.COUNTER_ADDR) == 4

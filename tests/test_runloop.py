@@ -18,12 +18,12 @@ import pytest
 
 from kvmsys import (BudgetExit, DeadlineExit, HltExit, IoExit, KickExit, MmioExit, StopExit,
                     _core, pvm)
+from kvmsys.enums import Kind, Space
 from kvmsys.guests.layout import (COUNTER_ADDR, LOAD_ADDR, MMIO_BASE, MMIO_READ_ADDR,
                                   MMIO_WRITE_ADDR, PORT_DEBUG_EXIT, PORT_IN, PORT_OUT,
                                   PORT_RESULT, RESULT_ADDR)
 
-PIO, MMIO = _core.SPACES["PIO"], _core.SPACES["MMIO"]
-K = _core.H_KINDS
+PIO, MMIO = Space.PIO, Space.MMIO
 MODES = ("real", "pm32", "long64")
 T = 10.0            # timeout of runs that are expected to finish long before it
 DEBUGCON = 0xE9
@@ -147,7 +147,7 @@ def test_uart_register_reads(machine, mode):
         code += mov_dx(mode, port) + IN_AL_DX + out_al(PORT_RESULT)
     load_code(machine, mode, code + STOP)
     machine.devices()
-    machine.vm.add_handler(PIO, PORT_RESULT, PORT_RESULT + 1, K["PYTHON"],
+    machine.vm.add_handler(PIO, PORT_RESULT, PORT_RESULT + 1, Kind.PYTHON,
                            callback=lambda ex: seen.append(ex.value))
     run_to_stop(machine)
     assert seen == [0x60, 0, 0, 0]
@@ -158,7 +158,7 @@ def test_uart_register_reads(machine, mode):
 def test_const_handler_in_loop(machine, mode, v):
     n = 100
     machine.devices().load(f"pio_in_loop.{mode}", n=n)
-    idx = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, K["CONST"], v)
+    idx = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.CONST, v)
     ex = run_to_stop(machine)
     assert ex.status == 1
     assert counter(machine) == n
@@ -171,7 +171,7 @@ def test_const_handler_in_loop(machine, mode, v):
 def test_ignore_handler_reads_all_ones(machine, mode):
     n = 64
     machine.devices().load(f"pio_in_loop.{mode}", n=n)
-    idx = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, K["IGNORE"])
+    idx = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.IGNORE)
     run_to_stop(machine)
     assert result(machine) == n * 0xFF
     st = machine.vcpu.stats()
@@ -183,8 +183,8 @@ def test_ignore_handler_reads_all_ones(machine, mode):
 def test_later_handler_wins_on_overlap(machine):
     n = 10
     machine.devices().load("pio_in_loop.pm32", n=n)
-    first = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, K["CONST"], 3)
-    second = machine.vm.add_handler(PIO, PORT_OUT, PORT_IN + 2, K["CONST"], 9)
+    first = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.CONST, 3)
+    second = machine.vm.add_handler(PIO, PORT_OUT, PORT_IN + 2, Kind.CONST, 9)
     run_to_stop(machine)
     assert result(machine) == 9 * n
     hits = machine.vcpu.stats()["handler_hits"]
@@ -194,8 +194,8 @@ def test_later_handler_wins_on_overlap(machine):
 def test_removed_handler_falls_through_to_the_earlier_one(machine):
     n = 10
     machine.devices().load("pio_in_loop.pm32", n=n)
-    first = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, K["CONST"], 3)
-    second = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, K["CONST"], 9)
+    first = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.CONST, 3)
+    second = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.CONST, 9)
     machine.vm.remove_handler(second)
     assert machine.vm.handlers()[second][0] == -1       # removed
     run_to_stop(machine)
@@ -211,7 +211,7 @@ def test_removed_handler_falls_through_to_the_earlier_one(machine):
 def test_sink_handler_reads_back_its_value(machine):
     n = 8
     machine.devices().load("pio_in_loop.pm32", n=n)
-    machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, K["SINK"], 0xE9)     # debugcon, as QEMU's
+    machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.SINK, 0xE9)     # debugcon, as QEMU's
     run_to_stop(machine)
     assert result(machine) == 0xE9 * n
 
@@ -249,7 +249,7 @@ def test_default_ignore_reads_all_ones_and_counts_each_port(machine, mode):
     code = (in_imm(0x61) + out_al(PORT_RESULT)) * 2 + out_imm(0x77, 1) * 3 + STOP
     load_code(machine, mode, code)
     machine.devices()
-    machine.vm.add_handler(PIO, PORT_RESULT, PORT_RESULT + 1, K["PYTHON"],
+    machine.vm.add_handler(PIO, PORT_RESULT, PORT_RESULT + 1, Kind.PYTHON,
                            callback=lambda ex: seen.append(ex.value))
     run_to_stop(machine)
     assert seen == [0xFF, 0xFF]
@@ -263,7 +263,7 @@ def test_default_ignore_reads_all_ones_and_counts_each_port(machine, mode):
 def test_hlt_python_returns_hlt_exit(machine, mode):
     n = 3
     machine.devices().load(f"hlt_loop.{mode}", n=n)
-    machine.vm.set_hlt_action(K["PYTHON"])
+    machine.vm.set_hlt_action(Kind.PYTHON)
     skipped = native64(machine, mode)
     hlts = 0
     while True:
@@ -294,7 +294,7 @@ def test_hlt_ignore_reenters(machine, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_hlt_exit_stops(machine, mode):
     machine.devices().load(f"hlt_loop.{mode}", n=100)
-    machine.vm.set_hlt_action(K["EXIT"])
+    machine.vm.set_hlt_action(Kind.EXIT)
     ex = run_to_stop(machine)
     assert ex.status == 0               # HLT stop, not the debug-exit status 1
     assert machine.vcpu.stats()["exits"] == {"HLT": 1}
@@ -311,7 +311,7 @@ def _le32s(first, last):
 def test_mmio_sink_write_loop(machine, mode):
     n = 100
     machine.devices().load(f"mmio_write_loop.{mode}", n=n)
-    idx = machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x10, K["SINK"])
+    idx = machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x10, Kind.SINK)
     run_to_stop(machine)
     assert machine.vm.console() == _le32s(1, n)        # the guest stores its counter
     st = machine.vcpu.stats()
@@ -323,7 +323,7 @@ def test_mmio_sink_write_loop(machine, mode):
 def test_mmio_ignore_write_loop(machine, mode):
     n = 50
     machine.devices().load(f"mmio_write_loop.{mode}", n=n)
-    idx = machine.vm.add_handler(MMIO, MMIO_WRITE_ADDR, MMIO_WRITE_ADDR + 4, K["IGNORE"])
+    idx = machine.vm.add_handler(MMIO, MMIO_WRITE_ADDR, MMIO_WRITE_ADDR + 4, Kind.IGNORE)
     run_to_stop(machine)
     assert machine.vm.console() == b""
     assert machine.vcpu.stats()["handler_hits"][idx] == n
@@ -331,7 +331,7 @@ def test_mmio_ignore_write_loop(machine, mode):
 
 def test_mmio_exit_handler_stops_with_written_value(machine):
     machine.devices().load("mmio_write_loop.pm32", n=100)
-    machine.vm.add_handler(MMIO, MMIO_WRITE_ADDR, MMIO_WRITE_ADDR + 4, K["EXIT"])
+    machine.vm.add_handler(MMIO, MMIO_WRITE_ADDR, MMIO_WRITE_ADDR + 4, Kind.EXIT)
     ex = run_to_stop(machine)
     assert ex.status == (1 << 1) | 1    # first store writes counter value 1
     assert counter(machine) == 1
@@ -344,7 +344,7 @@ def test_mmio_exit_handler_stops_with_written_value(machine):
 def test_mmio_read_loop_fast(machine, mode, kind, value, each):
     n = 100
     machine.devices().load(f"mmio_read_loop.{mode}", n=n)
-    idx = machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x1000, K[kind], value)
+    idx = machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x1000, Kind[kind], value)
     run_to_stop(machine)
     assert result(machine) == (n * each) & 0xFFFFFFFF
     assert machine.vcpu.stats()["handler_hits"][idx] == n
@@ -373,7 +373,7 @@ def test_python_callback_answers_in(machine, mode):
         assert ex.vcpu is machine.vcpu
         ex.value = (k * 7) & 0xFF          # what the guest's `in` reads
 
-    idx = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, K["PYTHON"], callback=on_in)
+    idx = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.PYTHON, callback=on_in)
     run_to_stop(machine)
     assert seen == [(PORT_IN, 1, 1, True, "in", 1)] * n
     assert result(machine) == sum((k * 7) & 0xFF for k in range(1, n + 1))
@@ -385,7 +385,7 @@ def test_python_callback_sees_out(machine, mode):
     n = 20
     machine.devices().load(f"pio_out_loop.{mode}", n=n)
     seen = []
-    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, K["PYTHON"],
+    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON,
                            callback=lambda ex: seen.append((ex.direction, ex.is_in, ex.port,
                                                             ex.size, bytes(ex.data))))
     run_to_stop(machine)
@@ -403,7 +403,7 @@ def test_python_callback_answers_mmio_read(machine, mode):
         seen.append((ex.address, ex.length, ex.is_write, len(ex.data)))
         ex.data[:] = struct.pack("<I", 0x10000 + counter(machine))   # the zero-copy view
 
-    machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x100, K["PYTHON"], callback=on_read)
+    machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x100, Kind.PYTHON, callback=on_read)
     run_to_stop(machine)
     assert seen == [(MMIO_READ_ADDR, 4, False, 4)] * n
     assert result(machine) == sum(0x10000 + k for k in range(1, n + 1))
@@ -418,7 +418,7 @@ def test_mmio_read_value_setter_4_bytes(machine, mode):
     def on_read(ex):
         ex.value = 0x10000 + counter(machine)     # fits easily in the 4-byte access
 
-    machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x100, K["PYTHON"], callback=on_read)
+    machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x100, Kind.PYTHON, callback=on_read)
     run_to_stop(machine)
     assert result(machine) == sum(0x10000 + k for k in range(1, n + 1))
 
@@ -438,8 +438,8 @@ def _run_in32(machine, mode, answer):
         assert (ex.port, ex.size, ex.is_in) == (0x33, 4, True)
         answer(ex)
 
-    machine.vm.add_handler(PIO, 0x33, 0x34, K["PYTHON"], callback=on_in)
-    machine.vm.add_handler(PIO, PORT_RESULT, PORT_RESULT + 1, K["PYTHON"],
+    machine.vm.add_handler(PIO, 0x33, 0x34, Kind.PYTHON, callback=on_in)
+    machine.vm.add_handler(PIO, PORT_RESULT, PORT_RESULT + 1, Kind.PYTHON,
                            callback=lambda ex: seen.append((ex.size, ex.value)))
     run_to_stop(machine)
     return seen
@@ -462,7 +462,7 @@ def test_python_callback_sees_mmio_write(machine, mode):
     n = 25
     machine.devices().load(f"mmio_write_loop.{mode}", n=n)
     seen = []
-    machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x100, K["PYTHON"],
+    machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x100, Kind.PYTHON,
                            callback=lambda ex: seen.append((ex.address, ex.length, ex.is_write,
                                                             ex.value)))
     run_to_stop(machine)
@@ -472,7 +472,7 @@ def test_python_callback_sees_mmio_write(machine, mode):
 def test_vm_default_handler_gets_uncovered_accesses(machine):
     n = 15
     machine.load("pio_out_loop.pm32", n=n)
-    machine.vm.add_handler(PIO, PORT_DEBUG_EXIT, PORT_DEBUG_EXIT + 1, K["EXIT"])
+    machine.vm.add_handler(PIO, PORT_DEBUG_EXIT, PORT_DEBUG_EXIT + 1, Kind.EXIT)
     seen = []
     machine.vm.default_handler = lambda ex: seen.append((type(ex), ex.port, ex.value))
     run_to_stop(machine)
@@ -485,7 +485,7 @@ def test_vm_default_handler_gets_uncovered_accesses(machine):
 def test_vm_default_handler_gets_mmio(machine):
     n = 10
     machine.load("mmio_read_loop.real", n=n)
-    machine.vm.add_handler(PIO, PORT_DEBUG_EXIT, PORT_DEBUG_EXIT + 1, K["EXIT"])
+    machine.vm.add_handler(PIO, PORT_DEBUG_EXIT, PORT_DEBUG_EXIT + 1, Kind.EXIT)
 
     def dflt(ex):
         assert isinstance(ex, MmioExit) and ex.address == MMIO_READ_ADDR and not ex.is_write
@@ -507,7 +507,7 @@ def test_no_handler_at_all_returns_the_exit(machine):
 def test_callback_returning_true_returns_the_exit(machine):
     n = 12
     machine.devices().load("pio_in_loop.real", n=n)
-    machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, K["PYTHON"], callback=lambda ex: True)
+    machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.PYTHON, callback=lambda ex: True)
     got = 0
     while True:
         ex = machine.run(timeout=T)
@@ -535,7 +535,7 @@ def test_callback_exception_propagates_and_vcpu_survives(machine, mode):
         if len(calls) == 5:
             raise Boom("from the handler")
 
-    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, K["PYTHON"], callback=cb)
+    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON, callback=cb)
     with pytest.raises(Boom):
         machine.run(timeout=T)
     assert counter(machine) == 5
@@ -548,7 +548,7 @@ def test_callback_exception_propagates_and_vcpu_survives(machine, mode):
 def test_python_handler_respects_budget(machine):
     machine.devices().load("pio_out_loop.pm32", n=0)
     calls = []
-    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, K["PYTHON"], callback=calls.append)
+    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON, callback=calls.append)
     ex = machine.run(budget=10, timeout=T)
     assert isinstance(ex, BudgetExit)
     assert len(calls) == 10 and counter(machine) == 10
@@ -567,7 +567,7 @@ def test_regs_readable_in_handler(machine, mode):
         # pio_out_loop: ECX = iterations left (incl. this one), EDI = n, EAX = new counter
         seen.append((r.rcx & 0xFFFFFFFF, r.rdi & 0xFFFFFFFF, r.rax & 0xFFFFFFFF, counter(machine)))
 
-    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, K["PYTHON"], callback=cb)
+    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON, callback=cb)
     run_to_stop(machine)
     assert seen == [(n - k + 1, n, k, k) for k in range(1, n + 1)]
 
@@ -581,7 +581,7 @@ def test_regs_view_matches_get_regs(machine, mode):
         if counter(machine) == 4:
             checked.append((ex.vcpu.regs.as_dict(), ex.vcpu.get_regs()))
 
-    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, K["PYTHON"], callback=cb)
+    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON, callback=cb)
     run_to_stop(machine)
     (view, ioctl), = checked
     assert view == ioctl
@@ -599,7 +599,7 @@ def test_regs_write_in_handler_takes_effect(machine, mode):
         if counter(machine) == stop_at:
             ex.vcpu.regs.rcx = 1        # this is the last iteration: the loop ends after it
 
-    idx = machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, K["PYTHON"], callback=cb)
+    idx = machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON, callback=cb)
     ex = run_to_stop(machine)
     assert ex.status == 1
     assert counter(machine) == stop_at
@@ -612,7 +612,7 @@ def test_regs_write_in_handler_takes_effect(machine, mode):
 def test_regs_write_between_runs(machine):
     # A write after run() returned (dirty in the comm area) is loaded on the next KVM_RUN.
     machine.devices().load("pio_out_loop.pm32", n=1000)
-    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, K["PYTHON"], callback=lambda ex: True)
+    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON, callback=lambda ex: True)
     for k in range(1, 4):
         ex = machine.run(timeout=T)
         assert isinstance(ex, IoExit) and counter(machine) == k
@@ -646,7 +646,7 @@ def test_coalesced_pio_drained_into_sink(machine, mode):
 def test_coalesced_mmio_drained_into_sink(machine, mode):
     n = 1000
     machine.devices().load(f"mmio_write_loop.{mode}", n=n)
-    idx = machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x10, K["SINK"])
+    idx = machine.vm.add_handler(MMIO, MMIO_BASE, MMIO_BASE + 0x10, Kind.SINK)
     machine.vm.register_coalesced(MMIO_BASE, 0x1000)
     run_to_stop(machine)
     assert machine.vm.console() == _le32s(1, n)
@@ -750,7 +750,7 @@ def test_deadline_zero(machine):
 def test_deadline_passing_inside_python_handler(machine):
     # The deadline passes while a Python handler runs; then the guest spins without exits.
     load_code(machine, "pm32", out_imm(PORT_RESULT, 1) + JMP_SELF)
-    machine.vm.add_handler(PIO, PORT_RESULT, PORT_RESULT + 1, K["PYTHON"],
+    machine.vm.add_handler(PIO, PORT_RESULT, PORT_RESULT + 1, Kind.PYTHON,
                            callback=lambda ex: time.sleep(0.3))
     with backstop(machine.vcpu, 1.5):
         t0 = time.monotonic()
@@ -762,7 +762,7 @@ def test_deadline_passing_inside_python_handler(machine):
 def test_deadline_passing_inside_python_handler_then_exits(machine):
     # Same, but the guest keeps exiting into the Python handler: the deadline must still end it.
     machine.devices().load("pio_out_loop.pm32", n=0)
-    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, K["PYTHON"],
+    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON,
                            callback=lambda ex: time.sleep(0.3) if counter(machine) == 1 else None)
     with backstop(machine.vcpu, 1.5):
         t0 = time.monotonic()
@@ -855,7 +855,7 @@ def test_sigint_interrupts_a_guest_that_never_exits(machine, mode):
 
 def test_sigint_interrupts_exits_handled_in_c(machine):
     machine.devices().load("pio_out_loop.pm32", n=0)
-    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, K["IGNORE"])
+    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.IGNORE)
     with backstop(machine.vcpu, 20):
         outcome, seconds = run_with_sigint(machine, 0.3, timeout=10)
     assert outcome == "interrupted", outcome
@@ -869,7 +869,7 @@ def test_sigint_interrupts_exits_handled_in_c(machine):
 
 def test_sigint_interrupts_python_handled_exits(machine):
     machine.devices().load("pio_out_loop.pm32", n=0)
-    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, K["PYTHON"], callback=lambda ex: None)
+    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON, callback=lambda ex: None)
     with backstop(machine.vcpu, 20):
         outcome, seconds = run_with_sigint(machine, 0.3, timeout=10)
     assert outcome == "interrupted", outcome
@@ -919,7 +919,7 @@ def test_stats_match_guest_counter(machine, guest, mode):
 def test_handler_hits_per_range(machine):
     n = 60
     machine.devices().load("pio_in_loop.real", n=n)
-    idx = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, K["CONST"], 1)
+    idx = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.CONST, 1)
     run_to_stop(machine)
     st = machine.vcpu.stats()
     assert st["handler_hits"] == {idx: n, handler_index(machine.vm, PIO, PORT_DEBUG_EXIT): 1}
@@ -951,7 +951,7 @@ def test_stats_accumulate_across_runs(machine):
 
 def test_python_handler_time_counted(machine):
     machine.devices().load("pio_out_loop.real", n=5)
-    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, K["PYTHON"],
+    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON,
                            callback=lambda ex: time.sleep(0.02))
     run_to_stop(machine)
     assert machine.vcpu.stats()["ns_in_handlers"] >= 5 * 20_000_000

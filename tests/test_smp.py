@@ -16,9 +16,11 @@ import pytest
 
 import kvmsys
 from kvmsys import StopExit, _core, cli, pvm, runner, smp, syscall
+from kvmsys.enums import Kind, Space
 from kvmsys.errors import ConfigurationError, InvalidArgumentError, StateError
 from kvmsys.fd import Kvm
 from kvmsys.guests import exit_status, get, layout
+from kvmsys.machine import Machine
 
 PASS = exit_status(layout.SMP_PASS_VALUE)
 FAIL = exit_status(layout.SMP_FAIL_VALUE)
@@ -41,24 +43,11 @@ def wait_for(cond, timeout, step=0.0005):
     return True
 
 
-class Smp:
-    """One VM (either ABI, optional in-kernel irqchip) whose vCPUs each get a thread."""
+class Smp(Machine):
+    """kvmsys's two-ABI machine with the runner's devices, whose vCPUs each get a thread."""
 
     def __init__(self, abi, irqchip=False):
-        self.abi = abi
-        if abi == "fd":
-            self.kvm = Kvm()
-            self.vm = self.kvm.create_vm()
-            if irqchip:
-                self.vm.create_irqchip()
-            self.mem = self.vm.add_memory(0, 0, layout.RAM_SIZE)
-        else:
-            self._saved = syscall.config()
-            syscall.destroy_vm()
-            syscall.configure(memory_size=layout.RAM_SIZE, pc_ports=False, irqchip=irqchip)
-            self.vm = syscall.vm()
-            self.mem = self.vm.memory(0)
-        runner.setup_devices(self.vm)
+        super().__init__(abi, irqchip=irqchip, devices=True)
 
     def run(self, name, ncpus, *, native=False, timeout=20.0, during=None, after_prepare=None,
             **inputs):
@@ -78,18 +67,11 @@ class Smp:
         def worker(i):
             vcpu = None
             try:
-                if self.abi == "fd":
-                    vcpu = self.vm.create_vcpu(i)
-                    run = vcpu.run
-                else:
-                    kvmsys.add_vcpu()
-                    vcpu = kvmsys.current()
-                    run = kvmsys.run
+                vcpu = self.attach(i)
+                run = self.runner(vcpu)
                 with lock:
-                    if native and guest.mode == "long64":
-                        pvm.enable_native(vcpu, layout.PVM_PAGE)
                     extra = dict(cpu=i, ncpus=ncpus) if smp_guest else {}
-                    layout.prepare(guest, vcpu, self.mem, **inputs, **extra)
+                    self.load(name, vcpu, native=native, **inputs, **extra)
                     if after_prepare is not None:
                         after_prepare()
                     if self.vm.has_irqchip:
@@ -113,8 +95,8 @@ class Smp:
                 errors.append(e)
                 ready.abort()
             finally:
-                if vcpu is not None and self.abi == "sys":
-                    kvmsys.remove_vcpu()
+                if vcpu is not None:
+                    self.detach(vcpu)
                 done[i].set()
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(ncpus)]
@@ -130,15 +112,6 @@ class Smp:
         if errors:
             raise errors[0]
         return results
-
-    def close(self):
-        if self.abi == "fd":
-            self.vm.close()
-            self.kvm.close()
-        else:
-            del self.mem
-            syscall.destroy_vm()
-            syscall.configure(**self._saved)
 
 
 @pytest.fixture
@@ -410,8 +383,8 @@ def test_pause_resume_under_load(loops):
     # paused guest memory does not change, and afterwards no exit is missing.
     n, k = 2, (20_000 if IS_PVM else 200_000)     # runs ~0.2 s: PVM exits cost ~8 us
     lp = loops("pio_out_loop.pm32", n, n=k)
-    out_handler = lp.m.vm.add_handler(_core.SPACES["PIO"], layout.PORT_OUT, layout.PORT_OUT + 1,
-                                      _core.H_KINDS["SINK"])
+    out_handler = lp.m.vm.add_handler(Space.PIO, layout.PORT_OUT, layout.PORT_OUT + 1,
+                                      Kind.SINK)
     lp.start()
     frozen_checks = mid_run = 0
     for cycle in range(1000):

@@ -19,11 +19,11 @@ import pytest
 import kvmsys
 from kvmsys import (BudgetExit, ConfigurationError, DeadlineExit, HltExit, IntrExit, IoExit,
                     KickExit, StaleVcpuError, StateError, StopExit, VcpuBindingError, _core, syscall)
+from kvmsys.enums import Kind, Space
 from kvmsys.guests import exit_status, get, layout
 from kvmsys.runner import setup_devices
 
-PIO = _core.SPACES["PIO"]
-K = _core.H_KINDS
+PIO = Space.PIO
 KICK_SIGNAL = _core.KICK_SIGNAL
 HELLO = b"Hello, world!\n"
 
@@ -619,7 +619,7 @@ def test_call_soon_runs_on_the_owning_thread_and_the_run_goes_on(machine):
 @pytest.mark.parametrize("vector", [0x40, 0x41])
 def test_interrupt_without_irqchip_is_injected_by_the_owner(machine, vector):
     machine.devices()
-    machine.vm.add_handler(PIO, 0x12, 0x13, K["PYTHON"])    # the ISRs' report returns to Python
+    machine.vm.add_handler(PIO, 0x12, 0x13, Kind.PYTHON)    # the ISRs' report returns to Python
     irq_guest(machine.mem, machine.vcpu)
     h = machine.vcpu.handle()
     assert isinstance(machine.run(budget=20, timeout=10), BudgetExit)  # IF=1, looping
@@ -639,7 +639,7 @@ def test_interrupt_without_irqchip_is_injected_by_the_owner(machine, vector):
 
 def test_interrupt_queued_before_run_is_injected(machine):
     machine.devices()
-    machine.vm.add_handler(PIO, 0x12, 0x13, K["PYTHON"])
+    machine.vm.add_handler(PIO, 0x12, 0x13, Kind.PYTHON)
     irq_guest(machine.mem, machine.vcpu)
     assert isinstance(machine.run(budget=5, timeout=10), BudgetExit)
     h = machine.vcpu.handle()

@@ -12,12 +12,12 @@ import pytest
 
 import kvmsys
 from kvmsys import _core, syscall, KickExit, StopExit
+from kvmsys.enums import Kind, Space
 from kvmsys.errors import (ConfigurationError, InvalidArgumentError, KvmOSError, KvmsysError,
                            KvmUnavailableError, StaleVcpuError, StateError, VcpuBindingError)
 from kvmsys.guests import get, layout as L
 
-PIO, MMIO = _core.SPACES["PIO"], _core.SPACES["MMIO"]
-K = _core.H_KINDS
+PIO, MMIO = Space.PIO, Space.MMIO
 PAGE = 4096
 
 
@@ -153,13 +153,13 @@ def test_configure_errors(fresh_process_vm):
 # === fast handlers =====================================================================
 
 BAD_HANDLERS = {
-    "empty range": (PIO, 0x10, 0x10, K["SINK"], {}),
-    "reversed range": (PIO, 0x11, 0x10, K["SINK"], {}),
-    "PIO beyond 0xffff": (PIO, 0xFFF0, 0x10001, K["SINK"], {}),
+    "empty range": (PIO, 0x10, 0x10, Kind.SINK, {}),
+    "reversed range": (PIO, 0x11, 0x10, Kind.SINK, {}),
+    "PIO beyond 0xffff": (PIO, 0xFFF0, 0x10001, Kind.SINK, {}),
     "bad kind": (PIO, 0x10, 0x11, 99, {}),
-    "bad space": (7, 0x10, 0x11, K["SINK"], {}),
-    "callback on a C kind": (PIO, 0x10, 0x11, K["SINK"], {"callback": print}),
-    "callback not callable": (PIO, 0x10, 0x11, K["PYTHON"], {"callback": 42}),
+    "bad space": (7, 0x10, 0x11, Kind.SINK, {}),
+    "callback on a C kind": (PIO, 0x10, 0x11, Kind.SINK, {"callback": print}),
+    "callback not callable": (PIO, 0x10, 0x11, Kind.PYTHON, {"callback": 42}),
 }
 
 
@@ -175,10 +175,10 @@ def test_bad_handler(machine, case):
 def test_at_most_64_handlers(machine):
     vm = machine.vm
     for i in range(64 - len(vm.handlers())):
-        vm.add_handler(MMIO, 0xE0000000 + i, 0xE0000001 + i, K["IGNORE"])
+        vm.add_handler(MMIO, 0xE0000000 + i, 0xE0000001 + i, Kind.IGNORE)
     assert len(vm.handlers()) == 64
     with pytest.raises(InvalidArgumentError, match="64"):
-        vm.add_handler(PIO, 0x10, 0x11, K["SINK"])
+        vm.add_handler(PIO, 0x10, 0x11, Kind.SINK)
     assert len(vm.handlers()) == 64
     # the full table still works (port 0x10 has no handler: returned to Python)
     machine.load("pio_out_loop.pm32", n=3)
@@ -188,11 +188,11 @@ def test_at_most_64_handlers(machine):
 
 def test_bad_defaults(machine):
     with pytest.raises(InvalidArgumentError):
-        machine.vm.set_default(PIO, K["SINK"])
+        machine.vm.set_default(PIO, Kind.SINK)
     with pytest.raises(InvalidArgumentError):
-        machine.vm.set_default(2, K["IGNORE"])
+        machine.vm.set_default(len(Space), Kind.IGNORE)    # no such space
     with pytest.raises(InvalidArgumentError):
-        machine.vm.set_hlt_action(K["SINK"])
+        machine.vm.set_hlt_action(Kind.SINK)
 
 
 # === run() arguments ===================================================================
@@ -414,9 +414,9 @@ VM_CALLS_BUGGY = {
     "memory": lambda vm: vm.memory(0),
     "read": lambda vm: vm.read(0, 4),
     "write": lambda vm: vm.write(0, b"x"),
-    "add_handler": lambda vm: vm.add_handler(PIO, 0x10, 0x11, K["SINK"]),
-    "set_default": lambda vm: vm.set_default(PIO, K["IGNORE"]),
-    "set_hlt_action": lambda vm: vm.set_hlt_action(K["IGNORE"]),
+    "add_handler": lambda vm: vm.add_handler(PIO, 0x10, 0x11, Kind.SINK),
+    "set_default": lambda vm: vm.set_default(PIO, Kind.IGNORE),
+    "set_hlt_action": lambda vm: vm.set_hlt_action(Kind.IGNORE),
 }
 
 
@@ -498,7 +498,7 @@ def test_closed_vcpu(fdvm, op):
 def test_close_while_running_and_second_runner(fdvm):
     inside = threading.Event()
     # the guest reports once (a Python handler, called inside run()), then loops forever
-    fdvm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, K["PYTHON"], callback=lambda ex: inside.set())
+    fdvm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, Kind.PYTHON, callback=lambda ex: inside.set())
     v = fdvm.create_vcpu(0)
     mem = fdvm.memory(0)
     L.prepare(get("compute.pm32"), v, mem)
@@ -578,7 +578,7 @@ def test_close_racing_run_never_crashes():
         for _ in range(100):
             vm = kvm.create_vm()
             mem = vm.add_memory(0, 0, layout.RAM_SIZE)
-            vm.set_default(0, _core.H_KINDS["IGNORE"])
+            vm.set_default(0, Kind.IGNORE)
             v = vm.create_vcpu(0)
             layout.prepare(get("pio_out_loop.pm32"), v, mem, n=0)
             go = threading.Barrier(2)

@@ -13,18 +13,17 @@ import threading
 import pytest
 
 import kvmsys
-from kvmsys import (_core, syscall, pvm, DebugExit, IoExit, KickExit,
+from kvmsys import (_core, syscall, pvm, DebugExit, IoExit, KickExit, MsrExit,
                     MmioExit, StopExit, UnknownExit)
+from kvmsys.enums import ExitReason, Kind, MsrExitReason, Space
 from kvmsys.errors import InvalidArgumentError, KvmOSError
 from kvmsys.guests import get, layout as L
 
-PIO, MMIO = _core.SPACES["PIO"], _core.SPACES["MMIO"]
-K = _core.H_KINDS
+PIO, MMIO = Space.PIO, Space.MMIO
 MODES = ("real", "pm32", "long64")
 
 # struct kvm_run offsets (x86, stable ABI): immediate_exit, the exit union, sync regs
 RUN_IMMEDIATE_EXIT = 1
-RUN_EXIT_UNION = 32
 RUN_DIRTY_REGS = 296
 RUN_SYNC_REGS = 304
 KVM_SYNC_X86_REGS = 1
@@ -53,7 +52,7 @@ def u32(mem, addr):
 
 def debug_exit_port(vm):
     """isa-debug-exit on port 0xf4 (a write stops the run with status (v << 1) | 1)."""
-    vm.add_handler(PIO, L.PORT_DEBUG_EXIT, L.PORT_DEBUG_EXIT + 1, K["EXIT"])
+    vm.add_handler(PIO, L.PORT_DEBUG_EXIT, L.PORT_DEBUG_EXIT + 1, Kind.EXIT)
 
 
 def load_code(vcpu, mem, code, mode="pm32", native=True):
@@ -198,7 +197,7 @@ def test_kvm_context_manager_and_fileno():
 
 def test_memory_view_is_zero_copy_both_ways(machine):
     debug_exit_port(machine.vm)
-    machine.vm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, K["SINK"])
+    machine.vm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, Kind.SINK)
     machine.load("pio_out_loop.pm32", n=5)
     mem = machine.mem
     struct.pack_into("<I", mem, L.COUNTER_ADDR, 100)    # the guest must see this
@@ -408,12 +407,12 @@ def test_coalesced_zone(machine, pio):
     debug_exit_port(vm)
     n = 300
     if pio:
-        vm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, K["SINK"])
+        vm.add_handler(PIO, L.PORT_OUT, L.PORT_OUT + 1, Kind.SINK)
         vm.register_coalesced(L.PORT_OUT, 1, pio=True)
         machine.load("pio_out_loop.pm32", n=n)
         expected = bytes(i & 0xFF for i in range(1, n + 1))
     else:
-        vm.add_handler(MMIO, L.MMIO_WRITE_ADDR, L.MMIO_WRITE_ADDR + 4, K["SINK"])
+        vm.add_handler(MMIO, L.MMIO_WRITE_ADDR, L.MMIO_WRITE_ADDR + 4, Kind.SINK)
         vm.register_coalesced(L.MMIO_WRITE_ADDR, 4)
         machine.load("mmio_write_loop.pm32", n=n)
         expected = b"".join(struct.pack("<I", i) for i in range(1, n + 1))
@@ -433,19 +432,17 @@ def test_enable_cap_user_space_msr(machine):
     vm = machine.vm
     if not vm.check_extension("X86_USER_SPACE_MSR"):
         pytest.skip("host: lacks KVM_CAP_X86_USER_SPACE_MSR")
-    vm.enable_cap(kvmsys.fd.CAPABILITIES["X86_USER_SPACE_MSR"], 0, (0x3,))  # INVAL | UNKNOWN
+    reasons = MsrExitReason.INVAL | MsrExitReason.UNKNOWN
+    vm.enable_cap(kvmsys.fd.CAPABILITIES["X86_USER_SPACE_MSR"], 0, (reasons,))
     msr = 0x12345678
     # mov ecx, msr; rdmsr; out 0x12, eax; hlt
     code = b"\xB9" + struct.pack("<I", msr) + b"\x0F\x32\xE7\x12\xF4"
     load_code(machine.vcpu, machine.mem, code)
     ex = machine.run(timeout=5)
-    assert isinstance(ex, UnknownExit)
-    assert ex.reason == _core.EXIT_REASONS["X86_RDMSR"] and ex.name == "X86_RDMSR"
-    comm = machine.vcpu.comm_area
-    error, _reason, index = struct.unpack_from("<B7xII", comm, RUN_EXIT_UNION)
-    assert (error, index) == (0, msr)
-    struct.pack_into("<Q", comm, RUN_EXIT_UNION + 16, 0xCAFEF00D)   # msr.data: what rdmsr reads
-    del comm
+    assert isinstance(ex, MsrExit)
+    assert ex.reason == ExitReason.X86_RDMSR and ex.name == "X86_RDMSR"
+    assert (ex.error, ex.index, ex.msr_reason) == (False, msr, MsrExitReason.UNKNOWN)
+    ex.data = 0xCAFEF00D                # what rdmsr reads
     ex = machine.run(timeout=5)
     assert isinstance(ex, IoExit) and ex.port == L.PORT_RESULT and ex.value == 0xCAFEF00D
 

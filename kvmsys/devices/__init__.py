@@ -13,10 +13,9 @@ True from ``write``: the vCPU's ``run()`` then returns and the runner looks at
 """
 from __future__ import annotations
 
-from .. import _core
+from ..enums import Kind, Space
 
-PIO = _core.SPACES["PIO"]
-K = _core.H_KINDS
+PIO = Space.PIO
 
 
 class Device:
@@ -53,7 +52,7 @@ class Device:
 
     def install(self, vm) -> list[int]:
         self._vm = vm
-        self._handlers = [vm.add_handler(PIO, start, end, K["PYTHON"], 0, self.io)
+        self._handlers = [vm.add_handler(PIO, start, end, Kind.PYTHON, 0, self.io)
                           for start, end in self.ports]
         return self._handlers
 

@@ -4,7 +4,8 @@ Reads return 0xe9, which is how SeaBIOS decides its debug port 0x402 is there (i
 turns its log off when the port reads anything else).  All in the C run loop."""
 from __future__ import annotations
 
-from . import PIO, K
+from ..enums import Kind
+from . import PIO
 
 READBACK = 0xE9
 
@@ -22,7 +23,7 @@ class Debugcon:
 
     def install(self, vm) -> list[int]:
         self._vm = vm
-        self._handlers = [vm.add_handler(PIO, p, p + 1, K["SINK"], READBACK) for p in self.ports]
+        self._handlers = [vm.add_handler(PIO, p, p + 1, Kind.SINK, READBACK) for p in self.ports]
         return self._handlers
 
     def uninstall(self) -> None:

@@ -530,6 +530,59 @@ cdef extern from "linux/kvm.h" nogil:
     enum: KVM_IRQ_ROUTING_IRQCHIP
     enum: KVM_IRQ_ROUTING_MSI
 
+    # ------------------------------------------------------------------
+    # VM: MSR filter (KVM_CAP_X86_MSR_FILTER, <asm/kvm.h>)
+    # ------------------------------------------------------------------
+    cdef struct kvm_msr_filter_range:
+        __u32 flags                    # KVM_MSR_FILTER_READ / _WRITE
+        __u32 nmsrs
+        __u32 base
+        __u8 *bitmap                   # 1 allows, 0 denies (exits to user space)
+
+    cdef struct kvm_msr_filter:
+        __u32 flags                    # KVM_MSR_FILTER_DEFAULT_*
+        kvm_msr_filter_range ranges[16]    # KVM_MSR_FILTER_MAX_RANGES
+
+    enum: KVM_MSR_FILTER_MAX_RANGES
+    enum: KVM_MSR_FILTER_MAX_BITMAP_SIZE
+    enum: KVM_MSR_FILTER_READ
+    enum: KVM_MSR_FILTER_WRITE
+    enum: KVM_MSR_FILTER_DEFAULT_ALLOW
+    enum: KVM_MSR_FILTER_DEFAULT_DENY
+    const unsigned long KVM_X86_SET_MSR_FILTER
+
+    # ------------------------------------------------------------------
+    # VM: devices (KVM_CREATE_DEVICE) and their attribute ioctls
+    # ------------------------------------------------------------------
+    cdef struct kvm_create_device:
+        __u32 type                     # KVM_DEV_TYPE_*
+        __u32 fd                       # out
+        __u32 flags                    # KVM_CREATE_DEVICE_TEST
+
+    cdef struct kvm_device_attr:
+        __u32 flags
+        __u32 group
+        __u64 attr
+        __u64 addr                     # user address of the attribute's data
+
+    enum: KVM_CREATE_DEVICE_TEST
+    enum: KVM_DEV_TYPE_VFIO
+    const unsigned long KVM_CREATE_DEVICE
+    const unsigned long KVM_SET_DEVICE_ATTR
+    const unsigned long KVM_GET_DEVICE_ATTR
+    const unsigned long KVM_HAS_DEVICE_ATTR
+
+    # ------------------------------------------------------------------
+    # vCPU: nested virtualization state (header only; data follows)
+    # ------------------------------------------------------------------
+    cdef struct kvm_nested_state:
+        __u16 flags
+        __u16 format
+        __u32 size                     # of the whole blob, header included
+
+    const unsigned long KVM_GET_NESTED_STATE
+    const unsigned long KVM_SET_NESTED_STATE
+
     cdef struct kvm_irqfd:             # KVM_IRQFD
         __u32 fd
         __u32 gsi
@@ -1073,3 +1126,18 @@ cdef extern from "linux/kvm.h" nogil:
         KVM_CAP_S390_ZPCI_OP
         KVM_CAP_S390_CPU_TOPOLOGY
         KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+
+
+# Newer than some distributions' <linux/kvm.h> (Linux 6.8): kvmsys_native.h
+# supplies the kernel's values where the installed header lacks them.
+cdef extern from "kvmsys_native.h" nogil:
+    enum: KVM_EXIT_MEMORY_FAULT
+    enum: KVM_MEMORY_EXIT_FLAG_PRIVATE
+    cdef struct kvmsys_memory_fault:
+        __u64 flags
+        __u64 gpa
+        __u64 size
+    kvmsys_memory_fault *kvmsys_run_memory_fault(kvm_run *run)
+
+cdef extern from "linux/kvm_para.h" nogil:
+    enum: KVM_HC_MAP_GPA_RANGE         # hypercall numbers (KVM_CAP_EXIT_HYPERCALL bits)

@@ -1,0 +1,254 @@
+"""The gdb server, driven by the real gdb (batch mode) against `kvmsys run --gdb`, over
+both ABIs, and by a small protocol client in process."""
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from kvmsys import runner
+from kvmsys.gdb import GdbKilled, GdbServer, target
+from kvmsys.gdb.protocol import Connection, INTERRUPT, checksum, escape, frame, unescape
+from kvmsys.guests import compute_reference, get, layout as L
+
+GDB = shutil.which("gdb")
+needs_gdb = pytest.mark.skipif(GDB is None, reason="env: gdb is not installed (.ci/run installs it)")
+
+# compute.<mode>: the `mov %eax, RESULT_ADDR` after the loop, where EAX holds the result
+RESULT_STORE = {"real": b"\x66\xa3\x04\x10", "pm32": b"\xa3\x04\x10\x00\x00",
+                "long64": b"\x89\x04\x25\x04\x10\x00\x00"}
+
+
+def store_address(mode):
+    image = get(f"compute.{mode}").image
+    assert image.count(RESULT_STORE[mode]) == 1
+    return L.LOAD_ADDR + image.index(RESULT_STORE[mode])
+
+
+class KvmsysRun:
+    """`kvmsys run ... --gdb ADDRESS` in a child process, until it listens."""
+
+    def __init__(self, tmp_path, *args, address=None):
+        address = address or str(tmp_path / "gdb.sock")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvmsys", "run", *args, "--gdb", address],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        m = re.search(r"listening on (\S+);", line)
+        assert m, f"no listening line: {line!r}"
+        self.address = m.group(1)
+
+    def wait(self, timeout=60):
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.communicate()
+        return self.proc.returncode, out, err
+
+
+def gdb_batch(address, *commands, timeout=60, interrupt_after=None):
+    argv = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", f"target remote {address}"]
+    for c in commands:
+        argv += ["-ex", c]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if interrupt_after is not None:
+        time.sleep(interrupt_after)
+        proc.send_signal(signal.SIGINT)     # what Ctrl-C at gdb's terminal does
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return out
+
+
+def values(out):
+    """gdb's '$N = value' lines, in order."""
+    return re.findall(r"^\$\d+ = (.*)$", out, re.M)
+
+
+@needs_gdb
+@pytest.mark.parametrize("mode", ("real", "pm32", "long64"))
+def test_breakpoint_register_step_detach(tmp_path, abi, mode):
+    # gdb stops the guest at its first instruction, breaks where the result is in EAX,
+    # steps once, detaches; the guest then finishes on its own (isa-debug-exit status 1).
+    at = store_address(mode)
+    run = KvmsysRun(tmp_path, "--guest", f"compute.{mode}", "--n", "7", "--abi", abi)
+    out = gdb_batch(run.address, "p/x $pc", f"break *{at:#x}", "continue", "p/x $eax", "p/x $pc",
+                    "stepi", "p/x $pc", "detach")
+    rc, stdout, stderr = run.wait()
+    assert values(out) == [hex(L.LOAD_ADDR), hex(compute_reference(7)), hex(at),
+                           hex(at + len(RESULT_STORE[mode]))], out
+    assert "Breakpoint 1, " in out and "detached" in out, out
+    assert rc == 1 and "STOP, exit status 1" in stdout, (stdout, stderr)
+
+
+@needs_gdb
+def test_ctrl_c_interrupts_a_running_guest(tmp_path, abi):
+    # pio_out_loop with n=0 runs forever; Ctrl-C stops it, gdb ends the loop by writing
+    # the loop registers, and after detach the guest finishes.
+    run = KvmsysRun(tmp_path, "--guest", "pio_out_loop.real", "--n", "0", "--abi", abi)
+    out = gdb_batch(run.address, "continue", "p $edi", "set var $edi = 1", "set var $ecx = 1",
+                    "detach", interrupt_after=3.0)
+    rc, stdout, stderr = run.wait()
+    assert "received signal SIGINT" in out, out
+    assert values(out) == ["0"], out
+    assert rc == 1 and "STOP, exit status 1" in stdout, (stdout, stderr)
+
+
+@needs_gdb
+def test_smp_guest_one_thread_per_vcpu(tmp_path, abi):
+    run = KvmsysRun(tmp_path, "--guest", "smp_counter.pm32", "--vcpus", "2", "--n", "50",
+                    "--abi", abi, address="127.0.0.1:0")
+    out = gdb_batch(run.address, "info threads", f"hbreak *{L.LOAD_ADDR + 4:#x}", "continue",
+                    "p/x $pc", "delete", "detach")
+    rc, stdout, stderr = run.wait()
+    assert re.search(r"Thread 1 \(vCPU 0\)", out) and re.search(r"Thread 2 \(vCPU 1\)", out), out
+    assert "hit Breakpoint 1," in out or "Breakpoint 1, " in out, out
+    assert values(out) == [hex(L.LOAD_ADDR + 4)], out
+    assert rc == 1 and "2 vCPU(s): STOP, exit status 1" in stdout, (stdout, stderr)
+
+
+@needs_gdb
+def test_memory_registers_virtual_and_physical(tmp_path):
+    image = get("compute.long64").image
+    run = KvmsysRun(tmp_path, "--guest", "compute.long64", "--n", "3", "--abi", "sys")
+    out = gdb_batch(run.address,
+                    f"p/x *(unsigned int *){L.LOAD_ADDR:#x}",
+                    "set var *(unsigned char *)0x1100 = 0x5a",
+                    "monitor phys", "p/x *(unsigned char *)0x1100",
+                    f"p/x *(unsigned int *){L.LOAD_ADDR:#x}",
+                    "monitor virt", "p/x *(unsigned long *)0x40000000",
+                    "set var $rbx = 0x1122334455667788", "p/x $rbx", "p $st0", "p/x $fctrl",
+                    "detach")
+    rc, stdout, stderr = run.wait()
+    word = hex(int.from_bytes(image[:4], "little"))
+    v = values(out)
+    assert v[:3] == [word, "0x5a", word], out
+    assert "memory by guest-physical address" in out and "memory by guest-virtual address" in out
+    assert "Cannot access memory at address 0x40000000" in out, out      # not mapped
+    assert v[3:] == ["0x1122334455667788", "0", "0x37f"], out           # x87 reset: FCW 0x37f
+    assert rc == 1, (stdout, stderr)
+
+
+# --- in process, over the protocol ---------------------------------------------------
+
+class Client:
+    """A minimal remote-protocol client (acks on)."""
+
+    def __init__(self, address):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(address)
+        self.sock.settimeout(30)
+        self.conn = Connection(self.sock)
+
+    def ask(self, payload):
+        self.conn.send(payload)
+        return self.conn.read().decode()
+
+
+@pytest.mark.parametrize("mode", ("real", "long64"))
+def test_api_in_process(tmp_path, abi, mode):
+    path = str(tmp_path / "s")
+    server = GdbServer(path, vcpus=1)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault(
+        "r", runner.run_guest(f"compute.{mode}", abi=abi, gdb=server, n=5)))
+    t.start()
+    try:
+        c = Client(path)
+        assert c.ask("qSupported:swbreak+;hwbreak+").startswith("PacketSize=")
+        assert c.ask("?") == "T05thread:1;"
+        xml = c.ask("qXfer:features:read:target.xml:0,fff")
+        assert xml[0] == "l"
+        root = ET.fromstring(xml[1:])
+        regs = root.findall("./feature/reg")
+        assert root.find("architecture").text == {"real": "i8086", "long64": "i386:x86-64"}[mode]
+        assert [r.get("name") for r in regs] == [r.name for r in target.registers(mode)]
+        g = c.ask("g")
+        assert len(g) == 2 * sum(r.bits // 8 for r in target.registers(mode))
+        pc = target.registers(mode)[16 if mode == "long64" else 8]
+        off = sum(r.bits // 8 for r in target.registers(mode)[:16 if mode == "long64" else 8])
+        assert int.from_bytes(bytes.fromhex(g[2 * off:2 * off + pc.bits // 4]), "little") == L.LOAD_ADDR
+        assert bytes.fromhex(c.ask(f"m{L.LOAD_ADDR:x},4")) == get(f"compute.{mode}").image[:4]
+        at = store_address(mode)
+        assert c.ask(f"Z1,{at:x},1") == "OK"
+        assert c.ask("vCont;c") == "T05thread:1;hwbreak:;"
+        assert c.ask(f"z1,{at:x},1") == "OK"
+        assert c.ask("vCont;s:1") == "T05thread:1;"
+        c.conn.send("D")
+        assert c.conn.read() == b"OK"
+        t.join(30)
+        assert result["r"].status == 1
+    finally:
+        server.close()
+        t.join(30)
+
+
+def test_kill_from_gdb_ends_the_run(tmp_path, abi):
+    path = str(tmp_path / "s")
+    server = GdbServer(path, vcpus=1)
+    errors = []
+
+    def target_run():
+        try:
+            runner.run_guest("pio_out_loop.pm32", abi=abi, gdb=server, n=0)
+        except GdbKilled as e:
+            errors.append(e)
+    t = threading.Thread(target=target_run)
+    t.start()
+    try:
+        c = Client(path)
+        c.conn.send("vCont;c")
+        time.sleep(0.3)
+        c.sock.sendall(INTERRUPT)
+        assert c.conn.read() == b"T02thread:1;"
+        c.conn.send("k")
+        t.join(30)
+        assert len(errors) == 1
+    finally:
+        server.close()
+        t.join(30)
+
+
+@pytest.mark.nokvm
+def test_framing():
+    assert checksum(b"OK") == 0x9A
+    assert frame(b"OK") == b"$OK#9a"
+    raw = b"a$b#c}d*e"
+    assert escape(raw) == b"a}\x04b}\x03c}]d}\x0ae"
+    assert unescape(escape(raw)) == raw
+    a, b = socket.socketpair()
+    with a, b:
+        conn = Connection(b)
+        a.sendall(b"+$m1000,4#ff$m1000,4#" + b"%02x" % checksum(b"m1000,4") + b"\x03")
+        assert conn.read() == b"m1000,4"            # the bad one was refused with '-'
+        assert conn.read() == INTERRUPT
+        assert a.recv(10) == b"-+"
+        a.close()
+        assert conn.read() is None
+
+
+@pytest.mark.nokvm
+@pytest.mark.parametrize("mode", ("real", "pm32", "long64"))
+def test_target_description(mode):
+    root = ET.fromstring(target.target_xml(mode))
+    feature = root.find("feature")
+    assert feature.get("name") == "org.gnu.gdb.i386.core"
+    names = [r.get("name") for r in feature.findall("reg")]
+    pc = "rip" if mode == "long64" else "eip"
+    assert names.index(pc) == (16 if mode == "long64" else 8)
+    assert names[-8:] == ["fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop"]
+    assert target.mode_of({"efer": 0x500, "cr0": 0x80000011}) == "long64"
+    assert target.mode_of({"efer": 0, "cr0": 0x11}) == "pm32"
+    assert target.mode_of({"efer": 0, "cr0": 0x10}) == "real"
