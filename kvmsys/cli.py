@@ -71,10 +71,14 @@ def _serial(spec: str):
     raise ValueError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
 
 
-def _run_firmware(args, gdb=None):
-    from . import runner
-    with open(args.firmware, "rb") as f:
-        image = f.read()
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _run_pc(args, gdb=None):
+    """--firmware or --kernel: the PC of kvmsys.pc."""
+    from . import runner, terminal
     disk, readonly = None, False
     if args.disk:
         disk, _, opt = args.disk.partition(",")
@@ -82,16 +86,24 @@ def _run_firmware(args, gdb=None):
             raise ValueError(f"--disk {args.disk!r}: expected FILE or FILE,readonly")
         readonly = opt == "readonly"
     sink = _serial(args.serial)
+    attach = [x.attach for x in (sink, terminal.Screen() if args.screen else None) if x is not None]
     timeout = args.timeout
     if timeout is None:
         timeout = None if args.serial == "stdio" else 10.0     # an interactive session has no deadline
+    common = dict(abi=args.abi, timeout=timeout, memory_size=args.memory << 20, irqchip=args.irqchip == "kernel",
+                  disk=disk, disk_readonly=readonly, serial=sink, gdb=gdb,
+                  until=args.until.encode() if args.until else None,
+                  on_start=(lambda pc: [a(pc) for a in attach]) if attach else None)
     try:
-        return runner.run_firmware(
-            image, abi=args.abi, timeout=timeout, label=args.firmware, vcpus=args.vcpus,
-            memory_size=args.memory << 20, irqchip=args.irqchip == "kernel", disk=disk,
-            disk_readonly=readonly, serial=sink, no_reboot=args.no_reboot,
-            until=args.until.encode() if args.until else None,
-            on_start=sink.attach if sink is not None else None, gdb=gdb)
+        if args.kernel:
+            modules = []
+            for spec in args.module or ():
+                path, _, margs = spec.partition(",")
+                modules.append((_read(path), margs or path))
+            return runner.run_kernel(_read(args.kernel), cmdline=args.append or "", modules=modules,
+                                     label=args.kernel, **common)
+        return runner.run_firmware(_read(args.firmware), label=args.firmware, vcpus=args.vcpus,
+                                   no_reboot=args.no_reboot, **common)
     finally:
         if sink is not None:
             sink.close()
@@ -103,7 +115,7 @@ def _gdb_server(args):
     if not args.gdb:
         return contextlib.nullcontext()
     from .gdb import GdbServer
-    server = GdbServer(args.gdb, vcpus=1 if args.firmware else args.vcpus)
+    server = GdbServer(args.gdb, vcpus=1 if args.firmware or args.kernel else args.vcpus)
     print(f"kvmsys: gdb server listening on {server.address}; the guest waits for gdb",
           file=sys.stderr, flush=True)
     return server
@@ -112,8 +124,8 @@ def _gdb_server(args):
 def _cmd_run(args) -> int:
     from . import runner
     with _gdb_server(args) as gdb:
-        if args.firmware:
-            r = _run_firmware(args, gdb)
+        if args.firmware or args.kernel:
+            r = _run_pc(args, gdb)
             if args.debug_log:
                 with open(args.debug_log, "wb") as f:
                     f.write(r.debug)
@@ -147,7 +159,9 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run a built-in guest or a raw firmware image to completion")
     what = r.add_mutually_exclusive_group(required=True)
     what.add_argument("--guest", help="built-in guest name (see `kvmsys guests`)")
-    what.add_argument("--firmware", help="raw firmware image, started at the reset vector")
+    what.add_argument("--firmware", help="raw firmware image (e.g. SeaBIOS), started at the reset vector "
+                      "of a PC (see the PC options below)")
+    what.add_argument("--kernel", help="a Multiboot kernel, loaded and entered with no firmware on the same PC")
     r.add_argument("--abi", choices=("fd", "sys"), default="sys", help="which ABI drives the vCPUs")
     r.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (one thread each)")
     r.add_argument("--timeout", type=float, help="seconds before the watchdog stops it (default 10; "
@@ -156,7 +170,10 @@ def main(argv=None) -> int:
     r.add_argument("--gdb", metavar="ADDRESS",
                    help="serve gdb on HOST:PORT (port 0: any free one) or a Unix socket path; "
                         "the guest waits for gdb before its first instruction")
-    pcg = r.add_argument_group("PC firmware (--firmware)")
+    pcg = r.add_argument_group("the PC of --firmware and --kernel")
+    pcg.add_argument("--append", metavar="CMDLINE", help="--kernel: its command line")
+    pcg.add_argument("--module", action="append", metavar="FILE[,CMDLINE]",
+                     help="--kernel: a Multiboot module, with its command line (repeatable)")
     pcg.add_argument("--disk", metavar="FILE[,readonly]", help="raw disk image on the ATA primary master")
     pcg.add_argument("--serial", default="collect", metavar="stdio|file:PATH|collect",
                      help="the UART: the terminal (Ctrl-A x quits), a file, or collected and printed "
@@ -164,6 +181,7 @@ def main(argv=None) -> int:
     pcg.add_argument("--irqchip", nargs="?", const="kernel", default="kernel", choices=("kernel", "none"),
                      help="KVM's in-kernel PIC, IOAPIC, LAPIC and PIT (default), or none: a PIT in "
                           "kvmsys and no interrupts")
+    pcg.add_argument("--screen", action="store_true", help="print the VGA text page (0xB8000) when it changes")
     pcg.add_argument("--memory", type=int, default=128, metavar="MIB", help="RAM size (default 128)")
     pcg.add_argument("--no-reboot", action="store_true", help="a guest reset ends the run")
     pcg.add_argument("--until", metavar="TEXT", help="end the run once the serial or debug console shows TEXT")

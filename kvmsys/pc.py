@@ -56,7 +56,8 @@ class Pc:
         if cpus > 1 and not vm.has_irqchip:
             raise InvalidArgumentError("more than one vCPU needs the in-kernel irqchip (irqchip=True): "
                                        "firmware starts application processors through the local APIC")
-        self.vm, self.image, self.cpus, self.cpuid_hook = vm, bytes(image), cpus, cpuid
+        self.vm, self.cpus, self.cpuid_hook = vm, cpus, cpuid
+        self.image = None if image is None else bytes(image)    # None: a kernel loaded without firmware
         if map_memory:
             platform.load_firmware(vm, self.image, ram_size=ram_size)
         for call, addr in ((vm.set_tss_addr, TSS_ADDR), (vm.set_identity_map_addr, IDENTITY_MAP_ADDR)):
@@ -138,7 +139,8 @@ class Pc:
             for c in chips:
                 self.vm.set_irqchip(c)
             self.vm.set_pit2(pit)
-        platform.copy_firmware(self.vm, self.image)
+        if self.image is not None:
+            platform.copy_firmware(self.vm, self.image)
         self.resets += 1
 
     def reset_vcpu(self, vcpu) -> None:

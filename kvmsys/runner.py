@@ -200,12 +200,44 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
         raise InvalidArgumentError("vcpus must be at least 1")
     if gdb is not None and vcpus != 1:
         raise InvalidArgumentError("the gdb server debugs firmware on one vCPU")
-    deadline = float("inf") if timeout is None else time.monotonic() + timeout
     machine = Machine(abi, memory_size=memory_size, firmware=image, devices=True, irqchip=irqchip)
+    return _run_pc(machine, lambda: Pc(machine.vm, image, ram_size=memory_size, cpus=vcpus, disk=disk,
+                                       map_memory=False, disk_readonly=disk_readonly, serial_sink=serial,
+                                       cpuid=cpuid),
+                   label=label, vcpus=vcpus, timeout=timeout, no_reboot=no_reboot, on_start=on_start,
+                   until=until, gdb=gdb)
+
+
+def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), abi: str = "fd", timeout: float | None = 10.0,
+               memory_size: int = 128 << 20, label: str = "kernel", irqchip: bool = False,
+               disk: str | None = None, disk_readonly: bool = False, serial=None, cpuid=None,
+               on_start=None, until: bytes | None = None, gdb=None) -> RunResult:
+    """Boot a Multiboot (v1) kernel with no firmware (kvmsys.loaders.multiboot): RAM from 0,
+    the PC's devices, the kernel entered in 32-bit protected mode with its command line,
+    *modules* ([(bytes, command line)]) and memory map.  Other arguments as for
+    run_firmware; a guest reset ends the run (there is no firmware to restart)."""
+    from .loaders import enter_multiboot, load_multiboot
+    from .pc import Pc
+    check_abi(abi)
+    machine = Machine(abi, memory_size=memory_size, devices=True, irqchip=irqchip)
+    try:
+        entry, info = load_multiboot(machine.mem, kernel, cmdline=cmdline, modules=modules)
+    except BaseException:
+        machine.close()
+        raise
+    return _run_pc(machine, lambda: Pc(machine.vm, None, ram_size=memory_size, disk=disk, map_memory=False,
+                                       disk_readonly=disk_readonly, serial_sink=serial, cpuid=cpuid),
+                   label=label, vcpus=1, timeout=timeout, no_reboot=True, on_start=on_start, until=until,
+                   gdb=gdb, prepare=lambda vcpu: enter_multiboot(vcpu, entry, info))
+
+
+def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, until, gdb, prepare=None):
+    """Run a PC on *machine* (closed at the end) on *vcpus* threads: the part of
+    run_firmware and run_kernel that is the same.  *prepare(vcpu)* sets up vCPU 0."""
+    deadline = float("inf") if timeout is None else time.monotonic() + timeout
     pc = None
     try:
-        pc = Pc(machine.vm, image, ram_size=memory_size, cpus=vcpus, disk=disk, map_memory=False,
-                disk_readonly=disk_readonly, serial_sink=serial, cpuid=cpuid)
+        pc = make_pc()
         results: list = [None] * vcpus
         errors: list = []
         stats: list = []
@@ -218,6 +250,8 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
                 vcpu = machine.attach(i)
                 with setup_lock:
                     pc.add_vcpu(vcpu)
+                    if i == 0 and prepare is not None:
+                        prepare(vcpu)
                 ready.wait()
                 debugged, until_fn = _debugged(gdb, vcpu, machine.runner(vcpu), deadline)
                 with debugged as run:
@@ -251,7 +285,7 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
         exits = Counter()
         for s in stats:
             exits.update(s["exits"])
-        return RunResult(guest=label, abi=abi, vcpus=vcpus,
+        return RunResult(guest=label, abi=machine.abi, vcpus=vcpus,
                          status=first.status if isinstance(first, _core.StopExit) else None,
                          reason=first if isinstance(first, str) else first.name,
                          console=bytes(pc.uart.output), debug=machine.vm.console(), exits=dict(exits),

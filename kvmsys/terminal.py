@@ -1,4 +1,5 @@
-"""The host side of a guest's serial line: ``--serial stdio`` and ``--serial file:PATH``.
+"""The host side of a guest's console: ``--serial stdio``, ``--serial file:PATH`` and
+``--screen``.
 
 stdio: the UART's output goes to stdout as it comes, stdin goes to the UART.  When stdin
 is a terminal it is put in raw mode (keys reach the guest unchanged, Ctrl-C included) and
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import os
 import select
+import sys
 import threading
+
+from .errors import KvmsysError
 
 CTRL_A = 0x01
 
@@ -89,3 +93,47 @@ class Stdio:
             import termios
             termios.tcsetattr(self.inp, termios.TCSADRAIN, self._saved)
             self._saved = None
+
+
+class Screen:
+    """--screen: the VGA colour text page (80x25 at 0xB8000) printed whenever it changed,
+    looked at every *interval* seconds from a thread; only the characters, trailing
+    blanks and empty rows at the bottom left out."""
+
+    ADDR, COLS, ROWS = 0xB8000, 80, 25
+
+    def __init__(self, out=None, interval: float = 0.2) -> None:
+        self.out = out if out is not None else sys.stdout
+        self.interval = interval
+        self.last: str | None = None
+
+    @classmethod
+    def text(cls, page: bytes) -> str:
+        rows = []
+        for r in range(cls.ROWS):
+            cells = page[2 * cls.COLS * r:2 * cls.COLS * (r + 1):2]
+            rows.append(bytes(c if 0x20 <= c < 0x7F else 0x20 for c in cells).decode().rstrip())
+        while rows and not rows[-1]:
+            rows.pop()
+        return "\n".join(rows)
+
+    def show(self, vm) -> None:
+        """Print the page if it changed since the last time."""
+        try:
+            page = vm.read(self.ADDR, 2 * self.COLS * self.ROWS)
+        except KvmsysError:
+            return                              # no memory there (or the VM is gone)
+        text = self.text(page)
+        if text != self.last:
+            self.last = text
+            self.out.write(f"\n--- screen ---\n{text}\n--------------\n")
+            self.out.flush()
+
+    def attach(self, pc) -> None:
+        def watch():
+            while not pc.finished.wait(self.interval):
+                self.show(pc.vm)
+        threading.Thread(target=watch, name="screen", daemon=True).start()
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,4 @@
+"""Boot loaders that put a kernel straight into guest RAM and set up the vCPU the
+way its boot protocol says, with no firmware: Multiboot (version 1) and Linux's x86
+boot protocol."""
+from .multiboot import MultibootError, enter as enter_multiboot, load_multiboot  # noqa: F401
