@@ -211,3 +211,71 @@ def test_triple_fault_resets(tmp_path):
         pytest.skip("host: KVM's instruction emulator cannot deliver the protected-mode exception "
                     "(PVM runs this mode emulated), so the triple fault never happens")
     assert r.reason == "RESET", r.debug[-500:]
+
+
+# --- Multiboot ------------------------------------------------------------------
+MB_KERNEL = (Path(kvmsys.guests.__file__).parent / "firmware" / "multiboot.bin").read_bytes()
+INVADERS = Path("/boot/invaders.exec")
+
+
+@pytest.mark.nokvm
+@pytest.mark.skipif(not (shutil.which("as") and shutil.which("objcopy")), reason="GNU as/objcopy not on PATH")
+def test_multiboot_kernel_matches_source(tmp_path):
+    src = Path(kvmsys.guests.__file__).parent / "firmware" / "multiboot.S"
+    subprocess.run(["as", "--32", "-o", str(tmp_path / "m.o"), str(src)], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "m.o"), str(tmp_path / "m.bin")],
+                   check=True)
+    assert (tmp_path / "m.bin").read_bytes() == MB_KERNEL
+
+
+def test_multiboot_kernel_gets_its_information(abi):
+    from kvmsys.runner import run_kernel
+    r = run_kernel(MB_KERNEL, abi=abi, cmdline="console=ttyS0 quiet", memory_size=64 << 20,
+                   modules=[(b"first module", "mod1 arg"), (b"x" * 5000, "m2")])
+    assert (r.reason, r.status) == ("STOP", (2 << 1) | 1), r.debug
+    assert r.debug == (b"multiboot ok\nconsole=ttyS0 quiet\n%08x\nmod1 arg:first module\nm2:" % (63 * 1024)
+                       + b"x" * 5000 + b"\n")
+
+
+@pytest.mark.nokvm
+def test_multiboot_loader_places_everything():
+    import struct
+    from kvmsys.loaders import MultibootError, load_multiboot
+    mem = memoryview(bytearray(16 << 20))
+    entry, info = load_multiboot(mem, MB_KERNEL, cmdline="c", modules=[(b"abc", "m")])
+    flags, lower, upper = struct.unpack_from("<III", mem, info)
+    assert entry == 0x100024 and flags & 0x24D == 0x24D and (lower, upper) == (639, 15 * 1024)
+    mod_start, mod_end = struct.unpack_from("<II", mem, struct.unpack_from("<I", mem, info + 24)[0])
+    assert mod_start % 4096 == 0 and mod_start >= 0x100000 + len(MB_KERNEL) and bytes(mem[mod_start:mod_end]) == b"abc"
+    mmap_len, mmap_addr = struct.unpack_from("<II", mem, info + 44)
+    entries = [struct.unpack_from("<IQQI", mem, mmap_addr + o) for o in range(0, mmap_len, 24)]
+    assert (20, 0x100000, (15 << 20), 1) in entries
+    assert bytes(mem[0x100000:0x100000 + len(MB_KERNEL)]) == MB_KERNEL
+    with pytest.raises(MultibootError):
+        load_multiboot(mem, b"\0" * 9000)                   # no header
+    with pytest.raises(MultibootError):
+        load_multiboot(memoryview(bytearray(1 << 20)), MB_KERNEL)    # the kernel's 1 MiB is not there
+    with pytest.raises(MultibootError):
+        load_multiboot(mem, MB_KERNEL, modules=[(bytes(16 << 20), "too big")])
+
+
+def test_cli_runs_a_multiboot_kernel(tmp_path):
+    (tmp_path / "mod").write_bytes(b"module text")
+    log = tmp_path / "debug.log"
+    p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--kernel",
+                        str(Path(kvmsys.guests.__file__).parent / "firmware" / "multiboot.bin"),
+                        "--append", "root=/dev/null", "--module", f"{tmp_path / 'mod'},modarg",
+                        "--debug-log", str(log), "--abi", "fd"], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert p.returncode == 3, p.stderr                       # one module: status (1 << 1) | 1
+    assert log.read_bytes().startswith(b"multiboot ok\nroot=/dev/null\n")
+    assert b"modarg:module text\n" in log.read_bytes()
+
+
+@pytest.mark.skipif(not INVADERS.exists(), reason="env: Debian package grub-invaders is not installed")
+def test_grub_invaders_draws_its_screen(tmp_path):
+    """Debian's grub-invaders, a Multiboot ELF kernel; --screen shows its VGA text page."""
+    p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--kernel", str(INVADERS), "--screen",
+                        "--timeout", "3"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "--- screen ---" in p.stdout, p.stderr
+    assert p.stdout.count("-*-") >= 40                      # its rows of invaders
