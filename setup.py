@@ -1,18 +1,28 @@
-"""Build the Cython core (pyx/) into the kvmsys package as kvmsys._core."""
+"""Build the Cython core (pyx/) into the kvmsys package as kvmsys._core, and the
+benchmark harness's C reference loops (pyx/bench/) as kvmsys_bench._reference: a
+separate extension that shares only the C declarations, so kvmsys's own extension
+exports no reference loops and no ioctl numbers."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+
+COMMON = dict(include_dirs=["pyx"], extra_compile_args=["-O2", "-Wno-unused-function"])
 
 core = Extension(
     "kvmsys._core",
     sources=["pyx/_core.pyx"],
-    include_dirs=["pyx"],
     libraries=["rt"],  # timer_create on glibc < 2.34
-    extra_compile_args=["-O2", "-Wno-unused-function"],
+    **COMMON,
+)
+reference = Extension(
+    "kvmsys_bench._reference",
+    sources=["pyx/bench/_reference.pyx"],
+    libraries=["pthread"],
+    **COMMON,
 )
 
 setup(
     ext_modules=cythonize(
-        [core],
+        [core, reference],
         include_path=["pyx"],
         language_level=3,
         compiler_directives={"boundscheck": False, "wraparound": False, "embedsignature": True},

@@ -17,7 +17,7 @@ EXIT_MODES = ("real", "pm32", "long64")
 
 
 def suite_module(name: str):
-    return importlib.import_module(f"benchmarks.{name}")
+    return importlib.import_module(f".{name}", __package__)
 
 
 def run_suites(names, profile) -> dict:

@@ -12,6 +12,7 @@ import time
 import kvmsys
 from kvmsys import _core
 
+from . import _reference
 from .guestvm import one_vcpu
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
@@ -64,22 +65,17 @@ def run(profile) -> SuiteResult:
                               lambda: kvmsys.vm().check_extension(CAP)),
                 "sys/py": ("sys", "Python: `os.getppid()`", os.getppid),
             }
-            ioctls = getattr(_core, "IOCTLS", None) or {}
-            if "KVM_GET_MP_STATE" in ioctls and "KVM_CHECK_EXTENSION" in ioctls:
-                buf = bytearray(4)                      # struct kvm_mp_state
-                vcpu_fd, vm_fd = fdg.vcpu.fileno(), fdg.vm.fileno()
-                get_mp, check = ioctls["KVM_GET_MP_STATE"], ioctls["KVM_CHECK_EXTENSION"]
-                calls["vcpu/naive"] = ("vcpu", "naive Python: `fcntl.ioctl(fd, KVM_GET_MP_STATE, buf)`",
-                                       lambda: fcntl.ioctl(vcpu_fd, get_mp, buf))
-                calls["vm/naive"] = ("vm", "naive Python: `fcntl.ioctl(vmfd, KVM_CHECK_EXTENSION, n)`",
-                                     lambda: fcntl.ioctl(vm_fd, check, CAP))
-            else:
-                res.skipped.append("naive fcntl.ioctl rows skipped: kvmsys._core.IOCTLS does not "
-                                   "export KVM_GET_MP_STATE / KVM_CHECK_EXTENSION")
+            buf = bytearray(4)                      # struct kvm_mp_state
+            vcpu_fd, vm_fd = fdg.vcpu.fileno(), fdg.vm.fileno()
+            get_mp, check = _reference.IOCTLS["KVM_GET_MP_STATE"], _reference.IOCTLS["KVM_CHECK_EXTENSION"]
+            calls["vcpu/naive"] = ("vcpu", "naive Python: `fcntl.ioctl(fd, KVM_GET_MP_STATE, buf)`",
+                                   lambda: fcntl.ioctl(vcpu_fd, get_mp, buf))
+            calls["vm/naive"] = ("vm", "naive Python: `fcntl.ioctl(vmfd, KVM_CHECK_EXTENSION, n)`",
+                                 lambda: fcntl.ioctl(vm_fd, check, CAP))
             counts = {k: _calibrate(fn, profile.sample_ms) for k, (_o, _l, fn) in calls.items()}
 
             def reference():
-                vcpu_ns, vm_ns, sys_ns = _core.reference_ioctl_costs(fdg.vcpu, n_ref)
+                vcpu_ns, vm_ns, sys_ns = _reference.reference_ioctl_costs(vcpu_fd, vm_fd, n_ref)
                 return {"vcpu/c": vcpu_ns / n_ref, "vm/c": vm_ns / n_ref, "sys/c": sys_ns / n_ref}
 
             variants = {"c": reference}
@@ -90,7 +86,7 @@ def run(profile) -> SuiteResult:
         finally:
             sysg.close()
             fdg.close()
-    labels = {f"{op}/c": (op, "C: `_core.reference_ioctl_costs`") for op in OPS}
+    labels = {f"{op}/c": (op, "C: `reference_ioctl_costs`") for op in OPS}
     labels.update({k: (op, label) for k, (op, label, _fn) in calls.items()})
     for op in OPS:
         for key in [k for k in labels if labels[k][0] == op]:

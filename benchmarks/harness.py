@@ -6,14 +6,18 @@
 - A ratio or difference is computed per repetition from *paired* samples
   (the i-th sample of A against the i-th of B, taken moments apart) and then
   summarised the same way; it is never a ratio of two medians from different runs.
+  It carries a 95% bootstrap confidence interval of its median (resampling the
+  paired samples; seeded, so a report is reproducible from its JSON).
 - Every report carries the machine record: absolute numbers only mean
   something next to it, and are never compared across runs.
 """
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -92,12 +96,29 @@ class Stat:
     def max(self) -> float:
         return max(self.samples)
 
+    @property
+    def ci95(self) -> tuple:
+        return bootstrap_ci(self.samples)
+
     def to_json(self) -> dict:
         d = dict(unit=self.unit, samples=list(self.samples), median=self.median,
                  min=self.min, max=self.max)
         if self.derived:
             d["derived"] = dict(self.derived)
+            d["ci95"] = list(self.ci95)
         return d
+
+
+def bootstrap_ci(samples: list, level: float = 0.95, rounds: int = 2000, seed: int = 0x6B766D) -> tuple:
+    """Percentile bootstrap confidence interval of the median of *samples*."""
+    if len(samples) < 2:
+        return (samples[0], samples[0]) if samples else (math.nan, math.nan)
+    rng = random.Random(seed)
+    n = len(samples)
+    meds = sorted(statistics.median(rng.choices(samples, k=n)) for _ in range(rounds))
+    lo = meds[int((1 - level) / 2 * rounds)]
+    hi = meds[min(rounds - 1, int((1 + level) / 2 * rounds))]
+    return lo, hi
 
 
 def paired(a: list, b: list, op: str) -> list:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 
 import kvmsys
-from kvmsys import _core
 
 from kvmsys import syscall
 from kvmsys.guests import layout
 
+from . import _reference
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "lifecycle"
@@ -29,7 +29,7 @@ def run(profile) -> SuiteResult:
         def c_ref():
             vm = kvm.create_vm()
             try:
-                return _core.reference_lifecycle(vm, 0, b) / b
+                return _reference.reference_lifecycle(vm.fileno(), vm.mmap_size, 0, b) / b
             finally:
                 vm.close()
 
@@ -76,7 +76,7 @@ def run(profile) -> SuiteResult:
             samples = interleave(variants, profile.reps, profile.warmup)
             max_id = kvmsys.vm().check_extension("MAX_VCPU_ID")
     labels = {
-        "c": f"C reference: KVM_CREATE_VCPU + mmap + munmap + close (`_core.reference_lifecycle`, fresh VM per {b})",
+        "c": f"C reference: KVM_CREATE_VCPU + mmap + munmap + close (`reference_lifecycle`, fresh VM per {b})",
         "fd": f"fd ABI: `vm.create_vcpu(i)` + `close()` (fresh VM per {b})",
         "sys_recycled": "syscall ABI: `add_vcpu()` + `remove_vcpu()`, kernel vCPU recycled",
         "sys_ran": "syscall ABI: `add_vcpu()` + one state change + `remove_vcpu()` (its state is reset on release)",

@@ -27,8 +27,16 @@ def fmt_value(x: float, unit: str) -> str:
 
 
 def fmt_stat(s: dict, spread: bool = True) -> str:
-    """'median unit (min–max)' with min and max in the median's scale."""
+    """'median unit (min–max)' with min and max in the median's scale; for a ratio or
+    difference with a confidence interval, 'median unit [CI low, CI high]'."""
     unit, med, lo, hi = s["unit"], s["median"], s["min"], s["max"]
+    ci = s.get("ci95")
+    if spread and ci:
+        return _fmt(unit, med, *ci, "[{}, {}]")
+    return _fmt(unit, med, lo, hi, " ({} – {})" if spread else None)
+
+
+def _fmt(unit: str, med: float, lo: float, hi: float, around: str | None) -> str:
     if unit == "x":
         text, lo_t, hi_t = f"{_num(med)}×", _num(lo), _num(hi)
     elif unit in _SCALES:
@@ -40,8 +48,8 @@ def fmt_stat(s: dict, spread: bool = True) -> str:
             lo_t, hi_t = (f"{_num(x / scale(x)[0])} {scale(x)[1]}" for x in (lo, hi))
     else:
         text, lo_t, hi_t = _num(med), _num(lo), _num(hi)
-    if spread and (lo != hi):
-        text += f" ({lo_t} – {hi_t})"
+    if around and (lo != hi):
+        text += (" " if around.startswith("[") else "") + around.format(lo_t, hi_t)
     return text
 
 

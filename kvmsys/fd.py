@@ -11,12 +11,14 @@ in the compiled core (kvmsys._core), shared with the syscall-style ABI.
 """
 from __future__ import annotations
 
-from . import _core
+from . import _core, kvmstats, routing, state
 from .errors import CapabilityError, InvalidArgumentError
 
 __all__ = ["Kvm", "Vm", "Vcpu", "CAPABILITIES"]
 
 CAPABILITIES = _core.CAPABILITIES
+MSR_IA32_APICBASE = 0x1B
+APICBASE_X2APIC = 1 << 10       # IA32_APIC_BASE.EXTD: the local APIC is in x2APIC mode
 
 
 def cap_number(cap) -> int:
@@ -61,6 +63,26 @@ class Vm(_core.VmCore):
     def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
         return Vcpu(self, vcpu_id)
 
+    x2apic_format = False     # KVM_X2APIC_API_USE_32BIT_IDS enabled: 32-bit APIC ids in MSIs and LAPIC state
+
+    def enable_cap(self, cap, flags: int = 0, args=()) -> None:
+        """KVM_ENABLE_CAP on the VM (by number or name)."""
+        num = cap_number(cap)
+        super().enable_cap(num, flags, args)
+        if num == CAPABILITIES["X2APIC_API"] and args:
+            self.x2apic_format = bool(args[0] & _core.X2APIC_API["USE_32BIT_IDS"])
+
+    def msi_to_apic(self, apic_id: int, vector: int) -> int:
+        """KVM_SIGNAL_MSI of *vector* to local APIC *apic_id* (physical destination, fixed
+        delivery, edge).  Ids above 255 need KVM_X2APIC_API_USE_32BIT_IDS (enable_cap
+        X2APIC_API).  Returns 1 if delivered, 0 if the guest blocked it."""
+        lo, hi, data = routing.msi_message(apic_id, vector, x2apic_format=self.x2apic_format)
+        return self.signal_msi(lo, data, hi)
+
+    def kvm_stats(self, detail: bool = False) -> dict:
+        """What KVM counts for this VM (KVM_GET_STATS_FD), by name; see kvmsys.kvmstats."""
+        return kvmstats.read(self, detail)
+
     def trap_msrs(self, indices, *, read: bool = True, write: bool = True) -> None:
         """Make guest accesses to these MSRs exit to user space as MsrExit (answer them in
         Python, or with vm.add_handler(Space.MSR, ...) in C); every other MSR stays
@@ -85,3 +107,43 @@ class Vcpu(_core.VcpuCore):
     def handle(self) -> "_core.VcpuHandle":
         """A handle other threads may use to kick or interrupt this vCPU."""
         return _core.handle_of(self)
+
+    # Typed state (kvmsys.state): the kernel's bytes, with fields by name; the set_*
+    # methods take these objects or any bytes of the right size.
+    def get_fpu(self) -> state.Fpu:
+        return state.Fpu(super().get_fpu())
+
+    def get_lapic(self) -> state.Lapic:
+        return state.Lapic(super().get_lapic())
+
+    def get_vcpu_events(self) -> state.VcpuEvents:
+        return state.VcpuEvents(super().get_vcpu_events())
+
+    def get_xsave(self) -> state.Xsave:
+        return state.Xsave(super().get_xsave())
+
+    def get_xcrs(self) -> state.Xcrs:
+        return state.Xcrs(super().get_xcrs())
+
+    # --- interrupts --------------------------------------------------------
+    def x2apic_mode(self) -> bool:
+        """True if the local APIC is in x2APIC mode (IA32_APIC_BASE.EXTD)."""
+        return bool(self.get_msrs([MSR_IA32_APICBASE]).get(MSR_IA32_APICBASE, 0) & APICBASE_X2APIC)
+
+    def apic_id(self) -> int:
+        """The APIC id this vCPU has now, from its LAPIC state (in-kernel irqchip): not
+        necessarily its vCPU id (a guest may change it in xAPIC mode).  Call it from the
+        thread that runs the vCPU, or while it is not running (KVM_GET_LAPIC waits)."""
+        return self.get_lapic().apic_id(self.x2apic_mode(), self.vm.x2apic_format)
+
+    def interrupt(self, vector: int) -> None:
+        """Queue external interrupt *vector*: with the in-kernel irqchip an MSI to this
+        vCPU's current APIC id, without it KVM_INTERRUPT."""
+        if not self.vm.has_irqchip:
+            return super().interrupt(vector)
+        self.vm.msi_to_apic(self.apic_id(), vector)
+
+    def kvm_stats(self, detail: bool = False) -> dict:
+        """What KVM counts for this vCPU (KVM_GET_STATS_FD): exits, io_exits, halt_exits,
+        insn_emulation, ... by name; see kvmsys.kvmstats."""
+        return kvmstats.read(self, detail)

@@ -17,7 +17,7 @@ import threading
 
 from . import _core, platform, vcpustate
 from . import placement as _placement
-from .errors import ConfigurationError, InvalidArgumentError, VcpuBindingError
+from .errors import ConfigurationError, InvalidArgumentError, StateError, VcpuBindingError
 from .fd import Kvm, Vm, Vcpu
 
 __all__ = ["configure", "add_vcpu", "run", "remove_vcpu", "current", "handle", "vm",
@@ -25,7 +25,7 @@ __all__ = ["configure", "add_vcpu", "run", "remove_vcpu", "current", "handle", "
 
 DEFAULTS = dict(
     memory_size=16 << 20,   # guest RAM at guest-physical 0
-    irqchip=False,          # in-kernel PIC/IOAPIC/LAPIC (HLT no longer exits with it)
+    irqchip=False,          # in-kernel PIC/IOAPIC/LAPIC (HLT no longer exits with it); "split": LAPICs only
     pit=False,              # in-kernel i8254 (needs irqchip)
     pc_ports=True,          # isa-debug-exit, debugcon, serial, other ports ignored (kvmsys.platform)
     placement="float",      # vCPU threads: float, pin or balance (kvmsys.placement)
@@ -73,7 +73,9 @@ def configure(**options) -> None:
         raise InvalidArgumentError("memory_size must be a positive multiple of 4096")
     if "placement" in options:
         _placement.check_policy(options["placement"])
-    if options.get("pit") and not options.get("irqchip", _config["irqchip"]):
+    if options.get("irqchip", False) not in (False, True, "split"):
+        raise InvalidArgumentError("irqchip must be False, True or 'split'")
+    if options.get("pit") and options.get("irqchip", _config["irqchip"]) is not True:
         raise InvalidArgumentError("pit=True needs irqchip=True")
     with _lock:
         if _vm is not None:
@@ -93,7 +95,9 @@ def _create_vm() -> ProcessVm:
         _kvm = Kvm()
     v = ProcessVm(_kvm)
     try:
-        if _config["irqchip"]:
+        if _config["irqchip"] == "split":
+            v.create_split_irqchip()
+        elif _config["irqchip"]:
             v.require("IRQCHIP", "configure(irqchip=True)")
             v.create_irqchip()
             if _config["pit"]:
@@ -126,7 +130,10 @@ def _reset_for_reuse(vcpu: ThreadVcpu) -> None:
 
 
 def _release(vcpu: ThreadVcpu) -> None:
-    """Return a vCPU whose owner removed it, or whose thread ended, to the pool."""
+    """Return a vCPU whose owner removed it, or whose thread ended, to the pool.
+
+    The pool gets a new object for the kernel vCPU (renew()): the old one, its
+    comm-area views, exits and regs are dead for whoever still holds them."""
     _core.release_state(vcpu)
     with _lock:
         if _bound.get(vcpu.id) is vcpu:
@@ -136,8 +143,12 @@ def _release(vcpu: ThreadVcpu) -> None:
         vcpu.tid = vcpu.placement = None
         if vcpu.vm is not _vm or vcpu.closed or _vm_pid != os.getpid():
             return      # its VM was destroyed meanwhile, or belongs to the parent of this fork child
-        _reset_for_reuse(vcpu)
-        _pool[vcpu.id] = vcpu
+        if vcpu.active:
+            return      # a daemon thread torn down inside run() at exit: never reuse it under its loop
+        fresh = vcpu.renew()
+        fresh._initial = vcpu._initial
+        _reset_for_reuse(fresh)
+        _pool[fresh.id] = fresh
 
 
 def _place(vcpu: ThreadVcpu) -> None:
@@ -228,6 +239,10 @@ def destroy_vm() -> None:
     """Close the process VM (no vCPU may be bound); the next add_vcpu creates a fresh one."""
     global _vm
     with _lock:
+        running = sorted(v.id for v in _bound.values() if v.active)
+        if running:
+            raise StateError(f"vCPUs {running} are running (destroy_vm() from an exit handler or "
+                             "another thread): nothing is released under a running loop")
         if _bound:
             raise VcpuBindingError(f"vCPUs {sorted(_bound)} are still bound to threads: remove them first")
         if _vm is not None:
@@ -251,9 +266,19 @@ def fresh_vm(**options):
         configure(**saved)
 
 
+def _before_fork() -> None:
+    # The child gets this module's state consistent: no add/remove half done.
+    _lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _lock.release()
+
+
 def _after_fork_in_child() -> None:
-    # KVM refuses a VM from another process (EIO): the child starts with none.
-    # The inherited fds close when these objects are collected.
+    # KVM refuses a VM from another process (EIO): the child starts with none.  The
+    # parent's objects refuse every use here (StateError); their fds close when they
+    # are collected, and their mappings were never shared (MADV_DONTFORK).
     global _vm, _kvm, _lock
     _core.forget_after_fork()
     _lock = threading.Lock()
@@ -274,5 +299,6 @@ def _at_exit() -> None:
         pass
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 atexit.register(_at_exit)

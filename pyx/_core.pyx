@@ -24,8 +24,8 @@ include "vm.pyx"
 include "exits.pyx"
 include "vcpu.pyx"
 include "binding.pyx"
-include "reference.pyx"
 include "caps.pyx"
+include "kvmstats.pyx"
 
 # Constants the Python layer needs, resolved from <linux/kvm.h> at build time.
 H_KINDS = dict(PYTHON=H_PYTHON, SINK=H_SINK, CONST=H_CONST, IGNORE=H_IGNORE, EXIT=H_EXIT)
@@ -43,6 +43,11 @@ MP_STATES = dict(RUNNABLE=KVM_MP_STATE_RUNNABLE, UNINITIALIZED=KVM_MP_STATE_UNIN
                  SUSPENDED=KVM_MP_STATE_SUSPENDED)
 MSR_EXIT_REASONS = dict(INVAL=KVM_MSR_EXIT_REASON_INVAL, UNKNOWN=KVM_MSR_EXIT_REASON_UNKNOWN,
                         FILTER=KVM_MSR_EXIT_REASON_FILTER)
+X2APIC_API = dict(USE_32BIT_IDS=KVM_X2APIC_API_USE_32BIT_IDS,
+                  DISABLE_BROADCAST_QUIRK=KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK)
+IRQ_ROUTING = dict(IRQCHIP=KVM_IRQ_ROUTING_IRQCHIP, MSI=KVM_IRQ_ROUTING_MSI)
+IRQCHIPS = dict(PIC_MASTER=KVM_IRQCHIP_PIC_MASTER, PIC_SLAVE=KVM_IRQCHIP_PIC_SLAVE,
+                IOAPIC=KVM_IRQCHIP_IOAPIC)
 HYPERCALLS = dict(MAP_GPA_RANGE=KVM_HC_MAP_GPA_RANGE)
 MSR_FILTER = dict(READ=KVM_MSR_FILTER_READ, WRITE=KVM_MSR_FILTER_WRITE)
 cdef kvm_run _layout_run
@@ -50,6 +55,22 @@ KVM_RUN_LAYOUT = dict(       # offsets in struct kvm_run, from the C header
     exit_reason=<size_t>(<char *>&_layout_run.exit_reason - <char *>&_layout_run),
     exit_union=<size_t>(<char *>&_layout_run.hw - <char *>&_layout_run),
     sync_regs=<size_t>(<char *>&_layout_run.s - <char *>&_layout_run))
+cdef kvm_fpu _l_fpu
+cdef kvm_vcpu_events _l_ev
+cdef kvm_xcrs _l_xcrs
+# sizes and a few field offsets of the state structs, from the C header: kvmsys.state's
+# layouts are checked against these
+STATE_LAYOUT = dict(
+    fpu=sizeof(kvm_fpu), lapic=sizeof(kvm_lapic_state), vcpu_events=sizeof(kvm_vcpu_events),
+    xsave=sizeof(kvm_xsave), xcrs=sizeof(kvm_xcrs),
+    fpu_fcw=<size_t>(<char *>&_l_fpu.fcw - <char *>&_l_fpu),
+    fpu_last_dp=<size_t>(<char *>&_l_fpu.last_dp - <char *>&_l_fpu),
+    fpu_xmm=<size_t>(<char *>&_l_fpu.xmm - <char *>&_l_fpu),
+    fpu_mxcsr=<size_t>(<char *>&_l_fpu.mxcsr - <char *>&_l_fpu),
+    vcpu_events_sipi_vector=<size_t>(<char *>&_l_ev.sipi_vector - <char *>&_l_ev),
+    vcpu_events_smi=<size_t>(<char *>&_l_ev.smi - <char *>&_l_ev),
+    vcpu_events_exception_payload=<size_t>(<char *>&_l_ev.exception_payload - <char *>&_l_ev),
+    xcrs_xcrs=<size_t>(<char *>&_l_xcrs.xcrs - <char *>&_l_xcrs))
 MEM_FLAGS = dict(LOG_DIRTY_PAGES=KVM_MEM_LOG_DIRTY_PAGES, READONLY=KVM_MEM_READONLY)
 
 if kvmsys_install_kick_handler() != 0:

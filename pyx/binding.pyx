@@ -10,11 +10,14 @@ cdef class _Binding:
     """Lives in the owning thread's threading.local; dies with the thread."""
     cdef VcpuCore vcpu
     cdef object on_release
+    cdef unsigned long forkgen
 
     def __dealloc__(self):
         cdef VcpuCore v = self.vcpu
         global kvmsys_bound
-        if v is None:
+        if v is None or self.forkgen != kvmsys_fork_generation:
+            # A fork child clearing the parent's other threads (inside os.fork()): their
+            # vCPUs, locks and comm areas are the parent's; touch nothing.
             return
         if kvmsys_bound == <void *>v:
             kvmsys_bound = NULL
@@ -36,6 +39,7 @@ def bind(VcpuCore vcpu, on_release=None):
     cdef _Binding b = _Binding.__new__(_Binding)
     b.vcpu = vcpu
     b.on_release = on_release
+    b.forkgen = kvmsys_fork_generation
     pthread_mutex_lock(&vcpu.v.lock)
     vcpu.v.bound = 1
     vcpu.v.thread = pthread_self()
@@ -67,6 +71,9 @@ def unbind():
     if kvmsys_bound == NULL:
         raise VcpuBindingError("this thread has no vCPU: call add_vcpu() first")
     cdef VcpuCore vcpu = <VcpuCore>kvmsys_bound
+    if kvmsys_load_int(&vcpu.v.active):
+        raise StateError(f"vCPU {vcpu.id} is running (remove_vcpu() from its own exit handler "
+                         "or a call_soon callback): let run() return first")
     kvmsys_bound = NULL
     b = _local.binding
     (<_Binding>b).vcpu = None
@@ -88,10 +95,8 @@ def bound():
 
 
 def forget_after_fork():
-    """In a fork child: drop the inherited binding without touching the parent's VM."""
-    global kvmsys_bound
-    kvmsys_bound = NULL
-    kvmsys_forget_watchdog()
+    """In a fork child: drop the inherited binding without touching the parent's VM.
+    (The C at-fork handler already cleared this thread's vCPU pointer and timer.)"""
     b = getattr(_local, "binding", None)
     if b is not None:
         (<_Binding>b).vcpu = None
@@ -130,7 +135,7 @@ cdef class VcpuHandle:
 
     @property
     def alive(self):
-        return self.vcpu.v != NULL and self.vcpu.v.generation == self.generation and self.vcpu.v.fd >= 0
+        return not self.vcpu.closed and self.vcpu.v.generation == self.generation
 
     cdef int _check(self) except -1:
         if not self.alive:
@@ -139,6 +144,7 @@ cdef class VcpuHandle:
 
     cdef int _kick(self, int bits) except -1:
         cdef int rc
+        self._check()               # also: never a parent's vCPU in a fork child
         with nogil:
             rc = kick_vcpu(self.vcpu.v, self.generation, bits)
         if rc:
@@ -156,16 +162,15 @@ cdef class VcpuHandle:
         self._kick(KICK_CALLS)
 
     def interrupt(self, uint32_t vector):
-        """Request external interrupt *vector* for this vCPU.
+        """Request external interrupt *vector* for this vCPU: queued and injected by the
+        thread that runs it, at once if it is running (a kick), else at its next run().
 
-        With the in-kernel irqchip: an MSI to its local APIC (from this thread).
-        Without: queued and injected by the owning thread at its next exit."""
+        With the in-kernel irqchip that thread sends an MSI to the APIC id the vCPU has
+        then (read from its LAPIC state: a guest may change it, x2APIC ids exceed 255),
+        which only it can read: KVM_GET_LAPIC waits while the vCPU is in KVM_RUN.
+        Without: KVM_INTERRUPT."""
         require(16 <= vector < 256, "vector must be 16..255")
         self._check()
-        if self.vcpu.vm.has_irqchip:
-            # physical destination = APIC id (= vCPU id), fixed delivery, edge
-            self.vcpu.vm.signal_msi(0xFEE00000 | (self.vcpu.id << 12), vector)
-            return
         self.vcpu.pending.append(("irq", vector))
         self._kick(KICK_IRQ)
 

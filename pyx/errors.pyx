@@ -44,3 +44,11 @@ cdef bytes as_blob(object data, str what):
     if isinstance(data, int) or isinstance(data, str):
         raise InvalidArgumentError(f"{what} takes a bytes-like object, not {type(data).__name__}")
     return bytes(data)
+
+
+cdef uint32_t as_u32(object v, str what) except? 0xffffffff:
+    """*v* as an unsigned 32-bit value, or InvalidArgumentError."""
+    cdef uint64_t u = as_u64(v, what)
+    if u > 0xffffffff:
+        raise InvalidArgumentError(f"{what} {v:#x} is out of range 0..0xffffffff")
+    return <uint32_t>u

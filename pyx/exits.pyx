@@ -50,7 +50,8 @@ cdef class Exit:
     cdef readonly VcpuCore vcpu
     cdef readonly int reason
     cdef Mapping page           # keeps the comm area mapped while the exit is alive
-    cdef kvm_run *run
+    cdef kvm_run *_run
+    cdef uint64_t seq           # the vCPU's run_seq when it was made
 
     @staticmethod
     cdef Exit _new_of(type cls, VcpuCore vcpu, int reason):
@@ -58,8 +59,26 @@ cdef class Exit:
         e.vcpu = vcpu
         e.reason = reason
         e.page = vcpu.page
-        e.run = vcpu.v.run
+        e._run = vcpu.v.run
+        e.seq = vcpu.v.run_seq
         return e
+
+    cdef int check(self) except -1:
+        # Refused once the vCPU ran again or went to another owner (or process), so an
+        # old exit never shows a newer one.  A closed fd vCPU's last exit stays readable.
+        cdef VcpuCore v = self.vcpu
+        if v is None:
+            raise StateError(f"this {type(self).__name__} was not produced by run()")
+        if v.gone is not None or v.forkgen != kvmsys_fork_generation:
+            v.require_open()
+        if self.seq != v.v.run_seq:
+            raise StaleVcpuError(f"this {type(self).__name__} is stale: vCPU {v.id} ran again since; "
+                                 "read an exit before the next run()")
+        return 0
+
+    cdef inline kvm_run *cur(self) except NULL:
+        self.check()
+        return self._run
 
     @classmethod
     def _new(cls, VcpuCore vcpu, int reason):
@@ -78,46 +97,49 @@ cdef class IoExit(Exit):
 
     @property
     def port(self):
-        return self.run.io.port
+        return self.cur().io.port
 
     @property
     def size(self):
-        return self.run.io.size
+        return self.cur().io.size
 
     @property
     def count(self):
-        return self.run.io.count
+        return self.cur().io.count
 
     @property
     def is_in(self):
-        return self.run.io.direction == KVM_EXIT_IO_IN
+        return self.cur().io.direction == KVM_EXIT_IO_IN
 
     @property
     def direction(self):
-        return "in" if self.run.io.direction == KVM_EXIT_IO_IN else "out"
+        return "in" if self.cur().io.direction == KVM_EXIT_IO_IN else "out"
 
     @property
     def data(self):
         """Writable zero-copy view of the data (size * count bytes): fill it for IN."""
-        cdef uint64_t off = self.run.io.data_offset
-        cdef uint64_t n = <uint64_t>self.run.io.size * self.run.io.count
+        cdef uint64_t off = self.cur().io.data_offset
+        cdef uint64_t n = <uint64_t>self.cur().io.size * self.cur().io.count
         self.page.check_range(off, n)
         return memoryview(self.page)[off:off + n]
 
     @property
     def value(self):
         """The first element as an unsigned little-endian int."""
-        return int.from_bytes(self.data[:self.run.io.size], "little")
+        return int.from_bytes(self.data[:self.cur().io.size], "little")
 
     @value.setter
     def value(self, v):
-        cdef int size = self.run.io.size
+        cdef int size = self.cur().io.size
         v = int(v)
         require(0 <= v < (<object>1 << (8 * size)), f"{v:#x} does not fit in {size} bytes")
         self.data[:size] = v.to_bytes(size, "little")
 
     def __repr__(self):
-        return f"<IoExit {self.direction} port={self.port:#x} size={self.size} count={self.count}>"
+        try:
+            return f"<IoExit {self.direction} port={self.port:#x} size={self.size} count={self.count}>"
+        except StateError:
+            return "<IoExit (stale)>"
 
 
 cdef class MmioExit(Exit):
@@ -125,22 +147,22 @@ cdef class MmioExit(Exit):
 
     @property
     def address(self):
-        return self.run.mmio.phys_addr
+        return self.cur().mmio.phys_addr
 
     @property
     def length(self):
-        return self.run.mmio.len
+        return self.cur().mmio.len
 
     @property
     def is_write(self):
-        return bool(self.run.mmio.is_write)
+        return bool(self.cur().mmio.is_write)
 
     @property
     def data(self):
         """Writable zero-copy view of the 1..8 data bytes: fill it for a read."""
-        cdef uint32_t n = self.run.mmio.len
+        cdef uint32_t n = self.cur().mmio.len
         require(0 < n <= 8, f"invalid MMIO length {n}")
-        cdef uint64_t off = <uint64_t>(<char *>self.run.mmio.data - <char *>self.run)
+        cdef uint64_t off = <uint64_t>(<char *>self.cur().mmio.data - <char *>self.cur())
         return memoryview(self.page)[off:off + n]
 
     @property
@@ -149,13 +171,16 @@ cdef class MmioExit(Exit):
 
     @value.setter
     def value(self, v):
-        cdef int n = self.run.mmio.len
+        cdef int n = self.cur().mmio.len
         v = int(v)
         require(0 < n <= 8 and 0 <= v < (<object>1 << (8 * n)), f"{v:#x} does not fit in {n} bytes")
         self.data[:] = v.to_bytes(n, "little")
 
     def __repr__(self):
-        return f"<MmioExit {'write' if self.is_write else 'read'} address={self.address:#x} length={self.length}>"
+        try:
+            return f"<MmioExit {'write' if self.is_write else 'read'} address={self.address:#x} length={self.length}>"
+        except StateError:
+            return "<MmioExit (stale)>"
 
 
 cdef class HltExit(Exit):
@@ -175,11 +200,11 @@ cdef class FailEntryExit(Exit):
 
     @property
     def hardware_entry_failure_reason(self):
-        return self.run.fail_entry.hardware_entry_failure_reason
+        return self.cur().fail_entry.hardware_entry_failure_reason
 
     @property
     def cpu(self):
-        return self.run.fail_entry.cpu
+        return self.cur().fail_entry.cpu
 
 
 cdef class InternalErrorExit(Exit):
@@ -187,11 +212,11 @@ cdef class InternalErrorExit(Exit):
 
     @property
     def suberror(self):
-        return self.run.internal.suberror
+        return self.cur().internal.suberror
 
     @property
     def data(self):
-        return tuple(self.run.internal.data[i] for i in range(min(self.run.internal.ndata, 16)))
+        return tuple(self.cur().internal.data[i] for i in range(min(self.cur().internal.ndata, 16)))
 
 
 cdef class SystemEventExit(Exit):
@@ -200,11 +225,11 @@ cdef class SystemEventExit(Exit):
     @property
     def type(self):
         """A kvmsys.SystemEvent (a plain int if this build does not know the value)."""
-        return as_enum("SystemEvent", self.run.system_event.type)
+        return as_enum("SystemEvent", self.cur().system_event.type)
 
     @property
     def data(self):
-        return tuple(self.run.system_event.data[i] for i in range(min(self.run.system_event.ndata, 16)))
+        return tuple(self.cur().system_event.data[i] for i in range(min(self.cur().system_event.ndata, 16)))
 
 
 cdef class DebugExit(Exit):
@@ -212,19 +237,19 @@ cdef class DebugExit(Exit):
 
     @property
     def exception(self):
-        return self.run.debug.arch.exception
+        return self.cur().debug.arch.exception
 
     @property
     def pc(self):
-        return self.run.debug.arch.pc
+        return self.cur().debug.arch.pc
 
     @property
     def dr6(self):
-        return self.run.debug.arch.dr6
+        return self.cur().debug.arch.dr6
 
     @property
     def dr7(self):
-        return self.run.debug.arch.dr7
+        return self.cur().debug.arch.dr7
 
 
 cdef class MsrExit(Exit):
@@ -234,12 +259,12 @@ cdef class MsrExit(Exit):
 
     @property
     def index(self):
-        return self.run.msr.index
+        return self.cur().msr.index
 
     @property
     def msr_reason(self):
         """Why it exited: a kvmsys.MsrExitReason (INVAL, UNKNOWN or FILTER)."""
-        return as_enum("MsrExitReason", self.run.msr.reason)
+        return as_enum("MsrExitReason", self.cur().msr.reason)
 
     @property
     def is_write(self):
@@ -248,20 +273,20 @@ cdef class MsrExit(Exit):
     @property
     def data(self):
         """The value written (WRMSR), or the one rdmsr will return (RDMSR: settable)."""
-        return self.run.msr.data
+        return self.cur().msr.data
 
     @data.setter
     def data(self, v):
         require(self.reason == KVM_EXIT_X86_RDMSR, "only a RDMSR exit takes data")
-        self.run.msr.data = as_u64(v, "MSR value")
+        self.cur().msr.data = as_u64(v, "MSR value")
 
     @property
     def error(self):
-        return bool(self.run.msr.error)
+        return bool(self.cur().msr.error)
 
     @error.setter
     def error(self, bint v):
-        self.run.msr.error = 1 if v else 0
+        self.cur().msr.error = 1 if v else 0
 
     def __repr__(self):
         return (f"<MsrExit {'wrmsr' if self.is_write else 'rdmsr'} index={self.index:#x} "
@@ -274,23 +299,23 @@ cdef class HypercallExit(Exit):
 
     @property
     def nr(self):
-        return self.run.hypercall.nr
+        return self.cur().hypercall.nr
 
     @property
     def args(self):
-        return tuple(self.run.hypercall.args[i] for i in range(6))
+        return tuple(self.cur().hypercall.args[i] for i in range(6))
 
     @property
     def longmode(self):
-        return bool(self.run.hypercall.longmode & 1)
+        return bool(self.cur().hypercall.longmode & 1)
 
     @property
     def ret(self):
-        return self.run.hypercall.ret
+        return self.cur().hypercall.ret
 
     @ret.setter
     def ret(self, v):
-        self.run.hypercall.ret = as_u64(v, "hypercall return value")
+        self.cur().hypercall.ret = as_u64(v, "hypercall return value")
 
     def __repr__(self):
         return f"<HypercallExit nr={self.nr} args={self.args[:3]}>"
@@ -302,11 +327,11 @@ cdef class IrqWindowOpenExit(Exit):
 
     @property
     def ready_for_interrupt_injection(self):
-        return bool(self.run.ready_for_interrupt_injection)
+        return bool(self.cur().ready_for_interrupt_injection)
 
     @property
     def if_flag(self):
-        return bool(self.run.if_flag)
+        return bool(self.cur().if_flag)
 
 
 cdef class IoapicEoiExit(Exit):
@@ -315,7 +340,7 @@ cdef class IoapicEoiExit(Exit):
 
     @property
     def vector(self):
-        return self.run.eoi.vector
+        return self.cur().eoi.vector
 
     def __repr__(self):
         return f"<IoapicEoiExit vector={self.vector:#x}>"
@@ -327,11 +352,11 @@ cdef class NotifyExit(Exit):
 
     @property
     def flags(self):
-        return self.run.notify.flags
+        return self.cur().notify.flags
 
     @property
     def context_invalid(self):
-        return bool(self.run.notify.flags & KVM_NOTIFY_CONTEXT_INVALID)
+        return bool(self.cur().notify.flags & KVM_NOTIFY_CONTEXT_INVALID)
 
 
 cdef class BusLockExit(Exit):
@@ -344,19 +369,19 @@ cdef class MemoryFaultExit(Exit):
 
     @property
     def flags(self):
-        return kvmsys_run_memory_fault(self.run).flags
+        return kvmsys_run_memory_fault(self.cur()).flags
 
     @property
     def gpa(self):
-        return kvmsys_run_memory_fault(self.run).gpa
+        return kvmsys_run_memory_fault(self.cur()).gpa
 
     @property
     def size(self):
-        return kvmsys_run_memory_fault(self.run).size
+        return kvmsys_run_memory_fault(self.cur()).size
 
     @property
     def private(self):
-        return bool(kvmsys_run_memory_fault(self.run).flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
+        return bool(kvmsys_run_memory_fault(self.cur()).flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
 
     def __repr__(self):
         return f"<MemoryFaultExit gpa={self.gpa:#x} size={self.size:#x}>"
@@ -415,7 +440,8 @@ cdef Exit make_exit(VcpuCore vcpu):
     e.vcpu = vcpu
     e.reason = reason
     e.page = vcpu.page
-    e.run = vcpu.v.run
+    e._run = vcpu.v.run
+    e.seq = vcpu.v.run_seq
     return e
 
 
@@ -423,76 +449,79 @@ cdef class SyncRegs:
     """General registers in the comm area (KVM_CAP_SYNC_REGS).  Reads cost no ioctl;
     a write marks them dirty so the kernel loads them on the next KVM_RUN."""
     cdef VcpuCore vcpu
-    cdef Mapping page
-    cdef kvm_regs *r
-    cdef kvm_run *run
 
     @staticmethod
     cdef SyncRegs _new(VcpuCore vcpu):
         cdef SyncRegs s = SyncRegs.__new__(SyncRegs)
         s.vcpu = vcpu
-        s.page = vcpu.page
-        s.run = vcpu.v.run
-        s.r = &vcpu.v.run.s.regs.regs
         return s
 
-    cdef inline void dirty(self):
-        self.run.kvm_dirty_regs |= KVM_SYNC_X86_REGS
+    cdef inline kvm_regs *p(self) except NULL:
+        # Checked on every access: regs of a vCPU handed to another owner are dead.
+        if self.vcpu is None:
+            raise StateError("these registers were not obtained from a vCPU")
+        self.vcpu.require_open()
+        return &self.vcpu.v.run.s.regs.regs
+
+    cdef inline int dirty(self) except -1:
+        self.vcpu.v.run.kvm_dirty_regs |= KVM_SYNC_X86_REGS
+        self.vcpu._touched = 1          # a write here changes the vCPU like set_regs() does
+        return 0
 
     def as_dict(self):
-        return self.r[0]
+        return self.p()[0]
 
     property rax:
-        def __get__(self): return self.r.rax
-        def __set__(self, uint64_t v): self.r.rax = v; self.dirty()
+        def __get__(self): return self.p().rax
+        def __set__(self, uint64_t v): self.p().rax = v; self.dirty()
     property rbx:
-        def __get__(self): return self.r.rbx
-        def __set__(self, uint64_t v): self.r.rbx = v; self.dirty()
+        def __get__(self): return self.p().rbx
+        def __set__(self, uint64_t v): self.p().rbx = v; self.dirty()
     property rcx:
-        def __get__(self): return self.r.rcx
-        def __set__(self, uint64_t v): self.r.rcx = v; self.dirty()
+        def __get__(self): return self.p().rcx
+        def __set__(self, uint64_t v): self.p().rcx = v; self.dirty()
     property rdx:
-        def __get__(self): return self.r.rdx
-        def __set__(self, uint64_t v): self.r.rdx = v; self.dirty()
+        def __get__(self): return self.p().rdx
+        def __set__(self, uint64_t v): self.p().rdx = v; self.dirty()
     property rsi:
-        def __get__(self): return self.r.rsi
-        def __set__(self, uint64_t v): self.r.rsi = v; self.dirty()
+        def __get__(self): return self.p().rsi
+        def __set__(self, uint64_t v): self.p().rsi = v; self.dirty()
     property rdi:
-        def __get__(self): return self.r.rdi
-        def __set__(self, uint64_t v): self.r.rdi = v; self.dirty()
+        def __get__(self): return self.p().rdi
+        def __set__(self, uint64_t v): self.p().rdi = v; self.dirty()
     property rsp:
-        def __get__(self): return self.r.rsp
-        def __set__(self, uint64_t v): self.r.rsp = v; self.dirty()
+        def __get__(self): return self.p().rsp
+        def __set__(self, uint64_t v): self.p().rsp = v; self.dirty()
     property rbp:
-        def __get__(self): return self.r.rbp
-        def __set__(self, uint64_t v): self.r.rbp = v; self.dirty()
+        def __get__(self): return self.p().rbp
+        def __set__(self, uint64_t v): self.p().rbp = v; self.dirty()
     property r8:
-        def __get__(self): return self.r.r8
-        def __set__(self, uint64_t v): self.r.r8 = v; self.dirty()
+        def __get__(self): return self.p().r8
+        def __set__(self, uint64_t v): self.p().r8 = v; self.dirty()
     property r9:
-        def __get__(self): return self.r.r9
-        def __set__(self, uint64_t v): self.r.r9 = v; self.dirty()
+        def __get__(self): return self.p().r9
+        def __set__(self, uint64_t v): self.p().r9 = v; self.dirty()
     property r10:
-        def __get__(self): return self.r.r10
-        def __set__(self, uint64_t v): self.r.r10 = v; self.dirty()
+        def __get__(self): return self.p().r10
+        def __set__(self, uint64_t v): self.p().r10 = v; self.dirty()
     property r11:
-        def __get__(self): return self.r.r11
-        def __set__(self, uint64_t v): self.r.r11 = v; self.dirty()
+        def __get__(self): return self.p().r11
+        def __set__(self, uint64_t v): self.p().r11 = v; self.dirty()
     property r12:
-        def __get__(self): return self.r.r12
-        def __set__(self, uint64_t v): self.r.r12 = v; self.dirty()
+        def __get__(self): return self.p().r12
+        def __set__(self, uint64_t v): self.p().r12 = v; self.dirty()
     property r13:
-        def __get__(self): return self.r.r13
-        def __set__(self, uint64_t v): self.r.r13 = v; self.dirty()
+        def __get__(self): return self.p().r13
+        def __set__(self, uint64_t v): self.p().r13 = v; self.dirty()
     property r14:
-        def __get__(self): return self.r.r14
-        def __set__(self, uint64_t v): self.r.r14 = v; self.dirty()
+        def __get__(self): return self.p().r14
+        def __set__(self, uint64_t v): self.p().r14 = v; self.dirty()
     property r15:
-        def __get__(self): return self.r.r15
-        def __set__(self, uint64_t v): self.r.r15 = v; self.dirty()
+        def __get__(self): return self.p().r15
+        def __set__(self, uint64_t v): self.p().r15 = v; self.dirty()
     property rip:
-        def __get__(self): return self.r.rip
-        def __set__(self, uint64_t v): self.r.rip = v; self.dirty()
+        def __get__(self): return self.p().rip
+        def __set__(self, uint64_t v): self.p().rip = v; self.dirty()
     property rflags:
-        def __get__(self): return self.r.rflags
-        def __set__(self, uint64_t v): self.r.rflags = v; self.dirty()
+        def __get__(self): return self.p().rflags
+        def __set__(self, uint64_t v): self.p().rflags = v; self.dirty()

@@ -8,9 +8,11 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <linux/kvm.h>
 
@@ -142,15 +144,93 @@ static int kvmsys_arm_watchdog(uint64_t deadline_ns) {
     return timer_settime(kvmsys_timer, TIMER_ABSTIME, &its, NULL);
 }
 
-/* In a fork child: POSIX timers are not inherited, so forget this thread's. */
-static void kvmsys_forget_watchdog(void) { kvmsys_timer_ok = 0; }
-
 static int kvmsys_disarm_watchdog(void) {
     struct itimerspec its;
     if (!kvmsys_timer_ok)
         return 0;
     memset(&its, 0, sizeof its);
     return timer_settime(kvmsys_timer, 0, &its, NULL);
+}
+
+/* fork.  Every region kvmsys maps (guest RAM, vCPU comm areas with their rings)
+ * is MADV_DONTFORK and listed here: in a fork child, before any Python code runs
+ * (CPython clears the other threads' states, and with them their vCPU bindings,
+ * inside os.fork()), each is replaced by private zero memory at the same address.
+ * So the child can never read or write the parent's comm areas or guest RAM (a
+ * view it still holds reads zeros instead of faulting), and the address stays
+ * reserved until its owner unmaps it.  kvmsys_fork_generation changes in every
+ * child: objects stamped with an older one belong to an ancestor process. */
+typedef struct kvmsys_region {
+    void *addr;
+    size_t size;
+    struct kvmsys_region *prev, *next;
+} kvmsys_region_t;
+
+static kvmsys_region_t kvmsys_regions = {NULL, 0, &kvmsys_regions, &kvmsys_regions};
+static pthread_mutex_t kvmsys_regions_lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned long kvmsys_fork_generation = 1;
+static unsigned long kvmsys_main_ident;      /* the thread CPython treats as main */
+
+/* Replace [addr, addr+size) by private zero memory in place (no fault, no sharing). */
+static int kvmsys_detach_region(void *addr, size_t size) {
+    void *p = mmap(addr, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? -1 : 0;
+}
+
+static void kvmsys_atfork_prepare(void) { pthread_mutex_lock(&kvmsys_regions_lock); }
+static void kvmsys_atfork_parent(void) { pthread_mutex_unlock(&kvmsys_regions_lock); }
+
+static void kvmsys_atfork_child(void) {
+    kvmsys_region_t *r;
+    pthread_mutex_init(&kvmsys_regions_lock, NULL);
+    for (r = kvmsys_regions.next; r != &kvmsys_regions; r = r->next)
+        kvmsys_detach_region(r->addr, r->size);
+    kvmsys_fork_generation++;
+    /* Only the forking thread exists here: it is the child's main thread (CPython
+     * makes it so), it runs no vCPU and has no watchdog timer (not inherited). */
+    kvmsys_main_ident = (unsigned long)pthread_self();
+    kvmsys_bound = NULL;
+    kvmsys_running = NULL;
+    kvmsys_timer_ok = 0;
+}
+
+static pthread_once_t kvmsys_atfork_once = PTHREAD_ONCE_INIT;
+static void kvmsys_atfork_register(void) {
+    pthread_atfork(kvmsys_atfork_prepare, kvmsys_atfork_parent, kvmsys_atfork_child);
+}
+
+/* Track a region kvmsys mapped and keep it out of fork children.  NULL on failure.
+ * The at-fork handlers are installed with the first region (not at import). */
+static kvmsys_region_t *kvmsys_region_add(void *addr, size_t size) {
+    kvmsys_region_t *r = (kvmsys_region_t *)calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    if (madvise(addr, size, MADV_DONTFORK) != 0) {
+        free(r);
+        return NULL;
+    }
+    pthread_once(&kvmsys_atfork_once, kvmsys_atfork_register);
+    r->addr = addr;
+    r->size = size;
+    pthread_mutex_lock(&kvmsys_regions_lock);
+    r->next = &kvmsys_regions;
+    r->prev = kvmsys_regions.prev;
+    kvmsys_regions.prev->next = r;
+    kvmsys_regions.prev = r;
+    pthread_mutex_unlock(&kvmsys_regions_lock);
+    return r;
+}
+
+/* Forget a region (its owner unmaps it right after). */
+static void kvmsys_region_remove(kvmsys_region_t *r) {
+    if (!r)
+        return;
+    pthread_mutex_lock(&kvmsys_regions_lock);
+    r->prev->next = r->next;
+    r->next->prev = r->prev;
+    pthread_mutex_unlock(&kvmsys_regions_lock);
+    free(r);
 }
 
 #endif

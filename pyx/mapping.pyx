@@ -7,25 +7,52 @@ cdef class Mapping:
 
     memoryview(mapping) is zero-copy.  The region is unmapped once: when its
     owner releases it and no memoryview of it is left (a view keeps it alive).
+    A fork child never shares it (see kvmsys_native.h), and revoke() cuts it
+    off from what it mapped (the comm area of a vCPU its owner removed).
     """
-    # One mmap'd region (guest RAM or a vCPU's kvm_run page).  It is unmapped
-    # exactly once, when the last reference (owner or exported memoryview) goes.
     cdef uint8_t *addr
     cdef size_t size
     cdef int exports
     cdef readonly str what
+    cdef kvmsys_region_t *region
+    cdef unsigned long forkgen     # the process that mapped it (kvmsys_fork_generation)
+    cdef str revoked               # why it no longer shows what it mapped, or None
 
     @staticmethod
     cdef Mapping wrap(void *addr, size_t size, str what):
+        """Take ownership of [addr, +size); on failure it is unmapped and the error raised."""
         cdef Mapping m = Mapping.__new__(Mapping)
+        m.region = kvmsys_region_add(addr, size)
+        if m.region == NULL:
+            err = errno
+            munmap(addr, size)
+            raise_os(err, "madvise(MADV_DONTFORK)")
         m.addr = <uint8_t *>addr
         m.size = size
         m.what = what
+        m.forkgen = kvmsys_fork_generation
         return m
 
-    def __getbuffer__(self, Py_buffer *buf, int flags):
+    cdef int check_usable(self) except -1:
         if self.addr == NULL:
             raise StateError(f"{self.what} is closed")
+        if self.forkgen != kvmsys_fork_generation:
+            raise StateError(f"{self.what} belongs to the parent process (this is a fork child)")
+        if self.revoked is not None:
+            raise StaleVcpuError(f"{self.what} {self.revoked}")
+        return 0
+
+    cdef int revoke(self, str why) except -1:
+        """Replace the region by private zero memory: views of it (and of its slices) no
+        longer see or change what it mapped.  It stays reserved until unmapped."""
+        if self.addr != NULL and self.revoked is None:
+            if kvmsys_detach_region(self.addr, self.size) != 0:
+                raise_os(errno, "mmap(MAP_FIXED)")
+            self.revoked = why
+        return 0
+
+    def __getbuffer__(self, Py_buffer *buf, int flags):
+        self.check_usable()
         PyBuffer_FillInfo(buf, self, self.addr, self.size, 0, flags)
         self.exports += 1
 
@@ -41,8 +68,7 @@ cdef class Mapping:
         return <size_t>self.addr
 
     cdef int check_range(self, uint64_t offset, uint64_t length) except -1:
-        if self.addr == NULL:
-            raise StateError(f"{self.what} is closed")
+        self.check_usable()
         if offset > self.size or length > self.size - offset:
             raise InvalidArgumentError(
                 f"range [{offset:#x}, {offset + length:#x}) is outside {self.what} of {self.size:#x} bytes")
@@ -50,5 +76,6 @@ cdef class Mapping:
 
     def __dealloc__(self):
         if self.addr != NULL:
+            kvmsys_region_remove(self.region)
             munmap(self.addr, self.size)
             self.addr = NULL

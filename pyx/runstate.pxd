@@ -74,6 +74,7 @@ cdef struct vcpustate_t:
     int bound                    # owned by one thread (syscall ABI): no locking on run
     pthread_t thread
     uint64_t generation
+    uint64_t run_seq             # bumped before every KVM_RUN: exits of earlier runs are stale
     int64_t budget_left          # < 0: unlimited
     uint64_t deadline_ns         # 0: none
     int poll_signals             # main thread: come back every few ms to check signals

@@ -2,9 +2,10 @@
 from cpython.exc cimport PyErr_CheckSignals
 from libc.string cimport memcpy
 import threading as _threading
+import weakref as _weakref
 from cpython.pythread cimport PyThread_get_thread_ident
 
-cdef unsigned long _main_ident = _threading.main_thread().ident
+kvmsys_main_ident = _threading.main_thread().ident     # a fork child's is its forking thread
 
 _REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
                         "r11", "r12", "r13", "r14", "r15", "rip", "rflags"))
@@ -13,7 +14,9 @@ _CPUID_KEYS = frozenset(("function", "index", "flags", "eax", "ebx", "ecx", "edx
 
 cdef class VcpuCore:
     """A KVM vCPU fd and its comm area (struct kvm_run, mapped zero-copy)."""
-    # A vCPU fd, its comm area (the mmap'd kvm_run page) and its run state.
+    # A vCPU fd, its comm area (the mmap'd kvm_run page) and its run state.  The
+    # kernel vCPU (v) outlives this object when renew() hands it to a new one:
+    # this one is then stale, and keeps its successor (the owner of v) alive.
     cdef vcpustate_t *v
     cdef readonly VmCore vm
     cdef readonly int id
@@ -22,9 +25,19 @@ cdef class VcpuCore:
     cdef int debug_enabled
     cdef int _touched            # ran or had state set: a recycled vCPU must be reset
     cdef readonly list pending   # (fn, args) calls and ("irq"|"nmi", vector) requests from handles
+    cdef bint owner              # this object frees v
+    cdef str gone                # why this object no longer reaches its vCPU, or None
+    cdef object successor
+    cdef unsigned long forkgen   # the process that created it
+    cdef list views              # weak references to the comm-area views it handed out
     cdef object __weakref__
 
-    def __cinit__(self, VmCore vm, vcpu_id_):
+    def __cinit__(self, *args, **kwargs):
+        self.forkgen = kvmsys_fork_generation
+
+    def __init__(self, VmCore vm, vcpu_id_):
+        if self.v != NULL:
+            raise StateError(f"vCPU {self.id} is already initialized")
         vm.require_open()
         cdef int vcpu_id = as_int(vcpu_id_, "vCPU id", 0, 0x7fffffff)
         if not vm.check_extension(KVM_CAP_IMMEDIATE_EXIT):
@@ -39,33 +52,77 @@ cdef class VcpuCore:
         self.v = <vcpustate_t *>calloc(1, sizeof(vcpustate_t))
         if self.v == NULL:
             raise MemoryError()
+        self.owner = 1
         self.v.fd = -1
         self.v.budget_left = -1
         pthread_mutex_init(&self.v.lock, NULL)
-        cdef int fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vcpu_id), "KVM_CREATE_VCPU")
-        cdef void *addr = mmap(NULL, vm.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-        if addr == MAP_FAILED:
-            err = errno
-            close(fd)
-            raise_os(err, "mmap(kvm_run)")
-        self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {vcpu_id} comm area")
-        self.v.fd = fd
-        self.v.run = <kvm_run *>addr
-        self.v.run_size = vm.mmap_size
+        self.v.fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vcpu_id), "KVM_CREATE_VCPU")
         self.v.vm = vm.state
         self.v.generation = 1
         self.pending = []
-        cdef long page = sysconf(_SC_PAGESIZE)
-        if vm.check_extension(KVM_CAP_COALESCED_MMIO) > 0 and \
-                (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * page <= <long>vm.mmap_size:
-            self.v.ring = <kvm_coalesced_mmio_ring *>(<char *>addr + KVM_COALESCED_MMIO_PAGE_OFFSET * page)
-            self.v.ring_max = (page - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
+        self.views = []
+        self.map_comm_area()
         if vm.has_sync_regs:
             self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
         vm.vcpu_ids.add(vcpu_id)
         vm.vcpus.add(self)
 
+    cdef int map_comm_area(self) except -1:
+        # (Re)map the vCPU's kvm_run page (+ the coalesced ring) at a new address.
+        cdef VmCore vm = self.vm
+        cdef void *addr = mmap(NULL, vm.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, self.v.fd, 0)
+        if addr == MAP_FAILED:
+            raise_os(errno, "mmap(kvm_run)")
+        self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {self.id} comm area")
+        self.v.run = <kvm_run *>addr
+        self.v.run_size = vm.mmap_size
+        cdef long page = sysconf(_SC_PAGESIZE)
+        if vm.check_extension(KVM_CAP_COALESCED_MMIO) > 0 and \
+                (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * page <= <long>vm.mmap_size:
+            self.v.ring = <kvm_coalesced_mmio_ring *>(<char *>addr + KVM_COALESCED_MMIO_PAGE_OFFSET * page)
+            self.v.ring_max = (page - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
+        return 0
+
+    def renew(self):
+        """Hand this kernel vCPU to a new object, which is returned; this one goes stale.
+
+        Afterwards every use of this object, of its exits and of its regs raises
+        StaleVcpuError, and its comm-area views are released (slices of them read
+        private zeros): nothing done through them reaches the vCPU or its next owner."""
+        self.require_open()
+        self.claim("hand it on")
+        cdef VcpuCore n
+        cdef Mapping old = self.page
+        try:
+            n = type(self).__new__(type(self))
+            n.v, n.vm, n.id, n.forkgen = self.v, self.vm, self.id, self.forkgen
+            n.synced, n.debug_enabled, n._touched = self.synced, self.debug_enabled, self._touched
+            n.pending, n.views = [], []
+            n.map_comm_area()
+            old.revoke("belongs to a vCPU that was removed (or whose thread ended)")
+        finally:
+            kvmsys_store_int(&self.v.active, 0)
+        for ref in self.views:
+            view = ref()
+            if view is not None:
+                try:
+                    view.release()
+                except BufferError:
+                    pass            # something exported from it: it reads the zeros now
+        self.views = []
+        self.owner, n.owner = 0, 1
+        self.gone = "was removed (or its thread ended)"
+        self.successor = n
+        self.page = None
+        self.vm.vcpus.discard(self)
+        self.vm.vcpus.add(n)
+        return n
+
     cdef int require_open(self) except -1:
+        if self.gone is not None:
+            raise StaleVcpuError(f"this vCPU {self.id} object {self.gone}: use the new owner's current()")
+        if self.forkgen != kvmsys_fork_generation:
+            raise StateError(f"vCPU {self.id} belongs to the parent process (this is a fork child)")
         if self.v == NULL or self.v.fd < 0:
             raise StateError(f"vCPU {self.id} is closed")
         return 0
@@ -91,7 +148,12 @@ cdef class VcpuCore:
 
     @property
     def closed(self):
-        return self.v == NULL or self.v.fd < 0
+        return self.v == NULL or self.v.fd < 0 or self.gone is not None or self.forkgen != kvmsys_fork_generation
+
+    @property
+    def stale(self):
+        """True once this object was handed on (remove_vcpu(), thread end): StaleVcpuError on use."""
+        return self.gone is not None
 
     @property
     def active(self):
@@ -102,7 +164,10 @@ cdef class VcpuCore:
     def comm_area(self):
         """Writable zero-copy memoryview of the whole vCPU mapping (kvm_run first)."""
         self.require_open()
-        return memoryview(self.page)
+        view = memoryview(self.page)
+        self.views = [r for r in self.views if r() is not None]
+        self.views.append(_weakref.ref(view))
+        return view
 
     # --- running -----------------------------------------------------------
     cdef Exit run_once(self, int64_t budget, double timeout):
@@ -128,8 +193,9 @@ cdef class VcpuCore:
                 v.deadline_ns = kvmsys_now_ns() + <uint64_t>(timeout * 1e9)
                 if kvmsys_arm_watchdog(v.deadline_ns) != 0:
                     raise_os(errno, "timer_settime(watchdog)")
-            v.poll_signals = PyThread_get_thread_ident() == _main_ident   # only it runs signal handlers
+            v.poll_signals = PyThread_get_thread_ident() == kvmsys_main_ident   # only it runs signal handlers
             while True:
+                v.run_seq += 1              # exits of the previous KVM_RUN go stale
                 with nogil:
                     res = run_loop(v)
                 self.synced = 1
@@ -405,11 +471,22 @@ cdef class VcpuCore:
     def set_vcpu_events(self, data):
         self.set_blob(KVM_SET_VCPU_EVENTS, data, sizeof(kvm_vcpu_events), "KVM_SET_VCPU_EVENTS")
 
+    @property
+    def xsave_size(self):
+        """Bytes of this vCPU's XSAVE state: KVM_CAP_XSAVE2's value on the VM (AMX-capable
+        hosts report more than 4 KiB), else sizeof(struct kvm_xsave)."""
+        cdef long n = self.vm.check_extension(KVM_CAP_XSAVE2)
+        return n if n > <long>sizeof(kvm_xsave) else sizeof(kvm_xsave)
+
     def get_xsave(self):
+        """KVM_GET_XSAVE2 (xsave_size bytes) where KVM_CAP_XSAVE2 exists, else KVM_GET_XSAVE."""
+        if self.vm.check_extension(KVM_CAP_XSAVE2) > 0:
+            return self.get_blob(KVM_GET_XSAVE2, self.xsave_size, "KVM_GET_XSAVE2")
         return self.get_blob(KVM_GET_XSAVE, sizeof(kvm_xsave), "KVM_GET_XSAVE")
 
     def set_xsave(self, data):
-        self.set_blob(KVM_SET_XSAVE, data, sizeof(kvm_xsave), "KVM_SET_XSAVE")
+        """KVM_SET_XSAVE from get_xsave()'s bytes (the kernel reads xsave_size of them)."""
+        self.set_blob(KVM_SET_XSAVE, data, self.xsave_size, "KVM_SET_XSAVE")
 
     def get_xcrs(self):
         return self.get_blob(KVM_GET_XCRS, sizeof(kvm_xcrs), "KVM_GET_XCRS")
@@ -457,7 +534,8 @@ cdef class VcpuCore:
                     writeable=bool(t.writeable), usermode=bool(t.usermode))
 
     def interrupt(self, uint32_t vector):
-        """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip)."""
+        """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip;
+        kvmsys.Vcpu.interrupt sends an MSI to the vCPU's APIC where there is one)."""
         require(vector < 256, "vector must be 0..255")
         require(not self.vm.has_irqchip, "with the in-kernel irqchip use irq_line or signal_msi")
         cdef kvm_interrupt i
@@ -491,13 +569,32 @@ cdef class VcpuCore:
     def close(self):
         """Close the vCPU fd (the comm area is unmapped once no view of it is left).
 
-        KVM keeps a vCPU until its VM is destroyed, so its id stays taken in this VM."""
+        KVM keeps a vCPU until its VM is destroyed, so its id stays taken in this VM.
+        Refused (StateError) while the vCPU is inside run(), from any thread."""
+        if self.gone is not None:
+            self.require_open()                 # StaleVcpuError: it is somebody else's now
         if self.v == NULL or self.v.fd < 0:
+            return
+        if self.forkgen != kvmsys_fork_generation:
+            # A fork child's copy of the parent's vCPU: its locks and flags are a snapshot
+            # of other threads; closing our fd touches nothing of the parent's.
+            close(self.v.fd)
+            self.v.fd = -1
+            self.page = None
             return
         # Claim the vCPU as run() does, so a run() starting in another thread now
         # fails cleanly instead of entering KVM_RUN on a closing vCPU; keep the claim.
+        self.claim("close it")
+        self.close_claimed()
+
+    cdef int claim(self, str what) except -1:
+        """Mark the vCPU busy as run() does: StateError if it is inside run() (any thread)."""
         if kvmsys_xchg_int(&self.v.active, 1):
-            raise StateError(f"vCPU {self.id} is running; kick it and let run() return first")
+            raise StateError(f"vCPU {self.id} is running (inside run(), from its own handler or another thread): "
+                             f"cannot {what} now; let run() return first")
+        return 0
+
+    cdef void close_claimed(self):
         pthread_mutex_lock(&self.v.lock)
         close(self.v.fd)
         self.v.fd = -1
@@ -514,9 +611,9 @@ cdef class VcpuCore:
         self.close()
 
     def __dealloc__(self):
-        if self.v != NULL:
+        if self.v != NULL and self.owner:
             if self.v.fd >= 0:
                 close(self.v.fd)
             pthread_mutex_destroy(&self.v.lock)
             free(self.v)
-            self.v = NULL
+        self.v = NULL

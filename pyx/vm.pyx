@@ -32,13 +32,16 @@ cdef class VmCore:
     cdef list py_handlers           # handler index -> callable or None
     cdef public object default_handler
     cdef readonly int has_irqchip
+    cdef readonly int split_irqchip     # local APICs in the kernel, PIC/IOAPIC in user space
     cdef readonly int has_sync_regs
     cdef readonly set vcpu_ids
     cdef object vcpus               # WeakSet of live VcpuCore, closed with the VM
+    cdef unsigned long forkgen      # the process that created it
     cdef object __weakref__
 
     def __cinit__(self, KvmCore kvm, unsigned long vm_type=0):
         self.fd = -1
+        self.forkgen = kvmsys_fork_generation
         kvm.require_open()
         self.kvm = kvm
         self.slots = {}
@@ -56,6 +59,8 @@ cdef class VmCore:
         self.has_sync_regs = self.check_extension(KVM_CAP_SYNC_REGS) & KVM_SYNC_X86_REGS != 0
 
     cdef int require_open(self) except -1:
+        if self.forkgen != kvmsys_fork_generation:
+            raise StateError("this VM belongs to the parent process (this is a fork child)")
         if self.fd < 0:
             raise StateError("the VM is closed")
         return 0
@@ -232,6 +237,76 @@ cdef class VmCore:
         l.level = level
         self.vm_ioctl(KVM_IRQ_LINE, &l, "KVM_IRQ_LINE")
 
+    def create_split_irqchip(self, uint32_t ioapic_pins=24):
+        """KVM_CAP_SPLIT_IRQCHIP: local APICs in the kernel, PIC and IOAPIC in user space;
+        GSIs below *ioapic_pins* are the user-space IOAPIC's (their routes are MSIs, and a
+        guest's EOI of a level-triggered one exits as IOAPIC_EOI).  Before any vCPU."""
+        require(not self.vcpu_ids, "the split irqchip must be enabled before the first vCPU")
+        require(not self.has_irqchip, "the VM already has an irqchip")
+        require(ioapic_pins <= KVM_IOAPIC_NUM_PINS * 16, f"{ioapic_pins} IOAPIC pins is too many")
+        if not self.check_extension(KVM_CAP_SPLIT_IRQCHIP):
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError("SPLIT_IRQCHIP", "a split irqchip")
+        cdef kvm_enable_cap c
+        memset(&c, 0, sizeof(c))
+        c.cap = KVM_CAP_SPLIT_IRQCHIP
+        c.args[0] = ioapic_pins
+        self.vm_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP(SPLIT_IRQCHIP)")
+        self.has_irqchip = 1
+        self.split_irqchip = 1
+
+    def irq_line_status(self, uint32_t irq, int level):
+        """KVM_IRQ_LINE_STATUS: like irq_line, and returns the kernel's status: > 0 delivered
+        (to that many CPUs), 0 masked or coalesced, < 0 an error."""
+        require(self.has_irqchip, "irq_line_status needs an in-kernel irqchip")
+        require(level in (0, 1), "level must be 0 or 1")
+        require(irq < 4096, f"irq {irq} is out of range")
+        cdef kvm_irq_level l
+        memset(&l, 0, sizeof(l))
+        l.irq = irq
+        l.level = level
+        self.vm_ioctl(KVM_IRQ_LINE_STATUS, &l, "KVM_IRQ_LINE_STATUS")
+        return <int32_t>l.irq          # the union's `status` member, written back
+
+    def set_gsi_routing(self, routes):
+        """KVM_SET_GSI_ROUTING: the whole table at once, replacing the default one.  Each
+        route is (gsi, KVM_IRQ_ROUTING_IRQCHIP, irqchip, pin) or (gsi,
+        KVM_IRQ_ROUTING_MSI, address_lo, address_hi, data[, devid]); see kvmsys.routing."""
+        require(self.has_irqchip, "GSI routing needs an in-kernel irqchip")
+        cdef list rs = list(routes)
+        cdef long limit = self.check_extension(KVM_CAP_IRQ_ROUTING)
+        require(len(rs) <= limit, f"at most {limit} GSI routes, got {len(rs)}")
+        cdef kvm_irq_routing *t = <kvm_irq_routing *>calloc(1, sizeof(kvm_irq_routing) +
+                                                            max(len(rs), 1) * sizeof(kvm_irq_routing_entry))
+        if t == NULL:
+            raise MemoryError()
+        cdef kvm_irq_routing_entry *e = <kvm_irq_routing_entry *>(<char *>t + sizeof(kvm_irq_routing))
+        try:
+            t.nr = len(rs)
+            for i, r in enumerate(rs):
+                require(isinstance(r, tuple) and len(r) >= 2, f"route {i} must be a tuple (gsi, type, ...)")
+                e[i].gsi = as_int(r[0], f"route {i} GSI", 0, limit - 1 if limit > 0 else 0)
+                kind = r[1]
+                if kind == KVM_IRQ_ROUTING_IRQCHIP:
+                    require(len(r) == 4, f"route {i}: (gsi, IRQCHIP, irqchip, pin)")
+                    e[i].type = KVM_IRQ_ROUTING_IRQCHIP
+                    e[i].u.irqchip.irqchip = as_int(r[2], f"route {i} irqchip", 0, KVM_NR_IRQCHIPS - 1)
+                    e[i].u.irqchip.pin = as_int(r[3], f"route {i} pin", 0, KVM_IOAPIC_NUM_PINS - 1)
+                elif kind == KVM_IRQ_ROUTING_MSI:
+                    require(len(r) in (5, 6), f"route {i}: (gsi, MSI, address_lo, address_hi, data[, devid])")
+                    e[i].type = KVM_IRQ_ROUTING_MSI
+                    e[i].u.msi.address_lo = as_u32(r[2], f"route {i} address_lo")
+                    e[i].u.msi.address_hi = as_u32(r[3], f"route {i} address_hi")
+                    e[i].u.msi.data = as_u32(r[4], f"route {i} data")
+                    if len(r) == 6 and r[5] is not None:
+                        e[i].flags = KVM_MSI_VALID_DEVID
+                        e[i].u.msi.devid = as_u32(r[5], f"route {i} devid")
+                else:
+                    raise InvalidArgumentError(f"route {i}: unknown routing type {kind!r}")
+            self.vm_ioctl(KVM_SET_GSI_ROUTING, t, "KVM_SET_GSI_ROUTING")
+        finally:
+            free(t)
+
     def signal_msi(self, uint32_t address_lo, uint32_t data, uint32_t address_hi=0, uint32_t flags=0,
                    uint32_t devid=0):
         """KVM_SIGNAL_MSI: inject one MSI.  Returns 1 if delivered, 0 if the guest blocked it."""
@@ -331,7 +406,7 @@ cdef class VmCore:
             require(isinstance(flags, int) and flags != 0 and
                     flags & ~(KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE) == 0,
                     f"MSR filter range {i}: flags must be READ (1), WRITE (2) or both")
-            base = as_int(base, "MSR filter base", 0, 0xffffffff)
+            base = as_u32(base, "MSR filter base")
             nmsrs = as_int(nmsrs, "MSR filter count", 1, KVM_MSR_FILTER_MAX_BITMAP_SIZE * 8)
             bm = as_blob(bitmap, "MSR filter bitmap")
             require(len(bm) * 8 >= nmsrs, f"MSR filter range {i}: a bitmap of {len(bm)} bytes "
@@ -449,6 +524,8 @@ cdef class VmCore:
 
     def console(self, bint clear=False):
         """Bytes collected by sink handlers (serial THR, debugcon), optionally clearing them."""
+        if self.forkgen != kvmsys_fork_generation:
+            self.require_open()         # its lock may be held by a thread of the parent
         pthread_mutex_lock(&self.state.lock)
         try:
             out = (<char *>self.state.console)[:self.state.console_len] if self.state.console_len else b""
@@ -474,9 +551,23 @@ cdef class VmCore:
         return {p: self.state.port_counts[p] for p in range(NR_PORTS) if self.state.port_counts[p]}
 
     def close(self):
-        """Close the VM fd and its vCPUs.  Memory views stay valid until dropped.  Idempotent."""
-        for vcpu in list(self.vcpus):
-            vcpu.close()
+        """Close the VM fd and its vCPUs.  Memory views stay valid until dropped.  Idempotent.
+
+        Refused (StateError), closing nothing, while any of its vCPUs is inside run()."""
+        cdef VcpuCore vcpu
+        cdef list claimed = []
+        if self.forkgen == kvmsys_fork_generation:
+            try:
+                for vcpu in list(self.vcpus):
+                    if not vcpu.closed:
+                        vcpu.claim("close its VM")
+                        claimed.append(vcpu)
+            except BaseException:
+                for vcpu in claimed:
+                    kvmsys_store_int(&vcpu.v.active, 0)
+                raise
+            for vcpu in claimed:
+                vcpu.close_claimed()
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1

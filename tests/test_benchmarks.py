@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from benchmarks import __main__ as bench
-from benchmarks import harness, report
+from kvmsys_bench import __main__ as bench
+from kvmsys_bench import harness, report
 
 TINY = harness.PROFILES["tiny"]
 MACHINE_KEYS = {"host_kvm_flavour", "cpu_model", "cores", "kernel", "python", "kvmsys", "date"}
@@ -81,26 +81,39 @@ def test_machine_record(docs):
 
 def test_exit_loops_agree_with_the_guest_counter(docs):
     rows = docs["suites"]["exits"]["rows"]
-    loops = {rid.split("/")[1] for rid in rows}
-    assert {"ref", "fd_c", "fd_py", "sys_c", "sys_py"} <= loops
+    assert {rid.split("/")[0] for rid in rows} == {"pm32", "long64"}      # both guest modes
+    loops = {rid.split("/")[2] for rid in rows}
+    assert loops == {"ref", "naive", "fd_c", "fd_py", "sys_c", "sys_py"}
     for rid, row in rows.items():
         counter, counted = row["extra"]["counter"], row["extra"]["counted"]
         assert counted > 0
-        slack = 1 if rid.startswith("hlt/") and TINY.mode == "long64" else 0
+        slack = 1 if rid.startswith("long64/hlt/") else 0    # PVM native mode skips the first hlt
         assert 0 <= counter - counted <= slack, rid
         # every sample was n exits
         assert counted >= len(row["stats"]["time"]["samples"]) * row["extra"]["n"]
 
 
-def test_naive_loop_agrees_with_the_guest_counter(docs):
-    from benchmarks import naive
-    if naive.kvm_run_request() is None:
-        pytest.skip(naive.UNAVAILABLE)
+def test_exit_rows_split_user_and_kernel_time(docs):
+    """Every exits row carries user_ns and kernel_ns, and they add up to the round trip."""
     rows = docs["suites"]["exits"]["rows"]
-    naive_rows = [r for rid, r in rows.items() if rid.endswith("/naive")]
-    assert len(naive_rows) == 5
-    for r in naive_rows:
-        assert r["extra"]["counter"] == r["extra"]["counted"] > 0
+    for rid, row in rows.items():
+        st = row["stats"]
+        for u, k, t in zip(st["user_ns"]["samples"], st["kernel_ns"]["samples"], st["time"]["samples"]):
+            assert u + k == pytest.approx(t, rel=1e-9) and k > 0, rid
+        if not rid.endswith("/ref"):
+            assert st["d_user"]["derived"] == dict(op="difference", field="user_ns", a=rid,
+                                                   b=rid.rsplit("/", 1)[0] + "/ref")
+            lo, hi = st["ratio"]["ci95"]
+            assert lo <= st["ratio"]["median"] <= hi
+
+
+def test_naive_loop_agrees_with_the_guest_counter(docs):
+    rows = docs["suites"]["exits"]["rows"]
+    naive_rows = {rid: r for rid, r in rows.items() if rid.endswith("/naive")}
+    assert len(naive_rows) == 10
+    for rid, r in naive_rows.items():
+        slack = 1 if rid.startswith("long64/hlt/") else 0    # PVM native mode skips the first hlt
+        assert 0 <= r["extra"]["counter"] - r["extra"]["counted"] <= slack and r["extra"]["counted"] > 0
 
 
 def test_main_writes_json_and_markdown(tmp_path, capsys):
@@ -153,10 +166,20 @@ def test_interleave_order_and_warmup():
 
 
 @pytest.mark.nokvm
+def test_bootstrap_ci_brackets_the_median():
+    lo, hi = harness.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert 1.0 <= lo <= 3.0 <= hi <= 100.0
+    assert harness.bootstrap_ci([5.0] * 9) == (5.0, 5.0)
+    narrow = harness.bootstrap_ci([10.0 + i % 3 for i in range(300)])
+    assert narrow[1] - narrow[0] <= 1.0
+
+
+@pytest.mark.nokvm
 def test_formatting():
     assert report.fmt_stat(dict(unit="ns", median=12_345, min=12_000, max=13_000)) == "12.3 µs (12.0 – 13.0)"
     assert report.fmt_stat(dict(unit="x", median=1.5, min=1.5, max=1.5)) == "1.50×"
     assert report.fmt_stat(dict(unit="bytes", median=4096, min=4096, max=4096)) == "4.00 KiB"
+    assert report.fmt_stat(dict(unit="x", median=1.5, min=1.0, max=2.0, ci95=[1.4, 1.6])) == "1.50× [1.40, 1.60]"
 
 
 @pytest.mark.nokvm
@@ -177,7 +200,7 @@ def test_usage_errors_are_exit_codes(capsys):
 
 @pytest.mark.nokvm
 def test_scaling_thread_counts():
-    from benchmarks.scaling import thread_counts
+    from kvmsys_bench.scaling import thread_counts
     assert thread_counts(1) == [1]
     assert thread_counts(4)[:4] == [1, 2, 3, 4] and thread_counts(4)[-1] == 4
     big = thread_counts(64)
@@ -189,7 +212,7 @@ def test_no_spurious_exit_after_a_kick(machine):
     """Each run() of a continuously exiting guest ends only by the kick aimed at it."""
     import threading
     import time
-    from benchmarks.guestvm import set_handling
+    from kvmsys_bench.guestvm import set_handling
     machine.load("pio_out_loop.pm32", n=0)
     set_handling(machine.vm, "pio_out", "c")
     handle = machine.vcpu.handle()

@@ -11,9 +11,11 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
+import kvmsys.guests
 from kvmsys import runner
 from kvmsys.gdb import GdbKilled, GdbServer, target
 from kvmsys.gdb.protocol import Connection, INTERRUPT, checksum, escape, frame, unescape
@@ -55,14 +57,20 @@ class KvmsysRun:
         return self.proc.returncode, out, err
 
 
-def gdb_batch(address, *commands, timeout=60, interrupt_after=None):
+def gdb_batch(address, *commands, timeout=60, interrupt_at=None):
+    """gdb's output for *commands*; with interrupt_at=(marker path, seconds), SIGINT
+    (what Ctrl-C at gdb's terminal does) that long after the marker file appears."""
     argv = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", f"target remote {address}"]
     for c in commands:
         argv += ["-ex", c]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if interrupt_after is not None:
-        time.sleep(interrupt_after)
-        proc.send_signal(signal.SIGINT)     # what Ctrl-C at gdb's terminal does
+    if interrupt_at is not None:
+        marker, delay = interrupt_at
+        give_up = time.monotonic() + timeout
+        while not os.path.exists(marker) and time.monotonic() < give_up and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
@@ -94,12 +102,26 @@ def test_breakpoint_register_step_detach(tmp_path, abi, mode):
 
 
 @needs_gdb
+def test_write_watchpoint(tmp_path, abi):
+    # Debug registers where the host honours data breakpoints, else the server steps.
+    at = store_address("pm32")
+    run = KvmsysRun(tmp_path, "--guest", "compute.pm32", "--n", "20", "--abi", abi)
+    out = gdb_batch(run.address, f"watch *(unsigned int *){L.RESULT_ADDR:#x}", "continue",
+                    "p/x $pc", "delete", "detach")
+    rc, stdout, stderr = run.wait()
+    assert f"New value = {compute_reference(20)}" in out, out
+    assert values(out) == [hex(at + len(RESULT_STORE["pm32"]))], out       # after the store
+    assert rc == 1, (stdout, stderr)
+
+
+@needs_gdb
 def test_ctrl_c_interrupts_a_running_guest(tmp_path, abi):
     # pio_out_loop with n=0 runs forever; Ctrl-C stops it, gdb ends the loop by writing
     # the loop registers, and after detach the guest finishes.
     run = KvmsysRun(tmp_path, "--guest", "pio_out_loop.real", "--n", "0", "--abi", abi)
-    out = gdb_batch(run.address, "continue", "p $edi", "set var $edi = 1", "set var $ecx = 1",
-                    "detach", interrupt_after=3.0)
+    marker = tmp_path / "continuing"
+    out = gdb_batch(run.address, f"shell touch {marker}", "continue", "p $edi", "set var $edi = 1",
+                    "set var $ecx = 1", "detach", interrupt_at=(marker, 1.0))
     rc, stdout, stderr = run.wait()
     assert "received signal SIGINT" in out, out
     assert values(out) == ["0"], out
@@ -120,6 +142,25 @@ def test_smp_guest_one_thread_per_vcpu(tmp_path, abi):
 
 
 @needs_gdb
+def test_firmware_real_mode_pc_is_linear(tmp_path):
+    # The reset vector F000:FFF0 with CS base 0xFFFF0000: gdb's PC is the linear address.
+    fw = Path(kvmsys.guests.__file__).parent / "firmware" / "hello.bin"
+    run = KvmsysRun(tmp_path, "--firmware", str(fw), "--abi", "fd")
+    out = gdb_batch(run.address, "p/x $pc", "break *0xfffff000", "continue", "p/x $pc", "stepi",
+                    "p/x $pc", "detach")
+    rc, stdout, stderr = run.wait()
+    assert values(out) == ["0xfffffff0", "0xfffff000", "0xfffff001"], out
+    assert rc == 0x21 and "hello from the reset vector" in stdout, (stdout, stderr)
+
+
+def test_ctrl_c_while_waiting_for_gdb(tmp_path):
+    run = KvmsysRun(tmp_path, "--guest", "compute.pm32")
+    run.proc.send_signal(signal.SIGINT)
+    rc, stdout, stderr = run.wait(timeout=10)
+    assert rc == 130 and "interrupted" in stderr, (rc, stdout, stderr)
+
+
+@needs_gdb
 def test_memory_registers_virtual_and_physical(tmp_path):
     image = get("compute.long64").image
     run = KvmsysRun(tmp_path, "--guest", "compute.long64", "--n", "3", "--abi", "sys")
@@ -130,14 +171,16 @@ def test_memory_registers_virtual_and_physical(tmp_path):
                     f"p/x *(unsigned int *){L.LOAD_ADDR:#x}",
                     "monitor virt", "p/x *(unsigned long *)0x40000000",
                     "set var $rbx = 0x1122334455667788", "p/x $rbx", "p $st0", "p/x $fctrl",
-                    "detach")
+                    "set var $xmm15.v4_int32[2] = 7", "set var $st1 = 1.5", "p $xmm15.v4_int32",
+                    "p $st1", "detach")
     rc, stdout, stderr = run.wait()
     word = hex(int.from_bytes(image[:4], "little"))
     v = values(out)
     assert v[:3] == [word, "0x5a", word], out
     assert "memory by guest-physical address" in out and "memory by guest-virtual address" in out
     assert "Cannot access memory at address 0x40000000" in out, out      # not mapped
-    assert v[3:] == ["0x1122334455667788", "0", "0x37f"], out           # x87 reset: FCW 0x37f
+    assert v[3:] == ["0x1122334455667788", "0", "0x37f",                # x87 reset: FCW 0x37f
+                     "{0, 0, 7, 0}", "1.5"], out                          # SSE and x87 written
     assert rc == 1, (stdout, stderr)
 
 
@@ -252,3 +295,24 @@ def test_target_description(mode):
     assert target.mode_of({"efer": 0x500, "cr0": 0x80000011}) == "long64"
     assert target.mode_of({"efer": 0, "cr0": 0x11}) == "pm32"
     assert target.mode_of({"efer": 0, "cr0": 0x10}) == "real"
+
+
+@pytest.mark.nokvm
+@pytest.mark.parametrize("bad", ["nohost", "host:port", "127.0.0.1:70000", ""])
+def test_bad_gdb_address_is_refused(bad):
+    from kvmsys.errors import InvalidArgumentError
+    with pytest.raises(InvalidArgumentError):
+        GdbServer(bad)
+    p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--guest", "compute.pm32", "--gdb", bad],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "gdb address" in p.stderr, (p.returncode, p.stderr)
+
+
+def test_gdb_server_refuses_a_second_attach_of_one_vcpu(tmp_path, fdvm):
+    from kvmsys.errors import InvalidArgumentError
+    with GdbServer(str(tmp_path / "s")) as server:
+        v = fdvm.create_vcpu(0)
+        with server.attach(v, v.run):
+            with pytest.raises(InvalidArgumentError):
+                with server.attach(v, v.run):
+                    pass

@@ -113,3 +113,13 @@ def test_dr7_encoding():
         target.check_watch(2, 0x1001, 4)
     with pytest.raises(ValueError):
         target.check_watch(2, 0x1000, 3)
+
+
+def test_closed_vcpu_refuses_debug_calls(fdvm):
+    from kvmsys.errors import StateError
+    v = fdvm.create_vcpu(0)
+    v.close()
+    with pytest.raises(StateError):
+        v.set_guest_debug(True, single_step=True)
+    with pytest.raises(StateError):
+        v.translate(0x1000)

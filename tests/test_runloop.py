@@ -1,6 +1,6 @@
 """The hot run loop: fast handlers in C, the Python fallback, registers through
 the comm area, coalesced rings, stop conditions (budget, deadline, SIGINT),
-statistics and the C reference loop.  Real guests on the real /dev/kvm, every
+statistics.  Real guests on the real /dev/kvm, every
 test over both ABIs through the `machine` fixture.
 
 Every run() here has a timeout or a budget, and the tests whose subject is the
@@ -955,34 +955,3 @@ def test_python_handler_time_counted(machine):
                            callback=lambda ex: time.sleep(0.02))
     run_to_stop(machine)
     assert machine.vcpu.stats()["ns_in_handlers"] >= 5 * 20_000_000
-
-
-# --- the C reference loop -------------------------------------------------------------------------
-
-@pytest.mark.parametrize("mode", MODES)
-def test_reference_run_counts_exits(machine, mode):
-    machine.load(f"pio_out_loop.{mode}", n=0)
-    done, ns, reason = _core.reference_run(machine.vcpu, 300)
-    assert done == 300 and ns > 0
-    assert reason == _core.EXIT_REASONS["IO"]
-    assert counter(machine) == 300
-
-
-def test_reference_run_goes_on_through_hlt(machine):
-    # 10 outs, the debug-exit out, then the guest halts forever: HLT exits until 100.
-    machine.load("pio_out_loop.real", n=10)
-    done, ns, reason = _core.reference_run(machine.vcpu, 100)
-    assert (done, reason) == (100, _core.EXIT_REASONS["HLT"])
-    assert counter(machine) == 10
-
-
-def test_reference_run_stops_on_other_exits(machine):
-    # A triple fault (no IDT, #UD from ud2 in pm32 with a zero IDT limit) ends it early.
-    load_code(machine, "pm32", b"\x0f\x0b")
-    sregs = machine.vcpu.get_sregs()
-    sregs["idt"] = dict(sregs["idt"], base=0, limit=0)
-    machine.vcpu.set_sregs(sregs)
-    done, ns, reason = _core.reference_run(machine.vcpu, 50)
-    assert done == 1
-    assert reason not in (_core.EXIT_REASONS["IO"], _core.EXIT_REASONS["MMIO"],
-                          _core.EXIT_REASONS["HLT"])

@@ -3,6 +3,7 @@ handles that other threads hold (kick, interrupt, call_soon), recycling of
 kernel vCPUs, thread exit and fork.  Where a behaviour also exists in the fd
 ABI (handles of fd vCPUs) the test runs over both through the `machine` fixture.
 """
+import gc
 import json
 import os
 import signal
@@ -305,6 +306,7 @@ def test_thread_exit_releases_everything(fresh, monkeypatch):
 
     one(False)                  # warm-up: the pooled kernel vCPU, a cached stack, an arena
     one(True)
+    gc.collect()                # earlier tests' garbage may hold old comm areas (one map each)
     baseline = resources()
     ids.clear()
     raised.clear()
@@ -338,9 +340,9 @@ def test_recycled_vcpu_looks_fresh(fresh):
         prepare(v, mem, "pio_out_loop.pm32", n=50)
         assert isinstance(kvmsys.run(timeout=10), StopExit)
         v.regs.rax = 0x1234_5678        # unsent comm-area write
-        fpu = bytearray(v.get_fpu())
-        struct.pack_into("<H", fpu, 128, 0x027F)    # fcw
-        v.set_fpu(bytes(fpu))
+        fpu = v.get_fpu()
+        fpu["fcw"] = 0x027F
+        v.set_fpu(fpu)
         v.set_debugregs(dict(v.get_debugregs(), db=[0x1000, 0, 0, 0], dr7=0x401))
         assert v.set_msrs({MSR_SYSENTER_CS: 0x10, MSR_SYSENTER_EIP: 0xC0DE}) == 2
         initial["msrs"] = v.get_msrs([MSR_SYSENTER_CS, MSR_SYSENTER_EIP])
@@ -534,7 +536,8 @@ def test_handle_is_stale_after_thread_exit_even_when_the_id_is_reused(fresh):
     assert_stale(old)
     kvmsys.add_vcpu()
     new = kvmsys.handle()
-    assert new.id == old.id and kvmsys.current() is old_vcpu    # the same kernel vCPU, recycled
+    # the same kernel vCPU, recycled, in a new object: the old one is dead
+    assert new.id == old.id and kvmsys.current() is not old_vcpu and old_vcpu.stale
     assert new.alive and new.generation != old.generation
     assert_stale(old)
     assert new.stats()["total_exits"] == 0
@@ -665,31 +668,6 @@ def test_nmi_is_injected_by_the_owner(machine):
     # vector 2 goes to the exception stub: isa-debug-exit with EXC_EXIT_BASE | 2
     assert isinstance(ex, StopExit) and ex.status == exit_status(layout.EXC_EXIT_BASE | 2)
     assert machine.vcpu.pending == []
-
-
-def test_interrupt_with_irqchip_goes_to_the_local_apic(fresh, abi):
-    if abi == "sys":
-        kvmsys.configure(irqchip=True)
-        kvmsys.add_vcpu()
-        v = kvmsys.current()
-        assert kvmsys.vm().has_irqchip
-    else:
-        kvm = kvmsys.Kvm()
-        vm = kvm.create_vm()
-        vm.create_irqchip()
-        v = vm.create_vcpu(0)
-    lapic = bytearray(v.get_lapic())
-    svr = struct.unpack_from("<I", lapic, 0xF0)[0]
-    struct.pack_into("<I", lapic, 0xF0, svr | 0x100)    # software-enable the APIC
-    v.set_lapic(bytes(lapic))
-    h = v.handle()
-    spawn(h.interrupt, 0x40).finish()   # an MSI from another thread, no owner involvement
-    assert v.pending == []
-    irr = v.get_lapic()[0x200 + 0x10 * (0x40 // 32):][:4]
-    assert struct.unpack("<I", irr)[0] & (1 << (0x40 % 32))
-    if abi == "fd":
-        vm.close()
-        kvm.close()
 
 
 def test_running_a_bound_vcpu_from_another_thread_is_refused_or_kickable(fresh):

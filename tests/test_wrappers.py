@@ -486,10 +486,10 @@ def test_sregs_roundtrip(machine):
 
 def test_fpu_roundtrip(machine):
     v = machine.vcpu
-    fpu = bytearray(v.get_fpu())
+    fpu = v.get_fpu()
     assert len(fpu) == 416
-    fpu[160:176] = bytes(range(16))         # xmm0 in struct kvm_fpu
-    v.set_fpu(bytes(fpu))
+    fpu["xmm0"] = bytes(range(16))
+    v.set_fpu(fpu)
     assert v.get_fpu() == bytes(fpu)
 
 
@@ -534,7 +534,7 @@ def test_blob_roundtrip(machine, name):
     if name == "xsave":
         assert v.vm.check_extension("XSAVE")
     blob = getattr(v, "get_" + name)()
-    assert isinstance(blob, bytes) and blob
+    assert isinstance(blob, bytearray) and blob and bytes(blob)     # typed state, still bytes
     getattr(v, "set_" + name)(blob)
     assert getattr(v, "get_" + name)() == blob
 
@@ -549,12 +549,12 @@ def test_mp_state_roundtrip(machine):
 
 def test_lapic_and_mp_state_with_irqchip(rig):
     v = rig.vcpu
-    lapic = bytearray(v.get_lapic())
+    lapic = v.get_lapic()
     assert len(lapic) == 1024
-    lapic[0x80] = 0x10                      # task priority register
-    v.set_lapic(bytes(lapic))
+    lapic["tpr"] = 0x10
+    v.set_lapic(lapic)
     got = v.get_lapic()
-    assert got[0x80] == 0x10 and got[0xA0] == 0x10   # TPR, and the PPR KVM derives from it
+    assert got["tpr"] == 0x10 and got["ppr"] == 0x10   # and the PPR KVM derives from it
     v.set_lapic(got)
     assert v.get_lapic() == got
     v.set_mp_state(KVM_MP_STATE_HALTED)

@@ -25,21 +25,13 @@ import time
 from .. import _core
 from ..errors import InvalidArgumentError, KvmsysError
 from . import probe, target
+from .commands import DETACHED, KILLED, SIGINT, SIGTRAP, Commands, Failure
 from .protocol import INTERRUPT, Connection
 
-SIGINT, SIGTRAP = 2, 5
-_PAGE = 4096
 
 
 class GdbKilled(KvmsysError):
     """gdb killed the guest (``kill``)."""
-
-
-class _Failure(Exception):
-    """A request the stub answers with an error packet."""
-
-    def __init__(self, code: int = 1):
-        self.code = code
 
 
 class _Cpu:
@@ -52,11 +44,12 @@ class _Cpu:
         self.state = "running"      # running, parked, done
         self.calls: list = []       # [fn, result, done] run on the vCPU thread while parked
         self.resume: str | None = None      # "c" or "s", set by the server
-        self.event = None           # (exception, dr6, pc) of the debug exit that stopped it
+        self.event = None           # (exception, dr6, pc, watched address or None) that stopped it
         self.stepping = False
         self.debug = None           # guest-debug settings last applied
         self.parked_s = 0.0         # time spent stopped in the debugger
         self.final = None           # the exit that ended it
+        self.action = None          # how it was last resumed: "c" or "s"
 
 
 def parse_address(address: str):
@@ -69,7 +62,7 @@ def parse_address(address: str):
     return socket.AF_INET, (host or "127.0.0.1", int(port))
 
 
-class GdbServer:
+class GdbServer(Commands):
     """Listen on *address* for one gdb and give it control of *vcpus* vCPUs.
 
     Each vCPU thread calls ``with server.attach(vcpu, run) as run:`` and then drives the
@@ -103,7 +96,9 @@ class GdbServer:
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
         self.sw_bp_native: bool | None = None      # int3 breakpoints (else debug registers)
-        self.watch_native: bool | None = None      # data breakpoints (else gdb single-steps)
+        self.watch_native: bool | None = None      # data breakpoints (else stepped watchpoints)
+        self._stepped: dict = {}    # (address, length) -> [gpa, last bytes]: write watchpoints
+                                    # checked after each single-step where DRs do not watch data
         self._sw_bps: dict[int, tuple[int, int]] = {}   # address -> (gpa, original byte)
         self._hw: list = [None] * target.HW_SLOTS         # (kind, address, length)
         self._hw_sw: set[int] = set()               # hw slots standing in for Z0
@@ -157,7 +152,10 @@ class GdbServer:
                 if isinstance(ex, _core.KickExit):
                     continue            # the server's stop request (or a stale kick): park
                 if isinstance(ex, _core.DebugExit):
-                    cpu.event = (ex.exception, ex.dr6, ex.pc)
+                    watch = self._check_stepped() if self._stepped else None
+                    if watch is None and cpu.action == "c" and ex.exception == 1 and not ex.dr6 & 0xF:
+                        continue        # a step of a stepped watchpoint, nothing written: go on
+                    cpu.event = (ex.exception, ex.dr6, ex.pc, watch)
                     self._cond.notify_all()
                 else:
                     return ex
@@ -186,16 +184,19 @@ class GdbServer:
                 if cpu.resume is not None or self._detached or self._closed:
                     break
                 self._cond.wait()
-            step = cpu.resume == "s" and not self._detached
+            cpu.action = cpu.resume
+            step = cpu.resume == "s" or bool(self._stepped)
             cpu.resume = None
+            # withdraw a stop request it took already; the server kicks only "running" vCPUs
+            cpu.vcpu.immediate_exit = 0
             cpu.state = "running"
         self._apply_debug(cpu, step)
-        cpu.vcpu.immediate_exit = 0     # withdraw a stop request it no longer needs
         cpu.parked_s += time.monotonic() - t0
 
     def _apply_debug(self, cpu: _Cpu, step: bool) -> None:
         if self._detached or self._closed:
             settings = None
+            cpu.action = None
         else:
             hw = any(s is not None for s in self._hw)
             settings = (step, hw, tuple(target.debugreg(self._hw)) if hw else None)
@@ -209,13 +210,23 @@ class GdbServer:
                                      hw_breakpoints=hw, debugreg=regs)
         cpu.debug = settings
 
+    def _check_stepped(self):
+        """Under the lock: the address of a stepped watchpoint whose bytes changed."""
+        vm = next(iter(self._cpus.values())).vcpu.vm
+        for (addr, length), entry in self._stepped.items():
+            now = vm.read(entry[0], length)
+            if now != entry[1]:
+                entry[1] = now
+                return addr
+        return None
+
     # --- server side: control of the vCPUs ----------------------------------------
     def _call(self, cpu: _Cpu, fn):
         """Run fn() on the parked vCPU's own thread and return its result."""
         call = [fn, None, False]
         with self._cond:
             if cpu.state != "parked":
-                raise _Failure(1)
+                raise Failure(1)
             cpu.calls.append(call)
             self._cond.notify_all()
             while not call[2]:
@@ -234,15 +245,20 @@ class GdbServer:
     def _stop_all(self) -> None:
         with self._cond:
             self._stop = True
-            for c in self._cpus.values():
-                if c.state == "running":
-                    c.handle.kick()
-            while not self._all_stopped() and not self._closed:
+            while True:
+                for c in self._cpus.values():
+                    if c.state == "running":
+                        c.handle.kick()         # kicks are never lost; again is harmless
+                if self._all_stopped() or self._closed:
+                    return
                 self._cond.wait(0.1)
 
     def _resume(self, actions: dict[int, str], default: str | None) -> None:
         with self._cond:
             self._stop = False
+            vm = self._vm()
+            for entry in self._stepped.values():    # gdb may have written memory meanwhile
+                entry[1] = vm.read(entry[0], len(entry[1]))
             for c in self._live():
                 c.resume = actions.get(c.tid, default)     # None: gdb leaves it stopped
                 if c.resume is not None:
@@ -256,6 +272,8 @@ class GdbServer:
             self._closed = True
             self._cond.notify_all()
         self._wake()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)   # wakes accept(); close() alone does not
         with contextlib.suppress(OSError):
             self._listener.close()
         if self._conn is not None:
@@ -317,14 +335,14 @@ class GdbServer:
                 continue            # already stopped
             try:
                 reply = self._dispatch(packet)
-            except _Failure as e:
+            except Failure as e:
                 reply = f"E{e.code:02x}"
             except (KvmsysError, OSError, ValueError) as e:
                 reply = "E01" if not isinstance(e, OSError) else "E14"
-            if reply is _DETACHED:
+            if reply is DETACHED:
                 conn.send("OK")
                 return
-            if reply is _KILLED:
+            if reply is KILLED:
                 return
             if reply is not None:
                 conn.send(reply)
@@ -371,9 +389,11 @@ class GdbServer:
                     return f"T{SIGINT:02x}thread:{cpu.tid:x};"
 
     def _stop_reply(self, cpu: _Cpu) -> str:
-        exception, dr6, pc = cpu.event
+        exception, dr6, pc, watch = cpu.event
         why = ""
-        if exception == 3:
+        if watch is not None:
+            why = f"watch:{watch:x};"
+        elif exception == 3:
             self._fix_int3_pc(cpu)
             why = "swbreak:;"
         elif dr6 & 0xF:
@@ -406,262 +426,8 @@ class GdbServer:
         if self._cpus:
             self._stop_all()        # gdb may have gone while the guest ran
             with contextlib.suppress(Exception):
-                self._remove_sw_breakpoints()
+                self._remove_all_breakpoints()
         with self._cond:
             self._detached = True
             self._stop = False
             self._cond.notify_all()
-
-    # --- packets --------------------------------------------------------------------
-    def _cpu_for(self, tid_text: str) -> _Cpu:
-        tid = int(tid_text, 16)
-        live = self._live()
-        if tid in (0, -1):
-            return self._g if self._g in live else live[0]
-        for c in live:
-            if c.tid == tid:
-                return c
-        raise _Failure(2)
-
-    def _dispatch(self, p: bytes):
-        text = p.decode("latin-1")
-        cmd = text[:1]
-        if text.startswith("qSupported"):
-            return ("PacketSize=4000;qXfer:features:read+;swbreak+;hwbreak+;"
-                    "QStartNoAckMode+;vContSupported+")
-        if text == "QStartNoAckMode":
-            return "OK"
-        if text.startswith("qXfer:features:read:target.xml:"):
-            off, length = (int(x, 16) for x in text.rsplit(":", 1)[1].split(","))
-            xml = target.target_xml(self.mode)
-            chunk = xml[off:off + length]
-            return ("l" if off + length >= len(xml) else "m") + chunk.decode()
-        if text == "?":
-            return f"T{SIGTRAP:02x}thread:{self._g.tid:x};"
-        if text == "qfThreadInfo":
-            return "m" + ",".join(f"{c.tid:x}" for c in self._live())
-        if text == "qsThreadInfo":
-            return "l"
-        if text == "qC":
-            return f"QC{self._g.tid:x}"
-        if text == "qAttached":
-            return "1"
-        if text.startswith("qThreadExtraInfo,"):
-            cpu = self._cpu_for(text.split(",", 1)[1])
-            return f"vCPU {cpu.vcpu.id}".encode().hex()
-        if cmd == "H":
-            cpu = self._cpu_for(text[2:])
-            if text[1] == "g":
-                self._g = cpu
-            return "OK"
-        if cmd == "T":
-            self._cpu_for(text[1:])
-            return "OK"
-        if text.startswith("qRcmd,"):
-            return self._monitor(bytes.fromhex(text[6:]).decode())
-        if cmd == "g":
-            return self._read_regs()
-        if cmd == "G":
-            return self._write_regs(bytes.fromhex(text[1:]))
-        if cmd == "p":
-            return self._read_regs(int(text[1:], 16))
-        if cmd == "P":
-            n, value = text[1:].split("=")
-            return self._write_regs(bytes.fromhex(value), int(n, 16))
-        if cmd == "m":
-            addr, length = (int(x, 16) for x in text[1:].split(","))
-            return self._read_memory(addr, length).hex()
-        if cmd == "M":
-            where, data = text[1:].split(":")
-            addr, length = (int(x, 16) for x in where.split(","))
-            data = bytes.fromhex(data)
-            if len(data) != length:
-                raise _Failure(1)
-            self._write_memory(addr, data)
-            return "OK"
-        if cmd in "Zz" and text[1:2] in "01234":
-            kind, addr, length = (int(x, 16) for x in text[1:].split(";")[0].split(","))
-            if kind >= 2 and not self.watch_native:
-                return ""           # unsupported: gdb falls back to software watchpoints
-            (self._insert if cmd == "Z" else self._remove)(kind, addr, length)
-            return "OK"
-        if text == "vCont?":
-            return "vCont;c;C;s;S"
-        if text.startswith("vCont;"):
-            actions, default = {}, None
-            for action in text[6:].split(";"):
-                what, _, tid = action.partition(":")
-                what = what[:1].lower()
-                if what not in "cs":
-                    return ""
-                if tid and tid != "-1":
-                    actions.setdefault(int(tid, 16), what)
-                else:
-                    default = default or what
-            return self._go(actions, default)
-        if cmd in "cs" or cmd in "CS":
-            if len(text) > 1 and cmd in "cs":
-                raise _Failure(1)       # resume at another address: not supported
-            what = cmd.lower()
-            return self._go({self._g.tid: what}, "c")
-        if cmd == "D":
-            return _DETACHED
-        if cmd == "k" or text.startswith("vKill"):
-            with self._cond:
-                self._killed = True
-                self._cond.notify_all()
-            return _KILLED
-        return ""
-
-    def _go(self, actions: dict[int, str], default: str | None) -> str:
-        self._resume(actions, default)
-        return self._wait_stop()
-
-    def _monitor(self, command: str) -> str:
-        words = command.split()
-        if words == ["phys"]:
-            self._phys = True
-        elif words == ["virt"]:
-            self._phys = False
-        else:
-            text = ("monitor commands: phys (memory by guest-physical address), "
-                    "virt (by guest-virtual address, the default)\n")
-            self._conn.send("O" + text.encode().hex())
-            return "OK"
-        self._conn.send("O" + f"memory by guest-{'physical' if self._phys else 'virtual'} address\n".encode().hex())
-        return "OK"
-
-    # registers
-    def _state(self, cpu: _Cpu):
-        v = cpu.vcpu
-        return self._call(cpu, lambda: (v.get_regs(), v.get_sregs(), v.get_fpu()))
-
-    def _read_regs(self, n: int | None = None) -> str:
-        regs, sregs, fpu = self._state(self._g)
-        if n is None:
-            return b"".join(target.read_value(r, regs, sregs, fpu) for r in self.regs).hex()
-        if not 0 <= n < len(self.regs):
-            raise _Failure(0x16)
-        return target.read_value(self.regs[n], regs, sregs, fpu).hex()
-
-    def _write_regs(self, data: bytes, n: int | None = None) -> str:
-        cpu = self._g
-        regs, sregs, fpu = self._state(cpu)
-        fpu = bytearray(fpu)
-        if n is None:
-            chosen, off = [], 0
-            for r in self.regs:
-                chosen.append((r, data[off:off + r.bits // 8]))
-                off += r.bits // 8
-            # gdb sends every register: write those that changed
-            chosen = [(r, d) for r, d in chosen if d != target.read_value(r, regs, sregs, fpu)]
-        else:
-            if not 0 <= n < len(self.regs):
-                raise _Failure(0x16)
-            chosen = [(self.regs[n], data)]
-        changed = {target.write_value(r, d, regs, sregs, fpu, self.mode) for r, d in chosen}
-        v = cpu.vcpu
-
-        def apply():
-            if "sregs" in changed:
-                v.set_sregs(sregs)
-            if "regs" in changed:
-                v.set_regs(regs)
-            if "fpu" in changed:
-                v.set_fpu(bytes(fpu))
-        self._call(cpu, apply)
-        return "OK"
-
-    # memory
-    def _gpa_ranges(self, addr: int, length: int):
-        """[(gpa, length)] covering guest address [addr, addr+length), page by page."""
-        if length > 0x10000 or addr < 0 or addr + length > 1 << 64:
-            raise _Failure(1)
-        if self._phys:
-            return [(addr, length)] if length else []
-        cpu = self._g
-        out = []
-        while length > 0:
-            n = min(length, _PAGE - addr % _PAGE)
-            t = self._call(cpu, lambda a=addr: cpu.vcpu.translate(a))
-            if not t["valid"]:
-                raise _Failure(0x0E)
-            out.append((t["physical_address"], n))
-            addr += n
-            length -= n
-        return out
-
-    def _vm(self):
-        return self._g.vcpu.vm
-
-    def _read_memory(self, addr: int, length: int) -> bytes:
-        vm = self._vm()
-        data = bytearray()
-        for gpa, n in self._gpa_ranges(addr, length):
-            data += vm.read(gpa, n)
-        base = addr
-        for a, (gpa, orig) in self._sw_bps.items():     # show the guest's bytes, not our int3
-            if base <= a < base + length:
-                data[a - base] = orig
-        return bytes(data)
-
-    def _write_memory(self, addr: int, data: bytes) -> None:
-        vm = self._vm()
-        data = bytearray(data)
-        for a, (gpa, orig) in list(self._sw_bps.items()):
-            if addr <= a < addr + len(data):
-                self._sw_bps[a] = (gpa, data[a - addr])
-                data[a - addr] = 0xCC
-        off = 0
-        for gpa, n in self._gpa_ranges(addr, len(data)):
-            vm.write(gpa, bytes(data[off:off + n]))
-            off += n
-
-    # breakpoints
-    def _insert(self, kind: int, addr: int, length: int) -> None:
-        if kind == 0 and self.sw_bp_native:
-            if addr in self._sw_bps:
-                return
-            (gpa, _), = self._gpa_ranges(addr, 1)
-            vm = self._vm()
-            self._sw_bps[addr] = (gpa, vm.read(gpa, 1)[0])
-            vm.write(gpa, b"\xcc")
-            return
-        hw_kind = 1 if kind == 0 else kind
-        try:
-            target.check_watch(hw_kind, addr, length)
-        except ValueError:
-            raise _Failure(0x16) from None
-        slot = (hw_kind, addr, length if hw_kind != 1 else 1)
-        if slot in self._hw:
-            return
-        if None not in self._hw:
-            raise _Failure(0x1C)        # ENOSPC: four debug registers
-        i = self._hw.index(None)
-        self._hw[i] = slot
-        if kind == 0:
-            self._hw_sw.add(i)
-
-    def _remove(self, kind: int, addr: int, length: int) -> None:
-        if kind == 0 and self.sw_bp_native:
-            entry = self._sw_bps.pop(addr, None)
-            if entry is not None:
-                self._vm().write(entry[0], bytes((entry[1],)))
-            return
-        hw_kind = 1 if kind == 0 else kind
-        slot = (hw_kind, addr, length if hw_kind != 1 else 1)
-        if slot in self._hw:
-            i = self._hw.index(slot)
-            self._hw[i] = None
-            self._hw_sw.discard(i)
-
-    def _remove_sw_breakpoints(self) -> None:
-        vm = self._vm()
-        for gpa, orig in self._sw_bps.values():
-            vm.write(gpa, bytes((orig,)))
-        self._sw_bps.clear()
-        self._hw = [None] * target.HW_SLOTS
-
-
-_DETACHED = object()
-_KILLED = object()

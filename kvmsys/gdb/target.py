@@ -1,8 +1,8 @@
 """The x86 target as gdb sees it: register sets per CPU mode, their target
 description XML, and the debug-register (DR7) encoding of hardware breakpoints.
 
-Register names, order and feature name follow GDB's manual ("Target Descriptions",
-"i386 Features": org.gnu.gdb.i386.core); the values come from KVM_GET_REGS,
+Register names, order and feature names follow GDB's manual ("Target Descriptions",
+"i386 Features": org.gnu.gdb.i386.core and org.gnu.gdb.i386.sse); the values come from KVM_GET_REGS,
 KVM_GET_SREGS and KVM_GET_FPU (struct kvm_fpu in <linux/kvm.h>).
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ _X87_CTRL = ("fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop"
 # last_ip u64, last_dp u64, xmm[16][16], mxcsr u32, pad u32 (416 bytes)
 _FPU_CTRL = struct.Struct("<HHBxHQQ")
 _FPU_CTRL_OFF = 128
+_FPU_XMM_OFF = 152
+_FPU_MXCSR_OFF = 408
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,9 @@ class Reg:
     name: str
     bits: int
     type: str
-    kind: str           # "gpr" (kvm_regs key in .src), "seg", "st", "x87"
+    kind: str           # "gpr" (kvm_regs key in .src), "seg", "st", "x87", "xmm", "mxcsr"
     src: str = ""
+    feature: str = "core"
 
 
 def registers(mode: str) -> tuple[Reg, ...]:
@@ -49,17 +52,41 @@ def registers(mode: str) -> tuple[Reg, ...]:
     segs = [Reg(n, 32, "int32", "seg", n) for n in SEGMENTS]
     st = [Reg(f"st{i}", 80, "i387_ext", "st", str(i)) for i in range(8)]
     ctrl = [Reg(n, 32, "int", "x87", n) for n in _X87_CTRL]
-    return tuple(gprs + segs + st + ctrl)
+    xmm = [Reg(f"xmm{i}", 128, "vec128", "xmm", str(i), "sse") for i in range(16 if mode == "long64" else 8)]
+    mxcsr = [Reg("mxcsr", 32, "int", "mxcsr", "", "sse")]
+    return tuple(gprs + segs + st + ctrl + xmm + mxcsr)
+
+
+# the SSE feature's register type, a union of vector views (GDB's manual, "Predefined
+# Target Types" and "Target Description Format": vector, union)
+_VEC128 = """    <vector id="v4f" type="ieee_single" count="4"/>
+    <vector id="v2d" type="ieee_double" count="2"/>
+    <vector id="v16i8" type="int8" count="16"/>
+    <vector id="v8i16" type="int16" count="8"/>
+    <vector id="v4i32" type="int32" count="4"/>
+    <vector id="v2i64" type="int64" count="2"/>
+    <union id="vec128">
+      <field name="v4_float" type="v4f"/>
+      <field name="v2_double" type="v2d"/>
+      <field name="v16_int8" type="v16i8"/>
+      <field name="v8_int16" type="v8i16"/>
+      <field name="v4_int32" type="v4i32"/>
+      <field name="v2_int64" type="v2i64"/>
+      <field name="uint128" type="uint128"/>
+    </union>
+"""
 
 
 def target_xml(mode: str) -> bytes:
     """The target description gdb reads with qXfer:features:read:target.xml."""
-    regs = "\n".join(f'    <reg name="{r.name}" bitsize="{r.bits}" type="{r.type}"/>'
-                     for r in registers(mode))
+    def feature(name: str, types: str = "") -> str:
+        regs = "".join(f'    <reg name="{r.name}" bitsize="{r.bits}" type="{r.type}"/>\n'
+                       for r in registers(mode) if r.feature == name)
+        return f'  <feature name="org.gnu.gdb.i386.{name}">\n{types}{regs}  </feature>\n'
     return (f'<?xml version="1.0"?>\n<!DOCTYPE target SYSTEM "gdb-target.dtd">\n'
             f'<target version="1.0">\n  <architecture>{_ARCH[mode]}</architecture>\n'
-            f'  <osabi>none</osabi>\n'
-            f'  <feature name="org.gnu.gdb.i386.core">\n{regs}\n  </feature>\n</target>\n').encode()
+            f'  <osabi>none</osabi>\n' + feature("core") + feature("sse", _VEC128) +
+            '</target>\n').encode()
 
 
 def mode_of(sregs: dict) -> str:
@@ -79,15 +106,26 @@ def _x87_ctrl(fpu: bytes) -> dict:
                 fooff=last_dp & 0xFFFFFFFF, fop=fop)
 
 
-def read_value(reg: Reg, regs: dict, sregs: dict, fpu: bytes) -> bytes:
+def _pc_base(reg: Reg, sregs: dict, mode: str) -> int:
+    # Real mode: gdb's eip is the linear address CS.base + IP, the address breakpoints
+    # (debug registers) and memory use; a firmware's reset vector is 0xFFFFFFF0.
+    return sregs["cs"]["base"] if mode == "real" and reg.src == "rip" else 0
+
+
+def read_value(reg: Reg, regs: dict, sregs: dict, fpu: bytes, mode: str) -> bytes:
     """Register *reg* as gdb's little-endian bytes."""
     if reg.kind == "gpr":
-        value = regs[reg.src]
+        value = regs[reg.src] + _pc_base(reg, sregs, mode)
     elif reg.kind == "seg":
         value = sregs[reg.src]["selector"]
     elif reg.kind == "st":
         i = int(reg.src)
         return bytes(fpu[16 * i:16 * i + 10])
+    elif reg.kind == "xmm":
+        off = _FPU_XMM_OFF + 16 * int(reg.src)
+        return bytes(fpu[off:off + 16])
+    elif reg.kind == "mxcsr":
+        value = int.from_bytes(fpu[_FPU_MXCSR_OFF:_FPU_MXCSR_OFF + 4], "little")
     else:
         value = _x87_ctrl(fpu)[reg.name]
     return (value & ((1 << reg.bits) - 1)).to_bytes(reg.bits // 8, "little")
@@ -100,6 +138,9 @@ def write_value(reg: Reg, data: bytes, regs: dict, sregs: dict, fpu: bytearray, 
         raise ValueError(f"{reg.name} takes {reg.bits // 8} bytes")
     value = int.from_bytes(data, "little")
     if reg.kind == "gpr":
+        value -= _pc_base(reg, sregs, mode)
+        if not 0 <= value < 1 << reg.bits:
+            raise ValueError(f"{reg.name} outside the code segment")
         if reg.bits == 32:      # 32-bit view: keep the upper half of the 64-bit register
             value |= regs[reg.src] & ~0xFFFFFFFF
         regs[reg.src] = value
@@ -115,6 +156,10 @@ def write_value(reg: Reg, data: bytes, regs: dict, sregs: dict, fpu: bytearray, 
     if reg.kind == "st":
         i = int(reg.src)
         fpu[16 * i:16 * i + 10] = data
+        return "fpu"
+    if reg.kind in ("xmm", "mxcsr"):
+        off = _FPU_XMM_OFF + 16 * int(reg.src) if reg.kind == "xmm" else _FPU_MXCSR_OFF
+        fpu[off:off + len(data)] = data
         return "fpu"
     ctrl = _x87_ctrl(fpu)
     ctrl[reg.name] = value

@@ -13,7 +13,6 @@ Exit protocol shared by all guests (ports/addresses from layout):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -53,9 +52,15 @@ class Guest:
     def base(self) -> str:
         return self.name.rsplit(".", 1)[0]
 
-    @cached_property
+    @property
     def image(self) -> bytes:
-        return layout.read_bin(self.name)
+        # Cached without functools.cached_property: before Python 3.12 its lock is one
+        # for all guests, and a fork child forked while another thread held it hung.
+        image = self.__dict__.get("_image")
+        if image is None:
+            image = layout.read_bin(self.name)
+            object.__setattr__(self, "_image", image)
+        return image
 
 
 class UnknownGuestError(KeyError):

@@ -82,6 +82,13 @@ cdef extern from "kvmsys_native.h" nogil:
     unsigned kvmsys_own_signal_count()
     int kvmsys_arm_watchdog(uint64_t deadline_ns)
     int kvmsys_disarm_watchdog()
-    void kvmsys_forget_watchdog()
     void kvmsys_thread_cleanup_register()
     void *kvmsys_bound
+    ctypedef struct kvmsys_region_t:
+        pass
+    kvmsys_region_t *kvmsys_region_add(void *addr, size_t size)
+    void kvmsys_region_remove(kvmsys_region_t *r)
+    int kvmsys_detach_region(void *addr, size_t size)
+    unsigned long kvmsys_fork_generation
+    unsigned long kvmsys_main_ident
+

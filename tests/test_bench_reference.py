@@ -1,0 +1,92 @@
+"""The benchmark harness's C reference loops (kvmsys_bench._reference, an extension of
+its own): they count exits right, stop on exits they do not handle, refuse bad input,
+and their thread-switch and kick loops really run the vCPU.  No timing assertions."""
+import pytest
+
+from kvmsys import _core
+from kvmsys.guests import layout
+from kvmsys_bench import _reference
+from kvmsys_bench.guestvm import set_handling
+
+IO, HLT = _core.EXIT_REASONS["IO"], _core.EXIT_REASONS["HLT"]
+
+
+def ref_vcpu(machine):
+    return _reference.RefVcpu(machine.vcpu.fileno(), machine.vm.mmap_size)
+
+
+@pytest.mark.parametrize("mode", ["real", "pm32", "long64"])
+def test_run_counts_exits_and_clocks_the_kernel(machine, mode):
+    machine.load(f"pio_out_loop.{mode}", n=0)
+    r = ref_vcpu(machine)
+    done, ns, kernel_ns, stop = r.run_exits(300)
+    r.close()
+    assert (done, stop) == (300, 0)
+    assert 0 < kernel_ns < ns
+    assert machine.counter() == 300
+
+
+def test_run_goes_on_through_hlt(machine):
+    # 10 outs, the debug-exit out, then the guest halts forever: HLT exits until 100.
+    machine.load("pio_out_loop.real", n=10)
+    assert ref_vcpu(machine).run_exits(100)[::3] == (100, 0)
+    assert machine.counter() == 10
+    assert machine.vcpu.kvm_stats()["halt_exits"] >= 100 - 11
+
+
+def test_run_stops_on_other_exits(machine):
+    # A triple fault (#UD from ud2 in pm32 with a zero IDT limit) ends it early.
+    machine.load("debug_exit.pm32")
+    machine.mem[layout.LOAD_ADDR:layout.LOAD_ADDR + 2] = b"\x0f\x0b"
+    sregs = machine.vcpu.get_sregs()
+    sregs["idt"] = dict(sregs["idt"], base=0, limit=0)
+    machine.vcpu.set_sregs(sregs)
+    done, _ns, _k, stop = ref_vcpu(machine).run_exits(50)
+    assert done == 1 and stop == _core.EXIT_REASONS["SHUTDOWN"]
+
+
+def test_bad_input_is_refused(machine):
+    with pytest.raises(ValueError):
+        _reference.RefVcpu(-1, machine.vm.mmap_size)
+    with pytest.raises(ValueError):
+        _reference.RefVcpu(machine.vcpu.fileno(), 16)           # smaller than struct kvm_run
+    r = ref_vcpu(machine)
+    r.close()
+    with pytest.raises(ValueError):
+        r.run_exits(1)
+    with pytest.raises(ValueError):
+        _reference.reference_ioctl_costs(machine.vcpu.fileno(), machine.vm.fileno(), 0)
+    with pytest.raises(ValueError):
+        _reference.reference_lifecycle(machine.vm.fileno(), machine.vm.mmap_size, -1, 1)
+
+
+def test_ioctl_costs_check_the_ioctls(machine):
+    vcpu_ns, vm_ns, sys_ns = _reference.reference_ioctl_costs(machine.vcpu.fileno(), machine.vm.fileno(), 20)
+    assert vcpu_ns > 0 and vm_ns > 0 and sys_ns > 0
+    # a VM fd where a vCPU fd belongs: KVM_GET_MP_STATE fails, and is never timed as if it worked
+    with pytest.raises(OSError):
+        _reference.reference_ioctl_costs(machine.vm.fileno(), machine.vm.fileno(), 20)
+
+
+def test_lifecycle_creates_vcpus(fdvm):
+    assert _reference.reference_lifecycle(fdvm.fileno(), fdvm.mmap_size, 1, 3) > 0
+    with pytest.raises(OSError):        # ids 1..3 are taken now
+        _reference.reference_lifecycle(fdvm.fileno(), fdvm.mmap_size, 1, 1)
+
+
+def test_thread_switch_runs_every_sample(machine):
+    machine.load("pio_out_loop.pm32", n=0)
+    out = ref_vcpu(machine).thread_switch(10, 3, 4)
+    assert sorted(out) == ["caller", "rotating", "worker"]
+    assert all(len(v) == 4 and min(v) > 0 for v in out.values())
+    assert machine.counter() == 3 * 4 * 10
+
+
+@pytest.mark.parametrize("guest", ["pio_out_loop.pm32", "compute.pm32"])
+def test_kick_ends_every_run(machine, guest):
+    machine.load(guest, n=0 if guest.startswith("pio") else 0xFFFFFFFF)
+    set_handling(machine.vm, "pio_out", "c")
+    lat = ref_vcpu(machine).kick(5, 0.0005, 0.001, _core.KICK_SIGNAL)
+    assert len(lat) == 5 and min(lat) > 0
+    with pytest.raises(ValueError):
+        ref_vcpu(machine).kick(1, 0.0, 0.001, 2)       # SIGINT: not a real-time signal

@@ -1,0 +1,427 @@
+"""The thread-bound contract, tried as a hostile user would: fork (the child never
+touches the parent's VM, vCPUs, mappings or locks), ownership by generation (what a
+thread had for its vCPU is dead once it removed it), exits stamped with their run,
+and no release under a running loop.  Both ABIs where the behaviour exists in both.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+import pytest
+
+import kvmsys
+from kvmsys import (BudgetExit, DeadlineExit, IoExit, KickExit, StaleVcpuError, StateError,
+                    StopExit, _core)
+from kvmsys.guests import exit_status, get, layout
+from kvmsys.runner import setup_devices
+
+PIO = _core.SPACES["PIO"]
+K = _core.H_KINDS
+RUN_IMMEDIATE_EXIT = 1          # struct kvm_run: immediate_exit (u8) at offset 1
+
+
+def in_thread(fn, *args, timeout=60.0):
+    """fn(*args) in a new thread; its result, or its exception re-raised here."""
+    box = {}
+
+    def body():
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:          # handed to the test thread
+            box["error"] = e
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "thread hung"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def forked(child, timeout=30.0):
+    """Run child() in a fork child of the calling thread; its JSON-able result comes back."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                            # never return into pytest
+        try:
+            os.close(r)
+            try:
+                out = child()
+            except BaseException as e:
+                out = {"error": repr(e)}
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the fork child hung")
+            time.sleep(0.002)
+        assert os.waitstatus_to_exitcode(status) == 0
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+    finally:
+        os.close(r)
+    return json.loads(data)
+
+
+def load(vcpu, mem, name, **inputs):
+    layout.prepare(get(name), vcpu, mem, **inputs)
+
+
+# --- fork ----------------------------------------------------------------------------------
+
+PARENT_AND_CHILD = r"""
+import json, os, sys, threading
+import kvmsys
+from kvmsys.guests import get, layout
+from kvmsys.runner import setup_devices
+
+kvmsys.configure(memory_size=layout.RAM_SIZE)
+comm_main = kvmsys.add_vcpu()                  # the forking thread is bound
+setup_devices(kvmsys.vm())
+layout.prepare(get("pio_out_loop.pm32"), kvmsys.current(), kvmsys.vm().memory(0), n=0)
+kvmsys.vm().add_handler(0, layout.PORT_OUT, layout.PORT_OUT + 1, 0)     # PIO, PYTHON: return it
+ready, stop, box = threading.Event(), threading.Event(), {}
+
+def owner():                                   # a second thread, bound, with a kick waiting
+    box["comm"] = kvmsys.add_vcpu()
+    v = kvmsys.current()
+    v.set_regs(v.get_regs())                   # used: its release would reset it
+    kvmsys.handle().kick()                     # immediate_exit = 1 until its next run
+    ready.set()
+    stop.wait()
+    kvmsys.remove_vcpu()
+
+t = threading.Thread(target=owner)
+t.start()
+ready.wait()
+kvm = kvmsys.Kvm()                             # and an fd-ABI VM beside it
+fvm = kvm.create_vm()
+fmem = fvm.add_memory(0, 0, layout.RAM_SIZE)
+fvcpu = fvm.create_vcpu(0)
+fvcpu.immediate_exit = 1
+fmem[0:6] = b"parent"
+smem = kvmsys.vm().memory(0)
+smem[0:6] = b"parent"                          # (guest code lives far above)
+areas = [comm_main, box["comm"], fvcpu.comm_area]
+before = [bytes(a) for a in areas]
+assert before[1][1] == 1                       # the pending kick is visible
+
+pid = os.fork()
+if pid == 0:
+    # The child's whole life: it sees no VM, uses both ABIs, scribbles over every view it
+    # inherited, then ends normally (atexit hooks, thread-state teardown and all).
+    out = dict(current=kvmsys.current() is None, vcpus=kvmsys.vcpus() == {})
+    out["inherited_reads_zero"] = [bytes(a[:16]) == bytes(16) for a in areas]
+    for a in areas:
+        a[:] = b"\xee" * len(a)
+    fmem[0:6] = b"child!"
+    smem[0:6] = b"child!"
+    for what, use in (("fd vcpu", lambda: fvcpu.get_regs()), ("fd vm", lambda: fvm.memory(0)),
+                      ("comm area", lambda: fvcpu.comm_area)):
+        try:
+            use()
+            out[what] = "allowed"
+        except kvmsys.StateError as e:
+            out[what] = type(e).__name__
+    kvmsys.add_vcpu()                          # syscall ABI: a VM of its own
+    setup_devices(kvmsys.vm())
+    layout.prepare(get("hello.pm32"), kvmsys.current(), kvmsys.vm().memory(0))
+    out["sys"] = [type(kvmsys.run(timeout=10)).__name__, kvmsys.vm().console().decode()]
+    with kvmsys.Kvm() as k2, k2.create_vm() as vm2:   # fd ABI at the same time
+        setup_devices(vm2)
+        mem2 = vm2.add_memory(0, 0, layout.RAM_SIZE)
+        v2 = vm2.create_vcpu(0)
+        layout.prepare(get("hello.pm32"), v2, mem2)
+        out["fd"] = [type(v2.run(timeout=10)).__name__, vm2.console().decode()]
+    print(json.dumps(out))
+    sys.exit(0)                                # still bound: the atexit hook releases it
+
+_, status = os.waitpid(pid, 0)
+after = [bytes(a) for a in areas]
+res = dict(status=os.waitstatus_to_exitcode(status),
+           unchanged=[b == a for b, a in zip(before, after)],
+           ram=[bytes(fmem[0:6]).decode(), bytes(smem[0:6]).decode()])
+stop.set()
+t.join()
+ex = kvmsys.run(budget=1, timeout=5)           # the parent's vCPUs still work
+res["parent_run"] = type(ex).__name__
+print(json.dumps(res))
+"""
+
+
+def test_fork_child_never_touches_the_parents_comm_areas_or_memory():
+    p = subprocess.run([sys.executable, "-c", PARENT_AND_CHILD], capture_output=True, timeout=120,
+                       cwd=tempfile.gettempdir())   # not the source tree: the installed package
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stderr == b""
+    child, parent = [json.loads(line) for line in p.stdout.decode().splitlines()]
+    hello = "Hello, world!\n"
+    assert child == {"current": True, "vcpus": True, "inherited_reads_zero": [True] * 3,
+                     "fd vcpu": "StateError", "fd vm": "StateError", "comm area": "StateError",
+                     "sys": ["StopExit", hello], "fd": ["StopExit", hello]}
+    # byte for byte, across the child's whole life: the kick still pending, no field changed
+    assert parent == {"status": 0, "unchanged": [True] * 3, "ram": ["parent", "parent"],
+                      "parent_run": "IoExit"}
+
+
+def test_hundreds_of_forks_while_threads_add_remove_and_run_vcpus(fresh_process_vm):
+    setup_devices(kvmsys.vm())
+    mem = kvmsys.vm().memory(0)
+    load_lock = threading.Lock()
+    stop = threading.Event()
+    counts = [0, 0]
+
+    def churn(i):
+        while not stop.is_set():
+            kvmsys.add_vcpu()
+            v = kvmsys.current()
+            with load_lock:
+                load(v, mem, "pio_out_loop.pm32", n=0)
+            assert isinstance(kvmsys.run(budget=20, timeout=10), BudgetExit)
+            kvmsys.remove_vcpu()
+            counts[i] += 1
+
+    threads = [threading.Thread(target=churn, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+
+    def child_plain():
+        return dict(ok=kvmsys.current() is None and kvmsys.vcpus() == {})
+
+    def child_uses_a_vm():
+        kvmsys.add_vcpu()
+        cvm = kvmsys.vm()
+        setup_devices(cvm)
+        load(kvmsys.current(), cvm.memory(0), "hello.pm32")
+        ex = kvmsys.run(timeout=10)
+        kvmsys.remove_vcpu()
+        return dict(ok=isinstance(ex, StopExit) and cvm.console() == b"Hello, world!\n")
+
+    try:
+        for n in range(300):
+            assert forked(child_uses_a_vm if n % 25 == 0 else child_plain, timeout=30) == {"ok": True}, n
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert min(counts) > 0
+
+
+def test_fork_from_a_worker_thread_gives_the_child_working_ctrl_c(fresh_process_vm):
+    def child():
+        # This thread is the child's main thread now.  SIGINT goes to a helper thread while
+        # the guest exits often (every exit handled in C): only the run loop's main-thread
+        # signal polling can notice it before the deadline.
+        assert threading.current_thread() is threading.main_thread()
+        kvmsys.add_vcpu()
+        setup_devices(kvmsys.vm())
+        load(kvmsys.current(), kvmsys.vm().memory(0), "pio_out_loop.pm32", n=0)
+
+        def poke():
+            time.sleep(0.3)
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        threading.Thread(target=poke).start()
+        t0 = time.monotonic()
+        try:
+            ex = kvmsys.run(timeout=20)
+            return dict(result=type(ex).__name__)
+        except KeyboardInterrupt:
+            return dict(result="KeyboardInterrupt", fast=time.monotonic() - t0 < 10)
+
+    got = in_thread(lambda: forked(child, timeout=60))
+    assert got == dict(result="KeyboardInterrupt", fast=True)
+
+
+# --- ownership by generation -----------------------------------------------------------------
+
+def test_everything_a_thread_had_is_dead_after_remove_vcpu(fresh_process_vm):
+    setup_devices(kvmsys.vm())
+    mem = kvmsys.vm().memory(0)
+
+    def first_owner():
+        comm = kvmsys.add_vcpu()
+        v = kvmsys.current()
+        load(v, mem, "pio_out_loop.pm32", n=0)
+        kvmsys.vm().add_handler(PIO, layout.PORT_OUT, layout.PORT_OUT + 1, K["PYTHON"], callback=lambda ex: True)
+        ex = kvmsys.run(timeout=10)
+        assert isinstance(ex, IoExit) and ex.port == layout.PORT_OUT
+        regs, part = v.regs, comm[0:64]
+        kvmsys.remove_vcpu()
+        return v, comm, part, ex, regs
+
+    v, comm, part, ex, regs = in_thread(first_owner)
+    # the next owner gets the same kernel vCPU in a new object
+    kvmsys.add_vcpu()
+    new = kvmsys.current()
+    assert new is not v and new.id == v.id and v.stale and not new.stale
+    load(new, mem, "pio_out_loop.pm32", n=0)
+    before = bytes(new.comm_area)
+    regs_before = new.get_regs()
+    for use in (lambda: v.get_regs(), lambda: v.set_regs(regs_before), lambda: v.run(timeout=1),
+                lambda: v.close(), lambda: v.comm_area, lambda: v.regs, lambda: v.kick(),
+                lambda: v.stats(), lambda: v.handle(), lambda: v.set_mp_state(0),
+                lambda: setattr(v, "immediate_exit", 1),
+                lambda: ex.port, lambda: ex.value, lambda: ex.data, lambda: setattr(ex, "value", 7),
+                lambda: regs.rip, lambda: setattr(regs, "rip", 0), lambda: regs.as_dict(),
+                lambda: v.renew()):
+        with pytest.raises(StaleVcpuError):
+            use()
+    with pytest.raises(ValueError, match="released"):
+        comm[1] = 1                         # the view it was given is released
+    part[:] = b"\xff" * 64                  # a slice made earlier: cut off, writes go nowhere
+    assert bytes(part) == b"\xff" * 64
+    assert bytes(new.comm_area) == before and new.get_regs() == regs_before
+    assert new.immediate_exit == 0
+    assert isinstance(kvmsys.run(budget=3, timeout=10), IoExit)     # the new owner runs normally
+
+
+def test_thread_end_kills_its_vcpu_object_too(fresh_process_vm):
+    def owner():
+        kvmsys.add_vcpu()
+        return kvmsys.current()
+
+    v = in_thread(owner)
+    kvmsys.add_vcpu()
+    assert kvmsys.current() is not v and kvmsys.current().id == v.id
+    with pytest.raises(StaleVcpuError):
+        v.set_regs(kvmsys.current().get_regs())
+    with pytest.raises(StaleVcpuError):
+        v.run(timeout=1)
+
+
+def test_a_kept_current_cannot_run_or_dirty_a_pooled_vcpu(fresh_process_vm):
+    kvmsys.add_vcpu()
+    v = kvmsys.current()
+    kvmsys.remove_vcpu()                    # the kernel vCPU is in the pool now
+    with pytest.raises(StaleVcpuError):
+        v.run(timeout=1)
+    with pytest.raises(StaleVcpuError):
+        v.set_guest_debug(True, single_step=True)
+    kvmsys.add_vcpu()
+    assert not kvmsys.current().touched     # nobody dirtied it
+
+
+def test_an_exit_is_dead_once_its_vcpu_ran_again(machine):
+    machine.devices().load("pio_out_loop.pm32", n=0)
+    seen = []
+
+    def handler(ex):                        # returns every exit, or every second one
+        seen.append(ex)
+        return not keep_going[0] or len(seen) % 2 == 0
+    keep_going = [False]
+    machine.vm.add_handler(PIO, layout.PORT_OUT, layout.PORT_OUT + 1, K["PYTHON"], callback=handler)
+    first = machine.run(timeout=10)
+    assert isinstance(first, IoExit) and first.port == layout.PORT_OUT
+    value = first.value
+    second = machine.run(timeout=10)
+    assert isinstance(second, IoExit) and second.value == (value + 1) & 0xFF
+    for use in (lambda: first.port, lambda: first.value, lambda: first.data,
+                lambda: setattr(first, "value", 5)):
+        with pytest.raises(StaleVcpuError, match="ran again"):
+            use()
+    assert "stale" in repr(first)
+    assert second.port == layout.PORT_OUT   # the latest one is fine
+    keep_going[0] = True                    # an exit kept from inside a handler goes stale too
+    last = machine.run(timeout=10)
+    assert last is seen[-1]
+    with pytest.raises(StaleVcpuError):
+        seen[-2].value
+    assert last.value == (value + 3) & 0xFF
+
+
+# --- reentrancy: nothing is released under a running loop ------------------------------------
+
+def _call_inside_run(machine, op):
+    """Run op() from the vCPU's own exit handler; returns what it raised (or None)."""
+    caught = []
+
+    def handler(ex):
+        try:
+            op()
+        except BaseException as e:
+            caught.append(e)
+        return True
+    machine.devices().load("pio_out_loop.pm32", n=0)
+    machine.vm.add_handler(PIO, layout.PORT_OUT, layout.PORT_OUT + 1, K["PYTHON"], callback=handler)
+    ex = machine.run(timeout=10)
+    assert isinstance(ex, IoExit) and ex.port == layout.PORT_OUT, ex
+    return caught[0] if caught else None
+
+
+@pytest.mark.parametrize("op", ["close vcpu", "close vm", "remove_vcpu", "destroy_vm"])
+def test_release_from_the_vcpus_own_handler_is_refused(machine, op):
+    ops = {"close vcpu": machine.vcpu.close, "close vm": machine.vm.close,
+           # the syscall ABI's own calls; over the fd ABI their counterparts are the closes
+           "remove_vcpu": kvmsys.remove_vcpu if machine.abi == "sys" else machine.vcpu.close,
+           "destroy_vm": kvmsys.destroy_vm if machine.abi == "sys" else machine.vm.close}
+    err = _call_inside_run(machine, ops[op])
+    assert isinstance(err, StateError) and "running" in str(err), err
+    # nothing was released: the same vCPU runs on, its VM is open
+    assert not machine.vcpu.closed and not machine.vm.closed
+    if machine.abi == "sys":
+        assert kvmsys.current() is machine.vcpu
+    assert machine.run(budget=2, timeout=10).port == layout.PORT_OUT
+
+
+def test_remove_vcpu_from_a_call_soon_callback_is_refused(fresh_process_vm):
+    kvmsys.add_vcpu()
+    setup_devices(kvmsys.vm())
+    load(kvmsys.current(), kvmsys.vm().memory(0), "pio_out_loop.pm32", n=0)
+    h = kvmsys.handle()
+    caught = []
+
+    def callback():
+        try:
+            kvmsys.remove_vcpu()
+        except StateError as e:
+            caught.append(e)
+        h.kick()
+    h.call_soon(callback)
+    ex = kvmsys.run(timeout=10)
+    assert isinstance(ex, KickExit), ex
+    assert len(caught) == 1 and "running" in str(caught[0])
+    assert kvmsys.current() is not None and h.alive
+
+
+def test_close_from_another_thread_while_running_is_refused(machine):
+    machine.devices().load("pio_out_loop.pm32", n=0)
+    h = machine.vcpu.handle()
+    refused = []
+
+    def other():                            # while the owner (this test's thread) runs it
+        deadline = time.monotonic() + 10
+        while not machine.vcpu.active:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        try:
+            for op in (machine.vcpu.close, machine.vm.close):
+                try:
+                    op()
+                except StateError as e:
+                    refused.append("running" in str(e))
+            refused.append(not machine.vcpu.closed and not machine.vm.closed)
+        finally:
+            h.kick()
+    t = threading.Thread(target=other)
+    t.start()
+    ex = machine.run(timeout=20)
+    t.join(10)
+    assert isinstance(ex, KickExit), ex
+    assert refused == [True, True, True]
