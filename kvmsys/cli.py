@@ -101,7 +101,8 @@ def _run_pc(args, gdb=None):
                 path, _, margs = spec.partition(",")
                 modules.append((_read(path), margs or path))
             return runner.run_kernel(_read(args.kernel), cmdline=args.append or "", modules=modules,
-                                     label=args.kernel, **common)
+                                     initrd=_read(args.initrd) if args.initrd else None, label=args.kernel,
+                                     **common)
         return runner.run_firmware(_read(args.firmware), label=args.firmware, vcpus=args.vcpus,
                                    no_reboot=args.no_reboot, **common)
     finally:
@@ -140,7 +141,7 @@ def _cmd_run(args) -> int:
     _print_result(r)
     if r.status is not None:
         return r.status
-    return 0 if r.ok or r.reason == "QUIT" else 2
+    return 0 if r.ok or r.reason in ("QUIT", "RESET", "MATCHED") else 2     # as QEMU: quit, -no-reboot
 
 
 def _cmd_bench(args) -> int:
@@ -168,7 +169,8 @@ def main(argv=None) -> int:
     what.add_argument("--guest", help="built-in guest name (see `kvmsys guests`)")
     what.add_argument("--firmware", help="raw firmware image (e.g. SeaBIOS), started at the reset vector "
                       "of a PC (see the PC options below)")
-    what.add_argument("--kernel", help="a Multiboot kernel, loaded and entered with no firmware on the same PC")
+    what.add_argument("--kernel", help="a Linux bzImage or a Multiboot kernel, loaded and entered with no "
+                      "firmware on the same PC")
     r.add_argument("--abi", choices=("fd", "sys"), default="sys", help="which ABI drives the vCPUs")
     r.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (one thread each)")
     r.add_argument("--timeout", type=float, help="seconds before the watchdog stops it (default 10; "
@@ -179,6 +181,7 @@ def main(argv=None) -> int:
                         "the guest waits for gdb before its first instruction")
     pcg = r.add_argument_group("the PC of --firmware and --kernel")
     pcg.add_argument("--append", metavar="CMDLINE", help="--kernel: its command line")
+    pcg.add_argument("--initrd", metavar="FILE", help="--kernel (Linux): the initial RAM disk")
     pcg.add_argument("--module", action="append", metavar="FILE[,CMDLINE]",
                      help="--kernel: a Multiboot module, with its command line (repeatable)")
     pcg.add_argument("--disk", metavar="FILE[,readonly]", help="raw disk image on the ATA primary master")

@@ -20,7 +20,7 @@ import threading
 from . import platform, vcpustate
 from .devices import (AtaDisk, Cmos, Debugcon, FwCfg, I8042, Irq, PciHost, Pit, Port92,
                       Uart8250)
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, KvmsysError
 
 COM1 = 0x3F8
 # Where VT-x's real-mode emulation gets its TSS and identity map (as QEMU puts them):
@@ -108,7 +108,7 @@ class Pc:
         for h in handles:
             try:
                 h.kick()
-            except Exception:       # a vCPU already gone has nothing to leave
+            except KvmsysError:     # a vCPU already gone (stale handle) has nothing to leave
                 pass
 
     # --- requests from devices and the host -----------------------------------

@@ -208,27 +208,38 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
                    until=until, gdb=gdb)
 
 
-def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), abi: str = "fd", timeout: float | None = 10.0,
+def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), initrd: bytes | None = None, abi: str = "fd",
+               timeout: float | None = 10.0,
                memory_size: int = 128 << 20, label: str = "kernel", irqchip: bool = False,
                disk: str | None = None, disk_readonly: bool = False, serial=None, cpuid=None,
                on_start=None, until: bytes | None = None, gdb=None) -> RunResult:
-    """Boot a Multiboot (v1) kernel with no firmware (kvmsys.loaders.multiboot): RAM from 0,
-    the PC's devices, the kernel entered in 32-bit protected mode with its command line,
-    *modules* ([(bytes, command line)]) and memory map.  Other arguments as for
-    run_firmware; a guest reset ends the run (there is no firmware to restart)."""
-    from .loaders import enter_multiboot, load_multiboot
+    """Boot a kernel with no firmware: RAM from 0, the PC's devices, and either a Linux
+    bzImage (kvmsys.loaders.linux: 64-bit entry, *cmdline*, *initrd*) or a Multiboot (v1)
+    kernel (kvmsys.loaders.multiboot: 32-bit protected mode, *cmdline*, *modules* as
+    [(bytes, command line)]).  Other arguments as for run_firmware; a guest reset ends
+    the run (there is no firmware to restart)."""
+    from .loaders import enter_linux, enter_multiboot, is_bzimage, load_linux, load_multiboot
     from .pc import Pc
     check_abi(abi)
+    linux = is_bzimage(kernel)
+    if linux and modules:
+        raise InvalidArgumentError("modules are for Multiboot kernels; a Linux kernel takes an initrd")
+    if not linux and initrd is not None:
+        raise InvalidArgumentError("an initrd is for a Linux bzImage; a Multiboot kernel takes modules")
     machine = Machine(abi, memory_size=memory_size, devices=True, irqchip=irqchip)
     try:
-        entry, info = load_multiboot(machine.mem, kernel, cmdline=cmdline, modules=modules)
+        if linux:
+            entry, info = load_linux(machine.mem, kernel, cmdline=cmdline, initrd=initrd)
+        else:
+            entry, info = load_multiboot(machine.mem, kernel, cmdline=cmdline, modules=modules)
     except BaseException:
         machine.close()
         raise
+    enter = enter_linux if linux else enter_multiboot
     return _run_pc(machine, lambda: Pc(machine.vm, None, ram_size=memory_size, disk=disk, map_memory=False,
                                        disk_readonly=disk_readonly, serial_sink=serial, cpuid=cpuid),
                    label=label, vcpus=1, timeout=timeout, no_reboot=True, on_start=on_start, until=until,
-                   gdb=gdb, prepare=lambda vcpu: enter_multiboot(vcpu, entry, info))
+                   gdb=gdb, prepare=lambda vcpu: enter(vcpu, entry, info))
 
 
 def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, until, gdb, prepare=None):

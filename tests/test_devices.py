@@ -286,3 +286,28 @@ def test_ata_rejects_a_tiny_image(tmp_path):
     (tmp_path / "t.img").write_bytes(b"x" * 100)
     with pytest.raises(ValueError):
         AtaDisk(str(tmp_path / "t.img"))
+    with pytest.raises(ValueError, match="No such file"):
+        AtaDisk(str(tmp_path / "missing.img"))
+
+
+# --- the host side: terminal keys and the screen ---------------------------------
+def test_ctrl_a_x_quits_and_ctrl_a_ctrl_a_sends_ctrl_a():
+    from kvmsys.terminal import Stdio
+
+    class Pc:
+        stopped = None
+
+        def stop(self, why):
+            self.stopped = why
+    t, pc = Stdio(), Pc()
+    assert t.keys(b"ls\r\x01\x01", pc) == b"ls\r\x01" and pc.stopped is None
+    assert t.keys(b"a\x01", pc) == b"a"                     # the escape waits for its next key
+    assert t.keys(b"xb", pc) == b"" and pc.stopped == "QUIT"
+
+
+def test_screen_text_of_the_vga_page():
+    from kvmsys.terminal import Screen
+    page = bytearray(b" \x07" * 80 * 25)
+    page[0:4] = b"H\x07i\x07"
+    page[2 * 80 * 3:2 * 80 * 3 + 2] = b"!\x1f"
+    assert Screen.text(bytes(page)) == "Hi\n\n\n!"

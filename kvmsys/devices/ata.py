@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from ..errors import InvalidArgumentError
 from . import Device
 
 SECTOR = 512
@@ -24,11 +25,15 @@ class AtaDisk(Device):
 
     def __init__(self, path: str, *, readonly: bool = False) -> None:
         self.path, self.readonly = path, readonly
-        self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+        try:
+            self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as e:
+            raise InvalidArgumentError(f"disk image {path}: {e.strerror}") from e
         try:
             size = os.fstat(self.fd).st_size
             if size < SECTOR:
-                raise ValueError(f"disk image {path}: {size} bytes, at least one 512-byte sector needed")
+                raise InvalidArgumentError(f"disk image {path}: {size} bytes, at least one 512-byte "
+                                           "sector needed")
         except BaseException:
             os.close(self.fd)
             raise
