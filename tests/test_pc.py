@@ -90,14 +90,25 @@ def test_seabios_reaches_no_bootable_device_on_two_vcpus(abi):
     """In-kernel irqchip and PIT; SeaBIOS starts the second vCPU with INIT/SIPI."""
     r = run_firmware(seabios(), abi=abi, irqchip=True, vcpus=2, memory_size=64 << 20, timeout=40,
                      until=NO_BOOT)
-    assert "Found 2 cpu(s) max supported 2 cpu(s)" in check_seabios_log(r)
+    log = check_seabios_log(r)
+    assert "Found 2 cpu(s) max supported 2 cpu(s)" in log
+    assert "Running on KVM" in log                          # CPUID: KVM's leaves are there
 
 
 @need_seabios
 def test_seabios_without_irqchip_uses_the_pit():
-    r = run_firmware(seabios(), abi="fd", irqchip=False, memory_size=64 << 20, timeout=40, until=NO_BOOT)
-    check_seabios_log(r)
-    assert "Found 1 cpu(s)" in r.debug.decode()
+    """Also the CPUID hook: without KVM's leaves SeaBIOS neither sees KVM nor uses kvmclock."""
+    seen = []
+
+    def no_kvm_leaves(entries, vcpu_id):
+        seen.append(vcpu_id)
+        return [e for e in entries if not 0x40000000 <= e["function"] < 0x40000100]
+
+    r = run_firmware(seabios(), abi="fd", irqchip=False, memory_size=64 << 20, timeout=40, until=NO_BOOT,
+                     cpuid=no_kvm_leaves)
+    log = check_seabios_log(r)
+    assert "Found 1 cpu(s)" in log and seen == [0]
+    assert "Running on KVM" not in log and "kvmclock" not in log
 
 
 @need_seabios
