@@ -340,10 +340,13 @@ LINUX = sorted(Path("/boot").glob("vmlinuz*"))
 
 
 @pytest.mark.skipif(not LINUX, reason="env: no Linux kernel in /boot (vmlinuz*)")
-def test_real_linux_kernel_starts_its_decompressor():
-    """A real bzImage: its decompressor prints on the serial port (earlyprintk).  On our
-    PVM host Linux gets no further (KVM's instruction emulator, as under QEMU)."""
+def test_real_linux_kernel_boots():
+    """A real bzImage prints on the serial console (earlyprintk from its decompressor on)."""
+    from kvmsys import pvm
     from kvmsys.runner import run_kernel
+    if pvm.host_flavour() == "PVM":
+        pytest.skip("host: on PVM a Linux kernel never leaves its decompressor, which runs in KVM's "
+                    "instruction emulator (measured: Debian 6.1, 150 s, no output; QEMU likewise)")
     r = run_kernel(LINUX[-1].read_bytes(), abi="fd", cmdline="earlyprintk=ttyS0 console=ttyS0",
-                   memory_size=256 << 20, irqchip=True, timeout=60, until=b"Decompressing Linux")
+                   memory_size=256 << 20, irqchip=True, timeout=60, until=b"Linux version")
     assert r.reason == "MATCHED", (r.reason, r.console[-500:])
