@@ -1,7 +1,9 @@
 """python -m benchmarks [--quick] [--suite NAME ...] [--json FILE] [--plot FILE.png] [--mode MODE]
+                      [--baseline FILE.json [--tolerance F]] [--report FILE.json]
 
 Also `kvmsys bench ...`, which calls main(argv) and uses its return value:
-0 = all checks passed, 1 = a check failed, 2 = usage error, 3 = KVM unavailable.
+0 = all checks passed, 1 = a check failed, 2 = usage error, 3 = KVM unavailable,
+4 = a metric regressed against --baseline (named on stderr).
 """
 from __future__ import annotations
 
@@ -47,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="guest mode of the exit-based suites (default pm32: on a PVM host the cheap "
                         "emulated mode; long64 runs natively there, with costlier exits)")
     p.add_argument("--reps", type=int, help="override the number of interleaved repetitions")
+    p.add_argument("--baseline", metavar="FILE.json",
+                   help="compare with a stored run (its --json); exit 4 naming every metric that is worse "
+                        "beyond its noise band")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="with --baseline: how much worse a median may get before it counts (default 0.5 = 50%%)")
+    p.add_argument("--report", metavar="FILE.json",
+                   help="measure nothing: print the Markdown report of a stored run (and --plot it)")
+    p.add_argument("--trace", action="store_true",
+                   help="also break one exit round trip into segments from the kernel's tracepoints "
+                        "(root; mounts tracefs if needed; says why and skips otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--profile", choices=["tiny", "quick", "full"], help=argparse.SUPPRESS)
     return p
@@ -60,13 +72,28 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:             # --help, or a usage error: an exit code, not an exception
         return e.code if isinstance(e.code, int) else 2
-    from . import harness, report
+    from . import baseline, harness, report
     if args.plot and not report.have_matplotlib():
         print(f"benchmarks: {report.PLOT_HINT}", file=sys.stderr)
         return 2
     if args.reps is not None and args.reps < 1:
         print("benchmarks: --reps must be at least 1", file=sys.stderr)
         return 2
+    tolerance = baseline.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    if tolerance < 0:
+        print("benchmarks: --tolerance must not be negative", file=sys.stderr)
+        return 2
+    try:
+        base = baseline.load(args.baseline) if args.baseline else None
+        stored = baseline.load(args.report) if args.report else None
+    except (OSError, ValueError) as e:
+        print(f"benchmarks: {e}", file=sys.stderr)
+        return 2
+    if stored is not None:          # the Markdown (and plot) regenerated from the JSON alone
+        print(report.markdown(stored))
+        if args.plot:
+            report.plot(stored, args.plot)
+        return 0
     if not os.path.exists("/dev/kvm"):
         print("benchmarks: /dev/kvm is missing: KVM is not available on this machine", file=sys.stderr)
         return 3
@@ -79,7 +106,7 @@ def main(argv=None) -> int:
     try:
         machine = harness.machine_record()
         harness.progress(f"profile {profile.name}, suites {', '.join(names)}, guest mode {profile.mode}")
-        results = run_suites(names, profile)
+        results = run_suites(names + (["trace"] if args.trace else []), profile)
     except OSError as e:
         print(f"benchmarks: {e}", file=sys.stderr)
         return 3
@@ -89,7 +116,6 @@ def main(argv=None) -> int:
     doc = report.document(machine, profile, results, argv)
     doc["elapsed_s"] = time.perf_counter() - t0
     print(report.markdown(doc))
-    print(f"_Total: {doc['elapsed_s']:.1f} s._")
     if args.json:
         report.write_json(doc, args.json)
         harness.progress(f"JSON written to {args.json}")
@@ -99,6 +125,15 @@ def main(argv=None) -> int:
     if not doc["ok"]:
         print("benchmarks: some checks FAILED (see above)", file=sys.stderr)
         return 1
+    if base is not None:
+        compared = baseline.compare(doc, base, tolerance)
+        print(baseline.markdown(compared, args.baseline, tolerance))
+        worse = [r for r in compared if r["worse"]]
+        for r in worse:
+            print(f"benchmarks: REGRESSION {r['metric']}: {r['old']:.4g} -> {r['new']:.4g} {r['unit']} "
+                  f"({r['change']:.2f}x, beyond the noise band)", file=sys.stderr)
+        if worse:
+            return 4
     return 0
 
 

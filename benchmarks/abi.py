@@ -12,7 +12,7 @@ import kvmsys
 from kvmsys.enums import Kind
 
 from .guestvm import PIO, guest_name, mode_label, one_vcpu
-from .harness import SuiteResult, Stat, derive, interleave, progress
+from .harness import SuiteResult, Stat, calibrate_count, derive, interleave, progress
 
 NAME = "abi"
 TITLE = "run() per exit: syscall ABI vs fd ABI"
@@ -27,7 +27,6 @@ def _loop(run, n: int) -> float:
 
 def run(profile) -> SuiteResult:
     t_start = time.perf_counter()
-    n = max(profile.min_exits, min(profile.max_exits, int(profile.sample_ms * 80)))
     name = guest_name("pio_out_loop", profile.mode)
     res = SuiteResult(NAME, TITLE, columns=[("entry", "entry point"), ("time", "per exit"),
                                             ("ratio", "vs fd `vcpu.run()`")])
@@ -37,7 +36,9 @@ def run(profile) -> SuiteResult:
         for g in (fd, sysg):
             g.vm.set_default(PIO, Kind.PYTHON)      # no handler: every exit returns to the caller
         try:
-            progress(f"{NAME}: {n} exits per sample, {profile.reps} reps")
+            n = calibrate_count(lambda k: _loop(fd.run, k), profile.sample_ms, profile.min_exits,
+                                profile.max_exits)
+            progress(f"{NAME}: {n} exits per sample (calibrated), {profile.reps} reps")
             samples = interleave({"fd": lambda: _loop(fd.run, n), "sys": lambda: _loop(sysg.run, n)},
                                  profile.reps, profile.warmup)
             counts = (fd.counter(), sysg.counter(), fd.vcpu.stats()["exits"].get("IO", 0),
@@ -55,7 +56,8 @@ def run(profile) -> SuiteResult:
     res.config = dict(mode=profile.mode, exits_per_sample=n, reps=profile.reps)
     res.notes += [
         f"Guest {name}, mode {mode_label(profile.mode, native)}, n=0 (endless); the port has no handler "
-        f"and the default is PYTHON, so each run() returns one IoExit; {n} calls per sample.",
+        f"and the default is PYTHON, so each run() returns one IoExit; {n} calls per sample, calibrated at run "
+        f"time to ~{profile.sample_ms:g} ms.",
     ]
     res.elapsed_s = time.perf_counter() - t_start
     return res

@@ -16,7 +16,7 @@ from kvmsys.enums import Kind
 from kvmsys.machine import Machine
 
 from .guestvm import PIO, mode_label
-from .harness import SuiteResult, Stat, derive, interleave, progress
+from .harness import SuiteResult, Stat, calibrate_count, derive, interleave, progress
 
 NAME = "console"
 TITLE = "Console output: an exit per byte vs a coalesced PIO zone"
@@ -39,7 +39,6 @@ def run(profile) -> SuiteResult:
     res = SuiteResult(NAME, TITLE, columns=[("mode", "guest mode"), ("how", "console bytes go out"),
                                             ("time", "per byte"), ("exits", "KVM exits per 1000 bytes"),
                                             ("ratio", "per byte, vs one exit per byte")])
-    budget = max(profile.min_exits, min(profile.max_exits, int(profile.sample_ms * 100)))
     # The profile's mode, and 64-bit too: on a PVM host that one runs natively, where a
     # trapped `out` costs what it costs on hardware virtualization.
     modes = list(dict.fromkeys([profile.mode, "long64"]))
@@ -47,12 +46,17 @@ def run(profile) -> SuiteResult:
         machines = {(mode, key): _machine(kvm, mode, key == "coalesced")
                     for mode in modes for key in ("per_exit", "coalesced")}
         exits = {m: [] for m in machines}
+        # exits per sample, calibrated at run time per machine (a coalesced exit carries a
+        # ring of writes, so it needs far fewer for a sample of the same length)
+        budgets = {m: calibrate_count(lambda k, v=mc[1]: v.run(budget=k), profile.sample_ms,
+                                      2 if m[1] == "coalesced" else profile.min_exits, profile.max_exits,
+                                      probe=4 if m[1] == "coalesced" else 20)
+                   for m, mc in machines.items()}
 
         def variant(m):
             machine, vcpu, _ = machines[m]
             vm = machine.vm
-            # a coalesced exit carries a ring of writes: fewer exits give a sample of similar length
-            n = budget if m[1] == "per_exit" else max(2, budget // 50)
+            n = budgets[m]
 
             def sample():
                 vm.console(clear=True)
@@ -65,7 +69,7 @@ def run(profile) -> SuiteResult:
                 return elapsed / nbytes
             return sample
 
-        progress(f"{NAME}: {budget} exits per sample, {profile.reps} reps, modes {', '.join(modes)}")
+        progress(f"{NAME}: exits per sample {budgets}, {profile.reps} reps, modes {', '.join(modes)}")
         samples = interleave({f"{mode}/{key}": variant((mode, key)) for mode, key in machines},
                              profile.reps, profile.warmup)
         native = {mode: machines[(mode, "per_exit")][2] for mode in modes}
@@ -80,10 +84,12 @@ def run(profile) -> SuiteResult:
                         {"time": Stat(samples[row], "ns"), "exits": Stat(exits[(mode, key)][-len(samples[row]):], "")})
         res.rows[f"{mode}/coalesced"]["stats"]["ratio"] = derive(res.rows, "time", f"{mode}/coalesced",
                                                                   f"{mode}/per_exit", "ratio")
-    res.config = dict(modes=modes, budget=budget, reps=profile.reps)
+    res.config = dict(modes=modes, budgets={f"{md}/{k}": b for (md, k), b in budgets.items()}, reps=profile.reps)
     res.notes += [
-        f"Guest console_flood with n=0 (endless); each sample is run(budget={budget}) (coalesced: "
-        f"budget={max(2, budget // 50)}, as each exit then carries a ring of writes) and is divided by "
+        "Guest console_flood with n=0 (endless); each sample is run(budget=N), N calibrated at run time to "
+        f"~{profile.sample_ms:g} ms per machine ("
+        + ", ".join(f"{md} {k.replace('_', ' ')} {b}" for (md, k), b in budgets.items())
+        + "), and is divided by "
         "the bytes that reached the console.",
         "The coalesced ring holds one page of entries: the guest exits when it is full, and the run loop "
         "drains it after every KVM_RUN.",

@@ -37,6 +37,7 @@ class Profile:
     max_exits: int
     thread_exits: int          # exits per sample in the thread-switch suite
     thread_pool: int           # threads in the rotating pool
+    thread_batches: int        # most batches of 3 × reps samples until a switch cost settles
     lifecycle_batch: int       # vCPUs created per sample (one fresh VM per sample)
     kick_samples: int          # kicks per variant
     kick_delay_ms: tuple       # (min, max) wait before kicking a running guest
@@ -45,6 +46,7 @@ class Profile:
     scaling_reps: int          # repetitions of the whole scaling sweep
     memory_k: int              # vCPUs added per memory sample
     mode: str = "pm32"         # guest mode of the exit-based suites
+    thread_tight_ns: float = 10_000.0   # a switch cost whose CI is within ± this is settled
 
     def with_(self, **kw) -> "Profile":
         return replace(self, **kw)
@@ -59,14 +61,14 @@ def _cores() -> int:
 
 PROFILES = {
     "tiny": Profile("tiny", reps=3, warmup=1, sample_ms=1.0, min_exits=20, max_exits=200,
-                    thread_exits=5, thread_pool=2, lifecycle_batch=2, kick_samples=8,
+                    thread_exits=5, thread_pool=2, thread_batches=1, lifecycle_batch=2, kick_samples=8,
                     kick_delay_ms=(0.5, 1.5), scaling_seconds=0.05, scaling_max=2, scaling_reps=2, memory_k=4),
     "quick": Profile("quick", reps=7, warmup=1, sample_ms=5.0, min_exits=50, max_exits=20_000,
-                     thread_exits=20, thread_pool=4, lifecycle_batch=4, kick_samples=60,
+                     thread_exits=20, thread_pool=4, thread_batches=4, lifecycle_batch=4, kick_samples=60,
                      kick_delay_ms=(1.0, 3.0), scaling_seconds=0.25, scaling_max=_cores(), scaling_reps=3,
                      memory_k=8),
     "full": Profile("full", reps=21, warmup=2, sample_ms=25.0, min_exits=100, max_exits=200_000,
-                    thread_exits=20, thread_pool=4, lifecycle_batch=8, kick_samples=400,
+                    thread_exits=20, thread_pool=4, thread_batches=10, lifecycle_batch=8, kick_samples=400,
                     kick_delay_ms=(1.0, 4.0), scaling_seconds=1.0, scaling_max=None, scaling_reps=5,
                     memory_k=32),
 }
@@ -160,6 +162,16 @@ def interleave(variants: dict, reps: int, warmup: int = 0,
         if on_round is not None and r >= warmup:
             on_round(r - warmup + 1)
     return out
+
+
+def calibrate_count(fn: Callable[[int], object], sample_ms: float, lo: int, hi: int, probe: int = 20) -> int:
+    """How many units (exits, calls) fn(n) must do so that one sample lasts about sample_ms
+    on this host now: fn(probe) once to warm up, once timed.  Never tuned to a host."""
+    fn(probe)
+    t0 = time.perf_counter_ns()
+    fn(probe)
+    per = max(1, time.perf_counter_ns() - t0) / probe
+    return max(lo, min(hi, int(sample_ms * 1e6 / per)))
 
 
 def timed_ns(fn: Callable[[], object]) -> int:

@@ -15,8 +15,9 @@ import time
 import kvmsys
 from kvmsys import _core
 
+from . import _reference
 from .guestvm import guest_name, mode_label, one_vcpu, set_handling
-from .harness import SuiteResult, Stat, interleave, progress
+from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "kick"
 TITLE = "Kick latency (handle.kick() → run() returned)"
@@ -114,11 +115,23 @@ def run(profile) -> SuiteResult:
     rng = random.Random(0x6B69636B)
     lo, hi = profile.kick_delay_ms
     res = SuiteResult(NAME, TITLE, columns=[("abi", "ABI"), ("guest", "target guest"),
-                                            ("time", "latency"), ("p90", "90th percentile")])
+                                            ("time", "latency"), ("p90", "90th percentile"),
+                                            ("ratio", "vs the C floor [95% CI]")])
     lost = {}
     with kvmsys.Kvm() as kvm:
         targets = {abi: _Target(abi, kvm, profile.mode) for abi in ("fd", "sys")}
+        floor = {}
         try:
+            # the C floor: pthread_kill + immediate_exit from C, same guests, own vCPUs
+            for which, (base, inputs, _label) in GUESTS.items():
+                g = one_vcpu("fd", guest_name(base, profile.mode), kvm=kvm, **inputs)
+                set_handling(g.vm, "pio_out", "c")
+                floor[which] = (g, _reference.RefVcpu(g.vcpu.fileno(), g.vm.mmap_size))
+            seeds = iter(range(1, 1 << 30))
+
+            def c_floor(which):
+                return lambda: floor[which][1].kick(1, lo / 1e3, hi / 1e3, _core.KICK_SIGNAL, next(seeds))[0]
+
             def variant(abi, which):
                 key = f"{abi}/{which}"
 
@@ -132,6 +145,7 @@ def run(profile) -> SuiteResult:
                 return key, go
 
             variants = dict(variant(abi, w) for abi in targets for w in GUESTS)
+            variants.update({f"c/{w}": c_floor(w) for w in GUESTS})
             progress(f"{NAME}: {profile.kick_samples} kicks per variant, "
                      f"{len(variants)} variants, {lo:g}-{hi:g} ms before each kick")
             samples = interleave(variants, profile.kick_samples, profile.warmup)
@@ -139,7 +153,11 @@ def run(profile) -> SuiteResult:
         finally:
             for t in targets.values():
                 t.close()
-    abi_label = {"fd": "fd (`vcpu.handle().kick()`)", "sys": "syscall (`kvmsys.handle().kick()`)"}
+            for g, ref in floor.values():
+                ref.close()
+                g.close()
+    abi_label = {"fd": "fd (`vcpu.handle().kick()`)", "sys": "syscall (`kvmsys.handle().kick()`)",
+                 "c": "C floor: `pthread_kill` + `immediate_exit` (`RefVcpu.kick`)"}
     for key, s in samples.items():
         abi, which = key.split("/")
         ordered = sorted(s)
@@ -149,6 +167,10 @@ def run(profile) -> SuiteResult:
                     {"time": Stat(s, "ns"), "p90": Stat([p90], "ns")}, {"ended_otherwise": lost.get(key, [])})
         res.check(f"{key} latencies positive", min(s) > 0,
                   f"{key}: every run() returned after its kick was sent (min {min(s)} ns)")
+    for key in samples:
+        abi, which = key.split("/")
+        if abi != "c":
+            res.rows[key]["stats"]["ratio"] = derive(res.rows, "time", key, f"c/{which}", "ratio")
     res.config = dict(mode=profile.mode, samples=profile.kick_samples, delay_ms=[lo, hi])
     res.notes += [
         f"Guest mode: {mode_label(profile.mode, native)}. {profile.kick_samples} kicks per variant, "
@@ -156,6 +178,11 @@ def run(profile) -> SuiteResult:
         "target threads are not the main thread.",
         "Latency = perf_counter_ns() after run() returned in the target − perf_counter_ns() just before "
         "kick() in the kicking thread (one monotonic clock); median (min–max) over all kicks.",
+        "C floor: the same guest on its own vCPU, run by a pthread (created for each kick, before the wait) "
+        "looping on KVM_RUN with minimal exit handling; the kicking thread reads the clock, sets "
+        "kvm_run.immediate_exit and sends kvmsys's kick signal with pthread_kill; latency = clock after "
+        "KVM_RUN returned EINTR − clock before the kick.  Ratios pair the i-th kick of each variant "
+        "(interleaved) with the i-th kick of the floor.",
     ]
     if lost:
         res.notes.append("run() calls that returned before the kick (retried, not counted): "

@@ -12,11 +12,30 @@ import time
 
 import kvmsys
 
+from . import _reference
 from .guestvm import guest_name, mode_label, one_vcpu, set_handling
-from .harness import SuiteResult, Stat, derive, interleave, progress
+from .harness import SuiteResult, Stat, bootstrap_ci, derive, interleave, progress
 
 NAME = "threads"
 TITLE = "vCPU moved between threads vs thread-bound"
+
+
+def _in_new_thread(job):
+    """Run job in a thread made for it; return its result (its creation is not in it)."""
+    out: list = []
+
+    def main():
+        try:
+            out.append((True, job()))
+        except BaseException as e:      # handed to the caller
+            out.append((False, e))
+    t = threading.Thread(target=main, name="bench-new")
+    t.start()
+    t.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
 
 
 class _Pool:
@@ -57,23 +76,38 @@ class _Pool:
             t.join()
 
 
+def _settled(diff: list, tight_ns: float) -> tuple:
+    """(done, verdict) for the median of a per-switch cost: its 95% CI excludes zero, or
+    bounds it within ±tight_ns."""
+    lo, hi = bootstrap_ci(diff)
+    if lo > 0 or hi < 0:
+        return True, f"95% CI [{lo / 1e3:.1f}, {hi / 1e3:.1f}] µs excludes zero"
+    if hi - lo <= 2 * tight_ns:
+        return True, f"95% CI [{lo / 1e3:.1f}, {hi / 1e3:.1f}] µs includes zero, bounded within ±{tight_ns / 1e3:g} µs"
+    return False, f"95% CI [{lo / 1e3:.1f}, {hi / 1e3:.1f}] µs includes zero (not settled)"
+
+
 def run(profile) -> SuiteResult:
     t_start = time.perf_counter()
     n = profile.thread_exits
     name = guest_name("pio_out_loop", profile.mode)
     res = SuiteResult(NAME, TITLE, columns=[
-        ("how", "vCPU driven by"), ("time", f"per run(budget={n})"),
-        ("per_exit", "per exit"), ("d_bound", "extra vs thread-bound (per switch)"),
-        ("d_fd", "extra vs fd one worker thread (per switch)")])
+        ("how", "vCPU driven by"), ("time", f"per run of {n} exits"),
+        ("d_bound", "extra per switch vs thread-bound [95% CI]"),
+        ("d_fd", "extra per switch vs one fixed worker thread [95% CI]")])
+    batch = profile.reps * 3
     with kvmsys.Kvm() as kvm:
         fd_same = one_vcpu("fd", name, kvm=kvm, n=0)
         fd_worker = one_vcpu("fd", name, kvm=kvm, n=0)
         fd_rot = one_vcpu("fd", name, kvm=kvm, n=0)
+        fd_new = one_vcpu("fd", name, kvm=kvm, n=0)
+        c_ref = one_vcpu("fd", name, kvm=kvm, n=0)
         sysg = one_vcpu("sys", name, n=0)
+        ref = _reference.RefVcpu(c_ref.vcpu.fileno(), c_ref.vm.mmap_size)
         pool = _Pool(profile.thread_pool)
         single = _Pool(1)
         try:
-            for g in (fd_same, fd_worker, fd_rot, sysg):
+            for g in (fd_same, fd_worker, fd_rot, fd_new, sysg):
                 set_handling(g.vm, "pio_out", "c")
 
             def timed(run):
@@ -88,40 +122,74 @@ def run(profile) -> SuiteResult:
                 "fd_same": timed(fd_same.run),
                 "fd_worker": lambda: single.call_next(timed(fd_worker.run)),
                 "fd_rot": lambda: pool.call_next(timed(fd_rot.run)),
+                "fd_new": lambda: _in_new_thread(timed(fd_new.run)),
             }
             progress(f"{NAME}: {n} exits per sample, pool of {profile.thread_pool} threads, "
-                     f"{profile.reps * 3} reps")
-            # More repetitions than elsewhere: one sample is short and the effect is one event.
-            samples = interleave(variants, profile.reps * 3, profile.warmup)
+                     f"batches of {batch} reps until the switch costs are settled (at most "
+                     f"{profile.thread_batches} batches)")
+            # One sample is short and the effect is one event: batches of repetitions until
+            # the confidence intervals of both switch costs settle.
+            samples: dict = {}
+            c_samples: dict = {}
+            verdicts = {}
+            for b in range(profile.thread_batches):
+                for k, v in interleave(variants, batch, profile.warmup if b == 0 else 0).items():
+                    samples.setdefault(k, []).extend(v)
+                for k, v in ref.thread_switch(n, profile.thread_pool, batch + (profile.warmup if b == 0 else 0)).items():
+                    c_samples.setdefault(k, []).extend(v[profile.warmup:] if b == 0 else v)
+                py_diff = [x - y for x, y in zip(samples["fd_rot"], samples["fd_worker"])]
+                c_diff = [x - y for x, y in zip(c_samples["rotating"], c_samples["worker"])]
+                verdicts = {"py": _settled(py_diff, profile.thread_tight_ns),
+                            "c": _settled(c_diff, profile.thread_tight_ns)}
+                if all(done for done, _v in verdicts.values()):
+                    break
             native = sysg.native
         finally:
             pool.close()
             single.close()
-            sysg.close()
-            fd_same.close()
-            fd_worker.close()
-            fd_rot.close()
+            ref.close()
+            for g in (sysg, fd_same, fd_worker, fd_rot, fd_new, c_ref):
+                g.close()
     labels = {
         "bound": "syscall ABI: thread-bound vCPU (always the same thread)",
         "fd_same": "fd ABI: always the same thread (the main thread, like the bound one)",
         "fd_worker": "fd ABI: always the same worker thread (handed work like the pool)",
-        "fd_rot": f"fd ABI: rotating pool of {profile.thread_pool} threads (a new thread every run)",
+        "fd_rot": f"fd ABI: rotating pool of {profile.thread_pool} threads (another thread every run)",
+        "fd_new": "fd ABI: a thread created for each run (creation not timed)",
+        "c/caller": "C reference: the calling thread",
+        "c/worker": "C reference: one fixed worker pthread",
+        "c/rotating": f"C reference: rotating pool of {profile.thread_pool} pthreads",
+        "c/new": "C reference: a pthread created for each run (creation not timed)",
     }
     for key, label in labels.items():
-        res.add_row(key, {"how": label}, {"time": Stat(samples[key], "ns"),
-                                          "per_exit": Stat([s / n for s in samples[key]], "ns")})
+        src = c_samples[key[2:]] if key.startswith("c/") else samples[key]
+        res.add_row(key, {"how": label}, {"time": Stat(src, "ns")})
     rot = res.rows["fd_rot"]["stats"]
     rot["d_bound"] = derive(res.rows, "time", "fd_rot", "bound", "difference")
     rot["d_fd"] = derive(res.rows, "time", "fd_rot", "fd_worker", "difference")
+    new = res.rows["fd_new"]["stats"]
+    new["d_bound"] = derive(res.rows, "time", "fd_new", "bound", "difference")
+    new["d_fd"] = derive(res.rows, "time", "fd_new", "fd_worker", "difference")
+    for key in ("c/rotating", "c/new"):
+        st = res.rows[key]["stats"]
+        st["d_bound"] = derive(res.rows, "time", key, "c/caller", "difference")
+        st["d_fd"] = derive(res.rows, "time", key, "c/worker", "difference")
+    reps = len(samples["fd_rot"])
+    res.check("switch cost settled", True,          # informative: the verdicts say how it settled
+              f"kvmsys: {verdicts['py'][1]}; C: {verdicts['c'][1]}")
     res.config = dict(mode=profile.mode, guest=name, exits_per_sample=n, pool=profile.thread_pool,
-                      reps=profile.reps * 3)
+                      reps=reps, c_reps=len(c_samples["rotating"]),
+                      verdicts={k: v[1] for k, v in verdicts.items()})
     res.notes += [
         f"Guest {name}, mode {mode_label(profile.mode, native)}; PIO handled in C; each sample is one "
-        f"run(budget={n}) call timed inside the thread that makes it ({profile.reps * 3} interleaved reps).",
-        "Every rotating sample is one move of the vCPU to another thread, so "
-        "(rotating − same thread) per sample is the cost of one switch; shown per repetition, "
-        "median (min–max).  The fixed worker thread separates the switch from any difference "
-        "between the main thread and a worker thread.",
+        f"run(budget={n}) call timed inside the thread that makes it; {reps} interleaved repetitions "
+        f"(batches of {batch} until both switch costs settled, at most {profile.thread_batches} batches).",
+        "Every rotating (or new-thread) sample is one move of the vCPU to another thread, so (rotating − "
+        "fixed worker) per repetition is the cost of one switch (paired samples); the fixed worker separates "
+        "the switch from any difference between the main thread and a worker thread.",
+        f"C reference: the same rotation done from C (`RefVcpu.thread_switch`: pthreads handed the vCPU "
+        f"through semaphores, {n} exits per sample with minimal handling), on its own vCPU.",
+        f"Per switch, fd ABI in kvmsys: {verdicts['py'][1]}; C reference: {verdicts['c'][1]}.",
     ]
     res.elapsed_s = time.perf_counter() - t_start
     return res

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import os
 import threading
 
 from . import _core, platform, vcpustate
 from . import placement as _placement
-from .errors import ConfigurationError, InvalidArgumentError, StateError, VcpuBindingError
+from .errors import (ConfigurationError, InvalidArgumentError, KvmOSError, KvmsysError, StateError,
+                     VcpuBindingError)
 from .fd import Kvm, Vm, Vcpu
 
 __all__ = ["configure", "add_vcpu", "run", "remove_vcpu", "current", "handle", "vm",
@@ -46,6 +48,29 @@ class ThreadVcpu(Vcpu):
     """A vCPU owned by one thread (the syscall-style ABI)."""
     tid = None          # native id of the owning thread while bound
     placement = None    # its placement policy while bound
+
+    def set_cpuid2(self, entries) -> None:
+        """KVM_SET_CPUID2.  KVM freezes a vCPU's CPUID at its first KVM_RUN, for good; a
+        recycled vCPU that ran under an earlier owner, and not yet under this one, is
+        therefore moved onto a new kernel vCPU (a new id, the lowest free one; the comm
+        area stays where it is) when KVM refuses the table, as a new vCPU would take it."""
+        try:
+            return super().set_cpuid2(entries)
+        except KvmOSError as e:
+            if e.errno != errno.EINVAL or not self.run_before:
+                raise
+        with _lock:
+            changed = self.touched
+            state = vcpustate.capture(self) if changed else None
+            old_id, new_id = self.id, _free_id(self.vm)
+            self.replace_kernel_vcpu(new_id)
+            if _bound.get(old_id) is self:
+                del _bound[old_id]
+                _bound[new_id] = self
+            self._initial = vcpustate.capture(self)
+        super().set_cpuid2(entries)
+        if changed:         # what this owner did before: carried over (KVM order, CPUID first)
+            vcpustate.apply(self, state)
 
     def stats(self) -> dict:
         """Run-loop counters, plus host CPU, migrations and context switches of its thread."""
@@ -119,14 +144,19 @@ def vm() -> ProcessVm:
         return _vm if _vm is not None else _create_vm()
 
 
-def _reset_for_reuse(vcpu: ThreadVcpu) -> None:
+def _reset_for_reuse(vcpu: ThreadVcpu) -> bool:
     # A kernel vCPU lives as long as its VM, so kvmsys recycles it: back to the
     # state it had when created, so a new owner cannot tell it from a fresh one.
-    if vcpu.touched:      # a vCPU that never ran nor had state set is still pristine
-        vcpustate.apply(vcpu, vcpu._initial)
-        vcpu.mark_pristine()
+    # False where KVM cannot undo what happened to it (a CPUID table): retired.
+    if vcpu.cpuid_set:
+        return False
+    try:
+        vcpustate.reset(vcpu, vcpu._initial)
+    except KvmsysError:
+        return False
     vcpu.reset_stats()
     vcpu.pending.clear()
+    return True
 
 
 def _release(vcpu: ThreadVcpu) -> None:
@@ -147,8 +177,10 @@ def _release(vcpu: ThreadVcpu) -> None:
             return      # a daemon thread torn down inside run() at exit: never reuse it under its loop
         fresh = vcpu.renew()
         fresh._initial = vcpu._initial
-        _reset_for_reuse(fresh)
-        _pool[fresh.id] = fresh
+        if _reset_for_reuse(fresh):
+            _pool[fresh.id] = fresh
+        else:
+            fresh.close()   # retired: KVM keeps it (and its id) until the VM is destroyed
 
 
 def _place(vcpu: ThreadVcpu) -> None:
@@ -172,6 +204,14 @@ def set_placement(policy: str, vcpu: ThreadVcpu | None = None) -> None:
             _place(v)
 
 
+def _free_id(v: Vm) -> int:
+    # Under _lock: the lowest id KVM has no vCPU for (retired ones keep theirs).
+    vcpu_id = 0
+    while vcpu_id in v.vcpu_ids:
+        vcpu_id += 1
+    return vcpu_id
+
+
 def add_vcpu(placement: str | None = None):
     """Attach a new vCPU to the calling thread and return its comm area.
 
@@ -187,10 +227,7 @@ def add_vcpu(placement: str | None = None):
         if _pool:
             vcpu = _pool.pop(min(_pool))    # the lowest free id
         else:
-            vcpu_id = 0
-            while vcpu_id in v.vcpu_ids:
-                vcpu_id += 1
-            vcpu = ThreadVcpu(v, vcpu_id)
+            vcpu = ThreadVcpu(v, _free_id(v))
             vcpu._initial = vcpustate.capture(vcpu)
         _bound[vcpu.id] = vcpu
         vcpu.tid = threading.get_native_id()

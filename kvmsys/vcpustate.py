@@ -37,13 +37,21 @@ def msr_indices(vcpu) -> list[int]:
 
 
 def capture(vcpu, msrs: list[int] | None = None) -> dict:
-    """Everything KVM keeps about *vcpu* that kvmsys can read (call it on a stopped vCPU)."""
+    """Everything KVM keeps about *vcpu* that kvmsys can read (call it on a stopped vCPU).
+
+    Besides what every KVM has: SREGS2 (with the PDPTRs), the TSC frequency and the
+    nested-virtualization state where the host has them."""
     state = dict(id=vcpu.id, regs=vcpu.get_regs(), sregs=vcpu.get_sregs(), fpu=vcpu.get_fpu(),
                  xsave=vcpu.get_xsave(), xcrs=vcpu.get_xcrs(), debugregs=vcpu.get_debugregs(),
                  msrs=read_msrs(vcpu, msr_indices(vcpu) if msrs is None else msrs),
                  mp_state=vcpu.get_mp_state(), vcpu_events=vcpu.get_vcpu_events())
     if vcpu.vm.has_irqchip:
         state["lapic"] = vcpu.get_lapic()
+    for key, cap, get in (("sregs2", "SREGS2", vcpu.get_sregs2),
+                          ("tsc_khz", "GET_TSC_KHZ", vcpu.get_tsc_khz),
+                          ("nested_state", "NESTED_STATE", vcpu.get_nested_state)):
+        if vcpu.vm.check_extension(cap) > 0:
+            state[key] = get()
     return state
 
 
@@ -54,15 +62,39 @@ def apply(vcpu, state: dict) -> list[int]:
     vcpu.set_fpu(state["fpu"])
     vcpu.set_xsave(state["xsave"])
     vcpu.set_xcrs(state["xcrs"])
-    vcpu.set_sregs(state["sregs"])
+    if "sregs2" in state and vcpu.vm.check_extension("SREGS2") > 0:
+        vcpu.set_sregs2(state["sregs2"])        # the same, plus the PDPTRs
+    else:
+        vcpu.set_sregs(state["sregs"])
+    if "tsc_khz" in state and vcpu.vm.check_extension("GET_TSC_KHZ") > 0 \
+            and vcpu.get_tsc_khz() != state["tsc_khz"]:
+        vcpu.set_tsc_khz(state["tsc_khz"])
     # Only MSRs that differ: KVM refuses some writes it would not need (e.g. paravirtual
     # MSRs the guest's CPUID does not announce, written with the value they hold).
     saved = state["msrs"]
     now = read_msrs(vcpu, list(saved)) if saved else {}
     refused = write_msrs(vcpu, {k: v for k, v in saved.items() if now.get(k) != v})
+    if "nested_state" in state and vcpu.vm.check_extension("NESTED_STATE") > 0:
+        vcpu.set_nested_state(state["nested_state"])
     if "lapic" in state and vcpu.vm.has_irqchip:
         vcpu.set_lapic(state["lapic"])
     vcpu.set_mp_state(state["mp_state"])
     vcpu.set_vcpu_events(state["vcpu_events"])
     vcpu.set_debugregs(state["debugregs"])
     return refused
+
+
+def reset(vcpu, initial: dict) -> None:
+    """Make a vCPU that its owner used indistinguishable from a new one, given the state
+    *initial* captured when it was created: an I/O its last exit left pending is completed
+    first (else KVM would finish it at the next owner's first run), guest debugging is
+    turned off (KVM has no way to read it back), every piece of state is applied, and the
+    comm area is cleared.  What KVM cannot undo (a CPUID table, and the freeze of the
+    CPUID after the first KVM_RUN: vcpu.cpuid_set, vcpu.has_run) is the caller's to avoid."""
+    if vcpu.touched:
+        vcpu.complete_pending_io()
+        if vcpu.guest_debug:
+            vcpu.set_guest_debug(False)
+        apply(vcpu, initial)
+        vcpu.mark_pristine()
+    vcpu.clear_comm_area()

@@ -69,7 +69,7 @@ cdef class Exit:
         cdef VcpuCore v = self.vcpu
         if v is None:
             raise StateError(f"this {type(self).__name__} was not produced by run()")
-        if v.gone is not None or v.forkgen != kvmsys_fork_generation:
+        if v.gone is not None or v.forkgen != kvmsys_fork_generation or v.v == NULL:
             v.require_open()
         if self.seq != v.v.run_seq:
             raise StaleVcpuError(f"this {type(self).__name__} is stale: vCPU {v.id} ran again since; "

@@ -24,6 +24,9 @@ cdef class VcpuCore:
     cdef int synced            # the kernel has filled run->s.regs at least once
     cdef int debug_enabled
     cdef int _touched            # ran or had state set: a recycled vCPU must be reset
+    cdef int ran                 # entered KVM_RUN at least once (an I/O may await completion)
+    cdef int ran_here            # ... since this object got it (renew() clears it)
+    cdef int cpuid_was_set       # KVM_SET_CPUID2 happened: KVM cannot undo it once the vCPU ran
     cdef readonly list pending   # (fn, args) calls and ("irq"|"nmi", vector) requests from handles
     cdef bint owner              # this object frees v
     cdef str gone                # why this object no longer reaches its vCPU, or None
@@ -90,6 +93,8 @@ cdef class VcpuCore:
         StaleVcpuError, and its comm-area views are released (slices of them read
         private zeros): nothing done through them reaches the vCPU or its next owner."""
         self.require_open()
+        if self.v.bound:
+            raise StateError(f"vCPU {self.id} is bound to a thread: remove_vcpu() hands it on")
         self.claim("hand it on")
         cdef VcpuCore n
         cdef Mapping old = self.page
@@ -97,6 +102,7 @@ cdef class VcpuCore:
             n = type(self).__new__(type(self))
             n.v, n.vm, n.id, n.forkgen = self.v, self.vm, self.id, self.forkgen
             n.synced, n.debug_enabled, n._touched = self.synced, self.debug_enabled, self._touched
+            n.ran, n.cpuid_was_set = self.ran, self.cpuid_was_set
             n.pending, n.views = [], []
             n.map_comm_area()
             old.revoke("belongs to a vCPU that was removed (or whose thread ended)")
@@ -142,6 +148,138 @@ cdef class VcpuCore:
         """Record that the vCPU's state is its initial state again (after a reset)."""
         self._touched = 0
 
+    @property
+    def has_run(self):
+        """True once the vCPU entered KVM_RUN.  KVM then accepts no CPUID table but the
+        one it has (none, on a new vCPU), for good: nothing resets that."""
+        return bool(self.ran)
+
+    @property
+    def run_before(self):
+        """True if the kernel vCPU ran before this object got it (recycled), not since."""
+        return bool(self.ran and not self.ran_here)
+
+    def replace_kernel_vcpu(self, new_id):
+        """Move this object onto a new kernel vCPU *new_id* of its VM, mapped where the
+        comm area is (views of it stay valid); the old kernel vCPU is retired (KVM keeps
+        it, and its id, until the VM goes).  State is the new vCPU's initial state."""
+        self.require_open()
+        cdef VmCore vm = self.vm
+        cdef int vid = as_int(new_id, "vCPU id", 0, 0x7fffffff)
+        require(vid not in vm.vcpu_ids, f"vCPU id {vid} already exists in this VM")
+        self.claim("replace it")
+        cdef int fd = -1
+        cdef void *addr
+        try:
+            fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vid), "KVM_CREATE_VCPU")
+            vm.vcpu_ids.add(vid)
+            addr = mmap(<void *>self.v.run, self.v.run_size, PROT_READ | PROT_WRITE,
+                        MAP_SHARED | MAP_FIXED, fd, 0)
+            if addr == MAP_FAILED or madvise(addr, self.v.run_size, MADV_DONTFORK) != 0:
+                err = errno
+                close(fd)
+                # the old vCPU's page is gone from this address: this object is done for
+                kvmsys_detach_region(<void *>self.v.run, self.v.run_size)
+                self.close_claimed()
+                raise_os(err, "mmap(kvm_run, MAP_FIXED)")
+            pthread_mutex_lock(&self.v.lock)
+            close(self.v.fd)
+            self.v.fd = fd
+            pthread_mutex_unlock(&self.v.lock)
+            self.id = vid
+            self.ran = self.ran_here = self.cpuid_was_set = self.debug_enabled = self._touched = 0
+            self.synced = 0
+            if vm.has_sync_regs:
+                self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS
+        finally:
+            kvmsys_store_int(&self.v.active, 0)
+
+    @property
+    def cpuid_set(self):
+        """True once KVM_SET_CPUID2 was called on this vCPU (a new one has no CPUID table)."""
+        return bool(self.cpuid_was_set)
+
+    @property
+    def guest_debug(self):
+        """True while KVM_SET_GUEST_DEBUG is enabled on this vCPU."""
+        return bool(self.debug_enabled)
+
+    def complete_pending_io(self):
+        """KVM_RUN with immediate_exit set: KVM completes an I/O or MMIO access the last
+        exit left for user space and returns at once, without running guest code (the
+        way KVM documents to settle a vCPU before its state is saved or reset)."""
+        self.require_open()
+        if not self.ran:
+            return
+        self.claim("complete its I/O")
+        cdef int r, err
+        try:
+            kvmsys_store_u8(&self.v.run.immediate_exit, 1)
+            r = ioctl(self.v.fd, KVM_RUN, 0)
+            err = errno
+            kvmsys_store_u8(&self.v.run.immediate_exit, 0)
+            if r < 0 and err != EINTR and err != EAGAIN:
+                raise_os(err, "KVM_RUN(immediate_exit)")
+        finally:
+            kvmsys_store_int(&self.v.active, 0)
+
+    def clear_comm_area(self):
+        """Zero the kvm_run page and the PIO data page as a new vCPU has them (the
+        coalesced ring, which KVM indexes, stays); registers come from KVM again."""
+        self.require_open()
+        cdef long page = sysconf(_SC_PAGESIZE)
+        cdef size_t n = min(<size_t>self.v.run_size, <size_t>(KVM_COALESCED_MMIO_PAGE_OFFSET * page))
+        memset(<void *>self.v.run, 0, n)
+        if self.vm.has_sync_regs:
+            self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS
+        self.synced = 0
+
+    def get_sregs2(self):
+        """KVM_GET_SREGS2 (raw struct kvm_sregs2: the special registers plus PDPTRs)."""
+        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_GET_SREGS2")
+        return self.get_blob(KVM_GET_SREGS2, sizeof(kvm_sregs2), "KVM_GET_SREGS2")
+
+    def set_sregs2(self, data):
+        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_SET_SREGS2")
+        self.set_blob(KVM_SET_SREGS2, data, sizeof(kvm_sregs2), "KVM_SET_SREGS2")
+
+    def get_tsc_khz(self):
+        """KVM_GET_TSC_KHZ: the guest TSC frequency in kHz."""
+        self.require_cap(KVM_CAP_GET_TSC_KHZ, "GET_TSC_KHZ", "KVM_GET_TSC_KHZ")
+        return self.vcpu_ioctl(KVM_GET_TSC_KHZ, NULL, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz):
+        """KVM_SET_TSC_KHZ (KVM refuses a frequency it cannot scale to: KvmOSError)."""
+        cdef uint32_t k = as_int(khz, "TSC frequency (kHz)", 1, 0xffffffff)
+        self.require_open()
+        self._touched = 1
+        check(ioctl(self.v.fd, KVM_SET_TSC_KHZ, <unsigned long>k), "KVM_SET_TSC_KHZ")
+
+    def get_nested_state(self):
+        """KVM_GET_NESTED_STATE as raw bytes (KVM_CAP_NESTED_STATE gives the size)."""
+        cdef long size = self.require_cap(KVM_CAP_NESTED_STATE, "NESTED_STATE", "KVM_GET_NESTED_STATE")
+        require(<size_t>size >= sizeof(kvm_nested_state), "KVM reported a nested-state size below its header")
+        cdef bytearray buf = bytearray(size)
+        (<kvm_nested_state *><char *>buf).size = size
+        self.vcpu_ioctl(KVM_GET_NESTED_STATE, <char *>buf, "KVM_GET_NESTED_STATE")
+        return bytes(buf[:(<kvm_nested_state *><char *>buf).size])
+
+    def set_nested_state(self, data):
+        cdef long size = self.require_cap(KVM_CAP_NESTED_STATE, "NESTED_STATE", "KVM_SET_NESTED_STATE")
+        cdef bytearray buf = bytearray(as_blob(data, "set_nested_state"))
+        require(sizeof(kvm_nested_state) <= <size_t>len(buf) <= <size_t>size and
+                (<kvm_nested_state *><char *>buf).size == <uint32_t>len(buf),
+                f"nested state must be a kvm_nested_state blob whose size field matches ({len(buf)} bytes given)")
+        self.vcpu_ioctl(KVM_SET_NESTED_STATE, <char *>buf, "KVM_SET_NESTED_STATE")
+
+    cdef long require_cap(self, int cap, str name, str op) except -1:
+        self.require_open()
+        cdef long n = self.vm.check_extension(cap)
+        if n <= 0:
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError(name, op)
+        return n
+
     def fileno(self):
         self.require_open()
         return self.v.fd
@@ -186,6 +324,7 @@ cdef class VcpuCore:
             self.require_open()          # closed meanwhile: say so
             raise StateError(f"vCPU {self.id} is already running in another thread")
         self._touched = 1
+        self.ran = self.ran_here = 1
         try:
             v.budget_left = budget
             v.deadline_ns = 0
@@ -425,6 +564,7 @@ cdef class VcpuCore:
                 e[i].ebx = d.get("ebx", 0)
                 e[i].ecx = d.get("ecx", 0)
                 e[i].edx = d.get("edx", 0)
+            self.cpuid_was_set = 1
             self.vcpu_ioctl(KVM_SET_CPUID2, c, "KVM_SET_CPUID2")
         finally:
             free(c)

@@ -77,9 +77,9 @@ def test_lifecycle_creates_vcpus(fdvm):
 def test_thread_switch_runs_every_sample(machine):
     machine.load("pio_out_loop.pm32", n=0)
     out = ref_vcpu(machine).thread_switch(10, 3, 4)
-    assert sorted(out) == ["caller", "rotating", "worker"]
+    assert sorted(out) == ["caller", "new", "rotating", "worker"]
     assert all(len(v) == 4 and min(v) > 0 for v in out.values())
-    assert machine.counter() == 3 * 4 * 10
+    assert machine.counter() == 4 * 4 * 10
 
 
 @pytest.mark.parametrize("guest", ["pio_out_loop.pm32", "compute.pm32"])

@@ -266,3 +266,87 @@ def test_boot_suite_tiny():
     else:
         assert any("qemu" in s.lower() for s in res["skipped"])
     assert "## boot:" in report.markdown_suite(res)
+
+
+# --- regressions against a stored run -----------------------------------------------
+def _exits_doc(tmp_path, name):
+    out = tmp_path / name
+    assert bench.main(["--profile", "tiny", "--suite", "exits", "--mode", "long64", "--json", str(out),
+                       "--quiet"]) == 0
+    return out
+
+
+def test_baseline_catches_a_slowed_loop(tmp_path, monkeypatch, capsys):
+    """A Python handler that sleeps 0.2 ms is a regression of the Python-handler loops, named
+    on stderr with exit code 4; the C-handler loops, not slowed, are not flagged."""
+    import time
+    from kvmsys_bench import baseline, guestvm
+    base = _exits_doc(tmp_path, "base.json")
+    doc = baseline.load(str(base))
+    assert not any(r["worse"] for r in baseline.compare(doc, doc))      # a run is not worse than itself
+    monkeypatch.setattr(guestvm, "noop_handler", lambda ex: time.sleep(0.0002))
+    slow = tmp_path / "slow.json"
+    capsys.readouterr()
+    rc = bench.main(["--profile", "tiny", "--suite", "exits", "--mode", "long64", "--json", str(slow),
+                     "--quiet", "--baseline", str(base)])
+    err = capsys.readouterr().err
+    assert rc == 4
+    worse = {r["metric"] for r in baseline.compare(baseline.load(str(slow)), doc) if r["worse"]}
+    assert "exits/long64/pio_out/fd_py/user_ns" in worse and "exits/long64/mmio_read/sys_py/user_ns" in worse
+    assert "REGRESSION exits/long64/pio_out/fd_py/user_ns" in err
+    # the sleep is the regression: 0.2 ms on a few hundred ns of Python handling
+    changes = {r["metric"]: r["change"] for r in baseline.compare(baseline.load(str(slow)), doc)}
+    assert changes["exits/long64/pio_out/fd_py/user_ns"] > 10
+
+
+def test_report_regenerates_the_markdown_from_json(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    assert bench.main(["--profile", "tiny", "--suite", "lifecycle", "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert bench.main(["--report", str(out)]) == 0
+    assert capsys.readouterr().out == printed
+
+
+@pytest.mark.nokvm
+def test_baseline_usage_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    assert bench.main(["--baseline", str(tmp_path / "missing.json")]) == 2
+    assert bench.main(["--report", str(bad)]) == 2
+    assert bench.main(["--tolerance", "-1"]) == 2
+
+
+# --- --trace ----------------------------------------------------------------------------
+@pytest.mark.nokvm
+def test_trace_segments_from_a_trace():
+    from kvmsys_bench import trace
+    run = trace._KVM_RUN_ARG
+    text = "\n".join([
+        "# tracer: nop",
+        f" python-7 [000] ..... 100.000010: sys_enter: NR 16 (5, {run}, 0, 0, 0, 0)",
+        " python-7 [000] ..... 100.000013: kvm_entry: vcpu 0, rip 0x1000",
+        " python-7 [000] ..... 100.000020: kvm_exit: vcpu 0 reason IO_INSTRUCTION",
+        " python-7 [000] ..... 100.000024: kvm_userspace_exit: reason KVM_EXIT_IO (2)",
+        " python-7 [000] ..... 100.000025: sys_exit: NR 16 = 0",
+        " python-7 [000] ..... 100.000026: sys_enter: NR 16 (5, 5401, 0, 0, 0, 0)",     # not KVM_RUN
+        " python-7 [000] ..... 100.000026: sys_exit: NR 16 = -25",
+        f" python-7 [000] ..... 100.000027: sys_enter: NR 16 (5, {run}, 0, 0, 0, 0)",
+        " python-7 [000] ..... 100.000036: kvm_userspace_exit: reason KVM_EXIT_IO (2)",  # emulated
+        " python-7 [000] ..... 100.000038: sys_exit: NR 16 = 0",
+    ])
+    seg = trace.segments(text)
+    assert seg == {"enter": [3000, 9000], "guest": [7000], "exit": [4000], "ret": [1000, 2000],
+                   "user": [2000]}
+
+
+def test_trace_breaks_down_round_trips():
+    from kvmsys_bench import trace
+    why = trace.unavailable()
+    if why:
+        pytest.skip(f"host: {why}")
+    res = trace.run(TINY)
+    assert not res.skipped
+    for rid, row in res.rows.items():
+        if rid.endswith(("/enter", "/ret")):
+            assert row["cells"]["count"] >= 50, rid       # every traced round trip was seen
+    assert {rid.split("/")[1] for rid in res.rows} == {"fd", "sys"}

@@ -309,6 +309,8 @@ def test_thread_end_kills_its_vcpu_object_too(fresh_process_vm):
 def test_a_kept_current_cannot_run_or_dirty_a_pooled_vcpu(fresh_process_vm):
     kvmsys.add_vcpu()
     v = kvmsys.current()
+    with pytest.raises(StateError, match="bound"):
+        v.renew()                           # only remove_vcpu() hands a bound vCPU on
     kvmsys.remove_vcpu()                    # the kernel vCPU is in the pool now
     with pytest.raises(StaleVcpuError):
         v.run(timeout=1)
@@ -425,3 +427,153 @@ def test_close_from_another_thread_while_running_is_refused(machine):
     t.join(10)
     assert isinstance(ex, KickExit), ex
     assert refused == [True, True, True]
+
+
+# --- recycling: a recycled vCPU is indistinguishable from a new one ------------------------
+
+MSR_TSC, MSR_SYSENTER_CS, MSR_SYSENTER_EIP = 0x10, 0x174, 0x176
+RUN_REQUEST_IRQ_WINDOW, RUN_EXIT_REASON, RUN_DIRTY_REGS, RUN_SYNC_REGS = 0, 8, 296, 304   # struct kvm_run (x86)
+
+
+def everything(vcpu):
+    """All per-vCPU state kvmsys can read, plus the comm area and guest debugging."""
+    from kvmsys import vcpustate
+    state = vcpustate.capture(vcpu)
+    state.pop("id")
+    state["msrs"].pop(MSR_TSC, None)        # the time stamp counter moves on by itself
+    page = vcpu.comm_area
+    state["comm area"] = bytes(page[:2 * 4096])     # kvm_run and the PIO data page
+    page.release()
+    state["guest debug"] = vcpu.guest_debug
+    return state
+
+
+def _ran_with_an_in_pending(v, mem):
+    load(v, mem, "pio_in_loop.pm32", n=5)
+    kvmsys.vm().add_handler(PIO, layout.PORT_IN, layout.PORT_IN + 1, K["PYTHON"], callback=lambda ex: True)
+    ex = kvmsys.run(timeout=10)
+    assert isinstance(ex, IoExit) and ex.is_in
+    ex.value = 0x5A                         # KVM would complete it at the next KVM_RUN
+
+
+def _set_fpu(v, mem):
+    fpu = bytearray(v.get_fpu())
+    fpu[0:2] = (0x027F).to_bytes(2, "little")           # fcw
+    v.set_fpu(bytes(fpu))
+
+
+def _set_xsave(v, mem):
+    xsave = bytearray(v.get_xsave())
+    xsave[24:28] = (0x1FA0).to_bytes(4, "little")       # mxcsr
+    v.set_xsave(bytes(xsave))
+
+
+def _set_xcrs(v, mem):
+    xcrs = bytearray(v.get_xcrs())
+    xcrs[0:4] = (1).to_bytes(4, "little")               # nr_xcrs
+    xcrs[16:24] = (3).to_bytes(8, "little")             # XCR0 = x87 | SSE
+    try:
+        v.set_xcrs(bytes(xcrs))
+    except kvmsys.KvmOSError:
+        pytest.skip("host: KVM refuses XCR0 = x87|SSE for a vCPU without CPUID")
+
+
+def _raw_comm_area_write(v, mem):
+    comm = v.comm_area
+    comm[RUN_REQUEST_IRQ_WINDOW] = 1
+    comm[RUN_SYNC_REGS:RUN_SYNC_REGS + 8] = (0xDEAD).to_bytes(8, "little")     # rax
+    comm[RUN_DIRTY_REGS] = 1                # KVM_SYNC_X86_REGS: load them at the next run
+
+
+def _set_tsc_khz(v, mem):
+    try:
+        v.set_tsc_khz(v.get_tsc_khz() // 2)
+    except kvmsys.KvmOSError:
+        pytest.skip("host: KVM cannot scale the TSC here (no KVM_CAP_TSC_CONTROL)")
+
+
+def _set_nested_state(v, mem):
+    if not kvmsys.vm().check_extension("NESTED_STATE"):
+        pytest.skip("host: no KVM_CAP_NESTED_STATE")
+    v.set_nested_state(v.get_nested_state())
+
+
+CHANGES = {
+    "ran, an IN pending": _ran_with_an_in_pending,
+    "regs": lambda v, mem: v.set_regs(dict(v.get_regs(), rax=0x1234, rip=0x2000)),
+    "regs through the comm area": lambda v, mem: setattr(v.regs, "rbx", 0x55),
+    "raw comm-area write": _raw_comm_area_write,
+    "sregs": lambda v, mem: v.set_sregs(dict(v.get_sregs(), cr2=0x1234_5000)),
+    "fpu": _set_fpu,
+    "xsave": _set_xsave,
+    "xcrs": _set_xcrs,
+    "msrs": lambda v, mem: v.set_msrs({MSR_SYSENTER_CS: 0x10, MSR_SYSENTER_EIP: 0xC0DE}),
+    "debugregs": lambda v, mem: v.set_debugregs(dict(v.get_debugregs(), db=[0x1000, 0, 0, 0], dr7=0x401)),
+    "guest debug": lambda v, mem: v.set_guest_debug(True, single_step=True),
+    "events": lambda v, mem: v.nmi(),
+    "tsc frequency": _set_tsc_khz,
+    "nested state": _set_nested_state,
+    "cpuid": lambda v, mem: v.set_cpuid2(kvmsys.Kvm().supported_cpuid()),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_recycled_vcpu_is_indistinguishable_from_a_new_one(fresh_process_vm, change):
+    setup_devices(kvmsys.vm())
+    mem = kvmsys.vm().memory(0)
+
+    def first_owner():
+        kvmsys.add_vcpu()
+        v = kvmsys.current()
+        CHANGES[change](v, mem)
+        return v.id
+
+    first_id = in_thread(first_owner)
+    comm = kvmsys.add_vcpu()
+    v = kvmsys.current()
+    if change == "cpuid":
+        # KVM cannot undo a CPUID table: that kernel vCPU is retired, this one is new
+        assert v.id != first_id and not v.has_run
+    else:
+        assert v.id == first_id and not v.touched
+    with kvmsys.Kvm() as kvm, kvm.create_vm() as ref_vm:       # a brand-new vCPU to compare with
+        ref_vm.add_memory(0, 0, layout.RAM_SIZE)
+        ref = ref_vm.create_vcpu(v.id)
+        assert everything(v) == everything(ref)
+    # and it behaves like one: any CPUID table accepted (a vCPU that ran under its last
+    # owner, whose CPUID KVM froze, moves onto a new kernel vCPU for it), no single step,
+    # no stale registers
+    cpuid = kvmsys.Kvm().supported_cpuid()
+    v.set_cpuid2(cpuid[:len(cpuid) // 2])
+    assert (v.id != first_id) == (change in ("cpuid", "ran, an IN pending"))
+    assert kvmsys.vcpus() == {v.id: v} and kvmsys.handle().id == v.id
+    load(v, mem, "pio_out_loop.pm32", n=3)
+    ex = kvmsys.run(timeout=10)
+    assert isinstance(ex, StopExit) and ex.status == exit_status(0), ex
+    assert v.stats()["exits"] == {"IO": 4}
+    assert comm[RUN_EXIT_REASON] == 2           # the comm area from add_vcpu() shows this vCPU's exits
+
+
+def test_lapic_and_mp_state_of_a_recycled_vcpu_are_reset():
+    from kvmsys import syscall
+    with syscall.fresh_vm(memory_size=layout.RAM_SIZE, pc_ports=False, irqchip=True):
+        def first_owner():
+            kvmsys.add_vcpu()
+            v = kvmsys.current()
+            lapic = bytearray(v.get_lapic())
+            lapic[0xF0:0xF4] = (0x1FF).to_bytes(4, "little")    # SVR: APIC on, spurious 0xFF
+            v.set_lapic(bytes(lapic))
+            v.set_mp_state(3)                                   # HALTED (needs the irqchip)
+            return bytes(lapic)
+        changed = in_thread(first_owner)
+        kvmsys.add_vcpu()
+        try:
+            v = kvmsys.current()
+            with kvmsys.Kvm() as kvm, kvm.create_vm() as ref_vm:
+                ref_vm.create_irqchip()
+                ref = ref_vm.create_vcpu(v.id)
+                assert v.get_lapic() == ref.get_lapic() != changed
+                assert v.get_mp_state() == ref.get_mp_state() != 3
+                assert everything(v) == everything(ref)
+        finally:
+            kvmsys.remove_vcpu()
