@@ -120,8 +120,10 @@ class Pc:
         return True
 
     def stop(self, why: str) -> None:
-        """End the run (from any thread): every vCPU's run loop returns."""
+        """End the run (from any thread): every vCPU's run loop returns, also one waiting
+        for the others in a reset."""
         self.pending = why
+        self._barrier.abort()
         self._kick_all()
 
     # --- reset ----------------------------------------------------------------
@@ -152,12 +154,16 @@ class Pc:
     def synchronized_reset(self, vcpu, timeout: float | None) -> None:
         """Called by every vCPU thread once it saw a reset request: one resets the platform
         while all wait, then each resets its vCPU, and all start together."""
-        if self._barrier.wait(timeout) == 0:
-            self.reset_platform()
-            self.pending = None
-        self._barrier.wait(timeout)
-        self.reset_vcpu(vcpu)
-        self._barrier.wait(timeout)
+        try:
+            if self._barrier.wait(timeout) == 0:
+                self.reset_platform()
+                self.pending = None
+            self._barrier.wait(timeout)
+            self.reset_vcpu(vcpu)
+            self._barrier.wait(timeout)
+        except threading.BrokenBarrierError:
+            if self.pending in (None, "reset"):     # not stopped: a vCPU never came (deadline)
+                self.pending = "DEADLINE"
 
     def close(self) -> None:
         self.finished.set()
