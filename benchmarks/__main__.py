@@ -64,6 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unwritable(path: str) -> str | None:
+    """Why *path* cannot be written as an output file, or None (nothing is created)."""
+    if os.path.isdir(path):
+        return "it is a directory"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "permission denied"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"no directory {parent}"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"directory {parent} is not writable"
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:              # `kvmsys bench -- --quick`: the separator is not ours
@@ -79,6 +91,11 @@ def main(argv=None) -> int:
     if args.reps is not None and args.reps < 1:
         print("benchmarks: --reps must be at least 1", file=sys.stderr)
         return 2
+    for out in (args.json, args.plot):
+        problem = out and _unwritable(out)
+        if problem:             # before the run, not after minutes of it
+            print(f"benchmarks: cannot write {out}: {problem}", file=sys.stderr)
+            return 2
     tolerance = baseline.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     if tolerance < 0:
         print("benchmarks: --tolerance must not be negative", file=sys.stderr)

@@ -59,6 +59,61 @@ def _print_result(r) -> None:
         print("unhandled ports: " + ", ".join(f"{p:#x}×{n}" for p, n in sorted(r.port_counts.items())))
 
 
+class UsageError(Exception):
+    """A user error the CLI reports in one line (exit status 2)."""
+
+
+def read_image(path: str, limit: int) -> bytes:
+    """The bytes of a regular file of 1..limit bytes, opened so that nothing blocks (a
+    FIFO, a device) and nothing is read past the size checked first (/dev/zero)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{path} is not a regular file")
+        if not 0 < st.st_size <= limit:
+            raise UsageError(f"{path} has {st.st_size} bytes: expected 1 .. {limit}")
+        chunks, left = [], st.st_size
+        while left:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break           # truncated meanwhile: the run refuses what is short
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --timeout: finite, non-negative seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be finite and non-negative: {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+KERNEL_MAX = 256 << 20      # kernels, initrds and modules read by --kernel, --initrd, --module
+
+
 def _serial(spec: str):
     """--serial: None (collect), or a sink with attach(pc) and close()."""
     from . import terminal
@@ -72,11 +127,10 @@ def _serial(spec: str):
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    return read_image(path, KERNEL_MAX)
 
 
-def _run_pc(args, gdb=None):
+def _run_pc(args, image, gdb=None):
     """--firmware or --kernel: the PC of kvmsys.pc."""
     from . import runner, terminal
     disk, readonly = None, False
@@ -103,7 +157,7 @@ def _run_pc(args, gdb=None):
             return runner.run_kernel(_read(args.kernel), cmdline=args.append or "", modules=modules,
                                      initrd=_read(args.initrd) if args.initrd else None, label=args.kernel,
                                      **common)
-        return runner.run_firmware(_read(args.firmware), label=args.firmware, vcpus=args.vcpus,
+        return runner.run_firmware(image, label=args.firmware, vcpus=args.vcpus,
                                    no_reboot=args.no_reboot, **common)
     finally:
         if sink is not None:
@@ -123,10 +177,11 @@ def _gdb_server(args):
 
 
 def _cmd_run(args) -> int:
-    from . import runner
+    from . import platform, runner
+    image = read_image(args.firmware, platform.MAX_FIRMWARE_SIZE) if args.firmware else None
     with _gdb_server(args) as gdb:
         if args.firmware or args.kernel:
-            r = _run_pc(args, gdb)
+            r = _run_pc(args, image, gdb)
             if args.debug_log:
                 with open(args.debug_log, "wb") as f:
                     f.write(r.debug)
@@ -140,7 +195,7 @@ def _cmd_run(args) -> int:
                                  timeout=10.0 if args.timeout is None else args.timeout, gdb=gdb, **inputs)
     _print_result(r)
     if r.status is not None:
-        return r.status
+        return r.status & 0xFF      # a process exit status is 8 bits (QEMU truncates it too)
     return 0 if r.ok or r.reason in ("QUIT", "RESET", "MATCHED") else 2     # as QEMU: quit, -no-reboot
 
 
@@ -172,8 +227,8 @@ def main(argv=None) -> int:
     what.add_argument("--kernel", help="a Linux bzImage or a Multiboot kernel, loaded and entered with no "
                       "firmware on the same PC")
     r.add_argument("--abi", choices=("fd", "sys"), default="sys", help="which ABI drives the vCPUs")
-    r.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (one thread each)")
-    r.add_argument("--timeout", type=float, help="seconds before the watchdog stops it (default 10; "
+    r.add_argument("--vcpus", type=_positive, default=1, help="number of vCPUs (one thread each)")
+    r.add_argument("--timeout", type=_seconds, help="seconds before the watchdog stops it (default 10; "
                    "none for firmware with --serial stdio)")
     r.add_argument("--n", type=int, help="iteration count input of loop/compute guests")
     r.add_argument("--gdb", metavar="ADDRESS",
@@ -201,20 +256,35 @@ def main(argv=None) -> int:
                        add_help=False)
     b.set_defaults(fn=_cmd_bench)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:       # everything after "bench" belongs to the benchmark's parser
-        return _cmd_bench(argparse.Namespace(rest=argv[1:]))
-    args = p.parse_args(argv)
+    try:
+        if argv[:1] == ["bench"]:       # everything after "bench" belongs to the benchmark's parser
+            return _cmd_bench(argparse.Namespace(rest=argv[1:]))
+        args = p.parse_args(argv)
+        return _run(args)
+    except BrokenPipeError:
+        # the reader went away (`kvmsys guests | head -1`): end quietly, as a program
+        # killed by SIGPIPE would; stdout points at /dev/null so the final flush is silent
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
+    except KeyboardInterrupt:
+        print("kvmsys: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     try:
         return args.fn(args)
+    except UsageError as e:
+        print(f"kvmsys: {e}", file=sys.stderr)
+        return 2
     except CapabilityError as e:
         print(f"kvmsys: {e}", file=sys.stderr)
         return 3
     except KvmOSError as e:
         print(f"kvmsys: {e}", file=sys.stderr)
         return 3
-    except (KvmsysError, KeyError, ValueError) as e:
+    except KvmsysError as e:
         print(f"kvmsys: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kvmsys: interrupted", file=sys.stderr)
-        return 130

@@ -10,8 +10,8 @@ import os as _os
 
 __all__ = [
     "KvmsysError", "KvmOSError", "KvmUnavailableError", "KvmPermissionError",
-    "CapabilityError", "InvalidArgumentError", "StateError", "StaleVcpuError",
-    "VcpuBindingError", "ConfigurationError",
+    "CapabilityError", "InvalidArgumentError", "ArgumentTypeError", "StateError", "StaleVcpuError",
+    "VcpuBindingError", "ConfigurationError", "OperationTimeoutError",
 ]
 
 
@@ -58,6 +58,10 @@ class InvalidArgumentError(KvmsysError, ValueError):
     """An argument failed validation before it reached the kernel."""
 
 
+class ArgumentTypeError(InvalidArgumentError, TypeError):
+    """An argument of the wrong type (a float where an int is meant, a str for bytes...)."""
+
+
 class StateError(KvmsysError, RuntimeError):
     """The object is not in a state that allows the operation (closed, running, ...)."""
 
@@ -72,3 +76,7 @@ class VcpuBindingError(StateError):
 
 class ConfigurationError(StateError):
     """configure() was called after the process VM already exists."""
+
+
+class OperationTimeoutError(KvmsysError, TimeoutError):
+    """An operation that waits for other threads (smp.pause, a snapshot) ran out of time."""

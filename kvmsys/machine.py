@@ -70,7 +70,7 @@ class Machine:
                     self.vm.create_pit2()
             self.mem = self.vm.add_memory(0, 0, memory_size) if firmware is None else None
         else:
-            self._scope = syscall.fresh_vm(memory_size=4096 if firmware else memory_size,
+            self._scope = syscall.fresh_vm(memory_size=4096 if firmware is not None else memory_size,
                                            pc_ports=False, irqchip=irqchip, pit=pit)
             self.vm = self._scope.__enter__()
             if firmware is None:

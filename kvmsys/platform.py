@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from . import _core
 from .enums import Kind, Space
+from .errors import ArgumentTypeError, InvalidArgumentError
 
 PIO, MMIO = Space.PIO, Space.MMIO
 
@@ -20,7 +21,7 @@ COM1 = 0x3F8
 LSR_THRE_TEMT = 0x60
 
 FOUR_GIB = 1 << 32
-FIRMWARE_MAX = 16 << 20
+MAX_FIRMWARE_SIZE = 16 << 20
 BIOS_AREA = 0xC0000             # [0xC0000, 1 MiB): option ROMs and the BIOS, RAM here
 LOW_COPY_MAX = 128 * 1024       # the top of a larger image that is visible below 1 MiB
 VGA_TEXT = (0xB8000, 0xC0000)   # colour text page (RAM, no VGA behind it)
@@ -52,12 +53,13 @@ def load_firmware(vm, image: bytes, *, ram_size: int, first_slot: int = 0) -> li
     writable RAM: firmware writes its own data there (and CPUs set accessed bits in
     descriptor tables there, which a read-only slot would make hang).  Both copies are
     RAM, rewritten by copy_firmware() at every reset."""
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise ArgumentTypeError(f"firmware image must be bytes, not {type(image).__name__}")
     size = len(image)
-    if not 0 < size <= FIRMWARE_MAX:
-        raise ValueError(f"firmware image of {size} bytes: expected 1 byte .. 16 MiB")
-    if not 2 << 20 <= ram_size <= RAM_MAX or ram_size % 4096:
-        raise ValueError(f"firmware needs 2 MiB .. {RAM_MAX >> 20} MiB of page-aligned RAM, "
-                         f"not {ram_size} bytes")
+    if not 0 < size <= MAX_FIRMWARE_SIZE:
+        raise InvalidArgumentError(f"firmware image of {size} bytes: expected 1 byte .. 16 MiB")
+    if not isinstance(ram_size, int) or not 2 << 20 <= ram_size <= RAM_MAX or ram_size % 4096:
+        raise InvalidArgumentError(f"firmware needs 2 MiB .. {RAM_MAX >> 20} MiB of page-aligned RAM")
     mapped = (size + 4095) & ~4095
     regions = [(0, 0xA0000), (VGA_TEXT[0], VGA_TEXT[1] - VGA_TEXT[0]), (BIOS_AREA, 0x100000 - BIOS_AREA),
                (0x100000, ram_size - 0x100000), (FOUR_GIB - mapped, mapped)]

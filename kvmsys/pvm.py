@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from .errors import ArgumentTypeError, InvalidArgumentError
+
 MSR_PVM_NATIVE = 0x4B564D10   # write (page-aligned GPA in a memory slot) | 1
 MSR_PVM_SIGNATURE = 0x4B564D11
 PVM_SIGNATURE = 0x4D5650      # "PVM"
@@ -51,8 +53,10 @@ def enable_native(vcpu, page_gpa: int) -> bool:
     """On PVM, let a 64-bit guest run natively; elsewhere do nothing.  Returns True if enabled.
 
     Must be called before the vCPU's first KVM_RUN; *page_gpa* is a free page in a memory slot."""
-    if page_gpa % 4096:
-        raise ValueError(f"PVM page {page_gpa:#x} is not page-aligned")
+    if not isinstance(page_gpa, int) or isinstance(page_gpa, bool):
+        raise ArgumentTypeError(f"page_gpa must be an int, not {type(page_gpa).__name__}")
+    if page_gpa % 4096 or not 0 <= page_gpa < 1 << 52:
+        raise InvalidArgumentError(f"PVM page {page_gpa:#x} is not page-aligned")
     if not is_pvm(vcpu):
         return False
     return vcpu.set_msrs({MSR_PVM_NATIVE: page_gpa | 1}) == 1

@@ -11,8 +11,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from . import _core, pvm
-from .errors import InvalidArgumentError
+from . import _core, platform, pvm
+from .errors import ArgumentTypeError, InvalidArgumentError, KvmsysError
 from .guests import get as get_guest, layout
 from .machine import ABIS, Machine, check_abi, setup_devices  # noqa: F401 (setup_devices: API)
 
@@ -47,8 +47,8 @@ def _drive(run, deadline) -> _core.Exit:
     while True:
         remaining = deadline() - time.monotonic()
         ex = run(timeout=max(remaining, 0.0))
-        if isinstance(ex, (_core.StopExit, _core.DeadlineExit)) or ex.name in _TERMINAL:
-            return ex
+        if isinstance(ex, (_core.StopExit, _core.DeadlineExit, _core.KickExit)) or ex.name in _TERMINAL:
+            return ex       # a kick is how the runner stops its vCPUs early (Ctrl-C)
         if isinstance(ex, (_core.IoExit, _core.MmioExit)):
             continue        # an access no handler took; reads already answered with all-ones
         if remaining <= 0:
@@ -85,15 +85,46 @@ def _debugged(gdb, vcpu, run, deadline: float):
     return gdb.attach(vcpu, run), lambda: deadline + gdb.parked_seconds(vcpu.id)
 
 
+def _check_run_args(abi, timeout) -> None:
+    check_abi(abi)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise ArgumentTypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not 0 <= timeout < float("inf"):
+        raise InvalidArgumentError(f"timeout must be finite non-negative seconds, not {timeout!r}")
+
+
+def _check_pc_args(abi, timeout) -> None:
+    """As _check_run_args; a PC run may also have no deadline (timeout None)."""
+    if timeout is None:
+        check_abi(abi)
+    else:
+        _check_run_args(abi, timeout)
+
+
+def _stop_workers(threads, handles, ready) -> None:
+    """The caller was interrupted (Ctrl-C): stop every vCPU thread, then wait for them."""
+    ready.abort()               # threads not yet running never start (handles are set before)
+    for h in handles:
+        if h is not None:
+            try:
+                h.kick()        # their run() returns KickExit and _drive returns it
+            except KvmsysError:
+                pass            # already removed: that thread is ending anyway
+    for t in threads:
+        t.join()
+
+
 def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10.0,
               memory_size: int = layout.RAM_SIZE, gdb=None, **inputs) -> RunResult:
     """Run built-in guest *name* over *abi* on *vcpus* threads until it stops.
 
     gdb: a kvmsys.gdb.GdbServer made for *vcpus* vCPUs; the guest then waits for gdb
     before its first instruction."""
-    check_abi(abi)
-    if vcpus < 1:
-        raise InvalidArgumentError("vcpus must be at least 1")
+    _check_run_args(abi, timeout)
+    if not isinstance(vcpus, int) or isinstance(vcpus, bool):
+        raise ArgumentTypeError(f"vcpus must be an int, not {type(vcpus).__name__}")
+    if not 1 <= vcpus <= layout.SMP_MAX_CPUS:
+        raise InvalidArgumentError(f"vcpus must be 1..{layout.SMP_MAX_CPUS}, not {vcpus}")
     guest = get_guest(name)
     irqchip = bool(guest.expect.get("irqchip"))
     if vcpus > 1 and irqchip and "cpu" not in {p.name for p in guest.params}:
@@ -156,8 +187,13 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
             threads = [threading.Thread(target=worker, args=(i,), name=f"vcpu{i}") for i in range(vcpus)]
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join()
+            try:
+                for t in threads:
+                    t.join()
+            except BaseException:       # Ctrl-C lands in this (the main) thread only
+                done.set()
+                _stop_workers(threads, handles, ready)
+                raise
         done.set()
         if feed is not None:
             feed.join()
@@ -195,7 +231,11 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
     "MATCHED") once the serial or the debug console shows these bytes (looked for every
     few ms).  gdb: as for run_guest (one vCPU)."""
     from .pc import Pc
-    check_abi(abi)
+    _check_pc_args(abi, timeout)
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise ArgumentTypeError(f"firmware image must be bytes, not {type(image).__name__}")
+    if not 0 < len(image) <= platform.MAX_FIRMWARE_SIZE:
+        raise InvalidArgumentError(f"firmware image of {len(image)} bytes: expected 1 byte .. 16 MiB")
     if vcpus < 1:
         raise InvalidArgumentError("vcpus must be at least 1")
     if gdb is not None and vcpus != 1:
@@ -220,7 +260,9 @@ def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), initrd: bytes | 
     the run (there is no firmware to restart)."""
     from .loaders import enter_linux, enter_multiboot, is_bzimage, load_linux, load_multiboot
     from .pc import Pc
-    check_abi(abi)
+    _check_pc_args(abi, timeout)
+    if not isinstance(kernel, (bytes, bytearray, memoryview)):
+        raise ArgumentTypeError(f"kernel image must be bytes, not {type(kernel).__name__}")
     linux = is_bzimage(kernel)
     if linux and modules:
         raise InvalidArgumentError("modules are for Multiboot kernels; a Linux kernel takes an initrd")
@@ -287,8 +329,14 @@ def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, unt
             threads = [threading.Thread(target=worker, args=(i,), name=f"vcpu{i}") for i in range(vcpus)]
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join()
+            try:
+                for t in threads:
+                    t.join()
+            except KeyboardInterrupt:       # Ctrl-C in the main thread: stop the vCPU threads too
+                pc.stop("INTERRUPTED")
+                for t in threads:
+                    t.join()
+                raise
         elapsed = time.monotonic() - t0
         if errors:
             raise errors[0]

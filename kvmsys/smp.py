@@ -35,7 +35,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import _core, pvm, syscall, vcpustate
-from .errors import StaleVcpuError, StateError, VcpuBindingError
+from .errors import (ArgumentTypeError, InvalidArgumentError, OperationTimeoutError, StaleVcpuError,
+                     StateError, VcpuBindingError)
 
 __all__ = ["pause", "resume", "paused", "is_paused", "snapshot", "restore", "apply_vcpu_state",
            "capture_vcpu_state", "Snapshot", "MemoryImage"]
@@ -78,6 +79,13 @@ def _park(part: _Part) -> None:
             reply.put((False, e))
 
 
+def _check_timeout(timeout) -> None:
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise ArgumentTypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not 0 <= timeout < float("inf"):
+        raise InvalidArgumentError(f"timeout must be finite non-negative seconds, not {timeout!r}")
+
+
 def _release(p: _Pause) -> None:
     for part in p.parts.values():
         part.inbox.put(_RESUME)
@@ -90,9 +98,11 @@ def is_paused() -> bool:
 def pause(timeout: float = 5.0) -> list[int]:
     """Stop every vCPU bound to a thread; return their ids once all are parked.
 
-    Raises StateError if already paused, TimeoutError (after resuming the others)
-    if some vCPU did not park within *timeout* seconds (see the module's precondition)."""
+    Raises StateError if already paused, OperationTimeoutError (a TimeoutError; after
+    resuming the others) if some vCPU did not park within *timeout* seconds (see the
+    module's precondition)."""
     global _current
+    _check_timeout(timeout)
     with _lock:
         if _current is not None:
             raise StateError("the process VM is already paused: resume() first")
@@ -114,7 +124,7 @@ def pause(timeout: float = 5.0) -> list[int]:
         late = [i for i, part in p.parts.items()
                 if not part.arrived.wait(max(0.0, deadline - time.monotonic()))]
         if late:
-            raise TimeoutError(f"vCPU(s) {late} did not pause within {timeout} s: is every bound "
+            raise OperationTimeoutError(f"vCPU(s) {late} did not pause within {timeout} s: is every bound "
                                f"vCPU's thread running it (inside run() or about to call it)?")
     except BaseException:
         with _lock:
@@ -184,7 +194,7 @@ def _ask(part: _Part, fn, timeout: float):
     try:
         ok, value = reply.get(timeout=timeout)
     except queue.Empty:
-        raise TimeoutError(f"paused vCPU {part.vcpu.id} did not answer within {timeout} s") from None
+        raise OperationTimeoutError(f"paused vCPU {part.vcpu.id} did not answer within {timeout} s") from None
     if not ok:
         raise value
     return value
@@ -194,6 +204,7 @@ def snapshot(timeout: float = 5.0) -> Snapshot:
     """Save the paused process VM (StateError unless paused, with the same vCPUs bound).
 
     Each vCPU's state is read by its own thread (where it is parked)."""
+    _check_timeout(timeout)
     p = _current
     if p is None:
         raise StateError("snapshot() needs a paused VM: call pause() first")
@@ -233,6 +244,8 @@ def restore(snap: Snapshot) -> list[dict]:
     kvmsys.add_vcpu() -- one after the other, so that ids come out 0, 1, ... as in
     the snapshot -- and apply_vcpu_state(its state), then runs.  Fast handlers
     (e.g. kvmsys.runner.setup_devices) are the caller's to install again."""
+    if not isinstance(snap, Snapshot):
+        raise ArgumentTypeError(f"restore() takes a Snapshot, not {type(snap).__name__}")
     syscall.configure(**snap.config)
     vm = syscall.vm()
     for img in snap.memory:
@@ -262,6 +275,7 @@ def apply_vcpu_state(state: dict, *, check_id: bool = True, pvm_page: int | None
     pvm_page: on a PVM host, let a 64-bit guest run natively (kvmsys.pvm.enable_native).
     Returns the indices of saved MSRs that differ from the vCPU's and that KVM refused
     to write (usually none)."""
+    vcpustate.check(state)
     vcpu = syscall.current()
     if vcpu is None:
         raise VcpuBindingError("this thread has no vCPU: call add_vcpu() first")

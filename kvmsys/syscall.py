@@ -18,8 +18,8 @@ import threading
 
 from . import _core, platform, vcpustate
 from . import placement as _placement
-from .errors import (ConfigurationError, InvalidArgumentError, KvmOSError, KvmsysError, StateError,
-                     VcpuBindingError)
+from .errors import (ArgumentTypeError, ConfigurationError, InvalidArgumentError, KvmOSError, KvmsysError,
+                     StateError, VcpuBindingError)
 from .fd import Kvm, Vm, Vcpu
 
 __all__ = ["configure", "add_vcpu", "run", "remove_vcpu", "current", "handle", "vm",
@@ -87,21 +87,41 @@ class ThreadVcpu(Vcpu):
 class ProcessVm(Vm):
     """The process's implicit VM."""
 
+    def close(self) -> None:
+        """Closing the process VM is destroy_vm(): refused while vCPUs are bound."""
+        if self is _vm:
+            destroy_vm()
+        else:
+            super().close()
+
+
+# Guest RAM of the process VM: up to 1 TiB (reserved lazily, MAP_NORESERVE).
+MAX_MEMORY_SIZE = 1 << 40
+
+
+def _check_options(options: dict) -> None:
+    """Validate process-VM options (see DEFAULTS) against the current configuration."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise InvalidArgumentError(f"unknown option(s) {sorted(unknown, key=str)}; known: {sorted(DEFAULTS)}")
+    size = options.get("memory_size", _config["memory_size"])
+    if not isinstance(size, int) or not 0 < size <= MAX_MEMORY_SIZE or size % 4096:
+        raise InvalidArgumentError(f"memory_size must be a positive multiple of 4096 up to {MAX_MEMORY_SIZE:#x}, "
+                                   f"not {size!r}")
+    for flag in ("pit", "pc_ports"):
+        if flag in options and not isinstance(options[flag], bool):
+            raise ArgumentTypeError(f"{flag} must be True or False, not {options[flag]!r}")
+    if "irqchip" in options and not (isinstance(options["irqchip"], bool) or options["irqchip"] == "split"):
+        raise InvalidArgumentError(f"irqchip must be False, True or 'split', not {options['irqchip']!r}")
+    if "placement" in options:
+        _placement.check_policy(options["placement"])
+    if options.get("pit") and options.get("irqchip", _config["irqchip"]) is not True:
+        raise InvalidArgumentError("pit=True needs irqchip=True")
+
 
 def configure(**options) -> None:
     """Set options of the process VM before it exists (see DEFAULTS)."""
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise InvalidArgumentError(f"unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    size = options.get("memory_size", _config["memory_size"])
-    if not isinstance(size, int) or size <= 0 or size % 4096:
-        raise InvalidArgumentError("memory_size must be a positive multiple of 4096")
-    if "placement" in options:
-        _placement.check_policy(options["placement"])
-    if options.get("irqchip", False) not in (False, True, "split"):
-        raise InvalidArgumentError("irqchip must be False, True or 'split'")
-    if options.get("pit") and options.get("irqchip", _config["irqchip"]) is not True:
-        raise InvalidArgumentError("pit=True needs irqchip=True")
+    _check_options(options)
     with _lock:
         if _vm is not None:
             raise ConfigurationError("the process VM already exists (created by the first add_vcpu "
@@ -138,10 +158,20 @@ def _create_vm() -> ProcessVm:
     return v
 
 
+def _live_vm() -> ProcessVm:
+    # Under _lock: the process VM, created if there is none (or it was closed behind
+    # our back, e.g. through Vm.close(vm()): then it is forgotten with its pool).
+    global _vm
+    if _vm is not None and _vm.closed:
+        _vm = None
+        _pool.clear()
+    return _vm if _vm is not None else _create_vm()
+
+
 def vm() -> ProcessVm:
     """The process VM, created with the current configuration if it does not exist yet."""
     with _lock:
-        return _vm if _vm is not None else _create_vm()
+        return _live_vm()
 
 
 def _reset_for_reuse(vcpu: ThreadVcpu) -> bool:
@@ -165,6 +195,8 @@ def _release(vcpu: ThreadVcpu) -> None:
     The pool gets a new object for the kernel vCPU (renew()): the old one, its
     comm-area views, exits and regs are dead for whoever still holds them."""
     _core.release_state(vcpu)
+    if _core.is_shutting_down():
+        return      # interpreter exit: no reset (a frozen daemon thread may hold _lock)
     with _lock:
         if _bound.get(vcpu.id) is vcpu:
             del _bound[vcpu.id]
@@ -193,6 +225,8 @@ def _place(vcpu: ThreadVcpu) -> None:
 def set_placement(policy: str, vcpu: ThreadVcpu | None = None) -> None:
     """Change the placement policy at run time: of one bound vCPU, or of all (and the default)."""
     _placement.check_policy(policy)
+    if vcpu is not None and not isinstance(vcpu, ThreadVcpu):
+        raise ArgumentTypeError(f"vcpu must be a vCPU of the process VM or None, not {type(vcpu).__name__}")
     with _lock:
         targets = [vcpu] if vcpu is not None else list(_bound.values())
         if vcpu is None:
@@ -223,7 +257,7 @@ def add_vcpu(placement: str | None = None):
         raise VcpuBindingError("this thread already has a vCPU: call remove_vcpu() first "
                                "(one vCPU per thread)")
     with _lock:
-        v = _vm if _vm is not None else _create_vm()
+        v = _live_vm()
         if _pool:
             vcpu = _pool.pop(min(_pool))    # the lowest free id
         else:
@@ -283,7 +317,7 @@ def destroy_vm() -> None:
         if _bound:
             raise VcpuBindingError(f"vCPUs {sorted(_bound)} are still bound to threads: remove them first")
         if _vm is not None:
-            _vm.close()
+            Vm.close(_vm)
         _vm = None
         _pool.clear()
 
@@ -293,6 +327,7 @@ def fresh_vm(**options):
     """A fresh process VM with *options* (see configure()) for the duration of a `with`
     block, which yields it; afterwards it is destroyed and the old configuration is back.
     No vCPU may be bound when it starts or ends."""
+    _check_options(options)         # before anything is destroyed
     saved = config()
     destroy_vm()
     try:
@@ -327,7 +362,10 @@ def _after_fork_in_child() -> None:
 
 def _at_exit() -> None:
     # Release the main thread's vCPU and the VM explicitly rather than leaving
-    # them to interpreter teardown (daemon threads may still hold theirs).
+    # them to interpreter teardown (daemon threads may still hold theirs): first
+    # kick every vCPU out of KVM_RUN for good, so daemon threads inside run() stop
+    # and nothing waits on a vCPU that keeps running.
+    _core.shutdown()
     try:
         if _core.bound() is not None:
             remove_vcpu()

@@ -6,6 +6,22 @@ kvmsys.smp for snapshots.  States are plain dicts (picklable).
 from __future__ import annotations
 
 from . import pvm
+from .errors import ArgumentTypeError, InvalidArgumentError
+
+# What capture() always records (plus "lapic" with the in-kernel irqchip).
+KEYS = frozenset(("id", "regs", "sregs", "fpu", "xsave", "xcrs", "debugregs", "msrs", "mp_state",
+                  "vcpu_events"))
+
+
+def check(state) -> None:
+    """InvalidArgumentError unless *state* looks like what capture() returns."""
+    if not isinstance(state, dict):
+        raise ArgumentTypeError(f"a vCPU state is a dict from capture(), not {type(state).__name__}")
+    missing = KEYS - state.keys()
+    if missing:
+        raise InvalidArgumentError(f"the vCPU state lacks {sorted(missing)} (not made by capture()?)")
+    if not isinstance(state["msrs"], dict):
+        raise ArgumentTypeError(f"the vCPU state's msrs must be a dict, not {type(state['msrs']).__name__}")
 
 
 def read_msrs(vcpu, indices: list[int]) -> dict[int, int]:
@@ -57,6 +73,7 @@ def capture(vcpu, msrs: list[int] | None = None) -> dict:
 
 def apply(vcpu, state: dict) -> list[int]:
     """Load *state* into *vcpu* (not running).  Returns the MSRs KVM refused (usually none)."""
+    check(state)
     # The order KVM needs: sregs (modes, EFER) before MSRs, LAPIC before pending events.
     vcpu.set_regs(state["regs"])
     vcpu.set_fpu(state["fpu"])

@@ -29,27 +29,28 @@ cdef class _Binding:
                 print(f"kvmsys: releasing vCPU {v.id} at thread exit failed: {e!r}", file=sys.stderr)
 
 
-def bind(VcpuCore vcpu, on_release=None):
+def bind(vcpu, on_release=None):
     """Bind *vcpu* to the calling thread; *on_release(vcpu)* runs if the thread ends bound."""
     global kvmsys_bound
-    vcpu.require_open()
+    cdef VcpuCore vcpu_ = of_type(vcpu, VcpuCore, "vcpu")
+    vcpu_.require_open()
     if kvmsys_bound != NULL:
         raise VcpuBindingError("this thread already has a vCPU: call remove_vcpu() first "
                                "(one vCPU per thread)")
     cdef _Binding b = _Binding.__new__(_Binding)
-    b.vcpu = vcpu
+    b.vcpu = vcpu_
     b.on_release = on_release
     b.forkgen = kvmsys_fork_generation
-    pthread_mutex_lock(&vcpu.v.lock)
-    vcpu.v.bound = 1
-    vcpu.v.thread = pthread_self()
-    vcpu.v.generation += 1
-    vcpu.v.kick_pending = 0
-    kvmsys_store_u8(&vcpu.v.run.immediate_exit, 0)
-    pthread_mutex_unlock(&vcpu.v.lock)
+    pthread_mutex_lock(&vcpu_.v.lock)
+    vcpu_.v.bound = 1
+    vcpu_.v.thread = pthread_self()
+    vcpu_.v.generation += 1
+    vcpu_.v.kick_pending = 0
+    kvmsys_store_u8(&vcpu_.v.run.immediate_exit, 0)
+    pthread_mutex_unlock(&vcpu_.v.lock)
     _local.binding = b
-    kvmsys_bound = <void *>vcpu
-    return vcpu.v.generation
+    kvmsys_bound = <void *>vcpu_
+    return vcpu_.v.generation
 
 
 cdef int _unbind_state(VcpuCore vcpu) except -1:
@@ -82,9 +83,9 @@ def unbind():
     return vcpu
 
 
-def release_state(VcpuCore vcpu):
+def release_state(vcpu):
     """Mark a vCPU whose thread ended as unbound (called from the release callback)."""
-    _unbind_state(vcpu)
+    _unbind_state(of_type(vcpu, VcpuCore, "vcpu"))
 
 
 def bound():
@@ -108,9 +109,7 @@ def run(budget=None, timeout=None):
     cdef void *p = kvmsys_bound
     if p == NULL:
         raise VcpuBindingError("this thread has no vCPU: call kvmsys.add_vcpu() first")
-    if budget is None and timeout is None:
-        return (<VcpuCore>p).run_once(-1, -1.0)
-    return (<VcpuCore>p).run(budget, timeout)
+    return (<VcpuCore>p).run_once(as_budget(budget), as_timeout(timeout))
 
 
 cdef class VcpuHandle:
@@ -121,24 +120,40 @@ cdef class VcpuHandle:
     cdef VcpuCore vcpu
     cdef readonly uint64_t generation
 
-    def __cinit__(self, VcpuCore vcpu, uint64_t generation):
-        self.vcpu = vcpu
-        self.generation = generation
+    def __init__(self, *args, **kwargs):
+        raise ArgumentTypeError("VcpuHandle objects come from vcpu.handle() or kvmsys.handle(); "
+                                "they cannot be constructed")
+
+    @staticmethod
+    cdef VcpuHandle _new(VcpuCore vcpu):
+        cdef VcpuHandle h = VcpuHandle.__new__(VcpuHandle)
+        h.vcpu = vcpu
+        h.generation = vcpu.v.generation
+        return h
+
+    cdef VcpuCore _named(self):
+        if self.vcpu is None:
+            raise StaleVcpuError("this VcpuHandle names no vCPU (not made by handle())")
+        return self.vcpu
 
     @property
     def id(self):
-        return self.vcpu.id
+        return self._named().id
 
     @property
     def vm(self):
-        return self.vcpu.vm
+        return self._named().vm
 
     @property
     def alive(self):
-        return not self.vcpu.closed and self.vcpu.v.generation == self.generation
+        # generation 0 is never a vCPU's (they start at 1): a handle made by __new__ is dead
+        return self.vcpu is not None and self.generation != 0 and not self.vcpu.closed \
+            and self.vcpu.v.generation == self.generation
 
     cdef int _check(self) except -1:
         if not self.alive:
+            if self.vcpu is None:
+                raise StaleVcpuError("this VcpuHandle names no vCPU (not made by handle())")
             raise StaleVcpuError(f"vCPU {self.vcpu.id} (generation {self.generation}) was removed")
         return 0
 
@@ -161,7 +176,7 @@ cdef class VcpuHandle:
         self.vcpu.pending.append((fn, args))
         self._kick(KICK_CALLS)
 
-    def interrupt(self, uint32_t vector):
+    def interrupt(self, vector_):
         """Request external interrupt *vector* for this vCPU: queued and injected by the
         thread that runs it, at once if it is running (a kick), else at its next run().
 
@@ -169,7 +184,8 @@ cdef class VcpuHandle:
         then (read from its LAPIC state: a guest may change it, x2APIC ids exceed 255),
         which only it can read: KVM_GET_LAPIC waits while the vCPU is in KVM_RUN.
         Without: KVM_INTERRUPT."""
-        require(16 <= vector < 256, "vector must be 16..255")
+        cdef uint32_t vector = <uint32_t>as_uint(vector_, "interrupt vector", 255)
+        require(vector >= 16, "vector must be 16..255")
         self._check()
         self.vcpu.pending.append(("irq", vector))
         self._kick(KICK_IRQ)
@@ -186,10 +202,13 @@ cdef class VcpuHandle:
         return self.vcpu.stats()
 
     def __repr__(self):
+        if self.vcpu is None:
+            return "<VcpuHandle (no vCPU)>"
         return f"<VcpuHandle id={self.vcpu.id} generation={self.generation} {'alive' if self.alive else 'stale'}>"
 
 
-def handle_of(VcpuCore vcpu):
+def handle_of(vcpu):
     """A handle naming *vcpu* as it is now (its current generation)."""
-    vcpu.require_open()
-    return VcpuHandle(vcpu, vcpu.v.generation)
+    cdef VcpuCore vcpu_ = of_type(vcpu, VcpuCore, "vcpu")
+    vcpu_.require_open()
+    return VcpuHandle._new(vcpu_)

@@ -81,8 +81,12 @@ cdef class Exit:
         return self._run
 
     @classmethod
-    def _new(cls, VcpuCore vcpu, int reason):
-        return Exit._new_of(cls, vcpu, reason)
+    def _new(cls, vcpu, reason):
+        return Exit._new_of(cls, of_type(vcpu, VcpuCore, "vcpu"),
+                            as_int(reason, "exit reason", -0x80000000, 0x7fffffff))
+
+    def __init__(self, *args, **kwargs):
+        raise ArgumentTypeError(f"{type(self).__name__} objects come from run(); they cannot be constructed")
 
     @property
     def name(self):
@@ -131,9 +135,10 @@ cdef class IoExit(Exit):
     @value.setter
     def value(self, v):
         cdef int size = self.cur().io.size
-        v = int(v)
-        require(0 <= v < (<object>1 << (8 * size)), f"{v:#x} does not fit in {size} bytes")
-        self.data[:size] = v.to_bytes(size, "little")
+        cdef uint64_t x = as_u64(v, "value")
+        if not (1 <= size <= 8 and (size == 8 or x >> (8 * size) == 0)) or self.cur().io.count < 1:
+            raise InvalidArgumentError(f"{x:#x} does not fit in {size} bytes (count {self.cur().io.count})")
+        self.data[:size] = (<object>x).to_bytes(size, "little")
 
     def __repr__(self):
         try:
@@ -172,9 +177,10 @@ cdef class MmioExit(Exit):
     @value.setter
     def value(self, v):
         cdef int n = self.cur().mmio.len
-        v = int(v)
-        require(0 < n <= 8 and 0 <= v < (<object>1 << (8 * n)), f"{v:#x} does not fit in {n} bytes")
-        self.data[:] = v.to_bytes(n, "little")
+        cdef uint64_t x = as_u64(v, "value")
+        if not (1 <= n <= 8 and (n == 8 or x >> (8 * n) == 0)):
+            raise InvalidArgumentError(f"{x:#x} does not fit in {n} bytes")
+        self.data[:] = (<object>x).to_bytes(n, "little")
 
     def __repr__(self):
         try:
@@ -398,7 +404,7 @@ cdef class UnknownExit(Exit):
 
 cdef class StopExit(Exit):
     """The guest asked to stop (isa-debug-exit, or HLT when asked); ``status`` says how."""
-    cdef readonly int status
+    cdef readonly uint64_t status
 
     def __repr__(self):
         return f"<StopExit status={self.status}>"
@@ -456,6 +462,9 @@ cdef class SyncRegs:
         s.vcpu = vcpu
         return s
 
+    def __init__(self, *args, **kwargs):
+        raise ArgumentTypeError("SyncRegs objects come from vcpu.regs; they cannot be constructed")
+
     cdef inline kvm_regs *p(self) except NULL:
         # Checked on every access: regs of a vCPU handed to another owner are dead.
         if self.vcpu is None:
@@ -473,55 +482,55 @@ cdef class SyncRegs:
 
     property rax:
         def __get__(self): return self.p().rax
-        def __set__(self, uint64_t v): self.p().rax = v; self.dirty()
+        def __set__(self, v): self.p().rax = as_u64(v, "rax"); self.dirty()
     property rbx:
         def __get__(self): return self.p().rbx
-        def __set__(self, uint64_t v): self.p().rbx = v; self.dirty()
+        def __set__(self, v): self.p().rbx = as_u64(v, "rbx"); self.dirty()
     property rcx:
         def __get__(self): return self.p().rcx
-        def __set__(self, uint64_t v): self.p().rcx = v; self.dirty()
+        def __set__(self, v): self.p().rcx = as_u64(v, "rcx"); self.dirty()
     property rdx:
         def __get__(self): return self.p().rdx
-        def __set__(self, uint64_t v): self.p().rdx = v; self.dirty()
+        def __set__(self, v): self.p().rdx = as_u64(v, "rdx"); self.dirty()
     property rsi:
         def __get__(self): return self.p().rsi
-        def __set__(self, uint64_t v): self.p().rsi = v; self.dirty()
+        def __set__(self, v): self.p().rsi = as_u64(v, "rsi"); self.dirty()
     property rdi:
         def __get__(self): return self.p().rdi
-        def __set__(self, uint64_t v): self.p().rdi = v; self.dirty()
+        def __set__(self, v): self.p().rdi = as_u64(v, "rdi"); self.dirty()
     property rsp:
         def __get__(self): return self.p().rsp
-        def __set__(self, uint64_t v): self.p().rsp = v; self.dirty()
+        def __set__(self, v): self.p().rsp = as_u64(v, "rsp"); self.dirty()
     property rbp:
         def __get__(self): return self.p().rbp
-        def __set__(self, uint64_t v): self.p().rbp = v; self.dirty()
+        def __set__(self, v): self.p().rbp = as_u64(v, "rbp"); self.dirty()
     property r8:
         def __get__(self): return self.p().r8
-        def __set__(self, uint64_t v): self.p().r8 = v; self.dirty()
+        def __set__(self, v): self.p().r8 = as_u64(v, "r8"); self.dirty()
     property r9:
         def __get__(self): return self.p().r9
-        def __set__(self, uint64_t v): self.p().r9 = v; self.dirty()
+        def __set__(self, v): self.p().r9 = as_u64(v, "r9"); self.dirty()
     property r10:
         def __get__(self): return self.p().r10
-        def __set__(self, uint64_t v): self.p().r10 = v; self.dirty()
+        def __set__(self, v): self.p().r10 = as_u64(v, "r10"); self.dirty()
     property r11:
         def __get__(self): return self.p().r11
-        def __set__(self, uint64_t v): self.p().r11 = v; self.dirty()
+        def __set__(self, v): self.p().r11 = as_u64(v, "r11"); self.dirty()
     property r12:
         def __get__(self): return self.p().r12
-        def __set__(self, uint64_t v): self.p().r12 = v; self.dirty()
+        def __set__(self, v): self.p().r12 = as_u64(v, "r12"); self.dirty()
     property r13:
         def __get__(self): return self.p().r13
-        def __set__(self, uint64_t v): self.p().r13 = v; self.dirty()
+        def __set__(self, v): self.p().r13 = as_u64(v, "r13"); self.dirty()
     property r14:
         def __get__(self): return self.p().r14
-        def __set__(self, uint64_t v): self.p().r14 = v; self.dirty()
+        def __set__(self, v): self.p().r14 = as_u64(v, "r14"); self.dirty()
     property r15:
         def __get__(self): return self.p().r15
-        def __set__(self, uint64_t v): self.p().r15 = v; self.dirty()
+        def __set__(self, v): self.p().r15 = as_u64(v, "r15"); self.dirty()
     property rip:
         def __get__(self): return self.p().rip
-        def __set__(self, uint64_t v): self.p().rip = v; self.dirty()
+        def __set__(self, v): self.p().rip = as_u64(v, "rip"); self.dirty()
     property rflags:
         def __get__(self): return self.p().rflags
-        def __set__(self, uint64_t v): self.p().rflags = v; self.dirty()
+        def __set__(self, v): self.p().rflags = as_u64(v, "rflags"); self.dirty()

@@ -79,7 +79,7 @@ cdef struct vcpustate_t:
     uint64_t deadline_ns         # 0: none
     int poll_signals             # main thread: come back every few ms to check signals
     int last_handler
-    int stop_status
+    uint64_t stop_status
     int error
     uint64_t exits[NR_REASONS]
     uint64_t handler_hits[MAX_HANDLERS]

@@ -7,6 +7,9 @@ cdef enum:
     POLL_NS = 10000000   # main thread: check Python signals at least every 10 ms
     CONSOLE_MAX = 64 * 1024 * 1024
 
+# Set at interpreter exit: no vCPU enters KVM_RUN again (see shutdown() in vcpu.pyx).
+cdef int shutting_down = 0
+
 
 cdef int vm_init(vmstate_t *vm, int fd) except -1:
     memset(vm, 0, sizeof(vmstate_t))
@@ -103,7 +106,7 @@ cdef inline int access(vcpustate_t *v, int space, uint64_t addr, int is_write,
         if kind == H_SINK:
             console_append(vm, data, total)
         elif kind == H_EXIT:
-            v.stop_status = <int>((le_value(data, unit) << 1) | 1)
+            v.stop_status = (le_value(data, unit) << 1) | 1     # 64-bit: 0xffffffff is no -1
             return R_STOP
         return -1
     if kind == H_CONST:
@@ -116,19 +119,24 @@ cdef inline int access(vcpustate_t *v, int space, uint64_t addr, int is_write,
 
 
 # Drain the VM's coalesced MMIO/PIO ring: writes the kernel batched for us.
-cdef void drain_ring(vcpustate_t *v) noexcept nogil:
+# Returns -1 if the ring's indices are out of range (the ring is writable from
+# Python through the comm area): never trust them, or the loop would never end.
+cdef int drain_ring(vcpustate_t *v) noexcept nogil:
     cdef kvm_coalesced_mmio_ring *ring = v.ring
     cdef kvm_coalesced_mmio *ent
     cdef kvm_coalesced_mmio *entries
     cdef uint32_t first, last
     cdef int h
     if ring == NULL:
-        return
+        return 0
     entries = <kvm_coalesced_mmio *>(<char *>ring + sizeof(kvm_coalesced_mmio_ring))
     pthread_mutex_lock(&v.vm.lock)
     first = ring.first
     last = kvmsys_load_u32(&ring.last)
-    while first != last and first < v.ring_max:
+    if first >= v.ring_max or last >= v.ring_max:
+        pthread_mutex_unlock(&v.vm.lock)
+        return -1
+    while first != last:
         ent = &entries[first]
         h = find_handler(v.vm, SPACE_PIO if ent.pio else SPACE_MMIO, ent.phys_addr)
         if h >= 0 and ent.len <= 8:
@@ -143,6 +151,7 @@ cdef void drain_ring(vcpustate_t *v) noexcept nogil:
         first = (first + 1) % v.ring_max
         kvmsys_store_u32(&ring.first, first)
     pthread_mutex_unlock(&v.vm.lock)
+    return 0
 
 
 cdef inline int dispatch(vcpustate_t *v, kvm_run *run) noexcept nogil:
@@ -152,13 +161,13 @@ cdef inline int dispatch(vcpustate_t *v, kvm_run *run) noexcept nogil:
     if reason == KVM_EXIT_IO:
         total = <uint64_t>run.io.size * run.io.count
         if run.io.size == 0 or run.io.data_offset + total > v.run_size or run.io.data_offset < sizeof(kvm_run):
-            v.error = EFAULT
+            v.error = -EFAULT
             return R_ERROR
         return access(v, SPACE_PIO, run.io.port, run.io.direction == KVM_EXIT_IO_OUT,
                       <uint8_t *>run + run.io.data_offset, run.io.size, total)
     if reason == KVM_EXIT_MMIO:
         if run.mmio.len == 0 or run.mmio.len > 8:
-            v.error = EFAULT
+            v.error = -EFAULT
             return R_ERROR
         return access(v, SPACE_MMIO, run.mmio.phys_addr, run.mmio.is_write,
                       run.mmio.data, run.mmio.len, run.mmio.len)
@@ -184,7 +193,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     cdef kvm_run *run = v.run
     cdef uint64_t t_in, t_out, t_poll
     cdef int r, res, err
-    cdef unsigned sigs
+    cdef unsigned sigs, now_sigs
     t_out = kvmsys_now_ns()
     t_poll = t_out
     kvmsys_set_running(run)
@@ -199,13 +208,19 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     # was taken) or missing (a kick that came while we were outside the loop):
     # derive it from kick_pending.  Kickers set kick_pending before immediate_exit
     # and signal only a running vCPU, so reading it after `running` loses nothing.
+    # Count our signals *before* clearing immediate_exit: one that lands in between
+    # sets it again and is counted after `sigs`, so its EINTR is known as ours.
+    sigs = kvmsys_own_signal_count()
     kvmsys_store_u8(&run.immediate_exit, 0)
     if kvmsys_load_int(&v.kick_pending):
         kvmsys_store_u8(&run.immediate_exit, 1)
-    sigs = kvmsys_own_signal_count()
     while True:
         t_in = kvmsys_now_ns()
         v.ns_in_handlers += t_in - t_out
+        if kvmsys_load_int(&shutting_down):
+            t_out = t_in
+            res = R_KICK        # run_once() sees shutting_down and raises
+            break
         if v.deadline_ns and t_in >= v.deadline_ns:
             # passed outside KVM_RUN (e.g. in a Python handler): the watchdog's
             # signal found no KVM_RUN to interrupt
@@ -217,10 +232,13 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         t_out = kvmsys_now_ns()
         v.ns_in_run += t_out - t_in
         v.runs += 1
-        if v.ring != NULL and v.vm.coalesced_zones:
-            drain_ring(v)
+        if v.ring != NULL and v.vm.coalesced_zones and drain_ring(v) < 0:
+            v.error = -EFAULT       # negative: a check of ours, not the kernel's errno
+            res = R_ERROR
+            break
         if r < 0:
             if err == EINTR or err == EAGAIN:
+                now_sigs = kvmsys_own_signal_count()     # before clearing, as above
                 kvmsys_store_u8(&run.immediate_exit, 0)
                 v.exits[KVM_EXIT_INTR] += 1
                 v.kick_bits = kvmsys_xchg_int(&v.kick_pending, 0)
@@ -228,10 +246,10 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
                     res = R_KICK
                 elif v.deadline_ns and t_out >= v.deadline_ns:
                     res = R_DEADLINE
-                elif kvmsys_own_signal_count() != sigs:
+                elif now_sigs != sigs:
                     # one of our signals since the last look, for a kick taken
                     # earlier: go on, unless a new kick came meanwhile
-                    sigs = kvmsys_own_signal_count()
+                    sigs = now_sigs
                     if kvmsys_load_int(&v.kick_pending):
                         kvmsys_store_u8(&run.immediate_exit, 1)
                     continue

@@ -1,6 +1,7 @@
 # The system object: /dev/kvm itself.
 from libc.stdlib cimport malloc, free
 from libc.errno cimport ENXIO, ENODEV, EPERM
+import os as _os
 
 cdef enum:
     CPUID_MAX = 512
@@ -19,9 +20,17 @@ cdef class KvmCore:
 
     def __cinit__(self, path="/dev/kvm"):
         self.fd = -1
-        self.path = str(path)
-        cdef bytes p = self.path.encode()
-        cdef int fd = open(p, O_RDWR | O_CLOEXEC)
+        try:
+            p = _os.fsencode(path)
+        except TypeError:
+            raise ArgumentTypeError(f"path must be a str, bytes or path-like, not {type(path).__name__}") from None
+        if b"\0" in p or not p:
+            raise InvalidArgumentError(f"path {path!r} is empty or contains a NUL byte")
+        self.path = _os.fsdecode(p)
+        cdef const char *cpath = p
+        cdef int fd
+        with nogil:         # a hung device would block in open()
+            fd = open(cpath, O_RDWR | O_CLOEXEC)
         cdef int err
         if fd < 0:
             err = errno
@@ -62,10 +71,10 @@ cdef class KvmCore:
         """KVM_GET_API_VERSION (12 on every Linux since 2.6.22)."""
         return self.ioctl_int(KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
 
-    def check_extension(self, long cap):
+    def check_extension(self, cap):
         """KVM_CHECK_EXTENSION on the system fd: 0 if absent, else a capability-defined value."""
-        require(0 <= cap < (1 << 31), f"capability number {cap} is out of range")
-        return self.ioctl_int(KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+        cdef long cap_ = as_int(cap, "capability number", 0, 0x7fffffff)
+        return self.ioctl_int(KVM_CHECK_EXTENSION, cap_, "KVM_CHECK_EXTENSION")
 
     def vcpu_mmap_size(self):
         """Size of a vCPU's mapping (kvm_run page, PIO data and coalesced-MMIO ring)."""

@@ -6,6 +6,31 @@ import weakref as _weakref
 from cpython.pythread cimport PyThread_get_thread_ident
 
 kvmsys_main_ident = _threading.main_thread().ident     # a fork child's is its forking thread
+import os as _os
+
+# Every live vCPU of this process (both ABIs), for shutdown().
+_all_vcpus = _weakref.WeakSet()
+cdef long _all_vcpus_pid = _os.getpid()
+
+
+def shutdown():
+    """At interpreter exit: no vCPU enters KVM_RUN again, and those inside it are kicked
+    out, so threads (daemon ones too) stop and the vCPUs can be released."""
+    global shutting_down
+    kvmsys_store_int(&shutting_down, 1)
+    if _os.getpid() != _all_vcpus_pid:
+        return          # a fork child: these vCPUs are the parent's
+    cdef vcpustate_t *v
+    for vcpu in list(_all_vcpus):
+        v = (<VcpuCore>vcpu).v
+        if v != NULL:
+            with nogil:
+                kick_vcpu(v, 0, KICK_USER)
+
+
+def is_shutting_down():
+    """True once shutdown() ran (the interpreter is exiting)."""
+    return bool(kvmsys_load_int(&shutting_down))
 
 _REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
                         "r11", "r12", "r13", "r14", "r15", "rip", "rflags"))
@@ -33,14 +58,16 @@ cdef class VcpuCore:
     cdef object successor
     cdef unsigned long forkgen   # the process that created it
     cdef list views              # weak references to the comm-area views it handed out
+    cdef unsigned long _runner   # Python thread ident of the run() in progress (for messages)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
         self.forkgen = kvmsys_fork_generation
 
-    def __init__(self, VmCore vm, vcpu_id_):
+    def __init__(self, vm_, vcpu_id_):
         if self.v != NULL:
             raise StateError(f"vCPU {self.id} is already initialized")
+        cdef VmCore vm = of_type(vm_, VmCore, "vm")
         vm.require_open()
         cdef int vcpu_id = as_int(vcpu_id_, "vCPU id", 0, 0x7fffffff)
         if not vm.check_extension(KVM_CAP_IMMEDIATE_EXIT):
@@ -69,6 +96,7 @@ cdef class VcpuCore:
             self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
         vm.vcpu_ids.add(vcpu_id)
         vm.vcpus.add(self)
+        _all_vcpus.add(self)
 
     cdef int map_comm_area(self) except -1:
         # (Re)map the vCPU's kvm_run page (+ the coalesced ring) at a new address.
@@ -119,6 +147,7 @@ cdef class VcpuCore:
         self.owner, n.owner = 0, 1
         self.gone = "was removed (or its thread ended)"
         self.successor = n
+        _all_vcpus.add(n)
         self.page = None
         self.vm.vcpus.discard(self)
         self.vm.vcpus.add(n)
@@ -134,10 +163,21 @@ cdef class VcpuCore:
         return 0
 
     cdef long vcpu_ioctl(self, unsigned long req, void *arg, str op) except -1:
+        # KVM serialises vCPU ioctls with KVM_RUN on the vCPU's mutex: from another thread
+        # during KVM_RUN this would wait for the guest's next exit.  Refuse that plainly;
+        # in the race where the vCPU enters KVM_RUN just after this check, the call waits
+        # for its next exit (or a kick) with the GIL released, so nothing else stops.
         self.require_open()
+        if kvmsys_load_int(&self.v.running):
+            raise StateError(f"vCPU {self.id} is inside KVM_RUN in another thread: {op} would wait for "
+                             "its next exit; kick it (or queue the call with handle().call_soon) first")
         if not op.startswith("KVM_GET"):
             self._touched = 1
-        return check(ioctl(self.v.fd, req, arg), op)
+        cdef int fd = self.v.fd
+        cdef long r
+        with nogil:
+            r = ioctl(fd, req, arg)
+        return check(r, op)
 
     @property
     def touched(self):
@@ -299,6 +339,12 @@ cdef class VcpuCore:
         return self.v != NULL and self.v.fd >= 0 and kvmsys_load_int(&self.v.active) != 0
 
     @property
+    def running(self):
+        """True while a thread is inside this vCPU's C run loop (KVM_RUN): vCPU ioctls from
+        other threads are refused meanwhile (StateError)."""
+        return self.v != NULL and self.v.fd >= 0 and kvmsys_load_int(&self.v.running) != 0
+
+    @property
     def comm_area(self):
         """Writable zero-copy memoryview of the whole vCPU mapping (kvm_run first)."""
         self.require_open()
@@ -322,9 +368,16 @@ cdef class VcpuCore:
                                    "(use its handle to kick, interrupt or call_soon)")
         if kvmsys_xchg_int(&v.active, 1):
             self.require_open()          # closed meanwhile: say so
+            if self._runner == PyThread_get_thread_ident():
+                raise StateError(f"run() of vCPU {self.id} from inside its own run() (an exit handler or "
+                                 "a call_soon callback): return from the handler to let the run go on")
             raise StateError(f"vCPU {self.id} is already running in another thread")
+        self._runner = PyThread_get_thread_ident()
         self._touched = 1
         self.ran = self.ran_here = 1
+        if kvmsys_load_int(&shutting_down):
+            kvmsys_store_int(&v.active, 0)
+            raise StateError("the interpreter is exiting: vCPUs no longer run")
         try:
             v.budget_left = budget
             v.deadline_ns = 0
@@ -338,6 +391,8 @@ cdef class VcpuCore:
                 with nogil:
                     res = run_loop(v)
                 self.synced = 1
+                if kvmsys_load_int(&shutting_down):
+                    raise StateError("the interpreter is exiting: vCPUs no longer run")
                 if res == R_EXIT:
                     ex = make_exit(self)
                     handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
@@ -352,28 +407,30 @@ cdef class VcpuCore:
                     if stop:
                         return ex
                     if v.budget_left == 0:
-                        return BudgetExit._new(self, KVMSYS_EXIT_BUDGET)
+                        return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                     continue
                 if res == R_POLL:
                     PyErr_CheckSignals()     # raises KeyboardInterrupt on Ctrl-C
                     continue
                 if res == R_SIGNAL:
                     PyErr_CheckSignals()     # run Python signal handlers (Ctrl-C raises here)
-                    return IntrExit._new(self, KVM_EXIT_INTR)
+                    return Exit._new_of(IntrExit, self, KVM_EXIT_INTR)
                 if res == R_STOP:
-                    ex = StopExit._new(self, KVMSYS_EXIT_STOP)
+                    ex = Exit._new_of(StopExit, self, KVMSYS_EXIT_STOP)
                     (<StopExit>ex).status = v.stop_status
                     return ex
                 if res == R_KICK:
                     if v.kick_bits & (KICK_CALLS | KICK_IRQ):
                         self._run_pending()
                     if v.kick_bits & KICK_USER:
-                        return KickExit._new(self, KVMSYS_EXIT_KICK)
+                        return Exit._new_of(KickExit, self, KVMSYS_EXIT_KICK)
                     continue
                 if res == R_DEADLINE:
-                    return DeadlineExit._new(self, KVMSYS_EXIT_DEADLINE)
+                    return Exit._new_of(DeadlineExit, self, KVMSYS_EXIT_DEADLINE)
                 if res == R_BUDGET:
-                    return BudgetExit._new(self, KVMSYS_EXIT_BUDGET)
+                    return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
+                if v.error < 0:
+                    raise_os(-v.error, "KVM_RUN", "the comm area holds a size, offset or ring index out of range")
                 raise_os(v.error, "KVM_RUN")
         finally:
             if v.deadline_ns:
@@ -395,16 +452,11 @@ cdef class VcpuCore:
     def run(self, budget=None, timeout=None):
         """Run until an exit the fast handlers do not take, a stop, a kick, the budget or the deadline.
 
-        budget: at most this many exits (None: unlimited).  timeout: seconds (a watchdog
-        stops even a guest that never exits).  Returns the decoded Exit."""
-        cdef int64_t b = -1
-        cdef double t = -1.0
-        if budget is not None:
-            require(budget >= 1, "budget must be at least 1 exit")
-            b = budget
-        if timeout is not None:
-            require(timeout >= 0, "timeout must be non-negative")
-            t = timeout
+        budget: at most this many exits, a positive int (None: unlimited).  timeout: seconds,
+        an int or float >= 0 (a watchdog stops even a guest that never exits); None or inf:
+        no deadline, and so are values of 2**32 s or more.  Returns the decoded Exit."""
+        cdef int64_t b = as_budget(budget)
+        cdef double t = as_timeout(timeout)
         return self.run_once(b, t)
 
     def kick(self):
@@ -473,10 +525,15 @@ cdef class VcpuCore:
             return self.v.run.s.regs.regs
         return self._get_regs_ioctl()
 
-    def set_regs(self, dict regs):
+    def set_regs(self, regs):
         """KVM_SET_REGS from a dict with every register (get_regs(), modified)."""
-        require(set(regs) == _REG_NAMES, f"set_regs needs exactly the keys {sorted(_REG_NAMES)}; "
-                f"missing {sorted(_REG_NAMES - set(regs))}, unknown {sorted(set(regs) - _REG_NAMES)}")
+        of_type(regs, dict, "regs")
+        if regs.keys() != _REG_NAMES:
+            raise InvalidArgumentError(
+                f"set_regs needs exactly the keys {sorted(_REG_NAMES)}; missing "
+                f"{sorted(_REG_NAMES - set(regs))}, unknown {sorted(set(regs) - _REG_NAMES, key=repr)}")
+        for k, x in (<dict>regs).items():
+            as_u64(x, k)
         cdef kvm_regs r = regs
         self.vcpu_ioctl(KVM_SET_REGS, &r, "KVM_SET_REGS")
         self.v.run.kvm_dirty_regs &= ~KVM_SYNC_X86_REGS
@@ -489,9 +546,13 @@ cdef class VcpuCore:
         self.vcpu_ioctl(KVM_GET_SREGS, &s, "KVM_GET_SREGS")
         return s
 
-    def set_sregs(self, dict sregs):
+    def set_sregs(self, sregs):
         """KVM_SET_SREGS from a full dict (get_sregs(), modified)."""
-        cdef kvm_sregs s = sregs
+        cdef kvm_sregs s
+        try:
+            s = int_leaves(of_type(sregs, dict, "sregs"), "sregs")
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InvalidArgumentError(f"sregs: {e}") from None
         self.vcpu_ioctl(KVM_SET_SREGS, &s, "KVM_SET_SREGS")
 
     def get_debugregs(self):
@@ -499,13 +560,17 @@ cdef class VcpuCore:
         self.vcpu_ioctl(KVM_GET_DEBUGREGS, &d, "KVM_GET_DEBUGREGS")
         return d
 
-    def set_debugregs(self, dict debugregs):
-        cdef kvm_debugregs d = debugregs
+    def set_debugregs(self, debugregs):
+        cdef kvm_debugregs d
+        try:
+            d = int_leaves(of_type(debugregs, dict, "debugregs"), "debugregs")
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InvalidArgumentError(f"debugregs: {e}") from None
         self.vcpu_ioctl(KVM_SET_DEBUGREGS, &d, "KVM_SET_DEBUGREGS")
 
     def get_msrs(self, indices):
         """KVM_GET_MSRS: {index: value} for the MSRs the kernel returned (it stops at the first it cannot read)."""
-        cdef list idx = [int(i) for i in indices]
+        cdef list idx = [as_u32(i, "MSR index") for i in as_list(indices, "MSR indices")]
         require(0 < len(idx) <= 4096, "between 1 and 4096 MSR indices")
         cdef size_t n = len(idx)
         cdef kvm_msrs *m = <kvm_msrs *>calloc(1, sizeof(kvm_msrs) + n * sizeof(kvm_msr_entry))
@@ -515,7 +580,6 @@ cdef class VcpuCore:
         try:
             m.nmsrs = n
             for i in range(n):
-                require(0 <= idx[i] < (1 << 32), f"MSR index {idx[i]:#x} is out of range")
                 e[i].index = idx[i]
             got = self.vcpu_ioctl(KVM_GET_MSRS, m, "KVM_GET_MSRS")
             return {e[i].index: e[i].data for i in range(got)}
@@ -524,7 +588,8 @@ cdef class VcpuCore:
 
     def set_msrs(self, msrs):
         """KVM_SET_MSRS from {index: value}; returns how many the kernel accepted (in order)."""
-        cdef list items = [(int(k), int(v)) for k, v in dict(msrs).items()]
+        cdef list items = [(as_u32(k, "MSR index"), as_u64(v, "MSR value"))
+                           for k, v in of_type(msrs, dict, "msrs").items()]
         require(0 < len(items) <= 4096, "between 1 and 4096 MSRs")
         cdef size_t n = len(items)
         cdef kvm_msrs *m = <kvm_msrs *>calloc(1, sizeof(kvm_msrs) + n * sizeof(kvm_msr_entry))
@@ -534,8 +599,6 @@ cdef class VcpuCore:
         try:
             m.nmsrs = n
             for i in range(n):
-                require(0 <= items[i][0] < (1 << 32), f"MSR index {items[i][0]:#x} is out of range")
-                require(0 <= items[i][1] < (1 << 64), f"MSR value {items[i][1]:#x} is out of range")
                 e[i].index = items[i][0]
                 e[i].data = items[i][1]
             return self.vcpu_ioctl(KVM_SET_MSRS, m, "KVM_SET_MSRS")
@@ -544,7 +607,7 @@ cdef class VcpuCore:
 
     def set_cpuid2(self, entries):
         """KVM_SET_CPUID2 from a list of dicts like KvmCore.supported_cpuid() returns."""
-        cdef list ents = list(entries)
+        cdef list ents = as_list(entries, "CPUID entries")
         require(0 < len(ents) <= 512, "between 1 and 512 CPUID entries")
         cdef size_t n = len(ents)
         cdef kvm_cpuid2 *c = <kvm_cpuid2 *>calloc(1, sizeof(kvm_cpuid2) + n * sizeof(kvm_cpuid_entry2))
@@ -555,15 +618,16 @@ cdef class VcpuCore:
             c.nent = n
             for i in range(n):
                 d = ents[i]
-                require(isinstance(d, dict) and "function" in d and set(d) <= _CPUID_KEYS,
-                        f"CPUID entry {i} must be a dict with 'function' and only {sorted(_CPUID_KEYS)}")
-                e[i].function = d["function"]
-                e[i].index = d.get("index", 0)
-                e[i].flags = d.get("flags", 0)
-                e[i].eax = d.get("eax", 0)
-                e[i].ebx = d.get("ebx", 0)
-                e[i].ecx = d.get("ecx", 0)
-                e[i].edx = d.get("edx", 0)
+                if not (isinstance(d, dict) and "function" in d and d.keys() <= _CPUID_KEYS):
+                    raise InvalidArgumentError(f"CPUID entry {i} must be a dict with 'function' and "
+                                               f"only {sorted(_CPUID_KEYS)}")
+                e[i].function = as_u32(d["function"], "CPUID function")
+                e[i].index = as_u32(d.get("index", 0), "CPUID index")
+                e[i].flags = as_u32(d.get("flags", 0), "CPUID flags")
+                e[i].eax = as_u32(d.get("eax", 0), "CPUID eax")
+                e[i].ebx = as_u32(d.get("ebx", 0), "CPUID ebx")
+                e[i].ecx = as_u32(d.get("ecx", 0), "CPUID ecx")
+                e[i].edx = as_u32(d.get("edx", 0), "CPUID edx")
             self.cpuid_was_set = 1
             self.vcpu_ioctl(KVM_SET_CPUID2, c, "KVM_SET_CPUID2")
         finally:
@@ -574,9 +638,9 @@ cdef class VcpuCore:
         self.vcpu_ioctl(KVM_GET_MP_STATE, &s, "KVM_GET_MP_STATE")
         return as_enum("MpState", s.mp_state)
 
-    def set_mp_state(self, uint32_t state):
+    def set_mp_state(self, state):
         cdef kvm_mp_state s
-        s.mp_state = state
+        s.mp_state = as_u32(state, "MP state")
         self.vcpu_ioctl(KVM_SET_MP_STATE, &s, "KVM_SET_MP_STATE")
 
     # Opaque state blobs (the raw kernel structs), for save and restore.
@@ -673,13 +737,13 @@ cdef class VcpuCore:
         return dict(physical_address=t.physical_address, valid=bool(t.valid),
                     writeable=bool(t.writeable), usermode=bool(t.usermode))
 
-    def interrupt(self, uint32_t vector):
+    def interrupt(self, vector):
         """KVM_INTERRUPT: queue an external interrupt (only without the in-kernel irqchip;
         kvmsys.Vcpu.interrupt sends an MSI to the vCPU's APIC where there is one)."""
-        require(vector < 256, "vector must be 0..255")
+        cdef uint32_t vector_ = <uint32_t>as_uint(vector, "interrupt vector", 255)
         require(not self.vm.has_irqchip, "with the in-kernel irqchip use irq_line or signal_msi")
         cdef kvm_interrupt i
-        i.irq = vector
+        i.irq = vector_
         self.vcpu_ioctl(KVM_INTERRUPT, &i, "KVM_INTERRUPT")
 
     def nmi(self):

@@ -1,5 +1,6 @@
 # The VM object: memory slots, interrupt plumbing, fast handlers, console.
 from libc.string cimport memcpy
+from bisect import bisect_right
 import weakref
 
 
@@ -10,6 +11,9 @@ cdef class MemorySlot:
     cdef readonly uint64_t size
     cdef readonly uint32_t flags
     cdef Mapping mapping
+
+    def __init__(self, *args, **kwargs):
+        raise ArgumentTypeError("MemorySlot objects come from Vm.add_memory(); they cannot be constructed")
 
     def view(self):
         """Writable zero-copy memoryview of the slot's memory."""
@@ -29,8 +33,10 @@ cdef class VmCore:
     cdef readonly size_t mmap_size
     cdef readonly int max_slots
     cdef dict slots                 # slot -> MemorySlot
+    cdef list starts                # guest-physical starts of the slots, sorted (bisect)
+    cdef list by_start              # the MemorySlot of each entry of starts
     cdef list py_handlers           # handler index -> callable or None
-    cdef public object default_handler
+    cdef object _default_handler
     cdef readonly int has_irqchip
     cdef readonly int split_irqchip     # local APICs in the kernel, PIC/IOAPIC in user space
     cdef readonly int has_sync_regs
@@ -39,17 +45,21 @@ cdef class VmCore:
     cdef unsigned long forkgen      # the process that created it
     cdef object __weakref__
 
-    def __cinit__(self, KvmCore kvm, unsigned long vm_type=0):
+    def __cinit__(self, kvm, vm_type=0):
         self.fd = -1
         self.forkgen = kvmsys_fork_generation
-        kvm.require_open()
-        self.kvm = kvm
+        cdef KvmCore kvm_ = of_type(kvm, KvmCore, "kvm")
+        cdef unsigned long vm_type_ = as_u32(vm_type, "VM type")
+        kvm_.require_open()
+        self.kvm = kvm_
         self.slots = {}
+        self.starts = []
+        self.by_start = []
         self.py_handlers = []
         self.vcpu_ids = set()
         self.vcpus = weakref.WeakSet()
-        self.mmap_size = kvm.ioctl_int(KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
-        self.fd = kvm.ioctl_int(KVM_CREATE_VM, vm_type, "KVM_CREATE_VM")
+        self.mmap_size = kvm_.ioctl_int(KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+        self.fd = kvm_.ioctl_int(KVM_CREATE_VM, vm_type_, "KVM_CREATE_VM")
         self.state = <vmstate_t *>calloc(1, sizeof(vmstate_t))
         if self.state == NULL:
             raise MemoryError()
@@ -67,7 +77,22 @@ cdef class VmCore:
 
     cdef long vm_ioctl(self, unsigned long req, void *arg, str op) except -1:
         self.require_open()
-        return check(ioctl(self.fd, req, arg), op)
+        cdef int fd = self.fd
+        cdef long r
+        with nogil:         # some VM ioctls wait for the kernel (SRCU, the slots lock)
+            r = ioctl(fd, req, arg)
+        return check(r, op)
+
+    @property
+    def default_handler(self):
+        """Called with IO/MMIO exits no handler range took (None: run() returns them)."""
+        return self._default_handler
+
+    @default_handler.setter
+    def default_handler(self, fn):
+        if fn is not None and not callable(fn):
+            raise ArgumentTypeError(f"default_handler must be callable or None, not {type(fn).__name__}")
+        self._default_handler = fn
 
     def fileno(self):
         self.require_open()
@@ -77,11 +102,11 @@ cdef class VmCore:
     def closed(self):
         return self.fd < 0
 
-    def check_extension(self, long cap):
+    def check_extension(self, cap):
         """KVM_CHECK_EXTENSION on the VM fd (answers for this VM)."""
-        require(0 <= cap < (1 << 31), f"capability number {cap} is out of range")
+        cdef long cap_ = as_int(cap, "capability number", 0, 0x7fffffff)
         self.require_open()
-        return check(ioctl(self.fd, KVM_CHECK_EXTENSION, <unsigned long>cap), "KVM_CHECK_EXTENSION")
+        return check(ioctl(self.fd, KVM_CHECK_EXTENSION, <unsigned long>cap_), "KVM_CHECK_EXTENSION")
 
     # --- memory -----------------------------------------------------------
     def add_memory(self, slot_, guest_phys_addr_, size_, *, bint readonly=False, bint log_dirty=False):
@@ -93,17 +118,29 @@ cdef class VmCore:
         cdef uint64_t guest_phys_addr = as_u64(guest_phys_addr_, "guest-physical address")
         cdef uint64_t size = as_u64(size_, "memory size")
         cdef long page = sysconf(_SC_PAGESIZE)
-        require(0 <= slot < self.max_slots, f"slot {slot} is out of range 0..{self.max_slots - 1}")
-        require(slot not in self.slots, f"slot {slot} is already in use")
-        require(size > 0, "memory size must be positive")
-        require(guest_phys_addr % page == 0 and size % page == 0,
-                f"guest address and size must be multiples of the page size ({page})")
-        require(guest_phys_addr + size > guest_phys_addr and guest_phys_addr + size <= (1 << 52),
-                "memory region exceeds the guest-physical address space")
-        for s in self.slots.values():
-            require(guest_phys_addr + size <= (<MemorySlot>s).guest_phys_addr or
-                    guest_phys_addr >= (<MemorySlot>s).guest_phys_addr + (<MemorySlot>s).size,
-                    f"[{guest_phys_addr:#x}, {guest_phys_addr + size:#x}) overlaps {s!r}")
+        # messages are formatted only when raised: this runs once per slot, up to ~32k slots
+        if slot >= self.max_slots:
+            raise InvalidArgumentError(f"slot {slot} is out of range 0..{self.max_slots - 1}")
+        if slot in self.slots:
+            raise InvalidArgumentError(f"slot {slot} is already in use")
+        if size == 0:
+            raise InvalidArgumentError("memory size must be positive")
+        if guest_phys_addr % page or size % page:
+            raise InvalidArgumentError(f"guest address and size must be multiples of the page size ({page})")
+        if size > (1ULL << 52) or guest_phys_addr > (1ULL << 52) - size:
+            raise InvalidArgumentError("memory region exceeds the guest-physical address space")
+        # the slots never overlap, so their starts are sorted and unique: only the
+        # neighbours of the new range can overlap it (O(log n))
+        cdef Py_ssize_t i = bisect_right(self.starts, guest_phys_addr)
+        cdef MemorySlot near
+        if i > 0:
+            near = self.by_start[i - 1]
+            if near.guest_phys_addr + near.size > guest_phys_addr:
+                raise InvalidArgumentError(f"[{guest_phys_addr:#x}, {guest_phys_addr + size:#x}) overlaps {near!r}")
+        if i < len(self.starts):
+            near = self.by_start[i]
+            if near.guest_phys_addr < guest_phys_addr + size:
+                raise InvalidArgumentError(f"[{guest_phys_addr:#x}, {guest_phys_addr + size:#x}) overlaps {near!r}")
         cdef uint32_t flags = 0
         if readonly:
             if not self.check_extension(KVM_CAP_READONLY_MEM):
@@ -130,20 +167,30 @@ cdef class VmCore:
         r.userspace_addr = <uint64_t>addr
         self.vm_ioctl(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION")
         self.slots[slot] = ms
+        self.starts.insert(i, guest_phys_addr)
+        self.by_start.insert(i, ms)
         return ms.view()
 
     def remove_memory(self, slot_):
         """Delete a memory slot.  Views of it stay valid (host memory outlives the slot)."""
         self.require_open()
         cdef int slot = as_int(slot_, "slot", 0, 0x7fffffff)
-        require(slot in self.slots, f"slot {slot} is not in use")
-        cdef MemorySlot ms = self.slots[slot]
+        cdef MemorySlot ms = self._slot(slot)
         cdef kvm_userspace_memory_region r
         memset(&r, 0, sizeof(r))
         r.slot = slot
         r.guest_phys_addr = ms.guest_phys_addr
         self.vm_ioctl(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION(delete)")
         del self.slots[slot]
+        cdef Py_ssize_t i = bisect_right(self.starts, ms.guest_phys_addr) - 1
+        del self.starts[i]
+        del self.by_start[i]
+
+    cdef MemorySlot _slot(self, int slot):
+        ms = self.slots.get(slot)
+        if ms is None:
+            raise InvalidArgumentError(f"slot {slot} is not in use")
+        return ms
 
     @property
     def memory_slots(self):
@@ -153,14 +200,14 @@ cdef class VmCore:
     def memory(self, slot=0):
         """Writable zero-copy memoryview of one slot."""
         self.require_open()
-        require(slot in self.slots, f"slot {slot} is not in use")
-        return (<MemorySlot>self.slots[slot]).view()
+        return self._slot(as_int(slot, "slot", 0, 0x7fffffff)).view()
 
     cdef MemorySlot _find(self, uint64_t gpa, uint64_t length):
-        for s in self.slots.values():
-            ms = <MemorySlot>s
-            if ms.guest_phys_addr <= gpa and gpa - ms.guest_phys_addr + length <= ms.size \
-                    and length <= ms.size:
+        cdef Py_ssize_t i = bisect_right(self.starts, gpa) - 1
+        cdef MemorySlot ms
+        if i >= 0:
+            ms = self.by_start[i]
+            if gpa - ms.guest_phys_addr <= ms.size and length <= ms.size - (gpa - ms.guest_phys_addr):
                 return ms
         raise InvalidArgumentError(
             f"guest-physical range [{gpa:#x}, {gpa + length:#x}) is not inside one memory slot")
@@ -178,39 +225,44 @@ cdef class VmCore:
         """Copy *data* (bytes-like) into guest memory at *gpa* (bounds-checked)."""
         self.require_open()
         cdef uint64_t gpa = as_u64(gpa_, "guest-physical address")
-        cdef const uint8_t[::1] src = memoryview(data).cast("B")
+        cdef const uint8_t[::1] src
+        try:
+            src = memoryview(data).cast("B")
+        except (TypeError, ValueError):
+            raise ArgumentTypeError(f"write takes a bytes-like object, not {type(data).__name__}") from None
         cdef uint64_t n = src.shape[0]
         cdef MemorySlot ms = self._find(gpa, n)
         ms.mapping.check_range(gpa - ms.guest_phys_addr, n)
         if n:
             memcpy(ms.mapping.addr + (gpa - ms.guest_phys_addr), &src[0], n)
 
-    def get_dirty_log(self, int slot):
+    def get_dirty_log(self, slot):
         """KVM_GET_DIRTY_LOG: one bit per page of the slot (bytes, little-endian bit order)."""
         self.require_open()
-        require(slot in self.slots, f"slot {slot} is not in use")
-        cdef MemorySlot ms = self.slots[slot]
-        require(ms.flags & KVM_MEM_LOG_DIRTY_PAGES, f"slot {slot} was not added with log_dirty=True")
+        cdef int slot_ = as_int(slot, "slot", 0, 0x7fffffff)
+        cdef MemorySlot ms = self._slot(slot_)
+        require(ms.flags & KVM_MEM_LOG_DIRTY_PAGES, f"slot {slot_} was not added with log_dirty=True")
         cdef uint64_t pages = ms.size // sysconf(_SC_PAGESIZE)
         cdef bytearray bitmap = bytearray(((pages + 63) // 64) * 8)
         cdef kvm_dirty_log log
         memset(&log, 0, sizeof(log))
-        log.slot = slot
+        log.slot = slot_
         log.dirty_bitmap = <char *>bitmap
         self.vm_ioctl(KVM_GET_DIRTY_LOG, &log, "KVM_GET_DIRTY_LOG")
         return bytes(bitmap)
 
     # --- platform and interrupts ------------------------------------------
-    def set_tss_addr(self, uint64_t addr):
+    def set_tss_addr(self, addr):
         """KVM_SET_TSS_ADDR: three pages the VT-x real-mode emulation needs (below 4 GiB)."""
-        require(addr + 3 * 4096 <= (1 << 32), "the TSS address must leave 3 pages below 4 GiB")
+        cdef uint64_t addr_ = as_uint(addr, "TSS address", (1ULL << 32) - 3 * 4096)
         self.require_open()
-        check(ioctl(self.fd, KVM_SET_TSS_ADDR, <unsigned long>addr), "KVM_SET_TSS_ADDR")
+        check(ioctl(self.fd, KVM_SET_TSS_ADDR, <unsigned long>addr_), "KVM_SET_TSS_ADDR")
 
-    def set_identity_map_addr(self, uint64_t addr):
+    def set_identity_map_addr(self, addr):
         """KVM_SET_IDENTITY_MAP_ADDR: one page for the VT-x identity map (below 4 GiB)."""
-        require(addr % 4096 == 0 and addr + 4096 <= (1 << 32), "the identity map address must be a page below 4 GiB")
-        cdef uint64_t a = addr
+        cdef uint64_t addr_ = as_uint(addr, "identity map address", (1ULL << 32) - 4096)
+        require(addr_ % 4096 == 0, "the identity map address must be a page below 4 GiB")
+        cdef uint64_t a = addr_
         self.vm_ioctl(KVM_SET_IDENTITY_MAP_ADDR, &a, "KVM_SET_IDENTITY_MAP_ADDR")
 
     def create_irqchip(self):
@@ -219,28 +271,29 @@ cdef class VmCore:
         self.vm_ioctl(KVM_CREATE_IRQCHIP, NULL, "KVM_CREATE_IRQCHIP")
         self.has_irqchip = 1
 
-    def create_pit2(self, uint32_t flags=0):
+    def create_pit2(self, flags=0):
         """KVM_CREATE_PIT2: in-kernel i8254 timer (needs the irqchip)."""
         cdef kvm_pit_config c
         memset(&c, 0, sizeof(c))
-        c.flags = flags
+        c.flags = as_u32(flags, "PIT flags")
         self.vm_ioctl(KVM_CREATE_PIT2, &c, "KVM_CREATE_PIT2")
 
-    def irq_line(self, uint32_t irq, int level):
+    def irq_line(self, irq, level):
         """KVM_IRQ_LINE: set an interrupt line of the in-kernel irqchip high (1) or low (0)."""
+        cdef uint32_t irq_ = <uint32_t>as_uint(irq, "irq", 1023)
+        cdef int level_ = <int>as_uint(level, "level", 1)
         require(self.has_irqchip, "irq_line needs the in-kernel irqchip (create_irqchip)")
-        require(level in (0, 1), "level must be 0 or 1")
-        require(irq < 1024, f"irq {irq} is out of range")
         cdef kvm_irq_level l
         memset(&l, 0, sizeof(l))
-        l.irq = irq
-        l.level = level
+        l.irq = irq_
+        l.level = level_
         self.vm_ioctl(KVM_IRQ_LINE, &l, "KVM_IRQ_LINE")
 
-    def create_split_irqchip(self, uint32_t ioapic_pins=24):
+    def create_split_irqchip(self, ioapic_pins_=24):
         """KVM_CAP_SPLIT_IRQCHIP: local APICs in the kernel, PIC and IOAPIC in user space;
         GSIs below *ioapic_pins* are the user-space IOAPIC's (their routes are MSIs, and a
         guest's EOI of a level-triggered one exits as IOAPIC_EOI).  Before any vCPU."""
+        cdef uint32_t ioapic_pins = as_u32(ioapic_pins_, "IOAPIC pins")
         require(not self.vcpu_ids, "the split irqchip must be enabled before the first vCPU")
         require(not self.has_irqchip, "the VM already has an irqchip")
         require(ioapic_pins <= KVM_IOAPIC_NUM_PINS * 16, f"{ioapic_pins} IOAPIC pins is too many")
@@ -255,12 +308,12 @@ cdef class VmCore:
         self.has_irqchip = 1
         self.split_irqchip = 1
 
-    def irq_line_status(self, uint32_t irq, int level):
+    def irq_line_status(self, irq_, level_):
         """KVM_IRQ_LINE_STATUS: like irq_line, and returns the kernel's status: > 0 delivered
         (to that many CPUs), 0 masked or coalesced, < 0 an error."""
+        cdef uint32_t irq = <uint32_t>as_uint(irq_, "irq", 4095)
+        cdef int level = <int>as_uint(level_, "level", 1)
         require(self.has_irqchip, "irq_line_status needs an in-kernel irqchip")
-        require(level in (0, 1), "level must be 0 or 1")
-        require(irq < 4096, f"irq {irq} is out of range")
         cdef kvm_irq_level l
         memset(&l, 0, sizeof(l))
         l.irq = irq
@@ -273,7 +326,7 @@ cdef class VmCore:
         route is (gsi, KVM_IRQ_ROUTING_IRQCHIP, irqchip, pin) or (gsi,
         KVM_IRQ_ROUTING_MSI, address_lo, address_hi, data[, devid]); see kvmsys.routing."""
         require(self.has_irqchip, "GSI routing needs an in-kernel irqchip")
-        cdef list rs = list(routes)
+        cdef list rs = as_list(routes, "GSI routes")
         cdef long limit = self.check_extension(KVM_CAP_IRQ_ROUTING)
         require(len(rs) <= limit, f"at most {limit} GSI routes, got {len(rs)}")
         cdef kvm_irq_routing *t = <kvm_irq_routing *>calloc(1, sizeof(kvm_irq_routing) +
@@ -307,32 +360,33 @@ cdef class VmCore:
         finally:
             free(t)
 
-    def signal_msi(self, uint32_t address_lo, uint32_t data, uint32_t address_hi=0, uint32_t flags=0,
-                   uint32_t devid=0):
+    def signal_msi(self, address_lo, data, address_hi=0, flags=0, devid=0):
         """KVM_SIGNAL_MSI: inject one MSI.  Returns 1 if delivered, 0 if the guest blocked it."""
-        require(self.has_irqchip, "signal_msi needs the in-kernel irqchip (create_irqchip)")
         cdef kvm_msi m
         memset(&m, 0, sizeof(m))
-        m.address_lo = address_lo
-        m.address_hi = address_hi
-        m.data = data
-        m.flags = flags
-        m.devid = devid
+        m.address_lo = as_u32(address_lo, "MSI address_lo")
+        m.address_hi = as_u32(address_hi, "MSI address_hi")
+        m.data = as_u32(data, "MSI data")
+        m.flags = as_u32(flags, "MSI flags")
+        m.devid = as_u32(devid, "MSI devid")
+        require(self.has_irqchip, "signal_msi needs the in-kernel irqchip (create_irqchip)")
         return self.vm_ioctl(KVM_SIGNAL_MSI, &m, "KVM_SIGNAL_MSI")
 
-    def ioeventfd(self, int fd, uint64_t addr, uint32_t length, *, datamatch=None, bint pio=False,
+    def ioeventfd(self, fd, addr, length, *, datamatch=None, bint pio=False,
                   bint deassign=False):
         """KVM_IOEVENTFD: a guest write of *length* bytes at *addr* signals eventfd *fd*."""
-        require(fd >= 0, "fd must be an open eventfd")
-        require(length in (0, 1, 2, 4, 8), "length must be 0, 1, 2, 4 or 8")
-        require(not pio or addr <= 0xffff, "a PIO address must be a 16-bit port")
+        cdef int fd_ = as_int(fd, "fd", 0, 0x7fffffff)
+        cdef uint64_t addr_ = as_u64(addr, "address")
+        cdef uint32_t length_ = as_u32(length, "length")
+        require(length_ in (0, 1, 2, 4, 8), "length must be 0, 1, 2, 4 or 8")
+        require(not pio or addr_ <= 0xffff, "a PIO address must be a 16-bit port")
         cdef kvm_ioeventfd e
         memset(&e, 0, sizeof(e))
-        e.addr = addr
-        e.len = length
-        e.fd = fd
+        e.addr = addr_
+        e.len = length_
+        e.fd = fd_
         if datamatch is not None:
-            e.datamatch = datamatch
+            e.datamatch = as_u64(datamatch, "datamatch")
             e.flags |= KVM_IOEVENTFD_FLAG_DATAMATCH
         if pio:
             e.flags |= KVM_IOEVENTFD_FLAG_PIO
@@ -340,34 +394,39 @@ cdef class VmCore:
             e.flags |= KVM_IOEVENTFD_FLAG_DEASSIGN
         self.vm_ioctl(KVM_IOEVENTFD, &e, "KVM_IOEVENTFD")
 
-    def irqfd(self, int fd, uint32_t gsi, *, int resamplefd=-1, bint deassign=False):
+    def irqfd(self, fd, gsi, *, resamplefd=-1, bint deassign=False):
         """KVM_IRQFD: a write to eventfd *fd* raises interrupt *gsi* (needs the irqchip)."""
+        cdef int fd_ = as_int(fd, "fd", 0, 0x7fffffff)
+        cdef uint32_t gsi_ = as_u32(gsi, "gsi")
+        cdef int rfd = as_int(resamplefd, "resamplefd", -1, 0x7fffffff)
         require(self.has_irqchip, "irqfd needs the in-kernel irqchip (create_irqchip)")
-        require(fd >= 0, "fd must be an open eventfd")
         cdef kvm_irqfd q
         memset(&q, 0, sizeof(q))
-        q.fd = fd
-        q.gsi = gsi
+        q.fd = fd_
+        q.gsi = gsi_
         if deassign:
             q.flags |= KVM_IRQFD_FLAG_DEASSIGN
-        if resamplefd >= 0:
+        if rfd >= 0:
             q.flags |= KVM_IRQFD_FLAG_RESAMPLE
-            q.resamplefd = resamplefd
+            q.resamplefd = rfd
         self.vm_ioctl(KVM_IRQFD, &q, "KVM_IRQFD")
 
-    def register_coalesced(self, uint64_t addr, uint32_t size, *, bint pio=False, bint unregister=False):
+    def register_coalesced(self, addr, size, *, bint pio=False, bint unregister=False):
         """KVM_(UN)REGISTER_COALESCED_MMIO: guest writes to the zone are batched in a ring
         that the run loop drains into the fast handlers, with no exit per write."""
-        require(size > 0, "zone size must be positive")
-        require(not pio or addr + size <= 0x10000, "a PIO zone must lie within ports 0..0xffff")
+        cdef uint64_t addr_ = as_u64(addr, "zone address")
+        cdef uint32_t size_ = as_u32(size, "zone size_")
+        require(size_ > 0, "zone size_ must be positive")
+        require(addr_ + size_ > addr_, "the zone wraps past the end of the address space")
+        require(not pio or addr_ + size_ <= 0x10000, "a PIO zone must lie within ports 0..0xffff")
         cap = KVM_CAP_COALESCED_PIO if pio else KVM_CAP_COALESCED_MMIO
         if not self.check_extension(cap):
             from kvmsys.errors import CapabilityError
             raise CapabilityError("COALESCED_PIO" if pio else "COALESCED_MMIO", "a coalesced zone")
         cdef kvm_coalesced_mmio_zone z
         memset(&z, 0, sizeof(z))
-        z.addr = addr
-        z.size = size
+        z.addr = addr_
+        z.size = size_
         z.pio = 1 if pio else 0
         if unregister:
             self.vm_ioctl(KVM_UNREGISTER_COALESCED_MMIO, &z, "KVM_UNREGISTER_COALESCED_MMIO")
@@ -376,15 +435,16 @@ cdef class VmCore:
             self.vm_ioctl(KVM_REGISTER_COALESCED_MMIO, &z, "KVM_REGISTER_COALESCED_MMIO")
             self.state.coalesced_zones += 1
 
-    def enable_cap(self, uint32_t cap, uint32_t flags=0, args=()):
+    def enable_cap(self, cap, flags=0, args=()):
         """KVM_ENABLE_CAP on the VM."""
-        require(len(args) <= 4, "at most 4 capability arguments")
+        cdef list items = as_list(args, "capability arguments")
+        require(len(items) <= 4, "at most 4 capability arguments")
         cdef kvm_enable_cap c
         memset(&c, 0, sizeof(c))
-        c.cap = cap
-        c.flags = flags
-        for i, a in enumerate(args):
-            c.args[i] = a
+        c.cap = as_u32(cap, "capability number")
+        c.flags = as_u32(flags, "flags")
+        for i, a in enumerate(items):
+            c.args[i] = as_u64(a, "capability argument")
         self.vm_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP")
 
     def set_msr_filter(self, ranges, bint default_deny=False):
@@ -392,7 +452,7 @@ cdef class VmCore:
         range's bitmap denies the accesses in its flags (KVM_MSR_FILTER_READ=1, WRITE=2),
         which then exit to user space if KVM_CAP_X86_USER_SPACE_MSR asks for FILTER exits.
         A new filter replaces the old; no ranges and default allow turn filtering off."""
-        cdef list rs = list(ranges)
+        cdef list rs = as_list(ranges, "MSR filter ranges")
         require(len(rs) <= KVM_MSR_FILTER_MAX_RANGES,
                 f"at most {KVM_MSR_FILTER_MAX_RANGES} MSR filter ranges, got {len(rs)}")
         cdef kvm_msr_filter f
@@ -423,14 +483,15 @@ cdef class VmCore:
         self.vm_ioctl(req, buf, op)
         return (<char *>buf)[:size]
 
-    def get_irqchip(self, uint32_t chip_id):
+    def get_irqchip(self, chip_id):
         """KVM_GET_IRQCHIP: chip 0 = PIC master, 1 = PIC slave, 2 = IOAPIC (raw struct kvm_irqchip)."""
+        cdef uint32_t chip_id_ = as_u32(chip_id, "irqchip id")
         require(self.has_irqchip, "get_irqchip needs the in-kernel irqchip (create_irqchip)")
-        require(chip_id in (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC),
-                f"unknown irqchip {chip_id}")
+        require(chip_id_ in (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC),
+                f"unknown irqchip {chip_id_}")
         cdef kvm_irqchip c
         memset(&c, 0, sizeof(c))
-        c.chip_id = chip_id
+        c.chip_id = chip_id_
         return self.get_vm_blob(KVM_GET_IRQCHIP, &c, sizeof(c), "KVM_GET_IRQCHIP")
 
     def set_irqchip(self, data):
@@ -463,30 +524,34 @@ cdef class VmCore:
         self.vm_ioctl(KVM_SET_CLOCK, <char *>buf, "KVM_SET_CLOCK")
 
     # --- fast handlers (used by the run loop) ------------------------------
-    def add_handler(self, int space, uint64_t start, uint64_t end, int kind, uint64_t value=0,
-                    callback=None):
+    def add_handler(self, space, start, end, kind, value=0, callback=None):
         """Route exits at [start, end) of *space* (kvmsys.Space: PIO, MMIO, or MSR by index) to a handler kind.
 
         Returns the handler's index.  Where ranges overlap the latest handler wins, so a
         handler added later overrides (replaces) part of an earlier one; remove_handler()
         takes it away again.  A SINK handler's reads return *value* (0 by default)."""
-        require(space in (SPACE_PIO, SPACE_MMIO, SPACE_MSR), "space must be 0 (PIO), 1 (MMIO) or 2 (MSR)")
-        require(kind in (H_PYTHON, H_SINK, H_CONST, H_IGNORE, H_EXIT), f"unknown handler kind {kind}")
-        require(space != SPACE_MSR or end <= (<uint64_t>1 << 32), "an MSR range must lie within indices 0..0xffffffff")
-        require(start < end, "handler range is empty")
-        require(space != SPACE_PIO or end <= 0x10000, "a PIO range must lie within ports 0..0xffff")
-        require(callback is None or kind == H_PYTHON, "only a Python handler takes a callback")
+        cdef int space_ = as_int(space, "space", 0, 2)
+        cdef uint64_t start_ = as_u64(start, "start")
+        cdef uint64_t end_ = as_u64(end, "end")
+        cdef int kind_ = as_int(kind, "handler kind", 0, 0x7fffffff)
+        cdef uint64_t value_ = as_u64(value, "value")
+        require(space_ in (SPACE_PIO, SPACE_MMIO, SPACE_MSR), "space must be 0 (PIO), 1 (MMIO) or 2 (MSR)")
+        require(kind_ in (H_PYTHON, H_SINK, H_CONST, H_IGNORE, H_EXIT), f"unknown handler kind {kind_}")
+        require(space_ != SPACE_MSR or end_ <= (<uint64_t>1 << 32), "an MSR range must lie within indices 0..0xffffffff")
+        require(start_ < end_, "handler range is empty")
+        require(space_ != SPACE_PIO or end_ <= 0x10000, "a PIO range must lie within ports 0..0xffff")
+        require(callback is None or kind_ == H_PYTHON, "only a Python handler takes a callback")
         require(callback is None or callable(callback), "callback must be callable")
         self.require_open()
         cdef int n = self.state.nhandlers
         if n >= MAX_HANDLERS:
             raise InvalidArgumentError(f"at most {MAX_HANDLERS} handlers per VM")
         cdef handler_t *h = &self.state.handlers[n]
-        h.space = space
-        h.kind = kind
-        h.start = start
-        h.end = end
-        h.value = value
+        h.space = space_
+        h.kind = kind_
+        h.start = start_
+        h.end = end_
+        h.value = value_
         self.py_handlers.append(callback)
         kvmsys_store_int(&self.state.nhandlers, n + 1)   # publish after the entry is complete
         return n
@@ -509,18 +574,21 @@ cdef class VmCore:
                  self.state.handlers[i].kind, self.state.handlers[i].value, self.py_handlers[i])
                 for i in range(self.state.nhandlers)]
 
-    def set_default(self, int space, int kind):
+    def set_default(self, space, kind):
         """What happens to an access no handler covers: H_PYTHON (return it) or H_IGNORE."""
-        require(space in (SPACE_PIO, SPACE_MMIO, SPACE_MSR), "space must be 0 (PIO), 1 (MMIO) or 2 (MSR)")
-        require(kind in (H_PYTHON, H_IGNORE), "the default is H_PYTHON or H_IGNORE")
+        cdef int space_ = as_int(space, "space", -0x80000000, 0x7fffffff)
+        cdef int kind_ = as_int(kind, "handler kind", -0x80000000, 0x7fffffff)
+        require(space_ in (SPACE_PIO, SPACE_MMIO, SPACE_MSR), "space must be 0 (PIO), 1 (MMIO) or 2 (MSR)")
+        require(kind_ in (H_PYTHON, H_IGNORE), "the default is H_PYTHON or H_IGNORE")
         self.require_open()
-        self.state.default_kind[space] = kind
+        self.state.default_kind[space_] = kind_
 
-    def set_hlt_action(self, int kind):
+    def set_hlt_action(self, kind):
         """HLT exits: H_PYTHON (return them), H_IGNORE (re-enter at once) or H_EXIT (stop the run)."""
-        require(kind in (H_PYTHON, H_IGNORE, H_EXIT), "HLT action is H_PYTHON, H_IGNORE or H_EXIT")
+        cdef int kind_ = as_int(kind, "HLT action", -0x80000000, 0x7fffffff)
+        require(kind_ in (H_PYTHON, H_IGNORE, H_EXIT), "HLT action is H_PYTHON, H_IGNORE or H_EXIT")
         self.require_open()
-        self.state.hlt_action = kind
+        self.state.hlt_action = kind_
 
     def console(self, bint clear=False):
         """Bytes collected by sink handlers (serial THR, debugcon), optionally clearing them."""
@@ -572,6 +640,7 @@ cdef class VmCore:
             close(self.fd)
             self.fd = -1
         self.slots.clear()
+        del self.starts[:], self.by_start[:]
 
     def __enter__(self):
         return self

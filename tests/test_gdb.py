@@ -172,7 +172,7 @@ def test_memory_registers_virtual_and_physical(tmp_path):
                     "monitor virt", "p/x *(unsigned long *)0x40000000",
                     "set var $rbx = 0x1122334455667788", "p/x $rbx", "p $st0", "p/x $fctrl",
                     "set var $xmm15.v4_int32[2] = 7", "set var $st1 = 1.5", "p $xmm15.v4_int32",
-                    "p $st1", "detach")
+                    "p $st1", "set var $fs_base = 0x1000", "p/x $fs_base", "p $eflags", "detach")
     rc, stdout, stderr = run.wait()
     word = hex(int.from_bytes(image[:4], "little"))
     v = values(out)
@@ -180,7 +180,8 @@ def test_memory_registers_virtual_and_physical(tmp_path):
     assert "memory by guest-physical address" in out and "memory by guest-virtual address" in out
     assert "Cannot access memory at address 0x40000000" in out, out      # not mapped
     assert v[3:] == ["0x1122334455667788", "0", "0x37f",                # x87 reset: FCW 0x37f
-                     "{0, 0, 7, 0}", "1.5"], out                          # SSE and x87 written
+                     "{0, 0, 7, 0}", "1.5",                               # SSE and x87 written
+                     "0x1000", "[ ]"], out                                # FS base; EFLAGS by flag
     assert rc == 1, (stdout, stderr)
 
 
@@ -212,9 +213,15 @@ def test_api_in_process(tmp_path, abi, mode):
         c = Client(path)
         assert c.ask("qSupported:swbreak+;hwbreak+").startswith("PacketSize=")
         assert c.ask("?") == "T05thread:1;"
-        xml = c.ask("qXfer:features:read:target.xml:0,fff")
-        assert xml[0] == "l"
-        root = ET.fromstring(xml[1:])
+        xml = ""
+        while True:                                     # in chunks, as gdb reads it
+            chunk = c.ask(f"qXfer:features:read:target.xml:{len(xml):x},400")
+            assert chunk[0] in "ml"
+            xml += chunk[1:]
+            if chunk[0] == "l":
+                break
+        assert xml.encode() == target.target_xml(mode)
+        root = ET.fromstring(xml)
         regs = root.findall("./feature/reg")
         assert root.find("architecture").text == {"real": "i8086", "long64": "i386:x86-64"}[mode]
         assert [r.get("name") for r in regs] == [r.name for r in target.registers(mode)]
@@ -306,6 +313,19 @@ def test_bad_gdb_address_is_refused(bad):
     p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--guest", "compute.pm32", "--gdb", bad],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "gdb address" in p.stderr, (p.returncode, p.stderr)
+
+
+@pytest.mark.nokvm
+def test_gdb_server_never_replaces_a_file_and_reports_a_busy_port(tmp_path):
+    from kvmsys.errors import InvalidArgumentError
+    f = tmp_path / "notasocket"
+    f.write_text("keep me")
+    with pytest.raises(InvalidArgumentError, match="cannot listen"):
+        GdbServer(str(f))
+    assert f.read_text() == "keep me"
+    with GdbServer("127.0.0.1:0") as server:
+        with pytest.raises(InvalidArgumentError, match="cannot listen"):
+            GdbServer(server.address)
 
 
 def test_gdb_server_refuses_a_second_attach_of_one_vcpu(tmp_path, fdvm):

@@ -39,7 +39,7 @@ def test_write_watchpoint(machine, mode):
     # mov %al, 0x1004 (moffs8 form, address size of the mode) then jmp .
     if not probe.watchpoints_work(mode):
         pytest.skip(f"host: data breakpoints in debug registers do not stop the guest in {mode} "
-                    "(its emulator does not check them; gdb falls back to software watchpoints)")
+                    "(its emulator does not check them; the gdb server single-steps write watchpoints)")
     addr = {"real": b"\x04\x10", "pm32": b"\x04\x10\x00\x00", "long64": b"\x04\x10\x00\x00\x00\x00\x00\x00"}[mode]
     load(machine, mode)
     code = b"\xb0\x2a\xa2" + addr + b"\xeb\xfe"

@@ -13,7 +13,7 @@ import pytest
 import kvmsys
 from kvmsys import _core, syscall, KickExit, StopExit
 from kvmsys.enums import Kind, Space
-from kvmsys.errors import (ConfigurationError, InvalidArgumentError, KvmOSError, KvmsysError,
+from kvmsys.errors import (ArgumentTypeError, ConfigurationError, InvalidArgumentError, KvmOSError, KvmsysError,
                            KvmUnavailableError, StaleVcpuError, StateError, VcpuBindingError)
 from kvmsys.guests import get, layout as L
 
@@ -229,8 +229,9 @@ def test_set_regs_missing_key(machine):
     assert v.get_regs() == before
 
 
-@pytest.mark.parametrize("bad, exc", [("x", TypeError), (-1, OverflowError), (1 << 64, OverflowError),
-                                      (None, TypeError)])
+@pytest.mark.parametrize("bad, exc", [("x", ArgumentTypeError), (-1, InvalidArgumentError),
+                                      (1 << 64, InvalidArgumentError), (None, ArgumentTypeError),
+                                      (1.5, ArgumentTypeError)])
 def test_set_regs_bad_value(machine, bad, exc):
     v = machine.vcpu
     before = v.get_regs()

@@ -19,6 +19,7 @@ import contextlib
 import os
 import select
 import socket
+import stat
 import threading
 import time
 
@@ -81,10 +82,14 @@ class GdbServer(Commands):
             self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         else:
             with contextlib.suppress(FileNotFoundError):
-                if os.path.exists(addr) and not os.path.isdir(addr):
-                    os.unlink(addr)
-        self._listener.bind(addr)
-        self._listener.listen(1)
+                if stat.S_ISSOCK(os.stat(addr).st_mode):
+                    os.unlink(addr)         # a stale socket of an earlier run; never a file
+        try:
+            self._listener.bind(addr)
+            self._listener.listen(1)
+        except OSError as e:
+            self._listener.close()
+            raise InvalidArgumentError(f"gdb server cannot listen on {address}: {e.strerror}") from None
         bound = self._listener.getsockname()
         self.address = bound if isinstance(bound, str) else f"{bound[0]}:{bound[1]}"
         self._unix_path = addr if family == socket.AF_UNIX else None
@@ -230,7 +235,9 @@ class GdbServer(Commands):
             cpu.calls.append(call)
             self._cond.notify_all()
             while not call[2]:
-                self._cond.wait()
+                if cpu.state == "done" or self._closed:     # its thread left (an exception)
+                    raise Failure(1)
+                self._cond.wait(0.1)
         ok, value = call[1]
         if not ok:
             raise value

@@ -2,7 +2,7 @@
 description XML, and the debug-register (DR7) encoding of hardware breakpoints.
 
 Register names, order and feature names follow GDB's manual ("Target Descriptions",
-"i386 Features": org.gnu.gdb.i386.core and org.gnu.gdb.i386.sse); the values come from KVM_GET_REGS,
+"i386 Features": org.gnu.gdb.i386.core, .sse and, for 64-bit guests, .segments); the values come from KVM_GET_REGS,
 KVM_GET_SREGS and KVM_GET_FPU (struct kvm_fpu in <linux/kvm.h>).
 """
 from __future__ import annotations
@@ -48,13 +48,23 @@ def registers(mode: str) -> tuple[Reg, ...]:
         gprs = [Reg(n, 32, "data_ptr" if n in ("esp", "ebp") else "int32", "gpr", "r" + n[1:])
                 for n in _GPR32]
         gprs.append(Reg("eip", 32, "code_ptr", "gpr", "rip"))
-    gprs.append(Reg("eflags", 32, "int32", "gpr", "rflags"))
+    gprs.append(Reg("eflags", 32, "i386_eflags", "gpr", "rflags"))
     segs = [Reg(n, 32, "int32", "seg", n) for n in SEGMENTS]
     st = [Reg(f"st{i}", 80, "i387_ext", "st", str(i)) for i in range(8)]
     ctrl = [Reg(n, 32, "int", "x87", n) for n in _X87_CTRL]
     xmm = [Reg(f"xmm{i}", 128, "vec128", "xmm", str(i), "sse") for i in range(16 if mode == "long64" else 8)]
     mxcsr = [Reg("mxcsr", 32, "int", "mxcsr", "", "sse")]
-    return tuple(gprs + segs + st + ctrl + xmm + mxcsr)
+    bases = [Reg(f"{n}_base", 64, "int", "base", n, "segments") for n in ("fs", "gs")] \
+        if mode == "long64" else []
+    return tuple(gprs + segs + st + ctrl + xmm + mxcsr + bases)
+
+
+_EFLAGS = (("CF", 0), ("", 1), ("PF", 2), ("AF", 4), ("ZF", 6), ("SF", 7), ("TF", 8), ("IF", 9),
+           ("DF", 10), ("OF", 11), ("NT", 14), ("RF", 16), ("VM", 17), ("AC", 18), ("VIF", 19),
+           ("VIP", 20), ("ID", 21))
+_EFLAGS_TYPE = ('    <flags id="i386_eflags" size="4">\n' +
+                "".join(f'      <field name="{n}" start="{b}" end="{b}"/>\n' for n, b in _EFLAGS) +
+                "    </flags>\n")
 
 
 # the SSE feature's register type, a union of vector views (GDB's manual, "Predefined
@@ -85,8 +95,8 @@ def target_xml(mode: str) -> bytes:
         return f'  <feature name="org.gnu.gdb.i386.{name}">\n{types}{regs}  </feature>\n'
     return (f'<?xml version="1.0"?>\n<!DOCTYPE target SYSTEM "gdb-target.dtd">\n'
             f'<target version="1.0">\n  <architecture>{_ARCH[mode]}</architecture>\n'
-            f'  <osabi>none</osabi>\n' + feature("core") + feature("sse", _VEC128) +
-            '</target>\n').encode()
+            f'  <osabi>none</osabi>\n' + feature("core", _EFLAGS_TYPE) + feature("sse", _VEC128) +
+            (feature("segments") if mode == "long64" else "") + '</target>\n').encode()
 
 
 def mode_of(sregs: dict) -> str:
@@ -124,6 +134,8 @@ def read_value(reg: Reg, regs: dict, sregs: dict, fpu: bytes, mode: str) -> byte
     elif reg.kind == "xmm":
         off = _FPU_XMM_OFF + 16 * int(reg.src)
         return bytes(fpu[off:off + 16])
+    elif reg.kind == "base":
+        value = sregs[reg.src]["base"]
     elif reg.kind == "mxcsr":
         value = int.from_bytes(fpu[_FPU_MXCSR_OFF:_FPU_MXCSR_OFF + 4], "little")
     else:
@@ -145,6 +157,11 @@ def write_value(reg: Reg, data: bytes, regs: dict, sregs: dict, fpu: bytearray, 
             value |= regs[reg.src] & ~0xFFFFFFFF
         regs[reg.src] = value
         return "regs"
+    if reg.kind == "base":
+        if sregs[reg.src]["base"] == value:
+            return ""
+        sregs[reg.src] = dict(sregs[reg.src], base=value)
+        return "sregs"
     if reg.kind == "seg":
         seg = sregs[reg.src]
         if seg["selector"] == value:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from ..errors import InvalidArgumentError
 from . import layout
 from .layout import (COM1_BASE, COMPUTE_SEED, LOAD_ADDR, MMIO_READ_ADDR, MMIO_WRITE_ADDR,
                      PORT_DEBUG_EXIT, PORT_DEBUGCON, PORT_IN, PORT_OUT, PORT_RESULT)
@@ -63,7 +64,7 @@ class Guest:
         return image
 
 
-class UnknownGuestError(KeyError):
+class UnknownGuestError(InvalidArgumentError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 
@@ -208,11 +209,11 @@ GUESTS: dict[str, Guest] = _build()
 
 
 def get(name: str) -> Guest:
-    try:
-        return GUESTS[name]
-    except KeyError:
+    guest = GUESTS.get(name) if isinstance(name, str) else None
+    if guest is None:
         raise UnknownGuestError(
-            f"unknown guest {name!r}; available: {', '.join(sorted(GUESTS))}") from None
+            f"unknown guest {name!r}; available: {', '.join(sorted(GUESTS))}")
+    return guest
 
 
 __all__ = ["GUESTS", "Guest", "MODES", "Param", "UnknownGuestError", "compute_reference",

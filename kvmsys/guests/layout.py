@@ -9,6 +9,8 @@ import operator
 import struct
 from importlib import resources
 
+from ..errors import ArgumentTypeError, InvalidArgumentError
+
 # --- guest-physical layout --------------------------------------------------
 # Everything sits below 64 KiB so real-mode code reaches it with segment bases 0.
 IVT_ADDR = 0x0000        # real-mode interrupt vector table (we fill 32 vectors)
@@ -119,7 +121,7 @@ REGIONS = {
 def smp_stack_top(cpu: int) -> int:
     """Initial stack pointer (flat address) of vCPU *cpu* in an SMP guest."""
     if not 0 <= cpu < SMP_MAX_CPUS:
-        raise ValueError(f"cpu {cpu} is out of range 0..{SMP_MAX_CPUS - 1}")
+        raise InvalidArgumentError(f"cpu {cpu} is out of range 0..{SMP_MAX_CPUS - 1}")
     return SMP_STACKS_ADDR + (cpu + 1) * SMP_STACK_SIZE
 
 
@@ -208,36 +210,40 @@ def prepare(guest, vcpu, mem, *, pvm_page=None, **inputs) -> dict:
     anything written here (the caller programs the PVM MSR itself).
     """
     if guest.mode not in MODE_BITS:
-        raise ValueError(f"unknown mode {guest.mode!r}")
+        raise InvalidArgumentError(f"unknown mode {guest.mode!r}")
     if len(mem) < RAM_SIZE:
-        raise ValueError(f"guest RAM is {len(mem):#x} bytes, need at least {RAM_SIZE:#x}")
+        raise InvalidArgumentError(f"guest RAM is {len(mem):#x} bytes, need at least {RAM_SIZE:#x}")
     if pvm_page is not None:
         if pvm_page % _PAGE or not 0 <= pvm_page <= len(mem) - _PAGE:
-            raise ValueError(f"pvm_page {pvm_page:#x} must be a page-aligned address in RAM")
+            raise InvalidArgumentError(f"pvm_page {pvm_page:#x} must be a page-aligned address in RAM")
         for region, (lo, hi) in REGIONS.items():
             if pvm_page < hi and lo < pvm_page + _PAGE:
-                raise ValueError(f"pvm_page {pvm_page:#x} overlaps the {region} region")
+                raise InvalidArgumentError(f"pvm_page {pvm_page:#x} overlaps the {region} region")
     params = {p.name: p for p in guest.params}
     unknown = set(inputs) - set(params)
     if unknown:
-        raise TypeError(f"{guest.name}: unknown input(s) {sorted(unknown)}; "
+        raise ArgumentTypeError(f"{guest.name}: unknown input(s) {sorted(unknown)}; "
                         f"accepted: {sorted(params)}")
     regs = dict.fromkeys(REG_NAMES, 0)
     regs.update(rip=guest.entry, rsp=STACK_TOP, rflags=RFLAGS_DEFAULT)
     for name, p in params.items():
-        value = operator.index(inputs.get(name, p.default))
+        try:
+            value = operator.index(inputs.get(name, p.default))
+        except TypeError:
+            raise ArgumentTypeError(f"{guest.name}: {name} must be an int, not "
+                                    f"{type(inputs[name]).__name__}") from None
         if not 0 <= value < (1 << p.bits):
-            raise ValueError(f"{guest.name}: {name}={value} does not fit in {p.bits} bits")
+            raise InvalidArgumentError(f"{guest.name}: {name}={value} does not fit in {p.bits} bits")
         regs[p.reg] = value
 
     if "ncpus" in params and not 1 <= regs[params["ncpus"].reg] <= SMP_MAX_CPUS:
-        raise ValueError(f"{guest.name}: ncpus must be 1..{SMP_MAX_CPUS}")
+        raise InvalidArgumentError(f"{guest.name}: ncpus must be 1..{SMP_MAX_CPUS}")
     if "cpu" in params and "ncpus" in params and regs[params["cpu"].reg] >= regs[params["ncpus"].reg]:
-        raise ValueError(f"{guest.name}: cpu must be below ncpus")
+        raise InvalidArgumentError(f"{guest.name}: cpu must be below ncpus")
 
     image = guest.image
     if not (LOAD_ADDR <= guest.load_addr and guest.load_addr + len(image) <= IMAGE_LIMIT):
-        raise ValueError(f"{guest.name}: image does not fit below {IMAGE_LIMIT:#x}")
+        raise InvalidArgumentError(f"{guest.name}: image does not fit below {IMAGE_LIMIT:#x}")
     _put(mem, DATA_ADDR, bytes(_PAGE))
     _put(mem, guest.load_addr, image)
     _put(mem, VECTORS_ADDR, read_bin("vectors"))
