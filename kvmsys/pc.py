@@ -43,12 +43,13 @@ def default_cpuid(kvm, vcpu_id: int, cpus: int) -> list[dict]:
 
 
 class Pc:
-    """The platform around one firmware image on *vm*, which has the in-kernel irqchip or
-    not (then a PIT in Python and no interrupts).  *cpuid* is a hook
+    """The platform around one firmware image (None: a kernel loaded by kvmsys.loaders) on
+    *vm*, which has the in-kernel irqchip or not (then a PIT in Python and no interrupts).
+    *cpuid* is a hook
     ``cpuid(entries, vcpu_id) -> entries`` that may change the CPUID entries each vCPU gets.
     *map_memory*: map RAM and the image (platform.load_firmware); False if done already."""
 
-    def __init__(self, vm, image: bytes, *, ram_size: int, cpus: int = 1, disk: str | None = None,
+    def __init__(self, vm, image: bytes | None, *, ram_size: int, cpus: int = 1, disk: str | None = None,
                  disk_readonly: bool = False, serial_sink=None, cpuid=None, boot_menu: bool = False,
                  map_memory: bool = True):
         if cpus < 1:
