@@ -230,7 +230,7 @@ def run(profile, kinds=None) -> SuiteResult:
                       exits_per_sample={f"{md}/{k}": m["n"] for (md, k), m in measured.items()},
                       guests={f"{md}/{k}": m["name"] for (md, k), m in measured.items()}, reps=profile.reps,
                       warmup=profile.warmup, naive="fcntl.ioctl(fd, KVM_RUN)")
-    res.notes += [f"Guest mode {md}: {mode_label(md, native[md])}." for md in modes(profile)]
+    res.notes += [f"Guest mode {mode_label(md, native[md])}." for md in modes(profile)]
     res.notes += [
         f"Guests *_loop with n=0 (endless), {profile.reps} interleaved repetitions per loop after "
         f"{profile.warmup} warm-up.",

@@ -67,9 +67,9 @@ PROFILES = {
                      thread_exits=20, thread_pool=4, thread_batches=4, lifecycle_batch=4, kick_samples=60,
                      kick_delay_ms=(1.0, 3.0), scaling_seconds=0.25, scaling_max=_cores(), scaling_reps=3,
                      memory_k=8),
-    "full": Profile("full", reps=21, warmup=2, sample_ms=25.0, min_exits=100, max_exits=200_000,
-                    thread_exits=20, thread_pool=4, thread_batches=10, lifecycle_batch=8, kick_samples=400,
-                    kick_delay_ms=(1.0, 4.0), scaling_seconds=1.0, scaling_max=None, scaling_reps=5,
+    "full": Profile("full", reps=21, warmup=2, sample_ms=15.0, min_exits=100, max_exits=200_000,
+                    thread_exits=20, thread_pool=4, thread_batches=10, lifecycle_batch=8, kick_samples=300,
+                    kick_delay_ms=(1.0, 4.0), scaling_seconds=1.0, scaling_max=None, scaling_reps=3,
                     memory_k=32),
 }
 

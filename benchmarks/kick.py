@@ -178,7 +178,7 @@ def run(profile) -> SuiteResult:
         "target threads are not the main thread.",
         "Latency = perf_counter_ns() after run() returned in the target − perf_counter_ns() just before "
         "kick() in the kicking thread (one monotonic clock); median (min–max) over all kicks.",
-        "C floor: the same guest on its own vCPU, run by a pthread (created for each kick, before the wait) "
+        "C floor: the same guest on its own vCPU, run by one pthread of its own "
         "looping on KVM_RUN with minimal exit handling; the kicking thread reads the clock, sets "
         "kvm_run.immediate_exit and sends kvmsys's kick signal with pthread_kill; latency = clock after "
         "KVM_RUN returned EINTR − clock before the kick.  Ratios pair the i-th kick of each variant "

@@ -68,7 +68,8 @@ def markdown_suite(res) -> str:
         out.append("")
     cols = d["columns"]
     out.append("| " + " | ".join(h for _k, h in cols) + " |")
-    out.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|")
+    numeric = {k for k, _h in cols if any(k in r["stats"] for r in d["rows"].values())}
+    out.append("|" + "|".join("---:" if k in numeric else "---" for k, _h in cols) + "|")
     previous_first = None
     for row in d["rows"].values():
         cells = []

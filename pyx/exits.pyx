@@ -295,8 +295,11 @@ cdef class MsrExit(Exit):
         self.cur().msr.error = 1 if v else 0
 
     def __repr__(self):
-        return (f"<MsrExit {'wrmsr' if self.is_write else 'rdmsr'} index={self.index:#x} "
-                f"data={self.data:#x}{' error' if self.error else ''}>")
+        try:
+            return (f"<MsrExit {'wrmsr' if self.is_write else 'rdmsr'} index={self.index:#x} "
+                    f"data={self.data:#x}{' error' if self.error else ''}>")
+        except StateError:
+            return f"<{type(self).__name__} (stale)>"
 
 
 cdef class HypercallExit(Exit):
@@ -324,7 +327,10 @@ cdef class HypercallExit(Exit):
         self.cur().hypercall.ret = as_u64(v, "hypercall return value")
 
     def __repr__(self):
-        return f"<HypercallExit nr={self.nr} args={self.args[:3]}>"
+        try:
+            return f"<HypercallExit nr={self.nr} args={self.args[:3]}>"
+        except StateError:
+            return f"<{type(self).__name__} (stale)>"
 
 
 cdef class IrqWindowOpenExit(Exit):
@@ -349,7 +355,10 @@ cdef class IoapicEoiExit(Exit):
         return self.cur().eoi.vector
 
     def __repr__(self):
-        return f"<IoapicEoiExit vector={self.vector:#x}>"
+        try:
+            return f"<IoapicEoiExit vector={self.vector:#x}>"
+        except StateError:
+            return f"<{type(self).__name__} (stale)>"
 
 
 cdef class NotifyExit(Exit):
@@ -390,7 +399,10 @@ cdef class MemoryFaultExit(Exit):
         return bool(kvmsys_run_memory_fault(self.cur()).flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
 
     def __repr__(self):
-        return f"<MemoryFaultExit gpa={self.gpa:#x} size={self.size:#x}>"
+        try:
+            return f"<MemoryFaultExit gpa={self.gpa:#x} size={self.size:#x}>"
+        except StateError:
+            return f"<{type(self).__name__} (stale)>"
 
 
 cdef class DirtyRingFullExit(Exit):

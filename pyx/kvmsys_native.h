@@ -169,7 +169,6 @@ typedef struct kvmsys_region {
 static kvmsys_region_t kvmsys_regions = {NULL, 0, &kvmsys_regions, &kvmsys_regions};
 static pthread_mutex_t kvmsys_regions_lock = PTHREAD_MUTEX_INITIALIZER;
 static unsigned long kvmsys_fork_generation = 1;
-static unsigned long kvmsys_main_ident;      /* the thread CPython treats as main */
 
 /* Replace [addr, addr+size) by private zero memory in place (no fault, no sharing). */
 static int kvmsys_detach_region(void *addr, size_t size) {
@@ -187,9 +186,8 @@ static void kvmsys_atfork_child(void) {
     for (r = kvmsys_regions.next; r != &kvmsys_regions; r = r->next)
         kvmsys_detach_region(r->addr, r->size);
     kvmsys_fork_generation++;
-    /* Only the forking thread exists here: it is the child's main thread (CPython
-     * makes it so), it runs no vCPU and has no watchdog timer (not inherited). */
-    kvmsys_main_ident = (unsigned long)pthread_self();
+    /* Only the forking thread exists here: it runs no vCPU and has no watchdog
+     * timer (timers are not inherited). */
     kvmsys_bound = NULL;
     kvmsys_running = NULL;
     kvmsys_timer_ok = 0;
@@ -199,6 +197,8 @@ static pthread_once_t kvmsys_atfork_once = PTHREAD_ONCE_INIT;
 static void kvmsys_atfork_register(void) {
     pthread_atfork(kvmsys_atfork_prepare, kvmsys_atfork_parent, kvmsys_atfork_child);
 }
+/* Installed with the first VM or mapping, not at import. */
+static void kvmsys_atfork_install(void) { pthread_once(&kvmsys_atfork_once, kvmsys_atfork_register); }
 
 /* Track a region kvmsys mapped and keep it out of fork children.  NULL on failure.
  * The at-fork handlers are installed with the first region (not at import). */
@@ -210,7 +210,7 @@ static kvmsys_region_t *kvmsys_region_add(void *addr, size_t size) {
         free(r);
         return NULL;
     }
-    pthread_once(&kvmsys_atfork_once, kvmsys_atfork_register);
+    kvmsys_atfork_install();
     r->addr = addr;
     r->size = size;
     pthread_mutex_lock(&kvmsys_regions_lock);

@@ -5,7 +5,19 @@ import threading as _threading
 import weakref as _weakref
 from cpython.pythread cimport PyThread_get_thread_ident
 
-kvmsys_main_ident = _threading.main_thread().ident     # a fork child's is its forking thread
+cdef unsigned long _main_ident = _threading.main_thread().ident
+cdef int _main_pid = getpid()
+
+
+cdef inline bint on_main_thread():
+    # The thread CPython runs signal handlers in.  In a fork child it is the thread that
+    # forked (CPython makes it so), whichever that was: look again in a new process.
+    global _main_ident, _main_pid
+    if getpid() != _main_pid:
+        _main_ident = _threading.main_thread().ident
+        _main_pid = getpid()
+    return PyThread_get_thread_ident() == _main_ident
+
 import os as _os
 
 # Every live vCPU of this process (both ABIs), for shutdown().
@@ -275,13 +287,18 @@ cdef class VcpuCore:
         self.synced = 0
 
     def get_sregs2(self):
-        """KVM_GET_SREGS2 (raw struct kvm_sregs2: the special registers plus PDPTRs)."""
+        """KVM_GET_SREGS2 as a dict: the special registers plus the PAE PDPTRs (flags says if valid)."""
         self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_GET_SREGS2")
-        return self.get_blob(KVM_GET_SREGS2, sizeof(kvm_sregs2), "KVM_GET_SREGS2")
+        cdef kvm_sregs2 s
+        memset(&s, 0, sizeof(s))
+        self.vcpu_ioctl(KVM_GET_SREGS2, &s, "KVM_GET_SREGS2")
+        return s
 
-    def set_sregs2(self, data):
+    def set_sregs2(self, dict sregs2):
+        """KVM_SET_SREGS2 from a full dict (get_sregs2(), modified)."""
         self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_SET_SREGS2")
-        self.set_blob(KVM_SET_SREGS2, data, sizeof(kvm_sregs2), "KVM_SET_SREGS2")
+        cdef kvm_sregs2 s = sregs2
+        self.vcpu_ioctl(KVM_SET_SREGS2, &s, "KVM_SET_SREGS2")
 
     def get_tsc_khz(self):
         """KVM_GET_TSC_KHZ: the guest TSC frequency in kHz."""
@@ -385,7 +402,7 @@ cdef class VcpuCore:
                 v.deadline_ns = kvmsys_now_ns() + <uint64_t>(timeout * 1e9)
                 if kvmsys_arm_watchdog(v.deadline_ns) != 0:
                     raise_os(errno, "timer_settime(watchdog)")
-            v.poll_signals = PyThread_get_thread_ident() == kvmsys_main_ident   # only it runs signal handlers
+            v.poll_signals = on_main_thread()     # only it runs Python's signal handlers
             while True:
                 v.run_seq += 1              # exits of the previous KVM_RUN go stale
                 with nogil:

@@ -47,6 +47,7 @@ cdef class VmCore:
 
     def __cinit__(self, kvm, vm_type=0):
         self.fd = -1
+        kvmsys_atfork_install()         # a fork child must know this VM is not its own
         self.forkgen = kvmsys_fork_generation
         cdef KvmCore kvm_ = of_type(kvm, KvmCore, "kvm")
         cdef unsigned long vm_type_ = as_u32(vm_type, "VM type")

@@ -350,3 +350,32 @@ def test_trace_breaks_down_round_trips():
         if rid.endswith(("/enter", "/ret")):
             assert row["cells"]["count"] >= 50, rid       # every traced round trip was seen
     assert {rid.split("/")[1] for rid in res.rows} == {"fd", "sys"}
+
+
+# --- packaging and layering -----------------------------------------------------------
+@pytest.mark.nokvm
+def test_library_does_not_import_the_benchmark_layer():
+    import ast
+    from pathlib import Path
+    import kvmsys
+    for path in Path(kvmsys.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] in ("benchmarks", "kvmsys_bench") for n in names), path
+
+
+@pytest.mark.nokvm
+def test_core_exports_no_reference_loops_or_ioctl_table():
+    from kvmsys import _core
+    assert not hasattr(_core, "IOCTLS")
+    assert not [n for n in dir(_core) if "reference" in n.lower()]
+
+
+@pytest.mark.nokvm
+def test_no_top_level_benchmarks_package_is_installed():
+    from pathlib import Path
+    tomllib = pytest.importorskip("tomllib", reason="env: Python < 3.11 has no tomllib")
+    conf = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "benchmarks" not in conf["packages"]
+    assert conf["package-dir"]["kvmsys_bench"] == "benchmarks"

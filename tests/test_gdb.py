@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -41,7 +42,8 @@ class KvmsysRun:
     def __init__(self, tmp_path, *args, address=None):
         address = address or str(tmp_path / "gdb.sock")
         self.proc = subprocess.Popen([sys.executable, "-m", "kvmsys", "run", *args, "--gdb", address],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=tmp_path)   # not the source tree: the installed package
         line = self.proc.stderr.readline()
         m = re.search(r"listening on (\S+);", line)
         assert m, f"no listening line: {line!r}"
@@ -311,7 +313,8 @@ def test_bad_gdb_address_is_refused(bad):
     with pytest.raises(InvalidArgumentError):
         GdbServer(bad)
     p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--guest", "compute.pm32", "--gdb", bad],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60,
+                       cwd=tempfile.gettempdir())   # not the source tree: the installed package
     assert p.returncode == 2 and "gdb address" in p.stderr, (p.returncode, p.stderr)
 
 

@@ -35,6 +35,9 @@ cdef extern from "<signal.h>" nogil:
     enum: SIGRTMIN
     enum: SIGRTMAX
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 cdef extern from "<time.h>" nogil:
     enum: CLOCK_REALTIME
     int nanosleep(const timespec *req, timespec *rem)
@@ -115,6 +118,7 @@ cdef class RefVcpu:
     cdef int fd
     cdef kvm_run *run
     cdef size_t size
+    cdef target_t *target        # the kick target thread, kept between kick() calls
 
     def __cinit__(self, int fd, size_t mmap_size):
         self.run = map_run(fd, mmap_size)
@@ -124,6 +128,10 @@ cdef class RefVcpu:
         self.close()
 
     def close(self):
+        if self.target != NULL:
+            with nogil:
+                target_stop(self.target)
+            self.target = NULL
         if self.run != NULL:
             munmap(self.run, self.size)
             self.run = NULL
@@ -166,9 +174,19 @@ cdef class RefVcpu:
         minimally) until KVM_RUN fails with EINTR; the calling thread waits a pseudo-random
         delay in [delay_lo_s, delay_hi_s], reads the clock, sets kvm_run.immediate_exit and
         sends *signo* (a real-time signal with a handler) with pthread_kill.  Returns [ns]
-        from the clock read before the kick to the one after KVM_RUN returned."""
+        from the clock read before the kick to the one after KVM_RUN returned.  The target
+        thread is created by the first call and kept (it stays the vCPU's thread) until
+        close()."""
         self.require_open()
-        return kick(self.fd, self.run, self.size, samples, delay_lo_s, delay_hi_s, signo, seed)
+        if not SIGRTMIN <= signo <= SIGRTMAX:
+            raise ValueError(f"signo {signo} is not a real-time signal")
+        if self.target != NULL and self.target.signo != signo:
+            with nogil:
+                target_stop(self.target)
+            self.target = NULL
+        if self.target == NULL:
+            self.target = target_start(self.fd, self.run, self.size, signo)
+        return kick(self.target, samples, delay_lo_s, delay_hi_s, seed)
 
 
 def reference_lifecycle(int vmfd, size_t mmap_size, int first_id, int count):
@@ -389,62 +407,64 @@ cdef void *target_main(void *arg) noexcept nogil:
         sem_post(&t.done)
 
 
-cdef kick(int fd, kvm_run *run, size_t mmap_size, int samples, double delay_lo_s, double delay_hi_s,
-          int signo, uint64_t seed):
-    if samples <= 0 or not 0 <= delay_lo_s <= delay_hi_s <= 1.0:
-        raise ValueError("samples must be positive and 0 <= delay_lo_s <= delay_hi_s <= 1")
-    if not SIGRTMIN <= signo <= SIGRTMAX:
-        raise ValueError(f"signo {signo} is not a real-time signal")
+cdef target_t *target_start(int fd, kvm_run *run, size_t mmap_size, int signo) except NULL:
     cdef target_t *t = <target_t *>calloc(1, sizeof(target_t))
     if t == NULL:
         raise MemoryError()
     t.fd, t.run, t.size, t.signo = fd, run, mmap_size, signo
     sem_init(&t.go, 0, 0)
     sem_init(&t.done, 0, 0)
-    cdef int i, err = 0, started = 0
-    cdef uint64_t x = seed or 1, t0, lo = <uint64_t>(delay_lo_s * 1e9), span
-    cdef timespec ts, dl
-    span = <uint64_t>(delay_hi_s * 1e9) - lo + 1
-    out = []
-    try:
-        if pthread_create(&t.thread, NULL, target_main, t) != 0:
-            raise OSError(errno, "pthread_create")
-        started = 1
-        for i in range(samples):
-            with nogil:
-                sem_post(&t.go)
-                while not kvmsys_load_int(&t.in_run) and not kvmsys_load_int(&t.err):
-                    pass
-                x ^= x << 13
-                x ^= x >> 7
-                x ^= x << 17
-                ts.tv_sec = 0
-                ts.tv_nsec = <long>(lo + x % span)
-                nanosleep(&ts, NULL)
-                t0 = kvmsys_now_ns()
-                kvmsys_store_u8(&run.immediate_exit, 1)
-                pthread_kill(t.thread, signo)
-                while True:          # a kick that cannot be lost, but never wait forever
-                    clock_gettime(CLOCK_REALTIME, &dl)
-                    dl.tv_sec += 5
-                    if sem_timedwait(&t.done, &dl) == 0:
-                        break
-                    if errno == ETIMEDOUT:
-                        pthread_kill(t.thread, signo)
-                err = t.err
-            if err:
-                break
-            out.append(t.t1 - t0)
-    finally:
-        if started:
-            with nogil:
-                t.quit = 1
-                sem_post(&t.go)
-                pthread_join(t.thread, NULL)
+    if pthread_create(&t.thread, NULL, target_main, t) != 0:
+        err = errno
         sem_destroy(&t.go)
         sem_destroy(&t.done)
         free(t)
-    if err:
-        raise OSError(err if err > 0 else EINVAL,
-                      "KVM_RUN" if err > 0 else f"the target stopped on exit reason {-err}")
+        raise OSError(err, "pthread_create")
+    return t
+
+
+cdef void target_stop(target_t *t) noexcept nogil:
+    t.quit = 1
+    sem_post(&t.go)
+    pthread_join(t.thread, NULL)
+    sem_destroy(&t.go)
+    sem_destroy(&t.done)
+    free(t)
+
+
+cdef kick(target_t *t, int samples, double delay_lo_s, double delay_hi_s, uint64_t seed):
+    if samples <= 0 or not 0 <= delay_lo_s <= delay_hi_s <= 1.0:
+        raise ValueError("samples must be positive and 0 <= delay_lo_s <= delay_hi_s <= 1")
+    cdef int i, err = 0
+    cdef uint64_t x = seed or 1, t0, lo = <uint64_t>(delay_lo_s * 1e9), span
+    cdef timespec ts, dl
+    cdef kvm_run *run = t.run
+    span = <uint64_t>(delay_hi_s * 1e9) - lo + 1
+    out = []
+    for i in range(samples):
+        with nogil:
+            sem_post(&t.go)
+            while not kvmsys_load_int(&t.in_run) and not kvmsys_load_int(&t.err):
+                sched_yield()
+            x ^= x << 13
+            x ^= x >> 7
+            x ^= x << 17
+            ts.tv_sec = 0
+            ts.tv_nsec = <long>(lo + x % span)
+            nanosleep(&ts, NULL)
+            t0 = kvmsys_now_ns()
+            kvmsys_store_u8(&run.immediate_exit, 1)
+            pthread_kill(t.thread, t.signo)
+            while True:          # a kick that cannot be lost, but never wait forever
+                clock_gettime(CLOCK_REALTIME, &dl)
+                dl.tv_sec += 5
+                if sem_timedwait(&t.done, &dl) == 0:
+                    break
+                if errno == ETIMEDOUT:
+                    pthread_kill(t.thread, t.signo)
+            err = t.err
+        if err:
+            raise OSError(err if err > 0 else EINVAL,
+                          "KVM_RUN" if err > 0 else f"the target stopped on exit reason {-err}")
+        out.append(t.t1 - t0)
     return out

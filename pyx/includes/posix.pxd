@@ -14,6 +14,7 @@ cdef extern from "<unistd.h>" nogil:
     int close(int fd)
     long sysconf(int name)
     int getppid()
+    int getpid()
     enum: _SC_PAGESIZE
 
 cdef extern from "<sys/mman.h>" nogil:
@@ -92,5 +93,5 @@ cdef extern from "kvmsys_native.h" nogil:
     void kvmsys_region_remove(kvmsys_region_t *r)
     int kvmsys_detach_region(void *addr, size_t size)
     unsigned long kvmsys_fork_generation
-    unsigned long kvmsys_main_ident
+    void kvmsys_atfork_install()
 
