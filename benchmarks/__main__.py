@@ -132,6 +132,7 @@ def main(argv=None) -> int:
         return 130
     doc = report.document(machine, profile, results, argv)
     doc["elapsed_s"] = time.perf_counter() - t0
+    doc["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(report.markdown(doc))
     if args.json:
         report.write_json(doc, args.json)

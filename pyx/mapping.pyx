@@ -17,6 +17,19 @@ cdef class Mapping:
     cdef kvmsys_region_t *region
     cdef unsigned long forkgen     # the process that mapped it (kvmsys_fork_generation)
     cdef str revoked               # why it no longer shows what it mapped, or None
+    cdef object owner              # borrowed memory: the buffer export that keeps it alive
+
+    @staticmethod
+    cdef Mapping borrow(void *addr, size_t size, str what, object owner):
+        """[addr, +size) of a caller's buffer, kept alive (and unresizable) by *owner*, a
+        buffer export of it: never unmapped here, never hidden from a fork child."""
+        cdef Mapping m = Mapping.__new__(Mapping)
+        m.addr = <uint8_t *>addr
+        m.size = size
+        m.what = what
+        m.forkgen = kvmsys_fork_generation
+        m.owner = owner
+        return m
 
     @staticmethod
     cdef Mapping wrap(void *addr, size_t size, str what):
@@ -75,7 +88,7 @@ cdef class Mapping:
         return 0
 
     def __dealloc__(self):
-        if self.addr != NULL:
+        if self.addr != NULL and self.owner is None:
             kvmsys_region_remove(self.region)
             munmap(self.addr, self.size)
             self.addr = NULL

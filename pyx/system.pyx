@@ -1,5 +1,5 @@
 # The system object: /dev/kvm itself.
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport calloc, malloc, free
 from libc.errno cimport ENXIO, ENODEV, EPERM
 import os as _os
 
@@ -10,6 +10,77 @@ cdef enum:
 _HINT_MISSING = ("load the kvm module (modprobe kvm_intel or kvm_amd), or, inside a VM, "
                  "enable nested virtualization")
 _HINT_ACCESS = "add your user to the 'kvm' group (sudo usermod -aG kvm $USER) and log in again"
+
+
+cdef kvm_cpuid2 *cpuid_new() except NULL:
+    """A zeroed kvm_cpuid2 with room for CPUID_MAX entries (free() it)."""
+    cdef kvm_cpuid2 *c = <kvm_cpuid2 *>calloc(1, sizeof(kvm_cpuid2) + CPUID_MAX * sizeof(kvm_cpuid_entry2))
+    if c == NULL:
+        raise MemoryError()
+    c.nent = CPUID_MAX
+    return c
+
+
+cdef list cpuid_read(kvm_cpuid2 *c):
+    """The entries a CPUID-list ioctl filled in, as dicts."""
+    cdef kvm_cpuid_entry2 *e = <kvm_cpuid_entry2 *>(<char *>c + sizeof(kvm_cpuid2))
+    return [dict(function=e[i].function, index=e[i].index, flags=e[i].flags,
+                 eax=e[i].eax, ebx=e[i].ebx, ecx=e[i].ecx, edx=e[i].edx)
+            for i in range(min(c.nent, CPUID_MAX))]
+
+
+cdef list cpuid_query(int fd, unsigned long req, str op):
+    """A CPUID-list ioctl on the system fd (KVM_GET_SUPPORTED_CPUID, _EMULATED_CPUID)."""
+    cdef kvm_cpuid2 *c = cpuid_new()
+    try:
+        check(ioctl(fd, req, c), op)
+        return cpuid_read(c)
+    finally:
+        free(c)
+
+
+cdef list msr_list_query(int fd, unsigned long req, str op):
+    """An MSR-index-list ioctl as a list of indices."""
+    cdef size_t sz = sizeof(kvm_msr_list) + MSR_LIST_MAX * sizeof(uint32_t)
+    cdef kvm_msr_list *l = <kvm_msr_list *>calloc(1, sz)
+    cdef uint32_t *idx
+    if l == NULL:
+        raise MemoryError()
+    try:
+        l.nmsrs = MSR_LIST_MAX
+        check(ioctl(fd, req, l), op)
+        idx = <uint32_t *>(<char *>l + sizeof(kvm_msr_list))
+        return [idx[i] for i in range(min(l.nmsrs, MSR_LIST_MAX))]
+    finally:
+        free(l)
+
+
+cdef kvm_msrs *msrs_new(indices) except NULL:
+    """A kvm_msrs asking for *indices* (free() it)."""
+    cdef list idx = [as_u32(i, "MSR index") for i in as_list(indices, "MSR indices")]
+    require(0 < len(idx) <= MSR_LIST_MAX, f"between 1 and {MSR_LIST_MAX} MSR indices")
+    cdef size_t n = len(idx)
+    cdef kvm_msrs *m = <kvm_msrs *>calloc(1, sizeof(kvm_msrs) + n * sizeof(kvm_msr_entry))
+    if m == NULL:
+        raise MemoryError()
+    cdef kvm_msr_entry *e = <kvm_msr_entry *>(<char *>m + sizeof(kvm_msrs))
+    m.nmsrs = n
+    for i in range(n):
+        e[i].index = idx[i]
+    return m
+
+
+cdef dict msrs_read(kvm_msrs *m, long got):
+    """{index: value} of the first *got* entries (KVM_GET_MSRS stops at the first it cannot read)."""
+    cdef kvm_msr_entry *e = <kvm_msr_entry *>(<char *>m + sizeof(kvm_msrs))
+    return {e[i].index: e[i].data for i in range(got)}
+
+
+cdef int require_system_cap(KvmCore kvm, long cap, str name, str needed_for) except -1:
+    if ioctl(kvm.fd, KVM_CHECK_EXTENSION, <unsigned long>cap) <= 0:
+        from kvmsys.errors import CapabilityError
+        raise CapabilityError(name, needed_for)
+    return 0
 
 
 cdef class KvmCore:
@@ -83,37 +154,37 @@ cdef class KvmCore:
     def supported_cpuid(self):
         """KVM_GET_SUPPORTED_CPUID as a list of dicts (function, index, flags, eax..edx)."""
         self.require_open()
-        cdef size_t sz = sizeof(kvm_cpuid2) + CPUID_MAX * sizeof(kvm_cpuid_entry2)
-        cdef kvm_cpuid2 *c = <kvm_cpuid2 *>malloc(sz)
-        cdef kvm_cpuid_entry2 *e
-        if c == NULL:
-            raise MemoryError()
-        try:
-            memset(c, 0, sz)
-            c.nent = CPUID_MAX
-            check(ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, c), "KVM_GET_SUPPORTED_CPUID")
-            e = <kvm_cpuid_entry2 *>(<char *>c + sizeof(kvm_cpuid2))
-            return [dict(function=e[i].function, index=e[i].index, flags=e[i].flags,
-                         eax=e[i].eax, ebx=e[i].ebx, ecx=e[i].ecx, edx=e[i].edx)
-                    for i in range(min(c.nent, CPUID_MAX))]
-        finally:
-            free(c)
+        return cpuid_query(self.fd, KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")
+
+    def emulated_cpuid(self):
+        """KVM_GET_EMULATED_CPUID: CPUID bits KVM can emulate (e.g. MOVBE) though the host
+        CPU may lack them; same form as supported_cpuid()."""
+        self.require_open()
+        require_system_cap(self, KVM_CAP_EXT_EMUL_CPUID, "EXT_EMUL_CPUID", "KVM_GET_EMULATED_CPUID")
+        return cpuid_query(self.fd, KVM_GET_EMULATED_CPUID, "KVM_GET_EMULATED_CPUID")
 
     def msr_index_list(self):
         """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores."""
         self.require_open()
-        cdef size_t sz = sizeof(kvm_msr_list) + MSR_LIST_MAX * sizeof(uint32_t)
-        cdef kvm_msr_list *l = <kvm_msr_list *>malloc(sz)
-        cdef uint32_t *idx
-        if l == NULL:
-            raise MemoryError()
+        return msr_list_query(self.fd, KVM_GET_MSR_INDEX_LIST, "KVM_GET_MSR_INDEX_LIST")
+
+    def msr_feature_index_list(self):
+        """KVM_GET_MSR_FEATURE_INDEX_LIST: the feature MSRs (e.g. IA32_ARCH_CAPABILITIES)
+        whose host values get_msrs() on this system fd reads."""
+        self.require_open()
+        require_system_cap(self, KVM_CAP_GET_MSR_FEATURES, "GET_MSR_FEATURES", "the MSR feature list")
+        return msr_list_query(self.fd, KVM_GET_MSR_FEATURE_INDEX_LIST, "KVM_GET_MSR_FEATURE_INDEX_LIST")
+
+    def get_msrs(self, indices):
+        """KVM_GET_MSRS on the system fd: the values KVM supports for feature MSRs
+        (msr_feature_index_list()), {index: value}, stopping at the first it cannot read."""
+        self.require_open()
+        require_system_cap(self, KVM_CAP_GET_MSR_FEATURES, "GET_MSR_FEATURES", "reading feature MSRs")
+        cdef kvm_msrs *m = msrs_new(indices)
         try:
-            l.nmsrs = MSR_LIST_MAX
-            check(ioctl(self.fd, KVM_GET_MSR_INDEX_LIST, l), "KVM_GET_MSR_INDEX_LIST")
-            idx = <uint32_t *>(<char *>l + sizeof(kvm_msr_list))
-            return [idx[i] for i in range(min(l.nmsrs, MSR_LIST_MAX))]
+            return msrs_read(m, check(ioctl(self.fd, KVM_GET_MSRS, m), "KVM_GET_MSRS(system)"))
         finally:
-            free(l)
+            free(m)
 
     def close(self):
         """Close the fd.  Idempotent; VMs created from it stay valid."""

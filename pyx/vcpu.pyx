@@ -70,6 +70,8 @@ cdef class VcpuCore:
     cdef object successor
     cdef unsigned long forkgen   # the process that created it
     cdef list views              # weak references to the comm-area views it handed out
+    cdef Mapping dirty_ring      # its dirty-page ring (vm.enable_dirty_ring), or None
+    cdef uint32_t dirty_fetch    # next ring entry to harvest
     cdef unsigned long _runner   # Python thread ident of the run() in progress (for messages)
     cdef object __weakref__
 
@@ -104,6 +106,8 @@ cdef class VcpuCore:
         self.pending = []
         self.views = []
         self.map_comm_area()
+        if vm.dirty_ring_size:
+            self.map_dirty_ring()
         if vm.has_sync_regs:
             self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
         vm.vcpu_ids.add(vcpu_id)
@@ -126,6 +130,36 @@ cdef class VcpuCore:
             self.v.ring_max = (page - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
         return 0
 
+    cdef int map_dirty_ring(self) except -1:
+        cdef long page = sysconf(_SC_PAGESIZE)
+        cdef void *addr = mmap(NULL, self.vm.dirty_ring_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+                               self.v.fd, KVM_DIRTY_LOG_PAGE_OFFSET * page)
+        if addr == MAP_FAILED:
+            raise_os(errno, "mmap(dirty ring)")
+        self.dirty_ring = Mapping.wrap(addr, self.vm.dirty_ring_size, f"vCPU {self.id} dirty ring")
+        return 0
+
+    def harvest_dirty_ring(self):
+        """The pages this vCPU dirtied since the last harvest, as (slot, page index in the
+        slot), in the order KVM logged them; each entry is handed back to KVM (call
+        vm.reset_dirty_rings() afterwards to re-arm the logging of those pages)."""
+        self.require_open()
+        require(self.dirty_ring is not None, f"vCPU {self.id} has no dirty ring "
+                "(vm.enable_dirty_ring() before the vCPU is created)")
+        self.dirty_ring.check_usable()
+        cdef kvm_dirty_gfn *g = <kvm_dirty_gfn *>self.dirty_ring.addr
+        cdef uint32_t n = self.vm.dirty_ring_size // sizeof(kvm_dirty_gfn)
+        cdef kvm_dirty_gfn *e
+        cdef list out = []
+        while True:
+            e = &g[self.dirty_fetch % n]
+            if not kvmsys_load_u32(&e.flags) & KVM_DIRTY_GFN_F_DIRTY:
+                break
+            out.append((e.slot, e.offset))
+            kvmsys_store_u32(&e.flags, KVM_DIRTY_GFN_F_RESET)    # ours -> KVM's, on reset
+            self.dirty_fetch += 1
+        return out
+
     def renew(self):
         """Hand this kernel vCPU to a new object, which is returned; this one goes stale.
 
@@ -144,6 +178,7 @@ cdef class VcpuCore:
             n.synced, n.debug_enabled, n._touched = self.synced, self.debug_enabled, self._touched
             n.ran, n.cpuid_was_set = self.ran, self.cpuid_was_set
             n.pending, n.views = [], []
+            n.dirty_ring, n.dirty_fetch = self.dirty_ring, self.dirty_fetch
             n.map_comm_area()
             old.revoke("belongs to a vCPU that was removed (or whose thread ended)")
         finally:
@@ -285,32 +320,6 @@ cdef class VcpuCore:
         if self.vm.has_sync_regs:
             self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS
         self.synced = 0
-
-    def get_sregs2(self):
-        """KVM_GET_SREGS2 as a dict: the special registers plus the PAE PDPTRs (flags says if valid)."""
-        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_GET_SREGS2")
-        cdef kvm_sregs2 s
-        memset(&s, 0, sizeof(s))
-        self.vcpu_ioctl(KVM_GET_SREGS2, &s, "KVM_GET_SREGS2")
-        return s
-
-    def set_sregs2(self, dict sregs2):
-        """KVM_SET_SREGS2 from a full dict (get_sregs2(), modified)."""
-        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_SET_SREGS2")
-        cdef kvm_sregs2 s = sregs2
-        self.vcpu_ioctl(KVM_SET_SREGS2, &s, "KVM_SET_SREGS2")
-
-    def get_tsc_khz(self):
-        """KVM_GET_TSC_KHZ: the guest TSC frequency in kHz."""
-        self.require_cap(KVM_CAP_GET_TSC_KHZ, "GET_TSC_KHZ", "KVM_GET_TSC_KHZ")
-        return self.vcpu_ioctl(KVM_GET_TSC_KHZ, NULL, "KVM_GET_TSC_KHZ")
-
-    def set_tsc_khz(self, khz):
-        """KVM_SET_TSC_KHZ (KVM refuses a frequency it cannot scale to: KvmOSError)."""
-        cdef uint32_t k = as_int(khz, "TSC frequency (kHz)", 1, 0xffffffff)
-        self.require_open()
-        self._touched = 1
-        check(ioctl(self.v.fd, KVM_SET_TSC_KHZ, <unsigned long>k), "KVM_SET_TSC_KHZ")
 
     def get_nested_state(self):
         """KVM_GET_NESTED_STATE as raw bytes (KVM_CAP_NESTED_STATE gives the size)."""
@@ -587,19 +596,9 @@ cdef class VcpuCore:
 
     def get_msrs(self, indices):
         """KVM_GET_MSRS: {index: value} for the MSRs the kernel returned (it stops at the first it cannot read)."""
-        cdef list idx = [as_u32(i, "MSR index") for i in as_list(indices, "MSR indices")]
-        require(0 < len(idx) <= 4096, "between 1 and 4096 MSR indices")
-        cdef size_t n = len(idx)
-        cdef kvm_msrs *m = <kvm_msrs *>calloc(1, sizeof(kvm_msrs) + n * sizeof(kvm_msr_entry))
-        if m == NULL:
-            raise MemoryError()
-        cdef kvm_msr_entry *e = <kvm_msr_entry *>(<char *>m + sizeof(kvm_msrs))
+        cdef kvm_msrs *m = msrs_new(indices)
         try:
-            m.nmsrs = n
-            for i in range(n):
-                e[i].index = idx[i]
-            got = self.vcpu_ioctl(KVM_GET_MSRS, m, "KVM_GET_MSRS")
-            return {e[i].index: e[i].data for i in range(got)}
+            return msrs_read(m, self.vcpu_ioctl(KVM_GET_MSRS, m, "KVM_GET_MSRS"))
         finally:
             free(m)
 
@@ -714,6 +713,60 @@ cdef class VcpuCore:
 
     def set_xcrs(self, data):
         self.set_blob(KVM_SET_XCRS, data, sizeof(kvm_xcrs), "KVM_SET_XCRS")
+
+    # --- more state and controls (each needs a capability; CapabilityError without) ---
+    def get_sregs2(self):
+        """KVM_GET_SREGS2: the special registers plus the PAE PDPTRs (flags says if valid)."""
+        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_GET_SREGS2")
+        cdef kvm_sregs2 s
+        memset(&s, 0, sizeof(s))
+        self.vcpu_ioctl(KVM_GET_SREGS2, &s, "KVM_GET_SREGS2")
+        return s
+
+    def set_sregs2(self, dict sregs2):
+        """KVM_SET_SREGS2 from a full dict (get_sregs2(), modified)."""
+        self.require_cap(KVM_CAP_SREGS2, "SREGS2", "KVM_SET_SREGS2")
+        cdef kvm_sregs2 s = sregs2
+        self.vcpu_ioctl(KVM_SET_SREGS2, &s, "KVM_SET_SREGS2")
+
+    def get_cpuid2(self):
+        """KVM_GET_CPUID2: the CPUID entries set on this vCPU (set_cpuid2's form)."""
+        cdef kvm_cpuid2 *c = cpuid_new()
+        try:
+            self.vcpu_ioctl(KVM_GET_CPUID2, c, "KVM_GET_CPUID2")
+            return cpuid_read(c)
+        finally:
+            free(c)
+
+    def get_tsc_khz(self):
+        """KVM_GET_TSC_KHZ: the guest's TSC frequency in kHz."""
+        self.require_cap(KVM_CAP_GET_TSC_KHZ, "GET_TSC_KHZ", "KVM_GET_TSC_KHZ")
+        self.require_open()
+        return self.vcpu_ioctl(KVM_GET_TSC_KHZ, NULL, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz):
+        """KVM_SET_TSC_KHZ: scale the guest's TSC to *khz* (needs KVM_CAP_TSC_CONTROL)."""
+        cdef uint32_t k = as_u32(khz, "TSC frequency (kHz)")
+        require(k > 0, "the TSC frequency must be positive")
+        self.require_cap(KVM_CAP_TSC_CONTROL, "TSC_CONTROL", "KVM_SET_TSC_KHZ")
+        self.vcpu_ioctl(KVM_SET_TSC_KHZ, <void *><size_t>k, "KVM_SET_TSC_KHZ")   # the value is the argument
+
+    def kvmclock_ctrl(self):
+        """KVM_KVMCLOCK_CTRL: tell the guest's kvmclock the vCPU was paused by the host
+        (no soft-lockup warnings); EINVAL unless the guest set up kvmclock."""
+        self.require_cap(KVM_CAP_KVMCLOCK_CTRL, "KVMCLOCK_CTRL", "KVM_KVMCLOCK_CTRL")
+        self.vcpu_ioctl(KVM_KVMCLOCK_CTRL, NULL, "KVM_KVMCLOCK_CTRL")
+
+    def smi(self):
+        """KVM_SMI: queue a system-management interrupt (needs KVM_CAP_X86_SMM)."""
+        self.require_cap(KVM_CAP_X86_SMM, "X86_SMM", "KVM_SMI")
+        self.vcpu_ioctl(KVM_SMI, NULL, "KVM_SMI")
+
+    def enable_cap(self, cap, flags=0, args=()):
+        """KVM_ENABLE_CAP on the vCPU (e.g. KVM_CAP_ENFORCE_PV_FEATURE_CPUID)."""
+        cdef kvm_enable_cap c
+        fill_enable_cap(&c, cap, flags, args)
+        self.vcpu_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP(vCPU)")
 
     def set_guest_debug(self, bint enable=True, bint single_step=False, bint sw_breakpoints=False,
                         bint hw_breakpoints=False, debugreg=None, bint block_irq=False):

@@ -1,4 +1,5 @@
 # The VM object: memory slots, interrupt plumbing, fast handlers, console.
+from posix.stat cimport struct_stat, fstat, S_ISREG
 from libc.string cimport memcpy
 from bisect import bisect_right
 import weakref
@@ -24,6 +25,54 @@ cdef class MemorySlot:
                 f"size={self.size:#x}, flags={self.flags:#x})")
 
 
+cdef Mapping map_source(object source, uint64_t off, uint64_t size, long page, bint huge, str what):
+    """The host memory of a new slot: fresh, an fd's pages, or a caller's buffer."""
+    cdef void *addr
+    cdef int fd
+    cdef struct_stat st
+    cdef uint8_t[::1] buf
+    if source is None:
+        addr = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (MAP_HUGETLB if huge else 0), -1, 0)
+        if addr == MAP_FAILED:
+            raise_os(errno, "mmap(guest memory, MAP_HUGETLB)" if huge else "mmap(guest memory)")
+        return Mapping.wrap(addr, size, what)
+    if isinstance(source, int) or hasattr(source, "fileno"):
+        fd = source if isinstance(source, int) else source.fileno()
+        require(fd >= 0, "the source fd must be open")
+        require(off % page == 0, f"a file offset must be a multiple of the page size ({page})")
+        if fstat(fd, &st) != 0:
+            raise_os(errno, "fstat(memory source)")
+        # a shorter file would SIGBUS the guest (and us) past its end
+        require(S_ISREG(st.st_mode) and <uint64_t>st.st_size >= off + size,
+                f"the source must be a file (memfd, regular, hugetlbfs) of at least offset + size = "
+                f"{off + size:#x} bytes (it has {st.st_size:#x})")
+        addr = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off)
+        if addr == MAP_FAILED:
+            raise_os(errno, "mmap(memory source)")
+        return Mapping.wrap(addr, size, what)
+    try:
+        buf = source
+    except (TypeError, ValueError, BufferError) as e:
+        raise InvalidArgumentError(f"source must be an fd, a file or a writable contiguous buffer: {e}") from None
+    require(<uint64_t>buf.shape[0] >= off + size,
+            f"the buffer has {buf.shape[0]:#x} bytes, offset + size is {off + size:#x}")
+    addr = <void *>&buf[off]
+    require(<size_t>addr % page == 0, f"the buffer's address + offset must be page-aligned ({page})")
+    return Mapping.borrow(addr, size, what, buf)
+
+
+cdef int fill_enable_cap(kvm_enable_cap *c, object cap, object flags, object args) except -1:
+    cdef list items = as_list(args, "capability arguments")
+    require(len(items) <= 4, "at most 4 capability arguments")
+    memset(c, 0, sizeof(kvm_enable_cap))
+    c.cap = as_u32(cap, "capability number")
+    c.flags = as_u32(flags, "flags")
+    for i, a in enumerate(items):
+        c.args[i] = as_u64(a, "capability argument")
+    return 0
+
+
 cdef class VmCore:
     """A KVM VM fd.  Memory, devices and vCPUs hang off it."""
     # A VM fd, its memory slots, fast-handler table and console buffer.
@@ -39,6 +88,7 @@ cdef class VmCore:
     cdef object _default_handler
     cdef readonly int has_irqchip
     cdef readonly int split_irqchip     # local APICs in the kernel, PIC/IOAPIC in user space
+    cdef readonly uint32_t dirty_ring_size     # bytes per vCPU, 0: no dirty ring
     cdef readonly int has_sync_regs
     cdef readonly set vcpu_ids
     cdef object vcpus               # WeakSet of live VcpuCore, closed with the VM
@@ -110,14 +160,21 @@ cdef class VmCore:
         return check(ioctl(self.fd, KVM_CHECK_EXTENSION, <unsigned long>cap_), "KVM_CHECK_EXTENSION")
 
     # --- memory -----------------------------------------------------------
-    def add_memory(self, slot_, guest_phys_addr_, size_, *, bint readonly=False, bint log_dirty=False):
-        """Back [guest_phys_addr, +size) with fresh zeroed host memory in *slot*.
+    def add_memory(self, slot_, guest_phys_addr_, size_, *, bint readonly=False, bint log_dirty=False,
+                   source=None, offset=0, bint huge_pages=False):
+        """Back [guest_phys_addr, +size) with host memory in *slot*: fresh zeroed memory,
+        or the caller's *source* — an fd or file object (a memfd, a regular or hugetlbfs
+        file: mapped shared from *offset*, which must cover size bytes) or any writable
+        contiguous buffer (its page-aligned address, from *offset*; it stays exported,
+        so it cannot be resized, while the slot exists).  *huge_pages*: fresh memory
+        from the host's huge pages (MAP_HUGETLB).
 
         Returns a writable zero-copy memoryview of it."""
         self.require_open()
         cdef int slot = as_int(slot_, "slot", 0, 0x7fffffff)
         cdef uint64_t guest_phys_addr = as_u64(guest_phys_addr_, "guest-physical address")
         cdef uint64_t size = as_u64(size_, "memory size")
+        cdef uint64_t off = as_u64(offset, "source offset")
         cdef long page = sysconf(_SC_PAGESIZE)
         # messages are formatted only when raised: this runs once per slot, up to ~32k slots
         if slot >= self.max_slots:
@@ -142,6 +199,8 @@ cdef class VmCore:
             near = self.by_start[i]
             if near.guest_phys_addr < guest_phys_addr + size:
                 raise InvalidArgumentError(f"[{guest_phys_addr:#x}, {guest_phys_addr + size:#x}) overlaps {near!r}")
+        require(source is not None or off == 0, "an offset needs a source")
+        require(source is None or not huge_pages, "huge_pages is for fresh memory; pass a hugetlbfs file as source")
         cdef uint32_t flags = 0
         if readonly:
             if not self.check_extension(KVM_CAP_READONLY_MEM):
@@ -150,27 +209,38 @@ cdef class VmCore:
             flags |= KVM_MEM_READONLY
         if log_dirty:
             flags |= KVM_MEM_LOG_DIRTY_PAGES
-        cdef void *addr = mmap(NULL, size, PROT_READ | PROT_WRITE,
-                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        if addr == MAP_FAILED:
-            raise_os(errno, "mmap(guest memory)")
         cdef MemorySlot ms = MemorySlot.__new__(MemorySlot)
-        ms.mapping = Mapping.wrap(addr, size, f"memory slot {slot}")
+        ms.mapping = map_source(source, off, size, page, huge_pages, f"memory slot {slot}")
         ms.slot = slot
         ms.guest_phys_addr = guest_phys_addr
         ms.size = size
         ms.flags = flags
-        cdef kvm_userspace_memory_region r
-        r.slot = slot
-        r.flags = flags
-        r.guest_phys_addr = guest_phys_addr
-        r.memory_size = size
-        r.userspace_addr = <uint64_t>addr
-        self.vm_ioctl(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION")
+        self.set_region(ms, flags)
         self.slots[slot] = ms
         self.starts.insert(i, guest_phys_addr)
         self.by_start.insert(i, ms)
         return ms.view()
+
+    cdef int set_region(self, MemorySlot ms, uint32_t flags) except -1:
+        cdef kvm_userspace_memory_region r
+        r.slot = ms.slot
+        r.flags = flags
+        r.guest_phys_addr = ms.guest_phys_addr
+        r.memory_size = ms.size
+        r.userspace_addr = <uint64_t>ms.mapping.addr
+        self.vm_ioctl(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION")
+        ms.flags = flags
+        return 0
+
+    def set_memory_flags(self, slot_, *, bint log_dirty):
+        """Change a live slot's flags only (same memory, same place): turn dirty logging
+        on or off while the guest runs on.  Read-only-ness cannot change (KVM refuses)."""
+        self.require_open()
+        cdef int slot = as_int(slot_, "slot", 0, 0x7fffffff)
+        require(slot in self.slots, f"slot {slot} is not in use")
+        cdef MemorySlot ms = self.slots[slot]
+        cdef uint32_t flags = ms.flags & ~KVM_MEM_LOG_DIRTY_PAGES
+        self.set_region(ms, flags | (KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0))
 
     def remove_memory(self, slot_):
         """Delete a memory slot.  Views of it stay valid (host memory outlives the slot)."""
@@ -252,6 +322,57 @@ cdef class VmCore:
         self.vm_ioctl(KVM_GET_DIRTY_LOG, &log, "KVM_GET_DIRTY_LOG")
         return bytes(bitmap)
 
+    def clear_dirty_log(self, slot_, first_page=0, num_pages=None, bitmap=None):
+        """KVM_CLEAR_DIRTY_LOG (manual dirty-log protection, enabled with
+        enable_cap(MANUAL_DIRTY_LOG_PROTECT2)): clear and write-protect again the pages of
+        [first_page, +num_pages) whose bit is set in *bitmap* (default: all of them).
+        first_page must be a multiple of 64, num_pages too unless it reaches the slot's end."""
+        self.require_open()
+        cdef int slot = as_int(slot_, "slot", 0, 0x7fffffff)
+        require(slot in self.slots, f"slot {slot} is not in use")
+        cdef MemorySlot ms = self.slots[slot]
+        require(ms.flags & KVM_MEM_LOG_DIRTY_PAGES, f"slot {slot} does not log dirty pages")
+        cdef uint64_t pages = ms.size // sysconf(_SC_PAGESIZE)
+        cdef uint64_t first = as_u64(first_page, "first page")
+        cdef uint64_t n = pages - first if num_pages is None and first <= pages else as_u64(num_pages, "page count")
+        require(first % 64 == 0 and first < pages and 0 < n <= pages - first and
+                (n % 64 == 0 or first + n == pages),
+                f"pages [{first}, +{n}) of a {pages}-page slot: first_page and num_pages must be "
+                "multiples of 64 (num_pages may end the slot)")
+        cdef bytes bm = b"\xff" * ((n + 7) // 8) if bitmap is None else as_blob(bitmap, "dirty bitmap")
+        require(<uint64_t>len(bm) * 8 >= n, f"a bitmap of {len(bm)} bytes cannot cover {n} pages")
+        cdef kvm_clear_dirty_log c
+        memset(&c, 0, sizeof(c))
+        c.slot = slot
+        c.first_page = first
+        c.num_pages = <uint32_t>n
+        c.dirty_bitmap = <char *>bm
+        self.vm_ioctl(KVM_CLEAR_DIRTY_LOG, &c, "KVM_CLEAR_DIRTY_LOG")
+
+    def enable_dirty_ring(self, size_):
+        """KVM_CAP_DIRTY_LOG_RING: each vCPU created afterwards logs the pages it dirties
+        (in slots with log_dirty) in a ring of *size* bytes (a power of two, at least a
+        page; 16 bytes per entry) instead of the bitmap; harvest with
+        vcpu.harvest_dirty_ring(), then reset_dirty_rings().  Before any vCPU."""
+        require(not self.vcpu_ids, "the dirty ring must be enabled before the first vCPU")
+        cdef uint32_t size = as_u32(size_, "dirty ring size")
+        cdef long limit = self.check_extension(KVM_CAP_DIRTY_LOG_RING)
+        if limit <= 0:
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError("DIRTY_LOG_RING", "a dirty ring")
+        require(size >= <uint32_t>sysconf(_SC_PAGESIZE) and size & (size - 1) == 0 and size <= limit,
+                f"the dirty ring size must be a power of two between a page and {limit} bytes")
+        cdef kvm_enable_cap c
+        fill_enable_cap(&c, KVM_CAP_DIRTY_LOG_RING, 0, (size,))
+        self.vm_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP(DIRTY_LOG_RING)")
+        self.dirty_ring_size = size
+
+    def reset_dirty_rings(self):
+        """KVM_RESET_DIRTY_RINGS: write-protect again the pages harvested from every vCPU's
+        ring (so the next write logs them again); returns how many."""
+        self.require_open()
+        return check(ioctl(self.fd, KVM_RESET_DIRTY_RINGS, 0), "KVM_RESET_DIRTY_RINGS")
+
     # --- platform and interrupts ------------------------------------------
     def set_tss_addr(self, addr):
         """KVM_SET_TSS_ADDR: three pages the VT-x real-mode emulation needs (below 4 GiB)."""
@@ -294,10 +415,9 @@ cdef class VmCore:
         """KVM_CAP_SPLIT_IRQCHIP: local APICs in the kernel, PIC and IOAPIC in user space;
         GSIs below *ioapic_pins* are the user-space IOAPIC's (their routes are MSIs, and a
         guest's EOI of a level-triggered one exits as IOAPIC_EOI).  Before any vCPU."""
-        cdef uint32_t ioapic_pins = as_u32(ioapic_pins_, "IOAPIC pins")
+        cdef uint32_t ioapic_pins = as_uint(ioapic_pins_, "IOAPIC pins", KVM_IOAPIC_NUM_PINS * 16)
         require(not self.vcpu_ids, "the split irqchip must be enabled before the first vCPU")
         require(not self.has_irqchip, "the VM already has an irqchip")
-        require(ioapic_pins <= KVM_IOAPIC_NUM_PINS * 16, f"{ioapic_pins} IOAPIC pins is too many")
         if not self.check_extension(KVM_CAP_SPLIT_IRQCHIP):
             from kvmsys.errors import CapabilityError
             raise CapabilityError("SPLIT_IRQCHIP", "a split irqchip")
@@ -438,15 +558,29 @@ cdef class VmCore:
 
     def enable_cap(self, cap, flags=0, args=()):
         """KVM_ENABLE_CAP on the VM."""
-        cdef list items = as_list(args, "capability arguments")
-        require(len(items) <= 4, "at most 4 capability arguments")
         cdef kvm_enable_cap c
-        memset(&c, 0, sizeof(c))
-        c.cap = as_u32(cap, "capability number")
-        c.flags = as_u32(flags, "flags")
-        for i, a in enumerate(items):
-            c.args[i] = as_u64(a, "capability argument")
+        fill_enable_cap(&c, cap, flags, args)
         self.vm_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP")
+
+    def create_device(self, type_, bint test=False):
+        """KVM_CREATE_DEVICE: a device fd (DeviceCore) of KVM_DEV_TYPE_* *type_*; with
+        *test*, only whether this VM can create one (True/False), creating nothing."""
+        cdef kvm_create_device d
+        memset(&d, 0, sizeof(d))
+        d.type = as_u32(type_, "device type")
+        d.flags = KVM_CREATE_DEVICE_TEST if test else 0
+        self.require_open()
+        if ioctl(self.fd, KVM_CREATE_DEVICE, &d) < 0:
+            if test and errno == ENODEV:
+                return False
+            raise_os(errno, "KVM_CREATE_DEVICE")
+        if test:
+            return True
+        cdef DeviceCore dev = DeviceCore.__new__(DeviceCore)
+        dev.fd = d.fd
+        dev.vm = self
+        dev.type = d.type
+        return dev
 
     def set_msr_filter(self, ranges, bint default_deny=False):
         """KVM_X86_SET_MSR_FILTER: *ranges* of (flags, base, nmsrs, bitmap); a 0 bit in a

@@ -567,6 +567,9 @@ cdef extern from "linux/kvm.h" nogil:
 
     enum: KVM_CREATE_DEVICE_TEST
     enum: KVM_DEV_TYPE_VFIO
+    enum: KVM_DEV_VFIO_GROUP           # = KVM_DEV_VFIO_FILE in newer headers
+    enum: KVM_DEV_VFIO_GROUP_ADD
+    enum: KVM_DEV_VFIO_GROUP_DEL
     const unsigned long KVM_CREATE_DEVICE
     const unsigned long KVM_SET_DEVICE_ATTR
     const unsigned long KVM_GET_DEVICE_ATTR

@@ -27,6 +27,7 @@ cdef extern from "<sys/mman.h>" nogil:
     enum: MAP_PRIVATE
     enum: MAP_ANONYMOUS
     enum: MAP_NORESERVE
+    enum: MAP_HUGETLB
     enum: MAP_FIXED
     enum: MADV_DONTFORK
     void *MAP_FAILED
