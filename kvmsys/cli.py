@@ -171,8 +171,8 @@ def _gdb_server(args):
         return contextlib.nullcontext()
     from .gdb import GdbServer
     server = GdbServer(args.gdb, vcpus=1 if args.firmware or args.kernel else args.vcpus)
-    print(f"kvmsys: gdb server listening on {server.address}; the guest waits for gdb",
-          file=sys.stderr, flush=True)
+    print(f"kvmsys: gdb server listening on {server.address}; the guest waits for gdb "
+          f"(gdb -ex 'target remote {server.address}')", file=sys.stderr, flush=True)
     return server
 
 

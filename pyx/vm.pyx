@@ -92,6 +92,7 @@ cdef class VmCore:
     cdef readonly int has_sync_regs
     cdef readonly set vcpu_ids
     cdef object vcpus               # WeakSet of live VcpuCore, closed with the VM
+    cdef set coalesced_zones        # registered (addr, size, pio)
     cdef unsigned long forkgen      # the process that created it
     cdef object __weakref__
 
@@ -102,6 +103,7 @@ cdef class VmCore:
         cdef KvmCore kvm_ = of_type(kvm, KvmCore, "kvm")
         cdef unsigned long vm_type_ = as_u32(vm_type, "VM type")
         kvm_.require_open()
+        first_vm()
         self.kvm = kvm_
         self.slots = {}
         self.starts = []
@@ -109,6 +111,7 @@ cdef class VmCore:
         self.py_handlers = []
         self.vcpu_ids = set()
         self.vcpus = weakref.WeakSet()
+        self.coalesced_zones = set()
         self.mmap_size = kvm_.ioctl_int(KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
         self.fd = kvm_.ioctl_int(KVM_CREATE_VM, vm_type_, "KVM_CREATE_VM")
         self.state = <vmstate_t *>calloc(1, sizeof(vmstate_t))
@@ -534,7 +537,11 @@ cdef class VmCore:
 
     def register_coalesced(self, addr, size, *, bint pio=False, bint unregister=False):
         """KVM_(UN)REGISTER_COALESCED_MMIO: guest writes to the zone are batched in a ring
-        that the run loop drains into the fast handlers, with no exit per write."""
+        that the run loop drains at the next exit, each write through the handler of its
+        range in order (an EXIT range stops the run, a PYTHON range gets a CoalescedExit),
+        with no exit per write.  Writes still in the ring when a zone is unregistered
+        are delivered all the same; unregistering a zone that is not registered (the
+        same addr, size and pio) is an InvalidArgumentError."""
         cdef uint64_t addr_ = as_u64(addr, "zone address")
         cdef uint32_t size_ = as_u32(size, "zone size_")
         require(size_ > 0, "zone size_ must be positive")
@@ -549,12 +556,15 @@ cdef class VmCore:
         z.addr = addr_
         z.size = size_
         z.pio = 1 if pio else 0
+        key = (addr_, size_, bool(pio))
         if unregister:
+            require(key in self.coalesced_zones,
+                    f"no coalesced {'PIO' if pio else 'MMIO'} zone {addr_:#x}+{size_:#x} is registered")
             self.vm_ioctl(KVM_UNREGISTER_COALESCED_MMIO, &z, "KVM_UNREGISTER_COALESCED_MMIO")
-            self.state.coalesced_zones -= 1
+            self.coalesced_zones.discard(key)
         else:
             self.vm_ioctl(KVM_REGISTER_COALESCED_MMIO, &z, "KVM_REGISTER_COALESCED_MMIO")
-            self.state.coalesced_zones += 1
+            self.coalesced_zones.add(key)
 
     def enable_cap(self, cap, flags=0, args=()):
         """KVM_ENABLE_CAP on the VM."""

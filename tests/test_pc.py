@@ -113,6 +113,7 @@ def test_seabios_without_irqchip_uses_the_pit():
 
 @need_seabios
 @need_grub
+@pytest.mark.timeout(300)     # its own deadline is 120 s: a boot takes 15-40 s here under load
 def test_grub_prompt_answers_a_command_on_the_serial_line(grub_disk, tmp_path):
     """The library: fd ABI (the command line below runs the syscall ABI)."""
     disk = tmp_path / "disk.img"
@@ -145,6 +146,7 @@ def test_grub_prompt_answers_a_command_on_the_serial_line(grub_disk, tmp_path):
 
 @need_seabios
 @need_grub
+@pytest.mark.timeout(300)     # its own deadline is 120 s: a boot takes 15-40 s here under load
 def test_cli_boots_grub_and_talks_on_stdio(grub_disk, tmp_path):
     """kvmsys run --firmware bios.bin --disk disk.img --serial stdio, with Ctrl-A x to quit."""
     disk = tmp_path / "disk.img"
@@ -211,6 +213,7 @@ def test_reset_ends_the_run_with_no_reboot(tmp_path, action, why):
 
 
 @need_seabios
+@pytest.mark.timeout(300)     # its own deadline is 120 s: a boot takes 15-40 s here under load
 def test_reset_restarts_the_firmware(abi, tmp_path):
     """A reset goes back to the reset vector with the devices at power-on: SeaBIOS boots again."""
     import threading
