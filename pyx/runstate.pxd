@@ -10,7 +10,7 @@ cdef enum:
 # What a fast handler does with an exit in its range.
 cdef enum:
     H_PYTHON = 0    # return to the Python layer (per-range callable or default)
-    H_SINK = 1      # writes append to the VM's console buffer; reads return 0
+    H_SINK = 1      # writes append to the VM's console buffer; reads return the value (0)
     H_CONST = 2     # reads return a constant; writes are ignored
     H_IGNORE = 3    # reads return all-ones; writes are ignored (counted)
     H_EXIT = 4      # isa-debug-exit: a write stops the run with status (value << 1) | 1

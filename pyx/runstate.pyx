@@ -60,10 +60,12 @@ cdef inline void console_append(vmstate_t *vm, const uint8_t *data, size_t n) no
 
 
 cdef inline int find_handler(vmstate_t *vm, int space, uint64_t addr) noexcept nogil:
+    # The latest handler wins, so a device installed later overrides a range;
+    # a removed entry has space -1 and matches nothing.
     cdef int i
     cdef int n = kvmsys_load_int(&vm.nhandlers)
-    for i in range(n):
-        if vm.handlers[i].space == space and vm.handlers[i].start <= addr < vm.handlers[i].end:
+    for i in range(n - 1, -1, -1):
+        if kvmsys_load_int(&vm.handlers[i].space) == space and vm.handlers[i].start <= addr < vm.handlers[i].end:
             return i
     return -1
 
@@ -112,7 +114,7 @@ cdef inline int access(vcpustate_t *v, int space, uint64_t addr, int is_write,
     if kind == H_CONST:
         fill(data, total, value, unit)
     elif kind == H_SINK:
-        memset(data, 0, total)
+        fill(data, total, value, unit)      # a console that reads back (debugcon's 0xe9)
     else:
         memset(data, 0xff, total)
     return -1

@@ -672,7 +672,9 @@ cdef class VmCore:
     def add_handler(self, space, start, end, kind, value=0, callback=None):
         """Route exits at [start, end) of *space* (kvmsys.Space: PIO, MMIO, or MSR by index) to a handler kind.
 
-        Returns the handler's index.  An earlier handler wins where ranges overlap."""
+        Returns the handler's index.  Where ranges overlap the latest handler wins, so a
+        handler added later overrides (replaces) part of an earlier one; remove_handler()
+        takes it away again.  A SINK handler's reads return *value* (0 by default)."""
         cdef int space_ = as_int(space, "space", 0, 2)
         cdef uint64_t start_ = as_u64(start, "start")
         cdef uint64_t end_ = as_u64(end, "end")
@@ -699,8 +701,19 @@ cdef class VmCore:
         kvmsys_store_int(&self.state.nhandlers, n + 1)   # publish after the entry is complete
         return n
 
+    def remove_handler(self, int index):
+        """Remove handler *index* (as add_handler returned it): its range falls through to
+        earlier handlers or the default.  Indexes are never reused: at most MAX_HANDLERS
+        handlers are ever added to a VM."""
+        self.require_open()
+        require(0 <= index < self.state.nhandlers and self.state.handlers[index].space >= 0,
+                f"no handler {index}")
+        kvmsys_store_int(&self.state.handlers[index].space, -1)   # matches nothing from now on
+        self.py_handlers[index] = None
+
     def handlers(self):
-        """The handler table: list of (space, start, end, kind, value, callback)."""
+        """The handler table by index: list of (space, start, end, kind, value, callback);
+        a removed handler's space is -1."""
         cdef int i
         return [(self.state.handlers[i].space, self.state.handlers[i].start, self.state.handlers[i].end,
                  self.state.handlers[i].kind, self.state.handlers[i].value, self.py_handlers[i])
