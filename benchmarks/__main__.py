@@ -14,6 +14,7 @@ import sys
 import time
 
 SUITES = ["exits", "abi", "console", "dispatch", "threads", "lifecycle", "kick", "scaling", "memory"]
+OPTIONAL_SUITES = ["boot"]      # minutes long: only with --suite
 EXIT_MODES = ("real", "pm32", "long64")
 
 
@@ -39,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                     "switches, vCPU lifecycle, kick latency, scaling and memory, over both ABIs.  "
                     "A Markdown report goes to stdout, progress to stderr.")
     p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
-    p.add_argument("--suite", action="append", choices=SUITES, metavar="NAME",
-                   help=f"run only this suite (repeatable): {', '.join(SUITES)}")
+    p.add_argument("--suite", action="append", choices=SUITES + OPTIONAL_SUITES, metavar="NAME",
+                   help=f"run only this suite (repeatable): {', '.join(SUITES)}; "
+                        f"only when named: {', '.join(OPTIONAL_SUITES)} (real firmware vs QEMU, minutes)")
     p.add_argument("--json", metavar="FILE", help="also write raw samples and the machine record as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw a plot (needs matplotlib: kvmsys[plot])")
     p.add_argument("--mode", choices=EXIT_MODES, default="pm32",
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     profile = harness.PROFILES[args.profile or ("quick" if args.quick else "full")].with_(mode=args.mode)
     if args.reps:
         profile = profile.with_(reps=args.reps)
-    names = [s for s in SUITES if s in (args.suite or SUITES)]
+    names = [s for s in SUITES + OPTIONAL_SUITES if s in (args.suite or SUITES)]
     t0 = time.perf_counter()
     try:
         machine = harness.machine_record()

@@ -374,6 +374,10 @@ def _at_exit() -> None:
         pass
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                    after_in_child=_after_fork_in_child)
-atexit.register(_at_exit)
+def _install_hooks() -> None:
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
+    atexit.register(_at_exit)
+
+
+_core.on_first_vm(_install_hooks)     # not at import: importing kvmsys changes nothing
