@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare with a stored run (its --json); exit 4 naming every metric that is worse "
                         "beyond its noise band")
     p.add_argument("--tolerance", type=float, default=None,
-                   help="with --baseline: how much worse a median may get before it counts (default 0.5 = 50%%)")
+                   help="with --baseline: how much worse a median may get before it counts "
+                        "(default 2.0: more than 3x worse)")
     p.add_argument("--report", metavar="FILE.json",
                    help="measure nothing: print the Markdown report of a stored run (and --plot it)")
     p.add_argument("--trace", action="store_true",
