@@ -14,6 +14,7 @@ import sys
 import time
 
 SUITES = ["exits", "abi", "console", "dispatch", "threads", "lifecycle", "kick", "scaling", "memory"]
+OPTIONAL_SUITES = ["boot"]      # minutes long: only with --suite
 EXIT_MODES = ("real", "pm32", "long64")
 
 
@@ -39,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                     "switches, vCPU lifecycle, kick latency, scaling and memory, over both ABIs.  "
                     "A Markdown report goes to stdout, progress to stderr.")
     p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
-    p.add_argument("--suite", action="append", choices=SUITES, metavar="NAME",
-                   help=f"run only this suite (repeatable): {', '.join(SUITES)}")
+    p.add_argument("--suite", action="append", choices=SUITES + OPTIONAL_SUITES, metavar="NAME",
+                   help=f"run only this suite (repeatable): {', '.join(SUITES)}; "
+                        f"only when named: {', '.join(OPTIONAL_SUITES)} (real firmware vs QEMU, minutes)")
     p.add_argument("--json", metavar="FILE", help="also write raw samples and the machine record as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw a plot (needs matplotlib: kvmsys[plot])")
     p.add_argument("--mode", choices=EXIT_MODES, default="pm32",
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare with a stored run (its --json); exit 4 naming every metric that is worse "
                         "beyond its noise band")
     p.add_argument("--tolerance", type=float, default=None,
-                   help="with --baseline: how much worse a median may get before it counts (default 0.5 = 50%%)")
+                   help="with --baseline: how much worse a median may get before it counts "
+                        "(default 2.0: more than 3x worse)")
     p.add_argument("--report", metavar="FILE.json",
                    help="measure nothing: print the Markdown report of a stored run (and --plot it)")
     p.add_argument("--trace", action="store_true",
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     profile = harness.PROFILES[args.profile or ("quick" if args.quick else "full")].with_(mode=args.mode)
     if args.reps:
         profile = profile.with_(reps=args.reps)
-    names = [s for s in SUITES if s in (args.suite or SUITES)]
+    names = [s for s in SUITES + OPTIONAL_SUITES if s in (args.suite or SUITES)]
     t0 = time.perf_counter()
     try:
         machine = harness.machine_record()
@@ -130,6 +133,7 @@ def main(argv=None) -> int:
         return 130
     doc = report.document(machine, profile, results, argv)
     doc["elapsed_s"] = time.perf_counter() - t0
+    doc["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(report.markdown(doc))
     if args.json:
         report.write_json(doc, args.json)

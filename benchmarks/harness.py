@@ -243,6 +243,8 @@ def machine_record() -> dict:
         python=f"{platform.python_implementation()} {platform.python_version()}",
         kvmsys=kvmsys.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        # how busy the host was: other processes share its cores with the measurement
+        load_avg=[round(x, 2) for x in os.getloadavg()],
     )
     try:
         with kvmsys.Kvm() as kvm:

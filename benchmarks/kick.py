@@ -130,7 +130,7 @@ def run(profile) -> SuiteResult:
             seeds = iter(range(1, 1 << 30))
 
             def c_floor(which):
-                return lambda: floor[which][1].kick(1, lo / 1e3, hi / 1e3, _core.KICK_SIGNAL, next(seeds))[0]
+                return lambda: floor[which][1].kick(1, lo / 1e3, hi / 1e3, _core.kick_signal(), next(seeds))[0]
 
             def variant(abi, which):
                 key = f"{abi}/{which}"

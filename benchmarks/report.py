@@ -103,7 +103,8 @@ MACHINE_LABELS = [
     ("host_kvm_flavour", "host KVM flavour"), ("cpu_model", "CPU"), ("cores", "cores"),
     ("cores_usable", "cores usable by this process"), ("kernel", "kernel"), ("python", "Python"),
     ("kvmsys", "kvmsys"), ("kvm_api_version", "KVM API version"), ("vcpu_mmap_size", "vCPU mmap size"),
-    ("date", "date (UTC)"), ("kvm_error", "KVM error"),
+    ("date", "date (UTC)"), ("load_avg", "load average (1, 5, 15 min) at the start"),
+    ("load_avg_end", "load average at the end"), ("kvm_error", "KVM error"),
 ]
 
 
@@ -322,9 +323,9 @@ def _exits_panel(ax, s: dict) -> None:
     for g in groups:
         first = next(r for rid, r in rows.items() if rid.startswith(g + "/"))
         ref = rows.get(f"{g}/ref", {}).get("stats", {}).get("kernel_ns")
-        name = f"{_plain(first['cells'].get('mode', ''))} {_plain(first['cells'].get('exit', g))}"
+        name = f"{_plain(first['cells'].get('mode', ''))}\n{_plain(first['cells'].get('exit', g))}"
         ticks.append(f"{name}\nkernel {fmt_value(ref['median'], ref['unit'])}" if ref else name)
-    ax.set_xticks(range(len(groups)), ticks, fontsize=8.5)
+    ax.set_xticks(range(len(groups)), ticks, fontsize=8)
     ax.tick_params(axis="x", length=0)
     ax.set_xlim(-0.55, len(groups) - 0.45)
     ax.set_ylabel("user-space ns per exit (log)", fontsize=9.5)

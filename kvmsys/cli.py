@@ -111,15 +111,68 @@ def _positive(text: str) -> int:
     return value
 
 
+KERNEL_MAX = 256 << 20      # kernels, initrds and modules read by --kernel, --initrd, --module
+
+
+def _serial(spec: str):
+    """--serial: None (collect), or a sink with attach(pc) and close()."""
+    from . import terminal
+    if spec == "collect":
+        return None
+    if spec == "stdio":
+        return terminal.Stdio()
+    if spec.startswith("file:") and len(spec) > 5:
+        return terminal.FileSink(spec[5:])
+    raise ValueError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
+
+
+def _read(path: str) -> bytes:
+    return read_image(path, KERNEL_MAX)
+
+
+def _run_pc(args, image, gdb=None):
+    """--firmware or --kernel: the PC of kvmsys.pc."""
+    from . import runner, terminal
+    disk, readonly = None, False
+    if args.disk:
+        disk, _, opt = args.disk.partition(",")
+        if opt not in ("", "readonly"):
+            raise ValueError(f"--disk {args.disk!r}: expected FILE or FILE,readonly")
+        readonly = opt == "readonly"
+    sink = _serial(args.serial)
+    attach = [x.attach for x in (sink, terminal.Screen() if args.screen else None) if x is not None]
+    timeout = args.timeout
+    if timeout is None:
+        timeout = None if args.serial == "stdio" else 10.0     # an interactive session has no deadline
+    common = dict(abi=args.abi, timeout=timeout, memory_size=args.memory << 20, irqchip=args.irqchip == "kernel",
+                  disk=disk, disk_readonly=readonly, serial=sink, gdb=gdb,
+                  until=args.until.encode() if args.until else None,
+                  on_start=(lambda pc: [a(pc) for a in attach]) if attach else None)
+    try:
+        if args.kernel:
+            modules = []
+            for spec in args.module or ():
+                path, _, margs = spec.partition(",")
+                modules.append((_read(path), margs or path))
+            return runner.run_kernel(_read(args.kernel), cmdline=args.append or "", modules=modules,
+                                     initrd=_read(args.initrd) if args.initrd else None, label=args.kernel,
+                                     **common)
+        return runner.run_firmware(image, label=args.firmware, vcpus=args.vcpus,
+                                   no_reboot=args.no_reboot, **common)
+    finally:
+        if sink is not None:
+            sink.close()
+
+
 def _gdb_server(args):
     """The gdb server --gdb asks for (it says where it listens), or a no-op context."""
     import contextlib
     if args.gdb is None:
         return contextlib.nullcontext()
     from .gdb import GdbServer
-    server = GdbServer(args.gdb, vcpus=1 if args.firmware else args.vcpus)
-    print(f"kvmsys: gdb server listening on {server.address}; the guest waits for gdb",
-          file=sys.stderr, flush=True)
+    server = GdbServer(args.gdb, vcpus=1 if args.firmware or args.kernel else args.vcpus)
+    print(f"kvmsys: gdb server listening on {server.address}; the guest waits for gdb "
+          f"(gdb -ex 'target remote {server.address}')", file=sys.stderr, flush=True)
     return server
 
 
@@ -127,19 +180,23 @@ def _cmd_run(args) -> int:
     from . import platform, runner
     image = read_image(args.firmware, platform.MAX_FIRMWARE_SIZE) if args.firmware else None
     with _gdb_server(args) as gdb:
-        if args.firmware:
-            r = runner.run_firmware(image, abi=args.abi, timeout=args.timeout, label=args.firmware,
-                                    gdb=gdb)
+        if args.firmware or args.kernel:
+            r = _run_pc(args, image, gdb)
+            if args.debug_log:
+                with open(args.debug_log, "wb") as f:
+                    f.write(r.debug)
+            if args.serial != "collect":
+                r.console = b""         # already shown as it came
         else:
             inputs = {}
             if args.n is not None:
                 inputs["n"] = args.n
-            r = runner.run_guest(args.guest, abi=args.abi, vcpus=args.vcpus, timeout=args.timeout,
-                                 gdb=gdb, **inputs)
+            r = runner.run_guest(args.guest, abi=args.abi, vcpus=args.vcpus,
+                                 timeout=10.0 if args.timeout is None else args.timeout, gdb=gdb, **inputs)
     _print_result(r)
     if r.status is not None:
         return r.status & 0xFF      # a process exit status is 8 bits (QEMU truncates it too)
-    return 0 if r.ok else 2
+    return 0 if r.ok or r.reason in ("QUIT", "RESET", "MATCHED") else 2     # as QEMU: quit, -no-reboot
 
 
 def _cmd_bench(args) -> int:
@@ -165,14 +222,35 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run a built-in guest or a raw firmware image to completion")
     what = r.add_mutually_exclusive_group(required=True)
     what.add_argument("--guest", help="built-in guest name (see `kvmsys guests`)")
-    what.add_argument("--firmware", help="raw firmware image, started at the reset vector")
+    what.add_argument("--firmware", help="raw firmware image (e.g. SeaBIOS), started at the reset vector "
+                      "of a PC (see the PC options below)")
+    what.add_argument("--kernel", help="a Linux bzImage or a Multiboot kernel, loaded and entered with no "
+                      "firmware on the same PC")
     r.add_argument("--abi", choices=("fd", "sys"), default="sys", help="which ABI drives the vCPUs")
     r.add_argument("--vcpus", type=_positive, default=1, help="number of vCPUs (one thread each)")
-    r.add_argument("--timeout", type=_seconds, default=10.0, help="seconds before the watchdog stops it")
+    r.add_argument("--timeout", type=_seconds, help="seconds before the watchdog stops it (default 10; "
+                   "none for firmware with --serial stdio)")
     r.add_argument("--n", type=int, help="iteration count input of loop/compute guests")
     r.add_argument("--gdb", metavar="ADDRESS",
                    help="serve gdb on HOST:PORT (port 0: any free one) or a Unix socket path; "
                         "the guest waits for gdb before its first instruction")
+    pcg = r.add_argument_group("the PC of --firmware and --kernel")
+    pcg.add_argument("--append", metavar="CMDLINE", help="--kernel: its command line")
+    pcg.add_argument("--initrd", metavar="FILE", help="--kernel (Linux): the initial RAM disk")
+    pcg.add_argument("--module", action="append", metavar="FILE[,CMDLINE]",
+                     help="--kernel: a Multiboot module, with its command line (repeatable)")
+    pcg.add_argument("--disk", metavar="FILE[,readonly]", help="raw disk image on the ATA primary master")
+    pcg.add_argument("--serial", default="collect", metavar="stdio|file:PATH|collect",
+                     help="the UART: the terminal (Ctrl-A x quits), a file, or collected and printed "
+                          "at the end (default)")
+    pcg.add_argument("--irqchip", nargs="?", const="kernel", default="kernel", choices=("kernel", "none"),
+                     help="KVM's in-kernel PIC, IOAPIC, LAPIC and PIT (default), or none: a PIT in "
+                          "kvmsys and no interrupts")
+    pcg.add_argument("--screen", action="store_true", help="print the VGA text page (0xB8000) when it changes")
+    pcg.add_argument("--memory", type=int, default=128, metavar="MIB", help="RAM size (default 128)")
+    pcg.add_argument("--no-reboot", action="store_true", help="a guest reset ends the run")
+    pcg.add_argument("--until", metavar="TEXT", help="end the run once the serial or debug console shows TEXT")
+    pcg.add_argument("--debug-log", metavar="PATH", help="write the debug console (0xe9, 0x402) to PATH")
     r.set_defaults(fn=_cmd_run)
     b = sub.add_parser("bench", help="benchmark both ABIs on built-in guests (python -m benchmarks)",
                        add_help=False)

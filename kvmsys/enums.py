@@ -17,7 +17,7 @@ __all__ = ["Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReas
 
 Kind = IntEnum("Kind", _core.H_KINDS, module=__name__)
 Kind.__doc__ = """What a fast handler does with an access in its range: PYTHON (return it to
-Python, or call its callback), SINK (writes go to the console buffer, reads give 0),
+Python, or call its callback), SINK (writes go to the console buffer, reads give the handler's value, 0 by default),
 CONST (reads give the handler's value), IGNORE (reads give all-ones, counted), EXIT
 (isa-debug-exit: a write stops the run with status (value << 1) | 1)."""
 

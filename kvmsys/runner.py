@@ -30,6 +30,8 @@ class RunResult:
     port_counts: dict = field(default_factory=dict)   # ports with no handler: {port: accesses}
     elapsed_s: float = 0.0
     native64: bool = False      # 64-bit guest ran natively on a PVM host
+    debug: bytes = b""          # firmware: what it wrote to the debug console (0xe9, 0x402)
+    resets: int = 0             # firmware: guest resets the run went through
 
     @property
     def ok(self) -> bool:
@@ -89,6 +91,14 @@ def _check_run_args(abi, timeout) -> None:
         raise ArgumentTypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
     if not 0 <= timeout < float("inf"):
         raise InvalidArgumentError(f"timeout must be finite non-negative seconds, not {timeout!r}")
+
+
+def _check_pc_args(abi, timeout) -> None:
+    """As _check_run_args; a PC run may also have no deadline (timeout None)."""
+    if timeout is None:
+        check_abi(abi)
+    else:
+        _check_run_args(abi, timeout)
 
 
 def _stop_workers(finished, handles, ready) -> None:
@@ -211,30 +221,173 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
         machine.close()
 
 
-def run_firmware(image: bytes, *, abi: str = "fd", timeout: float = 10.0,
-                 memory_size: int = 16 << 20, label: str = "firmware", gdb=None) -> RunResult:
-    """Run a raw firmware image from the reset vector (F000:FFF0, real mode); *gdb* as
-    for run_guest."""
-    _check_run_args(abi, timeout)
+def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
+                 memory_size: int = 16 << 20, label: str = "firmware", vcpus: int = 1,
+                 irqchip: bool = False, disk: str | None = None, disk_readonly: bool = False,
+                 serial=None, no_reboot: bool = False, cpuid=None, on_start=None,
+                 until: bytes | None = None, gdb=None) -> RunResult:
+    """Boot a raw firmware image (SeaBIOS, or any image entered at the reset vector F000:FFF0)
+    on a PC (kvmsys.pc) over *abi*, on *vcpus* threads, until it stops, the deadline
+    (*timeout* seconds, None: none) passes or something calls ``pc.stop()``.
+
+    serial: a callable receiving the UART's output as it comes (it is also collected in
+    ``RunResult.console``; the debug console 0xe9/0x402 in ``RunResult.debug``).
+    disk: a raw image on the ATA primary master.  no_reboot: a guest reset ends the run
+    (reason "RESET") instead of restarting the firmware.  cpuid: a hook
+    ``cpuid(entries, vcpu_id) -> entries``.  on_start: called with the Pc before the
+    vCPUs start (e.g. to connect a terminal to ``pc.uart``).  until: end the run (reason
+    "MATCHED") once the serial or the debug console shows these bytes (looked for every
+    few ms).  gdb: as for run_guest (one vCPU)."""
+    from .pc import Pc
+    _check_pc_args(abi, timeout)
     if not isinstance(image, (bytes, bytearray, memoryview)):
         raise ArgumentTypeError(f"firmware image must be bytes, not {type(image).__name__}")
     if not 0 < len(image) <= platform.MAX_FIRMWARE_SIZE:
         raise InvalidArgumentError(f"firmware image of {len(image)} bytes: expected 1 byte .. 16 MiB")
-    deadline = time.monotonic() + timeout
-    machine = Machine(abi, memory_size=memory_size, firmware=image, devices=True)
+    if vcpus < 1:
+        raise InvalidArgumentError("vcpus must be at least 1")
+    if gdb is not None and vcpus != 1:
+        raise InvalidArgumentError("the gdb server debugs firmware on one vCPU")
+    machine = Machine(abi, memory_size=memory_size, firmware=image, devices=True, irqchip=irqchip)
+    return _run_pc(machine, lambda: Pc(machine.vm, image, ram_size=memory_size, cpus=vcpus, disk=disk,
+                                       map_memory=False, disk_readonly=disk_readonly, serial_sink=serial,
+                                       cpuid=cpuid),
+                   label=label, vcpus=vcpus, timeout=timeout, no_reboot=no_reboot, on_start=on_start,
+                   until=until, gdb=gdb)
+
+
+def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), initrd: bytes | None = None, abi: str = "fd",
+               timeout: float | None = 10.0,
+               memory_size: int = 128 << 20, label: str = "kernel", irqchip: bool = False,
+               disk: str | None = None, disk_readonly: bool = False, serial=None, cpuid=None,
+               on_start=None, until: bytes | None = None, gdb=None) -> RunResult:
+    """Boot a kernel with no firmware: RAM from 0, the PC's devices, and either a Linux
+    bzImage (kvmsys.loaders.linux: 64-bit entry, *cmdline*, *initrd*) or a Multiboot (v1)
+    kernel (kvmsys.loaders.multiboot: 32-bit protected mode, *cmdline*, *modules* as
+    [(bytes, command line)]).  Other arguments as for run_firmware; a guest reset ends
+    the run (there is no firmware to restart)."""
+    from .loaders import enter_linux, enter_multiboot, is_bzimage, load_linux, load_multiboot
+    from .pc import Pc
+    _check_pc_args(abi, timeout)
+    if not isinstance(kernel, (bytes, bytearray, memoryview)):
+        raise ArgumentTypeError(f"kernel image must be bytes, not {type(kernel).__name__}")
+    linux = is_bzimage(kernel)
+    if linux and modules:
+        raise InvalidArgumentError("modules are for Multiboot kernels; a Linux kernel takes an initrd")
+    if not linux and initrd is not None:
+        raise InvalidArgumentError("an initrd is for a Linux bzImage; a Multiboot kernel takes modules")
+    machine = Machine(abi, memory_size=memory_size, devices=True, irqchip=irqchip)
     try:
-        t0 = time.monotonic()
-        vcpu = machine.attach(0)        # a new vCPU starts in the x86 reset state
-        try:
-            debugged, until = _debugged(gdb, vcpu, machine.runner(vcpu), deadline)
-            with debugged as run:
-                ex = _drive(run, until)
-            stats = vcpu.stats()
-        finally:
-            machine.detach(vcpu)
-        return RunResult(guest=label, abi=abi, vcpus=1,
-                         status=ex.status if isinstance(ex, _core.StopExit) else None,
-                         reason=ex.name, console=machine.vm.console(), exits=stats["exits"],
-                         port_counts=machine.vm.port_counts(), elapsed_s=time.monotonic() - t0)
-    finally:
+        if linux:
+            entry, info = load_linux(machine.mem, kernel, cmdline=cmdline, initrd=initrd)
+        else:
+            entry, info = load_multiboot(machine.mem, kernel, cmdline=cmdline, modules=modules)
+    except BaseException:
         machine.close()
+        raise
+    enter = enter_linux if linux else enter_multiboot
+    return _run_pc(machine, lambda: Pc(machine.vm, None, ram_size=memory_size, disk=disk, map_memory=False,
+                                       disk_readonly=disk_readonly, serial_sink=serial, cpuid=cpuid),
+                   label=label, vcpus=1, timeout=timeout, no_reboot=True, on_start=on_start, until=until,
+                   gdb=gdb, prepare=lambda vcpu: enter(vcpu, entry, info))
+
+
+def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, until, gdb, prepare=None):
+    """Run a PC on *machine* (closed at the end) on *vcpus* threads: the part of
+    run_firmware and run_kernel that is the same.  *prepare(vcpu)* sets up vCPU 0."""
+    deadline = float("inf") if timeout is None else time.monotonic() + timeout
+    pc = None
+    try:
+        pc = make_pc()
+        results: list = [None] * vcpus
+        errors: list = []
+        stats: list = []
+        setup_lock = threading.Lock()
+        ready = threading.Barrier(vcpus)
+
+        def worker(i: int) -> None:
+            vcpu = None
+            try:
+                vcpu = machine.attach(i)
+                with setup_lock:
+                    pc.add_vcpu(vcpu)
+                    if i == 0 and prepare is not None:
+                        prepare(vcpu)
+                ready.wait()
+                debugged, until_fn = _debugged(gdb, vcpu, machine.runner(vcpu), deadline)
+                with debugged as run:
+                    results[i] = _drive_pc(pc, run, vcpu, until_fn, no_reboot)
+                stats.append(vcpu.stats())
+            except BaseException as e:          # reported to the caller below
+                errors.append(e)
+                ready.abort()
+                pc.stop("ERROR")
+            finally:
+                if vcpu is not None:
+                    machine.detach(vcpu)
+
+        t0 = time.monotonic()
+        if on_start is not None:
+            on_start(pc)
+        if until is not None:
+            threading.Thread(target=_watch, args=(pc, bytes(until)), name="until", daemon=True).start()
+        if vcpus == 1:
+            worker(0)
+        else:
+            threads = [threading.Thread(target=worker, args=(i,), name=f"vcpu{i}") for i in range(vcpus)]
+            for t in threads:
+                t.start()
+            try:
+                for t in threads:
+                    t.join()
+            except KeyboardInterrupt:       # Ctrl-C in the main thread: stop the vCPU threads too
+                pc.stop("INTERRUPTED")
+                for t in threads:
+                    t.join()
+                raise
+        elapsed = time.monotonic() - t0
+        if errors:
+            raise errors[0]
+        first = results[0]
+        exits = Counter()
+        for s in stats:
+            exits.update(s["exits"])
+        return RunResult(guest=label, abi=machine.abi, vcpus=vcpus,
+                         status=first.status if isinstance(first, _core.StopExit) else None,
+                         reason=first if isinstance(first, str) else first.name,
+                         console=bytes(pc.uart.output), debug=machine.vm.console(), exits=dict(exits),
+                         port_counts=machine.vm.port_counts(), elapsed_s=elapsed, resets=pc.resets)
+    finally:
+        if pc is not None:
+            pc.close()
+        machine.close()
+
+
+def _watch(pc, pattern: bytes) -> None:
+    """Stop *pc* once its serial output or debug console contains *pattern*."""
+    while not pc.finished.wait(0.005):
+        if pattern in pc.uart.output or pattern in pc.vm.console():
+            pc.stop("MATCHED")
+            return
+
+
+def _drive_pc(pc, run, vcpu, deadline, no_reboot: bool):
+    """One vCPU of a PC until the run ends: an Exit, or the reason the PC stopped (a str).
+    *deadline*: a function (the gdb server moves it), inf for none."""
+    while True:
+        left = deadline() - time.monotonic()
+        left = None if left == float("inf") else max(left, 0.0)
+        ex = run(timeout=left)
+        if ex.name == "SHUTDOWN":               # a triple fault resets a PC
+            pc.request_reset("triple fault")
+        if pc.pending == "reset" and not no_reboot:
+            pc.synchronized_reset(vcpu, left)
+            continue
+        if pc.pending is not None:
+            return "RESET" if pc.pending == "reset" else pc.pending
+        if isinstance(ex, (_core.StopExit, _core.DeadlineExit)) or ex.name in _TERMINAL:
+            pc.stop(ex.name)                    # the other vCPUs end too
+            return ex
+        if left == 0.0:
+            pc.stop("DEADLINE")
+            return ex

@@ -294,4 +294,4 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_core.on_first_vm(lambda: os.register_at_fork(after_in_child=_after_fork_in_child))

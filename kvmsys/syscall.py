@@ -177,8 +177,9 @@ def vm() -> ProcessVm:
 def _reset_for_reuse(vcpu: ThreadVcpu) -> bool:
     # A kernel vCPU lives as long as its VM, so kvmsys recycles it: back to the
     # state it had when created, so a new owner cannot tell it from a fresh one.
-    # False where KVM cannot undo what happened to it (a CPUID table): retired.
-    if vcpu.cpuid_set:
+    # False where KVM cannot undo what happened to it (a CPUID table, a vCPU
+    # capability): retired.
+    if vcpu.irreversible:
         return False
     try:
         vcpustate.reset(vcpu, vcpu._initial)
@@ -374,6 +375,10 @@ def _at_exit() -> None:
         pass
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                    after_in_child=_after_fork_in_child)
-atexit.register(_at_exit)
+def _install_hooks() -> None:
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
+    atexit.register(_at_exit)
+
+
+_core.on_first_vm(_install_hooks)     # not at import: importing kvmsys changes nothing

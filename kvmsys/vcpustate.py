@@ -107,7 +107,7 @@ def reset(vcpu, initial: dict) -> None:
     first (else KVM would finish it at the next owner's first run), guest debugging is
     turned off (KVM has no way to read it back), every piece of state is applied, and the
     comm area is cleared.  What KVM cannot undo (a CPUID table, and the freeze of the
-    CPUID after the first KVM_RUN: vcpu.cpuid_set, vcpu.has_run) is the caller's to avoid."""
+    CPUID after the first KVM_RUN: vcpu.irreversible, vcpu.has_run) is the caller's to avoid."""
     if vcpu.touched:
         vcpu.complete_pending_io()
         if vcpu.guest_debug:

@@ -19,6 +19,7 @@ from libc.string cimport memcpy, memset
 include "errors.pyx"
 include "mapping.pyx"
 include "runstate.pyx"
+include "signals.pyx"
 include "system.pyx"
 include "vm.pyx"
 include "device.pyx"
@@ -32,7 +33,6 @@ include "kvmstats.pyx"
 H_KINDS = dict(PYTHON=H_PYTHON, SINK=H_SINK, CONST=H_CONST, IGNORE=H_IGNORE, EXIT=H_EXIT)
 SPACES = dict(PIO=SPACE_PIO, MMIO=SPACE_MMIO, MSR=SPACE_MSR)
 EXIT_REASONS = {name: num for num, name in _EXIT_NAMES.items()}
-KICK_SIGNAL = kvmsys_kick_signal()
 SYSTEM_EVENTS = dict(SHUTDOWN=KVM_SYSTEM_EVENT_SHUTDOWN, RESET=KVM_SYSTEM_EVENT_RESET,
                      CRASH=KVM_SYSTEM_EVENT_CRASH, WAKEUP=KVM_SYSTEM_EVENT_WAKEUP,
                      SUSPEND=KVM_SYSTEM_EVENT_SUSPEND, SEV_TERM=KVM_SYSTEM_EVENT_SEV_TERM)
@@ -77,7 +77,3 @@ STATE_LAYOUT = dict(
     vcpu_events_exception_payload=<size_t>(<char *>&_l_ev.exception_payload - <char *>&_l_ev),
     xcrs_xcrs=<size_t>(<char *>&_l_xcrs.xcrs - <char *>&_l_xcrs))
 MEM_FLAGS = dict(LOG_DIRTY_PAGES=KVM_MEM_LOG_DIRTY_PAGES, READONLY=KVM_MEM_READONLY)
-
-if kvmsys_install_kick_handler() != 0:
-    raise_os(errno, "sigaction(kick signal)",
-             f"signal {kvmsys_kick_signal()} is already owned by someone else")

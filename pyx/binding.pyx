@@ -45,8 +45,7 @@ def bind(vcpu, on_release=None):
     vcpu_.v.bound = 1
     vcpu_.v.thread = pthread_self()
     vcpu_.v.generation += 1
-    vcpu_.v.kick_pending = 0
-    kvmsys_store_u8(&vcpu_.v.run.immediate_exit, 0)
+    clear_queued_locked(vcpu_.v)
     pthread_mutex_unlock(&vcpu_.v.lock)
     _local.binding = b
     kvmsys_bound = <void *>vcpu_
@@ -59,10 +58,12 @@ cdef int _unbind_state(VcpuCore vcpu) except -1:
     pthread_mutex_lock(&vcpu.v.lock)
     vcpu.v.bound = 0
     vcpu.v.generation += 1
-    vcpu.v.kick_pending = 0
-    if vcpu.v.run != NULL:
-        kvmsys_store_u8(&vcpu.v.run.immediate_exit, 0)
+    clear_queued_locked(vcpu.v)
     pthread_mutex_unlock(&vcpu.v.lock)
+    work, vcpu.pending = vcpu.pending, []
+    for _fn, _args, future in work:
+        if future is not None:
+            future.cancel()             # never run: the vCPU changed hands
     return 0
 
 
@@ -171,12 +172,30 @@ cdef class VcpuHandle:
         self._kick(KICK_USER)
 
     def call_soon(self, fn, *args):
-        """Run fn(*args) on the vCPU's owning thread at its next exit."""
+        """Run fn(*args) on the vCPU's owning thread at its next exit; the run goes on.
+
+        Returns a concurrent.futures.Future with fn's result or exception (a call
+        that raises does not keep the calls queued behind it from running).  Calls
+        still queued when the vCPU is removed are cancelled."""
         if not callable(fn):
             raise ArgumentTypeError(f"call_soon takes a callable, not {type(fn).__name__}")
         self._check()
-        self.vcpu.pending.append((fn, args))
+        from concurrent.futures import Future     # here: it imports logging, which hooks atexit
+        future = Future()
+        self.vcpu.pending.append((fn, args, future))
         self._kick(KICK_CALLS)
+        return future
+
+    cdef int _queue(self, int vector) except -1:
+        cdef int rc
+        with nogil:
+            rc = queue_interrupt(self.vcpu.v, self.generation, vector)
+        if rc == ESRCH:
+            raise StaleVcpuError(f"vCPU {self.vcpu.id} (generation {self.generation}) was removed")
+        if rc == ENOSPC:
+            raise StateError(f"vCPU {self.vcpu.id} already has {IRQ_QUEUE_MAX} interrupts queued "
+                             "that the guest has not taken (interrupts disabled?)")
+        return 0
 
     def interrupt(self, vector_):
         """Request external interrupt *vector* for this vCPU: queued and injected by the
@@ -185,18 +204,23 @@ cdef class VcpuHandle:
         With the in-kernel irqchip that thread sends an MSI to the APIC id the vCPU has
         then (read from its LAPIC state: a guest may change it, x2APIC ids exceed 255),
         which only it can read: KVM_GET_LAPIC waits while the vCPU is in KVM_RUN.
-        Without: KVM_INTERRUPT."""
+        Without: queued; the owner's run loop injects each vector once, in order, when
+        the guest can take it (IF=1, as KVM reports), asking KVM for an
+        interrupt-window exit meanwhile."""
         cdef uint32_t vector = <uint32_t>as_uint(vector_, "interrupt vector", 255)
         require(vector >= 16, "vector must be 16..255")
         self._check()
-        self.vcpu.pending.append(("irq", vector))
-        self._kick(KICK_IRQ)
+        if self.vcpu.vm.has_irqchip:
+            self.vcpu.pending.append((self.vcpu.interrupt, (vector,), None))
+            self._kick(KICK_CALLS)
+            return
+        self._queue(vector)
 
     def nmi(self):
-        """Request an NMI for this vCPU (injected by its owning thread at its next exit)."""
+        """Request an NMI for this vCPU: queued; the owner's run loop injects each one
+        once, in order, when KVM holds no NMI pending."""
         self._check()
-        self.vcpu.pending.append(("nmi", None))
-        self._kick(KICK_IRQ)
+        self._queue(-1)
 
     def stats(self):
         """The vCPU's run-loop statistics."""

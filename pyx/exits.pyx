@@ -434,6 +434,61 @@ cdef class BudgetExit(Exit):
     """run() returned because its exit budget is spent."""
 
 
+cdef class CoalescedExit(Exit):
+    """A write the kernel batched in the coalesced MMIO/PIO ring, for a Python-handled
+    range (or no fast handler), in order before the exit that drained it.  It reads
+    like the IoExit (``reason`` IO) or MmioExit (``reason`` MMIO) it stands for, always
+    a write; the entry is copied, since its ring slot is reused once it is taken."""
+    cdef readonly uint64_t address
+    cdef readonly bytes data
+    cdef readonly bint pio
+
+    @staticmethod
+    cdef CoalescedExit of_ring(VcpuCore vcpu):
+        cdef kvm_coalesced_mmio *e = &vcpu.v.ring_entry
+        cdef CoalescedExit x = <CoalescedExit>Exit._new_of(
+            CoalescedExit, vcpu, KVM_EXIT_IO if e.pio else KVM_EXIT_MMIO)
+        x.address = e.phys_addr
+        x.pio = e.pio != 0
+        x.data = (<char *>e.data)[:e.len]
+        return x
+
+    @property
+    def port(self):
+        return self.address
+
+    @property
+    def size(self):
+        return len(self.data)
+
+    @property
+    def length(self):
+        return len(self.data)
+
+    @property
+    def count(self):
+        return 1
+
+    @property
+    def value(self):
+        return int.from_bytes(self.data, "little")
+
+    @property
+    def is_write(self):
+        return True
+
+    @property
+    def is_in(self):
+        return False
+
+    @property
+    def direction(self):
+        return "out"
+
+    def __repr__(self):
+        return f"<CoalescedExit {'pio' if self.pio else 'mmio'} {self.address:#x} data={self.data.hex()}>"
+
+
 _EXIT_TYPES = {
     KVM_EXIT_IO: IoExit, KVM_EXIT_MMIO: MmioExit, KVM_EXIT_HLT: HltExit,
     KVM_EXIT_SHUTDOWN: ShutdownExit, KVM_EXIT_INTR: IntrExit, KVM_EXIT_FAIL_ENTRY: FailEntryExit,

@@ -54,6 +54,7 @@ static inline uint64_t kvmsys_now_ns(void) {
 static inline int kvmsys_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
 static inline void kvmsys_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 static inline int kvmsys_or_int(int *p, int v) { return __atomic_or_fetch(p, v, __ATOMIC_SEQ_CST); }
+static inline int kvmsys_and_int(int *p, int v) { return __atomic_and_fetch(p, v, __ATOMIC_SEQ_CST); }
 static inline int kvmsys_xchg_int(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 static inline void kvmsys_store_u8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 static inline uint64_t kvmsys_add_u64(uint64_t *p, uint64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
@@ -61,8 +62,12 @@ static inline uint32_t kvmsys_load_u32(uint32_t *p) { return __atomic_load_n(p, 
 static inline void kvmsys_store_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline uint64_t kvmsys_load_u64(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 
-/* A real-time signal glibc does not reserve; Python never installs it. */
-static inline int kvmsys_kick_signal(void) { return SIGRTMIN + 5; }
+/* The kick signal: a real-time signal glibc does not reserve and Python never
+ * installs (SIGRTMIN + 5), unless kvmsys_set_kick_signal() chose another before
+ * the handler was installed (at the first VM or vCPU, never at import). */
+static int kvmsys_kick_sig;
+static int kvmsys_kick_installed;
+static inline int kvmsys_kick_signal(void) { return kvmsys_kick_sig ? kvmsys_kick_sig : SIGRTMIN + 5; }
 
 static void kvmsys_kick_handler(int sig) {
     struct kvm_run *run = kvmsys_running;
@@ -72,22 +77,103 @@ static void kvmsys_kick_handler(int sig) {
         __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
 }
 
-/* Install the kick handler once.  No SA_RESTART: KVM_RUN must return EINTR. */
+static inline int kvmsys_kick_handler_installed(void) { return kvmsys_kick_installed; }
+
+/* Choose the kick signal; only before the handler is installed.  -1/EBUSY after. */
+static int kvmsys_set_kick_signal(int sig) {
+    if (kvmsys_kick_installed && sig != kvmsys_kick_signal()) {
+        errno = EBUSY;
+        return -1;
+    }
+    kvmsys_kick_sig = sig;
+    return 0;
+}
+
+/* Install the kick handler once.  No SA_RESTART: KVM_RUN must return EINTR.
+ * -1/EBUSY if the signal already has somebody else's handler. */
 static int kvmsys_install_kick_handler(void) {
     struct sigaction sa, old;
     int sig = kvmsys_kick_signal();
+    if (kvmsys_kick_installed)
+        return 0;
     if (sigaction(sig, NULL, &old) != 0)
         return -1;
-    if (old.sa_handler == kvmsys_kick_handler)
-        return 0;
-    if (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN) {
+    if (old.sa_handler != kvmsys_kick_handler &&
+            ((old.sa_flags & SA_SIGINFO) || (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN))) {
         errno = EBUSY;          /* somebody else owns this signal */
         return -1;
     }
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = kvmsys_kick_handler;
     sigemptyset(&sa.sa_mask);
-    return sigaction(sig, &sa, NULL);
+    if (sigaction(sig, &sa, NULL) != 0)
+        return -1;
+    kvmsys_kick_installed = 1;
+    return 0;
+}
+
+/* KVM_SET_SIGNAL_MASK design (as QEMU and Firecracker): while a thread runs a
+ * vCPU, the kick signal and SIGINT are blocked outside KVM_RUN, and KVM_RUN runs
+ * with a mask that lets them in.  A signal that comes between two KVM_RUNs stays
+ * pending and makes the next KVM_RUN return EINTR at once: nothing is lost. */
+static inline int kvmsys_block_run_signals(sigset_t *old) {
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, kvmsys_kick_signal());
+    sigaddset(&s, SIGINT);
+    return pthread_sigmask(SIG_BLOCK, &s, old);
+}
+
+/* Main thread, after KVM_RUN let a SIGINT in (EINTR): KVM blocked it again on the
+ * way out, and a process-directed signal that a thread blocks is handed to another
+ * thread that does not.  Take it first and send it to this thread: it is delivered
+ * here when the run loop restores the mask, before Python looks at signals. */
+static inline void kvmsys_keep_sigint(void) {
+    sigset_t s;
+    struct timespec zero = {0, 0};
+    sigemptyset(&s);
+    sigaddset(&s, SIGINT);
+    if (sigtimedwait(&s, NULL, &zero) == SIGINT)
+        pthread_kill(pthread_self(), SIGINT);
+}
+
+/* Test hook: a signal to raise in the next thread that enters the run loop, once,
+ * right after it blocked its signals: one that lands between two KVM_RUNs. */
+static int kvmsys_window_signal;
+static inline void kvmsys_raise_window_signal(void) {
+    int sig = __atomic_exchange_n(&kvmsys_window_signal, 0, __ATOMIC_SEQ_CST);
+    if (sig)
+        pthread_kill(pthread_self(), sig);
+}
+static inline void kvmsys_set_window_signal(int sig) { __atomic_store_n(&kvmsys_window_signal, sig, __ATOMIC_SEQ_CST); }
+
+static inline void kvmsys_restore_signals(const sigset_t *old) { pthread_sigmask(SIG_SETMASK, old, NULL); }
+
+/* The mask KVM_RUN runs with, as the kernel's 64-bit sigset: the thread's own
+ * with the kick signal let in.  SIGINT as the thread had it in the main thread
+ * (Python handles signals there); blocked in others, so a Ctrl-C never goes to
+ * another vCPU thread while the main one is between two KVM_RUNs. */
+static inline uint64_t kvmsys_run_sigmask(const sigset_t *old, int main_thread) {
+    sigset_t m = *old;
+    uint64_t k;
+    sigdelset(&m, kvmsys_kick_signal());
+    if (!main_thread)
+        sigaddset(&m, SIGINT);
+    memcpy(&k, &m, sizeof k);
+    return k;
+}
+
+/* Take the kick signals pending for this thread (blocked: they interrupted
+ * KVM_RUN and stay pending); returns how many. */
+static inline unsigned kvmsys_take_kick_signals(void) {
+    sigset_t s;
+    struct timespec zero = {0, 0};
+    unsigned n = 0;
+    sigemptyset(&s);
+    sigaddset(&s, kvmsys_kick_signal());
+    while (sigtimedwait(&s, NULL, &zero) > 0)
+        n++;
+    return n;
 }
 
 static inline unsigned kvmsys_own_signal_count(void) {
@@ -98,15 +184,45 @@ static inline void kvmsys_set_running(void *run) {
     __atomic_store_n(&kvmsys_running, (struct kvm_run *)run, __ATOMIC_SEQ_CST);
 }
 
+/* The watchdog: one timer per thread, created once, that sends the kick signal
+ * to this thread only, armed at the earliest deadline of the runs this thread
+ * is inside (a run nested in a handler keeps the outer run's deadline).
+ * timer_create can fail for a while (on some hosts EAGAIN for up to ~0.5 s
+ * after a process that ran a VM exits): it is retried for up to ~1 s, then a
+ * helper thread that sleeps until the deadline and signals stands in for the timer. */
+static KVMSYS_TLS uint64_t kvmsys_armed_ns;      /* the deadline armed now; 0: none */
+
+struct kvmsys_wd_thread {
+    pthread_t owner, helper;
+    pthread_mutex_t m;
+    pthread_cond_t c;
+    uint64_t deadline;
+    int quit;
+};
+static KVMSYS_TLS struct kvmsys_wd_thread *kvmsys_wd;
+static int kvmsys_timer_failures;   /* test hook: make this many timer_create calls fail (EAGAIN) */
+
 static pthread_key_t kvmsys_thread_key;
 static pthread_once_t kvmsys_thread_key_once = PTHREAD_ONCE_INIT;
 
-/* Runs at exit of any thread that armed a watchdog: no timer outlives its thread. */
+/* Runs at exit of any thread that armed a watchdog: no timer or helper outlives its thread. */
 static void kvmsys_thread_destructor(void *unused) {
+    struct kvmsys_wd_thread *w = kvmsys_wd;
     (void)unused;
     if (kvmsys_timer_ok) {
         timer_delete(kvmsys_timer);
         kvmsys_timer_ok = 0;
+    }
+    if (w) {
+        pthread_mutex_lock(&w->m);
+        w->quit = 1;
+        pthread_cond_signal(&w->c);
+        pthread_mutex_unlock(&w->m);
+        pthread_join(w->helper, NULL);
+        pthread_cond_destroy(&w->c);
+        pthread_mutex_destroy(&w->m);
+        free(w);
+        kvmsys_wd = NULL;
     }
 }
 
@@ -117,40 +233,138 @@ static void kvmsys_thread_cleanup_register(void) {
     pthread_setspecific(kvmsys_thread_key, (void *)1);
 }
 
-/* Arm this thread's one-shot watchdog for an absolute CLOCK_MONOTONIC deadline.
- * When it fires, the kick signal goes to this thread only. */
-static int kvmsys_arm_watchdog(uint64_t deadline_ns) {
-    struct itimerspec its;
-    if (!kvmsys_timer_ok) {
-        struct sigevent sev;
-        memset(&sev, 0, sizeof sev);
-        sev.sigev_notify = SIGEV_THREAD_ID;
-        sev.sigev_signo = kvmsys_kick_signal();
-#ifdef sigev_notify_thread_id
-        sev.sigev_notify_thread_id = (pid_t)syscall(SYS_gettid);
-#else
-        sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
-#endif
-        if (timer_create(CLOCK_MONOTONIC, &sev, &kvmsys_timer) != 0)
-            return -1;
-        kvmsys_timer_ok = 1;
-        kvmsys_thread_cleanup_register();
+static void *kvmsys_wd_main(void *arg) {
+    struct kvmsys_wd_thread *w = (struct kvmsys_wd_thread *)arg;
+    struct timespec ts;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);      /* signals are for the owner, not for us */
+    pthread_mutex_lock(&w->m);
+    while (!w->quit) {
+        if (w->deadline == 0) {
+            pthread_cond_wait(&w->c, &w->m);
+        } else if (kvmsys_now_ns() >= w->deadline) {
+            w->deadline = 0;
+            pthread_kill(w->owner, kvmsys_kick_signal());
+        } else {
+            ts.tv_sec = (time_t)(w->deadline / 1000000000ull);
+            ts.tv_nsec = (long)(w->deadline % 1000000000ull);
+            pthread_cond_timedwait(&w->c, &w->m, &ts);
+        }
     }
-    memset(&its, 0, sizeof its);
-    if (deadline_ns == 0)
-        deadline_ns = 1;   /* 0 would disarm */
-    its.it_value.tv_sec = (time_t)(deadline_ns / 1000000000ull);
-    its.it_value.tv_nsec = (long)(deadline_ns % 1000000000ull);
-    return timer_settime(kvmsys_timer, TIMER_ABSTIME, &its, NULL);
+    pthread_mutex_unlock(&w->m);
+    return NULL;
 }
 
-static int kvmsys_disarm_watchdog(void) {
+static int kvmsys_start_wd_thread(void) {
+    pthread_condattr_t ca;
+    int rc;
+    struct kvmsys_wd_thread *w = (struct kvmsys_wd_thread *)calloc(1, sizeof *w);
+    if (!w)
+        return ENOMEM;
+    w->owner = pthread_self();
+    pthread_mutex_init(&w->m, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&w->c, &ca);
+    pthread_condattr_destroy(&ca);
+    rc = pthread_create(&w->helper, NULL, kvmsys_wd_main, w);
+    if (rc) {
+        pthread_cond_destroy(&w->c);
+        pthread_mutex_destroy(&w->m);
+        free(w);
+        return rc;
+    }
+    kvmsys_wd = w;
+    kvmsys_thread_cleanup_register();
+    return 0;
+}
+
+static int kvmsys_timer_create(void) {
+    struct sigevent sev;
+    if (__atomic_load_n(&kvmsys_timer_failures, __ATOMIC_SEQ_CST) > 0 &&
+            __atomic_sub_fetch(&kvmsys_timer_failures, 1, __ATOMIC_SEQ_CST) >= 0) {
+        errno = EAGAIN;
+        return -1;
+    }
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = kvmsys_kick_signal();
+#ifdef sigev_notify_thread_id
+    sev.sigev_notify_thread_id = (pid_t)syscall(SYS_gettid);
+#else
+    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+#endif
+    return timer_create(CLOCK_MONOTONIC, &sev, &kvmsys_timer);
+}
+
+/* Make this thread's timer (or helper thread) if it has none yet; before the
+ * deadline is taken, since it may wait.  Returns 0 or an errno; *op names the call. */
+static int kvmsys_watchdog_ready(const char **op) {
+    struct timespec pause = {0, 1000000};
+    int tries;
+    if (kvmsys_timer_ok || kvmsys_wd)
+        return 0;
+    /* EAGAIN passes within ~0.5 s where we saw it: wait up to ~1 s (1, 2, 4 ...
+     * 512 ms), since the helper thread costs a thread for the rest of this one */
+    for (tries = 0; tries < 11; tries++) {
+        if (kvmsys_timer_create() == 0) {
+            kvmsys_timer_ok = 1;
+            kvmsys_thread_cleanup_register();
+            return 0;
+        }
+        if (errno != EAGAIN || tries == 10)
+            break;
+        nanosleep(&pause, NULL);
+        pause.tv_nsec *= 2;
+    }
+    *op = "pthread_create(watchdog thread, after timer_create failed)";
+    return kvmsys_start_wd_thread();
+}
+
+/* Set this thread's watchdog to fire at deadline_ns (0: disarm).  Returns 0 or
+ * an errno; *op names the call that failed. */
+static int kvmsys_set_watchdog(uint64_t deadline_ns, const char **op) {
     struct itimerspec its;
+    int rc;
+    if (deadline_ns && (rc = kvmsys_watchdog_ready(op)) != 0)
+        return rc;
+    kvmsys_armed_ns = deadline_ns;
+    if (kvmsys_wd) {
+        pthread_mutex_lock(&kvmsys_wd->m);
+        kvmsys_wd->deadline = deadline_ns;
+        pthread_cond_signal(&kvmsys_wd->c);
+        pthread_mutex_unlock(&kvmsys_wd->m);
+        return 0;
+    }
     if (!kvmsys_timer_ok)
         return 0;
     memset(&its, 0, sizeof its);
-    return timer_settime(kvmsys_timer, 0, &its, NULL);
+    its.it_value.tv_sec = (time_t)(deadline_ns / 1000000000ull);
+    its.it_value.tv_nsec = (long)(deadline_ns % 1000000000ull);
+    *op = "timer_settime(watchdog)";
+    return timer_settime(kvmsys_timer, TIMER_ABSTIME, &its, NULL) ? errno : 0;
 }
+
+/* A run with a deadline starts: arm at the earlier of it and what is armed now.
+ * *saved gets what to restore when the run ends. */
+static int kvmsys_watchdog_push(uint64_t deadline_ns, uint64_t *saved, const char **op) {
+    *saved = kvmsys_armed_ns;
+    if (deadline_ns == 0 || (kvmsys_armed_ns && kvmsys_armed_ns <= deadline_ns))
+        return 0;
+    return kvmsys_set_watchdog(deadline_ns, op);
+}
+
+/* The run ends: back to the enclosing runs' deadline (or none). */
+static int kvmsys_watchdog_pop(uint64_t saved, const char **op) {
+    if (saved == kvmsys_armed_ns)
+        return 0;
+    return kvmsys_set_watchdog(saved, op);
+}
+
+static inline int kvmsys_watchdog_uses_thread(void) { return kvmsys_wd != NULL; }
+static inline void kvmsys_fail_timer_create(int n) { __atomic_store_n(&kvmsys_timer_failures, n, __ATOMIC_SEQ_CST); }
+
 
 /* fork.  Every region kvmsys maps (guest RAM, vCPU comm areas with their rings)
  * is MADV_DONTFORK and listed here: in a fork child, before any Python code runs
@@ -191,6 +405,8 @@ static void kvmsys_atfork_child(void) {
     kvmsys_bound = NULL;
     kvmsys_running = NULL;
     kvmsys_timer_ok = 0;
+    kvmsys_wd = NULL;           /* its helper thread is not inherited either */
+    kvmsys_armed_ns = 0;
 }
 
 static pthread_once_t kvmsys_atfork_once = PTHREAD_ONCE_INIT;

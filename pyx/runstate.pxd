@@ -5,11 +5,12 @@ cdef enum:
     MAX_HANDLERS = 64
     NR_REASONS = 64          # KVM exit reasons are small integers; larger ones count as [63]
     NR_PORTS = 65536
+    IRQ_QUEUE_MAX = 64       # external interrupts queued per vCPU without an in-kernel irqchip
 
 # What a fast handler does with an exit in its range.
 cdef enum:
     H_PYTHON = 0    # return to the Python layer (per-range callable or default)
-    H_SINK = 1      # writes append to the VM's console buffer; reads return 0
+    H_SINK = 1      # writes append to the VM's console buffer; reads return the value (0)
     H_CONST = 2     # reads return a constant; writes are ignored
     H_IGNORE = 3    # reads return all-ones; writes are ignored (counted)
     H_EXIT = 4      # isa-debug-exit: a write stops the run with status (value << 1) | 1
@@ -35,7 +36,7 @@ cdef enum:
 cdef enum:
     KICK_USER = 1    # kick(): run() returns a KickExit
     KICK_CALLS = 2   # run queued functions on the owning thread, then go on
-    KICK_IRQ = 4     # inject queued interrupts / NMIs, then go on
+    KICK_IRQ = 4     # queued interrupts / NMIs: the loop injects them when the guest can take them
 
 cdef struct handler_t:
     int space
@@ -46,6 +47,7 @@ cdef struct handler_t:
 
 cdef struct vmstate_t:
     pthread_mutex_t lock
+    pthread_mutex_t ring_lock    # one vCPU at a time drains the coalesced ring, in order
     int fd
     int nhandlers
     handler_t handlers[MAX_HANDLERS]
@@ -56,7 +58,6 @@ cdef struct vmstate_t:
     size_t console_len
     size_t console_cap
     uint64_t console_dropped
-    int coalesced_zones
     uint64_t coalesced_unhandled
 
 cdef struct vcpustate_t:
@@ -88,4 +89,22 @@ cdef struct vcpustate_t:
     uint64_t ns_in_handlers
     uint64_t runs
     uint64_t coalesced
+    # KVM_SET_SIGNAL_MASK: 0 not set yet, 1 in use (sigmask is what was set), -1 refused
+    int sigmask_state
+    uint64_t sigmask
+    # interrupts without an in-kernel irqchip (under lock): a FIFO of vectors and a count
+    # of NMIs, injected by the owner's loop only when the guest can take them
+    uint8_t irq_queue[IRQ_QUEUE_MAX]
+    int irq_head
+    int nirq
+    int nmi_queued
+    int irq_window               # we set request_interrupt_window
+    uint64_t irqs_injected
+    uint64_t nmis_injected
+    # coalesced ring entries go to their handlers in order before the exit that
+    # drained them: need_dispatch says that exit still waits (a ring entry went to
+    # Python or stopped the run first); from_ring that the result is ring_entry's
+    int need_dispatch
+    int from_ring
+    kvm_coalesced_mmio ring_entry
 

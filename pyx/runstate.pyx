@@ -19,6 +19,7 @@ cdef int vm_init(vmstate_t *vm, int fd) except -1:
     vm.default_kind[SPACE_MSR] = H_PYTHON
     vm.hlt_action = H_PYTHON
     pthread_mutex_init(&vm.lock, NULL)
+    pthread_mutex_init(&vm.ring_lock, NULL)
     vm.port_counts = <uint64_t *>calloc(NR_PORTS, sizeof(uint64_t))
     if vm.port_counts == NULL:
         raise MemoryError()
@@ -31,6 +32,7 @@ cdef void vm_free(vmstate_t *vm) noexcept:
     vm.port_counts = NULL
     vm.console = NULL
     pthread_mutex_destroy(&vm.lock)
+    pthread_mutex_destroy(&vm.ring_lock)
 
 
 cdef inline void console_append_locked(vmstate_t *vm, const uint8_t *data, size_t n) noexcept nogil:
@@ -58,10 +60,12 @@ cdef inline void console_append(vmstate_t *vm, const uint8_t *data, size_t n) no
 
 
 cdef inline int find_handler(vmstate_t *vm, int space, uint64_t addr) noexcept nogil:
+    # The latest handler wins, so a device installed later overrides a range;
+    # a removed entry has space -1 and matches nothing.
     cdef int i
     cdef int n = kvmsys_load_int(&vm.nhandlers)
-    for i in range(n):
-        if vm.handlers[i].space == space and vm.handlers[i].start <= addr < vm.handlers[i].end:
+    for i in range(n - 1, -1, -1):
+        if kvmsys_load_int(&vm.handlers[i].space) == space and vm.handlers[i].start <= addr < vm.handlers[i].end:
             return i
     return -1
 
@@ -110,45 +114,90 @@ cdef inline int access(vcpustate_t *v, int space, uint64_t addr, int is_write,
     if kind == H_CONST:
         fill(data, total, value, unit)
     elif kind == H_SINK:
-        memset(data, 0, total)
+        fill(data, total, value, unit)      # a console that reads back (debugcon's 0xe9)
     else:
         memset(data, 0xff, total)
     return -1
 
 
-# Drain the VM's coalesced MMIO/PIO ring: writes the kernel batched for us.
-# Returns -1 if the ring's indices are out of range (the ring is writable from
-# Python through the comm area): never trust them, or the loop would never end.
+# Drain the VM's coalesced MMIO/PIO ring: writes the kernel batched for us, each
+# through the handler of its range, in order.  Returns -1 once the ring is empty,
+# or the R_* of an entry that goes to Python or stops the run; that entry is
+# copied to v.ring_entry first (once `first` moves on, the kernel may reuse its slot).
+# Ring indices out of range (the ring is writable from Python through the comm
+# area) are R_ERROR with v.error = -EFAULT: never trusted, or the loop never ends.
 cdef int drain_ring(vcpustate_t *v) noexcept nogil:
     cdef kvm_coalesced_mmio_ring *ring = v.ring
-    cdef kvm_coalesced_mmio *ent
-    cdef kvm_coalesced_mmio *entries
+    cdef kvm_coalesced_mmio *entries = <kvm_coalesced_mmio *>(<char *>ring + sizeof(kvm_coalesced_mmio_ring))
+    cdef kvm_coalesced_mmio *e = &v.ring_entry
     cdef uint32_t first, last
-    cdef int h
-    if ring == NULL:
-        return 0
-    entries = <kvm_coalesced_mmio *>(<char *>ring + sizeof(kvm_coalesced_mmio_ring))
-    pthread_mutex_lock(&v.vm.lock)
+    cdef int res = -1
+    pthread_mutex_lock(&v.vm.ring_lock)
     first = ring.first
-    last = kvmsys_load_u32(&ring.last)
-    if first >= v.ring_max or last >= v.ring_max:
-        pthread_mutex_unlock(&v.vm.lock)
-        return -1
-    while first != last:
-        ent = &entries[first]
-        h = find_handler(v.vm, SPACE_PIO if ent.pio else SPACE_MMIO, ent.phys_addr)
-        if h >= 0 and ent.len <= 8:
-            v.handler_hits[h] += 1
-            if v.vm.handlers[h].kind == H_SINK:
-                console_append_locked(v.vm, ent.data, ent.len)
-            elif v.vm.handlers[h].kind == H_PYTHON:
-                v.vm.coalesced_unhandled += 1
-        else:
-            v.vm.coalesced_unhandled += 1
-        v.coalesced += 1
+    while True:
+        last = kvmsys_load_u32(&ring.last)
+        if first >= v.ring_max or last >= v.ring_max:
+            v.error = -EFAULT       # negative: a check of ours, not the kernel's errno
+            res = R_ERROR
+            break
+        if first == last:
+            break
+        e[0] = entries[first]
         first = (first + 1) % v.ring_max
         kvmsys_store_u32(&ring.first, first)
-    pthread_mutex_unlock(&v.vm.lock)
+        v.coalesced += 1
+        if e.len == 0 or e.len > 8:
+            kvmsys_add_u64(&v.vm.coalesced_unhandled, 1)
+            continue
+        res = access(v, SPACE_PIO if e.pio else SPACE_MMIO, e.phys_addr, 1, e.data, e.len, e.len)
+        if res >= 0:
+            break
+        if v.last_handler < 0:
+            kvmsys_add_u64(&v.vm.coalesced_unhandled, 1)    # default IGNORE: counted, never silent
+    pthread_mutex_unlock(&v.vm.ring_lock)
+    v.from_ring = res == R_EXIT or res == R_STOP
+    return res
+
+
+cdef inline bint ring_pending(vcpustate_t *v) noexcept nogil:
+    return v.ring != NULL and kvmsys_load_u32(&v.ring.first) != kvmsys_load_u32(&v.ring.last)
+
+
+# Owner thread, before KVM_RUN, no in-kernel irqchip: inject what the guest can
+# take now, as x86 does.  An external interrupt only if the last exit said the
+# guest is ready (IF=1, no interrupt shadow, none injected and not yet taken),
+# else ask for an IRQ_WINDOW_OPEN exit; one per KVM_RUN, so none overwrites
+# another.  An NMI only when KVM holds none pending (it merges pending NMIs).
+# Returns 0 or an errno.
+cdef int inject_pending(vcpustate_t *v, kvm_run *run) noexcept nogil:
+    cdef kvm_vcpu_events ev
+    cdef kvm_interrupt irq
+    cdef int window = 0
+    if kvmsys_load_int(&v.nmi_queued) > 0:
+        if ioctl(v.fd, KVM_GET_VCPU_EVENTS, &ev) < 0:
+            return errno
+        if not ev.nmi.pending and not ev.nmi.injected:
+            if ioctl(v.fd, KVM_NMI, NULL) < 0:
+                return errno
+            pthread_mutex_lock(&v.lock)
+            kvmsys_store_int(&v.nmi_queued, v.nmi_queued - 1)
+            pthread_mutex_unlock(&v.lock)
+            v.nmis_injected += 1
+    if kvmsys_load_int(&v.nirq) > 0:
+        if run.ready_for_interrupt_injection and run.if_flag:
+            irq.irq = v.irq_queue[v.irq_head]
+            if ioctl(v.fd, KVM_INTERRUPT, &irq) < 0:
+                return errno
+            pthread_mutex_lock(&v.lock)
+            v.irq_head = (v.irq_head + 1) % IRQ_QUEUE_MAX
+            kvmsys_store_int(&v.nirq, v.nirq - 1)
+            pthread_mutex_unlock(&v.lock)
+            v.irqs_injected += 1
+            run.ready_for_interrupt_injection = 0       # until the next exit says so again
+        window = kvmsys_load_int(&v.nirq) > 0
+    if window != v.irq_window:
+        run.request_interrupt_window = window
+        v.irq_window = window
     return 0
 
 
@@ -169,6 +218,9 @@ cdef inline int dispatch(vcpustate_t *v, kvm_run *run) noexcept nogil:
             return R_ERROR
         return access(v, SPACE_MMIO, run.mmio.phys_addr, run.mmio.is_write,
                       run.mmio.data, run.mmio.len, run.mmio.len)
+    if reason == KVM_EXIT_IRQ_WINDOW_OPEN and v.irq_window:
+        v.last_handler = -1
+        return -1                   # ours: the loop injects the next queued interrupt
     if reason == KVM_EXIT_X86_RDMSR or reason == KVM_EXIT_X86_WRMSR:
         # an MSR is one 8-byte unit: CONST answers rdmsr, IGNORE reads all-ones
         run.msr.error = 0
@@ -187,13 +239,37 @@ cdef inline int dispatch(vcpustate_t *v, kvm_run *run) noexcept nogil:
     return R_EXIT
 
 
+# KVM_SET_SIGNAL_MASK with the kernel's 64-bit sigset.
+cdef int set_vcpu_sigmask(int fd, uint64_t mask) noexcept nogil:
+    cdef uint8_t buf[16]          # kvm_signal_mask (4 bytes) + the 8-byte set
+    cdef kvm_signal_mask *m = <kvm_signal_mask *>buf
+    m.len = 8
+    memcpy(m.sigset, &mask, 8)
+    return ioctl(fd, KVM_SET_SIGNAL_MASK, m)
+
+
 cdef int run_loop(vcpustate_t *v) noexcept nogil:
     cdef kvm_run *run = v.run
-    cdef uint64_t t_in, t_out, t_poll
+    cdef uint64_t t_in, t_out, t_poll, want
     cdef int r, res, err
-    cdef unsigned sigs, now_sigs
+    cdef unsigned sigs, now_sigs, taken
+    cdef sigset_t saved_mask
     t_out = kvmsys_now_ns()
     t_poll = t_out
+    # Kick signal and SIGINT blocked outside KVM_RUN, let in inside it (see
+    # kvmsys_block_run_signals); without KVM_SET_SIGNAL_MASK the kick handler
+    # setting immediate_exit (kvmsys_running) closes the window instead.
+    if v.sigmask_state >= 0:
+        kvmsys_block_run_signals(&saved_mask)
+        want = kvmsys_run_sigmask(&saved_mask, v.poll_signals)
+        if v.sigmask_state == 0 or want != v.sigmask:
+            if set_vcpu_sigmask(v.fd, want) == 0:
+                v.sigmask = want
+                v.sigmask_state = 1
+            else:
+                v.sigmask_state = -1
+                kvmsys_restore_signals(&saved_mask)
+    kvmsys_raise_window_signal()
     kvmsys_set_running(run)
     if v.bound:
         kvmsys_store_int(&v.running, 1)     # only this thread runs it: no lock
@@ -206,57 +282,75 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     # was taken) or missing (a kick that came while we were outside the loop):
     # derive it from kick_pending.  Kickers set kick_pending before immediate_exit
     # and signal only a running vCPU, so reading it after `running` loses nothing.
+    # Queued interrupts need no immediate exit: they are injected before KVM_RUN.
     # Count our signals *before* clearing immediate_exit: one that lands in between
     # sets it again and is counted after `sigs`, so its EINTR is known as ours.
     sigs = kvmsys_own_signal_count()
     kvmsys_store_u8(&run.immediate_exit, 0)
-    if kvmsys_load_int(&v.kick_pending):
+    if kvmsys_and_int(&v.kick_pending, ~KICK_IRQ):
         kvmsys_store_u8(&run.immediate_exit, 1)
     while True:
-        t_in = kvmsys_now_ns()
-        v.ns_in_handlers += t_in - t_out
-        if kvmsys_load_int(&shutting_down):
-            t_out = t_in
-            res = R_KICK        # run_once() sees shutting_down and raises
-            break
-        if v.deadline_ns and t_in >= v.deadline_ns:
-            # passed outside KVM_RUN (e.g. in a Python handler): the watchdog's
-            # signal found no KVM_RUN to interrupt
-            t_out = t_in
-            res = R_DEADLINE
-            break
-        r = ioctl(v.fd, KVM_RUN, 0)
-        err = errno
-        t_out = kvmsys_now_ns()
-        v.ns_in_run += t_out - t_in
-        v.runs += 1
-        if v.ring != NULL and v.vm.coalesced_zones and drain_ring(v) < 0:
-            v.error = -EFAULT       # negative: a check of ours, not the kernel's errno
-            res = R_ERROR
-            break
-        if r < 0:
-            if err == EINTR or err == EAGAIN:
-                now_sigs = kvmsys_own_signal_count()     # before clearing, as above
-                kvmsys_store_u8(&run.immediate_exit, 0)
-                v.exits[KVM_EXIT_INTR] += 1
-                v.kick_bits = kvmsys_xchg_int(&v.kick_pending, 0)
-                if v.kick_bits:
-                    res = R_KICK
-                elif v.deadline_ns and t_out >= v.deadline_ns:
-                    res = R_DEADLINE
-                elif now_sigs != sigs:
-                    # one of our signals since the last look, for a kick taken
-                    # earlier: go on, unless a new kick came meanwhile
-                    sigs = now_sigs
-                    if kvmsys_load_int(&v.kick_pending):
-                        kvmsys_store_u8(&run.immediate_exit, 1)
-                    continue
-                else:
-                    res = R_SIGNAL
+        if not v.need_dispatch:
+            t_in = kvmsys_now_ns()
+            v.ns_in_handlers += t_in - t_out
+            if kvmsys_load_int(&shutting_down):
+                t_out = t_in
+                res = R_KICK        # run_once() sees shutting_down and raises
                 break
-            v.error = err
-            res = R_ERROR
+            if v.deadline_ns and t_in >= v.deadline_ns:
+                # passed outside KVM_RUN (e.g. in a Python handler): the watchdog's
+                # signal found no KVM_RUN to interrupt
+                t_out = t_in
+                res = R_DEADLINE
+                break
+            if v.nirq or v.nmi_queued or v.irq_window:
+                err = inject_pending(v, run)
+                if err:
+                    v.error = err
+                    res = R_ERROR
+                    break
+            r = ioctl(v.fd, KVM_RUN, 0)
+            err = errno
+            t_out = kvmsys_now_ns()
+            v.ns_in_run += t_out - t_in
+            v.runs += 1
+            if r < 0 and err != EINTR and err != EAGAIN:
+                v.error = err
+                res = R_ERROR
+                break
+            v.need_dispatch = r >= 0
+        # ring entries come before the exit that found them
+        if ring_pending(v):
+            res = drain_ring(v)
+            if res >= 0:
+                break
+        if not v.need_dispatch:
+            # EINTR: a kick, the watchdog, or somebody else's signal
+            now_sigs = kvmsys_own_signal_count()     # before clearing, as above
+            kvmsys_store_u8(&run.immediate_exit, 0)
+            v.exits[KVM_EXIT_INTR] += 1
+            taken = 0
+            if v.sigmask_state > 0:
+                taken = kvmsys_take_kick_signals()
+                if v.poll_signals:
+                    kvmsys_keep_sigint()
+            v.kick_bits = kvmsys_xchg_int(&v.kick_pending, 0) & ~KICK_IRQ
+            if v.kick_bits:
+                res = R_KICK
+            elif v.deadline_ns and t_out >= v.deadline_ns:
+                res = R_DEADLINE
+            elif taken or now_sigs != sigs or kvmsys_load_int(&v.nirq) or \
+                    kvmsys_load_int(&v.nmi_queued):
+                # one of our signals (for a kick taken earlier, or interrupts to
+                # inject): go on, unless a new kick came meanwhile
+                sigs = now_sigs
+                if kvmsys_load_int(&v.kick_pending) & ~KICK_IRQ:
+                    kvmsys_store_u8(&run.immediate_exit, 1)
+                continue
+            else:
+                res = R_SIGNAL
             break
+        v.need_dispatch = 0
         v.exits[run.exit_reason if run.exit_reason < NR_REASONS else NR_REASONS - 1] += 1
         res = dispatch(v, run)
         if v.budget_left > 0:
@@ -280,23 +374,67 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         kvmsys_store_int(&v.running, 0)
         pthread_mutex_unlock(&v.lock)
     kvmsys_set_running(NULL)
+    if v.sigmask_state > 0:
+        kvmsys_restore_signals(&saved_mask)     # a SIGINT kept pending is delivered here
     v.ns_in_handlers += kvmsys_now_ns() - t_out
     return res
+
+
+cdef inline int vcpu_alive_locked(vcpustate_t *v, uint64_t generation) noexcept nogil:
+    if (generation != 0 and v.generation != generation) or v.run == NULL:
+        return ESRCH
+    return 0
+
+
+cdef inline void kick_locked(vcpustate_t *v, int bits) noexcept nogil:
+    kvmsys_or_int(&v.kick_pending, bits)
+    if bits & ~KICK_IRQ:
+        kvmsys_store_u8(&v.run.immediate_exit, 1)
+    if kvmsys_load_int(&v.running):
+        pthread_kill(v.thread, kvmsys_kick_signal())
 
 
 # Force the vCPU out of KVM_RUN, or make its next KVM_RUN return at once.
 # Returns 0, or ESRCH if the generation no longer matches (a stale handle).
 cdef int kick_vcpu(vcpustate_t *v, uint64_t generation, int bits) noexcept nogil:
-    cdef int rc = 0
+    cdef int rc
     pthread_mutex_lock(&v.lock)
-    if generation != 0 and v.generation != generation:
-        rc = ESRCH
-    elif v.run == NULL:
-        rc = ESRCH
-    else:
-        kvmsys_or_int(&v.kick_pending, bits)
-        kvmsys_store_u8(&v.run.immediate_exit, 1)
-        if kvmsys_load_int(&v.running):
-            pthread_kill(v.thread, kvmsys_kick_signal())
+    rc = vcpu_alive_locked(v, generation)
+    if rc == 0:
+        kick_locked(v, bits)
     pthread_mutex_unlock(&v.lock)
     return rc
+
+
+# Queue an external interrupt (vector >= 0) or an NMI (vector < 0) for the owner's
+# loop to inject, and get it out of KVM_RUN.  Returns 0, ESRCH (stale) or ENOSPC.
+cdef int queue_interrupt(vcpustate_t *v, uint64_t generation, int vector) noexcept nogil:
+    cdef int rc
+    pthread_mutex_lock(&v.lock)
+    rc = vcpu_alive_locked(v, generation)
+    if rc == 0:
+        if vector < 0:
+            kvmsys_store_int(&v.nmi_queued, v.nmi_queued + 1)
+        elif v.nirq >= IRQ_QUEUE_MAX:
+            rc = ENOSPC
+        else:
+            v.irq_queue[(v.irq_head + v.nirq) % IRQ_QUEUE_MAX] = <uint8_t>vector
+            kvmsys_store_int(&v.nirq, v.nirq + 1)
+        if rc == 0:
+            kick_locked(v, KICK_IRQ)
+    pthread_mutex_unlock(&v.lock)
+    return rc
+
+
+# Forget queued interrupts and kicks (under v.lock): a vCPU changing owner.
+cdef inline void clear_queued_locked(vcpustate_t *v) noexcept nogil:
+    v.kick_pending = 0
+    v.nirq = 0
+    v.irq_head = 0
+    v.nmi_queued = 0
+    v.need_dispatch = 0
+    v.from_ring = 0
+    if v.run != NULL:
+        kvmsys_store_u8(&v.run.immediate_exit, 0)
+        v.run.request_interrupt_window = 0
+    v.irq_window = 0

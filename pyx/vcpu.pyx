@@ -63,8 +63,8 @@ cdef class VcpuCore:
     cdef int _touched            # ran or had state set: a recycled vCPU must be reset
     cdef int ran                 # entered KVM_RUN at least once (an I/O may await completion)
     cdef int ran_here            # ... since this object got it (renew() clears it)
-    cdef int cpuid_was_set       # KVM_SET_CPUID2 happened: KVM cannot undo it once the vCPU ran
-    cdef readonly list pending   # (fn, args) calls and ("irq"|"nmi", vector) requests from handles
+    cdef int irreversible_done   # KVM_SET_CPUID2 or a vCPU KVM_ENABLE_CAP happened: no undo
+    cdef readonly list pending   # (fn, args, future) calls queued by handles' call_soon()
     cdef bint owner              # this object frees v
     cdef str gone                # why this object no longer reaches its vCPU, or None
     cdef object successor
@@ -176,7 +176,7 @@ cdef class VcpuCore:
             n = type(self).__new__(type(self))
             n.v, n.vm, n.id, n.forkgen = self.v, self.vm, self.id, self.forkgen
             n.synced, n.debug_enabled, n._touched = self.synced, self.debug_enabled, self._touched
-            n.ran, n.cpuid_was_set = self.ran, self.cpuid_was_set
+            n.ran, n.irreversible_done = self.ran, self.irreversible_done
             n.pending, n.views = [], []
             n.dirty_ring, n.dirty_fetch = self.dirty_ring, self.dirty_fetch
             n.map_comm_area()
@@ -215,6 +215,8 @@ cdef class VcpuCore:
         # in the race where the vCPU enters KVM_RUN just after this check, the call waits
         # for its next exit (or a kick) with the GIL released, so nothing else stops.
         self.require_open()
+        if req == KVM_SET_CPUID2 or req == KVM_ENABLE_CAP:
+            self.irreversible_done = 1      # whatever the outcome: a vCPU KVM may have changed
         if kvmsys_load_int(&self.v.running):
             raise StateError(f"vCPU {self.id} is inside KVM_RUN in another thread: {op} would wait for "
                              "its next exit; kick it (or queue the call with handle().call_soon) first")
@@ -274,7 +276,7 @@ cdef class VcpuCore:
             self.v.fd = fd
             pthread_mutex_unlock(&self.v.lock)
             self.id = vid
-            self.ran = self.ran_here = self.cpuid_was_set = self.debug_enabled = self._touched = 0
+            self.ran = self.ran_here = self.irreversible_done = self.debug_enabled = self._touched = 0
             self.synced = 0
             if vm.has_sync_regs:
                 self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS
@@ -282,9 +284,10 @@ cdef class VcpuCore:
             kvmsys_store_int(&self.v.active, 0)
 
     @property
-    def cpuid_set(self):
-        """True once KVM_SET_CPUID2 was called on this vCPU (a new one has no CPUID table)."""
-        return bool(self.cpuid_was_set)
+    def irreversible(self):
+        """True once something KVM cannot undo was done to this vCPU: a CPUID table set
+        (a new vCPU has none) or a capability enabled on it (KVM_ENABLE_CAP on the vCPU)."""
+        return bool(self.irreversible_done)
 
     @property
     def guest_debug(self):
@@ -389,6 +392,9 @@ cdef class VcpuCore:
         cdef Exit ex
         cdef object handler
         cdef uint64_t t0
+        cdef uint64_t outer_deadline = 0
+        cdef const char *op = "timer_create(watchdog)"
+        cdef int err
         if v.bound and not pthread_equal(v.thread, pthread_self()):
             raise VcpuBindingError(f"vCPU {self.id} is bound to another thread: only its owner runs it "
                                    "(use its handle to kick, interrupt or call_soon)")
@@ -408,9 +414,15 @@ cdef class VcpuCore:
             v.budget_left = budget
             v.deadline_ns = 0
             if timeout >= 0:
+                with nogil:     # may wait for timer_create (EAGAIN) before the clock starts
+                    err = kvmsys_watchdog_ready(&op)
+                if err:
+                    raise_os(err, op.decode())
                 v.deadline_ns = kvmsys_now_ns() + <uint64_t>(timeout * 1e9)
-                if kvmsys_arm_watchdog(v.deadline_ns) != 0:
-                    raise_os(errno, "timer_settime(watchdog)")
+                err = kvmsys_watchdog_push(v.deadline_ns, &outer_deadline, &op)
+                if err:
+                    v.deadline_ns = 0
+                    raise_os(err, op.decode())
             v.poll_signals = on_main_thread()     # only it runs Python's signal handlers
             while True:
                 v.run_seq += 1              # exits of the previous KVM_RUN go stale
@@ -420,10 +432,10 @@ cdef class VcpuCore:
                 if kvmsys_load_int(&shutting_down):
                     raise StateError("the interpreter is exiting: vCPUs no longer run")
                 if res == R_EXIT:
-                    ex = make_exit(self)
+                    ex = CoalescedExit.of_ring(self) if v.from_ring else make_exit(self)
                     handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
-                    if handler is None and ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_X86_RDMSR,
-                                                         KVM_EXIT_X86_WRMSR):
+                    if handler is None and (v.from_ring or ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO,
+                                                                         KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR)):
                         handler = vm.default_handler
                     if handler is None:
                         return ex
@@ -446,7 +458,7 @@ cdef class VcpuCore:
                     (<StopExit>ex).status = v.stop_status
                     return ex
                 if res == R_KICK:
-                    if v.kick_bits & (KICK_CALLS | KICK_IRQ):
+                    if v.kick_bits & KICK_CALLS:
                         self._run_pending()
                     if v.kick_bits & KICK_USER:
                         return Exit._new_of(KickExit, self, KVMSYS_EXIT_KICK)
@@ -457,23 +469,56 @@ cdef class VcpuCore:
                     return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                 if v.error < 0:
                     raise_os(-v.error, "KVM_RUN", "the comm area holds a size, offset or ring index out of range")
-                raise_os(v.error, "KVM_RUN")
+                raise_os(v.error, "KVM_RUN (or injecting a queued interrupt before it)")
         finally:
             if v.deadline_ns:
-                kvmsys_disarm_watchdog()    # a late watchdog signal is harmless: run_loop rederives immediate_exit
+                # back to the enclosing run's deadline, if any; a late watchdog
+                # signal is harmless: run_loop rederives immediate_exit
+                kvmsys_watchdog_pop(outer_deadline, &op)
                 v.deadline_ns = 0
             kvmsys_store_int(&v.active, 0)
 
     cdef _run_pending(self):
-        # On the owning thread: queued calls and interrupt requests from handles.
+        # On the owning thread: calls queued by handles' call_soon(), in order.  A call
+        # that raises sets its future's exception and the rest still run; a
+        # KeyboardInterrupt or SystemExit goes on up after the queue is put back, as
+        # does an error of a call with no future (an MSI handle.interrupt() left to us).
         work, self.pending = self.pending, []
-        for fn, arg in work:
-            if fn == "irq":
-                self.interrupt(arg)
-            elif fn == "nmi":
-                self.nmi()
-            else:
-                fn(*arg)
+        for i, (fn, args, future) in enumerate(work):
+            if future is not None and not future.set_running_or_notify_cancel():
+                continue                # cancelled before it ran
+            try:
+                result = fn(*args)
+            except BaseException as e:
+                if future is not None:
+                    future.set_exception(e)
+                    if isinstance(e, Exception):
+                        continue
+                self.pending[:0] = work[i + 1:]
+                if self.pending:
+                    kvmsys_or_int(&self.v.kick_pending, KICK_CALLS)     # run at the next run()
+                raise
+            if future is not None:
+                future.set_result(result)
+
+    @property
+    def signal_mask(self):
+        """How kicks reach KVM_RUN: 'kvm' (KVM_SET_SIGNAL_MASK: blocked outside KVM_RUN, let in
+        inside it), 'handler' (the host refused it: the kick handler sets immediate_exit), or
+        None before the first run."""
+        self.require_open()
+        return {1: "kvm", -1: "handler"}.get(self.v.sigmask_state)
+
+    @property
+    def pending_interrupts(self):
+        """Interrupts queued by handles and not injected yet: (vectors in order, NMI count)."""
+        self.require_open()
+        cdef vcpustate_t *v = self.v
+        pthread_mutex_lock(&v.lock)
+        vectors = [v.irq_queue[(v.irq_head + i) % IRQ_QUEUE_MAX] for i in range(v.nirq)]
+        nmis = v.nmi_queued
+        pthread_mutex_unlock(&v.lock)
+        return vectors, nmis
 
     def run(self, budget=None, timeout=None):
         """Run until an exit the fast handlers do not take, a stop, a kick, the budget or the deadline.
@@ -499,14 +544,17 @@ cdef class VcpuCore:
     @immediate_exit.setter
     def immediate_exit(self, value):
         """Setting it is a kick (the next or current run() returns KickExit); clearing it
-        withdraws a kick not yet taken."""
+        withdraws a user kick not yet taken (queued calls and interrupts stay queued)."""
         self.require_open()
+        cdef vcpustate_t *v = self.v
         if value:
             with nogil:
-                kick_vcpu(self.v, 0, KICK_USER)
+                kick_vcpu(v, 0, KICK_USER)
         else:
-            kvmsys_store_int(&self.v.kick_pending, 0)
-            kvmsys_store_u8(&self.v.run.immediate_exit, 0)
+            pthread_mutex_lock(&v.lock)
+            if not kvmsys_and_int(&v.kick_pending, ~KICK_USER):
+                kvmsys_store_u8(&v.run.immediate_exit, 0)
+            pthread_mutex_unlock(&v.lock)
 
     def last_exit(self):
         """The exit the comm area holds now, decoded (valid until the vCPU runs again)."""
@@ -644,7 +692,6 @@ cdef class VcpuCore:
                 e[i].ebx = as_u32(d.get("ebx", 0), "CPUID ebx")
                 e[i].ecx = as_u32(d.get("ecx", 0), "CPUID ecx")
                 e[i].edx = as_u32(d.get("edx", 0), "CPUID edx")
-            self.cpuid_was_set = 1
             self.vcpu_ioctl(KVM_SET_CPUID2, c, "KVM_SET_CPUID2")
         finally:
             free(c)

@@ -92,6 +92,7 @@ cdef class VmCore:
     cdef readonly int has_sync_regs
     cdef readonly set vcpu_ids
     cdef object vcpus               # WeakSet of live VcpuCore, closed with the VM
+    cdef set coalesced_zones        # registered (addr, size, pio)
     cdef unsigned long forkgen      # the process that created it
     cdef object __weakref__
 
@@ -102,6 +103,7 @@ cdef class VmCore:
         cdef KvmCore kvm_ = of_type(kvm, KvmCore, "kvm")
         cdef unsigned long vm_type_ = as_u32(vm_type, "VM type")
         kvm_.require_open()
+        first_vm()
         self.kvm = kvm_
         self.slots = {}
         self.starts = []
@@ -109,6 +111,7 @@ cdef class VmCore:
         self.py_handlers = []
         self.vcpu_ids = set()
         self.vcpus = weakref.WeakSet()
+        self.coalesced_zones = set()
         self.mmap_size = kvm_.ioctl_int(KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
         self.fd = kvm_.ioctl_int(KVM_CREATE_VM, vm_type_, "KVM_CREATE_VM")
         self.state = <vmstate_t *>calloc(1, sizeof(vmstate_t))
@@ -534,7 +537,11 @@ cdef class VmCore:
 
     def register_coalesced(self, addr, size, *, bint pio=False, bint unregister=False):
         """KVM_(UN)REGISTER_COALESCED_MMIO: guest writes to the zone are batched in a ring
-        that the run loop drains into the fast handlers, with no exit per write."""
+        that the run loop drains at the next exit, each write through the handler of its
+        range in order (an EXIT range stops the run, a PYTHON range gets a CoalescedExit),
+        with no exit per write.  Writes still in the ring when a zone is unregistered
+        are delivered all the same; unregistering a zone that is not registered (the
+        same addr, size and pio) is an InvalidArgumentError."""
         cdef uint64_t addr_ = as_u64(addr, "zone address")
         cdef uint32_t size_ = as_u32(size, "zone size_")
         require(size_ > 0, "zone size_ must be positive")
@@ -549,12 +556,15 @@ cdef class VmCore:
         z.addr = addr_
         z.size = size_
         z.pio = 1 if pio else 0
+        key = (addr_, size_, bool(pio))
         if unregister:
+            require(key in self.coalesced_zones,
+                    f"no coalesced {'PIO' if pio else 'MMIO'} zone {addr_:#x}+{size_:#x} is registered")
             self.vm_ioctl(KVM_UNREGISTER_COALESCED_MMIO, &z, "KVM_UNREGISTER_COALESCED_MMIO")
-            self.state.coalesced_zones -= 1
+            self.coalesced_zones.discard(key)
         else:
             self.vm_ioctl(KVM_REGISTER_COALESCED_MMIO, &z, "KVM_REGISTER_COALESCED_MMIO")
-            self.state.coalesced_zones += 1
+            self.coalesced_zones.add(key)
 
     def enable_cap(self, cap, flags=0, args=()):
         """KVM_ENABLE_CAP on the VM."""
@@ -662,7 +672,9 @@ cdef class VmCore:
     def add_handler(self, space, start, end, kind, value=0, callback=None):
         """Route exits at [start, end) of *space* (kvmsys.Space: PIO, MMIO, or MSR by index) to a handler kind.
 
-        Returns the handler's index.  An earlier handler wins where ranges overlap."""
+        Returns the handler's index.  Where ranges overlap the latest handler wins, so a
+        handler added later overrides (replaces) part of an earlier one; remove_handler()
+        takes it away again.  A SINK handler's reads return *value* (0 by default)."""
         cdef int space_ = as_int(space, "space", 0, 2)
         cdef uint64_t start_ = as_u64(start, "start")
         cdef uint64_t end_ = as_u64(end, "end")
@@ -689,8 +701,20 @@ cdef class VmCore:
         kvmsys_store_int(&self.state.nhandlers, n + 1)   # publish after the entry is complete
         return n
 
+    def remove_handler(self, index_):
+        """Remove handler *index* (as add_handler returned it): its range falls through to
+        earlier handlers or the default.  Indexes are never reused: at most MAX_HANDLERS
+        handlers are ever added to a VM."""
+        cdef int index = as_int(index_, "handler index", -0x80000000, 0x7fffffff)
+        self.require_open()
+        require(0 <= index < self.state.nhandlers and self.state.handlers[index].space >= 0,
+                f"no handler {index}")
+        kvmsys_store_int(&self.state.handlers[index].space, -1)   # matches nothing from now on
+        self.py_handlers[index] = None
+
     def handlers(self):
-        """The handler table: list of (space, start, end, kind, value, callback)."""
+        """The handler table by index: list of (space, start, end, kind, value, callback);
+        a removed handler's space is -1."""
         cdef int i
         return [(self.state.handlers[i].space, self.state.handlers[i].start, self.state.handlers[i].end,
                  self.state.handlers[i].kind, self.state.handlers[i].value, self.py_handlers[i])

@@ -5,17 +5,50 @@ reason, unless KVMSYS_REQUIRE_KVM=1 (CI sets it where /dev/kvm exists), in
 which case a skipped KVM test is a failure.  The one exception: a test may skip
 because the host's KVM cannot do something (detected, not assumed) or the test
 environment lacks something; such reasons start with "host:" or "env:".
+
+Tests cannot hang: each test (setup, call and teardown) has TEST_TIMEOUT seconds
+(KVMSYS_TEST_TIMEOUT, or @pytest.mark.timeout(seconds) for one test); past it,
+faulthandler prints every thread's traceback and ends the run with a failure, so a
+lost kick or a deadlock fails CI with the place it hangs instead of stalling it.
 """
+import faulthandler
 import os
 
 import pytest
 
 HAVE_KVM = os.path.exists("/dev/kvm")
 REQUIRE_KVM = os.environ.get("KVMSYS_REQUIRE_KVM") == "1"
+TEST_TIMEOUT = float(os.environ.get("KVMSYS_TEST_TIMEOUT", "120"))
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "nokvm: the test does not need /dev/kvm")
+    config.addinivalue_line("markers", "timeout(seconds): this test's time limit (default TEST_TIMEOUT)")
+    # The real stderr, not pytest's capture file: the dump must reach the CI log.
+    global _dump_fd
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        capman.suspend_global_capture()
+    try:
+        _dump_fd = os.dup(2)
+    finally:
+        if capman is not None:
+            capman.resume_global_capture()
+
+
+_dump_fd = 2
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker else TEST_TIMEOUT
+    if limit > 0:
+        faulthandler.dump_traceback_later(limit, exit=True, file=_dump_fd)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -86,7 +86,7 @@ def test_thread_switch_runs_every_sample(machine):
 def test_kick_ends_every_run(machine, guest):
     machine.load(guest, n=0 if guest.startswith("pio") else 0xFFFFFFFF)
     set_handling(machine.vm, "pio_out", "c")
-    lat = ref_vcpu(machine).kick(5, 0.0005, 0.001, _core.KICK_SIGNAL)
+    lat = ref_vcpu(machine).kick(5, 0.0005, 0.001, _core.kick_signal())
     assert len(lat) == 5 and min(lat) > 0
     with pytest.raises(ValueError):
         ref_vcpu(machine).kick(1, 0.0, 0.001, 2)       # SIGINT: not a real-time signal

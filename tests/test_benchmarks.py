@@ -242,6 +242,32 @@ def test_no_spurious_exit_after_a_kick(machine):
     assert set(names) == {"KICK"}, f"after {len(names) - 1} kicks run() returned {names[-1]}"
 
 
+@pytest.mark.skipif(not __import__("os").path.exists("/usr/share/seabios/bios.bin"),
+                    reason="env: Debian package seabios is not installed")
+def test_boot_suite_tiny():
+    """`--suite boot` (not in the default run): SeaBIOS to "No bootable device." in fresh
+    processes, kvmsys over both ABIs and QEMU where installed; ratios paired per round."""
+    harness.set_quiet(True)
+    try:
+        res = json.loads(json.dumps(bench.run_suites(["boot"], TINY)["boot"].to_json()))
+    finally:
+        harness.set_quiet(False)
+    assert "boot" in bench.OPTIONAL_SUITES and "boot" not in bench.SUITES
+    assert {"seabios/kvmsys-fd", "seabios/kvmsys-sys"} <= set(res["rows"])
+    assert all(c["ok"] for c in res["checks"]), res["checks"]
+    for row in res["rows"].values():
+        _check_stat(row["stats"]["time"])
+        assert row["stats"]["time"]["min"] > 0
+    if "seabios/qemu" in res["rows"]:
+        d = res["rows"]["seabios/kvmsys-fd"]["stats"]["ratio"]
+        a = res["rows"]["seabios/kvmsys-fd"]["stats"]["time"]["samples"]
+        b = res["rows"]["seabios/qemu"]["stats"]["time"]["samples"]
+        assert d["samples"] == pytest.approx([x / y for x, y in zip(a, b)])
+    else:
+        assert any("qemu" in s.lower() for s in res["skipped"])
+    assert "## boot:" in report.markdown_suite(res)
+
+
 # --- regressions against a stored run -----------------------------------------------
 def _exits_doc(tmp_path, name):
     out = tmp_path / name
@@ -266,11 +292,11 @@ def test_baseline_catches_a_slowed_loop(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 4
     worse = {r["metric"] for r in baseline.compare(baseline.load(str(slow)), doc) if r["worse"]}
-    assert "exits/long64/pio_out/fd_py/user_ns" in worse and "exits/long64/mmio_read/sys_py/user_ns" in worse
-    assert "REGRESSION exits/long64/pio_out/fd_py/user_ns" in err
+    assert "exits/long64/pio_out/fd_py/user_ratio" in worse and "exits/long64/mmio_read/sys_py/user_ratio" in worse
+    assert "REGRESSION exits/long64/pio_out/fd_py/user_ratio" in err
     # the sleep is the regression: 0.2 ms on a few hundred ns of Python handling
     changes = {r["metric"]: r["change"] for r in baseline.compare(baseline.load(str(slow)), doc)}
-    assert changes["exits/long64/pio_out/fd_py/user_ns"] > 10
+    assert changes["exits/long64/pio_out/fd_py/user_ratio"] > 10
 
 
 def test_report_regenerates_the_markdown_from_json(tmp_path, capsys):

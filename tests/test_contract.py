@@ -460,6 +460,7 @@ def everything(vcpu):
     state["comm area"] = bytes(page[:2 * 4096])     # kvm_run and the PIO data page
     page.release()
     state["guest debug"] = vcpu.guest_debug
+    state["cpuid"] = vcpu.get_cpuid2()
     return state
 
 
@@ -507,6 +508,12 @@ def _set_tsc_khz(v, mem):
         pytest.skip("host: KVM cannot scale the TSC here (no KVM_CAP_TSC_CONTROL)")
 
 
+def _enable_a_vcpu_capability(v, mem):
+    if not kvmsys.vm().check_extension("ENFORCE_PV_FEATURE_CPUID"):
+        pytest.skip("host: no vCPU capability to enable (KVM_CAP_ENFORCE_PV_FEATURE_CPUID)")
+    v.enable_cap(kvmsys.fd.cap_number("ENFORCE_PV_FEATURE_CPUID"), 0, [1])
+
+
 def _set_nested_state(v, mem):
     if not kvmsys.vm().check_extension("NESTED_STATE"):
         pytest.skip("host: no KVM_CAP_NESTED_STATE")
@@ -529,7 +536,9 @@ CHANGES = {
     "tsc frequency": _set_tsc_khz,
     "nested state": _set_nested_state,
     "cpuid": lambda v, mem: v.set_cpuid2(kvmsys.Kvm().supported_cpuid()),
+    "vcpu capability": _enable_a_vcpu_capability,
 }
+RETIRED = ("cpuid", "vcpu capability")          # KVM cannot undo these: a new kernel vCPU
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
@@ -546,8 +555,8 @@ def test_a_recycled_vcpu_is_indistinguishable_from_a_new_one(fresh_process_vm, c
     first_id = in_thread(first_owner)
     comm = kvmsys.add_vcpu()
     v = kvmsys.current()
-    if change == "cpuid":
-        # KVM cannot undo a CPUID table: that kernel vCPU is retired, this one is new
+    if change in RETIRED:
+        # KVM cannot undo a CPUID table or a vCPU capability: that kernel vCPU is retired
         assert v.id != first_id and not v.has_run
     else:
         assert v.id == first_id and not v.touched
@@ -560,7 +569,7 @@ def test_a_recycled_vcpu_is_indistinguishable_from_a_new_one(fresh_process_vm, c
     # no stale registers
     cpuid = kvmsys.Kvm().supported_cpuid()
     v.set_cpuid2(cpuid[:len(cpuid) // 2])
-    assert (v.id != first_id) == (change in ("cpuid", "ran, an IN pending"))
+    assert (v.id != first_id) == (change in RETIRED + ("ran, an IN pending",))
     assert kvmsys.vcpus() == {v.id: v} and kvmsys.handle().id == v.id
     load(v, mem, "pio_out_loop.pm32", n=3)
     ex = kvmsys.run(timeout=10)

@@ -38,11 +38,19 @@ def test_firmware_is_mapped_below_4g_and_below_1m():
         platform.load_firmware(vm, IMAGE, ram_size=4 << 20)
         assert vm.read((1 << 32) - len(IMAGE), len(IMAGE)) == IMAGE
         assert vm.read(0x100000 - len(IMAGE), len(IMAGE)) == IMAGE      # <= 128 KiB: low copy too
-        big = IMAGE * 64                                                  # 256 KiB: no low copy
+        big = bytes(range(256)) * 1024                                    # 256 KiB: copied whole
         with kvm.create_vm() as vm2:
             platform.load_firmware(vm2, big, ram_size=4 << 20)
             assert vm2.read((1 << 32) - len(big), len(big)) == big
-            assert all(s.guest_phys_addr != 0x100000 - len(big) for s in vm2.memory_slots.values())
+            assert vm2.read(0xC0000, len(big)) == big
+        huge = bytes(range(256)) * 2048                                   # 512 KiB: the top 128 KiB
+        with kvm.create_vm() as vm3:
+            platform.load_firmware(vm3, huge, ram_size=4 << 20)
+            assert vm3.read((1 << 32) - len(huge), len(huge)) == huge
+            assert vm3.read(0xE0000, 128 << 10) == huge[-(128 << 10):]
+            assert vm3.read(0xC0000, 128 << 10) == bytes(128 << 10)      # RAM below it, zeroed
+            vm3.write(0xF0000, b"data")                                   # the low copy is writable RAM
+            vm3.write(0xB8000, b"H\x07")                                  # the VGA text page is RAM
 
 
 @pytest.mark.parametrize("bad", [b"", b"\0" * ((16 << 20) + 1)])

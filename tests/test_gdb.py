@@ -134,12 +134,15 @@ def test_ctrl_c_interrupts_a_running_guest(tmp_path, abi):
 def test_smp_guest_one_thread_per_vcpu(tmp_path, abi):
     run = KvmsysRun(tmp_path, "--guest", "smp_counter.pm32", "--vcpus", "2", "--n", "50",
                     "--abi", abi, address="127.0.0.1:0")
-    out = gdb_batch(run.address, "info threads", f"hbreak *{L.LOAD_ADDR + 4:#x}", "continue",
-                    "p/x $pc", "delete", "detach")
+    out = gdb_batch(run.address, "info threads", "thread apply all p/x $esp",
+                    f"hbreak *{L.LOAD_ADDR + 4:#x}", "continue", "p/x $pc", "delete", "detach")
     rc, stdout, stderr = run.wait()
     assert re.search(r"Thread 1 \(vCPU 0\)", out) and re.search(r"Thread 2 \(vCPU 1\)", out), out
+    # each thread shows its own vCPU's registers: the per-vCPU stacks of the SMP guests
+    stacks = dict(re.findall(r"\(vCPU (\d)\)\):\n\$\d+ = (0x[0-9a-f]+)", out))
+    assert stacks == {"0": hex(L.smp_stack_top(0)), "1": hex(L.smp_stack_top(1))}, out
     assert "hit Breakpoint 1," in out or "Breakpoint 1, " in out, out
-    assert values(out) == [hex(L.LOAD_ADDR + 4)], out
+    assert values(out)[-1] == hex(L.LOAD_ADDR + 4), out
     assert rc == 1 and "2 vCPU(s): STOP, exit status 1" in stdout, (stdout, stderr)
 
 
@@ -174,7 +177,8 @@ def test_memory_registers_virtual_and_physical(tmp_path):
                     "monitor virt", "p/x *(unsigned long *)0x40000000",
                     "set var $rbx = 0x1122334455667788", "p/x $rbx", "p $st0", "p/x $fctrl",
                     "set var $xmm15.v4_int32[2] = 7", "set var $st1 = 1.5", "p $xmm15.v4_int32",
-                    "p $st1", "set var $fs_base = 0x1000", "p/x $fs_base", "p $eflags", "detach")
+                    "p $st1", "set var $fs_base = 0x1000", "p/x $fs_base", "p $eflags",
+                    "p/x $mxcsr", "set var $mxcsr = 0x1f00", "p/x $mxcsr", "p $xmm15.v4_int32", "detach")
     rc, stdout, stderr = run.wait()
     word = hex(int.from_bytes(image[:4], "little"))
     v = values(out)
@@ -183,7 +187,8 @@ def test_memory_registers_virtual_and_physical(tmp_path):
     assert "Cannot access memory at address 0x40000000" in out, out      # not mapped
     assert v[3:] == ["0x1122334455667788", "0", "0x37f",                # x87 reset: FCW 0x37f
                      "{0, 0, 7, 0}", "1.5",                               # SSE and x87 written
-                     "0x1000", "[ ]"], out                                # FS base; EFLAGS by flag
+                     "0x1000", "[ ]",                                     # FS base; EFLAGS by flag
+                     "0x1f80", "0x1f00", "{0, 0, 7, 0}"], out             # MXCSR (XSAVE), xmm kept
     assert rc == 1, (stdout, stderr)
 
 
@@ -238,6 +243,10 @@ def test_api_in_process(tmp_path, abi, mode):
         assert c.ask("vCont;c") == "T05thread:1;hwbreak:;"
         assert c.ask(f"z1,{at:x},1") == "OK"
         assert c.ask("vCont;s:1") == "T05thread:1;"
+        for bad in ("H", "m", "mzz,4", "M1000,2:00", "Z1,zz", "pzz", "P0=zz", "Hg99", "T7",
+                    f"m{L.MMIO_BASE:x},4", "qXfer:features:read:target.xml:zz", "G00"):
+            assert c.ask(bad)[:1] in ("E", ""), bad      # an error reply, the server goes on
+        assert c.ask("?") == "T05thread:1;"
         c.conn.send("D")
         assert c.conn.read() == b"OK"
         t.join(30)
@@ -304,6 +313,61 @@ def test_target_description(mode):
     assert target.mode_of({"efer": 0x500, "cr0": 0x80000011}) == "long64"
     assert target.mode_of({"efer": 0, "cr0": 0x11}) == "pm32"
     assert target.mode_of({"efer": 0, "cr0": 0x10}) == "real"
+
+
+def test_gdb_going_away_lets_the_guest_finish(tmp_path, abi):
+    # No detach: gdb's connection ends while the guest runs with a breakpoint set.
+    path = str(tmp_path / "s")
+    server = GdbServer(path, vcpus=1)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault(
+        "r", runner.run_guest("compute.pm32", abi=abi, gdb=server, n=200_000)))  # seconds of guest time
+    t.start()
+    try:
+        c = Client(path)
+        assert c.ask(f"Z1,{store_address('pm32'):x},1") == "OK"
+        c.conn.send("vCont;c")
+        c.sock.close()
+        t.join(60)
+        assert result["r"].status == 1 and result["r"].exits.get("DEBUG", 0) == 0
+    finally:
+        server.close()
+        t.join(30)
+
+
+def test_breakpoints_beyond_the_debug_registers(tmp_path, fdvm):
+    # With int3 breakpoints any number works; with debug registers the fifth is refused.
+    path = str(tmp_path / "s")
+    server = GdbServer(path, vcpus=1)
+    from kvmsys.runner import setup_devices
+    setup_devices(fdvm)
+    v = fdvm.create_vcpu(0)
+    L.prepare(get("compute.pm32"), v, fdvm.memory(0), n=3)
+
+    def vcpu_thread():
+        with server.attach(v, v.run) as run:
+            while run(timeout=30).name not in ("STOP", "DEADLINE"):
+                pass
+    t = threading.Thread(target=vcpu_thread)
+    t.start()
+    try:
+        c = Client(path)
+        c.ask("?")
+        replies = [c.ask(f"Z0,{L.LOAD_ADDR + 0x100 + i:x},1") for i in range(5)]
+        if server.sw_bp_native:
+            assert replies == ["OK"] * 5
+        else:
+            assert replies == ["OK"] * 4 + ["E1c"]
+            assert c.ask(f"Z1,{L.LOAD_ADDR:x},1") == "E1c"
+        for i in range(5):
+            assert c.ask(f"z0,{L.LOAD_ADDR + 0x100 + i:x},1") == "OK"
+        assert bytes.fromhex(c.ask(f"m{L.LOAD_ADDR + 0x100:x},5")) == bytes(fdvm.memory(0)[L.LOAD_ADDR + 0x100:L.LOAD_ADDR + 0x105])
+        c.conn.send("D")
+        assert c.conn.read() == b"OK"
+        t.join(30)
+    finally:
+        server.close()
+        t.join(30)
 
 
 @pytest.mark.nokvm

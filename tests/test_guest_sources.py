@@ -58,7 +58,8 @@ def test_registry():
     bases = {g.base for g in guests.GUESTS.values()}
     assert bases == {"pio_out_loop", "pio_in_loop", "mmio_write_loop", "mmio_read_loop",
                      "hlt_loop", "compute", "hello", "debug_exit",
-                     "smp_counter", "smp_pingpong", "smp_ipi", "irq_count", "console_flood"}
+                     "smp_counter", "smp_pingpong", "smp_ipi", "irq_count", "console_flood",
+                     "irq_window"}
     assert len(guests.GUESTS) == 3 * len(bases)
     for name, g in guests.GUESTS.items():
         assert name == g.name == f"{g.base}.{g.mode}"

@@ -98,18 +98,34 @@ def test_bytearray_source_cannot_be_resized_under_the_guest(machine):
         raw.extend(b"x")                          # exported while the slot exists
 
 
-def test_huge_pages(machine):
-    free = 0
+def free_huge_pages():
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("HugePages_Free:"):
-                free = int(line.split()[1])
-    if free < 1:
+                return int(line.split()[1])
+    return 0
+
+
+def test_huge_pages(machine):
+    if free_huge_pages() < 1:
         pytest.skip("host: no free huge pages (HugePages_Free is 0)")
     debug_exit_port(machine.vm)
     view = machine.vm.add_memory(SLOT, BASE, PAGES * PAGE, huge_pages=True)
     run_writer(machine, 9, 1)
     assert view[9 * PAGE] == 0x5A
+
+
+def test_hugetlbfs_file_source(machine):
+    with open("/proc/mounts") as f:
+        mounts = [line.split()[1] for line in f if line.split()[2] == "hugetlbfs"]
+    if not mounts or free_huge_pages() < 1:
+        pytest.skip("host: no hugetlbfs mount with free huge pages")
+    debug_exit_port(machine.vm)
+    with tempfile.NamedTemporaryFile(dir=mounts[0]) as f:
+        os.ftruncate(f.fileno(), PAGES * PAGE)          # one 2 MiB huge page
+        view = machine.vm.add_memory(SLOT, BASE, PAGES * PAGE, source=f)
+        run_writer(machine, 11, 1)
+        assert view[11 * PAGE] == 0x5A and os.pread(f.fileno(), 1, 11 * PAGE) == b"\x5A"
 
 
 # === dirty logging =======================================================================

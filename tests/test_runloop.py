@@ -50,8 +50,8 @@ def native64(m, mode):
 
 
 def handler_index(vm, space, port_or_addr):
-    """Index of the first handler covering an address (as the loop resolves it)."""
-    for i, (sp, start, end, *_rest) in enumerate(vm.handlers()):
+    """Index of the latest handler covering an address (as the loop resolves it)."""
+    for i, (sp, start, end, *_rest) in reversed(list(enumerate(vm.handlers()))):
         if sp == space and start <= port_or_addr < end:
             return i
     raise LookupError(hex(port_or_addr))
@@ -180,15 +180,40 @@ def test_ignore_handler_reads_all_ones(machine, mode):
     assert machine.vm.port_counts() == {}   # per-port counts are for the default only
 
 
-def test_earlier_handler_wins_on_overlap(machine):
+def test_later_handler_wins_on_overlap(machine):
     n = 10
     machine.devices().load("pio_in_loop.pm32", n=n)
     first = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.CONST, 3)
     second = machine.vm.add_handler(PIO, PORT_OUT, PORT_IN + 2, Kind.CONST, 9)
     run_to_stop(machine)
+    assert result(machine) == 9 * n
+    hits = machine.vcpu.stats()["handler_hits"]
+    assert hits[second] == n and first not in hits
+
+
+def test_removed_handler_falls_through_to_the_earlier_one(machine):
+    n = 10
+    machine.devices().load("pio_in_loop.pm32", n=n)
+    first = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.CONST, 3)
+    second = machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.CONST, 9)
+    machine.vm.remove_handler(second)
+    assert machine.vm.handlers()[second][0] == -1       # removed
+    run_to_stop(machine)
     assert result(machine) == 3 * n
     hits = machine.vcpu.stats()["handler_hits"]
     assert hits[first] == n and second not in hits
+    with pytest.raises(ValueError):
+        machine.vm.remove_handler(second)               # already removed
+    with pytest.raises(ValueError):
+        machine.vm.remove_handler(999)
+
+
+def test_sink_handler_reads_back_its_value(machine):
+    n = 8
+    machine.devices().load("pio_in_loop.pm32", n=n)
+    machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind.SINK, 0xE9)     # debugcon, as QEMU's
+    run_to_stop(machine)
+    assert result(machine) == 0xE9 * n
 
 
 @pytest.mark.parametrize("mode", MODES)

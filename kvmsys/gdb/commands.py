@@ -141,43 +141,32 @@ class Commands:
 
     # registers
     def _state(self, cpu):
-        v = cpu.vcpu
-        return self._call(cpu, lambda: (v.get_regs(), v.get_sregs(), v.get_fpu()))
+        return self._call(cpu, lambda: target.VcpuState.of(cpu.vcpu))
 
     def _read_regs(self, n: int | None = None) -> str:
-        regs, sregs, fpu = self._state(self._g)
+        st = self._state(self._g)
         if n is None:
-            return b"".join(target.read_value(r, regs, sregs, fpu, self.mode) for r in self.regs).hex()
+            return b"".join(target.read_value(r, st, self.mode) for r in self.regs).hex()
         if not 0 <= n < len(self.regs):
             raise Failure(0x16)
-        return target.read_value(self.regs[n], regs, sregs, fpu, self.mode).hex()
+        return target.read_value(self.regs[n], st, self.mode).hex()
 
     def _write_regs(self, data: bytes, n: int | None = None) -> str:
         cpu = self._g
-        regs, sregs, fpu = self._state(cpu)
-        fpu = bytearray(fpu)
+        st = self._state(cpu)
         if n is None:
             chosen, off = [], 0
             for r in self.regs:
                 chosen.append((r, data[off:off + r.bits // 8]))
                 off += r.bits // 8
             # gdb sends every register: write those that changed
-            chosen = [(r, d) for r, d in chosen if d != target.read_value(r, regs, sregs, fpu, self.mode)]
+            chosen = [(r, d) for r, d in chosen if d != target.read_value(r, st, self.mode)]
         else:
             if not 0 <= n < len(self.regs):
                 raise Failure(0x16)
             chosen = [(self.regs[n], data)]
-        changed = {target.write_value(r, d, regs, sregs, fpu, self.mode) for r, d in chosen}
-        v = cpu.vcpu
-
-        def apply():
-            if "sregs" in changed:
-                v.set_sregs(sregs)
-            if "regs" in changed:
-                v.set_regs(regs)
-            if "fpu" in changed:
-                v.set_fpu(bytes(fpu))
-        self._call(cpu, apply)
+        changed = {target.write_value(r, d, st, self.mode) for r, d in chosen}
+        self._call(cpu, lambda: st.apply(cpu.vcpu, changed))
         return "OK"
 
     # memory

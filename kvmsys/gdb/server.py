@@ -342,10 +342,12 @@ class GdbServer(Commands):
                 continue            # already stopped
             try:
                 reply = self._dispatch(packet)
+            except ConnectionError:
+                raise                           # gdb went away while the guest ran
             except Failure as e:
                 reply = f"E{e.code:02x}"
-            except (KvmsysError, OSError, ValueError) as e:
-                reply = "E01" if not isinstance(e, OSError) else "E14"
+            except Exception:                   # a malformed or refused request: an error
+                reply = "E01"                   # reply, never the end of the server
             if reply is DETACHED:
                 conn.send("OK")
                 return
@@ -371,7 +373,7 @@ class GdbServer(Commands):
                 self._stop_all()
                 return self._exit_reply()
             if self._closed:
-                raise OSError("server closed")
+                raise ConnectionError("server closed")
             if conn.pending():
                 readable = [conn]
             else:
@@ -381,7 +383,7 @@ class GdbServer(Commands):
             if conn in readable:
                 packet = conn.read()
                 if packet is None:
-                    raise OSError("gdb went away")
+                    raise ConnectionError("gdb went away")
                 if packet == INTERRUPT:
                     self._stop_all()
                     with self._cond:

@@ -3,11 +3,12 @@ description XML, and the debug-register (DR7) encoding of hardware breakpoints.
 
 Register names, order and feature names follow GDB's manual ("Target Descriptions",
 "i386 Features": org.gnu.gdb.i386.core, .sse and, for 64-bit guests, .segments); the values come from KVM_GET_REGS,
-KVM_GET_SREGS and KVM_GET_FPU (struct kvm_fpu in <linux/kvm.h>).
+KVM_GET_SREGS and KVM_GET_XSAVE (kvmsys.state.Xsave: its legacy region holds the x87 and
+SSE registers).  Not KVM_GET_FPU: it has no MXCSR, and SSE registers written through
+KVM_SET_FPU were not seen by KVM_GET_XSAVE on our host (measured 2026-11-30).
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 MODES = ("real", "pm32", "long64")
@@ -19,12 +20,6 @@ _GPR64 = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
 SEGMENTS = ("cs", "ss", "ds", "es", "fs", "gs")
 _X87_CTRL = ("fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop")
 
-# struct kvm_fpu: fpr[8][16], fcw u16, fsw u16, ftwx u8, pad u8, last_opcode u16,
-# last_ip u64, last_dp u64, xmm[16][16], mxcsr u32, pad u32 (416 bytes)
-_FPU_CTRL = struct.Struct("<HHBxHQQ")
-_FPU_CTRL_OFF = 128
-_FPU_XMM_OFF = 152
-_FPU_MXCSR_OFF = 408
 
 
 @dataclass(frozen=True)
@@ -107,13 +102,36 @@ def mode_of(sregs: dict) -> str:
 
 
 # --- register values <-> bytes --------------------------------------------
-def _x87_ctrl(fpu: bytes) -> dict:
-    fcw, fsw, ftwx, fop, last_ip, last_dp = _FPU_CTRL.unpack_from(fpu, _FPU_CTRL_OFF)
+@dataclass
+class VcpuState:
+    """The vCPU state gdb's registers are read from and written to."""
+    regs: dict
+    sregs: dict
+    xsave: object       # kvmsys.state.Xsave
+
+    @classmethod
+    def of(cls, vcpu) -> "VcpuState":
+        return cls(vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_xsave())
+
+    def apply(self, vcpu, changed: set) -> None:
+        """Write the parts named in *changed* back to *vcpu*."""
+        if "sregs" in changed:
+            vcpu.set_sregs(self.sregs)
+        if "regs" in changed:
+            vcpu.set_regs(self.regs)
+        if "xsave" in changed:
+            self.xsave["xstate_bv"] |= 0b11     # x87 and SSE present, else KVM loads init state
+            vcpu.set_xsave(self.xsave)
+
+
+def _x87_ctrl(fpu) -> dict:
+    # fpu: the XSAVE legacy region (FXSAVE layout, 64-bit FIP/FDP)
+    ftwx, last_ip, last_dp = fpu["ftw"], fpu["fip"], fpu["fdp"]
     # FXSAVE keeps one "not empty" bit per register; gdb shows the full tag word (3 = empty)
     ftag = sum((0 if ftwx >> i & 1 else 3) << 2 * i for i in range(8))
-    return dict(fctrl=fcw, fstat=fsw, ftag=ftag, fiseg=(last_ip >> 32) & 0xFFFF,
+    return dict(fctrl=fpu["fcw"], fstat=fpu["fsw"], ftag=ftag, fiseg=(last_ip >> 32) & 0xFFFF,
                 fioff=last_ip & 0xFFFFFFFF, foseg=(last_dp >> 32) & 0xFFFF,
-                fooff=last_dp & 0xFFFFFFFF, fop=fop)
+                fooff=last_dp & 0xFFFFFFFF, fop=fpu["fop"])
 
 
 def _pc_base(reg: Reg, sregs: dict, mode: str) -> int:
@@ -122,30 +140,30 @@ def _pc_base(reg: Reg, sregs: dict, mode: str) -> int:
     return sregs["cs"]["base"] if mode == "real" and reg.src == "rip" else 0
 
 
-def read_value(reg: Reg, regs: dict, sregs: dict, fpu: bytes, mode: str) -> bytes:
+def read_value(reg: Reg, st: VcpuState, mode: str) -> bytes:
     """Register *reg* as gdb's little-endian bytes."""
+    regs, sregs, fpu = st.regs, st.sregs, st.xsave
     if reg.kind == "gpr":
         value = regs[reg.src] + _pc_base(reg, sregs, mode)
     elif reg.kind == "seg":
         value = sregs[reg.src]["selector"]
     elif reg.kind == "st":
-        i = int(reg.src)
-        return bytes(fpu[16 * i:16 * i + 10])
+        return fpu[reg.name][:10]           # 80-bit registers in 16-byte slots
     elif reg.kind == "xmm":
-        off = _FPU_XMM_OFF + 16 * int(reg.src)
-        return bytes(fpu[off:off + 16])
+        return fpu[reg.name]
     elif reg.kind == "base":
         value = sregs[reg.src]["base"]
     elif reg.kind == "mxcsr":
-        value = int.from_bytes(fpu[_FPU_MXCSR_OFF:_FPU_MXCSR_OFF + 4], "little")
+        value = fpu["mxcsr"]
     else:
         value = _x87_ctrl(fpu)[reg.name]
     return (value & ((1 << reg.bits) - 1)).to_bytes(reg.bits // 8, "little")
 
 
-def write_value(reg: Reg, data: bytes, regs: dict, sregs: dict, fpu: bytearray, mode: str) -> str:
-    """Store gdb's bytes for *reg* into the state dicts; returns which state changed
-    ("regs", "sregs", "fpu") or raises ValueError for a change this stub refuses."""
+def write_value(reg: Reg, data: bytes, st: VcpuState, mode: str) -> str:
+    """Store gdb's bytes for *reg* into *st*; returns which part changed ("regs",
+    "sregs", "xsave") or raises ValueError for a change this stub refuses."""
+    regs, sregs, fpu = st.regs, st.sregs, st.xsave
     if len(data) != reg.bits // 8:
         raise ValueError(f"{reg.name} takes {reg.bits // 8} bytes")
     value = int.from_bytes(data, "little")
@@ -171,20 +189,23 @@ def write_value(reg: Reg, data: bytes, regs: dict, sregs: dict, fpu: bytearray, 
         seg.update(selector=value & 0xFFFF, base=(value & 0xFFFF) << 4)
         return "sregs"
     if reg.kind == "st":
-        i = int(reg.src)
-        fpu[16 * i:16 * i + 10] = data
-        return "fpu"
-    if reg.kind in ("xmm", "mxcsr"):
-        off = _FPU_XMM_OFF + 16 * int(reg.src) if reg.kind == "xmm" else _FPU_MXCSR_OFF
-        fpu[off:off + len(data)] = data
-        return "fpu"
+        fpu[reg.name] = bytes(data) + fpu[reg.name][10:]
+    elif reg.kind == "xmm":
+        fpu[reg.name] = bytes(data)
+    elif reg.kind == "mxcsr":
+        fpu["mxcsr"] = value
+    else:
+        _write_x87_ctrl(fpu, reg.name, value)
+    return "xsave"
+
+
+def _write_x87_ctrl(fpu, name: str, value: int) -> None:
     ctrl = _x87_ctrl(fpu)
-    ctrl[reg.name] = value
-    ftwx = sum((1 if (ctrl["ftag"] >> 2 * i) & 3 != 3 else 0) << i for i in range(8))
-    _FPU_CTRL.pack_into(fpu, _FPU_CTRL_OFF, ctrl["fctrl"] & 0xFFFF, ctrl["fstat"] & 0xFFFF, ftwx,
-                        ctrl["fop"] & 0xFFFF, ctrl["fiseg"] << 32 | ctrl["fioff"],
-                        ctrl["foseg"] << 32 | ctrl["fooff"])
-    return "fpu"
+    ctrl[name] = value
+    fpu["fcw"], fpu["fsw"], fpu["fop"] = ctrl["fctrl"] & 0xFFFF, ctrl["fstat"] & 0xFFFF, ctrl["fop"] & 0xFFFF
+    fpu["ftw"] = sum((1 if (ctrl["ftag"] >> 2 * i) & 3 != 3 else 0) << i for i in range(8))
+    fpu["fip"] = ctrl["fiseg"] << 32 | ctrl["fioff"]
+    fpu["fdp"] = ctrl["foseg"] << 32 | ctrl["fooff"]
 
 
 # --- hardware breakpoints: DR0-DR3 and DR7 -----------------------------------

@@ -191,6 +191,13 @@ _SPECS.update({
         f"IRQ_COUNTS_ADDR); then debug-exit 0",
         _n(1, "interrupts to wait for (ECX)"),
         {**_DONE, "irqchip": True, "vector": layout.IRQ_VECTOR}),
+    "irq_window": (
+        f"no in-kernel irqchip: cli, n reports of its interrupt count on port {PORT_OUT:#x}, sti, "
+        f"n more (bit 8 set); handlers for vectors {layout.IRQ_VECTOR:#x}, "
+        f"{layout.IRQ_SPURIOUS_VECTOR:#x} (counted at IRQ_COUNTS_ADDR) and NMI report their vector "
+        f"on port {PORT_RESULT:#x}; then debug-exit 0",
+        _n(4, "reports before and after sti (ECX), at least 1"),
+        {**_DONE, "irqchip": False, "vectors": (2, layout.IRQ_VECTOR, layout.IRQ_SPURIOUS_VECTOR)}),
 })
 
 

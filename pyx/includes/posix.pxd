@@ -44,6 +44,8 @@ cdef extern from "<errno.h>" nogil:
     enum: EBADF
     enum: EFAULT
     enum: E2BIG
+    enum: EBUSY
+    enum: ENOSPC
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
@@ -57,6 +59,8 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_equal(pthread_t a, pthread_t b)
 
 cdef extern from "<signal.h>" nogil:
+    ctypedef struct sigset_t:
+        pass
     int pthread_kill(pthread_t t, int sig)
 
 cdef extern from "<time.h>" nogil:
@@ -75,6 +79,7 @@ cdef extern from "kvmsys_native.h" nogil:
     void kvmsys_store_int(int *p, int v)
     int kvmsys_xchg_int(int *p, int v)
     int kvmsys_or_int(int *p, int v)
+    int kvmsys_and_int(int *p, int v)
     void kvmsys_store_u8(uint8_t *p, uint8_t v)
     uint64_t kvmsys_add_u64(uint64_t *p, uint64_t v)
     uint64_t kvmsys_load_u64(uint64_t *p)
@@ -82,10 +87,22 @@ cdef extern from "kvmsys_native.h" nogil:
     void kvmsys_store_u32(uint32_t *p, uint32_t v)
     int kvmsys_kick_signal()
     int kvmsys_install_kick_handler()
+    int kvmsys_kick_handler_installed()
+    int kvmsys_set_kick_signal(int sig)
     void kvmsys_set_running(void *run_page)
     unsigned kvmsys_own_signal_count()
-    int kvmsys_arm_watchdog(uint64_t deadline_ns)
-    int kvmsys_disarm_watchdog()
+    int kvmsys_watchdog_ready(const char **op)
+    int kvmsys_watchdog_push(uint64_t deadline_ns, uint64_t *saved, const char **op)
+    int kvmsys_watchdog_pop(uint64_t saved, const char **op)
+    int kvmsys_watchdog_uses_thread()
+    void kvmsys_fail_timer_create(int n)
+    int kvmsys_block_run_signals(sigset_t *old)
+    void kvmsys_restore_signals(const sigset_t *old)
+    uint64_t kvmsys_run_sigmask(const sigset_t *old, int main_thread)
+    unsigned kvmsys_take_kick_signals()
+    void kvmsys_keep_sigint()
+    void kvmsys_raise_window_signal()
+    void kvmsys_set_window_signal(int sig)
     void kvmsys_thread_cleanup_register()
     void *kvmsys_bound
     ctypedef struct kvmsys_region_t:

@@ -1,0 +1,90 @@
+"""PC devices for real firmware, one small class each.
+
+A device owns port ranges and answers the accesses KVM returns for them.  Hot
+paths stay in the C run loop (debugcon is a console sink with a read-back value,
+no exit reaches Python); the rest are Python handlers, which cost a few µs more
+per access than a C one and are used where firmware touches a port rarely.
+
+Each device has ``reset()`` (power-on state), and ``install(vm)`` adds its
+handlers to a VM (either ABI) and returns their indexes (``uninstall`` removes
+them).  A handler that needs the machine's attention (a reset request) returns
+True from ``write``: the vCPU's ``run()`` then returns and the runner looks at
+``Machine.pending``.
+"""
+from __future__ import annotations
+
+from ..enums import Kind, Space
+
+PIO = Space.PIO
+
+
+class Device:
+    """A device answering port accesses from Python."""
+    ports: tuple[tuple[int, int], ...] = ()     # [start, end) ranges
+
+    def __init__(self) -> None:
+        self._handlers: list[int] = []
+        self._vm = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the power-on state."""
+
+    def read(self, port: int, size: int) -> int:
+        return (1 << (8 * size)) - 1            # nothing there: all-ones, like an open bus
+
+    def write(self, port: int, size: int, value: int) -> bool | None:
+        """Handle a write; return True to make the vCPU's run() return (the machine must act)."""
+        return None
+
+    def io(self, ex) -> bool:
+        """The Python handler: every element of a (string) port access."""
+        size, count, data, port = ex.size, ex.count, ex.data, ex.port
+        if ex.is_in:
+            mask = (1 << (8 * size)) - 1
+            for i in range(count):
+                data[i * size:(i + 1) * size] = (self.read(port, size) & mask).to_bytes(size, "little")
+            return False
+        stop = False
+        for i in range(count):
+            stop = bool(self.write(port, size, int.from_bytes(data[i * size:(i + 1) * size], "little"))) or stop
+        return stop
+
+    def install(self, vm) -> list[int]:
+        self._vm = vm
+        self._handlers = [vm.add_handler(PIO, start, end, Kind.PYTHON, 0, self.io)
+                          for start, end in self.ports]
+        return self._handlers
+
+    def uninstall(self) -> None:
+        for h in self._handlers:
+            self._vm.remove_handler(h)
+        self._handlers = []
+
+
+class Irq:
+    """An ISA interrupt line: into the in-kernel PIC/IOAPIC when the VM has one, else nowhere
+    (firmware without an interrupt controller polls)."""
+
+    def __init__(self, vm, line: int) -> None:
+        self.vm, self.line, self.level = vm, line, 0
+
+    def set(self, level: int) -> None:
+        level = 1 if level else 0
+        if level != self.level:
+            self.level = level
+            if self.vm is not None and self.vm.has_irqchip:
+                self.vm.irq_line(self.line, level)
+
+
+from .ata import AtaDisk                 # noqa: E402  (the classes above come first)
+from .cmos import Cmos                   # noqa: E402
+from .debugcon import Debugcon           # noqa: E402
+from .fwcfg import FwCfg                 # noqa: E402
+from .i8042 import I8042, Port92         # noqa: E402
+from .pci import PciHost                 # noqa: E402
+from .pit import Pit                     # noqa: E402
+from .uart import Uart8250               # noqa: E402
+
+__all__ = ["Device", "Irq", "AtaDisk", "Cmos", "Debugcon", "FwCfg", "I8042", "Port92", "PciHost",
+           "Pit", "Uart8250"]

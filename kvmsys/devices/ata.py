@@ -1,0 +1,216 @@
+"""An ATA disk on the primary channel (ports 0x1f0-0x1f7, control 0x3f6), PIO only,
+backed by a raw image file (read-write, or read-only: writes are refused with ABRT).
+
+Commands: IDENTIFY DEVICE, READ/WRITE SECTORS (LBA28, CHS), READ/WRITE MULTIPLE,
+READ/WRITE SECTORS EXT (LBA48), SET MULTIPLE MODE, SET FEATURES, FLUSH CACHE,
+INITIALIZE DEVICE PARAMETERS, RECALIBRATE and power commands (accepted); anything else
+(IDENTIFY PACKET DEVICE included: this is no ATAPI device) is aborted.  The slave
+position is empty.  No interrupts: firmware polls the status register (BIOSes set nIEN)."""
+from __future__ import annotations
+
+import os
+
+from ..errors import InvalidArgumentError
+from . import Device
+
+SECTOR = 512
+BSY, DRDY, DSC, DRQ, ERR = 0x80, 0x40, 0x10, 0x08, 0x01
+ABRT = 0x04
+HEADS, SPT = 16, 63
+MULTIPLE_MAX = 16
+
+
+class AtaDisk(Device):
+    ports = ((0x1F0, 0x1F8), (0x3F6, 0x3F7))
+
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        self.path, self.readonly = path, readonly
+        try:
+            self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as e:
+            raise InvalidArgumentError(f"disk image {path}: {e.strerror}") from e
+        try:
+            size = os.fstat(self.fd).st_size
+            if size < SECTOR:
+                raise InvalidArgumentError(f"disk image {path}: {size} bytes, at least one 512-byte "
+                                           "sector needed")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.sectors = size // SECTOR
+        super().__init__()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def reset(self) -> None:
+        self.features = 0
+        self.regs = {2: 1, 3: 1, 4: 0, 5: 0}    # count, lba low/mid/high: the ATA signature
+        self.hob = {2: 0, 3: 0, 4: 0, 5: 0}     # previous values (LBA48's high bytes)
+        self.dh = 0xA0
+        self.control = 0
+        self.status = DRDY | DSC
+        self.error = 1                          # diagnostic: device 0 passed
+        self.multiple = 0
+        self.buf = b""
+        self.pos = 0
+        self.pending_write: tuple[int, int] | None = None   # (lba, sectors) being received
+
+    # --- registers -------------------------------------------------------------
+    def _slave(self) -> bool:
+        return bool(self.dh & 0x10)
+
+    def read(self, port: int, size: int) -> int:
+        if port == 0x1F0:
+            return self._data_in(size)
+        if port in (0x1F7, 0x3F6):
+            return 0 if self._slave() else self.status     # no slave drive: status 0
+        if port == 0x1F1:
+            return self.error
+        if port == 0x1F6:
+            return self.dh
+        reg = port - 0x1F0
+        return (self.hob if self.control & 0x80 else self.regs)[reg]
+
+    def write(self, port: int, size: int, value: int) -> None:
+        if port == 0x1F0:
+            self._data_out(value, size)
+        elif port == 0x3F6:
+            if self.control & 4 and not value & 4:         # SRST falls: software reset done
+                self.reset()
+            self.control = value & 0x86
+            if value & 4:
+                self.status = BSY
+        elif port == 0x1F7:
+            if not self._slave():
+                self._command(value & 0xFF)
+        elif port == 0x1F6:
+            self.dh = value & 0xFF
+        elif port == 0x1F1:
+            self.features = value & 0xFF
+        else:
+            reg = port - 0x1F0
+            self.hob[reg] = self.regs[reg]
+            self.regs[reg] = value & 0xFF
+        self.control &= ~0x80                       # any register write clears HOB
+
+    def io(self, ex) -> bool:
+        if ex.port == 0x1F0 and ex.count > 1:       # `rep insw/outsw`: a whole block per exit
+            n = ex.size * ex.count
+            if ex.is_in:
+                chunk = self.buf[self.pos:self.pos + n]
+                ex.data[:] = chunk + b"\xff" * (n - len(chunk))
+                self._advance(len(chunk))
+            else:
+                self._receive(bytes(ex.data))
+            return False
+        return super().io(ex)
+
+    # --- data transfer ---------------------------------------------------------
+    def _data_in(self, size: int) -> int:
+        if not self.status & DRQ or self.pending_write is not None:
+            return (1 << (8 * size)) - 1
+        chunk = self.buf[self.pos:self.pos + size]
+        self._advance(len(chunk))
+        return int.from_bytes(chunk.ljust(size, b"\xff"), "little")
+
+    def _advance(self, n: int) -> None:
+        self.pos += n
+        if self.pos >= len(self.buf):
+            self.buf, self.pos = b"", 0
+            self.status = DRDY | DSC
+
+    def _data_out(self, value: int, size: int) -> None:
+        self._receive(value.to_bytes(size, "little"))
+
+    def _receive(self, data: bytes) -> None:
+        if self.pending_write is None or not self.status & DRQ:
+            return
+        self.buf += data
+        lba, count = self.pending_write
+        if len(self.buf) >= count * SECTOR:
+            os.pwrite(self.fd, self.buf[:count * SECTOR], lba * SECTOR)
+            self.buf, self.pending_write = b"", None
+            self.status = DRDY | DSC
+
+    # --- commands --------------------------------------------------------------
+    def _lba(self, ext: bool) -> int:
+        r, h = self.regs, self.hob
+        if ext:
+            return (r[3] | r[4] << 8 | r[5] << 16 | h[3] << 24 | h[4] << 32 | h[5] << 40)
+        if self.dh & 0x40:
+            return r[3] | r[4] << 8 | r[5] << 16 | (self.dh & 0x0F) << 24
+        cyl = r[4] | r[5] << 8
+        return (cyl * HEADS + (self.dh & 0x0F)) * SPT + r[3] - 1    # CHS
+
+    def _count(self, ext: bool) -> int:
+        n = self.regs[2] | (self.hob[2] << 8 if ext else 0)
+        return n or (65536 if ext else 256)
+
+    def _abort(self) -> None:
+        self.error = ABRT
+        self.status = DRDY | ERR
+
+    def _command(self, cmd: int) -> None:
+        self.error = 0
+        self.buf, self.pos, self.pending_write = b"", 0, None
+        if cmd == 0xEC:                                         # IDENTIFY DEVICE
+            self.buf, self.status = self._identify(), DRDY | DSC | DRQ
+        elif cmd in (0x20, 0x21, 0xC4, 0x24, 0x29):             # READ SECTORS / MULTIPLE (EXT)
+            ext = cmd in (0x24, 0x29)
+            lba, n = self._lba(ext), self._count(ext)
+            if lba + n > self.sectors:
+                return self._abort()
+            self.buf = os.pread(self.fd, n * SECTOR, lba * SECTOR)
+            self.status = DRDY | DSC | DRQ
+        elif cmd in (0x30, 0x31, 0xC5, 0x34, 0x39):             # WRITE SECTORS / MULTIPLE (EXT)
+            ext = cmd in (0x34, 0x39)
+            lba, n = self._lba(ext), self._count(ext)
+            if self.readonly or lba + n > self.sectors:
+                return self._abort()
+            self.pending_write = (lba, n)
+            self.status = DRDY | DSC | DRQ
+        elif cmd == 0xC6:                                       # SET MULTIPLE MODE
+            n = self.regs[2]
+            if n > MULTIPLE_MAX or n & (n - 1):
+                return self._abort()
+            self.multiple, self.status = n, DRDY | DSC
+        elif cmd in (0xEF, 0xE7, 0xEA, 0x91, 0x10, 0x40, 0x41, 0x42, 0x70,
+                     0xE0, 0xE1, 0xE2, 0xE3, 0xE5, 0xE6, 0xF8):   # accepted, nothing to do
+            if cmd == 0xE5:
+                self.regs[2] = 0xFF                                 # CHECK POWER MODE: active
+            self.status = DRDY | DSC
+        else:                                                   # incl. 0xA1 IDENTIFY PACKET
+            self._abort()
+
+    def _identify(self) -> bytes:
+        w = [0] * 256
+        cyl = max(1, min(self.sectors // (HEADS * SPT), 16383))   # at least one: BIOSes read by CHS
+
+        def text(first: int, words: int, s: str) -> None:
+            b = s.encode().ljust(2 * words)
+            for i in range(words):
+                w[first + i] = b[2 * i] << 8 | b[2 * i + 1]    # ATA strings: bytes swapped per word
+
+        w[0] = 0x0040                                           # fixed disk
+        w[1], w[3], w[6] = cyl, HEADS, SPT
+        text(10, 10, "KVMSYS0001")
+        text(23, 4, "1.0")
+        text(27, 20, "kvmsys ATA disk")
+        w[47] = 0x8000 | MULTIPLE_MAX
+        w[49] = 0x0200                                          # LBA
+        w[53] = 0x0001                                          # words 54-58 valid
+        w[54], w[55], w[56] = cyl, HEADS, SPT
+        chs = cyl * HEADS * SPT
+        w[57], w[58] = chs & 0xFFFF, chs >> 16
+        w[59] = (0x0100 | self.multiple) if self.multiple else 0
+        lba28 = min(self.sectors, 0x0FFFFFFF)
+        w[60], w[61] = lba28 & 0xFFFF, lba28 >> 16
+        w[80] = 0x00F0                                          # ATA-4..7
+        w[83] = 0x4400                                          # LBA48 supported
+        w[86] = 0x0400                                          # LBA48 enabled
+        for i in range(4):
+            w[100 + i] = (self.sectors >> (16 * i)) & 0xFFFF
+        return b"".join(x.to_bytes(2, "little") for x in w)

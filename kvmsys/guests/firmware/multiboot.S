@@ -1,0 +1,97 @@
+# A Multiboot (version 1) test kernel for kvmsys's loader: an a.out-kludge header (the
+# load addresses are in the header), loaded at 1 MiB and entered in flat 32-bit protected
+# mode.  It checks EAX, then reports on the debug console (port 0xe9):
+#   "multiboot ok\n" <command line> "\n" <mem_upper, 8 hex digits> "\n"
+#   and per module: <its command line> ":" <its bytes> "\n"
+# and stops through isa-debug-exit with the module count ((count << 1) | 1), or with
+# 0x7f if EAX did not hold the Multiboot magic.
+# Build: as --32 -o multiboot.o multiboot.S && objcopy -O binary -j .text multiboot.o multiboot.bin
+    .code32
+    .text
+    .set    BASE, 0x100000          # load address: label + BASE is a label's address
+    .set    FLAGS, 0x00010003       # page-aligned modules, memory info, address fields
+start:
+    jmp     entry
+    .align  4
+header:
+    .long   0x1BADB002
+    .long   FLAGS
+    .long   -(0x1BADB002 + FLAGS)
+    .long   header + BASE           # header_addr
+    .long   BASE                    # load_addr
+    .long   end + BASE              # load_end_addr
+    .long   end + BASE + 0x1000     # bss_end_addr: a page of bss
+    .long   entry + BASE            # entry_addr
+entry:
+    mov     $end + BASE + 0x1000, %esp      # the bss page is the stack (Multiboot leaves ESP undefined)
+    cmp     $0x2BADB002, %eax
+    jne     bad
+    mov     %ebx, %edi              # EDI: the Multiboot information
+    mov     $msg_ok + BASE, %esi
+    call    puts
+    mov     16(%edi), %esi          # command line
+    call    puts
+    call    newline
+    mov     8(%edi), %eax           # mem_upper (KiB above 1 MiB)
+    call    puthex
+    call    newline
+    mov     20(%edi), %ecx          # mods_count
+    mov     24(%edi), %ebx          # mods_addr
+modules:
+    test    %ecx, %ecx
+    jz      finish
+    mov     8(%ebx), %esi           # the module's command line
+    call    puts
+    mov     $':', %al
+    out     %al, $0xE9
+    mov     0(%ebx), %esi           # mod_start
+    mov     4(%ebx), %edx           # mod_end
+bytes:
+    cmp     %edx, %esi
+    jae     1f
+    lodsb
+    out     %al, $0xE9
+    jmp     bytes
+1:  call    newline
+    add     $16, %ebx
+    dec     %ecx
+    jmp     modules
+finish:
+    mov     20(%edi), %eax
+    out     %al, $0xF4
+hang:
+    hlt
+    jmp     hang
+bad:
+    mov     $0x7F, %al
+    out     %al, $0xF4
+    jmp     hang
+puts:
+    lodsb
+    test    %al, %al
+    jz      1f
+    out     %al, $0xE9
+    jmp     puts
+1:  ret
+newline:
+    mov     $'\n', %al
+    out     %al, $0xE9
+    ret
+puthex:                             # EAX as 8 hex digits
+    mov     $8, %edx
+1:  rol     $4, %eax
+    push    %eax
+    and     $0xF, %al
+    add     $'0', %al
+    cmp     $'9', %al
+    jbe     2f
+    add     $'a' - '9' - 1, %al
+2:  out     %al, $0xE9
+    pop     %eax
+    dec     %edx
+    jnz     1b
+    ret
+msg_ok:
+    .asciz  "multiboot ok\n"
+    .align  4
+end:

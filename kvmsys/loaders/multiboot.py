@@ -1,0 +1,140 @@
+"""Multiboot version 1: load a kernel (ELF32, or any image with the a.out-kludge
+address fields) with its command line and modules, and enter it as the specification
+says: 32-bit protected mode with flat 4 GiB segments, paging and interrupts off,
+EAX = 0x2BADB002, EBX = the physical address of the Multiboot information.
+
+Guest RAM layout used here: the information structure, command lines, module list,
+memory map and boot loader name in [INFO_ADDR, INFO_END); a GDT with the flat
+segments at GDT_ADDR (the specification leaves GDTR undefined; having a valid one
+costs nothing); modules page-aligned after the kernel's highest byte."""
+from __future__ import annotations
+
+import struct
+
+from ..errors import InvalidArgumentError
+
+HEADER_MAGIC = 0x1BADB002
+BOOTLOADER_MAGIC = 0x2BADB002
+SEARCH = 8192
+F_PAGE_ALIGN, F_MEMINFO, F_VIDEO, F_AOUT_KLUDGE = 1 << 0, 1 << 1, 1 << 2, 1 << 16
+# info flags
+I_MEM, I_CMDLINE, I_MODS, I_MMAP, I_LOADER_NAME = 1 << 0, 1 << 2, 1 << 3, 1 << 6, 1 << 9
+GDT_ADDR = 0x7F00
+GDT = (0, 0x00CF9B000000FFFF, 0x00CF93000000FFFF)      # null, flat code (0x08), flat data (0x10)
+INFO_ADDR = 0x8000
+INFO_END = 0x9F000
+LOADER_NAME = b"kvmsys\0"
+LOW_RAM_END = 0x9FC00
+
+
+class MultibootError(InvalidArgumentError):
+    """The image is not a Multiboot kernel kvmsys can load into this RAM."""
+
+
+def find_header(image: bytes) -> tuple[int, int, tuple]:
+    """(offset, flags, the five a.out-kludge address fields) of the Multiboot header."""
+    for off in range(0, min(len(image), SEARCH) - 11, 4):
+        magic, flags, checksum = struct.unpack_from("<III", image, off)
+        if magic == HEADER_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
+            fields = struct.unpack_from("<5I", image, off + 12) if len(image) >= off + 32 else (0,) * 5
+            return off, flags, fields
+    raise MultibootError("no Multiboot header (magic 0x1BADB002 with a valid checksum) in the first 8 KiB")
+
+
+def _segments(image: bytes, off: int, flags: int, fields: tuple) -> tuple[list, int]:
+    """[(guest address, bytes, size in memory)], entry point."""
+    if flags & F_AOUT_KLUDGE:
+        header_addr, load_addr, load_end, bss_end, entry = fields
+        start = off - (header_addr - load_addr)
+        if not 0 <= start <= len(image) or header_addr < load_addr:
+            raise MultibootError("inconsistent a.out-kludge addresses in the Multiboot header")
+        data = image[start:len(image) if load_end == 0 else start + (load_end - load_addr)]
+        end = max(load_addr + len(data), bss_end)
+        return [(load_addr, data, end - load_addr)], entry
+    if image[:4] != b"\x7fELF" or image[4] != 1 or image[5] != 1 or struct.unpack_from("<H", image, 18)[0] != 3:
+        raise MultibootError("not a 32-bit little-endian x86 ELF and no a.out-kludge fields in the header")
+    entry, phoff = struct.unpack_from("<II", image, 24)
+    phentsize, phnum = struct.unpack_from("<HH", image, 42)
+    segs = []
+    for i in range(phnum):
+        p_type, p_offset, _vaddr, p_paddr, p_filesz, p_memsz = struct.unpack_from("<6I", image, phoff + i * phentsize)
+        if p_type == 1 and p_memsz:                                 # PT_LOAD
+            if p_offset + p_filesz > len(image) or p_filesz > p_memsz:
+                raise MultibootError(f"ELF program header {i} points outside the file")
+            segs.append((p_paddr, image[p_offset:p_offset + p_filesz], p_memsz))
+    if not segs:
+        raise MultibootError("ELF kernel without loadable segments")
+    return segs, entry
+
+
+def load_multiboot(mem, image: bytes, *, cmdline: str = "", modules=()) -> tuple[int, int]:
+    """Load *image* and its *modules* ([(bytes, command line)]) into *mem* (a writable view
+    of guest RAM from address 0).  Returns (entry point, address of the Multiboot info)."""
+    ram = len(mem)
+    off, flags, fields = find_header(image)
+    if flags & 0xFFFC & ~F_AOUT_KLUDGE & 0xFFFF:
+        raise MultibootError(f"the kernel requires Multiboot features kvmsys lacks (flags {flags:#x})")
+    segs, entry = _segments(image, off, flags, fields)
+    top = 0
+    for addr, data, size in segs:
+        if addr < 0x100000 and addr + size > INFO_ADDR - 0x1000 or addr + size > ram:
+            raise MultibootError(f"kernel segment [{addr:#x}, {addr + size:#x}) overlaps the loader's "
+                                 f"area or lies outside {ram >> 20} MiB of RAM")
+        mem[addr:addr + len(data)] = data
+        mem[addr + len(data):addr + size] = bytes(size - len(data))
+        top = max(top, addr + size)
+    info = bytearray(120)
+    strings = bytearray()
+    str_base = INFO_ADDR + len(info) + 16 * len(modules) + 24 * 4
+
+    def string(s: bytes) -> int:
+        addr = str_base + len(strings)
+        strings.extend(s + b"\0")
+        return addr
+
+    mods = bytearray()
+    place = (top + 0xFFF) & ~0xFFF
+    for data, args in modules:
+        data = bytes(data)
+        if place + len(data) > ram:
+            raise MultibootError(f"modules do not fit in {ram >> 20} MiB of RAM")
+        mem[place:place + len(data)] = data
+        mods += struct.pack("<4I", place, place + len(data), string(args.encode()), 0)
+        place = (place + len(data) + 0xFFF) & ~0xFFF
+    regions = [(0, LOW_RAM_END, 1), (LOW_RAM_END, 0xA0000 - LOW_RAM_END, 2), (0xF0000, 0x10000, 2),
+               (0x100000, ram - 0x100000, 1)]
+    mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in regions)
+    mods_addr = INFO_ADDR + len(info)
+    mmap_addr = mods_addr + len(mods)
+    struct.pack_into("<III", info, 0, I_MEM | I_CMDLINE | I_MODS | I_MMAP | I_LOADER_NAME,
+                     LOW_RAM_END // 1024, (ram - 0x100000) // 1024)
+    struct.pack_into("<III", info, 16, string(cmdline.encode()), len(modules), mods_addr)
+    struct.pack_into("<II", info, 44, len(mmap), mmap_addr)
+    struct.pack_into("<I", info, 64, string(LOADER_NAME[:-1]))
+    blob = bytes(info) + bytes(mods) + mmap
+    if len(blob) > str_base - INFO_ADDR:
+        raise MultibootError("too many modules")
+    blob = blob.ljust(str_base - INFO_ADDR, b"\0") + bytes(strings)
+    if INFO_ADDR + len(blob) > INFO_END:
+        raise MultibootError("command lines too long for the loader's area")
+    mem[INFO_ADDR:INFO_ADDR + len(blob)] = blob
+    mem[GDT_ADDR:GDT_ADDR + 8 * len(GDT)] = struct.pack(f"<{len(GDT)}Q", *GDT)
+    return entry, INFO_ADDR
+
+
+def enter(vcpu, entry: int, info_addr: int) -> None:
+    """Set *vcpu* up as Multiboot says the kernel finds it."""
+    sregs = vcpu.get_sregs()
+
+    def seg(selector, type_):
+        return dict(base=0, limit=0xFFFFFFFF, selector=selector, type=type_, present=1, dpl=0,
+                    db=1, s=1, l=0, g=1, avl=0, unusable=0, padding=0)
+    sregs["cs"] = seg(0x08, 11)
+    for name in ("ds", "es", "fs", "gs", "ss"):
+        sregs[name] = seg(0x10, 3)
+    sregs["gdt"] = dict(sregs["gdt"], base=GDT_ADDR, limit=8 * len(GDT) - 1)
+    sregs.update(cr0=0x11, cr3=0, cr4=0, efer=0)        # PE|ET: protected mode, no paging
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.update(rip=entry, rax=BOOTLOADER_MAGIC, rbx=info_addr, rflags=0x2)
+    vcpu.set_regs(regs)

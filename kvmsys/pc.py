@@ -1,0 +1,172 @@
+"""A PC for real firmware: the memory map, the devices of kvmsys.devices, CPUID and
+reset, assembled on one VM (either ABI).
+
+What SeaBIOS needs to reach a boot loader (measured on our development host): a time
+source (the PIT here, or KVM's in-kernel PIT + PIC with ``irqchip``), CMOS status A
+with its update-in-progress bit clear, the debug port 0x402 reading back 0xe9 (else it
+turns its log off), fw_cfg (RAM size, boot menu off, ``etc/sercon-port``: its serial
+console, which mirrors the screen to the UART and reads the keyboard from it) and, for a
+256 KiB image, the whole image below 1 MiB.  It finds the disk through the PCI IDE
+function of an i440FX-like bus.
+
+Reset (port 0xcf9, port 0x92, i8042 command 0xFE, a triple fault) puts every device and
+vCPU back into its power-on state and rewrites the firmware copies; RAM keeps its
+contents, as on a PC."""
+from __future__ import annotations
+
+import struct
+import threading
+
+from . import platform, vcpustate
+from .devices import (AtaDisk, Cmos, Debugcon, FwCfg, I8042, Irq, PciHost, Pit, Port92,
+                      Uart8250)
+from .errors import InvalidArgumentError, KvmsysError
+
+COM1 = 0x3F8
+# Where VT-x's real-mode emulation gets its TSS and identity map (as QEMU puts them):
+# pages just below the 16 MiB firmware window, unused by the guest.
+TSS_ADDR = 0xFEFFD000
+IDENTITY_MAP_ADDR = 0xFEFFC000
+
+
+def default_cpuid(kvm, vcpu_id: int, cpus: int) -> list[dict]:
+    """KVM_GET_SUPPORTED_CPUID, with this vCPU's APIC ID and the CPU count filled in."""
+    entries = kvm.supported_cpuid()
+    for e in entries:
+        if e["function"] == 1:
+            e["ebx"] = (e["ebx"] & 0x0000FFFF) | (min(cpus, 255) << 16) | (vcpu_id << 24)
+            if cpus > 1:
+                e["edx"] |= 1 << 28         # HTT: the count in EBX[23:16] is valid
+        elif e["function"] in (0x0B, 0x1F):
+            e["edx"] = vcpu_id              # x2APIC ID
+    return entries
+
+
+class Pc:
+    """The platform around one firmware image (None: a kernel loaded by kvmsys.loaders) on
+    *vm*, which has the in-kernel irqchip or not (then a PIT in Python and no interrupts).
+    *cpuid* is a hook
+    ``cpuid(entries, vcpu_id) -> entries`` that may change the CPUID entries each vCPU gets.
+    *map_memory*: map RAM and the image (platform.load_firmware); False if done already."""
+
+    def __init__(self, vm, image: bytes | None, *, ram_size: int, cpus: int = 1, disk: str | None = None,
+                 disk_readonly: bool = False, serial_sink=None, cpuid=None, boot_menu: bool = False,
+                 map_memory: bool = True):
+        if cpus < 1:
+            raise InvalidArgumentError("cpus must be at least 1")
+        if cpus > 1 and not vm.has_irqchip:
+            raise InvalidArgumentError("more than one vCPU needs the in-kernel irqchip (irqchip=True): "
+                                       "firmware starts application processors through the local APIC")
+        self.vm, self.cpus, self.cpuid_hook = vm, cpus, cpuid
+        self.image = None if image is None else bytes(image)    # None: a kernel loaded without firmware
+        if map_memory:
+            platform.load_firmware(vm, self.image, ram_size=ram_size)
+        for call, addr in ((vm.set_tss_addr, TSS_ADDR), (vm.set_identity_map_addr, IDENTITY_MAP_ADDR)):
+            try:
+                call(addr)
+            except OSError:
+                pass        # only VT-x without unrestricted guest needs them; others may refuse
+        if vm.has_irqchip:
+            vm.create_pit2()
+        self.uart = Uart8250(COM1, irq=Irq(vm, 4), sink=serial_sink)
+        self.fw_cfg = FwCfg(vm, ram_size=ram_size, cpus=cpus, boot_menu=boot_menu,
+                            files={"etc/sercon-port": struct.pack("<H", COM1)})
+        self.disk = AtaDisk(disk, readonly=disk_readonly) if disk else None
+        self.devices = [Debugcon(), Cmos(ram_size, cpus=cpus), self.fw_cfg, PciHost(), I8042(),
+                        Port92(), self.uart]
+        if not vm.has_irqchip:
+            self.devices.append(Pit())
+        if self.disk is not None:
+            self.devices.append(self.disk)
+        for d in self.devices:
+            if hasattr(d, "request_reset"):
+                d.request_reset = self.request_reset
+            d.install(vm)
+        self._chip_state = self._save_chips()
+        self.pending: str | None = None     # "reset", or why the run ends
+        self.reset_reason = ""
+        self.resets = 0
+        self.vcpus: list = []               # (vcpu, its power-on state)
+        self._handles: list = []
+        self._barrier = threading.Barrier(cpus)
+        self._lock = threading.Lock()
+        self.finished = threading.Event()   # set when the run is over (close())
+
+    # --- vCPUs ----------------------------------------------------------------
+    def add_vcpu(self, vcpu) -> None:
+        """Give a new vCPU (in its reset state, never run) its CPUID; remember that state."""
+        entries = default_cpuid(self.vm.kvm, vcpu.id, self.cpus)
+        if self.cpuid_hook is not None:
+            entries = self.cpuid_hook(entries, vcpu.id)
+        vcpu.set_cpuid2(entries)
+        with self._lock:
+            self.vcpus.append((vcpu, vcpustate.capture(vcpu)))
+            self._handles.append(vcpu.handle())
+
+    def _kick_all(self) -> None:
+        with self._lock:
+            handles = list(self._handles)
+        for h in handles:
+            try:
+                h.kick()
+            except KvmsysError:     # a vCPU already gone (stale handle) has nothing to leave
+                pass
+
+    # --- requests from devices and the host -----------------------------------
+    def request_reset(self, why: str) -> bool:
+        """A device asks for a reset: every vCPU leaves KVM_RUN and the runner resets."""
+        if self.pending is None:
+            self.pending, self.reset_reason = "reset", why
+        self._kick_all()
+        return True
+
+    def stop(self, why: str) -> None:
+        """End the run (from any thread): every vCPU's run loop returns, also one waiting
+        for the others in a reset."""
+        self.pending = why
+        self._barrier.abort()
+        self._kick_all()
+
+    # --- reset ----------------------------------------------------------------
+    def _save_chips(self):
+        if not self.vm.has_irqchip:
+            return None
+        return ([self.vm.get_irqchip(i) for i in range(3)], self.vm.get_pit2())
+
+    def reset_platform(self) -> None:
+        """Devices, in-kernel chips and firmware back to power-on (vCPUs: reset_vcpu)."""
+        for d in self.devices:
+            d.reset()
+        if self._chip_state is not None:
+            chips, pit = self._chip_state
+            for c in chips:
+                self.vm.set_irqchip(c)
+            self.vm.set_pit2(pit)
+        if self.image is not None:
+            platform.copy_firmware(self.vm, self.image)
+        self.resets += 1
+
+    def reset_vcpu(self, vcpu) -> None:
+        for v, state in self.vcpus:
+            if v is vcpu:
+                vcpustate.apply(vcpu, state)
+                return
+
+    def synchronized_reset(self, vcpu, timeout: float | None) -> None:
+        """Called by every vCPU thread once it saw a reset request: one resets the platform
+        while all wait, then each resets its vCPU, and all start together."""
+        try:
+            if self._barrier.wait(timeout) == 0:
+                self.reset_platform()
+                self.pending = None
+            self._barrier.wait(timeout)
+            self.reset_vcpu(vcpu)
+            self._barrier.wait(timeout)
+        except threading.BrokenBarrierError:
+            if self.pending in (None, "reset"):     # not stopped: a vCPU never came (deadline)
+                self.pending = "DEADLINE"
+
+    def close(self) -> None:
+        self.finished.set()
+        if self.disk is not None:
+            self.disk.close()

@@ -1,0 +1,355 @@
+"""Real PC firmware on the kvmsys PC (kvmsys.pc): Debian's SeaBIOS, a GRUB disk built
+here with grub-mkimage, and a small boot sector of our own, over both ABIs."""
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import kvmsys.guests
+from kvmsys.runner import run_firmware
+
+SEABIOS = Path("/usr/share/seabios/bios.bin")
+GRUB_DIR = Path("/usr/lib/grub/i386-pc")
+BOOTSECTOR = (Path(kvmsys.guests.__file__).parent / "firmware" / "bootsector.bin").read_bytes()
+ACTION = 0x1B0
+NO_BOOT = b"No bootable device."
+PROMPT = b"grub rescue>"
+
+need_seabios = pytest.mark.skipif(not SEABIOS.exists(), reason="env: Debian package seabios is not installed")
+need_grub = pytest.mark.skipif(not (GRUB_DIR / "boot.img").exists() or not shutil.which("grub-mkimage"),
+                               reason="env: Debian package grub-pc-bin is not installed")
+
+
+def seabios() -> bytes:
+    return SEABIOS.read_bytes()
+
+
+def plain(out: bytes) -> str:
+    """Serial output without the terminal control sequences SeaBIOS's serial console
+    mixes in (cursor moves, colours) wherever the screen changed."""
+    return re.sub(r"\x1b(\[[0-9;?]*[A-Za-z]|c)", "", out.decode(errors="replace"))
+
+
+@pytest.fixture(scope="module")
+def grub_disk(tmp_path_factory):
+    """A 1 MiB disk: GRUB's boot.img in the MBR, its core.img from sector 1 on (no file
+    system, so GRUB stops at its rescue prompt)."""
+    d = tmp_path_factory.mktemp("grub")
+    core = d / "core.img"
+    subprocess.run(["grub-mkimage", "-O", "i386-pc", "-o", str(core), "-p", "(hd0)/boot/grub", "biosdisk"],
+                   check=True)
+    disk = bytearray(1 << 20)
+    disk[:512] = (GRUB_DIR / "boot.img").read_bytes()
+    c = core.read_bytes()
+    disk[512:512 + len(c)] = c
+    (d / "disk.img").write_bytes(disk)
+    return d / "disk.img"
+
+
+@pytest.mark.nokvm
+@pytest.mark.skipif(not (shutil.which("as") and shutil.which("objcopy")), reason="GNU as/objcopy not on PATH")
+@pytest.mark.parametrize("stem,bits", [("bootsector", "--32"), ("multiboot", "--32"), ("bzimage", "--64")])
+def test_test_images_match_their_source(tmp_path, stem, bits):
+    """The boot sector, Multiboot kernel and bzImage below are built from their source."""
+    src = Path(kvmsys.guests.__file__).parent / "firmware"
+    subprocess.run(["as", bits, "-o", str(tmp_path / "x.o"), str(src / f"{stem}.S")], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "x.o"), str(tmp_path / "x.bin")],
+                   check=True)
+    assert (tmp_path / "x.bin").read_bytes() == (src / f"{stem}.bin").read_bytes()
+    if stem == "bootsector":
+        assert len(BOOTSECTOR) == 512 and BOOTSECTOR[510:] == b"\x55\xaa"
+
+
+def boot_disk(tmp_path, action: int) -> Path:
+    sector = bytearray(BOOTSECTOR)
+    sector[ACTION] = action
+    path = tmp_path / f"boot{action}.img"
+    path.write_bytes(bytes(sector) + bytes((1 << 20) - 512))
+    return path
+
+
+def check_seabios_log(r):
+    assert r.reason == "MATCHED", (r.reason, r.debug[-2000:])
+    log = r.debug.decode()
+    assert "SeaBIOS (version" in log and "Found QEMU fw_cfg" in log
+    assert "RamSize: 0x04000000 [cmos]" in log
+    assert "init bdf=00:01.1 id=8086:7010" in log           # the IDE function on the i440FX bus
+    assert "sercon: using ioport 0x3f8" in log
+    assert b"SeaBIOS (version" in r.console                 # the screen, mirrored to the UART
+    return log
+
+
+@need_seabios
+def test_seabios_reaches_no_bootable_device_on_two_vcpus(abi):
+    """In-kernel irqchip and PIT; SeaBIOS starts the second vCPU with INIT/SIPI."""
+    r = run_firmware(seabios(), abi=abi, irqchip=True, vcpus=2, memory_size=64 << 20, timeout=40,
+                     until=NO_BOOT)
+    log = check_seabios_log(r)
+    assert "Found 2 cpu(s) max supported 2 cpu(s)" in log
+    assert "Running on KVM" in log                          # CPUID: KVM's leaves are there
+
+
+@need_seabios
+def test_seabios_without_irqchip_uses_the_pit():
+    """Also the CPUID hook: without KVM's leaves SeaBIOS neither sees KVM nor uses kvmclock."""
+    seen = []
+
+    def no_kvm_leaves(entries, vcpu_id):
+        seen.append(vcpu_id)
+        return [e for e in entries if not 0x40000000 <= e["function"] < 0x40000100]
+
+    r = run_firmware(seabios(), abi="fd", irqchip=False, memory_size=64 << 20, timeout=40, until=NO_BOOT,
+                     cpuid=no_kvm_leaves)
+    log = check_seabios_log(r)
+    assert "Found 1 cpu(s)" in log and seen == [0]
+    assert "Running on KVM" not in log and "kvmclock" not in log
+
+
+@need_seabios
+@need_grub
+@pytest.mark.timeout(300)     # its own deadline is 120 s: a boot takes 15-40 s here under load
+def test_grub_prompt_answers_a_command_on_the_serial_line(grub_disk, tmp_path):
+    """The library: fd ABI (the command line below runs the syscall ABI)."""
+    disk = tmp_path / "disk.img"
+    shutil.copy(grub_disk, disk)
+    t0 = time.monotonic()
+
+    def typist(pc):
+        import threading
+
+        def wait_for(n_prompts):
+            while plain(bytes(pc.uart.output)).count(PROMPT.decode()) < n_prompts:
+                if pc.finished.wait(0.02):
+                    return False
+            return True
+
+        def run():
+            if wait_for(1):
+                pc.uart.feed(b"set\r")
+                if wait_for(2):                  # the answer, then the prompt again
+                    pc.stop("DONE")
+        threading.Thread(target=run, daemon=True).start()
+
+    r = run_firmware(seabios(), abi="fd", irqchip=True, memory_size=64 << 20, disk=str(disk), timeout=120,
+                     on_start=typist)
+    assert r.reason == "DONE", (r.reason, r.console[-500:], time.monotonic() - t0)
+    out = plain(r.console)
+    assert "GRUB loading." in out and "Welcome to GRUB!" in out
+    assert "grub rescue> set\r\n" in out and "prefix=(hd0)/boot/grub\r\n" in out
+
+
+@need_seabios
+@need_grub
+@pytest.mark.timeout(300)     # its own deadline is 120 s: a boot takes 15-40 s here under load
+def test_cli_boots_grub_and_talks_on_stdio(grub_disk, tmp_path):
+    """kvmsys run --firmware bios.bin --disk disk.img --serial stdio, with Ctrl-A x to quit."""
+    disk = tmp_path / "disk.img"
+    shutil.copy(grub_disk, disk)
+    p = subprocess.Popen([sys.executable, "-m", "kvmsys", "run", "--firmware", str(SEABIOS), "--disk",
+                          str(disk), "--serial", "stdio", "--abi", "sys"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    out = b""
+    deadline = time.monotonic() + 120
+    try:
+        def wait_for(text):
+            nonlocal out
+            while text.decode() not in plain(out):
+                assert time.monotonic() < deadline, out[-500:]
+                if select.select([p.stdout], [], [], 0.5)[0]:
+                    chunk = os.read(p.stdout.fileno(), 4096)
+                    assert chunk, (out[-500:], p.stderr.read())
+                    out += chunk
+        wait_for(PROMPT)
+        p.stdin.write(b"set\r")
+        p.stdin.flush()
+        wait_for(b"root=hd0")
+        p.stdin.write(b"\x01x")                             # Ctrl-A x: quit
+        p.stdin.flush()
+        rest, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    out += rest
+    assert p.returncode == 0, err
+    assert "prefix=(hd0)/boot/grub" in plain(out)
+    assert b"QUIT" in out
+
+
+@need_seabios
+def test_disk_write_reaches_the_image(abi, tmp_path):
+    disk = boot_disk(tmp_path, 1)
+    r = run_firmware(seabios(), abi=abi, irqchip=True, memory_size=32 << 20, disk=str(disk), timeout=40)
+    assert (r.reason, r.status) == ("STOP", 3), r.debug[-500:]
+    assert b"kvmsys boot sector: written" in r.debug
+    data = disk.read_bytes()
+    assert data[512:1024] == data[:512]                     # the sector wrote itself to LBA 1
+
+
+@need_seabios
+def test_readonly_disk_refuses_the_write(tmp_path):
+    disk = boot_disk(tmp_path, 1)
+    before = disk.read_bytes()
+    r = run_firmware(seabios(), abi="sys", irqchip=True, memory_size=32 << 20, disk=str(disk),
+                     disk_readonly=True, timeout=40)
+    assert (r.reason, r.status) == ("STOP", 5)               # the BIOS reported the error
+    assert b"kvmsys boot sector: write failed" in r.debug
+    assert disk.read_bytes() == before
+
+
+@need_seabios
+@pytest.mark.parametrize("action,why", [(2, "0xcf9"), (3, "i8042 0xfe"), (4, "port 0x92")])
+def test_reset_ends_the_run_with_no_reboot(tmp_path, action, why):
+    r = run_firmware(seabios(), abi="fd", irqchip=True, memory_size=32 << 20, disk=str(boot_disk(tmp_path, action)),
+                     timeout=40, no_reboot=True)
+    assert r.reason == "RESET" and r.resets == 0, r.debug[-500:]
+    assert r.debug.count(b"kvmsys boot sector: reset") == 1
+
+
+@need_seabios
+@pytest.mark.timeout(300)     # its own deadline is 120 s: a boot takes 15-40 s here under load
+def test_reset_restarts_the_firmware(abi, tmp_path):
+    """A reset goes back to the reset vector with the devices at power-on: SeaBIOS boots again."""
+    import threading
+
+    def stop_after_a_reset(pc):
+        def run():
+            while pc.resets < 1 or pc.vm.console().count(b"kvmsys boot sector: reset") < 2:
+                if pc.finished.wait(0.02):
+                    return
+            pc.stop("DONE")
+        threading.Thread(target=run, daemon=True).start()
+
+    r = run_firmware(seabios(), abi=abi, irqchip=True, vcpus=2, memory_size=32 << 20,
+                     disk=str(boot_disk(tmp_path, 2)), timeout=120, on_start=stop_after_a_reset)
+    assert r.reason == "DONE" and r.resets >= 1, (r.reason, r.debug[-800:])
+    assert r.debug.count(b"SeaBIOS (version") >= 2
+    assert r.debug.count(b"Found 2 cpu(s)") >= 2           # the AP was reset and started again
+
+
+@need_seabios
+def test_triple_fault_resets(tmp_path):
+    r = run_firmware(seabios(), abi="sys", irqchip=True, memory_size=32 << 20, disk=str(boot_disk(tmp_path, 5)),
+                     timeout=40, no_reboot=True)
+    if r.reason == "INTERNAL_ERROR":
+        pytest.skip("host: KVM's instruction emulator cannot deliver the protected-mode exception "
+                    "(PVM runs this mode emulated), so the triple fault never happens")
+    assert r.reason == "RESET", r.debug[-500:]
+
+
+# --- Multiboot ------------------------------------------------------------------
+MB_KERNEL = (Path(kvmsys.guests.__file__).parent / "firmware" / "multiboot.bin").read_bytes()
+INVADERS = Path("/boot/invaders.exec")
+
+
+def test_multiboot_kernel_gets_its_information(abi):
+    from kvmsys.runner import run_kernel
+    r = run_kernel(MB_KERNEL, abi=abi, cmdline="console=ttyS0 quiet", memory_size=64 << 20,
+                   modules=[(b"first module", "mod1 arg"), (b"x" * 5000, "m2")])
+    assert (r.reason, r.status) == ("STOP", (2 << 1) | 1), r.debug
+    assert r.debug == (b"multiboot ok\nconsole=ttyS0 quiet\n%08x\nmod1 arg:first module\nm2:" % (63 * 1024)
+                       + b"x" * 5000 + b"\n")
+
+
+@pytest.mark.nokvm
+def test_multiboot_loader_places_everything():
+    import struct
+    from kvmsys.loaders import MultibootError, load_multiboot
+    mem = memoryview(bytearray(16 << 20))
+    entry, info = load_multiboot(mem, MB_KERNEL, cmdline="c", modules=[(b"abc", "m")])
+    flags, lower, upper = struct.unpack_from("<III", mem, info)
+    assert entry == 0x100024 and flags & 0x24D == 0x24D and (lower, upper) == (639, 15 * 1024)
+    mod_start, mod_end = struct.unpack_from("<II", mem, struct.unpack_from("<I", mem, info + 24)[0])
+    assert mod_start % 4096 == 0 and mod_start >= 0x100000 + len(MB_KERNEL) and bytes(mem[mod_start:mod_end]) == b"abc"
+    mmap_len, mmap_addr = struct.unpack_from("<II", mem, info + 44)
+    entries = [struct.unpack_from("<IQQI", mem, mmap_addr + o) for o in range(0, mmap_len, 24)]
+    assert (20, 0x100000, (15 << 20), 1) in entries
+    assert bytes(mem[0x100000:0x100000 + len(MB_KERNEL)]) == MB_KERNEL
+    with pytest.raises(MultibootError):
+        load_multiboot(mem, b"\0" * 9000)                   # no header
+    with pytest.raises(MultibootError):
+        load_multiboot(memoryview(bytearray(1 << 20)), MB_KERNEL)    # the kernel's 1 MiB is not there
+    with pytest.raises(MultibootError):
+        load_multiboot(mem, MB_KERNEL, modules=[(bytes(16 << 20), "too big")])
+
+
+def test_cli_runs_a_multiboot_kernel(tmp_path):
+    (tmp_path / "mod").write_bytes(b"module text")
+    log = tmp_path / "debug.log"
+    p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--kernel",
+                        str(Path(kvmsys.guests.__file__).parent / "firmware" / "multiboot.bin"),
+                        "--append", "root=/dev/null", "--module", f"{tmp_path / 'mod'},modarg",
+                        "--debug-log", str(log), "--abi", "fd"], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert p.returncode == 3, p.stderr                       # one module: status (1 << 1) | 1
+    assert log.read_bytes().startswith(b"multiboot ok\nroot=/dev/null\n")
+    assert b"modarg:module text\n" in log.read_bytes()
+
+
+@pytest.mark.skipif(not INVADERS.exists(), reason="env: Debian package grub-invaders is not installed")
+def test_grub_invaders_draws_its_screen(tmp_path):
+    """Debian's grub-invaders, a Multiboot ELF kernel; --screen shows its VGA text page."""
+    p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--kernel", str(INVADERS), "--screen",
+                        "--timeout", "3"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert "--- screen ---" in p.stdout, p.stderr
+    assert p.stdout.count("-*-") >= 40                      # its rows of invaders
+
+
+# --- Linux boot protocol ----------------------------------------------------------
+BZIMAGE = (Path(kvmsys.guests.__file__).parent / "firmware" / "bzimage.bin").read_bytes()
+
+
+def test_linux_boot_protocol_passes_cmdline_initrd_and_memory_map(abi):
+    """The 64-bit entry of our own minimal bzImage reads the zero page the loader built."""
+    from kvmsys.runner import run_kernel
+    r = run_kernel(BZIMAGE, abi=abi, cmdline="console=ttyS0 root=/dev/ram0", initrd=b"initrd bytes " * 100,
+                   memory_size=64 << 20)
+    assert (r.reason, r.status) == ("STOP", (4 << 1) | 1), r.debug          # four e820 entries
+    assert r.debug == b"linux boot ok\nconsole=ttyS0 root=/dev/ram0\n" + b"initrd bytes " * 100 + b"\n"
+
+
+@pytest.mark.nokvm
+def test_linux_loader_zero_page_and_errors():
+    import struct
+    from kvmsys.loaders import LinuxBootError, load_linux
+    mem = memoryview(bytearray(32 << 20))
+    entry, zp = load_linux(mem, BZIMAGE, cmdline="quiet", initrd=b"R" * 5000)
+    assert entry == 0x100200
+    assert bytes(mem[zp + 0x202:zp + 0x206]) == b"HdrS" and mem[zp + 0x210] == 0xFF    # header, loader type
+    image, size = struct.unpack_from("<II", mem, zp + 0x218)
+    assert size == 5000 and image % 4096 == 0 and image + size <= 32 << 20 and bytes(mem[image:image + 4]) == b"RRRR"
+    cmd = struct.unpack_from("<I", mem, zp + 0x228)[0]
+    assert bytes(mem[cmd:cmd + 6]) == b"quiet\0"
+    assert bytes(mem[0x100000:0x100000 + len(BZIMAGE) - 0x400]) == BZIMAGE[0x400:]     # protected-mode part
+    e820 = [struct.unpack_from("<QQI", mem, zp + 0x2D0 + 20 * i) for i in range(mem[zp + 0x1E8])]
+    assert (0x100000, (32 << 20) - 0x100000, 1) in e820
+    with pytest.raises(LinuxBootError):
+        load_linux(mem, MB_KERNEL)                          # not a bzImage
+    with pytest.raises(LinuxBootError):
+        load_linux(mem, BZIMAGE, cmdline="x" * 3000)        # longer than its cmdline_size
+    old = bytearray(BZIMAGE)
+    old[0x236] = 0                                          # no 64-bit entry point
+    with pytest.raises(LinuxBootError):
+        load_linux(mem, bytes(old))
+
+
+LINUX = sorted(Path("/boot").glob("vmlinuz*"))
+
+
+@pytest.mark.skipif(not LINUX, reason="env: no Linux kernel in /boot (vmlinuz*)")
+def test_real_linux_kernel_boots():
+    """A real bzImage prints on the serial console (earlyprintk from its decompressor on)."""
+    from kvmsys import pvm
+    from kvmsys.runner import run_kernel
+    if pvm.host_flavour() == "PVM":
+        pytest.skip("host: on PVM a Linux kernel never leaves its decompressor, which runs in KVM's "
+                    "instruction emulator (measured: Debian 6.1, 150 s, no output; QEMU likewise)")
+    r = run_kernel(LINUX[-1].read_bytes(), abi="fd", cmdline="earlyprintk=ttyS0 console=ttyS0",
+                   memory_size=256 << 20, irqchip=True, timeout=60, until=b"Linux version")
+    assert r.reason == "MATCHED", (r.reason, r.console[-500:])
