@@ -253,22 +253,25 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     cdef uint64_t t_in, t_out, t_poll, want
     cdef int r, res, err
     cdef unsigned sigs, now_sigs, taken
-    cdef sigset_t saved_mask
+    cdef int held = 0
     t_out = kvmsys_now_ns()
     t_poll = t_out
     # Kick signal and SIGINT blocked outside KVM_RUN, let in inside it (see
-    # kvmsys_block_run_signals); without KVM_SET_SIGNAL_MASK the kick handler
+    # kvmsys_block_run_signals; run() usually holds the block already, then this
+    # costs no system call); without KVM_SET_SIGNAL_MASK the kick handler
     # setting immediate_exit (kvmsys_running) closes the window instead.
     if v.sigmask_state >= 0:
-        kvmsys_block_run_signals(&saved_mask)
-        want = kvmsys_run_sigmask(&saved_mask, v.poll_signals)
+        kvmsys_hold_run_signals()
+        held = 1
+        want = kvmsys_run_sigmask(kvmsys_app_sigmask(), v.poll_signals)
         if v.sigmask_state == 0 or want != v.sigmask:
             if set_vcpu_sigmask(v.fd, want) == 0:
                 v.sigmask = want
                 v.sigmask_state = 1
             else:
                 v.sigmask_state = -1
-                kvmsys_restore_signals(&saved_mask)
+                kvmsys_drop_run_signals()
+                held = 0
     kvmsys_raise_window_signal()
     kvmsys_set_running(run)
     if v.bound:
@@ -374,8 +377,8 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         kvmsys_store_int(&v.running, 0)
         pthread_mutex_unlock(&v.lock)
     kvmsys_set_running(NULL)
-    if v.sigmask_state > 0:
-        kvmsys_restore_signals(&saved_mask)     # a SIGINT kept pending is delivered here
+    if held:
+        kvmsys_release_run_signals()    # at the outermost level a SIGINT kept pending is delivered here
     v.ns_in_handlers += kvmsys_now_ns() - t_out
     return res
 

@@ -394,7 +394,7 @@ cdef class VcpuCore:
         cdef uint64_t t0
         cdef uint64_t outer_deadline = 0
         cdef const char *op = "timer_create(watchdog)"
-        cdef int err
+        cdef int err, held = 0
         if v.bound and not pthread_equal(v.thread, pthread_self()):
             raise VcpuBindingError(f"vCPU {self.id} is bound to another thread: only its owner runs it "
                                    "(use its handle to kick, interrupt or call_soon)")
@@ -424,6 +424,9 @@ cdef class VcpuCore:
                     v.deadline_ns = 0
                     raise_os(err, op.decode())
             v.poll_signals = on_main_thread()     # only it runs Python's signal handlers
+            if v.sigmask_state >= 0:
+                kvmsys_hold_run_signals()          # for the whole call: see kvmsys_native.h
+                held = 1
             while True:
                 v.run_seq += 1              # exits of the previous KVM_RUN go stale
                 with nogil:
@@ -448,10 +451,18 @@ cdef class VcpuCore:
                         return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                     continue
                 if res == R_POLL:
-                    PyErr_CheckSignals()     # raises KeyboardInterrupt on Ctrl-C
+                    kvmsys_open_run_signals()
+                    try:
+                        PyErr_CheckSignals()     # raises KeyboardInterrupt on Ctrl-C
+                    finally:
+                        kvmsys_close_run_signals()
                     continue
                 if res == R_SIGNAL:
-                    PyErr_CheckSignals()     # run Python signal handlers (Ctrl-C raises here)
+                    kvmsys_open_run_signals()
+                    try:
+                        PyErr_CheckSignals()     # run Python signal handlers (Ctrl-C raises here)
+                    finally:
+                        kvmsys_close_run_signals()
                     return Exit._new_of(IntrExit, self, KVM_EXIT_INTR)
                 if res == R_STOP:
                     ex = Exit._new_of(StopExit, self, KVMSYS_EXIT_STOP)
@@ -471,6 +482,8 @@ cdef class VcpuCore:
                     raise_os(-v.error, "KVM_RUN", "the comm area holds a size, offset or ring index out of range")
                 raise_os(v.error, "KVM_RUN (or injecting a queued interrupt before it)")
         finally:
+            if held:
+                kvmsys_release_run_signals()
             if v.deadline_ns:
                 # back to the enclosing run's deadline, if any; a late watchdog
                 # signal is harmless: run_loop rederives immediate_exit

@@ -877,6 +877,22 @@ def test_sigint_interrupts_python_handled_exits(machine):
     assert isinstance(machine.run(budget=3, timeout=T), BudgetExit)
 
 
+def test_sigint_during_a_slow_python_handler_is_not_lost(machine):
+    # run() keeps the kick signal and SIGINT blocked for its whole call (no sigmask
+    # system calls per exit): a Ctrl-C that lands while a handler runs must still end
+    # the run, at the latest at the next KVM_RUN, not at the deadline.
+    machine.devices().load("pio_out_loop.pm32", n=0)
+    calls = []
+    machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON,
+                           callback=lambda ex: (calls.append(time.monotonic()), time.sleep(0.05)) and None)
+    with backstop(machine.vcpu, 20):
+        outcome, seconds = run_with_sigint(machine, 0.3, timeout=10)
+    assert outcome == "interrupted", outcome
+    assert seconds < 5
+    assert len(calls) >= 2
+    assert isinstance(machine.run(budget=3, timeout=T), BudgetExit)
+
+
 # --- statistics -------------------------------------------------------------------------------------
 
 LOOPS = {  # guest -> (exit kind it counts, extra IO exits: the final debug-exit out)
