@@ -304,6 +304,7 @@ def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, unt
         stats: list = []
         setup_lock = threading.Lock()
         ready = threading.Barrier(vcpus)
+        finished = [threading.Event() for _ in range(vcpus)]   # vCPU given up (see _stop_workers)
 
         def worker(i: int) -> None:
             vcpu = None
@@ -325,6 +326,7 @@ def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, unt
             finally:
                 if vcpu is not None:
                     machine.detach(vcpu)
+                finished[i].set()
 
         t0 = time.monotonic()
         if on_start is not None:
@@ -342,8 +344,10 @@ def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, unt
                     t.join()
             except KeyboardInterrupt:       # Ctrl-C in the main thread: stop the vCPU threads too
                 pc.stop("INTERRUPTED")
-                for t in threads:
-                    t.join()
+                # not Thread.join() again: after a join Ctrl-C interrupted, CPython 3.11
+                # may count a still-running thread as stopped (as in _stop_workers)
+                for done in finished:
+                    done.wait()
                 raise
         elapsed = time.monotonic() - t0
         if errors:
