@@ -57,6 +57,7 @@ static inline int kvmsys_or_int(int *p, int v) { return __atomic_or_fetch(p, v, 
 static inline int kvmsys_and_int(int *p, int v) { return __atomic_and_fetch(p, v, __ATOMIC_SEQ_CST); }
 static inline int kvmsys_xchg_int(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 static inline void kvmsys_store_u8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+static inline uint8_t kvmsys_xchg_u8(uint8_t *p, uint8_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 static inline uint64_t kvmsys_add_u64(uint64_t *p, uint64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
 static inline uint32_t kvmsys_load_u32(uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void kvmsys_store_u32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
@@ -182,6 +183,24 @@ static inline void kvmsys_raise_window_signal(void) {
         pthread_kill(pthread_self(), sig);
 }
 static inline void kvmsys_set_window_signal(int sig) { __atomic_store_n(&kvmsys_window_signal, sig, __ATOMIC_SEQ_CST); }
+
+/* Test hook: the next kick pauses this long after setting kick_pending (at 1)
+ * and after setting immediate_exit (at 2), as a kicker preempted there does. */
+static long kvmsys_kick_delay_ns;
+static int kvmsys_kick_delay_at;
+static inline void kvmsys_kick_pause(int at) {
+    struct timespec ts;
+    long ns = __atomic_load_n(&kvmsys_kick_delay_ns, __ATOMIC_SEQ_CST);
+    if (!(__atomic_fetch_and(&kvmsys_kick_delay_at, ~at, __ATOMIC_SEQ_CST) & at) || ns <= 0)
+        return;
+    ts.tv_sec = ns / 1000000000L;
+    ts.tv_nsec = ns % 1000000000L;
+    nanosleep(&ts, NULL);
+}
+static inline void kvmsys_set_kick_delay(long ns) {
+    __atomic_store_n(&kvmsys_kick_delay_ns, ns, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&kvmsys_kick_delay_at, ns > 0 ? 3 : 0, __ATOMIC_SEQ_CST);
+}
 
 
 /* The mask KVM_RUN runs with, as the kernel's 64-bit sigset: the thread's own

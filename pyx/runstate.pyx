@@ -253,6 +253,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     cdef uint64_t t_in, t_out, t_poll, want
     cdef int r, res, err
     cdef unsigned sigs, now_sigs, taken
+    cdef uint8_t late
     cdef int held = 0
     t_out = kvmsys_now_ns()
     t_poll = t_out
@@ -330,7 +331,11 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         if not v.need_dispatch:
             # EINTR: a kick, the watchdog, or somebody else's signal
             now_sigs = kvmsys_own_signal_count()     # before clearing, as above
-            kvmsys_store_u8(&run.immediate_exit, 0)
+            # Set with no kick pending, immediate_exit is a kick's that was taken
+            # already: the loop takes a kick from kick_pending, and a kicker of a bound
+            # vCPU (no lock against this loop) that is preempted between its two
+            # stores sets immediate_exit only after that, even in a later run().
+            late = kvmsys_xchg_u8(&run.immediate_exit, 0)
             v.exits[KVM_EXIT_INTR] += 1
             taken = 0
             if v.sigmask_state > 0:
@@ -342,10 +347,10 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
                 res = R_KICK
             elif v.deadline_ns and t_out >= v.deadline_ns:
                 res = R_DEADLINE
-            elif taken or now_sigs != sigs or kvmsys_load_int(&v.nirq) or \
+            elif late or taken or now_sigs != sigs or kvmsys_load_int(&v.nirq) or \
                     kvmsys_load_int(&v.nmi_queued):
-                # one of our signals (for a kick taken earlier, or interrupts to
-                # inject): go on, unless a new kick came meanwhile
+                # one of our signals or immediate_exit stores (for a kick taken
+                # earlier, or interrupts to inject): go on, unless a new kick came
                 sigs = now_sigs
                 if kvmsys_load_int(&v.kick_pending) & ~KICK_IRQ:
                     kvmsys_store_u8(&run.immediate_exit, 1)
@@ -392,7 +397,9 @@ cdef inline int vcpu_alive_locked(vcpustate_t *v, uint64_t generation) noexcept 
 cdef inline void kick_locked(vcpustate_t *v, int bits) noexcept nogil:
     kvmsys_or_int(&v.kick_pending, bits)
     if bits & ~KICK_IRQ:
+        kvmsys_kick_pause(1)            # test hook (_delay_kick)
         kvmsys_store_u8(&v.run.immediate_exit, 1)
+        kvmsys_kick_pause(2)
     if kvmsys_load_int(&v.running):
         pthread_kill(v.thread, kvmsys_kick_signal())
 

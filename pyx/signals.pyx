@@ -74,3 +74,11 @@ def _signal_between_runs(int sig):
     """Test hook: the next thread to enter the run loop raises *sig* on itself there, once,
     after blocking its signals: a signal that lands between two KVM_RUNs."""
     kvmsys_set_window_signal(sig)
+
+
+
+def _delay_kick(double seconds):
+    """Test hook: the next kick pauses *seconds* after setting its pending bit and again
+    after setting immediate_exit, before its signal (holding the vCPU's lock), as a kicker
+    preempted there does.  0 cancels."""
+    kvmsys_set_kick_delay(<long>(seconds * 1e9))

@@ -746,6 +746,78 @@ def test_a_late_kick_signal_does_not_end_the_run(fresh, abi):
     assert set(seen) == {"BudgetExit"}, (sent, seen)
 
 
+def test_a_late_immediate_exit_store_does_not_end_the_run(fresh, abi):
+    """A kick sets kick_pending, then immediate_exit.  The run loop takes kicks from
+    kick_pending, so a kicker preempted between the two stores (a bound vCPU's kicker takes
+    no lock against the loop) sets immediate_exit after its kick was taken, even during the
+    next run(): that KVM_RUN returns EINTR with no kick pending and no signal, which must not
+    end the run either.  The late stores are made directly here, many times."""
+    published = []
+    done_storing, owner_ended = threading.Event(), threading.Event()
+
+    def owner():
+        if abi == "sys":
+            vm = devices_vm()
+            comm = kvmsys.add_vcpu()
+            vcpu, run = kvmsys.current(), kvmsys.run
+        else:
+            vm = kvmsys.Kvm().create_vm()
+            vm.add_memory(0, 0, layout.RAM_SIZE)
+            setup_devices(vm)
+            vcpu = vm.create_vcpu(0)
+            comm, run = vcpu.comm_area, vcpu.run
+        prepare(vcpu, vm.memory(0), "pio_out_loop.pm32", n=0)
+        seen = Counter()
+        try:
+            seen[type(run(budget=1000)).__name__] += 1     # running before the first store
+            published.append(comm)
+            while not done_storing.is_set() and set(seen) == {"BudgetExit"}:
+                seen[type(run(budget=1000)).__name__] += 1
+        finally:
+            owner_ended.set()
+            done_storing.wait(30)           # the comm area stays ours until the stores end
+            if abi == "sys":
+                kvmsys.remove_vcpu()
+            else:
+                vm.close()
+        return seen
+
+    o = spawn(owner, name="owner")
+    stores = 0
+    try:
+        wait_until(lambda: published or owner_ended.is_set(), what="the owner's first run")
+        while published and stores < 20_000 and not owner_ended.is_set():
+            published[0][RUN_IMMEDIATE_EXIT] = 1        # what a kick's late store does
+            stores += 1
+            if stores % 4 == 0:
+                time.sleep(0)
+    finally:
+        done_storing.set()
+    seen = o.finish()
+    assert set(seen) == {"BudgetExit"} and stores > 0, (stores, dict(seen))
+
+
+def test_a_kick_whose_immediate_exit_store_comes_late_ends_one_run(machine):
+    """The test above through the real kick path: a kicker held after each of its two stores
+    (a test hook; the scheduler does it under load) while the owner, on the main thread, takes
+    the kick from kick_pending at its next signal poll.  The kick ends that run() only; its
+    immediate_exit store, and then its signal, land in the next run(), which goes on to its
+    deadline."""
+    machine.devices()
+    machine.load("pio_out_loop.pm32", n=0)
+    h = machine.vcpu.handle()
+    _core._delay_kick(0.3)
+    kicker = spawn(h.kick)
+    try:
+        first = machine.run(timeout=10)
+        second = machine.run(timeout=1.0)       # the late store lands in this one
+    finally:
+        _core._delay_kick(0)
+        kicker.finish()
+    assert isinstance(first, KickExit), first
+    assert isinstance(second, DeadlineExit), second
+
+
 # --- races and many threads ---------------------------------------------------------------------
 
 def test_kicks_race_with_remove_vcpu(fresh):

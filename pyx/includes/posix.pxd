@@ -81,6 +81,7 @@ cdef extern from "kvmsys_native.h" nogil:
     int kvmsys_or_int(int *p, int v)
     int kvmsys_and_int(int *p, int v)
     void kvmsys_store_u8(uint8_t *p, uint8_t v)
+    uint8_t kvmsys_xchg_u8(uint8_t *p, uint8_t v)
     uint64_t kvmsys_add_u64(uint64_t *p, uint64_t v)
     uint64_t kvmsys_load_u64(uint64_t *p)
     uint32_t kvmsys_load_u32(uint32_t *p)
@@ -108,6 +109,8 @@ cdef extern from "kvmsys_native.h" nogil:
     void kvmsys_keep_sigint()
     void kvmsys_raise_window_signal()
     void kvmsys_set_window_signal(int sig)
+    void kvmsys_kick_pause(int at)
+    void kvmsys_set_kick_delay(long ns)
     void kvmsys_thread_cleanup_register()
     void *kvmsys_bound
     ctypedef struct kvmsys_region_t:
