@@ -140,6 +140,7 @@ def _run_pc(args, image, gdb=None):
             raise ValueError(f"--disk {args.disk!r}: expected FILE or FILE,readonly")
         readonly = opt == "readonly"
     sink = _serial(args.serial)
+    debug = None
     attach = [x.attach for x in (sink, terminal.Screen() if args.screen else None) if x is not None]
     timeout = args.timeout
     if timeout is None:
@@ -149,6 +150,12 @@ def _run_pc(args, image, gdb=None):
                   until=args.until.encode() if args.until else None,
                   on_start=(lambda pc: [a(pc) for a in attach]) if attach else None)
     try:
+        if args.debug_log:
+            try:
+                debug = terminal.FileSink(args.debug_log, truncate=True)    # written as the firmware writes
+            except OSError as e:
+                raise UsageError(f"cannot open --debug-log {args.debug_log}: {e.strerror}") from None
+        common["debug_sink"] = debug
         if args.kernel:
             modules = []
             for spec in args.module or ():
@@ -160,8 +167,9 @@ def _run_pc(args, image, gdb=None):
         return runner.run_firmware(image, label=args.firmware, vcpus=args.vcpus,
                                    no_reboot=args.no_reboot, **common)
     finally:
-        if sink is not None:
-            sink.close()
+        for f in (sink, debug):
+            if f is not None:
+                f.close()
 
 
 def _gdb_server(args):
@@ -182,9 +190,6 @@ def _cmd_run(args) -> int:
     with _gdb_server(args) as gdb:
         if args.firmware or args.kernel:
             r = _run_pc(args, image, gdb)
-            if args.debug_log:
-                with open(args.debug_log, "wb") as f:
-                    f.write(r.debug)
             if args.serial != "collect":
                 r.console = b""         # already shown as it came
         else:
@@ -250,7 +255,8 @@ def main(argv=None) -> int:
     pcg.add_argument("--memory", type=int, default=128, metavar="MIB", help="RAM size (default 128)")
     pcg.add_argument("--no-reboot", action="store_true", help="a guest reset ends the run")
     pcg.add_argument("--until", metavar="TEXT", help="end the run once the serial or debug console shows TEXT")
-    pcg.add_argument("--debug-log", metavar="PATH", help="write the debug console (0xe9, 0x402) to PATH")
+    pcg.add_argument("--debug-log", metavar="PATH",
+                     help="write the debug console (0xe9, 0x402) to PATH as the firmware writes it")
     r.set_defaults(fn=_cmd_run)
     b = sub.add_parser("bench", help="benchmark both ABIs on built-in guests (python -m benchmarks)",
                        add_help=False)

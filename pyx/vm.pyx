@@ -736,13 +736,20 @@ cdef class VmCore:
         self.require_open()
         self.state.hlt_action = kind_
 
-    def console(self, bint clear=False):
-        """Bytes collected by sink handlers (serial THR, debugcon), optionally clearing them."""
+    def console(self, bint clear=False, *, start=0):
+        """Bytes collected by sink handlers (serial THR, debugcon) from offset *start* on,
+        optionally clearing them all.  A reader that keeps its offset (the length it has
+        read so far) copies only what is new; a *start* past the end is refused."""
+        cdef size_t start_ = <size_t>as_uint(start, "console start", CONSOLE_MAX)
         if self.forkgen != kvmsys_fork_generation:
             self.require_open()         # its lock may be held by a thread of the parent
         pthread_mutex_lock(&self.state.lock)
         try:
-            out = (<char *>self.state.console)[:self.state.console_len] if self.state.console_len else b""
+            if start_ > self.state.console_len:
+                raise InvalidArgumentError(f"console start {start_} is past its end "
+                                           f"({self.state.console_len} bytes)")
+            out = (<char *>self.state.console)[start_:self.state.console_len] \
+                if self.state.console_len > start_ else b""
             if clear:
                 self.state.console_len = 0
         finally:

@@ -4,6 +4,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -109,6 +110,99 @@ def test_seabios_without_irqchip_uses_the_pit():
     log = check_seabios_log(r)
     assert "Found 1 cpu(s)" in log and seen == [0]
     assert "Running on KVM" not in log and "kvmclock" not in log
+
+
+@need_seabios
+def test_debug_sink_streams_while_the_firmware_runs(abi):
+    """debug_sink gets SeaBIOS's log as it is written, not when the run ends, and all of it."""
+    import threading
+    chunks, pcs = [], []
+    streamed = threading.Event()
+
+    def sink(data):
+        pc = pcs[0]
+        chunks.append((data, pc.pending is None))           # the run still going?
+        if b"Found QEMU fw_cfg" in b"".join(c for c, _ in chunks):
+            streamed.set()
+
+    def stop_once_streamed(pc):
+        pcs.append(pc)
+
+        def run():
+            if streamed.wait(60):
+                pc.stop("DONE")
+        threading.Thread(target=run, daemon=True).start()
+
+    r = run_firmware(seabios(), abi=abi, irqchip=True, memory_size=32 << 20, timeout=60,
+                     on_start=stop_once_streamed, debug_sink=sink)
+    assert r.reason == "DONE", (r.reason, r.debug[-500:])
+    assert any(live for _, live in chunks)                  # before the stop: streamed
+    assert len(chunks) > 1
+    assert b"".join(c for c, _ in chunks) == r.debug        # and complete, the end drained too
+
+
+@need_seabios
+def test_cli_debug_log_is_written_while_the_run_goes_on(tmp_path):
+    """--debug-log: `tail -f` (or a run killed now) sees SeaBIOS's log while it runs; after
+    Ctrl-C the file still holds it, with whatever came after."""
+    log = tmp_path / "debug.log"
+    p = subprocess.Popen([sys.executable, "-m", "kvmsys", "run", "--firmware", str(SEABIOS), "--debug-log",
+                          str(log), "--timeout", "120", "--memory", "32"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while b"Found QEMU fw_cfg" not in (log.read_bytes() if log.exists() else b""):
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, log.read_bytes() if log.exists() else "no log"
+            time.sleep(0.02)
+        seen = log.read_bytes()
+        assert p.poll() is None                             # the run goes on
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    final = log.read_bytes()
+    assert final.startswith(seen) and b"SeaBIOS (version" in final
+
+
+@pytest.mark.nokvm
+def test_watcher_finds_a_pattern_across_looks_and_reads_only_new_bytes():
+    """The runner's watcher (until=, debug_sink=): a pattern split between two looks is
+    found, on the debug console or the serial line; each look asks only for new bytes."""
+    from kvmsys.runner import _Watcher
+
+    class Vm:
+        def __init__(self):
+            self.buf, self.starts = b"", []
+
+        def console(self, start=0):
+            self.starts.append(start)
+            return self.buf[start:]
+
+    class Pc:
+        def __init__(self):
+            self.vm, self.uart, self.pending = Vm(), type("Uart", (), {"output": bytearray()})(), None
+
+        def stop(self, why):
+            self.pending = why
+
+    for where in ("debug", "serial"):
+        pc, got = Pc(), []
+        w = _Watcher(pc, b"No bootable", got.append)
+        for part in (b"xx No boo", b"table device"):
+            if where == "debug":
+                pc.vm.buf += part
+            else:
+                pc.uart.output += part
+            w.look()
+        assert pc.pending == "MATCHED", where
+        assert b"".join(got) == pc.vm.buf
+        assert pc.vm.starts == [0, len(pc.vm.buf) - len(b"table device") if where == "debug" else 0]
+        w.look(final=True)
+        assert b"".join(got) == pc.vm.buf                   # nothing twice
 
 
 @need_seabios
