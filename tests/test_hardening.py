@@ -528,21 +528,9 @@ def test_cli_bench_checks_its_json_output_first(tmp_path):
 
 
 def test_cli_ctrl_c_stops_every_vcpu():
-    import signal
-    proc = subprocess.Popen([sys.executable, "-m", "kvmsys", "run", "--guest", "smp_counter.pm32", "--vcpus", "2",
-                             "--n", "100000000", "--timeout", "120"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
-    try:
-        deadline = time.monotonic() + 30
-        while len(os.listdir(f"/proc/{proc.pid}/task")) < 3:     # main + two vCPU threads
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
-            time.sleep(0.05)
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err.decode()
-    assert "interrupted" in err.decode() and "Traceback" not in err.decode()
+    from conftest import interrupt_cli
+    code, err = interrupt_cli(["run", "--guest", "smp_counter.pm32", "--vcpus", "2", "--n", "100000000",
+                               "--timeout", "120"], cwd=tempfile.gettempdir(), within=30, settle=1.0,
+                              ready=lambda proc: len(os.listdir(f"/proc/{proc.pid}/task")) >= 3)   # main + 2 vCPUs
+    assert code == 130, err
+    assert "interrupted" in err and "Traceback" not in err

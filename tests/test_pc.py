@@ -4,7 +4,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -136,27 +135,19 @@ def test_debug_sink_streams_while_the_firmware_runs(abi):
 def test_cli_debug_log_is_written_while_the_run_goes_on(tmp_path):
     """--debug-log: `tail -f` (or a run killed now) sees SeaBIOS's log while it runs; after
     Ctrl-C the file still holds it, with whatever came after."""
+    from conftest import interrupt_cli
     log = tmp_path / "debug.log"
-    p = subprocess.Popen([sys.executable, "-m", "kvmsys", "run", "--firmware", str(SEABIOS), "--debug-log",
-                          str(log), "--timeout", "120", "--memory", "32"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 60
-        while b"Found QEMU fw_cfg" not in (log.read_bytes() if log.exists() else b""):
-            assert p.poll() is None, p.communicate()
-            assert time.monotonic() < deadline, log.read_bytes() if log.exists() else "no log"
-            time.sleep(0.02)
-        seen = log.read_bytes()
-        assert p.poll() is None                             # the run goes on
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 130, err
+    seen = []
+
+    def log_shows_fw_cfg(proc):
+        seen[:] = [log.read_bytes() if log.exists() else b""]
+        return b"Found QEMU fw_cfg" in seen[0]
+
+    code, err = interrupt_cli(["run", "--firmware", str(SEABIOS), "--debug-log", str(log), "--timeout", "120",
+                               "--memory", "32"], ready=log_shows_fw_cfg, cwd=tmp_path)
+    assert code == 130, err                                 # it ran on after the log showed it
     final = log.read_bytes()
-    assert final.startswith(seen) and b"SeaBIOS (version" in final
+    assert final.startswith(seen[0]) and b"SeaBIOS (version" in final
 
 
 @pytest.mark.nokvm
