@@ -126,6 +126,28 @@ def _serial(spec: str):
     raise ValueError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
 
 
+class _DebugLog:
+    """--debug-log PATH: the debug console, written as the firmware writes it (the
+    runner's debug_sink) to the file, emptied first.  Its errors are the user's."""
+
+    def __init__(self, path: str) -> None:
+        from .terminal import FileSink
+        self.path = path
+        try:
+            self.file = FileSink(path, truncate=True)
+        except OSError as e:
+            raise UsageError(f"cannot open --debug-log {path}: {e.strerror}") from None
+
+    def __call__(self, data: bytes) -> None:
+        try:
+            self.file(data)
+        except OSError as e:        # ends the run; the runner raises it when it has ended
+            raise UsageError(f"cannot write --debug-log {self.path}: {e.strerror}") from None
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def _read(path: str) -> bytes:
     return read_image(path, KERNEL_MAX)
 
@@ -151,10 +173,7 @@ def _run_pc(args, image, gdb=None):
                   on_start=(lambda pc: [a(pc) for a in attach]) if attach else None)
     try:
         if args.debug_log:
-            try:
-                debug = terminal.FileSink(args.debug_log, truncate=True)    # written as the firmware writes
-            except OSError as e:
-                raise UsageError(f"cannot open --debug-log {args.debug_log}: {e.strerror}") from None
+            debug = _DebugLog(args.debug_log)
         common["debug_sink"] = debug
         if args.kernel:
             modules = []

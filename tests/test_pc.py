@@ -320,7 +320,8 @@ def test_triple_fault_resets(tmp_path):
 
 
 # --- Multiboot ------------------------------------------------------------------
-MB_KERNEL = (Path(kvmsys.guests.__file__).parent / "firmware" / "multiboot.bin").read_bytes()
+MB_PATH = Path(kvmsys.guests.__file__).parent / "firmware" / "multiboot.bin"
+MB_KERNEL = MB_PATH.read_bytes()
 INVADERS = Path("/boot/invaders.exec")
 
 
@@ -359,13 +360,21 @@ def test_cli_runs_a_multiboot_kernel(tmp_path):
     (tmp_path / "mod").write_bytes(b"module text")
     log = tmp_path / "debug.log"
     p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--kernel",
-                        str(Path(kvmsys.guests.__file__).parent / "firmware" / "multiboot.bin"),
+                        str(MB_PATH),
                         "--append", "root=/dev/null", "--module", f"{tmp_path / 'mod'},modarg",
                         "--debug-log", str(log), "--abi", "fd"], capture_output=True, text=True, timeout=60,
                        cwd=tmp_path)
     assert p.returncode == 3, p.stderr                       # one module: status (1 << 1) | 1
     assert log.read_bytes().startswith(b"multiboot ok\nroot=/dev/null\n")
     assert b"modarg:module text\n" in log.read_bytes()
+
+
+@pytest.mark.parametrize("path,says", [("/dev/full", "cannot write --debug-log /dev/full"),
+                                       ("/nonexistent/debug.log", "cannot open --debug-log")])
+def test_cli_debug_log_errors_are_one_line(tmp_path, path, says):
+    p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--kernel", str(MB_PATH), "--debug-log", path],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 @pytest.mark.skipif(not INVADERS.exists(), reason="env: Debian package grub-invaders is not installed")
