@@ -10,8 +10,10 @@ import time
 import pytest
 
 from kvmsys import CoalescedExit, DeadlineExit, InvalidArgumentError, KickExit, StopExit, _core
+from kvmsys.errors import StateError
 from kvmsys.guests import exit_status, layout
 
+from test_contract import forked
 from test_runloop import DEBUGCON, JMP_SELF, MODES, STOP, T, load_code, out_imm
 
 PIO = _core.SPACES["PIO"]
@@ -101,6 +103,28 @@ def test_unregistering_drains_into_the_sink_at_once(machine, mode):
     assert machine.vm.port_counts() == {PORT: 1}
 
 
+def test_a_fork_child_never_drains_the_parents_ring(machine):
+    code = (out_imm(DEBUGCON, ord("a")) + out_imm(layout.PORT_DEBUG_EXIT, 0x10)
+            + out_imm(DEBUGCON, ord("b")) + out_imm(PORT, 0) + JMP_SELF)
+    load_code(machine, "real", code)
+    machine.devices()
+    machine.vm.register_coalesced(DEBUGCON, 1, pio=True)
+    machine.vm.register_coalesced(layout.PORT_DEBUG_EXIT, 1, pio=True)
+    assert isinstance(machine.run(timeout=T), StopExit)
+
+    def child():
+        try:
+            machine.vm.register_coalesced(DEBUGCON, 1, pio=True, unregister=True)
+        except StateError as e:
+            return {"refused": str(e)}
+        return {"refused": None}
+
+    out = forked(child)
+    assert "fork child" in (out.get("refused") or ""), out
+    assert machine.vm.register_coalesced(DEBUGCON, 1, pio=True, unregister=True) == ()
+    assert machine.vm.console() == b"ab"        # 'b' was still in the parent's ring
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_unregistering_returns_python_and_exit_writes_in_order(machine, mode):
     EXIT = layout.PORT_DEBUG_EXIT
@@ -164,6 +188,7 @@ def worker_vcpu(machine, code, body):
 
 
 FLAG = layout.DATA_ADDR + 0x100
+SPIN = 8000
 
 
 def test_unregistering_while_another_vcpu_runs_drains_at_once(machine):
@@ -192,10 +217,16 @@ def test_unregistering_while_another_vcpu_runs_drains_at_once(machine):
 
 
 def test_zones_toggled_while_a_vcpu_writes_lose_and_reorder_nothing(machine):
-    n = 20000
-    # mov cx, n; 1: mov al, cl; out DEBUGCON, al; dec cx; jnz 1b; then stop
+    n = 8000
+    # Bursts of 64 writes (in the ring while the zone is registered), each followed by a
+    # spin with no exit, so an unregistering thread finds writes in the ring to take
+    # while this vCPU runs, and races it for the rest (on our host the unregistering
+    # thread took 563 to 2154 of the 8000 writes in a run):
+    #   mov cx, n; 1: mov al, cl; out DEBUGCON, al; test cl, 63; jnz 3f
+    #   mov esi, SPIN; 2: dec esi; jnz 2b; 3: dec cx; jnz 1b; then stop
     code = (b"\xb9" + n.to_bytes(2, "little") + b"\x88\xc8" + b"\xe6" + bytes([DEBUGCON])
-            + b"\x49" + b"\x75\xf9" + STOP)
+            + b"\xf6\xc1\x3f" + b"\x75\x0a" + b"\x66\xbe" + SPIN.to_bytes(4, "little")
+            + b"\x66\x4e" + b"\x75\xfc" + b"\x49" + b"\x75\xea" + STOP)
     machine.devices()
     flips = []
 
@@ -204,6 +235,7 @@ def test_zones_toggled_while_a_vcpu_writes_lose_and_reorder_nothing(machine):
         while not done.is_set() or not flips:  # toggle for as long as the vCPU writes
             assert time.monotonic() < deadline
             machine.vm.register_coalesced(DEBUGCON, 1, pio=True)
+            time.sleep(0.001)                   # let writes gather in the ring
             flips.append(machine.vm.register_coalesced(DEBUGCON, 1, pio=True, unregister=True))
 
     ex = worker_vcpu(machine, code, body)
