@@ -353,3 +353,80 @@ def test_real_linux_kernel_boots():
     r = run_kernel(LINUX[-1].read_bytes(), abi="fd", cmdline="earlyprintk=ttyS0 console=ttyS0",
                    memory_size=256 << 20, irqchip=True, timeout=60, until=b"Linux version")
     assert r.reason == "MATCHED", (r.reason, r.console[-500:])
+
+
+# --- SMBIOS ---------------------------------------------------------------------
+def smbios_structures(table: bytes) -> list:
+    """[(type, formatted area, strings)] of an SMBIOS structure table."""
+    out, i = [], 0
+    while i < len(table):
+        kind, length = table[i], table[i + 1]
+        end = table.index(b"\0\0", i + length)
+        strings = [s.decode() for s in table[i + length:end].split(b"\0") if s]
+        out.append((kind, table[i:i + length], strings))
+        i = end + 2
+    return out
+
+
+@pytest.mark.nokvm
+def test_smbios_tables_follow_the_specification():
+    from kvmsys import smbios
+    anchor, table = smbios.tables(ram_size=40 << 30, cpus=3, cpuid_1=(0x806F8, 0x178BFBFF))
+    assert len(anchor) == 0x1F and anchor[:4] == b"_SM_" and anchor[0x10:0x15] == b"_DMI_"
+    assert sum(anchor) & 0xFF == 0 and sum(anchor[0x10:]) & 0xFF == 0       # both checksums
+    structures = smbios_structures(table)
+    assert int.from_bytes(anchor[0x16:0x18], "little") == len(table)
+    assert int.from_bytes(anchor[0x1C:0x1E], "little") == len(structures)
+    # formatted lengths of SMBIOS 2.8 for each type
+    lengths = {1: 0x1B, 3: 0x16, 4: 0x2A, 16: 0x17, 17: 0x28, 19: 0x1F, 32: 0x0B, 127: 4}
+    assert [s[0] for s in structures] == [1, 3, 4, 4, 4, 16, 17, 17, 17, 19, 32, 127]
+    assert all(len(f) == lengths[k] for k, f, _ in structures)
+    handles = [int.from_bytes(f[2:4], "little") for _, f, _ in structures]
+    assert len(set(handles)) == len(handles)
+    assert max(len(f) + len(b"\0".join(s.encode() for s in st)) + 2 for _, f, st in structures) \
+        <= int.from_bytes(anchor[8:10], "little")
+    assert structures[0][2][:2] == ["kvmsys", "kvmsys PC"]
+    cpus = [s for s in structures if s[0] == 4]
+    assert [c[2][0] for c in cpus] == ["CPU 0", "CPU 1", "CPU 2"]
+    assert cpus[0][1][8:16] == (0x806F8).to_bytes(4, "little") + (0x178BFBFF).to_bytes(4, "little")
+    dimms = [int.from_bytes(f[0xC:0xE], "little") for k, f, _ in structures if k == 17]
+    assert dimms == [16384, 16384, 8192]                    # MiB, one device per 16 GiB
+    t19 = next(f for k, f, _ in structures if k == 19)
+    assert int.from_bytes(t19[8:12], "little") == (40 << 20) - 1  # last KiB, inclusive
+    with pytest.raises(kvmsys.InvalidArgumentError):
+        smbios.tables(ram_size=1 << 30, cpus=2000)
+
+
+@need_seabios
+def test_seabios_publishes_the_smbios_tables_of_kvmsys(abi):
+    """The guest finds our SMBIOS (SeaBIOS adds only its type 0): what dmidecode reads."""
+    import threading
+    found = {}
+
+    def read_smbios(pc):
+        def run():
+            while NO_BOOT not in pc.uart.output:
+                if pc.finished.wait(0.02):
+                    return
+            fseg = pc.vm.read(0xF0000, 0x10000)
+            at = next(i for i in range(0, len(fseg), 16) if fseg[i:i + 4] == b"_SM_")
+            found["anchor"] = anchor = fseg[at:at + 0x1F]
+            addr, length = int.from_bytes(anchor[0x18:0x1C], "little"), int.from_bytes(anchor[0x16:0x18], "little")
+            found["table"] = pc.vm.read(addr, length)
+            pc.stop("DONE")
+        threading.Thread(target=run, daemon=True).start()
+
+    r = run_firmware(seabios(), abi=abi, irqchip=True, vcpus=2, memory_size=64 << 20, timeout=40,
+                     on_start=read_smbios)
+    assert r.reason == "DONE", (r.reason, r.debug[-800:])
+    anchor, structures = found["anchor"], smbios_structures(found["table"])
+    assert sum(anchor) & 0xFF == 0 and sum(anchor[0x10:]) & 0xFF == 0
+    assert int.from_bytes(anchor[0x1C:0x1E], "little") == len(structures)
+    by_type = {}
+    for kind, formatted, strings in structures:
+        by_type.setdefault(kind, []).append((formatted, strings))
+    assert by_type[0][0][1][0] == "SeaBIOS"                 # the firmware's own BIOS information
+    assert by_type[1][0][1][:2] == ["kvmsys", "kvmsys PC"]  # ours, not the firmware's "QEMU"
+    assert len(by_type[4]) == 2
+    assert int.from_bytes(by_type[17][0][0][0xC:0xE], "little") == 64
+    assert int.from_bytes(by_type[19][0][0][8:12], "little") == (64 << 10) - 1
