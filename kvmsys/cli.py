@@ -122,8 +122,11 @@ def _serial(spec: str):
     if spec == "stdio":
         return terminal.Stdio()
     if spec.startswith("file:") and len(spec) > 5:
-        return terminal.FileSink(spec[5:])
-    raise ValueError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
+        try:
+            return terminal.FileSink(spec[5:])
+        except OSError as e:
+            raise UsageError(f"--serial: cannot open {spec[5:]}: {e.strerror}") from None
+    raise UsageError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
 
 
 class _DebugLog:
@@ -136,13 +139,13 @@ class _DebugLog:
         try:
             self.file = FileSink(path, truncate=True)
         except OSError as e:
-            raise UsageError(f"cannot open --debug-log {path}: {e.strerror}") from None
+            raise UsageError(f"--debug-log: cannot open {path}: {e.strerror}") from None
 
     def __call__(self, data: bytes) -> None:
         try:
             self.file(data)
         except OSError as e:        # ends the run; the runner raises it when it has ended
-            raise UsageError(f"cannot write --debug-log {self.path}: {e.strerror}") from None
+            raise UsageError(f"--debug-log: cannot write {self.path}: {e.strerror}") from None
 
     def close(self) -> None:
         self.file.close()
@@ -159,7 +162,7 @@ def _run_pc(args, image, gdb=None):
     if args.disk:
         disk, _, opt = args.disk.partition(",")
         if opt not in ("", "readonly"):
-            raise ValueError(f"--disk {args.disk!r}: expected FILE or FILE,readonly")
+            raise UsageError(f"--disk {args.disk!r}: expected FILE or FILE,readonly")
         readonly = opt == "readonly"
     sink = _serial(args.serial)
     debug = None
@@ -203,7 +206,28 @@ def _gdb_server(args):
     return server
 
 
+# Options that apply to one kind of run only, with their defaults: given elsewhere they
+# would be silently ignored, so they are refused.
+_PC_ONLY = dict(disk=None, serial="collect", irqchip="kernel", screen=False, memory=128, no_reboot=False,
+                until=None, debug_log=None)
+_KERNEL_ONLY = dict(append=None, initrd=None, module=None)
+_GUEST_ONLY = dict(n=None)
+
+
+def _check_applicable(args) -> None:
+    kind = "--guest" if args.guest else "--firmware" if args.firmware else "--kernel"
+    scopes = ((_PC_ONLY, "--firmware and --kernel", kind != "--guest"), (_KERNEL_ONLY, "--kernel", kind == "--kernel"),
+              (_GUEST_ONLY, "--guest", kind == "--guest"))
+    for options, where, applies in scopes:
+        for dest, default in options.items():
+            if not applies and getattr(args, dest) != default:
+                raise UsageError(f"--{dest.replace('_', '-')} applies to {where}, not to {kind}")
+    if kind == "--kernel" and args.vcpus != 1:
+        raise UsageError("--kernel runs on one vCPU: --vcpus applies to --guest and --firmware")
+
+
 def _cmd_run(args) -> int:
+    _check_applicable(args)
     from . import platform, runner
     image = read_image(args.firmware, platform.MAX_FIRMWARE_SIZE) if args.firmware else None
     with _gdb_server(args) as gdb:

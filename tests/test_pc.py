@@ -369,8 +369,8 @@ def test_cli_runs_a_multiboot_kernel(tmp_path):
     assert b"modarg:module text\n" in log.read_bytes()
 
 
-@pytest.mark.parametrize("path,says", [("/dev/full", "cannot write --debug-log /dev/full"),
-                                       ("/nonexistent/debug.log", "cannot open --debug-log")])
+@pytest.mark.parametrize("path,says", [("/dev/full", "--debug-log: cannot write /dev/full"),
+                                       ("/nonexistent/debug.log", "--debug-log: cannot open /nonexistent/debug.log")])
 def test_cli_debug_log_errors_are_one_line(tmp_path, path, says):
     p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--kernel", str(MB_PATH), "--debug-log", path],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
