@@ -122,8 +122,11 @@ def _serial(spec: str):
     if spec == "stdio":
         return terminal.Stdio()
     if spec.startswith("file:") and len(spec) > 5:
-        return terminal.FileSink(spec[5:])
-    raise ValueError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
+        try:
+            return terminal.FileSink(spec[5:])
+        except OSError as e:
+            raise UsageError(f"--serial: cannot open {spec[5:]}: {e.strerror}") from None
+    raise UsageError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
 
 
 def _read(path: str) -> bytes:
@@ -137,7 +140,7 @@ def _run_pc(args, image, gdb=None):
     if args.disk:
         disk, _, opt = args.disk.partition(",")
         if opt not in ("", "readonly"):
-            raise ValueError(f"--disk {args.disk!r}: expected FILE or FILE,readonly")
+            raise UsageError(f"--disk {args.disk!r}: expected FILE or FILE,readonly")
         readonly = opt == "readonly"
     sink = _serial(args.serial)
     attach = [x.attach for x in (sink, terminal.Screen() if args.screen else None) if x is not None]
@@ -176,7 +179,28 @@ def _gdb_server(args):
     return server
 
 
+# Options that apply to one kind of run only, with their defaults: given elsewhere they
+# would be silently ignored, so they are refused.
+_PC_ONLY = dict(disk=None, serial="collect", irqchip="kernel", screen=False, memory=128, no_reboot=False,
+                until=None, debug_log=None)
+_KERNEL_ONLY = dict(append=None, initrd=None, module=None)
+_GUEST_ONLY = dict(n=None)
+
+
+def _check_applicable(args) -> None:
+    kind = "--guest" if args.guest else "--firmware" if args.firmware else "--kernel"
+    scopes = ((_PC_ONLY, "--firmware and --kernel", kind != "--guest"), (_KERNEL_ONLY, "--kernel", kind == "--kernel"),
+              (_GUEST_ONLY, "--guest", kind == "--guest"))
+    for options, where, applies in scopes:
+        for dest, default in options.items():
+            if not applies and getattr(args, dest) != default:
+                raise UsageError(f"--{dest.replace('_', '-')} applies to {where}, not to {kind}")
+    if kind == "--kernel" and args.vcpus != 1:
+        raise UsageError("--kernel runs on one vCPU: --vcpus applies to --guest and --firmware")
+
+
 def _cmd_run(args) -> int:
+    _check_applicable(args)
     from . import platform, runner
     image = read_image(args.firmware, platform.MAX_FIRMWARE_SIZE) if args.firmware else None
     with _gdb_server(args) as gdb:

@@ -23,6 +23,8 @@ from .devices import (AtaDisk, Cmos, Debugcon, FwCfg, I8042, Irq, PciHost, Pit, 
 from .errors import InvalidArgumentError, KvmsysError
 
 COM1 = 0x3F8
+# xAPIC IDs are 8 bits and 0xFF is the broadcast ID; CMOS 0x5F holds the count - 1
+MAX_CPUS = 255
 # Where VT-x's real-mode emulation gets its TSS and identity map (as QEMU puts them):
 # pages just below the 16 MiB firmware window, unused by the guest.
 TSS_ADDR = 0xFEFFD000
@@ -52,8 +54,8 @@ class Pc:
     def __init__(self, vm, image: bytes | None, *, ram_size: int, cpus: int = 1, disk: str | None = None,
                  disk_readonly: bool = False, serial_sink=None, cpuid=None, boot_menu: bool = False,
                  map_memory: bool = True):
-        if cpus < 1:
-            raise InvalidArgumentError("cpus must be at least 1")
+        if not 1 <= cpus <= MAX_CPUS:
+            raise InvalidArgumentError(f"a PC has 1 .. {MAX_CPUS} vCPUs, not {cpus}")
         if cpus > 1 and not vm.has_irqchip:
             raise InvalidArgumentError("more than one vCPU needs the in-kernel irqchip (irqchip=True): "
                                        "firmware starts application processors through the local APIC")

@@ -575,3 +575,34 @@ def test_cli_ctrl_c_stops_every_vcpu():
             proc.wait()
     assert proc.returncode == 130, err.decode()
     assert "interrupted" in err.decode() and "Traceback" not in err.decode()
+
+
+@pytest.mark.parametrize("bad,says", [
+    (["--disk", "disk.img,sideways"], "expected FILE or FILE,readonly"),
+    (["--serial", "tcp:1234"], "expected stdio, file:PATH or collect"),
+    (["--serial", "file:/nonexistent-dir/serial.log"], "cannot open /nonexistent-dir/serial.log"),
+    (["--vcpus", "300"], "1 .. 255 vCPUs"),
+    (["--memory", "5000"], "3072 MiB"),
+])
+def test_cli_refuses_bad_pc_options_in_one_line(tmp_path, bad, says):
+    fw = tmp_path / "fw.bin"
+    fw.write_bytes(b"\xf4" * 4096)          # never runs: every case is refused before
+    p = kvmsys_cli("run", "--firmware", str(fw), *bad, timeout=30)
+    assert p.returncode == 2, p.stderr.decode()
+    assert says in one_line_error(p)
+
+
+@pytest.mark.parametrize("run,bad,says", [
+    (["--guest", "hello.real"], ["--disk", "x.img"], "--disk applies to --firmware and --kernel, not to --guest"),
+    (["--guest", "hello.real"], ["--serial", "stdio"], "--serial applies to --firmware and --kernel"),
+    (["--guest", "hello.real"], ["--append", "quiet"], "--append applies to --kernel, not to --guest"),
+    (["--firmware", "FW"], ["--initrd", "x"], "--initrd applies to --kernel, not to --firmware"),
+    (["--firmware", "FW"], ["--n", "3"], "--n applies to --guest, not to --firmware"),
+    (["--kernel", "FW"], ["--vcpus", "2"], "--kernel runs on one vCPU"),
+])
+def test_cli_refuses_options_that_would_be_ignored(tmp_path, run, bad, says):
+    fw = tmp_path / "fw.bin"
+    fw.write_bytes(b"\xf4" * 4096)
+    p = kvmsys_cli("run", *[str(fw) if a == "FW" else a for a in run], *bad, timeout=30)
+    assert p.returncode == 2, p.stderr.decode()
+    assert says in one_line_error(p)
