@@ -17,8 +17,8 @@ fd-based ABI (the /dev/kvm model)::
 from . import _core
 from ._core import (Exit, IoExit, MmioExit, HltExit, ShutdownExit, IntrExit, FailEntryExit,
                     InternalErrorExit, SystemEventExit, DebugExit, UnknownExit, StopExit,
-                    KickExit, DeadlineExit, BudgetExit, CoalescedExit, VcpuHandle, exit_name,
-                    kick_signal, set_kick_signal, MsrExit,
+                    KickExit, DeadlineExit, BudgetExit, CoalescedExit, CoalescedWrite, VcpuHandle,
+                    exit_name, kick_signal, set_kick_signal, MsrExit,
                     HypercallExit, IrqWindowOpenExit, IoapicEoiExit, NotifyExit, BusLockExit,
                     MemoryFaultExit, DirtyRingFullExit)
 from .enums import Kind, Space, ExitReason, SystemEvent, MpState, MsrExitReason
@@ -34,7 +34,7 @@ __all__ = ["Kvm", "Vm", "Vcpu", "configure", "add_vcpu", "run", "remove_vcpu", "
            "handle", "vm", "vcpus", "destroy_vm", "Exit", "IoExit", "MmioExit", "HltExit",
            "ShutdownExit", "IntrExit", "FailEntryExit", "InternalErrorExit", "SystemEventExit",
            "DebugExit", "UnknownExit", "StopExit", "KickExit", "DeadlineExit", "BudgetExit",
-           "CoalescedExit", "VcpuHandle", "exit_name", "kick_signal", "set_kick_signal",
-           "MsrExit", "HypercallExit", "IrqWindowOpenExit",
+           "CoalescedExit", "CoalescedWrite", "VcpuHandle", "exit_name", "kick_signal",
+           "set_kick_signal", "MsrExit", "HypercallExit", "IrqWindowOpenExit",
            "IoapicEoiExit", "NotifyExit", "BusLockExit", "MemoryFaultExit", "DirtyRingFullExit",
            "Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReason", "__version__"] + list(_errors_all)

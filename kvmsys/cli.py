@@ -122,8 +122,33 @@ def _serial(spec: str):
     if spec == "stdio":
         return terminal.Stdio()
     if spec.startswith("file:") and len(spec) > 5:
-        return terminal.FileSink(spec[5:])
-    raise ValueError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
+        try:
+            return terminal.FileSink(spec[5:])
+        except OSError as e:
+            raise UsageError(f"--serial: cannot open {spec[5:]}: {e.strerror}") from None
+    raise UsageError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
+
+
+class _DebugLog:
+    """--debug-log PATH: the debug console, written as the firmware writes it (the
+    runner's debug_sink) to the file, emptied first.  Its errors are the user's."""
+
+    def __init__(self, path: str) -> None:
+        from .terminal import FileSink
+        self.path = path
+        try:
+            self.file = FileSink(path, truncate=True)
+        except OSError as e:
+            raise UsageError(f"--debug-log: cannot open {path}: {e.strerror}") from None
+
+    def __call__(self, data: bytes) -> None:
+        try:
+            self.file(data)
+        except OSError as e:        # ends the run; the runner raises it when it has ended
+            raise UsageError(f"--debug-log: cannot write {self.path}: {e.strerror}") from None
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _read(path: str) -> bytes:
@@ -137,9 +162,10 @@ def _run_pc(args, image, gdb=None):
     if args.disk:
         disk, _, opt = args.disk.partition(",")
         if opt not in ("", "readonly"):
-            raise ValueError(f"--disk {args.disk!r}: expected FILE or FILE,readonly")
+            raise UsageError(f"--disk {args.disk!r}: expected FILE or FILE,readonly")
         readonly = opt == "readonly"
     sink = _serial(args.serial)
+    debug = None
     attach = [x.attach for x in (sink, terminal.Screen() if args.screen else None) if x is not None]
     timeout = args.timeout
     if timeout is None:
@@ -149,6 +175,9 @@ def _run_pc(args, image, gdb=None):
                   until=args.until.encode() if args.until else None,
                   on_start=(lambda pc: [a(pc) for a in attach]) if attach else None)
     try:
+        if args.debug_log:
+            debug = _DebugLog(args.debug_log)
+        common["debug_sink"] = debug
         if args.kernel:
             modules = []
             for spec in args.module or ():
@@ -160,8 +189,9 @@ def _run_pc(args, image, gdb=None):
         return runner.run_firmware(image, label=args.firmware, vcpus=args.vcpus,
                                    no_reboot=args.no_reboot, **common)
     finally:
-        if sink is not None:
-            sink.close()
+        for f in (sink, debug):
+            if f is not None:
+                f.close()
 
 
 def _gdb_server(args):
@@ -176,15 +206,33 @@ def _gdb_server(args):
     return server
 
 
+# Options that apply to one kind of run only, with their defaults: given elsewhere they
+# would be silently ignored, so they are refused.
+_PC_ONLY = dict(disk=None, serial="collect", irqchip="kernel", screen=False, memory=128, no_reboot=False,
+                until=None, debug_log=None)
+_KERNEL_ONLY = dict(append=None, initrd=None, module=None)
+_GUEST_ONLY = dict(n=None)
+
+
+def _check_applicable(args) -> None:
+    kind = "--guest" if args.guest else "--firmware" if args.firmware else "--kernel"
+    scopes = ((_PC_ONLY, "--firmware and --kernel", kind != "--guest"), (_KERNEL_ONLY, "--kernel", kind == "--kernel"),
+              (_GUEST_ONLY, "--guest", kind == "--guest"))
+    for options, where, applies in scopes:
+        for dest, default in options.items():
+            if not applies and getattr(args, dest) != default:
+                raise UsageError(f"--{dest.replace('_', '-')} applies to {where}, not to {kind}")
+    if kind == "--kernel" and args.vcpus != 1:
+        raise UsageError("--kernel runs on one vCPU: --vcpus applies to --guest and --firmware")
+
+
 def _cmd_run(args) -> int:
+    _check_applicable(args)
     from . import platform, runner
     image = read_image(args.firmware, platform.MAX_FIRMWARE_SIZE) if args.firmware else None
     with _gdb_server(args) as gdb:
         if args.firmware or args.kernel:
             r = _run_pc(args, image, gdb)
-            if args.debug_log:
-                with open(args.debug_log, "wb") as f:
-                    f.write(r.debug)
             if args.serial != "collect":
                 r.console = b""         # already shown as it came
         else:
@@ -250,7 +298,8 @@ def main(argv=None) -> int:
     pcg.add_argument("--memory", type=int, default=128, metavar="MIB", help="RAM size (default 128)")
     pcg.add_argument("--no-reboot", action="store_true", help="a guest reset ends the run")
     pcg.add_argument("--until", metavar="TEXT", help="end the run once the serial or debug console shows TEXT")
-    pcg.add_argument("--debug-log", metavar="PATH", help="write the debug console (0xe9, 0x402) to PATH")
+    pcg.add_argument("--debug-log", metavar="PATH",
+                     help="write the debug console (0xe9, 0x402) to PATH as the firmware writes it")
     r.set_defaults(fn=_cmd_run)
     b = sub.add_parser("bench", help="benchmark both ABIs on built-in guests (python -m benchmarks)",
                        add_help=False)

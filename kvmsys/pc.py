@@ -17,12 +17,14 @@ from __future__ import annotations
 import struct
 import threading
 
-from . import platform, vcpustate
+from . import platform, smbios, vcpustate
 from .devices import (AtaDisk, Cmos, Debugcon, FwCfg, I8042, Irq, PciHost, Pit, Port92,
                       Uart8250)
 from .errors import InvalidArgumentError, KvmsysError
 
 COM1 = 0x3F8
+# xAPIC IDs are 8 bits and 0xFF is the broadcast ID; CMOS 0x5F holds the count - 1
+MAX_CPUS = 255
 # Where VT-x's real-mode emulation gets its TSS and identity map (as QEMU puts them):
 # pages just below the 16 MiB firmware window, unused by the guest.
 TSS_ADDR = 0xFEFFD000
@@ -52,12 +54,12 @@ class Pc:
     def __init__(self, vm, image: bytes | None, *, ram_size: int, cpus: int = 1, disk: str | None = None,
                  disk_readonly: bool = False, serial_sink=None, cpuid=None, boot_menu: bool = False,
                  map_memory: bool = True):
-        if cpus < 1:
-            raise InvalidArgumentError("cpus must be at least 1")
+        if not 1 <= cpus <= MAX_CPUS:
+            raise InvalidArgumentError(f"a PC has 1 .. {MAX_CPUS} vCPUs, not {cpus}")
         if cpus > 1 and not vm.has_irqchip:
             raise InvalidArgumentError("more than one vCPU needs the in-kernel irqchip (irqchip=True): "
                                        "firmware starts application processors through the local APIC")
-        self.vm, self.cpus, self.cpuid_hook = vm, cpus, cpuid
+        self.vm, self.cpus, self.cpuid_hook, self.ram_size = vm, cpus, cpuid, ram_size
         self.image = None if image is None else bytes(image)    # None: a kernel loaded without firmware
         if map_memory:
             platform.load_firmware(vm, self.image, ram_size=ram_size)
@@ -99,9 +101,18 @@ class Pc:
         if self.cpuid_hook is not None:
             entries = self.cpuid_hook(entries, vcpu.id)
         vcpu.set_cpuid2(entries)
+        if vcpu.id == 0:        # SMBIOS describes the processors by what vCPU 0 was given
+            self._add_smbios(entries)
         with self._lock:
             self.vcpus.append((vcpu, vcpustate.capture(vcpu)))
             self._handles.append(vcpu.handle())
+
+    def _add_smbios(self, entries) -> None:
+        leaf1 = next((e for e in entries if e["function"] == 1), None)
+        anchor, blob = smbios.tables(ram_size=self.ram_size, cpus=self.cpus,
+                                     cpuid_1=(leaf1["eax"], leaf1["edx"]) if leaf1 else (0, 0))
+        self.fw_cfg.add_file("etc/smbios/smbios-anchor", anchor)
+        self.fw_cfg.add_file("etc/smbios/smbios-tables", blob)
 
     def _kick_all(self) -> None:
         with self._lock:

@@ -101,19 +101,85 @@ def _check_pc_args(abi, timeout) -> None:
         _check_run_args(abi, timeout)
 
 
-def _stop_workers(finished, handles, ready) -> None:
-    """The caller was interrupted (Ctrl-C): stop every vCPU thread, then wait until each
-    has given its vCPU up.  (Not Thread.join(): after a join that Ctrl-C interrupted,
-    CPython 3.11 counts the thread as stopped although it still runs.)"""
-    ready.abort()               # threads not yet running never start (handles are set before)
+class _Crew:
+    """The vCPU threads of one run, one per vCPU (vCPU 0 runs in the calling thread when it
+    is the only one): each attaches its vCPU, sets it up under a common lock, waits for the
+    others, then runs it (under the gdb server if there is one) until the run ends."""
+
+    def __init__(self, machine, vcpus: int, *, setup, drive, gdb, deadline: float, parties: int = 0):
+        self.machine, self.setup, self.drive, self.gdb, self.deadline = machine, setup, drive, gdb, deadline
+        self.results: list = [None] * vcpus
+        self.errors: list = []
+        self.stats: list = []
+        self.setup_lock = threading.Lock()
+        self.ready = threading.Barrier(vcpus + parties)         # *parties*: other threads that wait too
+        self.finished = [threading.Event() for _ in range(vcpus)]   # vCPU given up (see run())
+
+    def _worker(self, i: int, on_error) -> None:
+        vcpu = None
+        try:
+            vcpu = self.machine.attach(i)
+            with self.setup_lock:
+                self.setup(i, vcpu)
+            self.ready.wait()
+            debugged, until = _debugged(self.gdb, vcpu, self.machine.runner(vcpu), self.deadline)
+            with debugged as run:
+                self.results[i] = self.drive(run, vcpu, until)
+            self.stats.append(vcpu.stats())
+        except BaseException as e:          # reported to the caller by outcome()
+            self.errors.append(e)
+            self.ready.abort()
+            on_error()
+        finally:
+            try:
+                if vcpu is not None:
+                    self.machine.detach(vcpu)
+            finally:
+                self.finished[i].set()
+
+    def run(self, *, stop, on_error=lambda: None) -> None:
+        """Run every vCPU until each has ended.  If the caller is interrupted (Ctrl-C lands
+        in the main thread only) *stop()* makes every vCPU thread leave its run loop, then
+        this waits until each has given its vCPU up before it re-raises: not with
+        Thread.join(), since after a join that Ctrl-C interrupted CPython 3.11 counts the
+        thread as stopped although it still runs, but for each thread's own event."""
+        if len(self.results) == 1:
+            self._worker(0, on_error)
+            return
+        threads: list = []
+        try:
+            for i in range(len(self.results)):
+                t = threading.Thread(target=self._worker, args=(i, on_error), name=f"vcpu{i}")
+                t.start()
+                threads.append(t)
+            for t in threads:
+                t.join()
+        except BaseException:
+            self.ready.abort()      # threads not yet past it never run
+            stop()
+            for done in self.finished[:len(threads)]:
+                done.wait()
+            raise
+
+    def outcome(self):
+        """Raise the first worker error; else (vCPU 0's result, the exit counts of all vCPUs
+        by reason, the isa-debug-exit status or None)."""
+        if self.errors:
+            raise self.errors[0]
+        exits = Counter()
+        for s in self.stats:
+            exits.update(s["exits"])
+        first = self.results[0]
+        return first, dict(exits), first.status if isinstance(first, _core.StopExit) else None
+
+
+def _kick_all(handles) -> None:
     for h in handles:
         if h is not None:
             try:
                 h.kick()        # their run() returns KickExit and _drive returns it
             except KvmsysError:
                 pass            # already removed: that thread is ending anyway
-    for done in finished:
-        done.wait()
 
 
 def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10.0,
@@ -133,90 +199,50 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
         # with the in-kernel irqchip, vCPUs other than 0 wait for INIT/SIPI that it never sends
         raise InvalidArgumentError(f"{name} is a uniprocessor guest: run it with vcpus=1")
     machine = Machine(abi, memory_size=memory_size, irqchip=irqchip, devices=True)
-    results: list = [None] * vcpus
-    errors: list = []
-    stats: list = []
     native = [False] * vcpus
-    setup_lock = threading.Lock()
     # A guest that waits for interrupts from the host (irq_count) gets them from a feeder thread.
     vector = guest.expect.get("vector")
     handles: list = [None] * vcpus
     done = threading.Event()
-    ready = threading.Barrier(vcpus + (1 if vector else 0))
-    deadline = time.monotonic() + timeout
+
+    def setup(i: int, vcpu) -> None:
+        per_cpu = {p.name: v for p in guest.params
+                   for v in [{"cpu": i, "ncpus": vcpus}.get(p.name)] if v is not None}
+        # PVM's native mode does not deliver interrupts to the guest, nor debug exits: stay emulated
+        native_ok = not irqchip and (gdb is None or pvm.NATIVE_GUEST_DEBUG)
+        native[i] = machine.load(name, vcpu, native=native_ok, **{**inputs, **per_cpu})
+        handles[i] = vcpu.handle()
+
+    crew = _Crew(machine, vcpus, setup=setup, drive=lambda run, vcpu, until: _drive(run, until), gdb=gdb,
+                 deadline=time.monotonic() + timeout, parties=1 if vector else 0)
 
     def feeder() -> None:
         try:
-            ready.wait()
+            crew.ready.wait()
         except threading.BrokenBarrierError:
             return
         count = {p.name: p.default for p in guest.params}
         count.update(inputs)
-        _feed_interrupts(machine.mem, handles, vector, count.get("n", 1), deadline, done)
+        _feed_interrupts(machine.mem, handles, vector, count.get("n", 1), crew.deadline, done)
 
-    def worker(i: int) -> None:
-        vcpu = None
-        try:
-            vcpu = machine.attach(i)
-            with setup_lock:
-                per_cpu = {p.name: v for p in guest.params
-                           for v in [{"cpu": i, "ncpus": vcpus}.get(p.name)] if v is not None}
-                # PVM's native mode does not deliver interrupts to the guest, nor debug
-                # exits: stay emulated
-                native_ok = not irqchip and (gdb is None or pvm.NATIVE_GUEST_DEBUG)
-                native[i] = machine.load(name, vcpu, native=native_ok, **{**inputs, **per_cpu})
-                handles[i] = vcpu.handle()
-            ready.wait()
-            debugged, until = _debugged(gdb, vcpu, machine.runner(vcpu), deadline)
-            with debugged as run:
-                results[i] = _drive(run, until)
-            stats.append(vcpu.stats())
-        except BaseException as e:          # reported to the caller below
-            errors.append(e)
-            ready.abort()
-        finally:
-            try:
-                if vcpu is not None:
-                    machine.detach(vcpu)
-            finally:
-                finished[i].set()
+    def stop() -> None:
+        done.set()
+        _kick_all(handles)      # handles are set before the barrier: threads past it have one
 
-    finished = [threading.Event() for _ in range(vcpus)]
     t0 = time.monotonic()
     feed = threading.Thread(target=feeder, name="interrupts") if vector else None
     try:
         if feed is not None:
             feed.start()
-        if vcpus == 1:
-            worker(0)
-        else:
-            threads: list = []
-            try:
-                for i in range(vcpus):
-                    t = threading.Thread(target=worker, args=(i,), name=f"vcpu{i}")
-                    t.start()
-                    threads.append(t)
-                for t in threads:
-                    t.join()
-            except BaseException:       # Ctrl-C lands in this (the main) thread only
-                done.set()
-                _stop_workers(finished[:len(threads)], handles, ready)
-                raise
+        crew.run(stop=stop)
         done.set()
         if feed is not None:
             feed.join()
         elapsed = time.monotonic() - t0
-        if errors:
-            raise errors[0]
-        first = results[0]
-        exits = Counter()
-        for s in stats:
-            exits.update(s["exits"])
-        return RunResult(
-            guest=name, abi=abi, vcpus=vcpus,
-            status=first.status if isinstance(first, _core.StopExit) else None,
-            reason=first.name, console=machine.vm.console(), exits=dict(exits),
-            port_counts=machine.vm.port_counts(), elapsed_s=elapsed, native64=any(native))
+        first, exits, status = crew.outcome()
+        return RunResult(guest=name, abi=abi, vcpus=vcpus, status=status, reason=first.name,
+                         console=machine.vm.console(), exits=exits, port_counts=machine.vm.port_counts(),
+                         elapsed_s=elapsed, native64=any(native))
     finally:
         machine.close()
 
@@ -225,7 +251,7 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
                  memory_size: int = 16 << 20, label: str = "firmware", vcpus: int = 1,
                  irqchip: bool = False, disk: str | None = None, disk_readonly: bool = False,
                  serial=None, no_reboot: bool = False, cpuid=None, on_start=None,
-                 until: bytes | None = None, gdb=None) -> RunResult:
+                 until: bytes | None = None, debug_sink=None, gdb=None) -> RunResult:
     """Boot a raw firmware image (SeaBIOS, or any image entered at the reset vector F000:FFF0)
     on a PC (kvmsys.pc) over *abi*, on *vcpus* threads, until it stops, the deadline
     (*timeout* seconds, None: none) passes or something calls ``pc.stop()``.
@@ -237,15 +263,19 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
     ``cpuid(entries, vcpu_id) -> entries``.  on_start: called with the Pc before the
     vCPUs start (e.g. to connect a terminal to ``pc.uart``).  until: end the run (reason
     "MATCHED") once the serial or the debug console shows these bytes (looked for every
-    few ms).  gdb: as for run_guest (one vCPU)."""
-    from .pc import Pc
+    few ms).  debug_sink: a callable receiving what the firmware writes to the debug
+    console as it comes (every few ms, and the rest when the run ends, however it ends).
+    gdb: as for run_guest (one vCPU)."""
+    from .pc import MAX_CPUS, Pc
     _check_pc_args(abi, timeout)
     if not isinstance(image, (bytes, bytearray, memoryview)):
         raise ArgumentTypeError(f"firmware image must be bytes, not {type(image).__name__}")
     if not 0 < len(image) <= platform.MAX_FIRMWARE_SIZE:
         raise InvalidArgumentError(f"firmware image of {len(image)} bytes: expected 1 byte .. 16 MiB")
-    if vcpus < 1:
-        raise InvalidArgumentError("vcpus must be at least 1")
+    if not isinstance(vcpus, int) or isinstance(vcpus, bool):
+        raise ArgumentTypeError(f"vcpus must be an int, not {type(vcpus).__name__}")
+    if not 1 <= vcpus <= MAX_CPUS:
+        raise InvalidArgumentError(f"a PC has 1 .. {MAX_CPUS} vCPUs, not {vcpus}")
     if gdb is not None and vcpus != 1:
         raise InvalidArgumentError("the gdb server debugs firmware on one vCPU")
     machine = Machine(abi, memory_size=memory_size, firmware=image, devices=True, irqchip=irqchip)
@@ -253,14 +283,14 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
                                        map_memory=False, disk_readonly=disk_readonly, serial_sink=serial,
                                        cpuid=cpuid),
                    label=label, vcpus=vcpus, timeout=timeout, no_reboot=no_reboot, on_start=on_start,
-                   until=until, gdb=gdb)
+                   until=until, debug_sink=debug_sink, gdb=gdb)
 
 
 def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), initrd: bytes | None = None, abi: str = "fd",
                timeout: float | None = 10.0,
                memory_size: int = 128 << 20, label: str = "kernel", irqchip: bool = False,
                disk: str | None = None, disk_readonly: bool = False, serial=None, cpuid=None,
-               on_start=None, until: bytes | None = None, gdb=None) -> RunResult:
+               on_start=None, until: bytes | None = None, debug_sink=None, gdb=None) -> RunResult:
     """Boot a kernel with no firmware: RAM from 0, the PC's devices, and either a Linux
     bzImage (kvmsys.loaders.linux: 64-bit entry, *cmdline*, *initrd*) or a Multiboot (v1)
     kernel (kvmsys.loaders.multiboot: 32-bit protected mode, *cmdline*, *modules* as
@@ -289,77 +319,37 @@ def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), initrd: bytes | 
     return _run_pc(machine, lambda: Pc(machine.vm, None, ram_size=memory_size, disk=disk, map_memory=False,
                                        disk_readonly=disk_readonly, serial_sink=serial, cpuid=cpuid),
                    label=label, vcpus=1, timeout=timeout, no_reboot=True, on_start=on_start, until=until,
-                   gdb=gdb, prepare=lambda vcpu: enter(vcpu, entry, info))
+                   debug_sink=debug_sink, gdb=gdb, prepare=lambda vcpu: enter(vcpu, entry, info))
 
 
-def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, until, gdb, prepare=None):
+def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, until, debug_sink, gdb,
+            prepare=None):
     """Run a PC on *machine* (closed at the end) on *vcpus* threads: the part of
     run_firmware and run_kernel that is the same.  *prepare(vcpu)* sets up vCPU 0."""
     deadline = float("inf") if timeout is None else time.monotonic() + timeout
     pc = None
     try:
+        if debug_sink is not None and not callable(debug_sink):
+            raise ArgumentTypeError(f"debug_sink must be callable, not {type(debug_sink).__name__}")
         pc = make_pc()
-        results: list = [None] * vcpus
-        errors: list = []
-        stats: list = []
-        setup_lock = threading.Lock()
-        ready = threading.Barrier(vcpus)
-        finished = [threading.Event() for _ in range(vcpus)]   # vCPU given up (see _stop_workers)
 
-        def worker(i: int) -> None:
-            vcpu = None
-            try:
-                vcpu = machine.attach(i)
-                with setup_lock:
-                    pc.add_vcpu(vcpu)
-                    if i == 0 and prepare is not None:
-                        prepare(vcpu)
-                ready.wait()
-                debugged, until_fn = _debugged(gdb, vcpu, machine.runner(vcpu), deadline)
-                with debugged as run:
-                    results[i] = _drive_pc(pc, run, vcpu, until_fn, no_reboot)
-                stats.append(vcpu.stats())
-            except BaseException as e:          # reported to the caller below
-                errors.append(e)
-                ready.abort()
-                pc.stop("ERROR")
-            finally:
-                if vcpu is not None:
-                    machine.detach(vcpu)
-                finished[i].set()
+        def setup(i: int, vcpu) -> None:
+            pc.add_vcpu(vcpu)
+            if i == 0 and prepare is not None:
+                prepare(vcpu)
 
+        crew = _Crew(machine, vcpus, setup=setup, gdb=gdb, deadline=deadline,
+                     drive=lambda run, vcpu, until_fn: _drive_pc(pc, run, vcpu, until_fn, no_reboot))
         t0 = time.monotonic()
         if on_start is not None:
             on_start(pc)
-        if until is not None:
-            threading.Thread(target=_watch, args=(pc, bytes(until)), name="until", daemon=True).start()
-        if vcpus == 1:
-            worker(0)
-        else:
-            threads = [threading.Thread(target=worker, args=(i,), name=f"vcpu{i}") for i in range(vcpus)]
-            for t in threads:
-                t.start()
-            try:
-                for t in threads:
-                    t.join()
-            except KeyboardInterrupt:       # Ctrl-C in the main thread: stop the vCPU threads too
-                pc.stop("INTERRUPTED")
-                # not Thread.join() again: after a join Ctrl-C interrupted, CPython 3.11
-                # may count a still-running thread as stopped (as in _stop_workers)
-                for done in finished:
-                    done.wait()
-                raise
+        with _Watcher(pc, None if until is None else bytes(until), debug_sink):
+            crew.run(stop=lambda: pc.stop("INTERRUPTED"), on_error=lambda: pc.stop("ERROR"))
         elapsed = time.monotonic() - t0
-        if errors:
-            raise errors[0]
-        first = results[0]
-        exits = Counter()
-        for s in stats:
-            exits.update(s["exits"])
-        return RunResult(guest=label, abi=machine.abi, vcpus=vcpus,
-                         status=first.status if isinstance(first, _core.StopExit) else None,
+        first, exits, status = crew.outcome()
+        return RunResult(guest=label, abi=machine.abi, vcpus=vcpus, status=status,
                          reason=first if isinstance(first, str) else first.name,
-                         console=bytes(pc.uart.output), debug=machine.vm.console(), exits=dict(exits),
+                         console=bytes(pc.uart.output), debug=machine.vm.console(), exits=exits,
                          port_counts=machine.vm.port_counts(), elapsed_s=elapsed, resets=pc.resets)
     finally:
         if pc is not None:
@@ -367,12 +357,71 @@ def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, unt
         machine.close()
 
 
-def _watch(pc, pattern: bytes) -> None:
-    """Stop *pc* once its serial output or debug console contains *pattern*."""
-    while not pc.finished.wait(0.005):
-        if pattern in pc.uart.output or pattern in pc.vm.console():
-            pc.stop("MATCHED")
+class _Watcher:
+    """One thread that looks at a running PC every few ms: it passes what the firmware
+    wrote to the debug console (0xe9, 0x402) since the last look to *debug_sink*, and
+    stops the PC (reason "MATCHED") once the serial or the debug console shows *until*.
+    Each look reads only the new bytes.  Leaving the ``with`` block stops the thread and
+    drains the debug console once more, so the sink misses nothing however the run ended;
+    an error of the sink ends the run and is raised there."""
+    PERIOD_S = 0.005
+
+    def __init__(self, pc, until: bytes | None, debug_sink) -> None:
+        self.pc, self.until, self.sink = pc, until, debug_sink
+        self.debug_seen = 0         # debug console bytes read so far
+        self.serial_seen = 0        # serial bytes searched so far
+        self.tail = b""             # the debug console's last len(until) - 1 bytes: a match may span looks
+        self.error = None
+        self.stopping, self.exited = threading.Event(), threading.Event()
+        self.thread = None
+
+    def __enter__(self):
+        if self.until is not None or self.sink is not None:
+            self.thread = threading.Thread(target=self._loop, name="watch", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if self.thread is None:
             return
+        self.stopping.set()
+        self.exited.wait()          # not join(): see _Crew.run
+        try:
+            if self.error is not None:
+                raise self.error
+            self.look(final=True)
+        except Exception:
+            if exc_type is None:    # else the run's own error goes first
+                raise
+
+    def _loop(self) -> None:
+        try:
+            while not self.stopping.wait(self.PERIOD_S):
+                self.look()
+        except BaseException as e:  # raised by __exit__
+            self.error = e
+            self.pc.stop("ERROR")
+        finally:
+            self.exited.set()
+
+    def look(self, final: bool = False) -> None:
+        new = self.pc.vm.console(start=self.debug_seen)
+        self.debug_seen += len(new)
+        if new and self.sink is not None:
+            self.sink(new)
+        if self.until is None or final:
+            return
+        keep = len(self.until) - 1
+        out = self.pc.uart.output
+        end = len(out)              # a vCPU thread may append meanwhile: search what was there
+        hit = out.find(self.until, max(0, self.serial_seen - keep), end) >= 0
+        self.serial_seen = end
+        if new:
+            seen = self.tail + new
+            hit = hit or self.until in seen
+            self.tail = seen[-keep:] if keep else b""
+        if hit:
+            self.pc.stop("MATCHED")
 
 
 def _drive_pc(pc, run, vcpu, deadline, no_reboot: bool):

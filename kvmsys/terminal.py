@@ -18,10 +18,13 @@ CTRL_A = 0x01
 
 
 class FileSink:
-    """--serial file:PATH: the UART's output appended to a file (created if missing)."""
+    """--serial file:PATH: the UART's output appended to a file (created if missing);
+    --debug-log PATH: the debug console, to a file emptied first (truncate).  Unbuffered:
+    each write reaches the file at once (`tail -f`, a run that is killed)."""
 
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    def __init__(self, path: str, truncate: bool = False) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                          | (os.O_TRUNC if truncate else 0), 0o644)
 
     def __call__(self, data: bytes) -> None:
         os.write(self.fd, data)

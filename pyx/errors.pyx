@@ -88,13 +88,13 @@ cdef double as_timeout(object t) except? -2.0:
 
 
 cdef int64_t as_budget(object b) except? -2:
-    """run()'s exit budget, -1 for none: a positive int."""
+    """run()'s exit budget, -1 for none: a non-negative int (0: return before KVM_RUN)."""
     if b is None:
         return -1
     if not isinstance(b, int):
         raise ArgumentTypeError(f"budget must be an int number of exits or None, not {type(b).__name__}")
-    if not 1 <= b <= 0x7fffffffffffffff:
-        raise InvalidArgumentError(f"budget must be 1..2**63-1 exits, not {b}")
+    if not 0 <= b <= 0x7fffffffffffffff:
+        raise InvalidArgumentError(f"budget must be 0..2**63-1 exits, not {b}")
     return <int64_t>b
 
 

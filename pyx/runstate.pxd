@@ -59,13 +59,16 @@ cdef struct vmstate_t:
     size_t console_cap
     uint64_t console_dropped
     uint64_t coalesced_unhandled
+    # the VM's coalesced ring (one page, the same through every vCPU's mapping): mapped
+    # by the VM itself from its first vCPU, so it outlives any vCPU; NULL before that
+    kvm_coalesced_mmio_ring *ring
+    uint32_t ring_max
+    uint64_t coalesced_flushed   # ring entries taken by unregistering a zone (no vCPU's stats)
 
 cdef struct vcpustate_t:
     int fd
     kvm_run *run
     size_t run_size
-    kvm_coalesced_mmio_ring *ring
-    uint32_t ring_max
     vmstate_t *vm
     pthread_mutex_t lock         # kick vs release, and run entry in the fd ABI
     int running

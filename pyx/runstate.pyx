@@ -84,23 +84,30 @@ cdef inline void fill(uint8_t *p, size_t n, uint64_t value, size_t unit) noexcep
         p[i] = <uint8_t>(value >> (8 * (i % unit)))
 
 
+# The handler kind for an access and, in *h*, its handler index (-1: the space's
+# default; an ignored default port access is counted here).
+cdef inline int handler_kind(vmstate_t *vm, int space, uint64_t addr, int *h) noexcept nogil:
+    h[0] = find_handler(vm, space, addr)
+    if h[0] >= 0:
+        return vm.handlers[h[0]].kind
+    if vm.default_kind[space] == H_IGNORE and space == SPACE_PIO:
+        kvmsys_add_u64(&vm.port_counts[addr & 0xffff], 1)
+    return vm.default_kind[space]
+
+
 # Handle one access (PIO or MMIO) with a fast handler.  Returns -1 if it was
 # handled and the loop goes on, else an R_* result.
 cdef inline int access(vcpustate_t *v, int space, uint64_t addr, int is_write,
                        uint8_t *data, size_t unit, size_t total) noexcept nogil:
     cdef vmstate_t *vm = v.vm
-    cdef int h = find_handler(vm, space, addr)
-    cdef int kind
+    cdef int h
+    cdef int kind = handler_kind(vm, space, addr, &h)
     cdef uint64_t value = 0
     if h >= 0:
-        kind = vm.handlers[h].kind
         value = vm.handlers[h].value
         v.handler_hits[h] += 1
     else:
-        kind = vm.default_kind[space]
         v.default_hits += 1
-        if kind == H_IGNORE and space == SPACE_PIO:
-            kvmsys_add_u64(&vm.port_counts[addr & 0xffff], 1)
     v.last_handler = h
     if kind == H_PYTHON:
         return R_EXIT
@@ -120,31 +127,41 @@ cdef inline int access(vcpustate_t *v, int space, uint64_t addr, int is_write,
     return -1
 
 
+# Take the next entry of the VM's coalesced ring (ring_lock held), copied to *e
+# (once `first` moves on, the kernel may reuse its slot), if `first` is not *stop*.
+# Returns 1, 0 once the ring is empty (or at stop), or -EFAULT: ring indices out of
+# range (the ring is writable from Python through the comm area) are never trusted,
+# or a drain would never end.
+cdef inline int ring_pop_locked(vmstate_t *vm, kvm_coalesced_mmio *e, uint32_t stop) noexcept nogil:
+    cdef kvm_coalesced_mmio_ring *ring = vm.ring
+    cdef kvm_coalesced_mmio *entries = <kvm_coalesced_mmio *>(<char *>ring + sizeof(kvm_coalesced_mmio_ring))
+    cdef uint32_t first = ring.first
+    cdef uint32_t last = kvmsys_load_u32(&ring.last)
+    if first >= vm.ring_max or last >= vm.ring_max:
+        return -EFAULT
+    if first == last or first == stop:
+        return 0
+    e[0] = entries[first]
+    kvmsys_store_u32(&ring.first, (first + 1) % vm.ring_max)
+    return 1
+
+
 # Drain the VM's coalesced MMIO/PIO ring: writes the kernel batched for us, each
 # through the handler of its range, in order.  Returns -1 once the ring is empty,
-# or the R_* of an entry that goes to Python or stops the run; that entry is
-# copied to v.ring_entry first (once `first` moves on, the kernel may reuse its slot).
-# Ring indices out of range (the ring is writable from Python through the comm
-# area) are R_ERROR with v.error = -EFAULT: never trusted, or the loop never ends.
+# or the R_* of an entry that goes to Python or stops the run (in v.ring_entry).
+# Bad ring indices are R_ERROR with v.error = -EFAULT (negative: a check of ours).
 cdef int drain_ring(vcpustate_t *v) noexcept nogil:
-    cdef kvm_coalesced_mmio_ring *ring = v.ring
-    cdef kvm_coalesced_mmio *entries = <kvm_coalesced_mmio *>(<char *>ring + sizeof(kvm_coalesced_mmio_ring))
     cdef kvm_coalesced_mmio *e = &v.ring_entry
-    cdef uint32_t first, last
-    cdef int res = -1
+    cdef int r, res = -1
     pthread_mutex_lock(&v.vm.ring_lock)
-    first = ring.first
     while True:
-        last = kvmsys_load_u32(&ring.last)
-        if first >= v.ring_max or last >= v.ring_max:
-            v.error = -EFAULT       # negative: a check of ours, not the kernel's errno
+        r = ring_pop_locked(v.vm, e, v.vm.ring_max)
+        if r < 0:
+            v.error = r
             res = R_ERROR
             break
-        if first == last:
+        if r == 0:
             break
-        e[0] = entries[first]
-        first = (first + 1) % v.ring_max
-        kvmsys_store_u32(&ring.first, first)
         v.coalesced += 1
         if e.len == 0 or e.len > 8:
             kvmsys_add_u64(&v.vm.coalesced_unhandled, 1)
@@ -159,8 +176,44 @@ cdef int drain_ring(vcpustate_t *v) noexcept nogil:
     return res
 
 
-cdef inline bint ring_pending(vcpustate_t *v) noexcept nogil:
-    return v.ring != NULL and kvmsys_load_u32(&v.ring.first) != kvmsys_load_u32(&v.ring.last)
+cdef inline bint ring_pending(vmstate_t *vm) noexcept nogil:
+    return vm.ring != NULL and kvmsys_load_u32(&vm.ring.first) != kvmsys_load_u32(&vm.ring.last)
+
+
+# Outside any run (a zone was just unregistered): drain the ring, in order, up to
+# where it ended on entry (later entries belong to zones still registered, and a
+# guest writing them could keep this going for ever).  C-handled writes are applied
+# here; those for a PYTHON or EXIT range, which only a run() can deliver, go to
+# out[] in order, their number to *nout (at most cap: a ring has fewer entries).
+# Returns 0 or -EFAULT (bad ring indices).
+cdef int flush_ring(vmstate_t *vm, kvm_coalesced_mmio *out, uint32_t cap, uint32_t *nout) noexcept nogil:
+    cdef kvm_coalesced_mmio e
+    cdef int r = 0
+    cdef int h, kind
+    cdef uint32_t stop
+    nout[0] = 0
+    pthread_mutex_lock(&vm.ring_lock)
+    if vm.ring != NULL:         # NULL: no vCPU yet (nothing was written) or the VM is closed
+        stop = kvmsys_load_u32(&vm.ring.last)
+        while nout[0] < cap:
+            r = ring_pop_locked(vm, &e, stop)
+            if r <= 0:
+                break
+            kvmsys_add_u64(&vm.coalesced_flushed, 1)
+            if e.len == 0 or e.len > 8:
+                kvmsys_add_u64(&vm.coalesced_unhandled, 1)
+                continue
+            kind = handler_kind(vm, SPACE_PIO if e.pio else SPACE_MMIO, e.phys_addr, &h)
+            if kind == H_PYTHON or kind == H_EXIT:
+                out[nout[0]] = e
+                nout[0] += 1
+                continue
+            if kind == H_SINK:
+                console_append(vm, e.data, e.len)
+            if h < 0:
+                kvmsys_add_u64(&vm.coalesced_unhandled, 1)
+    pthread_mutex_unlock(&vm.ring_lock)
+    return r if r < 0 else 0
 
 
 # Owner thread, before KVM_RUN, no in-kernel irqchip: inject what the guest can
@@ -255,6 +308,8 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     cdef unsigned sigs, now_sigs, taken
     cdef uint8_t late
     cdef int held = 0
+    if v.budget_left == 0:
+        return R_BUDGET     # 0 is no exit at all, never "unlimited" (< 0)
     t_out = kvmsys_now_ns()
     t_poll = t_out
     # Kick signal and SIGINT blocked outside KVM_RUN, let in inside it (see
@@ -324,7 +379,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
                 break
             v.need_dispatch = r >= 0
         # ring entries come before the exit that found them
-        if ring_pending(v):
+        if ring_pending(v.vm):
             res = drain_ring(v)
             if res >= 0:
                 break

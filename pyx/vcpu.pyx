@@ -123,11 +123,7 @@ cdef class VcpuCore:
         self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {self.id} comm area")
         self.v.run = <kvm_run *>addr
         self.v.run_size = vm.mmap_size
-        cdef long page = sysconf(_SC_PAGESIZE)
-        if vm.check_extension(KVM_CAP_COALESCED_MMIO) > 0 and \
-                (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * page <= <long>vm.mmap_size:
-            self.v.ring = <kvm_coalesced_mmio_ring *>(<char *>addr + KVM_COALESCED_MMIO_PAGE_OFFSET * page)
-            self.v.ring_max = (page - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
+        vm.map_ring(self.v.fd)      # the VM's coalesced ring, once (it shows in every comm area)
         return 0
 
     cdef int map_dirty_ring(self) except -1:
@@ -405,11 +401,14 @@ cdef class VcpuCore:
                                  "a call_soon callback): return from the handler to let the run go on")
             raise StateError(f"vCPU {self.id} is already running in another thread")
         self._runner = PyThread_get_thread_ident()
-        self._touched = 1
-        self.ran = self.ran_here = 1
         if kvmsys_load_int(&shutting_down):
             kvmsys_store_int(&v.active, 0)
             raise StateError("the interpreter is exiting: vCPUs no longer run")
+        if budget == 0:             # checked like any run, but no KVM_RUN: nothing changes
+            kvmsys_store_int(&v.active, 0)
+            return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
+        self._touched = 1
+        self.ran = self.ran_here = 1
         try:
             v.budget_left = budget
             v.deadline_ns = 0
@@ -536,7 +535,8 @@ cdef class VcpuCore:
     def run(self, budget=None, timeout=None):
         """Run until an exit the fast handlers do not take, a stop, a kick, the budget or the deadline.
 
-        budget: at most this many exits, a positive int (None: unlimited).  timeout: seconds,
+        budget: at most this many exits, an int >= 0 (None: unlimited; 0 returns a BudgetExit
+        at once, after the checks every run makes, without entering KVM_RUN).  timeout: seconds,
         an int or float >= 0 (a watchdog stops even a guest that never exits); None or inf:
         no deadline, and so are values of 2**32 s or more.  Returns the decoded Exit."""
         cdef int64_t b = as_budget(budget)
@@ -937,7 +937,6 @@ cdef class VcpuCore:
         close(self.v.fd)
         self.v.fd = -1
         self.v.run = NULL
-        self.v.ring = NULL
         self.v.generation += 1
         pthread_mutex_unlock(&self.v.lock)
         self.page = None

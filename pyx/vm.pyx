@@ -2,7 +2,14 @@
 from posix.stat cimport struct_stat, fstat, S_ISREG
 from libc.string cimport memcpy
 from bisect import bisect_right
+from collections import namedtuple
 import weakref
+
+CoalescedWrite = namedtuple("CoalescedWrite", "space address data", module="kvmsys._core")
+CoalescedWrite.__doc__ = (
+    "A write taken from the coalesced ring by register_coalesced(unregister=True) that only "
+    "a run() could deliver (its range is a PYTHON or EXIT one): space (Space.PIO or "
+    "Space.MMIO), guest address (port), data (the bytes written, little-endian).")
 
 
 cdef class MemorySlot:
@@ -93,6 +100,7 @@ cdef class VmCore:
     cdef readonly set vcpu_ids
     cdef object vcpus               # WeakSet of live VcpuCore, closed with the VM
     cdef set coalesced_zones        # registered (addr, size, pio)
+    cdef Mapping ring_page          # the coalesced ring (state.ring), mapped from the first vCPU
     cdef unsigned long forkgen      # the process that created it
     cdef object __weakref__
 
@@ -535,13 +543,45 @@ cdef class VmCore:
             q.resamplefd = rfd
         self.vm_ioctl(KVM_IRQFD, &q, "KVM_IRQFD")
 
+    cdef int map_ring(self, int vcpu_fd) except -1:
+        # The ring is the VM's, one page shown at KVM_COALESCED_MMIO_PAGE_OFFSET of
+        # every vCPU fd: map it once, from the first vCPU, for the VM's life (the
+        # mapping keeps that vCPU's file open, so closing the vCPU leaves it valid).
+        cdef long page = sysconf(_SC_PAGESIZE)
+        if self.ring_page is not None or self.check_extension(KVM_CAP_COALESCED_MMIO) <= 0 or \
+                (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * page > <long>self.mmap_size:
+            return 0
+        cdef void *addr = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd,
+                               KVM_COALESCED_MMIO_PAGE_OFFSET * page)
+        if addr == MAP_FAILED:
+            raise_os(errno, "mmap(coalesced ring)")
+        self.ring_page = Mapping.wrap(addr, page, "the coalesced ring")   # MADV_DONTFORK
+        pthread_mutex_lock(&self.state.ring_lock)
+        self.state.ring_max = (page - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
+        self.state.ring = <kvm_coalesced_mmio_ring *>addr
+        pthread_mutex_unlock(&self.state.ring_lock)
+        return 0
+
     def register_coalesced(self, addr, size, *, bint pio=False, bint unregister=False):
         """KVM_(UN)REGISTER_COALESCED_MMIO: guest writes to the zone are batched in a ring
         that the run loop drains at the next exit, each write through the handler of its
         range in order (an EXIT range stops the run, a PYTHON range gets a CoalescedExit),
-        with no exit per write.  Writes still in the ring when a zone is unregistered
-        are delivered all the same; unregistering a zone that is not registered (the
-        same addr, size and pio) is an InvalidArgumentError."""
+        with no exit per write.  Registering returns ().
+
+        Unregistering drains the ring before it returns, in the calling thread: once the
+        zone is gone from KVM (no new write lands in the ring), every entry still in the
+        ring (of any zone) is taken, in order, under the lock vCPUs drain it with.  A write
+        whose range is handled in C (SINK, CONST, IGNORE, the IGNORE default) is applied
+        at once, as a run would; one whose range is PYTHON (callback or not, or the PYTHON
+        default) or EXIT cannot be delivered outside run(): it is returned instead, and
+        no run() ever sees it.  Returns those writes in ring order, a tuple of
+        CoalescedWrite(space, address, data); the caller delivers them (an EXIT write is
+        the guest asking to stop, with status (value << 1) | 1).  An entry a vCPU of
+        another thread took from the ring just before (all come before these in the
+        ring) stays its run's to deliver, possibly after the caller got these.  Entries
+        taken here count in coalesced_flushed, not in any vCPU's stats().  Unregistering
+        a zone that is not registered (the same addr, size and pio) is an
+        InvalidArgumentError."""
         cdef uint64_t addr_ = as_u64(addr, "zone address")
         cdef uint32_t size_ = as_u32(size, "zone size_")
         require(size_ > 0, "zone size_ must be positive")
@@ -557,14 +597,37 @@ cdef class VmCore:
         z.size = size_
         z.pio = 1 if pio else 0
         key = (addr_, size_, bool(pio))
-        if unregister:
-            require(key in self.coalesced_zones,
-                    f"no coalesced {'PIO' if pio else 'MMIO'} zone {addr_:#x}+{size_:#x} is registered")
-            self.vm_ioctl(KVM_UNREGISTER_COALESCED_MMIO, &z, "KVM_UNREGISTER_COALESCED_MMIO")
-            self.coalesced_zones.discard(key)
-        else:
+        if not unregister:
             self.vm_ioctl(KVM_REGISTER_COALESCED_MMIO, &z, "KVM_REGISTER_COALESCED_MMIO")
             self.coalesced_zones.add(key)
+            return ()
+        require(key in self.coalesced_zones,
+                f"no coalesced {'PIO' if pio else 'MMIO'} zone {addr_:#x}+{size_:#x} is registered")
+        self.vm_ioctl(KVM_UNREGISTER_COALESCED_MMIO, &z, "KVM_UNREGISTER_COALESCED_MMIO")
+        self.coalesced_zones.discard(key)
+        return self.flush_coalesced()
+
+    cdef tuple flush_coalesced(self):
+        # The ring's entries now, in order (see register_coalesced): C-handled ones
+        # applied, the others returned.
+        cdef uint32_t n = 0, i
+        cdef uint32_t cap = (sysconf(_SC_PAGESIZE) - sizeof(kvm_coalesced_mmio_ring)) // sizeof(kvm_coalesced_mmio)
+        cdef int r
+        cdef kvm_coalesced_mmio *out = <kvm_coalesced_mmio *>calloc(cap, sizeof(kvm_coalesced_mmio))
+        if out == NULL:
+            raise MemoryError()
+        try:
+            with nogil:         # the lock may be held by a vCPU draining the ring
+                r = flush_ring(self.state, out, cap, &n)
+            writes = []
+            for i in range(n):
+                writes.append(CoalescedWrite(SPACE_PIO if out[i].pio else SPACE_MMIO, out[i].phys_addr,
+                                             (<char *>out[i].data)[:out[i].len]))
+        finally:
+            free(out)
+        if r < 0:
+            raise_os(-r, "draining the coalesced ring", "the ring holds an index out of range")
+        return tuple(writes)
 
     def enable_cap(self, cap, flags=0, args=()):
         """KVM_ENABLE_CAP on the VM."""
@@ -736,13 +799,20 @@ cdef class VmCore:
         self.require_open()
         self.state.hlt_action = kind_
 
-    def console(self, bint clear=False):
-        """Bytes collected by sink handlers (serial THR, debugcon), optionally clearing them."""
+    def console(self, bint clear=False, *, start=0):
+        """Bytes collected by sink handlers (serial THR, debugcon) from offset *start* on,
+        optionally clearing them all.  A reader that keeps its offset (the length it has
+        read so far) copies only what is new; a *start* past the end is refused."""
+        cdef size_t start_ = <size_t>as_uint(start, "console start", CONSOLE_MAX)
         if self.forkgen != kvmsys_fork_generation:
             self.require_open()         # its lock may be held by a thread of the parent
         pthread_mutex_lock(&self.state.lock)
         try:
-            out = (<char *>self.state.console)[:self.state.console_len] if self.state.console_len else b""
+            if start_ > self.state.console_len:
+                raise InvalidArgumentError(f"console start {start_} is past its end "
+                                           f"({self.state.console_len} bytes)")
+            out = (<char *>self.state.console)[start_:self.state.console_len] \
+                if self.state.console_len > start_ else b""
             if clear:
                 self.state.console_len = 0
         finally:
@@ -758,6 +828,12 @@ cdef class VmCore:
     def coalesced_unhandled(self):
         """Coalesced writes that landed outside any fast handler (never silently: counted here)."""
         return self.state.coalesced_unhandled
+
+    @property
+    def coalesced_flushed(self):
+        """Coalesced ring entries taken by unregistering a zone (applied or returned
+        there), outside any vCPU's run and so in no vCPU's stats()."""
+        return self.state.coalesced_flushed
 
     def port_counts(self):
         """Accesses to ports with no handler (when the PIO default is H_IGNORE): {port: count}."""
@@ -785,6 +861,14 @@ cdef class VmCore:
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
+        if self.ring_page is not None:
+            if self.forkgen == kvmsys_fork_generation:
+                pthread_mutex_lock(&self.state.ring_lock)     # not while a flush reads it
+                self.state.ring = NULL
+                pthread_mutex_unlock(&self.state.ring_lock)
+            else:
+                self.state.ring = NULL      # a fork child: a parent thread may hold the lock
+            self.ring_page = None           # unmapped: the kernel VM can go
         self.slots.clear()
         del self.starts[:], self.by_start[:]
 

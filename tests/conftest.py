@@ -12,7 +12,12 @@ faulthandler prints every thread's traceback and ends the run with a failure, so
 lost kick or a deadlock fails CI with the place it hangs instead of stalling it.
 """
 import faulthandler
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -89,6 +94,76 @@ def Machine(abi, memory_size, irqchip=False, pit=False):
     m = Machine(abi, memory_size=memory_size, irqchip=irqchip, pit=pit)
     m.attach(0)
     return m
+
+
+def fork_child(child, timeout=30.0):
+    """Start child() in a fork child of the calling thread (it never returns into pytest);
+    its JSON-able result comes back through fork_result(pid, fd, deadline), which this
+    returns the arguments of.  (In two steps, so the parent can act while the child runs.)"""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            try:
+                out = child()
+            except BaseException as e:
+                out = {"error": repr(e)}
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, r, time.monotonic() + timeout
+
+
+def fork_result(pid, r, deadline):
+    """What the child of fork_child() returned; the test fails if it runs past *deadline*
+    (killed then) or did not exit with 0."""
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the fork child hung")
+            time.sleep(0.002)
+        assert os.waitstatus_to_exitcode(status) == 0
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+    finally:
+        os.close(r)
+    return json.loads(data)
+
+
+def forked(child, timeout=30.0):
+    """child() in a fork child of the calling thread: its JSON-able result."""
+    return fork_result(*fork_child(child, timeout))
+
+
+def interrupt_cli(args, ready, *, cwd, within=60.0, settle=0.0):
+    """`python -m kvmsys *args*`, sent SIGINT (Ctrl-C) once ready(proc) holds (looked at every
+    20 ms while it runs, for *within* s) and *settle* s more: (its exit status, its stderr).
+    It must still be running then, and end within 20 s of the signal."""
+    proc = subprocess.Popen([sys.executable, "-m", "kvmsys", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=cwd)
+    try:
+        deadline = time.monotonic() + within
+        while not ready(proc):
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline, f"not ready within {within} s"
+            time.sleep(0.02)
+        time.sleep(settle)
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err.decode()
 
 
 @pytest.fixture(params=["fd", "sys"])

@@ -1,13 +1,20 @@
 """Coalesced MMIO/PIO zones: the run loop drains the ring at every exit, each write through
 the handler of its range in order, before the exit that found them: a SINK appends, an EXIT
-(isa-debug-exit) stops the run, a PYTHON range gets a CoalescedExit per write.  Entries still
-in the ring when a zone is unregistered are delivered all the same; unregistering a zone that
-is not registered is an error."""
+(isa-debug-exit) stops the run, a PYTHON range gets a CoalescedExit per write.  Unregistering
+a zone drains the ring before it returns: C-handled writes are applied at once, those only a
+run() can deliver (PYTHON, EXIT) come back to the caller in order, never to a later run;
+unregistering a zone that is not registered is an error."""
+import threading
+import time
+
 import pytest
 
-from kvmsys import CoalescedExit, DeadlineExit, InvalidArgumentError, StopExit, _core
+from kvmsys import (CoalescedExit, CoalescedWrite, DeadlineExit, InvalidArgumentError, KickExit,
+                    StopExit, _core)
+from kvmsys.errors import StateError
 from kvmsys.guests import exit_status, layout
 
+from test_contract import forked
 from test_runloop import DEBUGCON, JMP_SELF, MODES, STOP, T, load_code, out_imm
 
 PIO = _core.SPACES["PIO"]
@@ -59,18 +66,201 @@ def test_a_python_range_behind_a_zone_gets_its_writes_in_order(machine, mode):
     assert machine.vm.coalesced_unhandled == 0
 
 
-def test_writes_in_the_ring_survive_unregistering_the_zone(machine):
+def test_unregistering_returns_the_python_writes_left_in_the_ring(machine):
     load_code(machine, "real", b"".join(out_imm(PORT, v) for v in (1, 2, 3)) + out_imm(0x80, 0) + STOP)
     machine.devices()
     machine.vm.add_handler(PIO, PORT, PORT + 1, K["PYTHON"])   # no callback: run() returns them
     machine.vm.register_coalesced(PORT, 1, pio=True)
     ex = machine.run(timeout=T)
     assert isinstance(ex, CoalescedExit) and ex.value == 1
-    machine.vm.register_coalesced(PORT, 1, pio=True, unregister=True)  # 2 and 3 are in the ring
-    got = [machine.run(timeout=T) for _ in range(3)]
-    assert [type(e).__name__ for e in got] == ["CoalescedExit", "CoalescedExit", "StopExit"]
-    assert [got[0].value, got[1].value] == [2, 3]
-    assert machine.vm.port_counts() == {0x80: 1}    # the exit that drained them came after
+    got = machine.vm.register_coalesced(PORT, 1, pio=True, unregister=True)  # 2 and 3 were in the ring
+    assert got == ((PIO, PORT, b"\x02"), (PIO, PORT, b"\x03"))
+    assert machine.vm.coalesced_flushed == 2
+    # no later run delivers them again: the exit that found them comes next, then the stop
+    assert isinstance(machine.run(timeout=T), StopExit)
+    assert machine.vm.port_counts() == {0x80: 1}
+    assert machine.vcpu.stats()["coalesced"] == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unregistering_drains_into_the_sink_at_once(machine, mode):
+    code = (out_imm(DEBUGCON, ord("a")) + out_imm(layout.PORT_DEBUG_EXIT, 0x10)
+            + out_imm(DEBUGCON, ord("b")) + out_imm(DEBUGCON, ord("c"))
+            + out_imm(PORT, 0)          # an exit (ignored in C)
+            + JMP_SELF)
+    load_code(machine, mode, code)
+    machine.devices()
+    machine.vm.register_coalesced(DEBUGCON, 1, pio=True)
+    machine.vm.register_coalesced(layout.PORT_DEBUG_EXIT, 1, pio=True)
+    ex = machine.run(timeout=T)
+    assert isinstance(ex, StopExit) and ex.status == exit_status(0x10), ex
+    assert machine.vm.console() == b"a"         # 'b' and 'c' wait in the ring
+    got = machine.vm.register_coalesced(DEBUGCON, 1, pio=True, unregister=True)
+    assert machine.vm.console() == b"abc"       # before any further exit
+    assert got == ()
+    assert machine.vm.coalesced_flushed == 2
+    assert isinstance(machine.run(timeout=0.2), DeadlineExit)
+    assert machine.vm.console() == b"abc"       # delivered once
+    assert machine.vm.port_counts() == {PORT: 1}
+
+
+def test_a_fork_child_never_drains_the_parents_ring(machine):
+    code = (out_imm(DEBUGCON, ord("a")) + out_imm(layout.PORT_DEBUG_EXIT, 0x10)
+            + out_imm(DEBUGCON, ord("b")) + out_imm(PORT, 0) + JMP_SELF)
+    load_code(machine, "real", code)
+    machine.devices()
+    machine.vm.register_coalesced(DEBUGCON, 1, pio=True)
+    machine.vm.register_coalesced(layout.PORT_DEBUG_EXIT, 1, pio=True)
+    assert isinstance(machine.run(timeout=T), StopExit)
+
+    def child():
+        try:
+            machine.vm.register_coalesced(DEBUGCON, 1, pio=True, unregister=True)
+        except StateError as e:
+            return {"refused": str(e)}
+        return {"refused": None}
+
+    out = forked(child)
+    assert "fork child" in (out.get("refused") or ""), out
+    assert machine.vm.register_coalesced(DEBUGCON, 1, pio=True, unregister=True) == ()
+    assert machine.vm.console() == b"ab"        # 'b' was still in the parent's ring
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unregistering_returns_python_and_exit_writes_in_order(machine, mode):
+    EXIT = layout.PORT_DEBUG_EXIT
+    code = (out_imm(PORT, 1) + out_imm(EXIT, 0x10) + out_imm(PORT, 2) + out_imm(DEBUGCON, ord("x"))
+            + out_imm(EXIT, 0x20) + out_imm(PORT, 3) + out_imm(0x90, 0) + STOP)
+    load_code(machine, mode, code)
+    machine.devices()
+    seen = []
+    machine.vm.add_handler(PIO, PORT, PORT + 1, K["PYTHON"], callback=lambda ex: seen.append(ex.value))
+    for port in (PORT, EXIT, DEBUGCON):
+        machine.vm.register_coalesced(port, 1, pio=True)
+    ex = machine.run(timeout=T)
+    assert isinstance(ex, StopExit) and ex.status == exit_status(0x10), ex
+    assert seen == [1]
+    got = machine.vm.register_coalesced(PORT, 1, pio=True, unregister=True)
+    assert got == ((PIO, PORT, b"\x02"), (PIO, EXIT, b"\x20"), (PIO, PORT, b"\x03"))
+    assert all(isinstance(w, CoalescedWrite) for w in got)
+    assert got[1].space == PIO and got[1].address == EXIT and got[1].data == b"\x20"
+    assert machine.vm.console() == b"x"         # the SINK write between them, at once
+    assert seen == [1]                          # the callback never runs outside run()
+    ex = machine.run(timeout=T)                 # nothing of it again: the pending exit, the stop
+    assert isinstance(ex, StopExit) and ex.status == 1, ex
+    assert seen == [1] and machine.vm.port_counts() == {0x90: 1}
+
+
+def test_unregistering_from_a_handler_of_the_run_gets_the_rest(machine):
+    load_code(machine, "real", b"".join(out_imm(PORT, v) for v in (1, 2, 3)) + out_imm(0x90, 0) + STOP)
+    machine.devices()
+    seen, rest = [], []
+
+    def on_write(ex):               # the ring's first entry: the zone goes, the rest come back
+        seen.append(ex.value)
+        if not rest:
+            rest.append(machine.vm.register_coalesced(PORT, 1, pio=True, unregister=True))
+
+    machine.vm.add_handler(PIO, PORT, PORT + 1, K["PYTHON"], callback=on_write)
+    machine.vm.register_coalesced(PORT, 1, pio=True)
+    ex = machine.run(timeout=T)
+    assert isinstance(ex, StopExit) and ex.status == 1, ex
+    assert seen == [1] and rest == [((PIO, PORT, b"\x02"), (PIO, PORT, b"\x03"))]
+    assert machine.vm.port_counts() == {0x90: 1}
+
+
+def worker_vcpu(machine, code, body):
+    """Run *code* (real mode) on a second vCPU in a new thread; body(vcpu, done) runs here
+    meanwhile (done: an Event set once the run returned; the vCPU is kicked after body if
+    it still runs).  Returns the worker's exit."""
+    out, ready, done, release = {}, threading.Event(), threading.Event(), threading.Event()
+
+    def worker():
+        vcpu = machine.attach(1)
+        try:
+            machine.load("debug_exit.real", vcpu)
+            machine.mem[layout.LOAD_ADDR:layout.LOAD_ADDR + len(code)] = code
+            out["vcpu"], out["handle"] = vcpu, vcpu.handle()
+            ready.set()
+            out["exit"] = machine.runner(vcpu)(timeout=T)
+        except BaseException as e:
+            out["error"] = e
+        finally:
+            ready.set()
+            done.set()
+            release.wait(T)         # the handle stays valid until the test is done with it
+            machine.detach(vcpu)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert ready.wait(T) and "error" not in out, out
+        body(out["vcpu"], done)
+    finally:
+        if "handle" in out and not done.is_set():
+            out["handle"].kick()
+        done.wait(T)
+        release.set()
+        t.join(T)
+    assert not t.is_alive() and "error" not in out, out
+    return out["exit"]
+
+
+FLAG = layout.DATA_ADDR + 0x100
+SPIN = 8000
+
+
+def test_unregistering_while_another_vcpu_runs_drains_at_once(machine):
+    text = b"hello"
+    # the writes, then a flag in memory, then spin: no exit until the kick
+    code = (b"".join(out_imm(DEBUGCON, c) for c in text)
+            + b"\xc6\x06" + FLAG.to_bytes(2, "little") + b"\x01"      # mov byte [FLAG], 1
+            + JMP_SELF)
+    machine.devices()
+    machine.vm.register_coalesced(DEBUGCON, 1, pio=True)
+
+    def body(vcpu, done):
+        deadline = time.monotonic() + T
+        while machine.mem[FLAG] != 1:
+            assert time.monotonic() < deadline, "the guest never wrote its flag"
+            time.sleep(0.001)
+        assert machine.vm.console() == b""      # all of it in the ring: the vCPU spins
+        got = machine.vm.register_coalesced(DEBUGCON, 1, pio=True, unregister=True)
+        assert machine.vm.console() == text     # at once, the vCPU still in KVM_RUN
+        assert got == ()
+        assert vcpu.running and not done.is_set()
+
+    ex = worker_vcpu(machine, code, body)
+    assert isinstance(ex, KickExit), ex
+    assert machine.vm.console() == text and machine.vm.coalesced_flushed == len(text)
+
+
+def test_zones_toggled_while_a_vcpu_writes_lose_and_reorder_nothing(machine):
+    n = 8000
+    # Bursts of 64 writes (in the ring while the zone is registered), each followed by a
+    # spin with no exit, so an unregistering thread finds writes in the ring to take
+    # while this vCPU runs, and races it for the rest (on our host the unregistering
+    # thread took 563 to 2154 of the 8000 writes in a run):
+    #   mov cx, n; 1: mov al, cl; out DEBUGCON, al; test cl, 63; jnz 3f
+    #   mov esi, SPIN; 2: dec esi; jnz 2b; 3: dec cx; jnz 1b; then stop
+    code = (b"\xb9" + n.to_bytes(2, "little") + b"\x88\xc8" + b"\xe6" + bytes([DEBUGCON])
+            + b"\xf6\xc1\x3f" + b"\x75\x0a" + b"\x66\xbe" + SPIN.to_bytes(4, "little")
+            + b"\x66\x4e" + b"\x75\xfc" + b"\x49" + b"\x75\xea" + STOP)
+    machine.devices()
+    flips = []
+
+    def body(vcpu, done):
+        deadline = time.monotonic() + T
+        while not done.is_set() or not flips:  # toggle for as long as the vCPU writes
+            assert time.monotonic() < deadline
+            machine.vm.register_coalesced(DEBUGCON, 1, pio=True)
+            time.sleep(0.001)                   # let writes gather in the ring
+            flips.append(machine.vm.register_coalesced(DEBUGCON, 1, pio=True, unregister=True))
+
+    ex = worker_vcpu(machine, code, body)
+    assert isinstance(ex, StopExit) and ex.status == 1, ex
+    assert all(f == () for f in flips)
+    assert machine.vm.console() == bytes((n - i) & 0xFF for i in range(n))
 
 
 def test_unregistering_a_zone_that_is_not_registered_is_an_error(machine):

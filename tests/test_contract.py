@@ -4,22 +4,22 @@ thread had for its vCPU is dead once it removed it), exits stamped with their ru
 and no release under a running loop.  Both ABIs where the behaviour exists in both.
 """
 import json
-import os
 import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 
 import pytest
 
 import kvmsys
-from kvmsys import (BudgetExit, DeadlineExit, IoExit, KickExit, StaleVcpuError, StateError,
+from kvmsys import (BudgetExit, IoExit, KickExit, StaleVcpuError, StateError,
                     StopExit, _core)
 from kvmsys.guests import exit_status, get, layout
 from kvmsys.runner import setup_devices
+
+from conftest import forked
 
 PIO = _core.SPACES["PIO"]
 K = _core.H_KINDS
@@ -42,41 +42,6 @@ def in_thread(fn, *args, timeout=60.0):
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-def forked(child, timeout=30.0):
-    """Run child() in a fork child of the calling thread; its JSON-able result comes back."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                            # never return into pytest
-        try:
-            os.close(r)
-            try:
-                out = child()
-            except BaseException as e:
-                out = {"error": repr(e)}
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail("the fork child hung")
-            time.sleep(0.002)
-        assert os.waitstatus_to_exitcode(status) == 0
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-    finally:
-        os.close(r)
-    return json.loads(data)
 
 
 def load(vcpu, mem, name, **inputs):

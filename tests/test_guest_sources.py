@@ -41,6 +41,18 @@ def test_vectors_same_in_every_mode(bits):
 def test_no_stray_bins():
     on_disk = {p.stem for p in build.BIN_DIR.glob("*.bin")}
     assert on_disk == set(TARGETS)
+    firmware = {p.stem for p in build.FIRMWARE_DIR.glob("*.S")}
+    assert firmware == {p.stem for p in build.FIRMWARE_DIR.glob("*.bin")} == set(build.FIRMWARE)
+
+
+@need_binutils
+@pytest.mark.parametrize("stem", sorted(build.FIRMWARE))
+def test_firmware_image_matches_source(stem):
+    """The test images of the PC (firmware/: reset-vector image, boot sector, Multiboot
+    kernel, bzImage; they share firmware/debugcon.inc), from the installed package."""
+    committed = (build.FIRMWARE_DIR / f"{stem}.bin").read_bytes()
+    assert build.assemble_firmware(stem) == committed, \
+        f"firmware/{stem}.bin is stale: run `python -m kvmsys.guests.build`"
 
 
 def test_vector_stubs():

@@ -426,10 +426,39 @@ def test_huge_or_infinite_timeout_means_no_deadline(machine, timeout):
     assert isinstance(ex, kvmsys.StopExit), ex          # not an immediate DeadlineExit
 
 
-@pytest.mark.parametrize("kw", [dict(timeout=math.nan), dict(timeout=-0.5), dict(budget=-1), dict(budget=0)])
+@pytest.mark.parametrize("kw", [dict(timeout=math.nan), dict(timeout=-0.5), dict(budget=-1), dict(budget=2 ** 63)])
 def test_bad_limits_are_invalid_arguments(machine, kw):
     with pytest.raises(InvalidArgumentError):
         machine.run(**kw)
+
+
+def test_budget_zero_returns_before_kvm_run(machine):
+    port = L.PORT_OUT
+    code = b"\xb0\x01\xe6" + bytes([port]) + b"\xeb\xfe"     # mov al, 1; out port, al; jmp .
+    machine.devices().load("debug_exit.real")
+    machine.mem[L.LOAD_ADDR:L.LOAD_ADDR + len(code)] = code
+    vcpu = machine.vcpu
+    rip = vcpu.get_regs()["rip"]
+    ex = machine.run(budget=0, timeout=0)       # an expired deadline too: the budget says 0 first
+    assert isinstance(ex, kvmsys.BudgetExit), ex
+    assert vcpu.stats()["runs"] == 0 and not vcpu.has_run
+    assert vcpu.get_regs()["rip"] == rip
+    # budget 1 is one exit, and 0 left is never "unlimited"
+    ex = machine.run(budget=1, timeout=10)
+    assert isinstance(ex, kvmsys.BudgetExit) and vcpu.stats()["total_exits"] == 1, ex
+    assert machine.vm.port_counts() == {port: 1}
+    # budget 0 makes the checks of every run first: not from inside the vCPU's own run
+    machine.vm.add_handler(_core.SPACES["PIO"], port, port + 1, _core.H_KINDS["PYTHON"],
+                           callback=lambda ex: machine.run(budget=0))
+    vcpu.set_regs(dict(vcpu.get_regs(), rip=rip))
+    with pytest.raises(StateError, match="from inside its own run"):
+        machine.run(budget=5, timeout=10)
+    assert isinstance(machine.run(budget=0), kvmsys.BudgetExit)
+
+
+def test_budget_zero_needs_a_bound_vcpu(fresh_process_vm):
+    with pytest.raises(VcpuBindingError):
+        kvmsys.run(budget=0)
 
 
 # --- the Python layer ---
@@ -528,21 +557,40 @@ def test_cli_bench_checks_its_json_output_first(tmp_path):
 
 
 def test_cli_ctrl_c_stops_every_vcpu():
-    import signal
-    proc = subprocess.Popen([sys.executable, "-m", "kvmsys", "run", "--guest", "smp_counter.pm32", "--vcpus", "2",
-                             "--n", "100000000", "--timeout", "120"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
-    try:
-        deadline = time.monotonic() + 30
-        while len(os.listdir(f"/proc/{proc.pid}/task")) < 3:     # main + two vCPU threads
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
-            time.sleep(0.05)
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err.decode()
-    assert "interrupted" in err.decode() and "Traceback" not in err.decode()
+    from conftest import interrupt_cli
+    code, err = interrupt_cli(["run", "--guest", "smp_counter.pm32", "--vcpus", "2", "--n", "100000000",
+                               "--timeout", "120"], cwd=tempfile.gettempdir(), within=30, settle=1.0,
+                              ready=lambda proc: len(os.listdir(f"/proc/{proc.pid}/task")) >= 3)   # main + 2 vCPUs
+    assert code == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("bad,says", [
+    (["--disk", "disk.img,sideways"], "expected FILE or FILE,readonly"),
+    (["--serial", "tcp:1234"], "expected stdio, file:PATH or collect"),
+    (["--serial", "file:/nonexistent-dir/serial.log"], "cannot open /nonexistent-dir/serial.log"),
+    (["--vcpus", "300"], "1 .. 255 vCPUs"),
+    (["--memory", "5000"], "3072 MiB"),
+])
+def test_cli_refuses_bad_pc_options_in_one_line(tmp_path, bad, says):
+    fw = tmp_path / "fw.bin"
+    fw.write_bytes(b"\xf4" * 4096)          # never runs: every case is refused before
+    p = kvmsys_cli("run", "--firmware", str(fw), *bad, timeout=30)
+    assert p.returncode == 2, p.stderr.decode()
+    assert says in one_line_error(p)
+
+
+@pytest.mark.parametrize("run,bad,says", [
+    (["--guest", "hello.real"], ["--disk", "x.img"], "--disk applies to --firmware and --kernel, not to --guest"),
+    (["--guest", "hello.real"], ["--serial", "stdio"], "--serial applies to --firmware and --kernel"),
+    (["--guest", "hello.real"], ["--append", "quiet"], "--append applies to --kernel, not to --guest"),
+    (["--firmware", "FW"], ["--initrd", "x"], "--initrd applies to --kernel, not to --firmware"),
+    (["--firmware", "FW"], ["--n", "3"], "--n applies to --guest, not to --firmware"),
+    (["--kernel", "FW"], ["--vcpus", "2"], "--kernel runs on one vCPU"),
+])
+def test_cli_refuses_options_that_would_be_ignored(tmp_path, run, bad, says):
+    fw = tmp_path / "fw.bin"
+    fw.write_bytes(b"\xf4" * 4096)
+    p = kvmsys_cli("run", *[str(fw) if a == "FW" else a for a in run], *bad, timeout=30)
+    assert p.returncode == 2, p.stderr.decode()
+    assert says in one_line_error(p)

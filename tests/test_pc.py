@@ -53,17 +53,8 @@ def grub_disk(tmp_path_factory):
 
 
 @pytest.mark.nokvm
-@pytest.mark.skipif(not (shutil.which("as") and shutil.which("objcopy")), reason="GNU as/objcopy not on PATH")
-@pytest.mark.parametrize("stem,bits", [("bootsector", "--32"), ("multiboot", "--32"), ("bzimage", "--64")])
-def test_test_images_match_their_source(tmp_path, stem, bits):
-    """The boot sector, Multiboot kernel and bzImage below are built from their source."""
-    src = Path(kvmsys.guests.__file__).parent / "firmware"
-    subprocess.run(["as", bits, "-o", str(tmp_path / "x.o"), str(src / f"{stem}.S")], check=True)
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "x.o"), str(tmp_path / "x.bin")],
-                   check=True)
-    assert (tmp_path / "x.bin").read_bytes() == (src / f"{stem}.bin").read_bytes()
-    if stem == "bootsector":
-        assert len(BOOTSECTOR) == 512 and BOOTSECTOR[510:] == b"\x55\xaa"
+def test_boot_sector_is_one_sector():
+    assert len(BOOTSECTOR) == 512 and BOOTSECTOR[510:] == b"\x55\xaa"
 
 
 def boot_disk(tmp_path, action: int) -> Path:
@@ -109,6 +100,91 @@ def test_seabios_without_irqchip_uses_the_pit():
     log = check_seabios_log(r)
     assert "Found 1 cpu(s)" in log and seen == [0]
     assert "Running on KVM" not in log and "kvmclock" not in log
+
+
+@need_seabios
+def test_debug_sink_streams_while_the_firmware_runs(abi):
+    """debug_sink gets SeaBIOS's log as it is written, not when the run ends, and all of it."""
+    import threading
+    chunks, pcs = [], []
+    streamed = threading.Event()
+
+    def sink(data):
+        pc = pcs[0]
+        chunks.append((data, pc.pending is None))           # the run still going?
+        if b"Found QEMU fw_cfg" in b"".join(c for c, _ in chunks):
+            streamed.set()
+
+    def stop_once_streamed(pc):
+        pcs.append(pc)
+
+        def run():
+            if streamed.wait(60):
+                pc.stop("DONE")
+        threading.Thread(target=run, daemon=True).start()
+
+    r = run_firmware(seabios(), abi=abi, irqchip=True, memory_size=32 << 20, timeout=60,
+                     on_start=stop_once_streamed, debug_sink=sink)
+    assert r.reason == "DONE", (r.reason, r.debug[-500:])
+    assert any(live for _, live in chunks)                  # before the stop: streamed
+    assert len(chunks) > 1
+    assert b"".join(c for c, _ in chunks) == r.debug        # and complete, the end drained too
+
+
+@need_seabios
+def test_cli_debug_log_is_written_while_the_run_goes_on(tmp_path):
+    """--debug-log: `tail -f` (or a run killed now) sees SeaBIOS's log while it runs; after
+    Ctrl-C the file still holds it, with whatever came after."""
+    from conftest import interrupt_cli
+    log = tmp_path / "debug.log"
+    seen = []
+
+    def log_shows_fw_cfg(proc):
+        seen[:] = [log.read_bytes() if log.exists() else b""]
+        return b"Found QEMU fw_cfg" in seen[0]
+
+    code, err = interrupt_cli(["run", "--firmware", str(SEABIOS), "--debug-log", str(log), "--timeout", "120",
+                               "--memory", "32"], ready=log_shows_fw_cfg, cwd=tmp_path)
+    assert code == 130, err                                 # it ran on after the log showed it
+    final = log.read_bytes()
+    assert final.startswith(seen[0]) and b"SeaBIOS (version" in final
+
+
+@pytest.mark.nokvm
+def test_watcher_finds_a_pattern_across_looks_and_reads_only_new_bytes():
+    """The runner's watcher (until=, debug_sink=): a pattern split between two looks is
+    found, on the debug console or the serial line; each look asks only for new bytes."""
+    from kvmsys.runner import _Watcher
+
+    class Vm:
+        def __init__(self):
+            self.buf, self.starts = b"", []
+
+        def console(self, start=0):
+            self.starts.append(start)
+            return self.buf[start:]
+
+    class Pc:
+        def __init__(self):
+            self.vm, self.uart, self.pending = Vm(), type("Uart", (), {"output": bytearray()})(), None
+
+        def stop(self, why):
+            self.pending = why
+
+    for where in ("debug", "serial"):
+        pc, got = Pc(), []
+        w = _Watcher(pc, b"No bootable", got.append)
+        for part in (b"xx No boo", b"table device"):
+            if where == "debug":
+                pc.vm.buf += part
+            else:
+                pc.uart.output += part
+            w.look()
+        assert pc.pending == "MATCHED", where
+        assert b"".join(got) == pc.vm.buf
+        assert pc.vm.starts == [0, len(pc.vm.buf) - len(b"table device") if where == "debug" else 0]
+        w.look(final=True)
+        assert b"".join(got) == pc.vm.buf                   # nothing twice
 
 
 @need_seabios
@@ -244,7 +320,8 @@ def test_triple_fault_resets(tmp_path):
 
 
 # --- Multiboot ------------------------------------------------------------------
-MB_KERNEL = (Path(kvmsys.guests.__file__).parent / "firmware" / "multiboot.bin").read_bytes()
+MB_PATH = Path(kvmsys.guests.__file__).parent / "firmware" / "multiboot.bin"
+MB_KERNEL = MB_PATH.read_bytes()
 INVADERS = Path("/boot/invaders.exec")
 
 
@@ -283,13 +360,21 @@ def test_cli_runs_a_multiboot_kernel(tmp_path):
     (tmp_path / "mod").write_bytes(b"module text")
     log = tmp_path / "debug.log"
     p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--kernel",
-                        str(Path(kvmsys.guests.__file__).parent / "firmware" / "multiboot.bin"),
+                        str(MB_PATH),
                         "--append", "root=/dev/null", "--module", f"{tmp_path / 'mod'},modarg",
                         "--debug-log", str(log), "--abi", "fd"], capture_output=True, text=True, timeout=60,
                        cwd=tmp_path)
     assert p.returncode == 3, p.stderr                       # one module: status (1 << 1) | 1
     assert log.read_bytes().startswith(b"multiboot ok\nroot=/dev/null\n")
     assert b"modarg:module text\n" in log.read_bytes()
+
+
+@pytest.mark.parametrize("path,says", [("/dev/full", "--debug-log: cannot write /dev/full"),
+                                       ("/nonexistent/debug.log", "--debug-log: cannot open /nonexistent/debug.log")])
+def test_cli_debug_log_errors_are_one_line(tmp_path, path, says):
+    p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--kernel", str(MB_PATH), "--debug-log", path],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 @pytest.mark.skipif(not INVADERS.exists(), reason="env: Debian package grub-invaders is not installed")
@@ -353,3 +438,80 @@ def test_real_linux_kernel_boots():
     r = run_kernel(LINUX[-1].read_bytes(), abi="fd", cmdline="earlyprintk=ttyS0 console=ttyS0",
                    memory_size=256 << 20, irqchip=True, timeout=60, until=b"Linux version")
     assert r.reason == "MATCHED", (r.reason, r.console[-500:])
+
+
+# --- SMBIOS ---------------------------------------------------------------------
+def smbios_structures(table: bytes) -> list:
+    """[(type, formatted area, strings)] of an SMBIOS structure table."""
+    out, i = [], 0
+    while i < len(table):
+        kind, length = table[i], table[i + 1]
+        end = table.index(b"\0\0", i + length)
+        strings = [s.decode() for s in table[i + length:end].split(b"\0") if s]
+        out.append((kind, table[i:i + length], strings))
+        i = end + 2
+    return out
+
+
+@pytest.mark.nokvm
+def test_smbios_tables_follow_the_specification():
+    from kvmsys import smbios
+    anchor, table = smbios.tables(ram_size=40 << 30, cpus=3, cpuid_1=(0x806F8, 0x178BFBFF))
+    assert len(anchor) == 0x1F and anchor[:4] == b"_SM_" and anchor[0x10:0x15] == b"_DMI_"
+    assert sum(anchor) & 0xFF == 0 and sum(anchor[0x10:]) & 0xFF == 0       # both checksums
+    structures = smbios_structures(table)
+    assert int.from_bytes(anchor[0x16:0x18], "little") == len(table)
+    assert int.from_bytes(anchor[0x1C:0x1E], "little") == len(structures)
+    # formatted lengths of SMBIOS 2.8 for each type
+    lengths = {1: 0x1B, 3: 0x16, 4: 0x2A, 16: 0x17, 17: 0x28, 19: 0x1F, 32: 0x0B, 127: 4}
+    assert [s[0] for s in structures] == [1, 3, 4, 4, 4, 16, 17, 17, 17, 19, 32, 127]
+    assert all(len(f) == lengths[k] for k, f, _ in structures)
+    handles = [int.from_bytes(f[2:4], "little") for _, f, _ in structures]
+    assert len(set(handles)) == len(handles)
+    assert max(len(f) + len(b"\0".join(s.encode() for s in st)) + 2 for _, f, st in structures) \
+        <= int.from_bytes(anchor[8:10], "little")
+    assert structures[0][2][:2] == ["kvmsys", "kvmsys PC"]
+    cpus = [s for s in structures if s[0] == 4]
+    assert [c[2][0] for c in cpus] == ["CPU 0", "CPU 1", "CPU 2"]
+    assert cpus[0][1][8:16] == (0x806F8).to_bytes(4, "little") + (0x178BFBFF).to_bytes(4, "little")
+    dimms = [int.from_bytes(f[0xC:0xE], "little") for k, f, _ in structures if k == 17]
+    assert dimms == [16384, 16384, 8192]                    # MiB, one device per 16 GiB
+    t19 = next(f for k, f, _ in structures if k == 19)
+    assert int.from_bytes(t19[8:12], "little") == (40 << 20) - 1  # last KiB, inclusive
+    with pytest.raises(kvmsys.InvalidArgumentError):
+        smbios.tables(ram_size=1 << 30, cpus=2000)
+
+
+@need_seabios
+def test_seabios_publishes_the_smbios_tables_of_kvmsys(abi):
+    """The guest finds our SMBIOS (SeaBIOS adds only its type 0): what dmidecode reads."""
+    import threading
+    found = {}
+
+    def read_smbios(pc):
+        def run():
+            while NO_BOOT not in pc.uart.output:
+                if pc.finished.wait(0.02):
+                    return
+            fseg = pc.vm.read(0xF0000, 0x10000)
+            at = next(i for i in range(0, len(fseg), 16) if fseg[i:i + 4] == b"_SM_")
+            found["anchor"] = anchor = fseg[at:at + 0x1F]
+            addr, length = int.from_bytes(anchor[0x18:0x1C], "little"), int.from_bytes(anchor[0x16:0x18], "little")
+            found["table"] = pc.vm.read(addr, length)
+            pc.stop("DONE")
+        threading.Thread(target=run, daemon=True).start()
+
+    r = run_firmware(seabios(), abi=abi, irqchip=True, vcpus=2, memory_size=64 << 20, timeout=40,
+                     on_start=read_smbios)
+    assert r.reason == "DONE", (r.reason, r.debug[-800:])
+    anchor, structures = found["anchor"], smbios_structures(found["table"])
+    assert sum(anchor) & 0xFF == 0 and sum(anchor[0x10:]) & 0xFF == 0
+    assert int.from_bytes(anchor[0x1C:0x1E], "little") == len(structures)
+    by_type = {}
+    for kind, formatted, strings in structures:
+        by_type.setdefault(kind, []).append((formatted, strings))
+    assert by_type[0][0][1][0] == "SeaBIOS"                 # the firmware's own BIOS information
+    assert by_type[1][0][1][:2] == ["kvmsys", "kvmsys PC"]  # ours, not the firmware's "QEMU"
+    assert len(by_type[4]) == 2
+    assert int.from_bytes(by_type[17][0][0][0xC:0xE], "little") == 64
+    assert int.from_bytes(by_type[19][0][0][8:12], "little") == (64 << 10) - 1

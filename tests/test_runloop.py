@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from kvmsys import (BudgetExit, DeadlineExit, HltExit, IoExit, KickExit, MmioExit, StopExit,
-                    _core, pvm)
+from kvmsys import (ArgumentTypeError, BudgetExit, DeadlineExit, HltExit, InvalidArgumentError, IoExit, KickExit,
+                    MmioExit, StopExit, _core, pvm)
 from kvmsys.enums import Kind, Space
 from kvmsys.guests.layout import (COUNTER_ADDR, LOAD_ADDR, MMIO_BASE, MMIO_READ_ADDR,
                                   MMIO_WRITE_ADDR, PORT_DEBUG_EXIT, PORT_IN, PORT_OUT,
@@ -125,6 +125,25 @@ def test_sink_serial_and_lsr_const(machine, mode):
     assert machine.vm.port_counts() == {}
     assert machine.vm.console(clear=True) == b"Hello, world!\n"
     assert machine.vm.console() == b""
+
+
+def test_console_from_an_offset(machine):
+    """console(start=N): only the bytes from N on (what a reader has not seen yet); the
+    end itself gives b"", past it or a bad offset is refused."""
+    machine.devices().load("hello.pm32")
+    run_to_stop(machine)
+    text = b"Hello, world!\n"
+    assert machine.vm.console(start=0) == text
+    assert machine.vm.console(start=7) == text[7:]
+    assert machine.vm.console(start=len(text)) == b""
+    for bad, err in ((len(text) + 1, InvalidArgumentError), (-1, InvalidArgumentError),
+                     (1 << 64, InvalidArgumentError), (1.5, ArgumentTypeError)):
+        with pytest.raises(err):
+            machine.vm.console(start=bad)
+    assert machine.vm.console(clear=True, start=13) == b"\n"      # clears everything, returns from 13
+    assert machine.vm.console() == b""
+    with pytest.raises(InvalidArgumentError):
+        machine.vm.console(start=1)                                 # the end moved back to 0
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -696,8 +715,8 @@ def test_budget_of_one(machine):
         assert counter(machine) == k
 
 
-@pytest.mark.parametrize("bad", [0, -1])
-def test_budget_must_be_positive(machine, bad):
+@pytest.mark.parametrize("bad", [-1, 2 ** 63])
+def test_budget_must_be_a_non_negative_int64(machine, bad):
     machine.devices().load("pio_out_loop.real", n=0)
     with pytest.raises(ValueError):
         machine.run(budget=bad, timeout=T)

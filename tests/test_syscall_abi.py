@@ -4,7 +4,6 @@ kernel vCPUs, thread exit and fork.  Where a behaviour also exists in the fd
 ABI (handles of fd vCPUs) the test runs over both through the `machine` fixture.
 """
 import gc
-import json
 from collections import Counter
 import os
 import signal
@@ -24,6 +23,8 @@ from kvmsys import (BudgetExit, ConfigurationError, DeadlineExit, HltExit, IntrE
 from kvmsys.enums import Kind, Space
 from kvmsys.guests import exit_status, get, layout
 from kvmsys.runner import setup_devices
+
+from conftest import fork_child, fork_result
 
 PIO = Space.PIO
 KICK_SIGNAL = _core.kick_signal()
@@ -393,44 +394,6 @@ def test_process_exit_with_a_bound_vcpu_is_silent():
 
 
 # --- fork -----------------------------------------------------------------------------------
-
-def fork_child(child, timeout=30.0):
-    """Run child() in a fork child; it returns a JSON-able dict that comes back here."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                        # the child: never return into pytest
-        try:
-            os.close(r)
-            try:
-                out = child()
-            except BaseException as e:
-                out = {"error": repr(e)}
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    return pid, r, time.monotonic() + timeout
-
-
-def fork_result(pid, r, deadline):
-    try:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail("the fork child hung")
-            time.sleep(0.005)
-        assert os.waitstatus_to_exitcode(status) == 0
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-    finally:
-        os.close(r)
-    return json.loads(data)
-
 
 def test_fork_child_starts_without_vcpu_and_gets_a_fresh_vm(fresh):
     parent_vm = devices_vm()

@@ -197,9 +197,9 @@ def test_bad_defaults(machine):
 
 # === run() arguments ===================================================================
 
-@pytest.mark.parametrize("kw", [dict(budget=0), dict(budget=-1), dict(timeout=-1),
+@pytest.mark.parametrize("kw", [dict(budget=2 ** 63), dict(budget=-1), dict(timeout=-1),
                                 dict(timeout=-1e-9), dict(timeout=math.nan)],
-                         ids=["budget0", "budget-1", "timeout-1", "timeout-tiny", "timeout-nan"])
+                         ids=["budget2**63", "budget-1", "timeout-1", "timeout-tiny", "timeout-nan"])
 def test_bad_run_arguments(machine, kw):
     machine.devices().load("pio_out_loop.pm32", n=3)
     with pytest.raises(InvalidArgumentError):

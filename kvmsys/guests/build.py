@@ -1,4 +1,5 @@
-"""Assemble src/*.S into the committed bin/*.bin (`python -m kvmsys.guests.build`).
+"""Assemble src/*.S into the committed bin/*.bin and firmware/*.S into firmware/*.bin
+(`python -m kvmsys.guests.build`).
 
 Needs GNU binutils (as, ld, objcopy). Output depends only on the sources, the
 constants in layout.py and the binutils version: no timestamps, no build ids.
@@ -17,6 +18,10 @@ from . import GUESTS, layout
 HERE = Path(__file__).resolve().parent
 SRC_DIR = HERE / "src"
 BIN_DIR = HERE / "bin"
+# The firmware-level test images (a raw image at the reset vector, a boot sector, a
+# Multiboot kernel, a bzImage), built to firmware/<stem>.bin: stem -> `as` mode.
+FIRMWARE_DIR = HERE / "firmware"
+FIRMWARE = {"hello": 32, "bootsector": 32, "multiboot": 32, "bzimage": 64}
 TOOLS = ("as", "ld", "objcopy")
 VECTORS = "vectors"  # exception stubs: same bytes in every mode, assembled as 32-bit
 
@@ -33,26 +38,40 @@ def targets() -> dict[str, tuple[Path, int, int]]:
     return out
 
 
+def _binutils(src: Path, steps) -> bytes:
+    """Run *steps(obj, elf, out)* (binutils command lines) in a scratch directory; the bytes of out."""
+    env = dict(os.environ, LC_ALL="C")
+    with tempfile.TemporaryDirectory(prefix="kvmsys-guest-") as tmp:
+        obj, elf, out = (os.path.join(tmp, n) for n in ("g.o", "g.elf", "g.bin"))
+        try:
+            for cmd in steps(obj, elf, out):
+                subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"building {src.name} failed:\n{' '.join(e.cmd)}\n{e.stderr}") from None
+        return Path(out).read_bytes()
+
+
 def assemble(src: Path, mode_bits: int, link_addr: int) -> bytes:
     """Flat binary of `src` assembled for `mode_bits` and linked at `link_addr`."""
     defs = {**layout.ASM_SYMBOLS, "MODE": mode_bits}
     defsyms = [a for k, v in sorted(defs.items()) for a in ("--defsym", f"{k}={v:#x}")]
-    env = dict(os.environ, LC_ALL="C")
-    with tempfile.TemporaryDirectory(prefix="kvmsys-guest-") as tmp:
-        obj, elf, out = (os.path.join(tmp, n) for n in ("g.o", "g.elf", "g.bin"))
-        run = lambda *cmd: subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
-        try:
-            run("as", "--64", "-I", str(SRC_DIR), *defsyms, "-o", obj, str(src))
-            run("ld", "-m", "elf_x86_64", "-nostdlib", "--build-id=none", "-z", "noexecstack",
-                f"-Ttext={link_addr:#x}", "-e", "_start", "-o", elf, obj)
-            run("objcopy", "-O", "binary", "-j", ".text", elf, out)
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"building {src.name} (MODE={mode_bits}) failed:\n"
-                               f"{' '.join(e.cmd)}\n{e.stderr}") from None
-        return Path(out).read_bytes()
+    return _binutils(src, lambda obj, elf, out: [
+        ["as", "--64", "-I", str(SRC_DIR), *defsyms, "-o", obj, str(src)],
+        ["ld", "-m", "elf_x86_64", "-nostdlib", "--build-id=none", "-z", "noexecstack",
+         f"-Ttext={link_addr:#x}", "-e", "_start", "-o", elf, obj],
+        ["objcopy", "-O", "binary", "-j", ".text", elf, out]])
 
 
-def build_all(out_dir: Path = BIN_DIR) -> list[Path]:
+def assemble_firmware(stem: str) -> bytes:
+    """Flat binary of firmware/<stem>.S: assembled, not linked (an image's addresses are
+    offsets from its start, or set in its source)."""
+    src = FIRMWARE_DIR / f"{stem}.S"
+    return _binutils(src, lambda obj, elf, out: [
+        ["as", f"--{FIRMWARE[stem]}", "-I", str(FIRMWARE_DIR), "-o", obj, str(src)],
+        ["objcopy", "-O", "binary", "-j", ".text", obj, out]])
+
+
+def build_all(out_dir: Path = BIN_DIR, firmware_dir: Path = FIRMWARE_DIR) -> list[Path]:
     if missing := missing_tools():
         raise RuntimeError(f"missing binutils: {', '.join(missing)}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +79,10 @@ def build_all(out_dir: Path = BIN_DIR) -> list[Path]:
     for stem, (src, bits, addr) in targets().items():
         path = out_dir / f"{stem}.bin"
         path.write_bytes(assemble(src, bits, addr))
+        written.append(path)
+    for stem in FIRMWARE:
+        path = firmware_dir / f"{stem}.bin"
+        path.write_bytes(assemble_firmware(stem))
         written.append(path)
     return written
 

@@ -7,7 +7,8 @@
 #      BIOS reported an error)
 #   2/3/4: reset through port 0xcf9 / i8042 command 0xFE / port 0x92 bit 0
 #   5: a triple fault (an interrupt in protected mode with an empty IDT)
-# Build: as --32 -o bootsector.o bootsector.S && objcopy -O binary -j .text bootsector.o bootsector.bin
+# Build: python -m kvmsys.guests.build (as --32 -I. and objcopy -O binary -j .text)
+    .include "debugcon.inc"
     .code16
     .text
 start:
@@ -82,15 +83,9 @@ hang:
     hlt
     jmp     hang
 done:
-    out     %al, $0xF4
+    out     %al, $DEBUG_EXIT
     jmp     hang
-puts:
-    lodsb
-    test    %al, %al
-    jz      1f
-    out     %al, $0xE9
-    jmp     puts
-1:  ret
+    PUTS
 
 empty_idt:
     .word   0

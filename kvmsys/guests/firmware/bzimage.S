@@ -5,7 +5,8 @@
 # loader passed in the zero page (RSI):
 #   "linux boot ok\n" <command line> "\n" <the initrd's bytes> "\n"
 # and stops through isa-debug-exit with the number of e820 entries.
-# Build: as --64 -o bzimage.o bzimage.S && objcopy -O binary -j .text bzimage.o bzimage.bin
+# Build: python -m kvmsys.guests.build (as --64 -I. and objcopy -O binary -j .text)
+    .include "debugcon.inc"
     .text
     .org    0x1F1
     .byte   1                   # setup_sects: boot sector + 1 setup sector
@@ -49,25 +50,16 @@ entry64:
 1:  test    %ecx, %ecx
     jz      2f
     lodsb
-    out     %al, $0xE9
+    out     %al, $DEBUGCON
     dec     %ecx
     jmp     1b
 2:  call    newline
     movzbl  0x1E8(%rbx), %eax   # e820_entries
-    out     %al, $0xF4
+    out     %al, $DEBUG_EXIT
 hang:
     hlt
     jmp     hang
-puts:
-    lodsb
-    test    %al, %al
-    jz      1f
-    out     %al, $0xE9
-    jmp     puts
-1:  ret
-newline:
-    mov     $'\n', %al
-    out     %al, $0xE9
-    ret
+    PUTS
+    NEWLINE
 msg_ok:
     .asciz  "linux boot ok\n"

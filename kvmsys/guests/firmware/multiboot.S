@@ -5,7 +5,8 @@
 #   and per module: <its command line> ":" <its bytes> "\n"
 # and stops through isa-debug-exit with the module count ((count << 1) | 1), or with
 # 0x7f if EAX did not hold the Multiboot magic.
-# Build: as --32 -o multiboot.o multiboot.S && objcopy -O binary -j .text multiboot.o multiboot.bin
+# Build: python -m kvmsys.guests.build (as --32 -I. and objcopy -O binary -j .text)
+    .include "debugcon.inc"
     .code32
     .text
     .set    BASE, 0x100000          # load address: label + BASE is a label's address
@@ -43,14 +44,14 @@ modules:
     mov     8(%ebx), %esi           # the module's command line
     call    puts
     mov     $':', %al
-    out     %al, $0xE9
+    out     %al, $DEBUGCON
     mov     0(%ebx), %esi           # mod_start
     mov     4(%ebx), %edx           # mod_end
 bytes:
     cmp     %edx, %esi
     jae     1f
     lodsb
-    out     %al, $0xE9
+    out     %al, $DEBUGCON
     jmp     bytes
 1:  call    newline
     add     $16, %ebx
@@ -58,39 +59,17 @@ bytes:
     jmp     modules
 finish:
     mov     20(%edi), %eax
-    out     %al, $0xF4
+    out     %al, $DEBUG_EXIT
 hang:
     hlt
     jmp     hang
 bad:
     mov     $0x7F, %al
-    out     %al, $0xF4
+    out     %al, $DEBUG_EXIT
     jmp     hang
-puts:
-    lodsb
-    test    %al, %al
-    jz      1f
-    out     %al, $0xE9
-    jmp     puts
-1:  ret
-newline:
-    mov     $'\n', %al
-    out     %al, $0xE9
-    ret
-puthex:                             # EAX as 8 hex digits
-    mov     $8, %edx
-1:  rol     $4, %eax
-    push    %eax
-    and     $0xF, %al
-    add     $'0', %al
-    cmp     $'9', %al
-    jbe     2f
-    add     $'a' - '9' - 1, %al
-2:  out     %al, $0xE9
-    pop     %eax
-    dec     %edx
-    jnz     1b
-    ret
+    PUTS
+    NEWLINE
+    PUTHEX                          # EAX as 8 hex digits
 msg_ok:
     .asciz  "multiboot ok\n"
     .align  4
