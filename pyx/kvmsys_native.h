@@ -164,14 +164,31 @@ static inline const sigset_t *kvmsys_app_sigmask(void) { return &kvmsys_app_mask
 /* Main thread, after KVM_RUN let a SIGINT in (EINTR): KVM blocked it again on the
  * way out, and a process-directed signal that a thread blocks is handed to another
  * thread that does not.  Take it first and send it to this thread: it is delivered
- * here when the run loop restores the mask, before Python looks at signals. */
-static inline void kvmsys_keep_sigint(void) {
-    sigset_t s;
+ * here when the run loop restores the mask, before Python looks at signals.
+ * Returns 1 if it did; -1 if a SIGINT was pending for the process but another
+ * thread took it first (that thread's handler trips Python's flag in a moment);
+ * 0 if none was seen (none came, or another thread took it before we looked). */
+static inline int kvmsys_keep_sigint(void) {
+    sigset_t s, pending;
     struct timespec zero = {0, 0};
+    int seen;
     sigemptyset(&s);
     sigaddset(&s, SIGINT);
-    if (sigtimedwait(&s, NULL, &zero) == SIGINT)
+    seen = sigpending(&pending) == 0 && sigismember(&pending, SIGINT) == 1;
+    if (sigtimedwait(&s, NULL, &zero) == SIGINT) {
         pthread_kill(pthread_self(), SIGINT);
+        return 1;
+    }
+    return seen ? -1 : 0;
+}
+
+/* The main thread's run() is about to return an IntrExit for a signal no Python
+ * handler here raised on: wait a little for a Ctrl-C that another thread took
+ * (see kvmsys_keep_sigint), so run() raises KeyboardInterrupt rather than return
+ * first.  Sleeps *ms* milliseconds; the caller checks Python's signals after. */
+static inline void kvmsys_pause_ms(int ms) {
+    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&t, NULL);
 }
 
 /* Test hook: a signal to raise in the next thread that enters the run loop, once,

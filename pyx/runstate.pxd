@@ -82,6 +82,7 @@ cdef struct vcpustate_t:
     int64_t budget_left          # < 0: unlimited
     uint64_t deadline_ns         # 0: none
     int poll_signals             # main thread: come back every few ms to check signals
+    int sigint_elsewhere         # the last EINTR's SIGINT went to another thread (main thread)
     int last_handler
     uint64_t stop_status
     int error

@@ -396,7 +396,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
             if v.sigmask_state > 0:
                 taken = kvmsys_take_kick_signals()
                 if v.poll_signals:
-                    kvmsys_keep_sigint()
+                    v.sigint_elsewhere = kvmsys_keep_sigint() < 0
             v.kick_bits = kvmsys_xchg_int(&v.kick_pending, 0) & ~KICK_IRQ
             if v.kick_bits:
                 res = R_KICK

@@ -49,6 +49,21 @@ _REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", 
 _CPUID_KEYS = frozenset(("function", "index", "flags", "eax", "ebx", "ecx", "edx"))
 
 
+# The main thread's KVM_RUN was interrupted by a signal that is not ours, and no
+# Python handler here raised.  It may be a Ctrl-C the kernel handed to another
+# thread (KVM blocks SIGINT again on its way out; kvmsys_keep_sigint): its handler
+# trips Python's flag there in a moment.  Give it that moment, so run() raises
+# KeyboardInterrupt instead of returning an IntrExit just before it: up to 200 ms
+# when the SIGINT was seen going, 2 ms otherwise (the cost of a foreign signal).
+cdef int await_foreign_sigint(bint seen) except -1:
+    cdef int i
+    for i in range(200 if seen else 2):
+        with nogil:
+            kvmsys_pause_ms(1)
+        PyErr_CheckSignals()
+    return 0
+
+
 cdef class VcpuCore:
     """A KVM vCPU fd and its comm area (struct kvm_run, mapped zero-copy)."""
     # A vCPU fd, its comm area (the mmap'd kvm_run page) and its run state.  The
@@ -460,6 +475,8 @@ cdef class VcpuCore:
                     kvmsys_open_run_signals()
                     try:
                         PyErr_CheckSignals()     # run Python signal handlers (Ctrl-C raises here)
+                        if v.poll_signals:
+                            await_foreign_sigint(v.sigint_elsewhere)
                     finally:
                         kvmsys_close_run_signals()
                     return Exit._new_of(IntrExit, self, KVM_EXIT_INTR)
