@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 
 from . import __version__
-from .errors import InvalidArgumentError
+from .errors import ArgumentTypeError, InvalidArgumentError
 
 MANUFACTURER = "kvmsys"
 PRODUCT = "kvmsys PC"
@@ -35,10 +35,23 @@ def _checksum(data: bytes) -> int:
     return -sum(data) & 0xFF
 
 
+def _check_int(value, what: str, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ArgumentTypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidArgumentError(f"{what} must be {low:#x} .. {high:#x}, not {value:#x}")
+
+
 def tables(*, ram_size: int, cpus: int, cpuid_1: tuple[int, int] = (0, 0)) -> tuple[bytes, bytes]:
     """(anchor, tables) for a PC with *ram_size* bytes of RAM from address 0 and
     *cpus* single-core processors; *cpuid_1*: (EAX, EDX) of CPUID leaf 1, the
     processor ID of type 4."""
+    _check_int(ram_size, "ram_size", 1 << 20, 1 << 40)       # with 1024 CPUs still under 64 KiB
+    _check_int(cpus, "cpus", 1, 1024)
+    if not isinstance(cpuid_1, tuple) or len(cpuid_1) != 2:
+        raise ArgumentTypeError("cpuid_1 must be a tuple (EAX, EDX)")
+    for v in cpuid_1:
+        _check_int(v, "a cpuid_1 register", 0, 0xFFFFFFFF)
     out = []
     handle = 0x100
 

@@ -478,8 +478,15 @@ def test_smbios_tables_follow_the_specification():
     assert dimms == [16384, 16384, 8192]                    # MiB, one device per 16 GiB
     t19 = next(f for k, f, _ in structures if k == 19)
     assert int.from_bytes(t19[8:12], "little") == (40 << 20) - 1  # last KiB, inclusive
-    with pytest.raises(kvmsys.InvalidArgumentError):
-        smbios.tables(ram_size=1 << 30, cpus=2000)
+    anchor, table = smbios.tables(ram_size=1 << 40, cpus=1024)          # the largest
+    assert len(smbios_structures(table)) == 1024 + 64 + 6
+    for kw in (dict(cpus=0), dict(cpus=1025), dict(ram_size=0), dict(ram_size=(1 << 40) + 1),
+               dict(cpuid_1=(-1, 0)), dict(cpuid_1=(0, 1 << 32))):
+        with pytest.raises(kvmsys.InvalidArgumentError):
+            smbios.tables(**{"ram_size": 1 << 30, "cpus": 1, **kw})
+    for kw in (dict(ram_size="1G"), dict(cpus=1.0), dict(cpus=True), dict(cpuid_1=[0, 0])):
+        with pytest.raises(kvmsys.ArgumentTypeError):
+            smbios.tables(**{"ram_size": 1 << 30, "cpus": 1, **kw})
 
 
 @need_seabios
