@@ -22,6 +22,7 @@ from kvmsys import (BudgetExit, ConfigurationError, DeadlineExit, HltExit, IntrE
                     KickExit, StaleVcpuError, StateError, StopExit, VcpuBindingError, _core, syscall)
 from kvmsys.enums import Kind, Space
 from kvmsys.guests import exit_status, get, layout
+from kvmsys.machine import Machine
 from kvmsys.runner import setup_devices
 
 from conftest import fork_child, fork_result
@@ -667,31 +668,19 @@ def test_a_late_kick_signal_does_not_end_the_run(fresh, abi):
     ident = []
 
     def owner():
-        if abi == "sys":
-            vm = devices_vm()
-            kvmsys.add_vcpu()
-            vcpu, run = kvmsys.current(), kvmsys.run
-        else:
-            vm = kvmsys.Kvm().create_vm()
-            vm.add_memory(0, 0, layout.RAM_SIZE)
-            setup_devices(vm)
-            vcpu = vm.create_vcpu(0)
-            run = vcpu.run
-        prepare(vcpu, vm.memory(0), "pio_out_loop.pm32", n=0)
-        ident.append(threading.get_ident())
-        seen = {}
-        try:
-            while not stop.is_set():
-                name = type(run(budget=1000)).__name__
-                seen[name] = seen.get(name, 0) + 1
-                if name != "BudgetExit":
-                    break
-        finally:
-            stop.set()
-            if abi == "sys":
-                kvmsys.remove_vcpu()
-            else:
-                vm.close()
+        with Machine(abi, devices=True) as m:
+            m.attach()
+            m.load("pio_out_loop.pm32", n=0)
+            ident.append(threading.get_ident())
+            seen = {}
+            try:
+                while not stop.is_set():
+                    name = type(m.run(budget=1000)).__name__
+                    seen[name] = seen.get(name, 0) + 1
+                    if name != "BudgetExit":
+                        break
+            finally:
+                stop.set()
         return seen
 
     o = spawn(owner, name="owner")
@@ -719,30 +708,18 @@ def test_a_late_immediate_exit_store_does_not_end_the_run(fresh, abi):
     done_storing, owner_ended = threading.Event(), threading.Event()
 
     def owner():
-        if abi == "sys":
-            vm = devices_vm()
-            comm = kvmsys.add_vcpu()
-            vcpu, run = kvmsys.current(), kvmsys.run
-        else:
-            vm = kvmsys.Kvm().create_vm()
-            vm.add_memory(0, 0, layout.RAM_SIZE)
-            setup_devices(vm)
-            vcpu = vm.create_vcpu(0)
-            comm, run = vcpu.comm_area, vcpu.run
-        prepare(vcpu, vm.memory(0), "pio_out_loop.pm32", n=0)
-        seen = Counter()
-        try:
-            seen[type(run(budget=1000)).__name__] += 1     # running before the first store
-            published.append(comm)
-            while not done_storing.is_set() and set(seen) == {"BudgetExit"}:
-                seen[type(run(budget=1000)).__name__] += 1
-        finally:
-            owner_ended.set()
-            done_storing.wait(30)           # the comm area stays ours until the stores end
-            if abi == "sys":
-                kvmsys.remove_vcpu()
-            else:
-                vm.close()
+        with Machine(abi, devices=True) as m:
+            comm = m.attach().comm_area
+            m.load("pio_out_loop.pm32", n=0)
+            seen = Counter()
+            try:
+                seen[type(m.run(budget=1000)).__name__] += 1     # running before the first store
+                published.append(comm)
+                while not done_storing.is_set() and set(seen) == {"BudgetExit"}:
+                    seen[type(m.run(budget=1000)).__name__] += 1
+            finally:
+                owner_ended.set()
+                done_storing.wait(30)           # the comm area stays ours until the stores end
         return seen
 
     o = spawn(owner, name="owner")
