@@ -22,18 +22,24 @@ K = _core.H_KINDS
 PORT = layout.PORT_OUT
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_isa_debug_exit_through_a_zone_stops_the_run(machine, mode):
-    code = (out_imm(DEBUGCON, ord("a")) + out_imm(DEBUGCON, ord("b"))
-            + out_imm(layout.PORT_DEBUG_EXIT, 0x10) + out_imm(DEBUGCON, ord("c"))
-            + out_imm(PORT, 0)          # an exit (ignored in C): the ring is drained here
-            + JMP_SELF)
+def stop_behind_zones(machine, mode, code):
+    """Run *code* with debugcon and isa-debug-exit behind coalesced PIO zones until its
+    isa-debug-exit write of 0x10 stops the run."""
     load_code(machine, mode, code)
     machine.devices()
     machine.vm.register_coalesced(DEBUGCON, 1, pio=True)
     machine.vm.register_coalesced(layout.PORT_DEBUG_EXIT, 1, pio=True)
     ex = machine.run(timeout=T)
     assert isinstance(ex, StopExit) and ex.status == exit_status(0x10), ex
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_isa_debug_exit_through_a_zone_stops_the_run(machine, mode):
+    code = (out_imm(DEBUGCON, ord("a")) + out_imm(DEBUGCON, ord("b"))
+            + out_imm(layout.PORT_DEBUG_EXIT, 0x10) + out_imm(DEBUGCON, ord("c"))
+            + out_imm(PORT, 0)          # an exit (ignored in C): the ring is drained here
+            + JMP_SELF)
+    stop_behind_zones(machine, mode, code)
     assert machine.vm.console() == b"ab"        # in order: 'c' came after the stop
     # running on delivers the rest, then the exit that drained them
     assert isinstance(machine.run(timeout=0.2), DeadlineExit)
@@ -88,12 +94,7 @@ def test_unregistering_drains_into_the_sink_at_once(machine, mode):
             + out_imm(DEBUGCON, ord("b")) + out_imm(DEBUGCON, ord("c"))
             + out_imm(PORT, 0)          # an exit (ignored in C)
             + JMP_SELF)
-    load_code(machine, mode, code)
-    machine.devices()
-    machine.vm.register_coalesced(DEBUGCON, 1, pio=True)
-    machine.vm.register_coalesced(layout.PORT_DEBUG_EXIT, 1, pio=True)
-    ex = machine.run(timeout=T)
-    assert isinstance(ex, StopExit) and ex.status == exit_status(0x10), ex
+    stop_behind_zones(machine, mode, code)
     assert machine.vm.console() == b"a"         # 'b' and 'c' wait in the ring
     got = machine.vm.register_coalesced(DEBUGCON, 1, pio=True, unregister=True)
     assert machine.vm.console() == b"abc"       # before any further exit
