@@ -206,12 +206,11 @@ def _gdb_server(args):
     return server
 
 
-# Options that apply to one kind of run only, with their defaults: given elsewhere they
-# would be silently ignored, so they are refused.
-_PC_ONLY = dict(disk=None, serial="collect", irqchip="kernel", screen=False, memory=128, no_reboot=False,
-                until=None, debug_log=None)
-_KERNEL_ONLY = dict(append=None, initrd=None, module=None)
-_GUEST_ONLY = dict(n=None)
+# Options that apply to one kind of run only: given elsewhere (not at the parser's
+# default) they would be silently ignored, so they are refused.
+_PC_ONLY = ("disk", "serial", "irqchip", "screen", "memory", "no_reboot", "until", "debug_log")
+_KERNEL_ONLY = ("append", "initrd", "module")
+_GUEST_ONLY = ("n",)
 
 
 def _check_applicable(args) -> None:
@@ -219,8 +218,8 @@ def _check_applicable(args) -> None:
     scopes = ((_PC_ONLY, "--firmware and --kernel", kind != "--guest"), (_KERNEL_ONLY, "--kernel", kind == "--kernel"),
               (_GUEST_ONLY, "--guest", kind == "--guest"))
     for options, where, applies in scopes:
-        for dest, default in options.items():
-            if not applies and getattr(args, dest) != default:
+        for dest in options:
+            if not applies and getattr(args, dest) != args.default_of(dest):
                 raise UsageError(f"--{dest.replace('_', '-')} applies to {where}, not to {kind}")
     if kind == "--kernel" and args.vcpus != 1:
         raise UsageError("--kernel runs on one vCPU: --vcpus applies to --guest and --firmware")
@@ -300,7 +299,7 @@ def main(argv=None) -> int:
     pcg.add_argument("--until", metavar="TEXT", help="end the run once the serial or debug console shows TEXT")
     pcg.add_argument("--debug-log", metavar="PATH",
                      help="write the debug console (0xe9, 0x402) to PATH as the firmware writes it")
-    r.set_defaults(fn=_cmd_run)
+    r.set_defaults(fn=_cmd_run, default_of=r.get_default)     # for _check_applicable
     b = sub.add_parser("bench", help="benchmark both ABIs on built-in guests (python -m benchmarks)",
                        add_help=False)
     b.set_defaults(fn=_cmd_bench)
