@@ -20,11 +20,21 @@ import threading
 from . import platform, smbios, vcpustate
 from .devices import (AtaDisk, Cmos, Debugcon, FwCfg, I8042, Irq, PciHost, Pit, Port92,
                       Uart8250)
-from .errors import InvalidArgumentError, KvmsysError
+from .errors import ArgumentTypeError, InvalidArgumentError, KvmsysError
 
 COM1 = 0x3F8
 # xAPIC IDs are 8 bits and 0xFF is the broadcast ID; CMOS 0x5F holds the count - 1
 MAX_CPUS = 255
+
+
+def check_cpus(cpus) -> None:
+    """A PC's vCPU count: an int in 1..MAX_CPUS (ArgumentTypeError, InvalidArgumentError)."""
+    if not isinstance(cpus, int) or isinstance(cpus, bool):
+        raise ArgumentTypeError(f"vcpus must be an int, not {type(cpus).__name__}")
+    if not 1 <= cpus <= MAX_CPUS:
+        raise InvalidArgumentError(f"a PC has 1 .. {MAX_CPUS} vCPUs, not {cpus}")
+
+
 # Where VT-x's real-mode emulation gets its TSS and identity map (as QEMU puts them):
 # pages just below the 16 MiB firmware window, unused by the guest.
 TSS_ADDR = 0xFEFFD000
@@ -54,8 +64,7 @@ class Pc:
     def __init__(self, vm, image: bytes | None, *, ram_size: int, cpus: int = 1, disk: str | None = None,
                  disk_readonly: bool = False, serial_sink=None, cpuid=None, boot_menu: bool = False,
                  map_memory: bool = True):
-        if not 1 <= cpus <= MAX_CPUS:
-            raise InvalidArgumentError(f"a PC has 1 .. {MAX_CPUS} vCPUs, not {cpus}")
+        check_cpus(cpus)
         if cpus > 1 and not vm.has_irqchip:
             raise InvalidArgumentError("more than one vCPU needs the in-kernel irqchip (irqchip=True): "
                                        "firmware starts application processors through the local APIC")

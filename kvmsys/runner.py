@@ -266,16 +266,13 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
     few ms).  debug_sink: a callable receiving what the firmware writes to the debug
     console as it comes (every few ms, and the rest when the run ends, however it ends).
     gdb: as for run_guest (one vCPU)."""
-    from .pc import MAX_CPUS, Pc
+    from .pc import Pc, check_cpus
     _check_pc_args(abi, timeout)
     if not isinstance(image, (bytes, bytearray, memoryview)):
         raise ArgumentTypeError(f"firmware image must be bytes, not {type(image).__name__}")
     if not 0 < len(image) <= platform.MAX_FIRMWARE_SIZE:
         raise InvalidArgumentError(f"firmware image of {len(image)} bytes: expected 1 byte .. 16 MiB")
-    if not isinstance(vcpus, int) or isinstance(vcpus, bool):
-        raise ArgumentTypeError(f"vcpus must be an int, not {type(vcpus).__name__}")
-    if not 1 <= vcpus <= MAX_CPUS:
-        raise InvalidArgumentError(f"a PC has 1 .. {MAX_CPUS} vCPUs, not {vcpus}")
+    check_cpus(vcpus)
     if gdb is not None and vcpus != 1:
         raise InvalidArgumentError("the gdb server debugs firmware on one vCPU")
     machine = Machine(abi, memory_size=memory_size, firmware=image, devices=True, irqchip=irqchip)
