@@ -51,6 +51,11 @@ static inline uint64_t kvmsys_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+static inline void kvmsys_sleep_ns(uint64_t ns) {
+    struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
+    nanosleep(&ts, NULL);
+}
+
 static inline int kvmsys_load_int(int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
 static inline void kvmsys_store_int(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 static inline int kvmsys_or_int(int *p, int v) { return __atomic_or_fetch(p, v, __ATOMIC_SEQ_CST); }
@@ -182,15 +187,6 @@ static inline int kvmsys_keep_sigint(void) {
     return seen ? -1 : 0;
 }
 
-/* The main thread's run() is about to return an IntrExit for a signal no Python
- * handler here raised on: wait a little for a Ctrl-C that another thread took
- * (see kvmsys_keep_sigint), so run() raises KeyboardInterrupt rather than return
- * first.  Sleeps *ms* milliseconds; the caller checks Python's signals after. */
-static inline void kvmsys_pause_ms(int ms) {
-    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&t, NULL);
-}
-
 /* Test hook: a signal to raise in the next thread that enters the run loop, once,
  * right after it blocked its signals: one that lands between two KVM_RUNs. */
 static int kvmsys_window_signal;
@@ -206,13 +202,10 @@ static inline void kvmsys_set_window_signal(int sig) { __atomic_store_n(&kvmsys_
 static long kvmsys_kick_delay_ns;
 static int kvmsys_kick_delay_at;
 static inline void kvmsys_kick_pause(int at) {
-    struct timespec ts;
     long ns = __atomic_load_n(&kvmsys_kick_delay_ns, __ATOMIC_SEQ_CST);
     if (!(__atomic_fetch_and(&kvmsys_kick_delay_at, ~at, __ATOMIC_SEQ_CST) & at) || ns <= 0)
         return;
-    ts.tv_sec = ns / 1000000000L;
-    ts.tv_nsec = ns % 1000000000L;
-    nanosleep(&ts, NULL);
+    kvmsys_sleep_ns((uint64_t)ns);
 }
 static inline void kvmsys_set_kick_delay(long ns) {
     __atomic_store_n(&kvmsys_kick_delay_ns, ns, __ATOMIC_SEQ_CST);
@@ -372,7 +365,6 @@ static int kvmsys_timer_create(void) {
 /* Make this thread's timer (or helper thread) if it has none yet; before the
  * deadline is taken, since it may wait.  Returns 0 or an errno; *op names the call. */
 static int kvmsys_watchdog_ready(const char **op) {
-    struct timespec pause = {0, 1000000};
     int tries;
     if (kvmsys_timer_ok || kvmsys_wd)
         return 0;
@@ -386,8 +378,7 @@ static int kvmsys_watchdog_ready(const char **op) {
         }
         if (errno != EAGAIN || tries == 10)
             break;
-        nanosleep(&pause, NULL);
-        pause.tv_nsec *= 2;
+        kvmsys_sleep_ns(1000000ull << tries);
     }
     *op = "pthread_create(watchdog thread, after timer_create failed)";
     return kvmsys_start_wd_thread();

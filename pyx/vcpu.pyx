@@ -59,7 +59,7 @@ cdef int await_foreign_sigint(bint seen) except -1:
     cdef int i
     for i in range(200 if seen else 2):
         with nogil:
-            kvmsys_pause_ms(1)
+            kvmsys_sleep_ns(1000000)
         PyErr_CheckSignals()
     return 0
 

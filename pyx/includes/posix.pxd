@@ -107,7 +107,7 @@ cdef extern from "kvmsys_native.h" nogil:
     const sigset_t *kvmsys_app_sigmask()
     unsigned kvmsys_take_kick_signals()
     int kvmsys_keep_sigint()
-    void kvmsys_pause_ms(int ms)
+    void kvmsys_sleep_ns(uint64_t ns)
     void kvmsys_raise_window_signal()
     void kvmsys_set_window_signal(int sig)
     void kvmsys_kick_pause(int at)
