@@ -219,7 +219,7 @@ def _validate_naive(nv, name: str) -> None:
 def modes(profile) -> list:
     """The profile's guest mode, and 64-bit too: on a PVM host the emulated modes and
     the native one cost very differently per exit."""
-    return list(dict.fromkeys([profile.mode, "long64"]))
+    return [profile.mode] if profile.mode_only else list(dict.fromkeys([profile.mode, "long64"]))
 
 
 def counter_ok(counter: int, counted: int, slack: int) -> bool:
@@ -237,7 +237,7 @@ def run(profile, kinds=None) -> SuiteResult:
         ("user_cpu", "user window (CPU)"), ("cpu_over_ref", "CPU − bare C loop's [95% CI]"),
         ("cpu_ratio", "CPU vs bare C loop [95% CI]"),
         ("count", "guest counter = exits counted")])
-    kinds = list(kinds or EXIT_KINDS)
+    kinds = list(kinds or profile.exit_kinds or EXIT_KINDS)
     measured = {}
     with kvmsys.Kvm() as kvm:
         for mode in modes(profile):

@@ -116,9 +116,10 @@ def run(profile) -> SuiteResult:
         if key != "c":
             res.rows[key]["stats"]["ratio"] = derive(res.rows, "time", key, "c", "ratio")
     for abi, (ex, counter) in ran.items():
-        res.check(f"{abi} vCPU runs", isinstance(ex, _core.BudgetExit) and counter == GUEST_EXITS,
-                  f"{abi}: a vCPU made after the measurements ran {GUEST_EXITS} exits: {ex!r}, "
-                  f"guest counter {counter}")
+        res.check(f"{abi} run() result", isinstance(ex, _core.BudgetExit),
+                  f"{abi}: a vCPU made after the measurements, run(budget={GUEST_EXITS}) returned {ex!r}")
+        res.check(f"{abi} guest counter", counter == GUEST_EXITS,
+                  f"{abi}: that vCPU's guest counted {counter} exits of {GUEST_EXITS}")
     res.config = dict(batch=b, reps=profile.reps, max_vcpu_id=max_id)
     res.notes += [
         f"KVM keeps every vCPU until its VM is destroyed and limits ids (KVM_CAP_MAX_VCPU_ID = {max_id} here): "

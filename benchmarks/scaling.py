@@ -233,7 +233,7 @@ def run(profile) -> SuiteResult:
                         {"per_thread": [[dict(t) for t in r] for r in runs]})
         base = f"{placement.name}/1"
         for k in counts:
-            if k != 1:
+            if k != 1 and min(res.rows[base]["stats"]["rate"].samples) > 0:    # else a check failed
                 res.rows[f"{placement.name}/{k}"]["stats"]["speedup"] = derive(
                     res.rows, "rate", f"{placement.name}/{k}", base, "ratio")
     res.check("run() results", not odd, "every run(budget) returned its BudgetExit" if not odd
