@@ -63,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=1,
                    help="repeat the whole measurement in N separate processes (fresh VMs each) and "
                         "report the spread over them (default 1)")
-    p.add_argument("--readme", metavar="FILE.json",
-                   help="measure nothing: print README's benchmark section generated from a stored run")
+    p.add_argument("--readme", metavar="FILE.json", action="append",
+                   help="measure nothing: print README's benchmark section generated from a stored run "
+                        "(a second --readme: a stored boot-suite run for the verdict's QEMU figures)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--profile", choices=["tiny", "quick", "full"], help=argparse.SUPPRESS)
     # the self-test's knobs: a known delay per exit (C loop) or per Python handler call, in ns
@@ -173,12 +174,12 @@ def main(argv=None) -> int:
     try:
         base = baseline.load(args.baseline) if args.baseline else None
         stored = baseline.load(args.report) if args.report else None
-        readme = baseline.load(args.readme) if args.readme else None
+        readme = [(baseline.load(path), path) for path in args.readme or []]
     except (OSError, ValueError) as e:
         print(f"benchmarks: {e}", file=sys.stderr)
         return 2
-    if readme is not None:
-        print(report.readme_section(readme, args.readme), end="")
+    if readme:
+        print(report.readme_section(readme[0][0], readme[0][1], readme[1] if len(readme) > 1 else None), end="")
         return 0
     if stored is not None:          # the Markdown (and plot) regenerated from the JSON alone
         print(report.markdown(stored))

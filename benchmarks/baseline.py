@@ -43,6 +43,9 @@ REFERENCES = ("c", "qemu")               # row-id parts naming a reference, not 
 # exits: (loop, stat, name, label, kvmsys's own: None = while kvmsys sets the mask).  Wall-time
 # windows are shown, not gated: a thread that waits for a core inflates them, thread CPU not.
 EXIT_FIGURES = [
+    ("c", "own_over_ref", "c/user_own", "kvmsys C loop's user window − bare C loop's, own clocks", True),
+    ("py", "py_own", "py/path_own", "no-op Python handler − C loop, user windows by own clocks", True),
+    ("pyw", "py_own", "pyw/path_own", "naive-work Python handler − C loop, user windows by own clocks", True),
     ("c", "cpu_over_ref", "c/cost", "kvmsys C loop − bare C loop, CPU per exit", True),
     ("c", "cpu_ratio", "c/ratio", "kvmsys C loop ÷ bare C loop, CPU per exit", True),
     ("c", "user_cpu", "c/user", "kvmsys C loop: user window, CPU per exit", True),

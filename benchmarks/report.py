@@ -140,9 +140,9 @@ def markdown(doc: dict) -> str:
     return "\n".join(out)
 
 
-def readme_section(doc: dict, path: str) -> str:
+def readme_section(doc: dict, path: str, boot: tuple | None = None) -> str:
     from .verdict import readme_section as section
-    return section(doc, path)
+    return section(doc, path, boot)
 
 
 def merge(docs: list, argv: list) -> dict:

@@ -10,8 +10,9 @@ Then --trials rounds; each round runs, each in a fresh process and in turn: iden
 or before every Python handler call, `py`).  Each process is gated against the baseline
 exactly as `--baseline` does it.  Reported: the false-alarm rate (identical code flagged on
 any of kvmsys's figures), and per delay the detection rate of the figure it moves (C loop:
-`c/cost`, kvmsys's C loop over the bare C loop; Python: `py/path`, the no-op handler over the
-C loop; both ABIs, so 2 × trials tries per delay), and the smallest delay detected in at least
+`c/user_own`, kvmsys's C loop's user window over the bare C loop's; Python: `py/path_own`, the
+no-op handler's over the C loop's; both ABIs, so 2 × trials tries per delay; the user windows
+by the loops' own clocks), and the smallest delay detected in at least
 95% of tries while false alarms stay at most 5%.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 
 from . import baseline
 
-FIGURE = {"c": "c/cost", "py": "py/path"}
+FIGURE = {"c": "c/user_own", "py": "py/path_own"}
 
 
 def _bench(args: list, out: str) -> dict:
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     outcome: dict = {f"{w}={d}": [] for w, d in conditions}
+    values: dict = {}               # the gated figures' values, by condition (for the noise)
     with tempfile.TemporaryDirectory(prefix="kvmsys-selftest-") as tmp:
         print(f"[selftest] baseline: {a.base_runs} processes", file=sys.stderr, flush=True)
         base = _bench(common + ["--runs", str(a.base_runs)], os.path.join(tmp, "base.json"))
@@ -67,8 +69,12 @@ def main(argv=None) -> int:
             for where, d in conditions:
                 inject = [] if where == "none" else ["--inject", f"{where}={d}"]
                 doc = _bench(common + inject, os.path.join(tmp, "trial.json"))
-                flagged = sorted(r["metric"] for r in baseline.compare(doc, base) if r["worse"])
+                compared = baseline.compare(doc, base)
+                flagged = sorted(r["metric"] for r in compared if r["worse"])
                 outcome[f"{where}={d}"].append(flagged)
+                for r in compared:
+                    if r["metric"].endswith(tuple(FIGURE.values())):
+                        values.setdefault(f"{where}={d}", {}).setdefault(r["metric"], []).append(r["new"])
     elapsed = time.perf_counter() - t0
     load1 = os.getloadavg()
     null = outcome["none=0"]
@@ -107,7 +113,9 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump(dict(trials=a.trials, base_runs=a.base_runs, profile=a.profile, kinds=a.kinds,
                            elapsed_s=elapsed, load_avg=[list(load0), list(load1)], false_alarm=false_alarm,
-                           rates=rates, smallest=smallest, outcome=outcome), f, indent=1)
+                           rates=rates, smallest=smallest, outcome=outcome, values=values,
+                           base={m: [r[m]["value"] for r in baseline.run_values(base)]
+                                 for m in baseline.headlines(base)}), f, indent=1)
     return 0
 
 
