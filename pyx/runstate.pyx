@@ -540,13 +540,13 @@ cdef int queue_interrupt(vcpustate_t *v, uint64_t generation, int vector) noexce
 
 # The hook for everything the run loop keeps per kernel vCPU, called (under v.lock)
 # whenever a vcpustate gets a kernel vCPU: created, recycled (the same one, a new
-# object) or moved onto a new one.  The signal mask is set again at the next run
-# (a new kernel vCPU has none: KVM_RUN would then run with the thread's own mask);
-# a new kernel vCPU starts with zero counters and no interrupt window requested.
+# object: all of it stays) or moved onto a new one, which has no KVM signal mask
+# (sync_vcpu_sigmask sets one at its next run if the thread needs it), zero
+# counters and no interrupt window requested.
 cdef void kernel_vcpu_attached(vcpustate_t *v, bint new_kernel_vcpu) noexcept nogil:
-    v.sigmask_state = 0
-    v.sigmask = 0
     if new_kernel_vcpu:
+        v.sigmask_state = SIGMASK_UNUSED
+        v.sigmask = 0
         memset(v.exits, 0, sizeof(v.exits))
         memset(v.handler_hits, 0, sizeof(v.handler_hits))
         v.default_hits = v.runs = v.ns_in_run = v.ns_in_handlers = v.coalesced = 0
