@@ -61,6 +61,8 @@ static inline void kvmsys_store_int(int *p, int v) { __atomic_store_n(p, v, __AT
 static inline int kvmsys_or_int(int *p, int v) { return __atomic_or_fetch(p, v, __ATOMIC_SEQ_CST); }
 static inline int kvmsys_and_int(int *p, int v) { return __atomic_and_fetch(p, v, __ATOMIC_SEQ_CST); }
 static inline int kvmsys_xchg_int(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+static inline void kvmsys_set_errno(int e) { errno = e; }
+static inline int kvmsys_add_int(int *p, int v) { return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST); }
 static inline void kvmsys_store_u8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 static inline uint8_t kvmsys_xchg_u8(uint8_t *p, uint8_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 static inline uint64_t kvmsys_add_u64(uint64_t *p, uint64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
