@@ -126,7 +126,8 @@ class Pc:
                 call(addr)
             except OSError:
                 pass        # only VT-x without unrestricted guest needs them; others may refuse
-        if vm.has_irqchip and pit:
+        self.in_kernel_pit = bool(vm.has_irqchip and pit)
+        if self.in_kernel_pit:
             vm.create_pit2()
         self.uart = Uart8250(COM1, irq=Irq(vm, 4), sink=serial_sink)
         self.fw_cfg = FwCfg(vm, ram_size=ram_size, cpus=cpus, boot_menu=boot_menu,
@@ -218,7 +219,7 @@ class Pc:
     def _save_chips(self):
         if not self.vm.has_irqchip:
             return None
-        return ([self.vm.get_irqchip(i) for i in range(3)], self.vm.get_pit2())
+        return ([self.vm.get_irqchip(i) for i in range(3)], self.vm.get_pit2() if self.in_kernel_pit else None)
 
     def reset_platform(self) -> None:
         """Devices, in-kernel chips and firmware back to power-on (vCPUs: reset_vcpu)."""
@@ -228,7 +229,8 @@ class Pc:
             chips, pit = self._chip_state
             for c in chips:
                 self.vm.set_irqchip(c)
-            self.vm.set_pit2(pit)
+            if pit is not None:
+                self.vm.set_pit2(pit)
         if self.image is not None:
             platform.copy_firmware(self.vm, self.image)
         self.resets += 1

@@ -27,6 +27,12 @@ def test_smp_multiboot_kernel_starts_its_aps_by_init_sipi(abi, vcpus):
     assert r.debug == b"smp ok\n"
 
 
+def test_smp_kernel_without_a_pit(abi):
+    """-machine pit=off (vmexit_ipi): no in-kernel PIT, so nothing may save or restore one."""
+    r = run_kernel(SMP_KERNEL, abi=abi, vcpus=2, irqchip=True, pit=False, timeout=30)
+    assert (r.reason, r.status) == ("STOP", 3), r
+
+
 def test_smp_kernel_needs_the_irqchip():
     with pytest.raises(InvalidArgumentError, match="irqchip"):
         run_kernel(SMP_KERNEL, vcpus=2, irqchip=False, timeout=5)
