@@ -195,8 +195,9 @@ def run_test(test: Test, kut_dir: str, *, vmm: str = "kvmsys", abi: str = "sys",
 
 
 def _summary(out: str) -> str:
-    lines = [ln for ln in out.splitlines() if ln.startswith("--- ")]
-    return lines[-1] if lines else ""
+    """kvmsys run's summary line (it may follow a guest's unfinished last line)."""
+    found = re.findall(r"--- \S.* over the \w+ ABI on .*$", out, re.M)
+    return found[-1] if found else ""
 
 
 def _detail(out: str, vmm: str) -> str:

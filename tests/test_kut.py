@@ -314,6 +314,8 @@ def test_kut_reads_unittests_cfg_and_maps_qemu_params(tmp_path):
     r = kut.run_test(tests["smptest3"], str(tmp_path))
     assert r.verdict == "SKIP" and "not built" in r.detail
     assert [kut.verdict_of(s) for s in (1, 3, 155, 0, 2, None)] == ["PASS", "FAIL", "SKIP", "FAIL", "FAIL", "FAIL"]
+    summary = "--- x86/sieve.flat over the sys ABI on 1 vCPU(s): DEADLINE, exit status none, 30000.0 ms"
+    assert kut._summary(f"starting sieve\nstatic:{summary}\nexits: 138\n") == summary    # after an unfinished line
 
 
 # --- the suite itself ----------------------------------------------------------------
