@@ -185,11 +185,16 @@ def run_test(test: Test, kut_dir: str, *, vmm: str = "kvmsys", abi: str = "sys",
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout + 5.0,
                            check=False)
         out, status = (p.stdout + p.stderr).decode("utf-8", "replace"), p.returncode
+        errors = [ln for ln in p.stderr.decode("utf-8", "replace").splitlines() if "warning" not in ln.lower()]
     except subprocess.TimeoutExpired as e:
         out, status = ((e.stdout or b"") + (e.stderr or b"")).decode("utf-8", "replace"), None
+        errors = []
     elapsed = time.monotonic() - t0
     if status is None or (vmm == "kvmsys" and "DEADLINE" in _summary(out)):
         return Result(test.name, "TIMEOUT", status, f"no result in {timeout:g} s", elapsed, out)
+    if vmm == "qemu" and status == 1 and errors:
+        # as the suite's qemu_fixup_return_code: status 1 with errors (not warnings) is QEMU's own failure
+        return Result(test.name, "FAIL", status, f"QEMU failed: {errors[0][:160]}", elapsed, out)
     verdict = verdict_of(status)
     return Result(test.name, verdict, status, _detail(out, vmm), elapsed, out)
 
