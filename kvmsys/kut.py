@@ -124,6 +124,9 @@ def kvmsys_options(test: Test) -> tuple[list[str], str | None]:
             opts += ["--memory", str(int(arg[:-1]) * 1024)]
         elif w == "-machine" and arg == "pit=off":
             opts += ["--no-pit"]
+        elif w == "-enable-kvm":         # kvmsys is KVM
+            i += 1
+            continue
         else:
             return opts, f"{w} {arg}".strip()
         i += 2
@@ -192,6 +195,10 @@ def run_test(test: Test, kut_dir: str, *, vmm: str = "kvmsys", abi: str = "sys",
     elapsed = time.monotonic() - t0
     if status is None or (vmm == "kvmsys" and "DEADLINE" in _summary(out)):
         return Result(test.name, "TIMEOUT", status, f"no result in {timeout:g} s", elapsed, out)
+    if vmm == "kvmsys" and not _summary(out):
+        # kvmsys run prints its summary however the guest ended: without it, kvmsys itself failed
+        # (a Python error also exits with status 1, which must not read as the guest's PASS)
+        return Result(test.name, "FAIL", status, f"kvmsys failed: {(errors or [''])[-1][:160]}", elapsed, out)
     if vmm == "qemu" and status == 1 and errors:
         # as the suite's qemu_fixup_return_code: status 1 with errors (not warnings) is QEMU's own failure
         return Result(test.name, "FAIL", status, f"QEMU failed: {errors[0][:160]}", elapsed, out)

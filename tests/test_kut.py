@@ -289,6 +289,11 @@ timeout = 60
 file = intel-iommu.flat
 qemu_params = -M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu
 
+[cet]
+file = cet.flat
+smp = 2
+qemu_params = -enable-kvm -m 2048 -cpu host
+
 [cmpxchg8b]
 file = cmpxchg8b.flat
 arch = i386
@@ -300,7 +305,8 @@ def test_kut_reads_unittests_cfg_and_maps_qemu_params(tmp_path):
     (tmp_path / "x86").mkdir()
     (tmp_path / "x86" / "unittests.cfg").write_text(CFG)
     tests = {t.name: t for t in kut.parse_cfg(str(tmp_path / "x86" / "unittests.cfg"))}
-    assert list(tests) == ["smptest3", "vmexit_inl_pmtimer", "xapic", "intel_iommu", "cmpxchg8b"]
+    assert list(tests) == ["smptest3", "vmexit_inl_pmtimer", "xapic", "intel_iommu", "cet", "cmpxchg8b"]
+    assert kut.kvmsys_options(tests["cet"]) == (["--memory", "2048"], None)
     assert tests["smptest3"].smp == 3 and tests["vmexit_inl_pmtimer"].test_args == "inl_from_pmtimer"
     assert tests["xapic"].timeout == 60 and tests["smptest3"].timeout == kut.DEFAULT_TIMEOUT
     assert kut.kvmsys_options(tests["xapic"]) == (["--cpu=-x2apic,+tsc-deadline", "--memory", "256"], None)
@@ -314,6 +320,10 @@ def test_kut_reads_unittests_cfg_and_maps_qemu_params(tmp_path):
     r = kut.run_test(tests["smptest3"], str(tmp_path))
     assert r.verdict == "SKIP" and "not built" in r.detail
     assert [kut.verdict_of(s) for s in (1, 3, 155, 0, 2, None)] == ["PASS", "FAIL", "SKIP", "FAIL", "FAIL", "FAIL"]
+    broken = tmp_path / "x86" / "smptest.flat"            # kvmsys itself fails (here: not a kernel)
+    broken.write_bytes(b"\0" * 64)
+    r = kut.run_test(tests["smptest3"], str(tmp_path))
+    assert r.verdict == "FAIL" and r.detail.startswith("kvmsys failed"), r
     summary = "--- x86/sieve.flat over the sys ABI on 1 vCPU(s): DEADLINE, exit status none, 30000.0 ms"
     assert kut._summary(f"starting sieve\nstatic:{summary}\nexits: 138\n") == summary    # after an unfinished line
 
