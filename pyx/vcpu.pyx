@@ -468,6 +468,11 @@ cdef class VcpuCore:
                     raise_os(err, op.decode())
             v.poll_signals = on_main_thread()     # only it runs Python's signal handlers
             while True:
+                if self.forkgen != kvmsys_fork_generation:
+                    # a handler, callback or signal handler forked and this is the child
+                    # going on: the vCPU, its locks and its loop are the parent's
+                    raise StateError(f"vCPU {self.id} belongs to the parent process: this fork child "
+                                     "was forked inside its run() and cannot go on with it")
                 if v.poll_signals:
                     look_at_signals(v)
                 v.run_seq += 1              # exits of the previous KVM_RUN go stale
@@ -516,9 +521,10 @@ cdef class VcpuCore:
                     raise_os(-v.error, "KVM_RUN", "the comm area holds a size, offset or ring index out of range")
                 raise_os(v.error, "KVM_RUN (or injecting a queued interrupt before it)")
         finally:
-            if v.deadline_ns:
+            if v.deadline_ns and self.forkgen == kvmsys_fork_generation:
                 # back to the enclosing run's deadline, if any; a late watchdog
-                # signal is harmless: run_loop rederives immediate_exit
+                # signal is harmless: run_loop rederives immediate_exit.  (A fork
+                # child has no watchdog of the parent's to go back to.)
                 kvmsys_watchdog_pop(outer_deadline, &op)
                 v.deadline_ns = 0
             kvmsys_store_int(&v.active, 0)
