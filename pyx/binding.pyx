@@ -60,10 +60,7 @@ cdef int _unbind_state(VcpuCore vcpu) except -1:
     vcpu.v.generation += 1
     clear_queued_locked(vcpu.v)
     pthread_mutex_unlock(&vcpu.v.lock)
-    work, vcpu.pending = vcpu.pending, []
-    for _fn, _args, future in work:
-        if future is not None:
-            future.cancel()             # never run: the vCPU changed hands
+    vcpu.cancel_pending()               # never run: the vCPU changed hands
     return 0
 
 
@@ -182,8 +179,15 @@ cdef class VcpuHandle:
         self._check()
         from concurrent.futures import Future     # here: it imports logging, which hooks atexit
         future = Future()
-        self.vcpu.pending.append((fn, args, future))
-        self._kick(KICK_CALLS)
+        entry = (fn, args, future)
+        self.vcpu.pending.append(entry)
+        try:
+            self._kick(KICK_CALLS)
+        except BaseException:
+            if entry in self.vcpu.pending:     # gone meanwhile: nobody runs it
+                self.vcpu.pending.remove(entry)
+            future.cancel()
+            raise
         return future
 
     cdef int _queue(self, int vector) except -1:

@@ -247,6 +247,7 @@ cdef class VcpuCore:
                 except BufferError:
                     pass            # something exported from it: it reads the zeros now
         self.views = []
+        self.cancel_pending()
         self.owner, n.owner = 0, 1
         self.gone = "was removed (or its thread ended)"
         self.successor = n
@@ -509,7 +510,14 @@ cdef class VcpuCore:
                     return ex
                 if res == R_KICK:
                     if v.kick_bits & KICK_CALLS:
-                        self._run_pending()
+                        try:
+                            self._run_pending()
+                        except BaseException:
+                            # a call (or a Ctrl-C inside one) ends this run: a user kick
+                            # taken with the calls is the next run's, never lost
+                            if v.kick_bits & KICK_USER:
+                                kvmsys_or_int(&v.kick_pending, KICK_USER)
+                            raise
                     if v.kick_bits & KICK_USER:
                         return Exit._new_of(KickExit, self, KVMSYS_EXIT_KICK)
                     continue
@@ -971,7 +979,20 @@ cdef class VcpuCore:
                              f"cannot {what} now; let run() return first")
         return 0
 
+    cdef int cancel_pending(self) except -1:
+        # Calls queued by call_soon() that will never run here (the vCPU closes or
+        # changes hands): their futures complete, cancelled.
+        work, self.pending = self.pending, []
+        for _fn, _args, future in work:
+            if future is not None:
+                future.cancel()
+        return 0
+
     cdef void close_claimed(self):
+        try:
+            self.cancel_pending()
+        except BaseException:
+            pass        # (a future's done-callback raised: the close goes on)
         pthread_mutex_lock(&self.v.lock)
         close(self.v.fd)
         self.v.fd = -1
