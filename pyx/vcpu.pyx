@@ -21,7 +21,7 @@ cdef inline bint on_main_thread():
 import os as _os
 
 # Every live vCPU of this process (both ABIs), for shutdown().
-_all_vcpus = _weakref.WeakSet()
+cdef _WeakRefs _all_vcpus = _WeakRefs()
 cdef long _all_vcpus_pid = _os.getpid()
 
 
@@ -33,7 +33,7 @@ def shutdown():
     if _os.getpid() != _all_vcpus_pid:
         return          # a fork child: these vCPUs are the parent's
     cdef vcpustate_t *v
-    for vcpu in list(_all_vcpus):
+    for vcpu in _all_vcpus.alive():
         v = (<VcpuCore>vcpu).v
         if v != NULL:
             with nogil:
@@ -63,7 +63,7 @@ cdef int look_at_signals(vcpustate_t *v) except -1:
 cdef int create_kernel_vcpu(VmCore vm, int vcpu_id) except -1:
     # KVM_CREATE_VCPU after the checks every new kernel vCPU gets; returns its fd.
     vm.require_open()
-    max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
+    max_id = vm.cap(KVM_CAP_MAX_VCPU_ID) or vm.cap(KVM_CAP_MAX_VCPUS) or 1
     require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
     require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
     cdef int vmfd = vm.fd
@@ -226,6 +226,11 @@ cdef class VcpuCore:
         if self.v.bound:
             raise StateError(f"vCPU {self.id} is bound to a thread: remove_vcpu() hands it on")
         self.claim("hand it on")
+        return self.renew_claimed()
+
+    cdef VcpuCore renew_claimed(self):
+        # renew() for a caller that claimed the vCPU (v.active): runs no Python code, so
+        # no asynchronous exception cuts it short between its parts.
         cdef VcpuCore n
         cdef Mapping old = self.page
         try:
@@ -237,8 +242,9 @@ cdef class VcpuCore:
             n.dirty_ring, n.dirty_fetch = self.dirty_ring, self.dirty_fetch
             n.set_up_kernel_vcpu(self.v.fd, NULL, False)
             old.revoke("belongs to a vCPU that was removed (or whose thread ended)")
-        finally:
+        except BaseException:
             kvmsys_store_int(&self.v.active, 0)
+            raise
         for ref in self.views:
             view = ref()
             if view is not None:
@@ -255,6 +261,7 @@ cdef class VcpuCore:
         self.page = None
         self.vm.vcpus.discard(self)
         self.vm.vcpus.add(n)
+        kvmsys_store_int(&self.v.active, 0)    # last: a run() claiming it now sees this object gone
         return n
 
     cdef int require_open(self) except -1:
@@ -445,6 +452,9 @@ cdef class VcpuCore:
                 raise StateError(f"run() of vCPU {self.id} from inside its own run() (an exit handler or "
                                  "a call_soon callback): return from the handler to let the run go on")
             raise StateError(f"vCPU {self.id} is already running in another thread")
+        if self.gone is not None:
+            kvmsys_store_int(&v.active, 0)      # handed on while this call claimed it
+            self.require_open()
         self._runner = PyThread_get_thread_ident()
         if kvmsys_load_int(&shutting_down):
             kvmsys_store_int(&v.active, 0)
