@@ -311,6 +311,7 @@ cdef class VcpuCore:
                              "its next exit; kick it (or queue the call with handle().call_soon) first")
         if not op.startswith("KVM_GET"):
             self._touched = 1
+            v.state_set = 1             # what the guest resumes with changed (see ready_now)
         if r < 0:
             raise_os(err, op)
         return r
