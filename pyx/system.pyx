@@ -9,7 +9,6 @@ cdef enum:
 
 _HINT_MISSING = ("load the kvm module (modprobe kvm_intel or kvm_amd), or, inside a VM, "
                  "enable nested virtualization")
-_HINT_ACCESS = "add your user to the 'kvm' group (sudo usermod -aG kvm $USER) and log in again"
 
 
 cdef kvm_cpuid2 *cpuid_new() except NULL:
@@ -108,7 +107,7 @@ cdef class KvmCore:
             if err in (ENOENT, ENXIO, ENODEV):
                 raise KvmUnavailableError(err, f"open({self.path})", _HINT_MISSING)
             if err in (EACCES, EPERM):
-                raise KvmPermissionError(err, f"open({self.path})", _HINT_ACCESS)
+                raise KvmPermissionError(err, f"open({self.path})", access_hint(self.path))
             raise_os(err, f"open({self.path})")
         self.fd = fd
         # Refuse a path that is not KVM (e.g. /dev/null) at once, not at first use.
