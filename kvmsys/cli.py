@@ -220,8 +220,12 @@ def _gdb_server(args):
     if args.gdb is None:
         return contextlib.nullcontext()
     from .gdb import GdbServer
-    server = GdbServer(args.gdb, vcpus=1 if args.firmware or args.kernel else args.vcpus)
-    print(f"kvmsys: gdb server listening on {server.address}; the guest waits for gdb "
+    address, wait = args.gdb, True
+    if address.endswith(",nowait"):
+        address, wait = address[:-len(",nowait")], False
+    server = GdbServer(address, vcpus=1 if args.firmware or args.kernel else args.vcpus, wait=wait)
+    print(f"kvmsys: gdb server listening on {server.address}; "
+          f"{'the guest waits for gdb' if wait else 'the guest runs, gdb may attach at any time'} "
           f"(gdb -ex 'target remote {server.address}')", file=sys.stderr, flush=True)
     return server
 
@@ -301,9 +305,10 @@ def main(argv=None) -> int:
     r.add_argument("--timeout", type=_seconds, help="seconds before the watchdog stops it (default 10; "
                    "none for firmware with --serial stdio)")
     r.add_argument("--n", type=int, help="iteration count input of loop/compute guests")
-    r.add_argument("--gdb", metavar="ADDRESS",
-                   help="serve gdb on HOST:PORT (port 0: any free one) or a Unix socket path; "
-                        "the guest waits for gdb before its first instruction")
+    r.add_argument("--gdb", metavar="ADDRESS[,nowait]",
+                   help="serve gdb on HOST:PORT (port 0: any free one) or a Unix socket path; the "
+                        "guest waits for gdb before its first instruction (QEMU's -s -S), or with "
+                        ",nowait runs at once and stops when gdb attaches (QEMU's -s)")
     pcg = r.add_argument_group("the PC of --firmware and --kernel")
     pcg.add_argument("--append", metavar="CMDLINE", help="--kernel: its command line")
     pcg.add_argument("--initrd", metavar="FILE", help="--kernel (Linux): the initial RAM disk")

@@ -108,6 +108,7 @@ class Vm(_core.VmCore):
 
 class Vcpu(_core.VcpuCore):
     """A vCPU, run by whichever thread calls run() (one at a time)."""
+    vm: Vm
 
     def handle(self) -> "_core.VcpuHandle":
         """A handle other threads may use to kick or interrupt this vCPU."""
@@ -115,19 +116,20 @@ class Vcpu(_core.VcpuCore):
 
     # Typed state (kvmsys.state): the kernel's bytes, with fields by name; the set_*
     # methods take these objects or any bytes of the right size.
-    def get_fpu(self) -> state.Fpu:
+    # (the core returns bytes; these return the typed views, bytearrays: hence the ignores)
+    def get_fpu(self) -> state.Fpu:  # type: ignore[override]
         return state.Fpu(super().get_fpu())
 
-    def get_lapic(self) -> state.Lapic:
+    def get_lapic(self) -> state.Lapic:  # type: ignore[override]
         return state.Lapic(super().get_lapic())
 
-    def get_vcpu_events(self) -> state.VcpuEvents:
+    def get_vcpu_events(self) -> state.VcpuEvents:  # type: ignore[override]
         return state.VcpuEvents(super().get_vcpu_events())
 
-    def get_xsave(self) -> state.Xsave:
+    def get_xsave(self) -> state.Xsave:  # type: ignore[override]
         return state.Xsave(super().get_xsave())
 
-    def get_xcrs(self) -> state.Xcrs:
+    def get_xcrs(self) -> state.Xcrs:  # type: ignore[override]
         return state.Xcrs(super().get_xcrs())
 
     # --- interrupts --------------------------------------------------------
