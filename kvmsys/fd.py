@@ -44,6 +44,7 @@ class Kvm(_core.KvmCore):
         return {name: super(Kvm, self).check_extension(num) for name, num in sorted(CAPABILITIES.items())}
 
     def create_vm(self) -> "Vm":
+        """KVM_CREATE_VM: a new, bare VM (no memory, no irqchip, no handlers)."""
         return Vm(self)
 
 
@@ -51,6 +52,7 @@ class Vm(_core.VmCore):
     """A VM: memory slots, interrupt plumbing, fast handlers and vCPUs."""
 
     def check_extension(self, cap) -> int:
+        """KVM_CHECK_EXTENSION on the VM (by number or name): what this VM supports."""
         return super().check_extension(cap_number(cap))
 
     def require(self, cap, needed_for: str) -> int:
@@ -61,6 +63,7 @@ class Vm(_core.VmCore):
         return value
 
     def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
+        """KVM_CREATE_VCPU: vCPU *vcpu_id* and its comm area."""
         return Vcpu(self, vcpu_id)
 
     x2apic_format = False     # KVM_X2APIC_API_USE_32BIT_IDS enabled: 32-bit APIC ids in MSIs and LAPIC state
@@ -118,18 +121,23 @@ class Vcpu(_core.VcpuCore):
     # methods take these objects or any bytes of the right size.
     # (the core returns bytes; these return the typed views, bytearrays: hence the ignores)
     def get_fpu(self) -> state.Fpu:  # type: ignore[override]
+        """KVM_GET_FPU: x87/SSE state as a kvmsys.state.Fpu (fields by name)."""
         return state.Fpu(super().get_fpu())
 
     def get_lapic(self) -> state.Lapic:  # type: ignore[override]
+        """KVM_GET_LAPIC: the local APIC's registers as a kvmsys.state.Lapic."""
         return state.Lapic(super().get_lapic())
 
     def get_vcpu_events(self) -> state.VcpuEvents:  # type: ignore[override]
+        """KVM_GET_VCPU_EVENTS: pending exceptions, interrupts, NMIs as a kvmsys.state.VcpuEvents."""
         return state.VcpuEvents(super().get_vcpu_events())
 
     def get_xsave(self) -> state.Xsave:  # type: ignore[override]
+        """KVM_GET_XSAVE(2): the extended state as a kvmsys.state.Xsave."""
         return state.Xsave(super().get_xsave())
 
     def get_xcrs(self) -> state.Xcrs:  # type: ignore[override]
+        """KVM_GET_XCRS: the extended control registers (XCR0) as a kvmsys.state.Xcrs."""
         return state.Xcrs(super().get_xcrs())
 
     # --- interrupts --------------------------------------------------------

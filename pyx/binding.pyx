@@ -143,10 +143,12 @@ cdef class VcpuHandle:
 
     @property
     def vm(self):
+        """The VM of the vCPU (StaleVcpuError once it is gone)."""
         return self._named().vm
 
     @property
     def alive(self):
+        """True while the vCPU this handle names is still bound (same generation)."""
         # generation 0 is never a vCPU's (they start at 1): a handle made by __new__ is dead
         return self.vcpu is not None and self.generation != 0 and not self.vcpu.closed \
             and self.vcpu.v.generation == self.generation

@@ -83,7 +83,7 @@ cdef int require_system_cap(KvmCore kvm, long cap, str name, str needed_for) exc
 
 
 cdef class KvmCore:
-    """The KVM system fd (/dev/kvm)."""
+    """The KVM system fd (/dev/kvm, or the device at ``path``)."""
     # The /dev/kvm system fd.
     cdef int fd
     cdef readonly str path
@@ -130,11 +130,13 @@ cdef class KvmCore:
         return check(ioctl(self.fd, req, arg), op)
 
     def fileno(self):
+        """The /dev/kvm fd."""
         self.require_open()
         return self.fd
 
     @property
     def closed(self):
+        """True once closed."""
         return self.fd < 0
 
     def api_version(self):

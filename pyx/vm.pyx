@@ -81,7 +81,14 @@ cdef int fill_enable_cap(kvm_enable_cap *c, object cap, object flags, object arg
 
 
 cdef class VmCore:
-    """A KVM VM fd.  Memory, devices and vCPUs hang off it."""
+    """A KVM VM fd.  Memory, devices and vCPUs hang off it.
+
+    ``kvm``: the KvmCore it came from; ``mmap_size``: bytes of each vCPU's comm area;
+    ``max_slots``: memory slots KVM allows (KVM_CAP_NR_MEMSLOTS); ``has_irqchip``,
+    ``split_irqchip``: whether an in-kernel irqchip (split: local APICs only) exists;
+    ``dirty_ring_size``: bytes of each vCPU's dirty ring, 0 for none;
+    ``has_sync_regs``: whether KVM syncs registers through the comm area
+    (KVM_CAP_SYNC_REGS); ``vcpu_ids``: the ids of the vCPUs KVM has for this VM."""
     # A VM fd, its memory slots, fast-handler table and console buffer.
     cdef int fd
     cdef vmstate_t *state
@@ -157,11 +164,13 @@ cdef class VmCore:
         self._default_handler = fn
 
     def fileno(self):
+        """The VM fd."""
         self.require_open()
         return self.fd
 
     @property
     def closed(self):
+        """True once closed (or inherited by a fork child, where KVM refuses it)."""
         return self.fd < 0
 
     def check_extension(self, cap):
@@ -715,6 +724,7 @@ cdef class VmCore:
         return self.get_vm_blob(KVM_GET_PIT2, &p, sizeof(p), "KVM_GET_PIT2")
 
     def set_pit2(self, data):
+        """KVM_SET_PIT2: bytes from get_pit2()."""
         cdef bytearray buf = bytearray(as_blob(data, "set_pit2"))
         require(<size_t>len(buf) == sizeof(kvm_pit_state2), f"KVM_SET_PIT2 takes {sizeof(kvm_pit_state2)} bytes")
         self.vm_ioctl(KVM_SET_PIT2, <char *>buf, "KVM_SET_PIT2")
@@ -726,6 +736,7 @@ cdef class VmCore:
         return self.get_vm_blob(KVM_GET_CLOCK, &c, sizeof(c), "KVM_GET_CLOCK")
 
     def set_clock(self, data):
+        """KVM_SET_CLOCK: bytes from get_clock() (struct kvm_clock_data)."""
         cdef bytearray buf = bytearray(as_blob(data, "set_clock"))
         require(<size_t>len(buf) == sizeof(kvm_clock_data), f"KVM_SET_CLOCK takes {sizeof(kvm_clock_data)} bytes")
         (<kvm_clock_data *><char *>buf).flags = 0      # only the clock value is settable everywhere
