@@ -49,19 +49,28 @@ _REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", 
 _CPUID_KEYS = frozenset(("function", "index", "flags", "eax", "ebx", "ecx", "edx"))
 
 
-# The main thread's KVM_RUN was interrupted by a signal that is not ours, and no
-# Python handler here raised.  It may be a Ctrl-C the kernel handed to another
-# thread (KVM blocks SIGINT again on its way out; kvmsys_keep_sigint): its handler
-# trips Python's flag there in a moment.  Give it that moment, so run() raises
-# KeyboardInterrupt instead of returning an IntrExit just before it: up to 200 ms
-# when the SIGINT was seen going, 2 ms otherwise (the cost of a foreign signal).
-cdef int await_foreign_sigint(bint seen) except -1:
-    cdef int i
-    for i in range(200 if seen else 2):
-        with nogil:
-            kvmsys_sleep_ns(1000000)
-        PyErr_CheckSignals()
+# Main thread, before each entry of its run loop: the SIGINT relay in front of
+# SIGINT's handler (Python's signal.signal() may have replaced it), then Python's
+# own signals.  A Ctrl-C before this point raises here; one after it is counted
+# by the relay, which the loop sees (kvmsys_native.h).  One sigaction query.
+cdef int look_at_signals(vcpustate_t *v) except -1:
+    kvmsys_sigint_relay_ensure()
+    v.sigint_snap = kvmsys_sigint_count()
+    PyErr_CheckSignals()
     return 0
+
+
+cdef int create_kernel_vcpu(VmCore vm, int vcpu_id) except -1:
+    # KVM_CREATE_VCPU after the checks every new kernel vCPU gets; returns its fd.
+    vm.require_open()
+    max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
+    require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
+    require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
+    cdef int vmfd = vm.fd
+    cdef int fd
+    with nogil:
+        fd = ioctl(vmfd, KVM_CREATE_VCPU, <unsigned long>vcpu_id)
+    return check(fd, "KVM_CREATE_VCPU")
 
 
 cdef class VcpuCore:
@@ -107,9 +116,6 @@ cdef class VcpuCore:
             # kicks and the watchdog rely on kvm_run.immediate_exit (Linux >= 4.11)
             from kvmsys.errors import CapabilityError
             raise CapabilityError("IMMEDIATE_EXIT", "kvmsys's run loop (kicks, the watchdog)")
-        max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
-        require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
-        require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
         self.vm = vm
         self.id = vcpu_id
         self.v = <vcpustate_t *>calloc(1, sizeof(vcpustate_t))
@@ -119,30 +125,69 @@ cdef class VcpuCore:
         self.v.fd = -1
         self.v.budget_left = -1
         pthread_mutex_init(&self.v.lock, NULL)
-        self.v.fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vcpu_id), "KVM_CREATE_VCPU")
         self.v.vm = vm.state
         self.v.generation = 1
         self.pending = []
         self.views = []
-        self.map_comm_area()
-        if vm.dirty_ring_size:
-            self.map_dirty_ring()
-        if vm.has_sync_regs:
-            self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
-        vm.vcpu_ids.add(vcpu_id)
-        vm.vcpus.add(self)
+        self.set_up_kernel_vcpu(create_kernel_vcpu(vm, vcpu_id), NULL, True)
         _all_vcpus.add(self)
 
-    cdef int map_comm_area(self) except -1:
-        # (Re)map the vCPU's kvm_run page (+ the coalesced ring) at a new address.
+    cdef int set_up_kernel_vcpu(self, int fd, void *at, bint new_kernel_vcpu) except -1:
+        # The one place a kernel vCPU is set up for this object, whichever way it came:
+        # creation (__init__), recycling (renew(): the same kernel vCPU, a new object) and
+        # the move onto a new kernel vCPU (replace_kernel_vcpu) all come here, so none of
+        # them misses a piece.  *fd*: the kernel vCPU (this object owns it from here on,
+        # even on failure); *at*: where its comm area goes (MAP_FIXED over the old one:
+        # views stay valid), NULL anywhere.  On failure the object is closed.
         cdef VmCore vm = self.vm
-        cdef void *addr = mmap(NULL, vm.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, self.v.fd, 0)
+        cdef void *addr = mmap(at, vm.mmap_size, PROT_READ | PROT_WRITE,
+                               MAP_SHARED | (MAP_FIXED if at != NULL else 0), fd, 0)
+        cdef int err
         if addr == MAP_FAILED:
-            raise_os(errno, "mmap(kvm_run)")
-        self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {self.id} comm area")
+            err = errno
+            if fd != self.v.fd:
+                close(fd)
+            if at != NULL:
+                # the old vCPU's page is gone from this address: this object is done for
+                kvmsys_detach_region(at, vm.mmap_size)
+                self.close_claimed()
+            raise_os(err, "mmap(kvm_run)")
+        if at != NULL:
+            if madvise(addr, vm.mmap_size, MADV_DONTFORK) != 0:     # the region is registered
+                err = errno
+                close(fd)
+                kvmsys_detach_region(at, vm.mmap_size)
+                self.close_claimed()
+                raise_os(err, "madvise(kvm_run, MADV_DONTFORK)")
+        else:
+            try:
+                self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {self.id} comm area")
+            except BaseException:
+                if fd != self.v.fd:
+                    close(fd)
+                raise
+        # the kernel vCPU, its comm area and the run loop's per-vCPU state, under the
+        # lock (kicks read fd and run)
+        pthread_mutex_lock(&self.v.lock)
+        if self.v.fd >= 0 and self.v.fd != fd:
+            close(self.v.fd)        # the retired kernel vCPU: KVM keeps it until the VM goes
+        self.v.fd = fd
         self.v.run = <kvm_run *>addr
         self.v.run_size = vm.mmap_size
-        vm.map_ring(self.v.fd)      # the VM's coalesced ring, once (it shows in every comm area)
+        kernel_vcpu_attached(self.v, new_kernel_vcpu)    # signal mask, stats, queued window
+        pthread_mutex_unlock(&self.v.lock)
+        vm.map_ring(fd)             # the VM's coalesced ring, once (it shows in every comm area)
+        if new_kernel_vcpu:
+            self.ran = self.ran_here = self.irreversible_done = self.debug_enabled = self._touched = 0
+            self.dirty_ring = None
+            self.dirty_fetch = 0
+        if vm.dirty_ring_size and self.dirty_ring is None:
+            self.map_dirty_ring()
+        self.synced = 0
+        if vm.has_sync_regs:
+            self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
+        vm.vcpu_ids.add(self.id)
+        vm.vcpus.add(self)
         return 0
 
     cdef int map_dirty_ring(self) except -1:
@@ -194,7 +239,7 @@ cdef class VcpuCore:
             n.ran, n.irreversible_done = self.ran, self.irreversible_done
             n.pending, n.views = [], []
             n.dirty_ring, n.dirty_fetch = self.dirty_ring, self.dirty_fetch
-            n.map_comm_area()
+            n.set_up_kernel_vcpu(self.v.fd, NULL, False)
             old.revoke("belongs to a vCPU that was removed (or whose thread ended)")
         finally:
             kvmsys_store_int(&self.v.active, 0)
@@ -225,23 +270,26 @@ cdef class VcpuCore:
         return 0
 
     cdef long vcpu_ioctl(self, unsigned long req, void *arg, str op) except -1:
-        # KVM serialises vCPU ioctls with KVM_RUN on the vCPU's mutex: from another thread
-        # during KVM_RUN this would wait for the guest's next exit.  Refuse that plainly;
-        # in the race where the vCPU enters KVM_RUN just after this check, the call waits
-        # for its next exit (or a kick) with the GIL released, so nothing else stops.
+        # Every vCPU ioctl outside the run loop: with the GIL released, and refused
+        # (StateError) while another thread has the vCPU in KVM_RUN, where KVM would
+        # make it wait for the guest's next exit (see vcpu_ioctl_outside).
         self.require_open()
         if req == KVM_SET_CPUID2 or req == KVM_ENABLE_CAP:
             self.irreversible_done = 1      # whatever the outcome: a vCPU KVM may have changed
-        if kvmsys_load_int(&self.v.running):
+        cdef vcpustate_t *v = self.v
+        cdef long r
+        cdef int refused, err
+        with nogil:
+            r = vcpu_ioctl_outside(v, req, arg, &refused)
+            err = errno
+        if refused:
             raise StateError(f"vCPU {self.id} is inside KVM_RUN in another thread: {op} would wait for "
                              "its next exit; kick it (or queue the call with handle().call_soon) first")
         if not op.startswith("KVM_GET"):
             self._touched = 1
-        cdef int fd = self.v.fd
-        cdef long r
-        with nogil:
-            r = ioctl(fd, req, arg)
-        return check(r, op)
+        if r < 0:
+            raise_os(err, op)
+        return r
 
     @property
     def touched(self):
@@ -270,31 +318,12 @@ cdef class VcpuCore:
         self.require_open()
         cdef VmCore vm = self.vm
         cdef int vid = as_int(new_id, "vCPU id", 0, 0x7fffffff)
-        require(vid not in vm.vcpu_ids, f"vCPU id {vid} already exists in this VM")
         self.claim("replace it")
-        cdef int fd = -1
-        cdef void *addr
+        cdef int fd
         try:
-            fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vid), "KVM_CREATE_VCPU")
-            vm.vcpu_ids.add(vid)
-            addr = mmap(<void *>self.v.run, self.v.run_size, PROT_READ | PROT_WRITE,
-                        MAP_SHARED | MAP_FIXED, fd, 0)
-            if addr == MAP_FAILED or madvise(addr, self.v.run_size, MADV_DONTFORK) != 0:
-                err = errno
-                close(fd)
-                # the old vCPU's page is gone from this address: this object is done for
-                kvmsys_detach_region(<void *>self.v.run, self.v.run_size)
-                self.close_claimed()
-                raise_os(err, "mmap(kvm_run, MAP_FIXED)")
-            pthread_mutex_lock(&self.v.lock)
-            close(self.v.fd)
-            self.v.fd = fd
-            pthread_mutex_unlock(&self.v.lock)
+            fd = create_kernel_vcpu(vm, vid)
             self.id = vid
-            self.ran = self.ran_here = self.irreversible_done = self.debug_enabled = self._touched = 0
-            self.synced = 0
-            if vm.has_sync_regs:
-                self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS
+            self.set_up_kernel_vcpu(fd, <void *>self.v.run, True)
         finally:
             kvmsys_store_int(&self.v.active, 0)
 
@@ -320,7 +349,7 @@ cdef class VcpuCore:
         cdef int r, err
         try:
             kvmsys_store_u8(&self.v.run.immediate_exit, 1)
-            r = ioctl(self.v.fd, KVM_RUN, 0)
+            r = ioctl_nogil(self.v.fd, KVM_RUN, NULL)
             err = errno
             kvmsys_store_u8(&self.v.run.immediate_exit, 0)
             if r < 0 and err != EINTR and err != EAGAIN:
@@ -412,7 +441,7 @@ cdef class VcpuCore:
         cdef uint64_t t0
         cdef uint64_t outer_deadline = 0
         cdef const char *op = "timer_create(watchdog)"
-        cdef int err, held = 0
+        cdef int err
         if v.bound and not pthread_equal(v.thread, pthread_self()):
             raise VcpuBindingError(f"vCPU {self.id} is bound to another thread: only its owner runs it "
                                    "(use its handle to kick, interrupt or call_soon)")
@@ -445,10 +474,9 @@ cdef class VcpuCore:
                     v.deadline_ns = 0
                     raise_os(err, op.decode())
             v.poll_signals = on_main_thread()     # only it runs Python's signal handlers
-            if v.sigmask_state >= 0:
-                kvmsys_hold_run_signals()          # for the whole call: see kvmsys_native.h
-                held = 1
             while True:
+                if v.poll_signals:
+                    look_at_signals(v)
                 v.run_seq += 1              # exits of the previous KVM_RUN go stale
                 with nogil:
                     res = run_loop(v)
@@ -472,20 +500,10 @@ cdef class VcpuCore:
                         return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                     continue
                 if res == R_POLL:
-                    kvmsys_open_run_signals()
-                    try:
-                        PyErr_CheckSignals()     # raises KeyboardInterrupt on Ctrl-C
-                    finally:
-                        kvmsys_close_run_signals()
-                    continue
+                    continue                    # look_at_signals(): Ctrl-C raises there
                 if res == R_SIGNAL:
-                    kvmsys_open_run_signals()
-                    try:
-                        PyErr_CheckSignals()     # run Python signal handlers (Ctrl-C raises here)
-                        if v.poll_signals:
-                            await_foreign_sigint(v.sigint_elsewhere)
-                    finally:
-                        kvmsys_close_run_signals()
+                    if v.poll_signals:
+                        look_at_signals(v)      # run Python signal handlers (Ctrl-C raises here)
                     return Exit._new_of(IntrExit, self, KVM_EXIT_INTR)
                 if res == R_STOP:
                     ex = Exit._new_of(StopExit, self, KVMSYS_EXIT_STOP)
@@ -505,8 +523,6 @@ cdef class VcpuCore:
                     raise_os(-v.error, "KVM_RUN", "the comm area holds a size, offset or ring index out of range")
                 raise_os(v.error, "KVM_RUN (or injecting a queued interrupt before it)")
         finally:
-            if held:
-                kvmsys_release_run_signals()
             if v.deadline_ns:
                 # back to the enclosing run's deadline, if any; a late watchdog
                 # signal is harmless: run_loop rederives immediate_exit
@@ -539,11 +555,11 @@ cdef class VcpuCore:
 
     @property
     def signal_mask(self):
-        """How kicks reach KVM_RUN: 'kvm' (KVM_SET_SIGNAL_MASK: blocked outside KVM_RUN, let in
-        inside it), 'handler' (the host refused it: the kick handler sets immediate_exit), or
-        None before the first run."""
+        """How kicks reached KVM_RUN in the last run: 'handler' (the usual case: no KVM signal
+        mask, the kick handler sets immediate_exit), 'kvm' (the running thread blocks the kick
+        signal: KVM_SET_SIGNAL_MASK lets it in inside KVM_RUN), or None before the first run."""
         self.require_open()
-        return {1: "kvm", -1: "handler"}.get(self.v.sigmask_state)
+        return {SIGMASK_NONE: "handler", SIGMASK_REFUSED: "handler", SIGMASK_KVM: "kvm"}.get(self.v.sigmask_state)
 
     @property
     def pending_interrupts(self):
@@ -923,7 +939,7 @@ cdef class VcpuCore:
         self.require_open()
         cdef vcpustate_t *v = self.v
         cdef int i
-        exits = {exit_name(i): v.exits[i] for i in range(NR_REASONS) if v.exits[i]}
+        exits = {name_of_exit(i): v.exits[i] for i in range(NR_REASONS) if v.exits[i]}
         hits = {i: v.handler_hits[i] for i in range(self.vm.state.nhandlers) if v.handler_hits[i]}
         return dict(exits=exits, total_exits=sum(exits.values()), handler_hits=hits,
                     default_hits=v.default_hits, runs=v.runs, ns_in_run=v.ns_in_run,

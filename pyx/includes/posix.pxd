@@ -32,6 +32,9 @@ cdef extern from "<sys/mman.h>" nogil:
     enum: MADV_DONTFORK
     void *MAP_FAILED
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 cdef extern from "<errno.h>" nogil:
     int errno
     enum: EINTR
@@ -78,6 +81,8 @@ cdef extern from "kvmsys_native.h" nogil:
     int kvmsys_load_int(int *p)
     void kvmsys_store_int(int *p, int v)
     int kvmsys_xchg_int(int *p, int v)
+    int kvmsys_add_int(int *p, int v)
+    void kvmsys_set_errno(int e)
     int kvmsys_or_int(int *p, int v)
     int kvmsys_and_int(int *p, int v)
     void kvmsys_store_u8(uint8_t *p, uint8_t v)
@@ -97,16 +102,11 @@ cdef extern from "kvmsys_native.h" nogil:
     int kvmsys_watchdog_pop(uint64_t saved, const char **op)
     int kvmsys_watchdog_uses_thread()
     void kvmsys_fail_timer_create(int n)
-    int kvmsys_block_run_signals(sigset_t *old)
-    uint64_t kvmsys_run_sigmask(const sigset_t *old, int main_thread)
-    void kvmsys_hold_run_signals()
-    void kvmsys_release_run_signals()
-    void kvmsys_drop_run_signals()
-    void kvmsys_open_run_signals()
-    void kvmsys_close_run_signals()
-    const sigset_t *kvmsys_app_sigmask()
+    int kvmsys_thread_blocks_kick(uint64_t *kvm_mask)
     unsigned kvmsys_take_kick_signals()
-    int kvmsys_keep_sigint()
+    unsigned kvmsys_sigint_count()
+    int kvmsys_sigint_relay_ensure()
+    void kvmsys_sigint_watch_set(int on)
     void kvmsys_sleep_ns(uint64_t ns)
     void kvmsys_raise_window_signal()
     void kvmsys_set_window_signal(int sig)
