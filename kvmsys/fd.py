@@ -11,6 +11,8 @@ in the compiled core (kvmsys._core), shared with the syscall-style ABI.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from . import _core, kvmstats, routing, state
 from .errors import ArgumentTypeError, CapabilityError, InvalidArgumentError
 
@@ -32,7 +34,31 @@ def cap_number(cap) -> int:
         raise InvalidArgumentError(f"unknown capability {cap!r}") from None
 
 
-class Kvm(_core.KvmCore):
+class _Limits:
+    """The VM limits KVM reports, with the fallbacks the kernel's API documentation gives
+    for a KVM that lacks the capability (kvm-ioctls' get_nr_vcpus and friends).  On a VM
+    they are that VM's (KVM_CHECK_EXTENSION on the VM fd), on Kvm the host's."""
+
+    check_extension: Callable[[Any], int]       # Kvm's or Vm's
+
+    def get_nr_vcpus(self) -> int:
+        """The recommended most vCPUs (KVM_CAP_NR_VCPUS; 4 where absent)."""
+        return self.check_extension("NR_VCPUS") or 4
+
+    def get_max_vcpus(self) -> int:
+        """The most vCPUs a VM may have (KVM_CAP_MAX_VCPUS; where absent, get_nr_vcpus())."""
+        return self.check_extension("MAX_VCPUS") or self.get_nr_vcpus()
+
+    def get_max_vcpu_id(self) -> int:
+        """One more than the largest vCPU id (KVM_CAP_MAX_VCPU_ID; where absent, get_max_vcpus())."""
+        return self.check_extension("MAX_VCPU_ID") or self.get_max_vcpus()
+
+    def get_nr_memslots(self) -> int:
+        """The most memory slots (KVM_CAP_NR_MEMSLOTS; 32, x86's old KVM_MEMORY_SLOTS, where absent)."""
+        return self.check_extension("NR_MEMSLOTS") or 32
+
+
+class Kvm(_Limits, _core.KvmCore):
     """/dev/kvm."""
 
     def check_extension(self, cap) -> int:
@@ -43,12 +69,13 @@ class Kvm(_core.KvmCore):
         """Every capability this header knows, with the value the host reports."""
         return {name: super(Kvm, self).check_extension(num) for name, num in sorted(CAPABILITIES.items())}
 
-    def create_vm(self) -> "Vm":
-        """KVM_CREATE_VM: a new, bare VM (no memory, no irqchip, no handlers)."""
-        return Vm(self)
+    def create_vm(self, vm_type: int = 0) -> "Vm":
+        """KVM_CREATE_VM: a new, bare VM (no memory, no irqchip, no handlers).  *vm_type*:
+        the machine type (x86: KVM_X86_DEFAULT_VM = 0; KVM_CAP_VM_TYPES lists the others)."""
+        return Vm(self, vm_type)
 
 
-class Vm(_core.VmCore):
+class Vm(_Limits, _core.VmCore):
     """A VM: memory slots, interrupt plumbing, fast handlers and vCPUs."""
 
     def check_extension(self, cap) -> int:

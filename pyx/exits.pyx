@@ -1,6 +1,8 @@
 # Exits decoded into typed values that read the comm area in place (no copy):
 # an exit is valid until the vCPU runs again.
 
+import inspect as _inspect
+
 cdef enum:
     # kvmsys's own stop reasons, beside KVM's exit reasons (which are >= 0)
     KVMSYS_EXIT_STOP = -1
@@ -101,7 +103,18 @@ cdef class Exit:
         return name_of_exit(self.reason)
 
     def __repr__(self):
-        return f"<{type(self).__name__} {self.name}>"
+        # the fields (properties) its class decodes, read now: an exit of an earlier run
+        # is stale, and says so instead of raising
+        fields = []
+        for k, d in type(self).__dict__.items():
+            if k.startswith("_") or k == "name" or not _inspect.isgetsetdescriptor(d):
+                continue
+            try:
+                v = getattr(self, k)
+            except Exception:
+                return f"<{type(self).__name__} {self.name} (stale)>"
+            fields.append(f" {k}={v:#x}" if type(v) is int else f" {k}={v!r}")
+        return f"<{type(self).__name__} {self.name}{''.join(fields)}>"
 
 
 cdef class IoExit(Exit):
@@ -591,7 +604,15 @@ cdef class SyncRegs:
         return 0
 
     def as_dict(self):
+        """The registers as a dict (what get_regs() returns)."""
         return self.p()[0]
+
+    def __repr__(self):
+        try:
+            r = self.p()[0]
+        except Exception as e:          # stale or closed: say so, never raise from repr
+            return f"<SyncRegs ({e})>"
+        return "<SyncRegs " + " ".join(f"{k}={v:#x}" for k, v in r.items()) + ">"
 
     property rax:
         def __get__(self): return self.p().rax

@@ -139,6 +139,9 @@ cdef class KvmCore:
         """True once closed."""
         return self.fd < 0
 
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.path} {'closed' if self.fd < 0 else f'fd={self.fd}'}>"
+
     def api_version(self):
         """KVM_GET_API_VERSION (12 on every Linux since 2.6.22)."""
         return self.ioctl_int(KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")

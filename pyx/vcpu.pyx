@@ -404,6 +404,17 @@ cdef class VcpuCore:
         """True once closed (or removed from its thread, or inherited by a fork child)."""
         return self.v == NULL or self.v.fd < 0 or self.gone is not None or self.forkgen != kvmsys_fork_generation
 
+    def __repr__(self):
+        name = type(self).__name__
+        if self.gone is not None:
+            return f"<{name} {self.id} stale>"
+        if self.closed:
+            return f"<{name} {self.id} closed>"
+        state = "running" if self.running else "in run()" if self.active else "idle"
+        cdef int i
+        exits = sum(self.v.exits[i] for i in range(NR_REASONS))
+        return f"<{name} {self.id} fd={self.v.fd} {state} runs={self.v.runs} exits={exits}>"
+
     @property
     def stale(self):
         """True once this object was handed on (remove_vcpu(), thread end): StaleVcpuError on use."""

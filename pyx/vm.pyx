@@ -169,6 +169,14 @@ cdef class VmCore:
         """True once closed (or inherited by a fork child, where KVM refuses it)."""
         return self.fd < 0
 
+    def __repr__(self):
+        if self.fd < 0:
+            return f"<{type(self).__name__} closed>"
+        mem = sum(ms.size for ms in self.slots.values())
+        chip = " split irqchip" if self.split_irqchip else " irqchip" if self.has_irqchip else ""
+        return (f"<{type(self).__name__} fd={self.fd} slots={len(self.slots)} ({mem >> 10} KiB) "
+                f"vcpus={sorted(self.vcpu_ids)}{chip} handlers={self.state.nhandlers}>")
+
     def check_extension(self, cap):
         """KVM_CHECK_EXTENSION on the VM fd (answers for this VM)."""
         cdef long cap_ = as_int(cap, "capability number", 0, 0x7fffffff)
