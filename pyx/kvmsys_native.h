@@ -227,6 +227,22 @@ static inline void kvmsys_set_kick_delay(long ns) {
     __atomic_store_n(&kvmsys_kick_delay_at, ns > 0 ? 3 : 0, __ATOMIC_SEQ_CST);
 }
 
+/* Benchmark hook (its self-test injects known regressions): busy-wait this long at
+ * place 0 (every exit the C run loop dispatches) or 1 (before every Python exit
+ * handler).  Off by default: one relaxed load and an untaken branch. */
+static uint64_t kvmsys_bench_delay[2];
+static inline void kvmsys_bench_pause(int at) {
+    uint64_t ns = __atomic_load_n(&kvmsys_bench_delay[at], __ATOMIC_RELAXED), end;
+    if (__builtin_expect(ns == 0, 1))
+        return;
+    end = kvmsys_now_ns() + ns;
+    while (kvmsys_now_ns() < end)
+        ;
+}
+static inline void kvmsys_set_bench_delay(int at, uint64_t ns) {
+    __atomic_store_n(&kvmsys_bench_delay[at], ns, __ATOMIC_RELAXED);
+}
+
 
 /* A thread that blocks the kick signal: take the kick signals pending for it
  * (they interrupted KVM_RUN through its KVM signal mask and stay pending); returns

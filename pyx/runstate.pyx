@@ -444,6 +444,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         v.need_dispatch = 0
         v.exits[run.exit_reason if run.exit_reason < NR_REASONS else NR_REASONS - 1] += 1
         res = dispatch(v, run)
+        kvmsys_bench_pause(0)           # benchmark hook, off: see kvmsys_native.h
         if v.budget_left > 0:
             v.budget_left -= 1
         if res >= 0:

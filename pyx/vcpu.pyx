@@ -503,6 +503,7 @@ cdef class VcpuCore:
                     if handler is None:
                         return ex
                     t0 = kvmsys_now_ns()
+                    kvmsys_bench_pause(1)   # benchmark hook, off: see kvmsys_native.h
                     stop = handler(ex)
                     v.ns_in_handlers += kvmsys_now_ns() - t0
                     if stop:
