@@ -225,8 +225,9 @@ def _forget(st: dict) -> None:
     # Step: the released vCPU leaves the binding table; its thread floats again; it
     # goes back to the pool only if its VM is still the process VM.
     vcpu = st["vcpu"]
-    if _bound.get(vcpu.id) is vcpu:
-        del _bound[vcpu.id]
+    vcpu_id = vcpu.id
+    if _bound.get(vcpu_id) is vcpu:
+        del _bound[vcpu_id]
     if vcpu.tid is not None and vcpu.tid == threading.get_native_id():
         _placement.apply(vcpu.tid, set(_placement.allowed_cpus()))
     vcpu.tid = vcpu.placement = None
@@ -326,7 +327,7 @@ def add_vcpu(placement: str | None = None) -> memoryview:
     if _core.bound() is not None:
         raise VcpuBindingError("this thread already has a vCPU: call remove_vcpu() first "
                                "(one vCPU per thread)")
-    st = {"policy": policy}
+    st: dict[str, Any] = {"policy": policy}
     _core.steps(_lock, (_take, (st,)), (_core.bind_from_pool, (st, _pool, _bound, _release)),
                 (_settle, (st,)))
     return st["vcpu"].comm_area
