@@ -95,8 +95,10 @@ static int kvmsys_set_kick_signal(int sig) {
     return 0;
 }
 
-/* Install the kick handler once.  No SA_RESTART: KVM_RUN must return EINTR.
- * -1/EBUSY if the signal already has somebody else's handler. */
+/* Install the kick handler once.  SA_RESTART: a kick or watchdog signal that lands
+ * while a handler of the application is in a system call restarts it (KVM_RUN
+ * returns EINTR all the same: the kernel never restarts it).  -1/EBUSY if the
+ * signal already has somebody else's handler. */
 static int kvmsys_install_kick_handler(void) {
     struct sigaction sa, old;
     int sig = kvmsys_kick_signal();
@@ -111,6 +113,7 @@ static int kvmsys_install_kick_handler(void) {
     }
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = kvmsys_kick_handler;
+    sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
     if (sigaction(sig, &sa, NULL) != 0)
         return -1;
@@ -118,77 +121,87 @@ static int kvmsys_install_kick_handler(void) {
     return 0;
 }
 
-/* KVM_SET_SIGNAL_MASK design (as QEMU and Firecracker): while a thread runs a
- * vCPU, the kick signal and SIGINT are blocked outside KVM_RUN, and KVM_RUN runs
- * with a mask that lets them in.  A signal that comes between two KVM_RUNs stays
- * pending and makes the next KVM_RUN return EINTR at once: nothing is lost. */
-static inline int kvmsys_block_run_signals(sigset_t *old) {
-    sigset_t s;
-    sigemptyset(&s);
-    sigaddset(&s, kvmsys_kick_signal());
-    sigaddset(&s, SIGINT);
-    return pthread_sigmask(SIG_BLOCK, &s, old);
+/* Signals without a signal mask (Firecracker's design): kvmsys never blocks a
+ * signal, so handlers, fork children and spawned programs see the thread's own
+ * mask.  What closes the window between the loop's last look and KVM_RUN's entry
+ * is a handler that sets kvm_run.immediate_exit of the vCPU this thread runs:
+ * the kick handler above for kicks and the watchdog, the SIGINT relay below for
+ * Ctrl-C.  No system call per exit, and no KVM_SET_SIGNAL_MASK, which costs
+ * ~200 ns inside every KVM_RUN on our host (the kernel swaps the mask twice).
+ * Only a thread that blocks the kick signal itself gets a KVM signal mask (its
+ * own mask with the kick signal let in), or a kick could never reach its KVM_RUN. */
+static inline int kvmsys_thread_blocks_kick(uint64_t *kvm_mask) {
+    sigset_t cur;
+    if (pthread_sigmask(SIG_BLOCK, NULL, &cur) != 0 || sigismember(&cur, kvmsys_kick_signal()) != 1)
+        return 0;
+    sigdelset(&cur, kvmsys_kick_signal());
+    memcpy(kvm_mask, &cur, sizeof *kvm_mask);   /* the kernel's 64-bit sigset */
+    return 1;
 }
 
-/* A run() call holds that mask for its whole length, not per KVM_RUN entry: an
- * exit handled in Python then costs no pthread_sigmask calls (two system calls,
- * ~0.5 us here).  Handlers and call_soon callbacks therefore run with the kick
- * signal and SIGINT held; both stay pending and are seen at the next KVM_RUN.
- * Nested runs (another vCPU run from a handler) share the hold; the thread's own
- * mask is kept aside for computing KVM_RUN's mask and for restoring it. */
-static __thread int kvmsys_held;
-static __thread sigset_t kvmsys_app_mask;
-static inline void kvmsys_hold_run_signals(void) {
-    if (kvmsys_held++ == 0)
-        kvmsys_block_run_signals(&kvmsys_app_mask);
-}
-static inline void kvmsys_release_run_signals(void) {
-    if (kvmsys_held > 0 && --kvmsys_held == 0)
-        pthread_sigmask(SIG_SETMASK, &kvmsys_app_mask, NULL);
-}
-/* The host refused KVM_SET_SIGNAL_MASK: nothing may stay blocked (kicks then rely
- * on the handler setting immediate_exit). */
-static inline void kvmsys_drop_run_signals(void) {
-    if (kvmsys_held > 0) {
-        kvmsys_held = 0;
-        pthread_sigmask(SIG_SETMASK, &kvmsys_app_mask, NULL);
-    }
-}
-/* For Python to look at signals (Ctrl-C) in the middle of a run: the thread's own
- * mask for a moment, which delivers a pending SIGINT; then held again. */
-static inline void kvmsys_open_run_signals(void) {
-    if (kvmsys_held)
-        pthread_sigmask(SIG_SETMASK, &kvmsys_app_mask, NULL);
-}
-static inline void kvmsys_close_run_signals(void) {
-    if (kvmsys_held)
-        kvmsys_block_run_signals(NULL);
-}
-static inline const sigset_t *kvmsys_app_sigmask(void) { return &kvmsys_app_mask; }
+/* The SIGINT relay: chained in front of the SIGINT handler the process has (for
+ * Python, its C-level handler that trips the KeyboardInterrupt flag), installed
+ * by the main thread's run loop whenever it finds another handler there (Python's
+ * signal.signal() replaces it).  SIG_DFL and SIG_IGN are left alone: nothing to
+ * relay.  It counts every SIGINT; in the main thread's run loop it sets
+ * immediate_exit; in any other thread it sends the kick signal to the main thread
+ * while that one runs a vCPU, since KVM_RUN there would not notice. */
+static unsigned kvmsys_sigints;
+static struct sigaction kvmsys_sigint_next;
+static KVMSYS_TLS int kvmsys_sigint_watch;      /* this is the main thread, in its run loop */
+static int kvmsys_main_looping;
+static pthread_t kvmsys_main_thread;
 
-/* Main thread, after KVM_RUN let a SIGINT in (EINTR): KVM blocked it again on the
- * way out, and a process-directed signal that a thread blocks is handed to another
- * thread that does not.  Take it first and send it to this thread: it is delivered
- * here when the run loop restores the mask, before Python looks at signals.
- * Returns 1 if it did; -1 if a SIGINT was pending for the process but another
- * thread took it first (that thread's handler trips Python's flag in a moment);
- * 0 if none was seen (none came, or another thread took it before we looked). */
-static inline int kvmsys_keep_sigint(void) {
-    sigset_t s, pending;
-    struct timespec zero = {0, 0};
-    int seen;
-    sigemptyset(&s);
-    sigaddset(&s, SIGINT);
-    seen = sigpending(&pending) == 0 && sigismember(&pending, SIGINT) == 1;
-    if (sigtimedwait(&s, NULL, &zero) == SIGINT) {
-        pthread_kill(pthread_self(), SIGINT);
-        return 1;
+static void kvmsys_sigint_relay(int sig, siginfo_t *si, void *ctx) {
+    int saved = errno;
+    struct kvm_run *run;
+    if (kvmsys_sigint_next.sa_flags & SA_SIGINFO)
+        kvmsys_sigint_next.sa_sigaction(sig, si, ctx);
+    else if (kvmsys_sigint_next.sa_handler != SIG_DFL && kvmsys_sigint_next.sa_handler != SIG_IGN)
+        kvmsys_sigint_next.sa_handler(sig);
+    /* counted after Python's flag is up: a run loop that sees the count finds it */
+    __atomic_add_fetch(&kvmsys_sigints, 1, __ATOMIC_SEQ_CST);
+    if (kvmsys_sigint_watch) {
+        run = kvmsys_running;
+        if (run)
+            __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    } else if (__atomic_load_n(&kvmsys_main_looping, __ATOMIC_SEQ_CST)) {
+        pthread_kill(kvmsys_main_thread, kvmsys_kick_signal());
     }
-    return seen ? -1 : 0;
+    errno = saved;
+}
+
+static inline unsigned kvmsys_sigint_count(void) { return __atomic_load_n(&kvmsys_sigints, __ATOMIC_SEQ_CST); }
+
+/* Main thread only (one caller at a time): put the relay in front of SIGINT's
+ * handler if another one is there.  Two system calls the first time, one after. */
+static inline int kvmsys_sigint_relay_ensure(void) {
+    struct sigaction cur, sa;
+    if (sigaction(SIGINT, NULL, &cur) != 0)
+        return -1;
+    if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == kvmsys_sigint_relay)
+        return 0;
+    if ((!(cur.sa_flags & SA_SIGINFO) && (cur.sa_handler == SIG_DFL || cur.sa_handler == SIG_IGN)) ||
+            (cur.sa_flags & SA_RESETHAND))
+        return 0;                       /* Ctrl-C ends the process, or is ignored, or a one-shot */
+    kvmsys_sigint_next = cur;           /* the relay is not installed now: nobody reads it */
+    sa = cur;
+    sa.sa_sigaction = kvmsys_sigint_relay;
+    sa.sa_flags = cur.sa_flags | SA_SIGINFO;
+    return sigaction(SIGINT, &sa, NULL);
+}
+
+/* The main thread enters (1) or leaves (0) its run loop. */
+static inline void kvmsys_sigint_watch_set(int on) {
+    if (on)
+        kvmsys_main_thread = pthread_self();
+    kvmsys_sigint_watch = on;
+    __atomic_store_n(&kvmsys_main_looping, on, __ATOMIC_SEQ_CST);
 }
 
 /* Test hook: a signal to raise in the next thread that enters the run loop, once,
- * right after it blocked its signals: one that lands between two KVM_RUNs. */
+ * after it last looked at signals and before KVM_RUN: one that lands between two
+ * KVM_RUNs. */
 static int kvmsys_window_signal;
 static inline void kvmsys_raise_window_signal(void) {
     int sig = __atomic_exchange_n(&kvmsys_window_signal, 0, __ATOMIC_SEQ_CST);
@@ -213,22 +226,9 @@ static inline void kvmsys_set_kick_delay(long ns) {
 }
 
 
-/* The mask KVM_RUN runs with, as the kernel's 64-bit sigset: the thread's own
- * with the kick signal let in.  SIGINT as the thread had it in the main thread
- * (Python handles signals there); blocked in others, so a Ctrl-C never goes to
- * another vCPU thread while the main one is between two KVM_RUNs. */
-static inline uint64_t kvmsys_run_sigmask(const sigset_t *old, int main_thread) {
-    sigset_t m = *old;
-    uint64_t k;
-    sigdelset(&m, kvmsys_kick_signal());
-    if (!main_thread)
-        sigaddset(&m, SIGINT);
-    memcpy(&k, &m, sizeof k);
-    return k;
-}
-
-/* Take the kick signals pending for this thread (blocked: they interrupted
- * KVM_RUN and stay pending); returns how many. */
+/* A thread that blocks the kick signal: take the kick signals pending for it
+ * (they interrupted KVM_RUN through its KVM signal mask and stay pending); returns
+ * how many. */
 static inline unsigned kvmsys_take_kick_signals(void) {
     sigset_t s;
     struct timespec zero = {0, 0};
@@ -469,6 +469,8 @@ static void kvmsys_atfork_child(void) {
     kvmsys_timer_ok = 0;
     kvmsys_wd = NULL;           /* its helper thread is not inherited either */
     kvmsys_armed_ns = 0;
+    kvmsys_sigint_watch = 0;    /* no main thread runs a vCPU here: the relay kicks nobody */
+    kvmsys_main_looping = 0;
 }
 
 static pthread_once_t kvmsys_atfork_once = PTHREAD_ONCE_INIT;

@@ -32,6 +32,13 @@ cdef enum:
     R_ERROR = 6      # KVM_RUN failed (v.error)
     R_POLL = 7       # main thread, every POLL_NS: check Python signals, then go on
 
+# KVM_SET_SIGNAL_MASK on a vCPU: only for a thread that blocks the kick signal.
+cdef enum:
+    SIGMASK_UNUSED = 0      # never ran
+    SIGMASK_NONE = 1        # no KVM signal mask (the usual case)
+    SIGMASK_KVM = 2         # the running thread blocks the kick signal: a KVM mask lets it in
+    SIGMASK_REFUSED = -1    # the host refused KVM_SET_SIGNAL_MASK
+
 # Why a vCPU was kicked (bits, OR-ed together until the owner takes them).
 cdef enum:
     KICK_USER = 1    # kick(): run() returns a KickExit
@@ -82,7 +89,6 @@ cdef struct vcpustate_t:
     int64_t budget_left          # < 0: unlimited
     uint64_t deadline_ns         # 0: none
     int poll_signals             # main thread: come back every few ms to check signals
-    int sigint_elsewhere         # the last EINTR's SIGINT went to another thread (main thread)
     int last_handler
     uint64_t stop_status
     int error
@@ -93,9 +99,10 @@ cdef struct vcpustate_t:
     uint64_t ns_in_handlers
     uint64_t runs
     uint64_t coalesced
-    # KVM_SET_SIGNAL_MASK: 0 not set yet, 1 in use (sigmask is what was set), -1 refused
+    # SIGMASK_*: whether the vCPU has a KVM signal mask now (sigmask: the one set)
     int sigmask_state
     uint64_t sigmask
+    unsigned sigint_snap         # main thread: kvmsys_sigint_count() at run_once's last look
     # interrupts without an in-kernel irqchip (under lock): a FIFO of vectors and a count
     # of NMIs, injected by the owner's loop only when the guest can take them
     uint8_t irq_queue[IRQ_QUEUE_MAX]

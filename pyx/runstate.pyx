@@ -292,43 +292,57 @@ cdef inline int dispatch(vcpustate_t *v, kvm_run *run) noexcept nogil:
     return R_EXIT
 
 
-# KVM_SET_SIGNAL_MASK with the kernel's 64-bit sigset.
-cdef int set_vcpu_sigmask(int fd, uint64_t mask) noexcept nogil:
+# KVM_SET_SIGNAL_MASK with the kernel's 64-bit sigset; NULL: none.
+cdef int set_vcpu_sigmask(int fd, uint64_t *mask) noexcept nogil:
     cdef uint8_t buf[16]          # kvm_signal_mask (4 bytes) + the 8-byte set
     cdef kvm_signal_mask *m = <kvm_signal_mask *>buf
+    if mask == NULL:
+        return ioctl(fd, KVM_SET_SIGNAL_MASK, NULL)
     m.len = 8
-    memcpy(m.sigset, &mask, 8)
+    memcpy(m.sigset, mask, 8)
     return ioctl(fd, KVM_SET_SIGNAL_MASK, m)
+
+
+# No KVM signal mask, unless this thread blocks the kick signal itself (see
+# kvmsys_thread_blocks_kick): then its own mask with the kick signal let in, so
+# kicks and the watchdog still end KVM_RUN.  Looked at on every entry of the loop
+# (a Python handler may have changed the mask); an ioctl only when it changes.
+# Returns 0 or an errno.
+cdef int sync_vcpu_sigmask(vcpustate_t *v) noexcept nogil:
+    cdef uint64_t want = 0
+    if kvmsys_thread_blocks_kick(&want):
+        if v.sigmask_state == SIGMASK_REFUSED or (v.sigmask_state == SIGMASK_KVM and want == v.sigmask):
+            return 0
+        if set_vcpu_sigmask(v.fd, &want) == 0:
+            v.sigmask = want
+            v.sigmask_state = SIGMASK_KVM
+        else:
+            v.sigmask_state = SIGMASK_REFUSED   # kicks then rely on immediate_exit alone
+        return 0
+    if v.sigmask_state == SIGMASK_KVM:
+        if set_vcpu_sigmask(v.fd, NULL) != 0:
+            return errno
+    if v.sigmask_state != SIGMASK_REFUSED:
+        v.sigmask_state = SIGMASK_NONE
+    return 0
 
 
 cdef int run_loop(vcpustate_t *v) noexcept nogil:
     cdef kvm_run *run = v.run
-    cdef uint64_t t_in, t_out, t_poll, want
+    cdef uint64_t t_in, t_out, t_poll
     cdef int r, res, err
-    cdef unsigned sigs, now_sigs, taken
+    cdef unsigned sigs, now_sigs, taken, sints, now_sints
     cdef uint8_t late
-    cdef int held = 0
     if v.budget_left == 0:
         return R_BUDGET     # 0 is no exit at all, never "unlimited" (< 0)
     t_out = kvmsys_now_ns()
     t_poll = t_out
-    # Kick signal and SIGINT blocked outside KVM_RUN, let in inside it (see
-    # kvmsys_block_run_signals; run() usually holds the block already, then this
-    # costs no system call); without KVM_SET_SIGNAL_MASK the kick handler
-    # setting immediate_exit (kvmsys_running) closes the window instead.
-    if v.sigmask_state >= 0:
-        kvmsys_hold_run_signals()
-        held = 1
-        want = kvmsys_run_sigmask(kvmsys_app_sigmask(), v.poll_signals)
-        if v.sigmask_state == 0 or want != v.sigmask:
-            if set_vcpu_sigmask(v.fd, want) == 0:
-                v.sigmask = want
-                v.sigmask_state = 1
-            else:
-                v.sigmask_state = -1
-                kvmsys_drop_run_signals()
-                held = 0
-    kvmsys_raise_window_signal()
+    err = sync_vcpu_sigmask(v)
+    if err:
+        v.error = err
+        return R_ERROR
+    if v.poll_signals:
+        kvmsys_sigint_watch_set(1)      # a SIGINT now sets immediate_exit (kvmsys_sigint_relay)
     kvmsys_set_running(run)
     if v.bound:
         kvmsys_store_int(&v.running, 1)     # only this thread runs it: no lock
@@ -345,9 +359,15 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     # Count our signals *before* clearing immediate_exit: one that lands in between
     # sets it again and is counted after `sigs`, so its EINTR is known as ours.
     sigs = kvmsys_own_signal_count()
+    sints = kvmsys_sigint_count()
     kvmsys_store_u8(&run.immediate_exit, 0)
     if kvmsys_and_int(&v.kick_pending, ~KICK_IRQ):
         kvmsys_store_u8(&run.immediate_exit, 1)
+    # Main thread: a SIGINT since run_once's last look at Python's signals (its
+    # relay's immediate_exit store may have been cleared just above)
+    if v.poll_signals and kvmsys_sigint_count() != v.sigint_snap:
+        kvmsys_store_u8(&run.immediate_exit, 1)
+    kvmsys_raise_window_signal()
     while True:
         if not v.need_dispatch:
             t_in = kvmsys_now_ns()
@@ -386,27 +406,30 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         if not v.need_dispatch:
             # EINTR: a kick, the watchdog, or somebody else's signal
             now_sigs = kvmsys_own_signal_count()     # before clearing, as above
+            now_sints = kvmsys_sigint_count()
             # Set with no kick pending, immediate_exit is a kick's that was taken
             # already: the loop takes a kick from kick_pending, and a kicker of a bound
             # vCPU (no lock against this loop) that is preempted between its two
             # stores sets immediate_exit only after that, even in a later run().
             late = kvmsys_xchg_u8(&run.immediate_exit, 0)
             v.exits[KVM_EXIT_INTR] += 1
-            taken = 0
-            if v.sigmask_state > 0:
-                taken = kvmsys_take_kick_signals()
-                if v.poll_signals:
-                    v.sigint_elsewhere = kvmsys_keep_sigint() < 0
+            taken = kvmsys_take_kick_signals() if v.sigmask_state == SIGMASK_KVM else 0
+            if v.poll_signals and now_sints != v.sigint_snap:
+                res = R_SIGNAL      # Ctrl-C: Python raises; a kick stays pending for the next run
+                break
             v.kick_bits = kvmsys_xchg_int(&v.kick_pending, 0) & ~KICK_IRQ
             if v.kick_bits:
                 res = R_KICK
             elif v.deadline_ns and t_out >= v.deadline_ns:
                 res = R_DEADLINE
-            elif late or taken or now_sigs != sigs or kvmsys_load_int(&v.nirq) or \
-                    kvmsys_load_int(&v.nmi_queued):
+            elif late or taken or now_sigs != sigs or now_sints != sints or \
+                    kvmsys_load_int(&v.nirq) or kvmsys_load_int(&v.nmi_queued):
                 # one of our signals or immediate_exit stores (for a kick taken
-                # earlier, or interrupts to inject): go on, unless a new kick came
+                # earlier, or interrupts to inject), or a SIGINT in a thread other
+                # than the main one (its relay kicked the main thread): go on,
+                # unless a new kick came
                 sigs = now_sigs
+                sints = now_sints
                 if kvmsys_load_int(&v.kick_pending) & ~KICK_IRQ:
                     kvmsys_store_u8(&run.immediate_exit, 1)
                 continue
@@ -437,8 +460,8 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         kvmsys_store_int(&v.running, 0)
         pthread_mutex_unlock(&v.lock)
     kvmsys_set_running(NULL)
-    if held:
-        kvmsys_release_run_signals()    # at the outermost level a SIGINT kept pending is delivered here
+    if v.poll_signals:
+        kvmsys_sigint_watch_set(0)
     v.ns_in_handlers += kvmsys_now_ns() - t_out
     return res
 

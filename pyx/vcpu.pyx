@@ -49,18 +49,14 @@ _REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", 
 _CPUID_KEYS = frozenset(("function", "index", "flags", "eax", "ebx", "ecx", "edx"))
 
 
-# The main thread's KVM_RUN was interrupted by a signal that is not ours, and no
-# Python handler here raised.  It may be a Ctrl-C the kernel handed to another
-# thread (KVM blocks SIGINT again on its way out; kvmsys_keep_sigint): its handler
-# trips Python's flag there in a moment.  Give it that moment, so run() raises
-# KeyboardInterrupt instead of returning an IntrExit just before it: up to 200 ms
-# when the SIGINT was seen going, 2 ms otherwise (the cost of a foreign signal).
-cdef int await_foreign_sigint(bint seen) except -1:
-    cdef int i
-    for i in range(200 if seen else 2):
-        with nogil:
-            kvmsys_sleep_ns(1000000)
-        PyErr_CheckSignals()
+# Main thread, before each entry of its run loop: the SIGINT relay in front of
+# SIGINT's handler (Python's signal.signal() may have replaced it), then Python's
+# own signals.  A Ctrl-C before this point raises here; one after it is counted
+# by the relay, which the loop sees (kvmsys_native.h).  One sigaction query.
+cdef int look_at_signals(vcpustate_t *v) except -1:
+    kvmsys_sigint_relay_ensure()
+    v.sigint_snap = kvmsys_sigint_count()
+    PyErr_CheckSignals()
     return 0
 
 
@@ -405,7 +401,7 @@ cdef class VcpuCore:
         cdef uint64_t t0
         cdef uint64_t outer_deadline = 0
         cdef const char *op = "timer_create(watchdog)"
-        cdef int err, held = 0
+        cdef int err
         if v.bound and not pthread_equal(v.thread, pthread_self()):
             raise VcpuBindingError(f"vCPU {self.id} is bound to another thread: only its owner runs it "
                                    "(use its handle to kick, interrupt or call_soon)")
@@ -438,10 +434,9 @@ cdef class VcpuCore:
                     v.deadline_ns = 0
                     raise_os(err, op.decode())
             v.poll_signals = on_main_thread()     # only it runs Python's signal handlers
-            if v.sigmask_state >= 0:
-                kvmsys_hold_run_signals()          # for the whole call: see kvmsys_native.h
-                held = 1
             while True:
+                if v.poll_signals:
+                    look_at_signals(v)
                 v.run_seq += 1              # exits of the previous KVM_RUN go stale
                 with nogil:
                     res = run_loop(v)
@@ -465,20 +460,10 @@ cdef class VcpuCore:
                         return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                     continue
                 if res == R_POLL:
-                    kvmsys_open_run_signals()
-                    try:
-                        PyErr_CheckSignals()     # raises KeyboardInterrupt on Ctrl-C
-                    finally:
-                        kvmsys_close_run_signals()
-                    continue
+                    continue                    # look_at_signals(): Ctrl-C raises there
                 if res == R_SIGNAL:
-                    kvmsys_open_run_signals()
-                    try:
-                        PyErr_CheckSignals()     # run Python signal handlers (Ctrl-C raises here)
-                        if v.poll_signals:
-                            await_foreign_sigint(v.sigint_elsewhere)
-                    finally:
-                        kvmsys_close_run_signals()
+                    if v.poll_signals:
+                        look_at_signals(v)      # run Python signal handlers (Ctrl-C raises here)
                     return Exit._new_of(IntrExit, self, KVM_EXIT_INTR)
                 if res == R_STOP:
                     ex = Exit._new_of(StopExit, self, KVMSYS_EXIT_STOP)
@@ -498,8 +483,6 @@ cdef class VcpuCore:
                     raise_os(-v.error, "KVM_RUN", "the comm area holds a size, offset or ring index out of range")
                 raise_os(v.error, "KVM_RUN (or injecting a queued interrupt before it)")
         finally:
-            if held:
-                kvmsys_release_run_signals()
             if v.deadline_ns:
                 # back to the enclosing run's deadline, if any; a late watchdog
                 # signal is harmless: run_loop rederives immediate_exit
@@ -532,11 +515,11 @@ cdef class VcpuCore:
 
     @property
     def signal_mask(self):
-        """How kicks reach KVM_RUN: 'kvm' (KVM_SET_SIGNAL_MASK: blocked outside KVM_RUN, let in
-        inside it), 'handler' (the host refused it: the kick handler sets immediate_exit), or
-        None before the first run."""
+        """How kicks reached KVM_RUN in the last run: 'handler' (the usual case: no KVM signal
+        mask, the kick handler sets immediate_exit), 'kvm' (the running thread blocks the kick
+        signal: KVM_SET_SIGNAL_MASK lets it in inside KVM_RUN), or None before the first run."""
         self.require_open()
-        return {1: "kvm", -1: "handler"}.get(self.v.sigmask_state)
+        return {SIGMASK_NONE: "handler", SIGMASK_REFUSED: "handler", SIGMASK_KVM: "kvm"}.get(self.v.sigmask_state)
 
     @property
     def pending_interrupts(self):

@@ -50,7 +50,12 @@ def test_get_cpuid2_returns_what_was_set(machine, kvm):
     entries = kvm.supported_cpuid()
     v.set_cpuid2(entries)
     got = v.get_cpuid2()
-    assert len(got) == len(entries) and {e["function"] for e in got} == {e["function"] for e in entries}
+    # KVM keeps what it will expose, not every leaf given (PVM on an Intel host drops the AMX and
+    # AVX10 leaves 0x1d, 0x1e, 0x24) and updates run-time bits (OSXSAVE, XSAVE sizes): compare keys.
+    keys = lambda es: {(e["function"], e["index"]) for e in es}
+    assert keys(got) <= keys(entries)
+    assert {0, 1, 7, 0x80000000, 0x80000001} <= {e["function"] for e in got}
+    assert [e for e in got if e["function"] == 0] == [e for e in entries if e["function"] == 0]
 
 
 def test_sregs2_round_trip(machine):

@@ -857,11 +857,11 @@ def run_with_sigint(m, delay, **kw):
 
 
 def test_sigint_another_thread_takes_still_raises_from_run(machine):
-    """When KVM_RUN returns for a process-directed SIGINT, KVM blocks SIGINT again and
-    the kernel hands it to a thread that does not block it: here two busy threads that
-    run without the GIL.  run() must still raise KeyboardInterrupt, not return an
-    IntrExit just before it (before kvmsys waited for that thread's handler, 6 of 300
-    single runs did; this test failed 12 of 12 times)."""
+    """The kernel may hand a process-directed SIGINT to another thread: here two busy
+    threads that run without the GIL.  run() must still raise KeyboardInterrupt, not
+    return an IntrExit just before it (the SIGINT relay there raises Python's flag before
+    it kicks the main thread; with a KVM signal mask, before kvmsys waited for that
+    thread's handler, 6 of 300 single runs did; this test failed 12 of 12 times)."""
     import zlib
     load_code(machine, "long64", JMP_SELF)
     machine.devices()
@@ -928,9 +928,8 @@ def test_sigint_interrupts_python_handled_exits(machine):
 
 
 def test_sigint_during_a_slow_python_handler_is_not_lost(machine):
-    # run() keeps the kick signal and SIGINT blocked for its whole call (no sigmask
-    # system calls per exit): a Ctrl-C that lands while a handler runs must still end
-    # the run, at the latest at the next KVM_RUN, not at the deadline.
+    # A Ctrl-C that lands while a handler runs (not in KVM_RUN) must still end the run,
+    # at the latest at the next KVM_RUN, not at the deadline.
     machine.devices().load("pio_out_loop.pm32", n=0)
     calls = []
     machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON,

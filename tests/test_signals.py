@@ -1,16 +1,22 @@
-"""Signals: kicks and the watchdog reach KVM_RUN through KVM_SET_SIGNAL_MASK (kick signal and
-SIGINT blocked outside KVM_RUN, let in inside it), so neither a kick nor a Ctrl-C that lands
-between two KVM_RUNs is lost, nor a kick at a thread that blocks the kick signal.  Importing
-kvmsys installs nothing; the kick handler and the at-fork/atexit hooks come with the first VM."""
+"""Signals: kvmsys blocks no signal.  Kicks and the watchdog reach KVM_RUN through their
+handler setting kvm_run.immediate_exit of the thread's vCPU (no KVM signal mask, as
+Firecracker), Ctrl-C through a relay chained in front of SIGINT's handler that does the same,
+so neither a kick nor a Ctrl-C that lands between two KVM_RUNs is lost; a thread that blocks
+the kick signal itself gets a KVM signal mask that lets it in.  Handlers, fork children and
+spawned programs see the thread's own signal mask.  Importing kvmsys installs nothing; the
+kick handler and the at-fork/atexit hooks come with the first VM."""
+import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
 import pytest
 
-from kvmsys import DeadlineExit, KickExit, _core
+from kvmsys import BudgetExit, DeadlineExit, KickExit, _core
+from kvmsys.enums import Kind, Space
 from kvmsys.guests import get, layout
 
 from test_syscall_abi import endless_no_exit, spawn
@@ -28,12 +34,19 @@ def require_signal_mask(vcpu):
                     "kicks fall back to the handler setting immediate_exit")
 
 
-def test_the_host_takes_the_signal_mask(machine):
+def test_no_kvm_signal_mask_unless_the_thread_blocks_the_kick_signal(machine):
     endless(machine)
     assert machine.vcpu.signal_mask is None         # not before the first run
     assert isinstance(machine.run(timeout=0.05), DeadlineExit)
-    assert machine.vcpu.signal_mask in ("kvm", "handler")
+    assert machine.vcpu.signal_mask == "handler"    # no KVM_SET_SIGNAL_MASK: no cost per exit
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {_core.kick_signal()})
+    try:
+        assert isinstance(machine.run(timeout=0.05), DeadlineExit)     # the watchdog still ends it
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     require_signal_mask(machine.vcpu)
+    assert isinstance(machine.run(timeout=0.05), DeadlineExit)
+    assert machine.vcpu.signal_mask == "handler"    # and taken off again
 
 
 def test_signal_masks_are_restored_after_run(machine):
@@ -120,12 +133,12 @@ class Interrupted(Exception):
 def test_sigint_between_two_kvm_runs_is_not_lost(machine):
     """The Ctrl-C window: a SIGINT that lands after the loop's last look at signals and
     before KVM_RUN, in a guest that never exits again, used to be seen only at the
-    timeout.  Blocked there, it stays pending and KVM_RUN lets it in at once."""
+    timeout.  The relay in front of the SIGINT handler (put back there after
+    signal.signal() replaced it) sets immediate_exit, so KVM_RUN returns at once."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("env: needs the main thread")
     endless(machine)
     machine.run(timeout=0.01)
-    require_signal_mask(machine.vcpu)
 
     def on_sigint(signum, frame):
         raise Interrupted
@@ -236,3 +249,142 @@ def test_set_kick_signal_checks_its_argument():
         _core.set_kick_signal(signal.SIGINT)
     with pytest.raises(InvalidArgumentError):
         _core.set_kick_signal("34")
+
+
+# --- the signal mask a program sees is its own ---------------------------------------------------
+# run() changes no thread's signal mask: an exit handler sees the mask the thread had, its own
+# changes stay after run() returns, and a child it forks or a program it starts gets that mask
+# (before, run() held SIGINT and the kick signal blocked for its whole call).
+
+def mask_now():
+    return signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def with_handler(machine, callback):
+    """pio_out_loop (pm32) with a Python handler on its port: exits reach *callback*
+    inside run()."""
+    machine.devices().load("pio_out_loop.pm32", n=0)
+    machine.vm.add_handler(Space.PIO, layout.PORT_OUT, layout.PORT_OUT + 1, Kind.PYTHON, callback=callback)
+
+
+def test_a_handler_sees_the_threads_own_mask(machine):
+    seen = []
+    with_handler(machine, lambda ex: seen.append(mask_now()))
+    before = mask_now()
+    assert isinstance(machine.run(budget=3, timeout=10), BudgetExit)
+    assert seen and all(m == before for m in seen), (before, seen)
+
+
+@pytest.mark.parametrize("change", ["block", "unblock"])
+def test_a_handlers_own_mask_change_is_kept(machine, change):
+    sig = signal.SIGUSR2
+    how = signal.SIG_BLOCK if change == "block" else signal.SIG_UNBLOCK
+    old = signal.pthread_sigmask(signal.SIG_UNBLOCK if change == "block" else signal.SIG_BLOCK, {sig})
+    try:
+        with_handler(machine, lambda ex: signal.pthread_sigmask(how, {sig}) and None)
+        assert isinstance(machine.run(budget=3, timeout=10), BudgetExit)
+        assert (sig in mask_now()) == (change == "block")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def test_a_child_forked_in_a_handler_has_the_parents_mask_and_takes_ctrl_c(machine):
+    """The child reports its mask, then sends itself SIGINT: Python's handler must raise
+    KeyboardInterrupt there (exit 7); a blocked SIGINT stays pending (exit 3)."""
+    r, w = os.pipe()
+    children = []
+
+    def fork_once(ex):
+        if children:
+            return
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.write(w, repr(sorted(mask_now())).encode())
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(1)
+                    code = 3
+                except KeyboardInterrupt:
+                    code = 7
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("env: SIGINT is not Python's default KeyboardInterrupt handler here")
+    with_handler(machine, fork_once)
+    before = mask_now()
+    try:
+        assert isinstance(machine.run(budget=3, timeout=10), BudgetExit)
+        os.close(w)
+        w = -1
+        reported = os.read(r, 4096).decode()
+        _, status = os.waitpid(children[0], 0)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert reported == repr(sorted(before))
+    assert os.waitstatus_to_exitcode(status) == 7
+
+
+def test_a_program_started_from_a_handler_gets_the_threads_mask(machine):
+    seen = []
+
+    def spawn_once(ex):
+        if not seen:
+            out = subprocess.run(["grep", "^SigBlk", "/proc/self/status"], capture_output=True,
+                                 text=True, timeout=30)
+            seen.append(int(out.stdout.split()[1], 16))
+
+    with_handler(machine, spawn_once)
+    with open(f"/proc/self/task/{threading.get_native_id()}/status") as f:
+        before = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk"))
+    assert isinstance(machine.run(budget=3, timeout=10), BudgetExit)
+    assert seen == [before], (hex(before), [hex(x) for x in seen])
+
+
+CTRL_C_WHILE_A_HANDLER_WAITS = textwrap.dedent(r"""
+    import subprocess, sys
+    from kvmsys.enums import Kind, Space
+    from kvmsys.guests import layout
+    from kvmsys.machine import Machine
+    m = Machine(sys.argv[1])
+    m.attach()
+    m.devices().load("pio_out_loop.pm32", n=0)
+    children = []
+
+    def handler(ex):
+        p = subprocess.Popen(["sleep", "60"])
+        children.append(p)
+        print("waiting", flush=True)
+        p.wait()
+
+    m.vm.add_handler(Space.PIO, layout.PORT_OUT, layout.PORT_OUT + 1, Kind.PYTHON, callback=handler)
+    try:
+        m.run(budget=2, timeout=120)
+        print("not interrupted", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", children[0].wait(timeout=30), flush=True)
+""")
+
+
+def test_ctrl_c_ends_a_program_started_from_a_handler_and_the_run(abi):
+    """As a terminal's Ctrl-C: SIGINT to the process group while a handler waits for the
+    program it started.  Both must end (the program by SIGINT, the run by KeyboardInterrupt)."""
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C_WHILE_A_HANDLER_WAITS, abi], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "waiting"
+        t0 = time.monotonic()
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=40)
+        seconds = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert out.strip() == f"interrupted {-signal.SIGINT}", (out, err)
+    assert seconds < 20, seconds
