@@ -1,5 +1,6 @@
 """python -m benchmarks [--quick] [--suite NAME ...] [--json FILE] [--plot FILE.png] [--mode MODE]
-                      [--baseline FILE.json [--tolerance F]] [--report FILE.json]
+                      [--runs N] [--baseline FILE.json [--tolerance F]] [--report FILE.json]
+                      [--readme FILE.json]
 
 Also `kvmsys bench ...`, which calls main(argv) and uses its return value:
 0 = all checks passed, 1 = a check failed, 2 = usage error, 3 = KVM unavailable,
@@ -50,19 +51,80 @@ def _parser() -> argparse.ArgumentParser:
                         "emulated mode; long64 runs natively there, with costlier exits)")
     p.add_argument("--reps", type=int, help="override the number of interleaved repetitions")
     p.add_argument("--baseline", metavar="FILE.json",
-                   help="compare with a stored run (its --json); exit 4 naming every metric that is worse "
-                        "beyond its noise band")
+                   help="compare every headline figure with a stored run (its --json); exit 4 naming each "
+                        "of kvmsys's that is worse beyond a threshold from the measured run-to-run spread")
     p.add_argument("--tolerance", type=float, default=None,
-                   help="with --baseline: how much worse a median may get before it counts "
-                        "(default 2.0: more than 3x worse)")
+                   help="with --baseline: a figure must also be this fraction worse (default 0)")
     p.add_argument("--report", metavar="FILE.json",
                    help="measure nothing: print the Markdown report of a stored run (and --plot it)")
     p.add_argument("--trace", action="store_true",
                    help="also break one exit round trip into segments from the kernel's tracepoints "
                         "(root; mounts tracefs if needed; says why and skips otherwise)")
+    p.add_argument("--runs", type=int, default=1,
+                   help="repeat the whole measurement in N separate processes (fresh VMs each) and "
+                        "report the spread over them (default 1)")
+    p.add_argument("--readme", metavar="FILE.json", action="append",
+                   help="measure nothing: print README's benchmark section generated from a stored run "
+                        "(a second --readme: a stored boot-suite run for the verdict's QEMU figures)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--profile", choices=["tiny", "quick", "full"], help=argparse.SUPPRESS)
+    # the self-test's knobs: a known delay per exit (C loop) or per Python handler call, in ns
+    p.add_argument("--inject", metavar="c=NS,py=NS", help=argparse.SUPPRESS)
+    p.add_argument("--kinds", metavar="KIND,...", help=argparse.SUPPRESS)
+    p.add_argument("--mode-only", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def _injections(text: str | None) -> dict:
+    """--inject c=100,py=200 -> {"c": 100, "py": 200} (ns); ValueError on bad input."""
+    out = {}
+    for part in (text or "").split(","):
+        if not part:
+            continue
+        where, _, ns = part.partition("=")
+        if where not in ("c", "py") or not ns.isdigit() or int(ns) > 10_000_000:
+            raise ValueError(f"--inject: {part!r} is not c=NS or py=NS")
+        out[where] = int(ns)
+    return out
+
+
+def _child_argv(args, names) -> list:
+    """The options a child process of --runs measures with (its JSON goes to a file of ours)."""
+    argv = ["--quiet", "--mode", args.mode]
+    if args.profile or args.quick:
+        argv += ["--profile", args.profile or "quick"]
+    if args.reps:
+        argv += ["--reps", str(args.reps)]
+    for n in names:
+        argv += ["--suite", n]
+    for flag, value in (("--inject", args.inject), ("--kinds", args.kinds)):
+        if value:
+            argv += [flag, value]
+    if args.mode_only:
+        argv.append("--mode-only")
+    if args.trace:
+        argv.append("--trace")
+    return argv
+
+
+def _run_processes(args, names, n: int) -> list:
+    """The measurement in n separate processes, one after another: their documents."""
+    import json
+    import subprocess
+    import tempfile
+    from .harness import progress
+    docs = []
+    with tempfile.TemporaryDirectory(prefix="kvmsys-bench-") as tmp:
+        for i in range(n):
+            out = os.path.join(tmp, f"run{i}.json")
+            progress(f"run {i + 1} of {n} in a separate process ...")
+            r = subprocess.run([sys.executable, "-m", __package__, *_child_argv(args, names), "--json", out],
+                               stdout=subprocess.DEVNULL)
+            if r.returncode not in (0, 1) or not os.path.exists(out):
+                raise OSError(f"run {i + 1} of {n} failed (exit code {r.returncode})")
+            with open(out) as f:
+                docs.append(json.load(f))
+    return docs
 
 
 def _unwritable(path: str) -> str | None:
@@ -97,6 +159,14 @@ def main(argv=None) -> int:
         if problem:             # before the run, not after minutes of it
             print(f"benchmarks: cannot write {out}: {problem}", file=sys.stderr)
             return 2
+    if args.runs < 1:
+        print("benchmarks: --runs must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        inject = _injections(args.inject)
+    except ValueError as e:
+        print(f"benchmarks: {e}", file=sys.stderr)
+        return 2
     tolerance = baseline.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     if tolerance < 0:
         print("benchmarks: --tolerance must not be negative", file=sys.stderr)
@@ -104,9 +174,13 @@ def main(argv=None) -> int:
     try:
         base = baseline.load(args.baseline) if args.baseline else None
         stored = baseline.load(args.report) if args.report else None
+        readme = [(baseline.load(path), path) for path in args.readme or []]
     except (OSError, ValueError) as e:
         print(f"benchmarks: {e}", file=sys.stderr)
         return 2
+    if readme:
+        print(report.readme_section(readme[0][0], readme[0][1], readme[1] if len(readme) > 1 else None), end="")
+        return 0
     if stored is not None:          # the Markdown (and plot) regenerated from the JSON alone
         print(report.markdown(stored))
         if args.plot:
@@ -119,21 +193,39 @@ def main(argv=None) -> int:
     profile = harness.PROFILES[args.profile or ("quick" if args.quick else "full")].with_(mode=args.mode)
     if args.reps:
         profile = profile.with_(reps=args.reps)
+    if args.kinds:
+        from .guestvm import EXIT_KINDS
+        kinds = tuple(args.kinds.split(","))
+        if not set(kinds) <= set(EXIT_KINDS):
+            print(f"benchmarks: --kinds: choose from {', '.join(EXIT_KINDS)}", file=sys.stderr)
+            return 2
+        profile = profile.with_(exit_kinds=kinds)
+    if args.mode_only:
+        profile = profile.with_(mode_only=True)
     names = [s for s in SUITES + OPTIONAL_SUITES if s in (args.suite or SUITES)]
     t0 = time.perf_counter()
     try:
-        machine = harness.machine_record()
-        harness.progress(f"profile {profile.name}, suites {', '.join(names)}, guest mode {profile.mode}")
-        results = run_suites(names + (["trace"] if args.trace else []), profile)
+        if args.runs > 1:
+            doc = report.merge(_run_processes(args, names, args.runs), argv)
+        else:
+            machine = harness.machine_record()
+            if inject:
+                from kvmsys import _core
+                _core._bench_delay(0, inject.get("c", 0) / 1e9)
+                _core._bench_delay(1, inject.get("py", 0) / 1e9)
+                machine["injected"] = inject
+            harness.progress(f"profile {profile.name}, suites {', '.join(names)}, guest mode {profile.mode}")
+            results = run_suites(names + (["trace"] if args.trace else []), profile)
+            doc = report.document(machine, profile, results, argv)
+            doc["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+            doc["headline_runs"] = [baseline.headlines(doc)]
     except OSError as e:
         print(f"benchmarks: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("benchmarks: interrupted", file=sys.stderr)
         return 130
-    doc = report.document(machine, profile, results, argv)
     doc["elapsed_s"] = time.perf_counter() - t0
-    doc["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(report.markdown(doc))
     if args.json:
         report.write_json(doc, args.json)
@@ -146,11 +238,14 @@ def main(argv=None) -> int:
         return 1
     if base is not None:
         compared = baseline.compare(doc, base, tolerance)
-        print(baseline.markdown(compared, args.baseline, tolerance))
+        warnings = baseline.differences(doc, base)
+        print(baseline.markdown(compared, args.baseline, tolerance, warnings))
+        for w in warnings:
+            print(f"benchmarks: warning: {w}", file=sys.stderr)
         worse = [r for r in compared if r["worse"]]
         for r in worse:
             print(f"benchmarks: REGRESSION {r['metric']}: {r['old']:.4g} -> {r['new']:.4g} {r['unit']} "
-                  f"({r['change']:.2f}x, beyond the noise band)", file=sys.stderr)
+                  f"(+{r['delta']:.4g}, threshold {r['threshold']:.4g}; {r['change']:.3f}x)", file=sys.stderr)
         if worse:
             return 4
     return 0

@@ -11,6 +11,7 @@ import time
 import kvmsys
 from kvmsys import _core
 from kvmsys.enums import Kind
+from kvmsys.guests import get as get_guest
 
 from .guestvm import PIO, guest_name, mode_label, one_vcpu
 from .harness import SuiteResult, Stat, calibrate_count, derive, interleave, progress
@@ -19,21 +20,33 @@ NAME = "abi"
 TITLE = "run() per exit: syscall ABI vs fd ABI"
 
 
-def _loop(run, n: int) -> float:
-    t0 = time.perf_counter_ns()
-    for _ in range(n):
-        run()
-    return (time.perf_counter_ns() - t0) / n
+class _Tally:
+    """What the run() calls of one loop returned: IoExits at the guest's port, and others."""
+
+    def __init__(self, port: int):
+        self.port, self.good, self.odd = port, 0, []
+
+    def loop(self, run, n: int) -> float:
+        io, odd = _core.IoExit, 0
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            ex = run()
+            if ex.__class__ is not io or ex.port != self.port:      # the same check in both loops
+                odd += 1
+                self.odd.append(repr(ex))
+        t = (time.perf_counter_ns() - t0) / n
+        self.good += n - odd
+        return t
 
 
-def _sample(key: str, g, n: int):
+def _sample(key: str, g, n: int, tally):
     """{key: per exit, key/user: user space per exit, key/kernel: inside KVM_RUN per exit}; the
     run loop's own clock of KVM_RUN (ns_in_run) read before and after, untimed."""
     core_stats, vcpu, run = _core.VcpuCore.stats, g.vcpu, g.run
 
     def go():
         k0 = core_stats(vcpu)["ns_in_run"]
-        total = _loop(run, n)
+        total = tally.loop(run, n)
         kernel = (core_stats(vcpu)["ns_in_run"] - k0) / n
         return {key: total, f"{key}/user": total - kernel, f"{key}/kernel": kernel}
     return go
@@ -53,13 +66,15 @@ def run(profile) -> SuiteResult:
         for g in (fd, sysg):
             g.vm.set_default(PIO, Kind.PYTHON)      # no handler: every exit returns to the caller
         try:
-            n = calibrate_count(lambda k: _loop(fd.run, k), profile.sample_ms, profile.min_exits,
-                                profile.max_exits)
+            port = get_guest(name).expect["exit"]["port"]
+            tallies = {"fd": _Tally(port), "sys": _Tally(port)}
+            n = calibrate_count(lambda k: tallies["fd"].loop(fd.run, k), profile.sample_ms,
+                                profile.min_exits, profile.max_exits)
             progress(f"{NAME}: {n} exits per sample (calibrated), {profile.reps} reps")
-            samples = interleave({"fd": _sample("fd", fd, n), "sys": _sample("sys", sysg, n)},
+            samples = interleave({"fd": _sample("fd", fd, n, tallies["fd"]),
+                                  "sys": _sample("sys", sysg, n, tallies["sys"])},
                                  profile.reps, profile.warmup)
-            counts = (fd.counter(), sysg.counter(), fd.vcpu.stats()["exits"].get("IO", 0),
-                      sysg.vcpu.stats()["exits"].get("IO", 0))
+            counts = {"fd": fd.counter(), "sys": sysg.counter()}
             native = fd.native
         finally:
             sysg.close()
@@ -71,8 +86,11 @@ def run(profile) -> SuiteResult:
                                             "kernel_ns": Stat(samples[f"{key}/kernel"], "ns")})
     res.rows["sys"]["stats"]["d_user"] = derive(res.rows, "user_ns", "sys", "fd", "difference")
     res.rows["sys"]["stats"]["ratio"] = derive(res.rows, "time", "sys", "fd", "ratio")
-    res.check("exits counted", counts[0] == counts[2] and counts[1] == counts[3],
-              f"guest counters {counts[0]}, {counts[1]}; IO exits counted {counts[2]}, {counts[3]}")
+    for key, t in tallies.items():
+        res.check(f"{key} run() results", not t.odd,
+                  f"{key}: {t.good} run() calls returned an IoExit" + (f"; others: {t.odd[:3]}" if t.odd else ""))
+        res.check(f"{key} guest counter", counts[key] == t.good % (1 << 32),
+                  f"{key}: guest counter {counts[key]}, IoExits returned {t.good}")
     res.config = dict(mode=profile.mode, exits_per_sample=n, reps=profile.reps)
     res.notes += [
         f"Guest {name}, mode {mode_label(profile.mode, native)}, n=0 (endless); the port has no handler "

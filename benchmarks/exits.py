@@ -1,15 +1,26 @@
-"""Suite `exits`: round trip per exit, by exit kind and by loop, split into the
-loop's own user-space time and the kernel's (+ guest's) time.
+"""Suite `exits`: one exit's round trip by exit kind and by loop, split into exact windows.
 
-Loops compared on the same guest program (each on its own vCPU, interleaved):
-the C reference loop, a fair naive pure-Python loop, and kvmsys's run() over both
-ABIs with the exit handled in the C loop or by a Python callback.
+Every loop that is compared runs the *same vCPU in turn* (interleaved, one sample each per
+round): two VMs differ in the kernel's time per exit by hundreds of ns, one vCPU does not.
+The syscall ABI's loops need the process VM, the fd ABI's their own, so each ABI is one
+group with its own C reference and naive loop on its vCPU:
 
-Every loop clocks each KVM_RUN where it makes the call (in C for the C reference
-and kvmsys's run loop, whose `ns_in_run` counter does it; in Python for the naive
-loop).  Per sample: kernel_ns = the time inside KVM_RUN, user_ns = the rest of the
-sample's wall time, i.e. the sum of the gaps from each KVM_RUN's return to the next
-KVM_RUN call (decoding, handling, and for run() its entry and return), per exit.
+- `ref`       the C reference loop, no signal mask on the vCPU (a bare C loop);
+- `ref_mask`  the same loop with KVM_SET_SIGNAL_MASK set as kvmsys sets it;
+- `naive`     the naive pure-Python loop, with no clock inside its loop;
+- `c`         kvmsys's run(budget=n), the exit handled in its C loop;
+- `py`        kvmsys with a no-op Python handler;
+- `pyw`       kvmsys with a Python handler doing exactly the naive loop's work per exit.
+
+Windows per exit: the C reference clocks each KVM_RUN in C (`ioctl_ns`: from the clock read
+before the ioctl to the one after it), with and without the mask; their paired difference is
+what the mask adds inside the ioctl.  Every other loop's user window (KVM_RUN's return to the
+next entry: decoding, handling, run()'s entry and return, fcntl.ioctl's own Python) = its
+round trip − the ioctl window of the reference that enters KVM_RUN as it does (with kvmsys's
+mask for kvmsys's loops while kvmsys uses one, without for the naive loop), from the same
+round on the same vCPU.  Round trips are wall time (perf_counter_ns) and thread CPU time
+(CLOCK_THREAD_CPUTIME_ID) around each sample: windows come from clocks, never from
+getrusage's user/system split, which books a natively running 64-bit guest as user time.
 """
 from __future__ import annotations
 
@@ -24,16 +35,33 @@ from .guestvm import EXIT_KINDS, guest_name, mode_label, noop_handler, one_vcpu,
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "exits"
-TITLE = "Exit round trip by kind: user-space time per exit, and the kernel's"
+TITLE = "Exit round trip by kind and loop: user window, ioctl window, the signal mask, on one vCPU"
 
 LOOPS = {
-    "ref": "C reference loop (`reference_run`)",
-    "naive": "naive Python (`fcntl.ioctl(fd, KVM_RUN)` + `mmap` + `struct`)",
-    "fd_c": "kvmsys fd ABI, C handler",
-    "fd_py": "kvmsys fd ABI, Python handler",
-    "sys_c": "kvmsys syscall ABI, C handler",
-    "sys_py": "kvmsys syscall ABI, Python handler",
+    "ref": "C reference loop, no signal mask",
+    "ref_mask": "C reference loop + kvmsys's KVM_SET_SIGNAL_MASK",
+    "naive": "naive Python (`fcntl.ioctl` + `mmap` + `struct`)",
+    "c": "kvmsys, C handler",
+    "py": "kvmsys, no-op Python handler",
+    "pyw": "kvmsys, Python handler doing the naive loop's work",
 }
+ABIS = {"fd": "fd ABI (`vcpu.run`)", "sys": "syscall ABI (`kvmsys.run`)"}
+KVMSYS_LOOPS = ("c", "py", "pyw")
+
+
+def naive_work(ex) -> None:
+    """A Python handler doing what the naive loop does per exit: decode the exit's fields
+    and give a read zeros (the naive loop's struct.unpack_from and slice assignment)."""
+    if isinstance(ex, _core.IoExit):
+        is_in, size, _port, count = ex.is_in, ex.size, ex.port, ex.count
+        if is_in:
+            ex.data[:] = bytes(size * count)
+    elif isinstance(ex, _core.MmioExit):
+        _addr, length, is_write = ex.address, ex.length, ex.is_write
+        if not is_write:
+            ex.data[:] = bytes(length)
+    elif not isinstance(ex, _core.HltExit):
+        raise RuntimeError(f"unexpected exit {ex!r}")
 
 
 def _budget_run(run, n: int) -> None:
@@ -42,13 +70,20 @@ def _budget_run(run, n: int) -> None:
         raise RuntimeError(f"expected the budget to end the run, got {ex!r}")
 
 
-def _python_hlt_run(run, n: int) -> None:
+def _python_hlt_run(run, n: int, handler) -> None:
     # No callback exists for HLT: with hlt_action PYTHON, run() returns each one.
     for _ in range(n):
         ex = run()
         if not isinstance(ex, _core.HltExit):
             raise RuntimeError(f"expected a HLT exit, got {ex!r}")
-        noop_handler(ex)
+        handler(ex)
+
+
+def _set_handling(vm, kind: str, how: str) -> None:
+    """c / py (no-op handler) / pyw (the naive loop's work) for this exit kind."""
+    set_handling(vm, kind, "c" if how == "c" else "python")
+    if how == "pyw" and EXIT_KINDS[kind][2] is not None:
+        vm.default_handler = naive_work
 
 
 def calibrate(run, min_exits: int, max_exits: int, sample_ms: float) -> tuple[int, float]:
@@ -60,7 +95,7 @@ def calibrate(run, min_exits: int, max_exits: int, sample_ms: float) -> tuple[in
     _budget_run(run, probe)
     per_exit = (time.perf_counter_ns() - t0) / probe
     n = int(sample_ms * 1e6 / per_exit)
-    return max(min_exits, min(max_exits, n)), per_exit
+    return max(min_exits, min(max_exits, n)), per_exit, 2 * probe
 
 
 def _kvm_counters(vcpu) -> dict:
@@ -68,103 +103,110 @@ def _kvm_counters(vcpu) -> dict:
         stats = vcpu.kvm_stats()
     except (kvmsys.KvmsysError, OSError):
         return {}
-    # KVM's own per-vCPU counters; those that moved are reported per user-space exit
     return {k: v for k, v in stats.items() if isinstance(v, int) and not k.endswith("_ns")}
 
 
-def _measure_kind(kind: str, mode: str, profile, kvm) -> dict:
+def _measure_group(kind: str, mode: str, abi: str, profile, kvm) -> dict:
+    """All loops on one vCPU of one VM (*abi*'s), interleaved."""
     base, label, _space = EXIT_KINDS[kind]
     name = guest_name(base, mode)
-    machines = {}
-    counted = {}               # exits the benchmark loops counted, by machine
-    naive_vcpu = ref_vcpu = None
+    g = ref = nv = None
     try:
-        for key in ("ref", "fd_c", "fd_py", "naive"):
-            machines[key] = one_vcpu("fd", name, kvm=kvm, n=0)
-        set_handling(machines["fd_c"].vm, kind, "c")
-        set_handling(machines["fd_py"].vm, kind, "python")
-        set_handling(machines["ref"].vm, kind, "c")        # unused by reference_run; for symmetry
-        machines["sys"] = one_vcpu("sys", name, n=0)
-        counted = {key: 0 for key in machines}
-        fd_c, sysg = machines["fd_c"], machines["sys"]
-        n, probe_ns = calibrate(fd_c.run, profile.min_exits, profile.max_exits, profile.sample_ms)
-        counted["fd_c"] += 2 * max(10, profile.min_exits // 2)
-        m = machines["naive"]
-        naive_vcpu = naive.NaiveVcpu(m.vcpu, m.vm.mmap_size)
-        _validate_naive(naive_vcpu, name)
-        counted["naive"] += 1
-        before = {k: _kvm_counters(g.vcpu) for k, g in machines.items()}
-        counted_before = dict(counted)
+        g = one_vcpu(abi, name, kvm=kvm if abi == "fd" else None, n=0)
+        vm, vcpu, run = g.vm, g.vcpu, g.run
+        _set_handling(vm, kind, "c")
+        n, probe_ns, counted = calibrate(run, profile.min_exits, profile.max_exits, profile.sample_ms)
+        kick_sig = _core.kick_signal()
+        uses_mask = vcpu.signal_mask == "kvm"       # what kvmsys set on this vCPU in its first run()
+        ref = _reference.RefVcpu(vcpu.fileno(), vm.mmap_size)
+        nv = naive.NaiveVcpu(vcpu, vm.mmap_size)
+        ref.signal_mask(-1)
+        _validate_naive(nv, name)
+        counted += 1
+        # kvmsys's own mask back (the reference computes the same one: the thread's mask
+        # less the kick signal), or none while kvmsys sets none
+        restore = (lambda: ref.signal_mask(kick_sig)) if uses_mask else (lambda: ref.signal_mask(-1))
+        restore()
+        before = _kvm_counters(vcpu)
 
-        def sample(key, out, fn, setup=None, kernel_clock=None):
-            """One sample of n exits: {out: total, out/user: user, out/kernel: kernel} ns per exit.
-            fn() runs the exits and returns the ns spent inside KVM_RUN, unless *kernel_clock*
-            (the loop's own running total of them) is read before and after, untimed."""
+        core_stats = _core.VcpuCore.stats
+
+        def sample(key, fn, mask=None, own_clock=False):
+            """One sample of n exits: {key: wall, key/cpu: thread CPU, key/ioctl: KVM_RUN} per exit;
+            for kvmsys's loops also key/own: KVM_RUN as its run loop clocks it (read untimed)."""
             def go():
-                if setup is not None:
-                    setup()
-                k0 = kernel_clock() if kernel_clock else 0
+                nonlocal counted
+                if mask is not None:
+                    ref.signal_mask(mask)
+                k0 = core_stats(vcpu)["ns_in_run"] if own_clock else 0
+                c0 = time.thread_time_ns()
                 t0 = time.perf_counter_ns()
-                kernel = fn()
+                inside = fn()
                 wall = time.perf_counter_ns() - t0
-                if kernel_clock:
-                    kernel = kernel_clock() - k0
-                counted[key] += n
-                return {out: wall / n, f"{out}/user": (wall - kernel) / n, f"{out}/kernel": kernel / n}
+                cpu = time.thread_time_ns() - c0
+                if own_clock:
+                    out_own = (core_stats(vcpu)["ns_in_run"] - k0) / n
+                if mask is not None:
+                    restore()
+                counted += n
+                out = {key: wall / n, f"{key}/cpu": cpu / n}
+                if inside is not None:
+                    out[f"{key}/ioctl"] = inside / n
+                if own_clock:
+                    out[f"{key}/own"] = out_own
+                return out
             return go
 
-        ref_vcpu = _reference.RefVcpu(machines["ref"].vcpu.fileno(), machines["ref"].vm.mmap_size)
-
-        def ref():
-            done, _ns, kernel, stop = ref_vcpu.run_exits(n)
+        def ref_loop():
+            done, _ns, inside, stop = ref.run_exits(n)
             if done != n:
                 raise RuntimeError(f"reference_run stopped after {done} of {n} exits (exit reason {stop})")
-            return kernel
+            return inside
 
-        def kvmsys_loop(g, key, out, how):
-            run = g.run
-            # the run loop's own clock of KVM_RUN (the core's counters: no /proc reads)
-            core_stats = _core.VcpuCore.stats
-            vcpu = g.vcpu
+        def naive_loop():
+            nv.run(n)
+
+        def kvmsys_loop(how):
+            handler = noop_handler if how == "py" else naive_work
 
             def go():
-                if how == "python" and kind == "hlt":
-                    _python_hlt_run(run, n)
+                if how != "c" and kind == "hlt":
+                    _python_hlt_run(run, n, handler)
                 else:
                     _budget_run(run, n)
-                return 0
-            setup = (lambda: set_handling(sysg.vm, kind, how)) if g is sysg else None
-            return sample(key, out, go, setup, lambda: core_stats(vcpu)["ns_in_run"])
+            return go
+
+        def switched(how, fn):
+            # handling is switched between samples, untimed
+            def go():
+                _set_handling(vm, kind, how)
+                return fn()
+            return go
 
         variants = {
-            "ref": sample("ref", "ref", ref),
-            "naive": sample("naive", "naive", lambda: naive_vcpu.run(n)),
-            "fd_c": kvmsys_loop(fd_c, "fd_c", "fd_c", "c"),
-            "fd_py": kvmsys_loop(machines["fd_py"], "fd_py", "fd_py", "python"),
-            "sys_c": kvmsys_loop(sysg, "sys", "sys_c", "c"),
-            "sys_py": kvmsys_loop(sysg, "sys", "sys_py", "python"),
+            "ref": sample("ref", ref_loop, mask=-1),
+            "ref_mask": sample("ref_mask", ref_loop, mask=kick_sig),
+            "naive": sample("naive", naive_loop, mask=-1),
         }
-        progress(f"{NAME}: {label} ({name}): {n} exits per sample, "
-                 f"{len(variants)} loops × {profile.reps} reps")
+        for how in KVMSYS_LOOPS:
+            inner = sample(how, kvmsys_loop(how), own_clock=True)
+            variants[how] = switched(how, inner)
+        progress(f"{NAME}: {label} ({name}, {abi} ABI): {n} exits per sample, "
+                 f"{len(variants)} loops on one vCPU × {profile.reps} reps")
         samples = interleave(variants, profile.reps, profile.warmup)
-        after = {k: _kvm_counters(g.vcpu) for k, g in machines.items()}
-        kvm_per_exit = {}
-        for k in machines:
-            exits = counted[k] - counted_before[k]
-            if before[k] and exits:
-                kvm_per_exit[k] = {c: (after[k][c] - before[k][c]) / exits for c in after[k]
-                                   if c in before[k] and after[k][c] != before[k][c]}
-        counts = {k: (g.counter(), counted[k]) for k, g in machines.items()}
-        counts["sys_c"] = counts["sys_py"] = counts.pop("sys")
-        kvm_per_exit["sys_c"] = kvm_per_exit["sys_py"] = kvm_per_exit.pop("sys", {})
-        return dict(name=name, n=n, probe_ns=probe_ns, samples=samples, counts=counts,
-                    native=sysg.native, kvm_per_exit=kvm_per_exit)
+        after = _kvm_counters(vcpu)
+        exits = counted
+        kvm_per_exit = {c: (after[c] - before[c]) / exits for c in after
+                        if c in before and after[c] != before[c]} if before else {}
+        return dict(name=name, n=n, probe_ns=probe_ns, samples=samples, counter=g.counter(),
+                    counted=counted, native=g.native, uses_mask=uses_mask, kvm_per_exit=kvm_per_exit,
+                    signal_mask=vcpu.signal_mask)
     finally:
-        if naive_vcpu is not None:
-            naive_vcpu.close()
-        if ref_vcpu is not None:
-            ref_vcpu.close()
-        for g in machines.values():
+        if nv is not None:
+            nv.close()
+        if ref is not None:
+            ref.close()
+        if g is not None:
             g.close()
 
 
@@ -185,83 +227,129 @@ def _validate_naive(nv, name: str) -> None:
 def modes(profile) -> list:
     """The profile's guest mode, and 64-bit too: on a PVM host the emulated modes and
     the native one cost very differently per exit."""
-    return list(dict.fromkeys([profile.mode, "long64"]))
+    return [profile.mode] if profile.mode_only else list(dict.fromkeys([profile.mode, "long64"]))
+
+
+def counter_ok(counter: int, counted: int, slack: int) -> bool:
+    """The guest's u32 counter of exit-causing instructions against the exits the loops
+    counted (PVM's native mode skips the first hlt without an exit: slack 1 there)."""
+    return 0 <= (counter - counted) % (1 << 32) <= slack
 
 
 def run(profile, kinds=None) -> SuiteResult:
     t_start = time.perf_counter()
     res = SuiteResult(NAME, TITLE, columns=[
-        ("mode", "mode"), ("exit", "exit"), ("loop", "loop"),
-        ("user_ns", "user space per exit"), ("kernel_ns", "kernel + guest per exit"),
-        ("d_user", "user space − C reference's [95% CI]"), ("ratio", "round trip vs C reference [95% CI]"),
+        ("mode", "mode"), ("exit", "exit"), ("abi", "VM (one vCPU)"), ("loop", "loop"),
+        ("time", "round trip (wall)"), ("cpu", "round trip (thread CPU)"),
+        ("ioctl_ns", "KVM_RUN window (wall)"), ("user_ns", "user window (wall)"),
+        ("user_cpu", "user window (CPU)"), ("user_own", "user window (own clocks)"),
+        ("cpu_over_ref", "CPU − bare C loop's [95% CI]"),
+        ("cpu_ratio", "CPU vs bare C loop [95% CI]"),
         ("count", "guest counter = exits counted")])
-    kinds = list(kinds or EXIT_KINDS)
+    kinds = list(kinds or profile.exit_kinds or EXIT_KINDS)
     measured = {}
     with kvmsys.Kvm() as kvm:
         for mode in modes(profile):
             for k in kinds:
-                measured[(mode, k)] = _measure_kind(k, mode, profile, kvm)
-    native = {mode: any(m["native"] for (md, _k), m in measured.items() if md == mode) for mode in modes(profile)}
-    for (mode, kind), m in measured.items():
+                for abi in ABIS:
+                    measured[(mode, k, abi)] = _measure_group(k, mode, abi, profile, kvm)
+    native = {mode: any(m["native"] for (md, _k, _a), m in measured.items() if md == mode)
+              for mode in modes(profile)}
+    for (mode, kind, abi), m in measured.items():
         label = EXIT_KINDS[kind][1]
-        grp = f"{mode}/{kind}"
+        grp = f"{mode}/{kind}/{abi}"
+        s = m["samples"]
+        slack = 1 if (kind == "hlt" and m["native"]) else 0
+        good = counter_ok(m["counter"], m["counted"], slack)
+        res.check(f"{grp} counter", good,
+                  f"{mode} {label}, {abi} VM: guest counter {m['counter']}, the loops counted {m['counted']}")
+        mask_ref = "ref_mask" if m["uses_mask"] else "ref"
         for key in LOOPS:
-            counter, counted = m["counts"][key]
-            # In PVM's native 64-bit mode the first hlt is skipped without an exit, but counted.
-            slack = 1 if (kind == "hlt" and m["native"]) else 0
-            good = 0 <= (counter - counted) % (1 << 32) <= slack
-            shared = " (shared VM)" if key.startswith("sys") else ""
-            res.add_row(f"{grp}/{key}", dict(mode=mode, exit=label, loop=LOOPS[key],
-                                             count=f"{counter} {'✓' if good else '✗ counted ' + str(counted)}{shared}"),
-                        dict(user_ns=Stat(m["samples"][f"{key}/user"], "ns"),
-                             kernel_ns=Stat(m["samples"][f"{key}/kernel"], "ns"),
-                             time=Stat(m["samples"][key], "ns")),
-                        dict(counter=counter, counted=counted, n=m["n"],
-                             kvm_per_exit=m["kvm_per_exit"].get(key, {})))
-            if key != "sys_py":         # the sys loops share one VM: check it once
-                res.check(f"{grp}/{key} counter", good,
-                          f"{mode} {label}, {LOOPS[key]}: guest counter {counter}, loop counted {counted}")
+            # the reference that enters KVM_RUN as this loop does; its KVM_RUN window in CPU
+            # time = its CPU round trip less its (clocked, sub-µs) user window
+            r = key if key.startswith("ref") else mask_ref if key in KVMSYS_LOOPS else "ref"
+            ioctl = s[f"{r}/ioctl"]
+            ioctl_cpu = [c - (t - i) for c, t, i in zip(s[f"{r}/cpu"], s[r], ioctl)]
+            stats = dict(time=Stat(s[key], "ns"), cpu=Stat(s[f"{key}/cpu"], "ns"),
+                         user_ns=Stat([t - i for t, i in zip(s[key], ioctl)], "ns"),
+                         user_cpu=Stat([c - i for c, i in zip(s[f"{key}/cpu"], ioctl_cpu)], "ns"))
+            if key.startswith("ref"):
+                stats["ioctl_ns"] = Stat(s[f"{key}/ioctl"], "ns")
+                stats["user_own"] = Stat([t - i for t, i in zip(s[key], s[f"{key}/ioctl"])], "ns")
+            elif key in KVMSYS_LOOPS:
+                stats["user_own"] = Stat([t - i for t, i in zip(s[key], s[f"{key}/own"])], "ns")
+            res.add_row(f"{grp}/{key}", dict(mode=mode, exit=label, abi=ABIS[abi], loop=LOOPS[key],
+                                             count=f"{m['counter']} {'✓' if good else '✗ counted ' + str(m['counted'])}"
+                                             if key == "ref" else ""),
+                        stats, dict(n=m["n"], counter=m["counter"], counted=m["counted"],
+                                    kvm_per_exit=m["kvm_per_exit"] if key == "ref" else {}))
+        rows = res.rows
         for key in LOOPS:
             if key != "ref":
-                stats = res.rows[f"{grp}/{key}"]["stats"]
-                stats["d_user"] = derive(res.rows, "user_ns", f"{grp}/{key}", f"{grp}/ref", "difference")
-                stats["ratio"] = derive(res.rows, "time", f"{grp}/{key}", f"{grp}/ref", "ratio")
-    res.config = dict(mode=profile.mode, modes=modes(profile),
-                      exits_per_sample={f"{md}/{k}": m["n"] for (md, k), m in measured.items()},
-                      guests={f"{md}/{k}": m["name"] for (md, k), m in measured.items()}, reps=profile.reps,
-                      warmup=profile.warmup, naive="fcntl.ioctl(fd, KVM_RUN)")
+                st = rows[f"{grp}/{key}"]["stats"]
+                st["over_ref"] = derive(rows, "time", f"{grp}/{key}", f"{grp}/ref", "difference")
+                st["ratio"] = derive(rows, "time", f"{grp}/{key}", f"{grp}/ref", "ratio")
+                st["cpu_over_ref"] = derive(rows, "cpu", f"{grp}/{key}", f"{grp}/ref", "difference")
+                st["cpu_ratio"] = derive(rows, "cpu", f"{grp}/{key}", f"{grp}/ref", "ratio")
+        mask = rows[f"{grp}/ref_mask"]["stats"]
+        mask["mask_ns"] = derive(rows, "ioctl_ns", f"{grp}/ref_mask", f"{grp}/ref", "difference")
+        mask["mask_cpu"] = derive(rows, "cpu", f"{grp}/ref_mask", f"{grp}/ref", "difference")
+        for key in KVMSYS_LOOPS:
+            rows[f"{grp}/{key}"]["stats"]["own_over_ref"] = derive(rows, "user_own", f"{grp}/{key}",
+                                                                   f"{grp}/ref", "difference")
+        for key in ("py", "pyw"):
+            rows[f"{grp}/{key}"]["stats"]["py_own"] = derive(rows, "user_own", f"{grp}/{key}", f"{grp}/c",
+                                                             "difference")
+        rows[f"{grp}/py"]["stats"]["py_path"] = derive(rows, "cpu", f"{grp}/py", f"{grp}/c", "difference")
+        rows[f"{grp}/pyw"]["stats"]["py_path"] = derive(rows, "cpu", f"{grp}/pyw", f"{grp}/c", "difference")
+        rows[f"{grp}/pyw"]["stats"]["vs_naive"] = derive(rows, "cpu", f"{grp}/pyw", f"{grp}/naive", "ratio")
+        rows[f"{grp}/c"]["stats"]["vs_naive"] = derive(rows, "cpu", f"{grp}/c", f"{grp}/naive", "ratio")
+        rows[f"{grp}/c"]["extra"]["uses_mask"] = m["uses_mask"]
+    first = next(iter(measured.values()))
+    res.config = dict(mode=profile.mode, modes=modes(profile), kinds=kinds,
+                      exits_per_sample={"/".join(k): m["n"] for k, m in measured.items()},
+                      guests={"/".join(k): m["name"] for k, m in measured.items()}, reps=profile.reps,
+                      warmup=profile.warmup, naive="fcntl.ioctl(fd, KVM_RUN), no clock in its loop",
+                      kvmsys_signal_mask=first["signal_mask"])
     res.notes += [f"Guest mode {mode_label(md, native[md])}." for md in modes(profile)]
     res.notes += [
-        f"Guests *_loop with n=0 (endless), {profile.reps} interleaved repetitions per loop after "
-        f"{profile.warmup} warm-up.",
-        "Exits per sample, calibrated at run time to ~{:g} ms of the fd C-handled loop: {}.".format(
-            profile.sample_ms, ", ".join(f"{md} {EXIT_KINDS[k][1]} {m['n']}" for (md, k), m in measured.items())),
-        "**User space per exit** = (wall time of the sample − time inside KVM_RUN) / exits: the gaps from "
-        "each KVM_RUN's return to the next KVM_RUN call, i.e. the loop's own work (for run(): also its entry "
-        "and return once per sample).  KVM_RUN is clocked where the loop makes the call: in C by the C "
-        "reference and by kvmsys's run loop (its `ns_in_run` counter), in Python for the naive loop "
-        "(`time.perf_counter_ns()` around `fcntl.ioctl`); every loop reads one clock on each side of every "
-        "KVM_RUN.  **Kernel + guest per exit** = time inside KVM_RUN / exits.",
+        f"Guests *_loop with n=0 (endless).  Per exit kind and ABI: one VM, one vCPU, every loop run on it "
+        f"in turn, {profile.reps} interleaved rounds after {profile.warmup} warm-up; the exits per sample "
+        f"are calibrated at run time to ~{profile.sample_ms:g} ms of kvmsys's C-handled loop.",
+        "**KVM_RUN window** (C reference only): from the clock read before the ioctl to the one after "
+        "it, clocked per exit in C, with no signal mask and with the mask kvmsys sets "
+        f"(KVM_SET_SIGNAL_MASK; kvmsys on this host: signal_mask = {first['signal_mask']!r}).  "
+        "**User window** = round trip − the KVM_RUN window of the reference that enters KVM_RUN the same "
+        "way (kvmsys's loops: with kvmsys's mask while it sets one; the naive loop: without), paired per "
+        "round: KVM_RUN's return to the next entry, everything the loop does outside the ioctl.",
+        "**Round trip** = the sample's wall time (perf_counter_ns) / exits; **thread CPU** = "
+        "CLOCK_THREAD_CPUTIME_ID over the sample / exits (below the wall time only when the thread "
+        "waited).  No window uses getrusage's user/system split: a 64-bit guest running natively on a "
+        "PVM host is booked as the thread's *user* time.",
+        "**User window, own clocks**: the C reference's and kvmsys's run loop's own clock reads around each "
+        "KVM_RUN (kvmsys's `ns_in_run`, read between samples): precise under load, since a thread that waits "
+        "for a core mostly waits inside KVM_RUN, but kvmsys's clock starts before its pre-entry checks and "
+        "interrupt injection, which it books inside; the user window above (round trip − the reference's "
+        "KVM_RUN window) does not miss them.",
+        "**− bare C loop** and **vs bare C loop**: the round trip minus / over the C reference's "
+        "without a mask, paired per round on the same vCPU; for kvmsys it is everything kvmsys adds, "
+        "its mask included (row `ref_mask` − `ref` = the mask's own cost inside KVM_RUN).",
         "The naive loop is what a competent Python programmer writes: `fcntl.ioctl(fd, KVM_RUN)` with no "
-        "argument (an explicit `0` makes CPython try to parse it as a buffer first, microseconds per call), "
-        "`mmap` of kvm_run, `struct.unpack_from` per exit.",
-        "C handler = the VM's default action for unhandled accesses set to IGNORE (answered in the C run loop); "
-        "Python handler = default PYTHON with `vm.default_handler` a no-op callback, called from run(budget=N). "
-        "HLT has no callback: its Python variant calls run() once per HLT.",
-        "Every loop drives its own vCPU (the two syscall-ABI loops share the thread's one vCPU); all vCPUs "
-        "are created by kvmsys, so the kernel's work per exit is the same and only the user-space loop differs.",
-        "Differences and ratios are per repetition (paired samples), median with a 95% bootstrap confidence "
-        "interval of the median in brackets.",
+        "argument, `mmap` of kvm_run, `struct.unpack_from` per exit, zeros for reads; no clock inside its "
+        "loop.  `pyw` is kvmsys with a Python handler doing the same work on the exit object (decode the "
+        "fields, zeros for reads); `py` is a no-op handler.  HLT has no callback: its Python variants call "
+        "run() once per HLT.",
+        "Ratios and differences are per round (paired samples), median with a 95% bootstrap interval of "
+        "the median within this run; with `--runs N` the spread is the range over N separate processes.",
     ]
     kvm_note = []
-    for (mode, kind), m in measured.items():
-        per = m["kvm_per_exit"].get("fd_c")
-        if per:
+    for (mode, kind, abi), m in measured.items():
+        if abi == "fd" and m["kvm_per_exit"]:
             kvm_note.append(f"{mode} {EXIT_KINDS[kind][1]}: "
-                            + ", ".join(f"{c} {v:.2f}" for c, v in sorted(per.items())))
+                            + ", ".join(f"{c} {v:.2f}" for c, v in sorted(m["kvm_per_exit"].items())))
     if kvm_note:
         res.notes.append("What KVM itself counted per user-space exit (its binary statistics, "
-                         "`vcpu.kvm_stats()`, fd ABI C-handler loop): " + "; ".join(kvm_note) + ".")
+                         "`vcpu.kvm_stats()`, fd VM, all loops): " + "; ".join(kvm_note) + ".")
     else:
         res.skipped.append("KVM's binary statistics (KVM_GET_STATS_FD) are not available on this host")
     res.elapsed_s = time.perf_counter() - t_start

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from kvmsys import pvm
 from kvmsys.enums import Kind, Space
+from kvmsys.guests import layout
 from kvmsys.machine import Machine
 
 PIO, MMIO = Space.PIO, Space.MMIO
@@ -56,6 +57,12 @@ def one_vcpu(abi: str, guest_name: str | None = None, *, kvm=None, **inputs) -> 
         m.close()
         raise
     return m
+
+
+def guest_counter(mem) -> int:
+    """A built-in guest's u32 count of exit-causing instructions, read from its memory
+    (what Machine.counter() reads for a Machine)."""
+    return int.from_bytes(mem[layout.COUNTER_ADDR:layout.COUNTER_ADDR + 4], "little")
 
 
 def guest_name(base: str, mode: str) -> str:

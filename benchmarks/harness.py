@@ -46,6 +46,8 @@ class Profile:
     scaling_reps: int          # repetitions of the whole scaling sweep
     memory_k: int              # vCPUs added per memory sample
     mode: str = "pm32"         # guest mode of the exit-based suites
+    exit_kinds: tuple = ()     # exits suite: only these exit kinds (empty: all)
+    mode_only: bool = False    # exits suite: only `mode`, not long64 beside it
     thread_tight_ns: float = 10_000.0   # a switch cost whose CI is within ± this is settled
 
     def with_(self, **kw) -> "Profile":

@@ -38,6 +38,8 @@ class _Target:
         self.results: queue.Queue = queue.Queue()
         self.in_run = threading.Event()
         self.otherwise: list = []       # how runs ended that a kick did not end
+        self.runs = 0                   # runs of the exiting guest, checked against its counter
+        self.mismatches: list = []      # where the guest's counter and the run loop disagreed
         self.loaded = None
         self.native = False
         self.thread = threading.Thread(target=self._main, name=f"bench-kick-{abi}", daemon=True)
@@ -75,13 +77,24 @@ class _Target:
             base, inputs, _label = GUESTS[which]
             self.native = self.g.load(guest_name(base, self.mode), **inputs)
             self.loaded = which
+        c0, io0 = self.g.counter(), self._io_exits()
         self.in_run.set()
         ex = self.g.run()
         t1 = time.perf_counter_ns()
         self.in_run.clear()
+        if which == "exits":
+            # the guest counts each out it starts: one more than the exits if the kick
+            # came between its count and its out
+            counted, exits = (self.g.counter() - c0) % (1 << 32), self._io_exits() - io0
+            self.runs += 1
+            if not 0 <= counted - exits <= 1 or exits <= 0:
+                self.mismatches.append(f"guest counted {counted}, the run loop {exits} exits")
         if not isinstance(ex, _core.KickExit):
             self.loaded = None          # e.g. the guest finished: reload it next time
         return t1, ex.name
+
+    def _io_exits(self) -> int:
+        return self.g.vcpu.stats()["exits"].get("IO", 0)
 
     def sample(self, which: str, delay_s: float) -> int | None:
         """One kick; returns the latency in ns, or None if run() ended otherwise."""
@@ -150,6 +163,7 @@ def run(profile) -> SuiteResult:
                      f"{len(variants)} variants, {lo:g}-{hi:g} ms before each kick")
             samples = interleave(variants, profile.kick_samples, profile.warmup)
             native = any(t.native for t in targets.values())
+            guest_checks = {abi: (t.runs, list(t.mismatches)) for abi, t in targets.items()}
         finally:
             for t in targets.values():
                 t.close()
@@ -165,8 +179,14 @@ def run(profile) -> SuiteResult:
         res.add_row(key, {"abi": abi_label[abi],
                           "guest": f"{guest_name(GUESTS[which][0], profile.mode)}: {GUESTS[which][2]}"},
                     {"time": Stat(s, "ns"), "p90": Stat([p90], "ns")}, {"ended_otherwise": lost.get(key, [])})
-        res.check(f"{key} latencies positive", min(s) > 0,
-                  f"{key}: every run() returned after its kick was sent (min {min(s)} ns)")
+        if abi != "c":          # both guests run endlessly: only the kick may end run()
+            res.check(f"{key} kicks", not lost.get(key),
+                      f"{key}: every run() ended by the kick aimed at it" if not lost.get(key) else
+                      f"{key}: {len(lost[key])} run() calls ended before their kick: {lost[key][:3]}")
+    for abi, (runs, bad) in guest_checks.items():
+        res.check(f"{abi} guest counter", runs > 0 and not bad,
+                  f"{abi}: in {runs} kicked runs of the exiting guest its counter matched the run loop's "
+                  f"IO exits" + (f"; not in {len(bad)}: {bad[:3]}" if bad else ""))
     for key in samples:
         abi, which = key.split("/")
         if abi != "c":

@@ -10,14 +10,29 @@ import time
 
 import kvmsys
 
-from kvmsys import syscall
-from kvmsys.guests import layout
+from kvmsys import _core, pvm, syscall
+from kvmsys.guests import get as get_guest, layout
 
 from . import _reference
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "lifecycle"
 TITLE = "vCPU create + destroy"
+
+
+GUEST_EXITS = 50
+
+
+def _runs_guest(vm, vcpu, run, mode: str) -> tuple:
+    """Run pio_out_loop (PIO handled in C) for GUEST_EXITS exits on *vcpu*: (the exit, counter)."""
+    from .guestvm import guest_counter, guest_name, set_handling
+    mem = vm.memory(0)
+    if mode == "long64":
+        pvm.enable_native(vcpu, layout.PVM_PAGE)        # as Machine.load (no-op off PVM)
+    layout.prepare(get_guest(guest_name("pio_out_loop", mode)), vcpu, mem, n=0)
+    set_handling(vm, "pio_out", "c")
+    ex = run(budget=GUEST_EXITS)
+    return ex, guest_counter(mem)
 
 
 def run(profile) -> SuiteResult:
@@ -75,6 +90,20 @@ def run(profile) -> SuiteResult:
             progress(f"{NAME}: {b} vCPUs per sample, {profile.reps} reps")
             samples = interleave(variants, profile.reps, profile.warmup)
             max_id = kvmsys.vm().check_extension("MAX_VCPU_ID")
+            # what the measured paths made must run: a recycled vCPU (after a state change
+            # and its reset) and a created one each run a guest and agree with its counter
+            kvmsys.add_vcpu()
+            try:
+                ran = {"sys": _runs_guest(kvmsys.vm(), kvmsys.current(), kvmsys.run, profile.mode)}
+            finally:
+                kvmsys.remove_vcpu()
+        vm = kvm.create_vm()
+        try:
+            vm.add_memory(0, 0, layout.RAM_SIZE)
+            vcpu = vm.create_vcpu(0)
+            ran["fd"] = _runs_guest(vm, vcpu, vcpu.run, profile.mode)
+        finally:
+            vm.close()
     labels = {
         "c": f"C reference: KVM_CREATE_VCPU + mmap + munmap + close (`reference_lifecycle`, fresh VM per {b})",
         "fd": f"fd ABI: `vm.create_vcpu(i)` + `close()` (fresh VM per {b})",
@@ -86,6 +115,11 @@ def run(profile) -> SuiteResult:
         res.add_row(key, {"what": label}, {"time": Stat(samples[key], "ns")})
         if key != "c":
             res.rows[key]["stats"]["ratio"] = derive(res.rows, "time", key, "c", "ratio")
+    for abi, (ex, counter) in ran.items():
+        res.check(f"{abi} run() result", isinstance(ex, _core.BudgetExit),
+                  f"{abi}: a vCPU made after the measurements, run(budget={GUEST_EXITS}) returned {ex!r}")
+        res.check(f"{abi} guest counter", counter == GUEST_EXITS,
+                  f"{abi}: that vCPU's guest counted {counter} exits of {GUEST_EXITS}")
     res.config = dict(batch=b, reps=profile.reps, max_vcpu_id=max_id)
     res.notes += [
         f"KVM keeps every vCPU until its VM is destroyed and limits ids (KVM_CAP_MAX_VCPU_ID = {max_id} here): "

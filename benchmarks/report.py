@@ -28,9 +28,13 @@ def fmt_value(x: float, unit: str) -> str:
 
 def fmt_stat(s: dict, spread: bool = True) -> str:
     """'median unit (min–max)' with min and max in the median's scale; for a ratio or
-    difference with a confidence interval, 'median unit [CI low, CI high]'."""
+    difference with a confidence interval, 'median unit [CI low, CI high]'; from several
+    separate processes (--runs), 'median unit ‹lowest – highest run median›'."""
     unit, med, lo, hi = s["unit"], s["median"], s["min"], s["max"]
     ci = s.get("ci95")
+    runs = s.get("runs")
+    if spread and runs and len(runs) > 1:
+        return _fmt(unit, med, min(runs), max(runs), " ‹{} – {}›")
     if spread and ci:
         return _fmt(unit, med, *ci, "[{}, {}]")
     return _fmt(unit, med, lo, hi, " ({} – {})" if spread else None)
@@ -112,20 +116,68 @@ def markdown(doc: dict) -> str:
     """The whole report: machine record, profile, then one section per suite."""
     out = ["# kvmsys benchmarks", ""]
     m = doc["machine"]
+    if doc.get("runs", 1) > 1:
+        out.append(f"- runs: {doc['runs']} separate processes (load averages at their starts: "
+                   f"{', '.join(str(x[0]) for x in m.get('load_avg_runs') or [] if x)})")
     for key, label in MACHINE_LABELS:
         if m.get(key) is not None:
             out.append(f"- {label}: {m[key]}")
     p = doc["profile"]
     out.append(f"- profile: {p['name']} ({p['reps']} interleaved repetitions, {p['warmup']} warm-up; "
                f"guest mode {p['mode']})")
-    out.append("- Absolute times describe this machine and this run only; compare the ratios, "
-               "which come from paired samples within the run.")
+    if m.get("injected"):
+        out.append(f"- **Delays injected by the self-test: {m['injected']} (ns): not kvmsys's real speed.**")
+    out.append("- Absolute times describe this machine and this run only; compare the ratios and "
+               "differences, which come from paired samples on one vCPU within each run.")
+    out.append("")
+    from .verdict import verdict
+    out.append(verdict(doc))
     out.append("")
     for res in doc["suites"].values():
         out.append(markdown_suite(res))
     if doc.get("elapsed_s") is not None:
         out.append(f"_Total: {doc['elapsed_s']:.1f} s._")
     return "\n".join(out)
+
+
+def readme_section(doc: dict, path: str, boot: tuple | None = None) -> str:
+    from .verdict import readme_section as section
+    return section(doc, path, boot)
+
+
+def merge(docs: list, argv: list) -> dict:
+    """One document from the documents of separate processes (--runs): every stat's samples
+    concatenated run by run (so paired samples stay paired), with `runs` = each process's
+    median; checks of every run; the headline figures of each run for the gate."""
+    import statistics
+    from .baseline import run_values
+    from .harness import bootstrap_ci
+    first = docs[0]
+    out = dict(schema=SCHEMA, machine=dict(first["machine"]), profile=first["profile"], argv=list(argv),
+               runs=len(docs), suites={})
+    out["machine"]["load_avg_end"] = docs[-1]["machine"].get("load_avg_end")
+    out["machine"]["load_avg_runs"] = [d["machine"].get("load_avg") for d in docs]
+    for name, suite in first["suites"].items():
+        merged = dict(suite, rows={}, checks=[], elapsed_s=sum(d["suites"][name]["elapsed_s"] for d in docs))
+        merged["notes"] = list(suite["notes"]) + [
+            f"Spread ‹…›: the lowest and highest median of {len(docs)} separate processes, each with fresh VMs."]
+        for rid, row in suite["rows"].items():
+            stats = {}
+            for key, st in row["stats"].items():
+                per = [d["suites"][name]["rows"][rid]["stats"][key]["samples"] for d in docs]
+                samples = [x for run in per for x in run]
+                stats[key] = dict(st, samples=samples, median=statistics.median(samples), min=min(samples),
+                                  max=max(samples), runs=[statistics.median(run) for run in per])
+                if "ci95" in st:
+                    stats[key]["ci95"] = list(bootstrap_ci(samples))
+            merged["rows"][rid] = dict(row, stats=stats)
+        for i, d in enumerate(docs):
+            merged["checks"] += [dict(c, name=f"run {i + 1}: {c['name']}", detail=f"run {i + 1}: {c['detail']}")
+                                 for c in d["suites"][name]["checks"]]
+        out["suites"][name] = merged
+    out["ok"] = all(d["ok"] for d in docs)
+    out["headline_runs"] = [h for d in docs for h in run_values(d)]
+    return out
 
 
 def document(machine: dict, profile, suites: dict, argv: list) -> dict:
@@ -170,11 +222,11 @@ C_OTHER = "#31a354"       # anything else (plain Python, a coalesced zone, ...)
 C_EXTRA = ["#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"]   # loops/placements not known here
 
 EXIT_LOOPS = [            # (row id suffix, legend label, colour), in bar order
+    ("ref_mask", "C reference + kvmsys's signal mask", C_EXTRA[0]),
     ("naive", "naive Python", C_NAIVE),
-    ("fd_c", "fd ABI, C handler", C_FD),
-    ("sys_c", "syscall ABI, C handler", C_SYS),
-    ("fd_py", "fd ABI, Python handler", C_FD_PY),
-    ("sys_py", "syscall ABI, Python handler", C_SYS_PY),
+    ("c", "kvmsys, C handler", C_FD),
+    ("py", "kvmsys, no-op Python handler", C_FD_PY),
+    ("pyw", "kvmsys, Python handler with the naive loop's work", C_SYS_PY),
 ]
 
 # Short row labels, by row id or by the parts of a "group/part" id; rows not listed
@@ -301,19 +353,19 @@ def _exits_panel(ax, s: dict) -> None:
     per exit (KVM_RUN's return to the next KVM_RUN call), with its min–max spread."""
     rows = s["rows"]
     groups = list(dict.fromkeys(rid.rsplit("/", 1)[0] for rid in rows))
-    present = {rid.rsplit("/", 1)[1] for rid, r in rows.items() if "user_ns" in r["stats"]}
+    present = {rid.rsplit("/", 1)[1] for rid, r in rows.items() if "user_cpu" in r["stats"]}
     loops = [("ref", "C reference loop", C_REF)] + [loop for loop in EXIT_LOOPS if loop[0] in present]
     loops = [loop for loop in loops if loop[0] in present]
     n = max(1, len(loops))
     width = 0.84 / n
     for j, (key, label, colour) in enumerate(loops):
-        pts = [(i + (j - (n - 1) / 2) * width, rows[f"{g}/{key}"]["stats"]["user_ns"])
-               for i, g in enumerate(groups) if "user_ns" in rows.get(f"{g}/{key}", {}).get("stats", {})]
+        pts = [(i + (j - (n - 1) / 2) * width, rows[f"{g}/{key}"]["stats"]["user_cpu"])
+               for i, g in enumerate(groups) if "user_cpu" in rows.get(f"{g}/{key}", {}).get("stats", {})]
         xs = [x for x, _st in pts]
-        med = [st["median"] for _x, st in pts]
+        med = [max(1.0, st["median"]) for _x, st in pts]      # a log axis: noise can make a window < 0
         ax.bar(xs, med, width * 0.9, color=colour, label=label, zorder=2, edgecolor="white", linewidth=0.4)
-        ax.errorbar(xs, med, yerr=[[m - st["min"] for m, (_x, st) in zip(med, pts)],
-                                   [st["max"] - m for m, (_x, st) in zip(med, pts)]],
+        ax.errorbar(xs, med, yerr=[[max(0.0, m - max(1.0, st["min"])) for m, (_x, st) in zip(med, pts)],
+                                   [max(0.0, st["max"] - m) for m, (_x, st) in zip(med, pts)]],
                     fmt="none", ecolor="#333333", elinewidth=0.9, capsize=2.2, zorder=3)
         for x, m in zip(xs, med):
             ax.text(x, m * 1.08, _num(m), rotation=90, ha="center", va="bottom", fontsize=6.5,
@@ -322,18 +374,19 @@ def _exits_panel(ax, s: dict) -> None:
     ticks = []
     for g in groups:
         first = next(r for rid, r in rows.items() if rid.startswith(g + "/"))
-        ref = rows.get(f"{g}/ref", {}).get("stats", {}).get("kernel_ns")
-        name = f"{_plain(first['cells'].get('mode', ''))}\n{_plain(first['cells'].get('exit', g))}"
+        ref = rows.get(f"{g}/ref", {}).get("stats", {}).get("ioctl_ns")
+        name = (f"{_plain(first['cells'].get('mode', ''))} {g.rsplit('/', 1)[-1]}\n"
+                f"{_plain(first['cells'].get('exit', g))}")
         ticks.append(f"{name}\nkernel {fmt_value(ref['median'], ref['unit'])}" if ref else name)
     ax.set_xticks(range(len(groups)), ticks, fontsize=8)
     ax.tick_params(axis="x", length=0)
     ax.set_xlim(-0.55, len(groups) - 0.45)
-    ax.set_ylabel("user-space ns per exit (log)", fontsize=9.5)
+    ax.set_ylabel("user window, CPU ns per exit (log)", fontsize=9.5)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9.5, frameon=False,
               title="loop (median, min–max)", title_fontsize=9.5)
-    _title(ax, s, "User-space time per exit, KVM_RUN's return → the next KVM_RUN call "
-                  "(below each group: the C reference's kernel + guest time per exit)", 120)
+    _title(ax, s, "User window per exit (thread CPU), KVM_RUN's return → the next entry, on one vCPU "
+                  "(below each group: the bare C loop's KVM_RUN window)", 120)
 
 
 def _bars_panel(ax, s: dict, title_width: int, height: float) -> None:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from kvmsys import _core
 from kvmsys.machine import Machine
 
 from .guestvm import guest_name, mode_label, set_handling
@@ -91,6 +92,7 @@ class _Worker:
     def __init__(self, index: int, machine, name: str, setup_lock: threading.Lock):
         self.index, self.machine, self.name, self.setup_lock = index, machine, name, setup_lock
         self.exits = 0
+        self.odd: list = []             # run() results other than the BudgetExit asked for
         self.jobs: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._main, name=f"bench-scale-{index}", daemon=True)
@@ -144,10 +146,13 @@ def _step_job(barrier: threading.Barrier, seconds: float, budget: int):
         t0 = time.perf_counter_ns()
         end = t0 + int(seconds * 1e9)
         exits = 0
-        run = w.run
+        run, budget_exit = w.run, _core.BudgetExit
         while time.perf_counter_ns() < end:
-            run(budget=budget)
-            exits += budget
+            ex = run(budget=budget)
+            if ex.__class__ is budget_exit:
+                exits += budget
+            else:
+                w.odd.append(repr(ex))
         t1 = time.perf_counter_ns()
         after = _read_task(w.tid)
         w.exits += exits
@@ -204,6 +209,7 @@ def run(profile) -> SuiteResult:
                         raw.setdefault((placement.name, k), []).append(per_thread)
             counter = machine.counter()
             counted = sum(w.exits for w in workers)
+            odd = [x for w in workers for x in w.odd]
             native = workers[0].native
         finally:
             for w in workers:
@@ -227,9 +233,11 @@ def run(profile) -> SuiteResult:
                         {"per_thread": [[dict(t) for t in r] for r in runs]})
         base = f"{placement.name}/1"
         for k in counts:
-            if k != 1:
+            if k != 1 and min(res.rows[base]["stats"]["rate"].samples) > 0:    # else a check failed
                 res.rows[f"{placement.name}/{k}"]["stats"]["speedup"] = derive(
                     res.rows, "rate", f"{placement.name}/{k}", base, "ratio")
+    res.check("run() results", not odd, "every run(budget) returned its BudgetExit" if not odd
+              else f"{len(odd)} runs ended otherwise: {odd[:3]}")
     res.check("guest counter", counter == counted % (1 << 32),
               f"all vCPUs share one guest counter: {counter}, the threads counted {counted}")
     res.config = dict(mode=profile.mode, guest=name, thread_counts=counts, seconds=seconds,

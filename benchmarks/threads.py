@@ -11,6 +11,7 @@ import threading
 import time
 
 import kvmsys
+from kvmsys import _core
 
 from . import _reference
 from .guestvm import guest_name, mode_label, one_vcpu, set_handling
@@ -110,20 +111,31 @@ def run(profile) -> SuiteResult:
             for g in (fd_same, fd_worker, fd_rot, fd_new, sysg):
                 set_handling(g.vm, "pio_out", "c")
 
-            def timed(run):
+            ran = {}                    # exits each machine's runs made, by machine
+            odd = []                    # runs that ended otherwise than by their budget
+
+            def timed(run, key):
+                ran[key] = 0
+
                 def job():
                     t0 = time.perf_counter_ns()
-                    run(budget=n)
-                    return time.perf_counter_ns() - t0
+                    ex = run(budget=n)
+                    t1 = time.perf_counter_ns()
+                    if isinstance(ex, _core.BudgetExit):
+                        ran[key] += n
+                    else:
+                        odd.append(f"{key}: {ex!r}")
+                    return t1 - t0
                 return job
 
             variants = {
-                "bound": timed(sysg.run),
-                "fd_same": timed(fd_same.run),
-                "fd_worker": lambda: single.call_next(timed(fd_worker.run)),
-                "fd_rot": lambda: pool.call_next(timed(fd_rot.run)),
-                "fd_new": lambda: _in_new_thread(timed(fd_new.run)),
+                "bound": timed(sysg.run, "bound"),
+                "fd_same": timed(fd_same.run, "fd_same"),
+                "fd_worker": (lambda job: lambda: single.call_next(job))(timed(fd_worker.run, "fd_worker")),
+                "fd_rot": (lambda job: lambda: pool.call_next(job))(timed(fd_rot.run, "fd_rot")),
+                "fd_new": (lambda job: lambda: _in_new_thread(job))(timed(fd_new.run, "fd_new")),
             }
+            c_runs = 0
             progress(f"{NAME}: {n} exits per sample, pool of {profile.thread_pool} threads, "
                      f"batches of {batch} reps until the switch costs are settled (at most "
                      f"{profile.thread_batches} batches)")
@@ -135,8 +147,10 @@ def run(profile) -> SuiteResult:
             for b in range(profile.thread_batches):
                 for k, v in interleave(variants, batch, profile.warmup if b == 0 else 0).items():
                     samples.setdefault(k, []).extend(v)
-                for k, v in ref.thread_switch(n, profile.thread_pool, batch + (profile.warmup if b == 0 else 0)).items():
+                c_reps = batch + (profile.warmup if b == 0 else 0)
+                for k, v in ref.thread_switch(n, profile.thread_pool, c_reps).items():
                     c_samples.setdefault(k, []).extend(v[profile.warmup:] if b == 0 else v)
+                c_runs += 4 * c_reps
                 py_diff = [x - y for x, y in zip(samples["fd_rot"], samples["fd_worker"])]
                 c_diff = [x - y for x, y in zip(c_samples["rotating"], c_samples["worker"])]
                 verdicts = {"py": _settled(py_diff, profile.thread_tight_ns),
@@ -144,6 +158,9 @@ def run(profile) -> SuiteResult:
                 if all(done for done, _v in verdicts.values()):
                     break
             native = sysg.native
+            machines = dict(bound=sysg, fd_same=fd_same, fd_worker=fd_worker, fd_rot=fd_rot, fd_new=fd_new)
+            counters = {k: (machines[k].counter(), ran[k]) for k in machines}
+            counters["c"] = (c_ref.counter(), c_runs * n)
         finally:
             pool.close()
             single.close()
@@ -175,8 +192,11 @@ def run(profile) -> SuiteResult:
         st["d_bound"] = derive(res.rows, "time", key, "c/caller", "difference")
         st["d_fd"] = derive(res.rows, "time", key, "c/worker", "difference")
     reps = len(samples["fd_rot"])
-    res.check("switch cost settled", True,          # informative: the verdicts say how it settled
-              f"kvmsys: {verdicts['py'][1]}; C: {verdicts['c'][1]}")
+    res.check("runs ended by their budget", not odd,
+              "every run(budget) returned its BudgetExit" if not odd else f"runs ended otherwise: {odd[:5]}")
+    for key, (counter, counted) in counters.items():
+        res.check(f"{key} guest counter", counter == counted % (1 << 32),
+                  f"{key}: guest counter {counter}, the runs made {counted} exits")
     res.config = dict(mode=profile.mode, guest=name, exits_per_sample=n, pool=profile.thread_pool,
                       reps=reps, c_reps=len(c_samples["rotating"]),
                       verdicts={k: v[1] for k, v in verdicts.items()})

@@ -54,23 +54,32 @@ class ThreadVcpu(Vcpu):
         recycled vCPU that ran under an earlier owner, and not yet under this one, is
         therefore moved onto a new kernel vCPU (a new id, the lowest free one; the comm
         area stays where it is) when KVM refuses the table, as a new vCPU would take it."""
+        changed = self.touched      # before the attempt: a refused ioctl marks it touched
         try:
             return super().set_cpuid2(entries)
         except KvmOSError as e:
             if e.errno != errno.EINVAL or not self.run_before:
                 raise
         with _lock:
-            changed = self.touched
             state = vcpustate.capture(self) if changed else None
-            old_id, new_id = self.id, _free_id(self.vm)
-            self.replace_kernel_vcpu(new_id)
-            if _bound.get(old_id) is self:
-                del _bound[old_id]
-                _bound[new_id] = self
-            self._initial = vcpustate.capture(self)
+            self._move_locked(_free_id(self.vm))
         super().set_cpuid2(entries)
         if changed:         # what this owner did before: carried over (KVM order, CPUID first)
             vcpustate.apply(self, state)
+
+    def replace_kernel_vcpu(self, new_id) -> None:
+        """Move onto a new kernel vCPU *new_id* (see VcpuCore.replace_kernel_vcpu); the
+        binding table follows the new id, and recycling resets it to the new one's state."""
+        with _lock:
+            self._move_locked(new_id)
+
+    def _move_locked(self, new_id) -> None:
+        old_id = self.id
+        super().replace_kernel_vcpu(new_id)
+        if _bound.get(old_id) is self:
+            del _bound[old_id]
+            _bound[self.id] = self
+        self._initial = vcpustate.capture(self)
 
     def stats(self) -> dict:
         """Run-loop counters, plus host CPU, migrations and context switches of its thread."""

@@ -30,7 +30,7 @@ cdef class DeviceCore:
         a.group = group
         a.attr = attr
         a.addr = <uint64_t>data
-        return check(ioctl(self.fd, req, &a), op)
+        return ioctl_checked(self.fd, req, &a, op)
 
     def has_attr(self, group, attr):
         """KVM_HAS_DEVICE_ATTR: True if the device knows (group, attr)."""
@@ -39,7 +39,7 @@ cdef class DeviceCore:
         memset(&a, 0, sizeof(a))
         a.group = as_u32(group, "attribute group")
         a.attr = as_u64(attr, "attribute")
-        if ioctl(self.fd, KVM_HAS_DEVICE_ATTR, &a) == 0:
+        if ioctl_nogil(self.fd, KVM_HAS_DEVICE_ATTR, &a) == 0:
             return True
         if errno == ENXIO:
             return False

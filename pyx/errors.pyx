@@ -15,6 +15,24 @@ cdef inline int check(long r, str op) except -1:
     return <int>r
 
 
+# Every ioctl of kvmsys's goes through one of these two (tests/test_nogil.py checks the
+# source): the GIL is released for it, since a kernel call may wait (SRCU, the slots
+# lock, a vCPU's mutex) and nothing else in the process should wait with it.  errno is
+# the ioctl's afterwards.
+cdef long ioctl_nogil(int fd, unsigned long req, void *arg) noexcept:
+    cdef long r
+    cdef int err
+    with nogil:
+        r = ioctl(fd, req, arg)
+        err = errno
+    kvmsys_set_errno(err)
+    return r
+
+
+cdef inline long ioctl_checked(int fd, unsigned long req, void *arg, str op) except -1:
+    return check(ioctl_nogil(fd, req, arg), op)
+
+
 # Timeouts at or past this many seconds (about 136 years) mean "no deadline".
 cdef double MAX_TIMEOUT_S = 4294967296.0
 

@@ -40,9 +40,13 @@ cdef object as_enum(str name, value):
         return value
 
 
-cpdef str exit_name(int reason):
-    """Name of a KVM exit reason (or of a kvmsys stop reason)."""
+cdef str name_of_exit(int reason):
     return _EXIT_NAMES.get(reason, f"EXIT_{reason}")
+
+
+def exit_name(reason):
+    """Name of a KVM exit reason (or of a kvmsys stop reason): a 32-bit int."""
+    return name_of_exit(as_int(reason, "exit reason", -0x80000000, 0x7fffffff))
 
 
 cdef class Exit:
@@ -90,7 +94,7 @@ cdef class Exit:
 
     @property
     def name(self):
-        return exit_name(self.reason)
+        return name_of_exit(self.reason)
 
     def __repr__(self):
         return f"<{type(self).__name__} {self.name}>"

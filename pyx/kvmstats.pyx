@@ -16,16 +16,8 @@ STATS_LAYOUT = dict(
 def stats_fd(owner):
     """A new fd serving *owner*'s (a VmCore or VcpuCore) binary statistics; the caller
     closes it."""
-    cdef int fd, r
     if isinstance(owner, VmCore):
-        (<VmCore>owner).require_open()
-        fd = (<VmCore>owner).fd
-    elif isinstance(owner, VcpuCore):
-        (<VcpuCore>owner).require_open()
-        fd = (<VcpuCore>owner).v.fd
-    else:
-        raise TypeError(f"statistics belong to a VM or a vCPU, not {type(owner).__name__}")
-    r = ioctl(fd, KVM_GET_STATS_FD, NULL)
-    if r < 0:
-        raise_os(errno, "KVM_GET_STATS_FD")
-    return r
+        return (<VmCore>owner).vm_ioctl(KVM_GET_STATS_FD, NULL, "KVM_GET_STATS_FD")
+    if isinstance(owner, VcpuCore):
+        return (<VcpuCore>owner).vcpu_ioctl(KVM_GET_STATS_FD, NULL, "KVM_GET_STATS_FD")
+    raise ArgumentTypeError(f"statistics belong to a VM or a vCPU, not {type(owner).__name__}")

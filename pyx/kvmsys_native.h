@@ -61,6 +61,8 @@ static inline void kvmsys_store_int(int *p, int v) { __atomic_store_n(p, v, __AT
 static inline int kvmsys_or_int(int *p, int v) { return __atomic_or_fetch(p, v, __ATOMIC_SEQ_CST); }
 static inline int kvmsys_and_int(int *p, int v) { return __atomic_and_fetch(p, v, __ATOMIC_SEQ_CST); }
 static inline int kvmsys_xchg_int(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+static inline void kvmsys_set_errno(int e) { errno = e; }
+static inline int kvmsys_add_int(int *p, int v) { return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST); }
 static inline void kvmsys_store_u8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 static inline uint8_t kvmsys_xchg_u8(uint8_t *p, uint8_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 static inline uint64_t kvmsys_add_u64(uint64_t *p, uint64_t v) { return __atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
@@ -235,6 +237,22 @@ static inline void kvmsys_kick_pause(int at) {
 static inline void kvmsys_set_kick_delay(long ns) {
     __atomic_store_n(&kvmsys_kick_delay_ns, ns, __ATOMIC_SEQ_CST);
     __atomic_store_n(&kvmsys_kick_delay_at, ns > 0 ? 3 : 0, __ATOMIC_SEQ_CST);
+}
+
+/* Benchmark hook (its self-test injects known regressions): busy-wait this long at
+ * place 0 (every exit the C run loop dispatches) or 1 (before every Python exit
+ * handler).  Off by default: one relaxed load and an untaken branch. */
+static uint64_t kvmsys_bench_delay[2];
+static inline void kvmsys_bench_pause(int at) {
+    uint64_t ns = __atomic_load_n(&kvmsys_bench_delay[at], __ATOMIC_RELAXED), end;
+    if (__builtin_expect(ns == 0, 1))
+        return;
+    end = kvmsys_now_ns() + ns;
+    while (kvmsys_now_ns() < end)
+        ;
+}
+static inline void kvmsys_set_bench_delay(int at, uint64_t ns) {
+    __atomic_store_n(&kvmsys_bench_delay[at], ns, __ATOMIC_RELAXED);
 }
 
 

@@ -79,6 +79,7 @@ cdef struct vcpustate_t:
     vmstate_t *vm
     pthread_mutex_t lock         # kick vs release, and run entry in the fd ABI
     int running
+    int ioctls                   # vCPU ioctls in flight outside the run loop (vcpu_ioctl_outside)
     int active                   # inside a run() call (any thread)
     int kick_pending             # KICK_* bits
     int kick_bits                # the bits the loop took when it returned R_KICK

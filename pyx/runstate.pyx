@@ -351,6 +351,11 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         v.thread = pthread_self()
         kvmsys_store_int(&v.running, 1)
         pthread_mutex_unlock(&v.lock)
+    # An ioctl another thread issued on this vCPU before it saw `running`: let it
+    # finish, so it never waits on the vCPU's mutex for a KVM_RUN (see
+    # vcpu_ioctl_outside; a later one sees `running` and is refused).
+    while kvmsys_load_int(&v.ioctls):
+        sched_yield()
     # immediate_exit may be stale (set by a kick signal that landed after its kick
     # was taken) or missing (a kick that came while we were outside the loop):
     # derive it from kick_pending.  Kickers set kick_pending before immediate_exit
@@ -439,6 +444,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         v.need_dispatch = 0
         v.exits[run.exit_reason if run.exit_reason < NR_REASONS else NR_REASONS - 1] += 1
         res = dispatch(v, run)
+        kvmsys_bench_pause(0)           # benchmark hook, off: see kvmsys_native.h
         if v.budget_left > 0:
             v.budget_left -= 1
         if res >= 0:
@@ -464,6 +470,25 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     v.ns_in_handlers += t_in - t_out
     v.t_left = t_in
     return res
+
+
+# A vCPU ioctl from outside the run loop.  KVM serialises vCPU ioctls with KVM_RUN
+# on the vCPU's mutex, so one issued while the loop is in KVM_RUN would wait for the
+# guest's next exit (for ever, for a guest that never exits): refused instead
+# (*refused* set, nothing done).  `ioctls` and `running` are a Dekker pair: this
+# counts itself in before it looks at `running`, the loop sets `running` before it
+# waits for `ioctls` to drain, so one of the two always sees the other.
+cdef long vcpu_ioctl_outside(vcpustate_t *v, unsigned long req, void *arg, int *refused) noexcept nogil:
+    cdef long r = -1
+    cdef int err = 0
+    kvmsys_add_int(&v.ioctls, 1)
+    refused[0] = kvmsys_load_int(&v.running)
+    if not refused[0]:
+        r = ioctl(v.fd, req, arg)
+        err = errno
+    kvmsys_add_int(&v.ioctls, -1)
+    kvmsys_set_errno(err)
+    return r
 
 
 cdef inline int vcpu_alive_locked(vcpustate_t *v, uint64_t generation) noexcept nogil:
@@ -512,6 +537,24 @@ cdef int queue_interrupt(vcpustate_t *v, uint64_t generation, int vector) noexce
             kick_locked(v, KICK_IRQ)
     pthread_mutex_unlock(&v.lock)
     return rc
+
+
+# The hook for everything the run loop keeps per kernel vCPU, called (under v.lock)
+# whenever a vcpustate gets a kernel vCPU: created, recycled (the same one, a new
+# object: all of it stays) or moved onto a new one, which has no KVM signal mask
+# (sync_vcpu_sigmask sets one at its next run if the thread needs it), zero
+# counters and no interrupt window requested.
+cdef void kernel_vcpu_attached(vcpustate_t *v, bint new_kernel_vcpu) noexcept nogil:
+    if new_kernel_vcpu:
+        v.sigmask_state = SIGMASK_UNUSED
+        v.sigmask = 0
+        memset(v.exits, 0, sizeof(v.exits))
+        memset(v.handler_hits, 0, sizeof(v.handler_hits))
+        v.default_hits = v.runs = v.ns_in_run = v.ns_in_handlers = v.coalesced = 0
+        v.irqs_injected = v.nmis_injected = 0
+        v.irq_window = 0
+        v.need_dispatch = 0
+        v.from_ring = 0
 
 
 # Forget queued interrupts and kicks (under v.lock): a vCPU changing owner.

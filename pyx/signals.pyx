@@ -82,3 +82,11 @@ def _delay_kick(double seconds):
     after setting immediate_exit, before its signal (holding the vCPU's lock), as a kicker
     preempted there does.  0 cancels."""
     kvmsys_set_kick_delay(<long>(seconds * 1e9))
+
+
+def _bench_delay(int at, double seconds):
+    """Benchmark hook: busy-wait *seconds* on every exit the C run loop dispatches (at 0)
+    or before every Python exit handler (at 1), process-wide; 0 turns it off."""
+    if at not in (0, 1) or not 0 <= seconds <= 0.01:
+        raise InvalidArgumentError("at must be 0 or 1 and seconds within [0, 0.01]")
+    kvmsys_set_bench_delay(at, <uint64_t>(seconds * 1e9))

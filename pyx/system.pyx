@@ -33,7 +33,7 @@ cdef list cpuid_query(int fd, unsigned long req, str op):
     """A CPUID-list ioctl on the system fd (KVM_GET_SUPPORTED_CPUID, _EMULATED_CPUID)."""
     cdef kvm_cpuid2 *c = cpuid_new()
     try:
-        check(ioctl(fd, req, c), op)
+        ioctl_checked(fd, req, c, op)
         return cpuid_read(c)
     finally:
         free(c)
@@ -48,7 +48,7 @@ cdef list msr_list_query(int fd, unsigned long req, str op):
         raise MemoryError()
     try:
         l.nmsrs = MSR_LIST_MAX
-        check(ioctl(fd, req, l), op)
+        ioctl_checked(fd, req, l, op)
         idx = <uint32_t *>(<char *>l + sizeof(kvm_msr_list))
         return [idx[i] for i in range(min(l.nmsrs, MSR_LIST_MAX))]
     finally:
@@ -77,7 +77,7 @@ cdef dict msrs_read(kvm_msrs *m, long got):
 
 
 cdef int require_system_cap(KvmCore kvm, long cap, str name, str needed_for) except -1:
-    if ioctl(kvm.fd, KVM_CHECK_EXTENSION, <unsigned long>cap) <= 0:
+    if ioctl_nogil(kvm.fd, KVM_CHECK_EXTENSION, <void *>cap) <= 0:
         from kvmsys.errors import CapabilityError
         raise CapabilityError(name, needed_for)
     return 0
@@ -112,7 +112,7 @@ cdef class KvmCore:
             raise_os(err, f"open({self.path})")
         self.fd = fd
         # Refuse a path that is not KVM (e.g. /dev/null) at once, not at first use.
-        version = ioctl(fd, KVM_GET_API_VERSION, 0)
+        version = ioctl_nogil(fd, KVM_GET_API_VERSION, NULL)
         if version != KVM_API_VERSION:
             err = errno if version < 0 else EINVAL
             close(fd)
@@ -128,7 +128,7 @@ cdef class KvmCore:
 
     cdef long ioctl_int(self, unsigned long req, unsigned long arg, str op) except -1:
         self.require_open()
-        return check(ioctl(self.fd, req, arg), op)
+        return ioctl_checked(self.fd, req, <void *>arg, op)
 
     def fileno(self):
         self.require_open()
@@ -182,7 +182,7 @@ cdef class KvmCore:
         require_system_cap(self, KVM_CAP_GET_MSR_FEATURES, "GET_MSR_FEATURES", "reading feature MSRs")
         cdef kvm_msrs *m = msrs_new(indices)
         try:
-            return msrs_read(m, check(ioctl(self.fd, KVM_GET_MSRS, m), "KVM_GET_MSRS(system)"))
+            return msrs_read(m, ioctl_checked(self.fd, KVM_GET_MSRS, m, "KVM_GET_MSRS(system)"))
         finally:
             free(m)
 

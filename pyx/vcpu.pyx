@@ -63,6 +63,19 @@ cdef int look_at_signals(vcpustate_t *v, bint relay) except -1:
     return 0
 
 
+cdef int create_kernel_vcpu(VmCore vm, int vcpu_id) except -1:
+    # KVM_CREATE_VCPU after the checks every new kernel vCPU gets; returns its fd.
+    vm.require_open()
+    max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
+    require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
+    require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
+    cdef int vmfd = vm.fd
+    cdef int fd
+    with nogil:
+        fd = ioctl(vmfd, KVM_CREATE_VCPU, <unsigned long>vcpu_id)
+    return check(fd, "KVM_CREATE_VCPU")
+
+
 cdef class VcpuCore:
     """A KVM vCPU fd and its comm area (struct kvm_run, mapped zero-copy)."""
     # A vCPU fd, its comm area (the mmap'd kvm_run page) and its run state.  The
@@ -102,9 +115,6 @@ cdef class VcpuCore:
             # kicks and the watchdog rely on kvm_run.immediate_exit (Linux >= 4.11)
             from kvmsys.errors import CapabilityError
             raise CapabilityError("IMMEDIATE_EXIT", "kvmsys's run loop (kicks, the watchdog)")
-        max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
-        require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
-        require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
         self.vm = vm
         self.id = vcpu_id
         self.v = <vcpustate_t *>calloc(1, sizeof(vcpustate_t))
@@ -114,30 +124,69 @@ cdef class VcpuCore:
         self.v.fd = -1
         self.v.budget_left = -1
         pthread_mutex_init(&self.v.lock, NULL)
-        self.v.fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vcpu_id), "KVM_CREATE_VCPU")
         self.v.vm = vm.state
         self.v.generation = 1
         self.pending = []
         self.views = []
-        self.map_comm_area()
-        if vm.dirty_ring_size:
-            self.map_dirty_ring()
-        if vm.has_sync_regs:
-            self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
-        vm.vcpu_ids.add(vcpu_id)
-        vm.vcpus.add(self)
+        self.set_up_kernel_vcpu(create_kernel_vcpu(vm, vcpu_id), NULL, True)
         _all_vcpus.add(self)
 
-    cdef int map_comm_area(self) except -1:
-        # (Re)map the vCPU's kvm_run page (+ the coalesced ring) at a new address.
+    cdef int set_up_kernel_vcpu(self, int fd, void *at, bint new_kernel_vcpu) except -1:
+        # The one place a kernel vCPU is set up for this object, whichever way it came:
+        # creation (__init__), recycling (renew(): the same kernel vCPU, a new object) and
+        # the move onto a new kernel vCPU (replace_kernel_vcpu) all come here, so none of
+        # them misses a piece.  *fd*: the kernel vCPU (this object owns it from here on,
+        # even on failure); *at*: where its comm area goes (MAP_FIXED over the old one:
+        # views stay valid), NULL anywhere.  On failure the object is closed.
         cdef VmCore vm = self.vm
-        cdef void *addr = mmap(NULL, vm.mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, self.v.fd, 0)
+        cdef void *addr = mmap(at, vm.mmap_size, PROT_READ | PROT_WRITE,
+                               MAP_SHARED | (MAP_FIXED if at != NULL else 0), fd, 0)
+        cdef int err
         if addr == MAP_FAILED:
-            raise_os(errno, "mmap(kvm_run)")
-        self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {self.id} comm area")
+            err = errno
+            if fd != self.v.fd:
+                close(fd)
+            if at != NULL:
+                # the old vCPU's page is gone from this address: this object is done for
+                kvmsys_detach_region(at, vm.mmap_size)
+                self.close_claimed()
+            raise_os(err, "mmap(kvm_run)")
+        if at != NULL:
+            if madvise(addr, vm.mmap_size, MADV_DONTFORK) != 0:     # the region is registered
+                err = errno
+                close(fd)
+                kvmsys_detach_region(at, vm.mmap_size)
+                self.close_claimed()
+                raise_os(err, "madvise(kvm_run, MADV_DONTFORK)")
+        else:
+            try:
+                self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {self.id} comm area")
+            except BaseException:
+                if fd != self.v.fd:
+                    close(fd)
+                raise
+        # the kernel vCPU, its comm area and the run loop's per-vCPU state, under the
+        # lock (kicks read fd and run)
+        pthread_mutex_lock(&self.v.lock)
+        if self.v.fd >= 0 and self.v.fd != fd:
+            close(self.v.fd)        # the retired kernel vCPU: KVM keeps it until the VM goes
+        self.v.fd = fd
         self.v.run = <kvm_run *>addr
         self.v.run_size = vm.mmap_size
-        vm.map_ring(self.v.fd)      # the VM's coalesced ring, once (it shows in every comm area)
+        kernel_vcpu_attached(self.v, new_kernel_vcpu)    # signal mask, stats, queued window
+        pthread_mutex_unlock(&self.v.lock)
+        vm.map_ring(fd)             # the VM's coalesced ring, once (it shows in every comm area)
+        if new_kernel_vcpu:
+            self.ran = self.ran_here = self.irreversible_done = self.debug_enabled = self._touched = 0
+            self.dirty_ring = None
+            self.dirty_fetch = 0
+        if vm.dirty_ring_size and self.dirty_ring is None:
+            self.map_dirty_ring()
+        self.synced = 0
+        if vm.has_sync_regs:
+            self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
+        vm.vcpu_ids.add(self.id)
+        vm.vcpus.add(self)
         return 0
 
     cdef int map_dirty_ring(self) except -1:
@@ -189,7 +238,7 @@ cdef class VcpuCore:
             n.ran, n.irreversible_done = self.ran, self.irreversible_done
             n.pending, n.views = [], []
             n.dirty_ring, n.dirty_fetch = self.dirty_ring, self.dirty_fetch
-            n.map_comm_area()
+            n.set_up_kernel_vcpu(self.v.fd, NULL, False)
             old.revoke("belongs to a vCPU that was removed (or whose thread ended)")
         finally:
             kvmsys_store_int(&self.v.active, 0)
@@ -220,23 +269,26 @@ cdef class VcpuCore:
         return 0
 
     cdef long vcpu_ioctl(self, unsigned long req, void *arg, str op) except -1:
-        # KVM serialises vCPU ioctls with KVM_RUN on the vCPU's mutex: from another thread
-        # during KVM_RUN this would wait for the guest's next exit.  Refuse that plainly;
-        # in the race where the vCPU enters KVM_RUN just after this check, the call waits
-        # for its next exit (or a kick) with the GIL released, so nothing else stops.
+        # Every vCPU ioctl outside the run loop: with the GIL released, and refused
+        # (StateError) while another thread has the vCPU in KVM_RUN, where KVM would
+        # make it wait for the guest's next exit (see vcpu_ioctl_outside).
         self.require_open()
         if req == KVM_SET_CPUID2 or req == KVM_ENABLE_CAP:
             self.irreversible_done = 1      # whatever the outcome: a vCPU KVM may have changed
-        if kvmsys_load_int(&self.v.running):
+        cdef vcpustate_t *v = self.v
+        cdef long r
+        cdef int refused, err
+        with nogil:
+            r = vcpu_ioctl_outside(v, req, arg, &refused)
+            err = errno
+        if refused:
             raise StateError(f"vCPU {self.id} is inside KVM_RUN in another thread: {op} would wait for "
                              "its next exit; kick it (or queue the call with handle().call_soon) first")
         if not op.startswith("KVM_GET"):
             self._touched = 1
-        cdef int fd = self.v.fd
-        cdef long r
-        with nogil:
-            r = ioctl(fd, req, arg)
-        return check(r, op)
+        if r < 0:
+            raise_os(err, op)
+        return r
 
     @property
     def touched(self):
@@ -265,31 +317,12 @@ cdef class VcpuCore:
         self.require_open()
         cdef VmCore vm = self.vm
         cdef int vid = as_int(new_id, "vCPU id", 0, 0x7fffffff)
-        require(vid not in vm.vcpu_ids, f"vCPU id {vid} already exists in this VM")
         self.claim("replace it")
-        cdef int fd = -1
-        cdef void *addr
+        cdef int fd
         try:
-            fd = check(ioctl(vm.fd, KVM_CREATE_VCPU, <unsigned long>vid), "KVM_CREATE_VCPU")
-            vm.vcpu_ids.add(vid)
-            addr = mmap(<void *>self.v.run, self.v.run_size, PROT_READ | PROT_WRITE,
-                        MAP_SHARED | MAP_FIXED, fd, 0)
-            if addr == MAP_FAILED or madvise(addr, self.v.run_size, MADV_DONTFORK) != 0:
-                err = errno
-                close(fd)
-                # the old vCPU's page is gone from this address: this object is done for
-                kvmsys_detach_region(<void *>self.v.run, self.v.run_size)
-                self.close_claimed()
-                raise_os(err, "mmap(kvm_run, MAP_FIXED)")
-            pthread_mutex_lock(&self.v.lock)
-            close(self.v.fd)
-            self.v.fd = fd
-            pthread_mutex_unlock(&self.v.lock)
+            fd = create_kernel_vcpu(vm, vid)
             self.id = vid
-            self.ran = self.ran_here = self.irreversible_done = self.debug_enabled = self._touched = 0
-            self.synced = 0
-            if vm.has_sync_regs:
-                self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS
+            self.set_up_kernel_vcpu(fd, <void *>self.v.run, True)
         finally:
             kvmsys_store_int(&self.v.active, 0)
 
@@ -315,7 +348,7 @@ cdef class VcpuCore:
         cdef int r, err
         try:
             kvmsys_store_u8(&self.v.run.immediate_exit, 1)
-            r = ioctl(self.v.fd, KVM_RUN, 0)
+            r = ioctl_nogil(self.v.fd, KVM_RUN, NULL)
             err = errno
             kvmsys_store_u8(&self.v.run.immediate_exit, 0)
             if r < 0 and err != EINTR and err != EAGAIN:
@@ -466,6 +499,7 @@ cdef class VcpuCore:
                     if handler is None:
                         return ex
                     t0 = kvmsys_now_ns()
+                    kvmsys_bench_pause(1)   # benchmark hook, off: see kvmsys_native.h
                     stop = handler(ex)
                     v.ns_in_handlers += kvmsys_now_ns() - t0
                     if stop:
@@ -906,7 +940,7 @@ cdef class VcpuCore:
         self.require_open()
         cdef vcpustate_t *v = self.v
         cdef int i
-        exits = {exit_name(i): v.exits[i] for i in range(NR_REASONS) if v.exits[i]}
+        exits = {name_of_exit(i): v.exits[i] for i in range(NR_REASONS) if v.exits[i]}
         hits = {i: v.handler_hits[i] for i in range(self.vm.state.nhandlers) if v.handler_hits[i]}
         return dict(exits=exits, total_exits=sum(exits.values()), handler_hits=hits,
                     default_hits=v.default_hits, runs=v.runs, ns_in_run=v.ns_in_run,

@@ -139,11 +139,7 @@ cdef class VmCore:
 
     cdef long vm_ioctl(self, unsigned long req, void *arg, str op) except -1:
         self.require_open()
-        cdef int fd = self.fd
-        cdef long r
-        with nogil:         # some VM ioctls wait for the kernel (SRCU, the slots lock)
-            r = ioctl(fd, req, arg)
-        return check(r, op)
+        return ioctl_checked(self.fd, req, arg, op)
 
     @property
     def default_handler(self):
@@ -168,7 +164,7 @@ cdef class VmCore:
         """KVM_CHECK_EXTENSION on the VM fd (answers for this VM)."""
         cdef long cap_ = as_int(cap, "capability number", 0, 0x7fffffff)
         self.require_open()
-        return check(ioctl(self.fd, KVM_CHECK_EXTENSION, <unsigned long>cap_), "KVM_CHECK_EXTENSION")
+        return ioctl_checked(self.fd, KVM_CHECK_EXTENSION, <void *>cap_, "KVM_CHECK_EXTENSION")
 
     # --- memory -----------------------------------------------------------
     def add_memory(self, slot_, guest_phys_addr_, size_, *, bint readonly=False, bint log_dirty=False,
@@ -382,14 +378,14 @@ cdef class VmCore:
         """KVM_RESET_DIRTY_RINGS: write-protect again the pages harvested from every vCPU's
         ring (so the next write logs them again); returns how many."""
         self.require_open()
-        return check(ioctl(self.fd, KVM_RESET_DIRTY_RINGS, 0), "KVM_RESET_DIRTY_RINGS")
+        return ioctl_checked(self.fd, KVM_RESET_DIRTY_RINGS, NULL, "KVM_RESET_DIRTY_RINGS")
 
     # --- platform and interrupts ------------------------------------------
     def set_tss_addr(self, addr):
         """KVM_SET_TSS_ADDR: three pages the VT-x real-mode emulation needs (below 4 GiB)."""
         cdef uint64_t addr_ = as_uint(addr, "TSS address", (1ULL << 32) - 3 * 4096)
         self.require_open()
-        check(ioctl(self.fd, KVM_SET_TSS_ADDR, <unsigned long>addr_), "KVM_SET_TSS_ADDR")
+        ioctl_checked(self.fd, KVM_SET_TSS_ADDR, <void *><unsigned long>addr_, "KVM_SET_TSS_ADDR")
 
     def set_identity_map_addr(self, addr):
         """KVM_SET_IDENTITY_MAP_ADDR: one page for the VT-x identity map (below 4 GiB)."""
@@ -643,7 +639,7 @@ cdef class VmCore:
         d.type = as_u32(type_, "device type")
         d.flags = KVM_CREATE_DEVICE_TEST if test else 0
         self.require_open()
-        if ioctl(self.fd, KVM_CREATE_DEVICE, &d) < 0:
+        if ioctl_nogil(self.fd, KVM_CREATE_DEVICE, &d) < 0:
             if test and errno == ENODEV:
                 return False
             raise_os(errno, "KVM_CREATE_DEVICE")

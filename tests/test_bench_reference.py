@@ -90,3 +90,20 @@ def test_kick_ends_every_run(machine, guest):
     assert len(lat) == 5 and min(lat) > 0
     with pytest.raises(ValueError):
         ref_vcpu(machine).kick(1, 0.0, 0.001, 2)       # SIGINT: not a real-time signal
+
+
+def test_signal_mask_on_and_off(machine):
+    """The reference sets kvmsys's kind of KVM signal mask and clears it again; the vCPU runs
+    either way, and a signal number out of range is refused before any ioctl."""
+    machine.load("pio_out_loop.pm32", n=0)
+    r = ref_vcpu(machine)
+    r.signal_mask(_core.kick_signal())
+    assert r.run_exits(20)[::3] == (20, 0)
+    r.signal_mask(-1)
+    assert r.run_exits(20)[::3] == (20, 0)
+    with pytest.raises(ValueError):
+        r.signal_mask(65)
+    r.close()
+    with pytest.raises(ValueError):
+        r.signal_mask(-1)
+    assert machine.counter() == 40

@@ -8,7 +8,7 @@ exports neither these loops nor ioctl numbers.  Every ioctl's result is checked.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from includes.kvm cimport *
 from includes.posix cimport *
 
@@ -30,8 +30,10 @@ cdef extern from "<signal.h>" nogil:
         pass
     int sigemptyset(sigset_t *s)
     int sigaddset(sigset_t *s, int sig)
+    int sigdelset(sigset_t *s, int sig)
     int pthread_sigmask(int how, const sigset_t *s, sigset_t *old)
     enum: SIG_UNBLOCK
+    enum: SIG_BLOCK
     enum: SIGRTMIN
     enum: SIGRTMAX
 
@@ -158,6 +160,30 @@ cdef class RefVcpu:
         if err:
             raise OSError(err, "KVM_RUN")
         return done, t1 - t0, kernel, stop
+
+    def signal_mask(self, int unblock):
+        """KVM_SET_SIGNAL_MASK on the vCPU: with *unblock* < 0 none (KVM_RUN keeps the
+        thread's own mask, as a loop that never sets one); otherwise KVM_RUN runs with the
+        calling thread's current mask less signal *unblock*, the mask kvmsys computes for
+        its kick signal on the main thread.  Lets the benchmark time KVM_RUN with and
+        without a mask on one vCPU, and give kvmsys's back afterwards."""
+        self.require_open()
+        cdef uint8_t buf[16]             # struct kvm_signal_mask (4 bytes) + the kernel's 8-byte set
+        cdef kvm_signal_mask *m = <kvm_signal_mask *>buf
+        cdef sigset_t cur
+        cdef int r
+        if unblock >= 0 and not 0 < unblock <= 64:
+            raise ValueError(f"signal {unblock} is out of range")
+        if unblock < 0:
+            r = ioctl(self.fd, KVM_SET_SIGNAL_MASK, <void *>0)
+        else:
+            pthread_sigmask(SIG_BLOCK, NULL, &cur)
+            sigdelset(&cur, unblock)
+            m.len = 8
+            memcpy(m.sigset, &cur, 8)
+            r = ioctl(self.fd, KVM_SET_SIGNAL_MASK, m)
+        if r < 0:
+            raise OSError(errno, "KVM_SET_SIGNAL_MASK")
 
     def thread_switch(self, uint64_t exits, int pool, int reps):
         """The thread-switch rotation done from C.  Per repetition, interleaved, three

@@ -32,6 +32,9 @@ cdef extern from "<sys/mman.h>" nogil:
     enum: MADV_DONTFORK
     void *MAP_FAILED
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 cdef extern from "<errno.h>" nogil:
     int errno
     enum: EINTR
@@ -78,6 +81,8 @@ cdef extern from "kvmsys_native.h" nogil:
     int kvmsys_load_int(int *p)
     void kvmsys_store_int(int *p, int v)
     int kvmsys_xchg_int(int *p, int v)
+    int kvmsys_add_int(int *p, int v)
+    void kvmsys_set_errno(int e)
     int kvmsys_or_int(int *p, int v)
     int kvmsys_and_int(int *p, int v)
     void kvmsys_store_u8(uint8_t *p, uint8_t v)
@@ -108,6 +113,8 @@ cdef extern from "kvmsys_native.h" nogil:
     void kvmsys_set_window_signal(int sig)
     void kvmsys_kick_pause(int at)
     void kvmsys_set_kick_delay(long ns)
+    void kvmsys_bench_pause(int at)
+    void kvmsys_set_bench_delay(int at, uint64_t ns)
     void kvmsys_thread_cleanup_register()
     void *kvmsys_bound
     ctypedef struct kvmsys_region_t:
