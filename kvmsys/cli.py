@@ -172,7 +172,8 @@ def _run_pc(args, image, gdb=None):
         timeout = None if args.serial == "stdio" else 10.0     # an interactive session has no deadline
     common = dict(abi=args.abi, timeout=timeout, memory_size=args.memory << 20, irqchip=args.irqchip == "kernel",
                   disk=disk, disk_readonly=readonly, serial=sink, gdb=gdb,
-                  until=args.until.encode() if args.until else None,
+                  until=args.until.encode() if args.until else None, pit=not args.no_pit,
+                  cpuid=_cpu_hook(args.cpu),
                   on_start=(lambda pc: [a(pc) for a in attach]) if attach else None)
     try:
         if args.debug_log:
@@ -185,13 +186,25 @@ def _run_pc(args, image, gdb=None):
                 modules.append((_read(path), margs or path))
             return runner.run_kernel(_read(args.kernel), cmdline=args.append or "", modules=modules,
                                      initrd=_read(args.initrd) if args.initrd else None, label=args.kernel,
-                                     **common)
+                                     vcpus=args.vcpus, test_device=args.test_device, **common)
         return runner.run_firmware(image, label=args.firmware, vcpus=args.vcpus,
                                    no_reboot=args.no_reboot, **common)
     finally:
         for f in (sink, debug):
             if f is not None:
                 f.close()
+
+
+def _cpu_hook(spec):
+    """--cpu: a cpuid hook, or None."""
+    if spec is None:
+        return None
+    from .errors import InvalidArgumentError
+    from .pc import cpu_features
+    try:
+        return cpu_features(spec)
+    except InvalidArgumentError as e:
+        raise UsageError(f"--cpu: {e}") from None
 
 
 def _gdb_server(args):
@@ -208,8 +221,8 @@ def _gdb_server(args):
 
 # Options that apply to one kind of run only: given elsewhere (not at the parser's
 # default) they would be silently ignored, so they are refused.
-_PC_ONLY = ("disk", "serial", "irqchip", "screen", "memory", "no_reboot", "until", "debug_log")
-_KERNEL_ONLY = ("append", "initrd", "module")
+_PC_ONLY = ("disk", "serial", "irqchip", "screen", "memory", "no_reboot", "until", "debug_log", "cpu", "no_pit")
+_KERNEL_ONLY = ("append", "initrd", "module", "test_device")
 _GUEST_ONLY = ("n",)
 
 
@@ -221,8 +234,6 @@ def _check_applicable(args) -> None:
         for dest in options:
             if not applies and getattr(args, dest) != args.default_of(dest):
                 raise UsageError(f"--{dest.replace('_', '-')} applies to {where}, not to {kind}")
-    if kind == "--kernel" and args.vcpus != 1:
-        raise UsageError("--kernel runs on one vCPU: --vcpus applies to --guest and --firmware")
 
 
 def _cmd_run(args) -> int:
@@ -243,7 +254,7 @@ def _cmd_run(args) -> int:
     _print_result(r)
     if r.status is not None:
         return r.status & 0xFF      # a process exit status is 8 bits (QEMU truncates it too)
-    return 0 if r.ok or r.reason in ("QUIT", "RESET", "MATCHED") else 2     # as QEMU: quit, -no-reboot
+    return 0 if r.ok or r.reason in ("QUIT", "RESET", "MATCHED", "POWEROFF") else 2     # as QEMU: quit, -no-reboot
 
 
 def _cmd_bench(args) -> int:
@@ -286,6 +297,13 @@ def main(argv=None) -> int:
     pcg.add_argument("--initrd", metavar="FILE", help="--kernel (Linux): the initial RAM disk")
     pcg.add_argument("--module", action="append", metavar="FILE[,CMDLINE]",
                      help="--kernel: a Multiboot module, with its command line (repeatable)")
+    pcg.add_argument("--test-device", action="store_true",
+                     help="--kernel: QEMU's pc-testdev (ports 0xe0-0xe7 and the IRQ lines at 0x2000), "
+                          "which kvm-unit-tests uses")
+    pcg.add_argument("--cpu", metavar="+FEATURE,-FEATURE",
+                     help="set or clear CPUID features of every vCPU (x2apic, tsc-deadline, pcid, invpcid, "
+                          "umip, pku, xsave, rdtscp)")
+    pcg.add_argument("--no-pit", action="store_true", help="no PIT (QEMU's -machine pit=off)")
     pcg.add_argument("--disk", metavar="FILE[,readonly]", help="raw disk image on the ATA primary master")
     pcg.add_argument("--serial", default="collect", metavar="stdio|file:PATH|collect",
                      help="the UART: the terminal (Ctrl-A x quits), a file, or collected and printed "

@@ -11,14 +11,24 @@ function of an i440FX-like bus.
 
 Reset (port 0xcf9, port 0x92, i8042 command 0xFE, a triple fault) puts every device and
 vCPU back into its power-on state and rewrites the firmware copies; RAM keeps its
-contents, as on a PC."""
+contents, as on a PC.
+
+A kernel loaded without firmware (image None) gets what firmware would have left it:
+ACPI tables (kvmsys.acpi) and their PM registers (kvmsys.devices.acpipm).  S3 (suspend
+to RAM, PM1a_CNT) then works as the firmware's resume path does it: the vCPUs stop until
+the RTC alarm fires (when PM1_EN's RTC_EN and the alarm are enabled; else until the run
+ends), every vCPU is back in its power-on state, and the boot vCPU starts in real mode at
+the FACS's firmware_waking_vector (RAM and the devices as they were).  S5 ends the run
+("POWEROFF").  ``test_device``: QEMU's pc-testdev (kvmsys.devices.testdev)."""
 from __future__ import annotations
 
 import struct
 import threading
 
-from . import platform, smbios, vcpustate
-from .devices import (AtaDisk, Cmos, Debugcon, FwCfg, I8042, Irq, PciHost, Pit, Port92,
+import time
+
+from . import acpi, platform, smbios, vcpustate
+from .devices import (AcpiPm, AtaDisk, Cmos, Debugcon, FwCfg, I8042, Irq, PciHost, PcTestdev, Pit, Port92,
                       Uart8250)
 from .errors import ArgumentTypeError, InvalidArgumentError, KvmsysError
 
@@ -54,6 +64,45 @@ def default_cpuid(kvm, vcpu_id: int, cpus: int) -> list[dict]:
     return entries
 
 
+def enter_real_mode(vcpu, segment: int, offset: int) -> None:
+    """*vcpu* (in its power-on state) to start at *segment*:*offset* in real mode."""
+    sregs = vcpu.get_sregs()
+    sregs["cs"] = dict(sregs["cs"], selector=segment, base=segment << 4)
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.update(rip=offset, rflags=0x2)
+    vcpu.set_regs(regs)
+
+
+# CPUID features --cpu can set or clear: name -> (leaf, register, bit) (subleaf 0)
+CPU_FEATURES = {
+    "x2apic": (1, "ecx", 21), "tsc-deadline": (1, "ecx", 24), "pcid": (1, "ecx", 17), "xsave": (1, "ecx", 26),
+    "invpcid": (7, "ebx", 10), "umip": (7, "ecx", 2), "pku": (7, "ecx", 3), "rdtscp": (0x80000001, "edx", 27),
+}
+
+
+def cpu_features(spec: str):
+    """A cpuid hook (see Pc) from "+feature,-feature,..." (names in CPU_FEATURES): each
+    feature set or cleared in every vCPU's CPUID.  InvalidArgumentError names a bad one."""
+    if not isinstance(spec, str):
+        raise ArgumentTypeError(f"CPU features must be a str, not {type(spec).__name__}")
+    changes = []
+    for item in filter(None, spec.split(",")):
+        name = item[1:]
+        if item[:1] not in ("+", "-") or name not in CPU_FEATURES:
+            raise InvalidArgumentError(f"CPU feature {item!r}: expected +NAME or -NAME, NAME one of "
+                                       f"{', '.join(sorted(CPU_FEATURES))}")
+        changes.append((item[0] == "+", *CPU_FEATURES[name]))
+
+    def hook(entries, vcpu_id):
+        for on, leaf, reg, bit in changes:
+            for e in entries:
+                if e["function"] == leaf and e.get("index", 0) == 0:
+                    e[reg] = e[reg] | (1 << bit) if on else e[reg] & ~(1 << bit)
+        return entries
+    return hook
+
+
 class Pc:
     """The platform around one firmware image (None: a kernel loaded by kvmsys.loaders) on
     *vm*, which has the in-kernel irqchip or not (then a PIT in Python and no interrupts).
@@ -63,7 +112,7 @@ class Pc:
 
     def __init__(self, vm, image: bytes | None, *, ram_size: int, cpus: int = 1, disk: str | None = None,
                  disk_readonly: bool = False, serial_sink=None, cpuid=None, boot_menu: bool = False,
-                 map_memory: bool = True):
+                 map_memory: bool = True, pit: bool = True, test_device: bool = False):
         check_cpus(cpus)
         if cpus > 1 and not vm.has_irqchip:
             raise InvalidArgumentError("more than one vCPU needs the in-kernel irqchip (irqchip=True): "
@@ -77,16 +126,25 @@ class Pc:
                 call(addr)
             except OSError:
                 pass        # only VT-x without unrestricted guest needs them; others may refuse
-        if vm.has_irqchip:
+        self.in_kernel_pit = bool(vm.has_irqchip and pit)
+        if self.in_kernel_pit:
             vm.create_pit2()
         self.uart = Uart8250(COM1, irq=Irq(vm, 4), sink=serial_sink)
         self.fw_cfg = FwCfg(vm, ram_size=ram_size, cpus=cpus, boot_menu=boot_menu,
                             files={"etc/sercon-port": struct.pack("<H", COM1)})
         self.disk = AtaDisk(disk, readonly=disk_readonly) if disk else None
-        self.devices = [Debugcon(), Cmos(ram_size, cpus=cpus), self.fw_cfg, PciHost(), I8042(),
-                        Port92(), self.uart]
-        if not vm.has_irqchip:
+        self.cmos = Cmos(ram_size, cpus=cpus)
+        self.devices = [Debugcon(), self.cmos, self.fw_cfg, PciHost(), I8042(), Port92(), self.uart]
+        if not vm.has_irqchip and pit:
             self.devices.append(Pit())
+        self.pm = None
+        if self.image is None:          # a kernel without firmware: the tables firmware would leave
+            self.pm = AcpiPm(acpi.PM_BASE, on_sleep=self.request_sleep)
+            self.devices.append(self.pm)
+            _, tables = acpi.tables(cpus=cpus)
+            vm.write(acpi.BASE, tables)
+        if test_device:
+            self.devices.append(PcTestdev())
         if self.disk is not None:
             self.devices.append(self.disk)
         for d in self.devices:
@@ -140,6 +198,16 @@ class Pc:
         self._kick_all()
         return True
 
+    def request_sleep(self, state: int) -> bool:
+        """The PM device's SLP_EN: S3 suspends every vCPU until a wake-up (see
+        synchronized_resume), S5 ends the run."""
+        if state == 5:
+            self.stop("POWEROFF")
+        elif self.pending is None:
+            self.pending = "suspend"
+            self._kick_all()
+        return True
+
     def stop(self, why: str) -> None:
         """End the run (from any thread): every vCPU's run loop returns, also one waiting
         for the others in a reset."""
@@ -151,7 +219,7 @@ class Pc:
     def _save_chips(self):
         if not self.vm.has_irqchip:
             return None
-        return ([self.vm.get_irqchip(i) for i in range(3)], self.vm.get_pit2())
+        return ([self.vm.get_irqchip(i) for i in range(3)], self.vm.get_pit2() if self.in_kernel_pit else None)
 
     def reset_platform(self) -> None:
         """Devices, in-kernel chips and firmware back to power-on (vCPUs: reset_vcpu)."""
@@ -161,7 +229,8 @@ class Pc:
             chips, pit = self._chip_state
             for c in chips:
                 self.vm.set_irqchip(c)
-            self.vm.set_pit2(pit)
+            if pit is not None:
+                self.vm.set_pit2(pit)
         if self.image is not None:
             platform.copy_firmware(self.vm, self.image)
         self.resets += 1
@@ -185,6 +254,49 @@ class Pc:
         except threading.BrokenBarrierError:
             if self.pending in (None, "reset"):     # not stopped: a vCPU never came (deadline)
                 self.pending = "DEADLINE"
+
+    def synchronized_resume(self, vcpu, deadline: float) -> None:
+        """Called by every vCPU thread once it saw a suspend request: one waits for the
+        wake-up (the RTC alarm, checked at each second; *deadline*: time.monotonic() when
+        the run ends) while all wait; then each vCPU is put back in its power-on state and
+        the boot vCPU enters real mode at the FACS's waking vector.  A zero vector, as on a
+        PC whose firmware then boots afresh, is a reset, which ends a kernel's run."""
+        def until():
+            return None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0)
+        try:
+            if self._barrier.wait(until()) == 0:
+                self._sleep_until_wake(deadline)
+            self._barrier.wait(until())
+            if self.pending is not None:        # the run ends instead
+                return
+            self.reset_vcpu(vcpu)
+            if vcpu.id == 0:
+                vector = self._waking_vector()
+                enter_real_mode(vcpu, vector >> 4, vector & 0xF)
+            self._barrier.wait(until())
+        except threading.BrokenBarrierError:
+            if self.pending in (None, "suspend"):
+                self.pending = "DEADLINE"
+
+    def _waking_vector(self) -> int:
+        return int.from_bytes(self.vm.read(acpi.FACS + 12, 4), "little")     # firmware_waking_vector
+
+    def _sleep_until_wake(self, deadline: float) -> None:
+        """In S3 until the RTC alarm (enabled in PM1_EN and the RTC) fires or the run ends;
+        then the PM registers say the machine woke, or the run ends as a reset when
+        there is no waking vector to resume at."""
+        while self.pending == "suspend":
+            now = time.time()
+            if self.pm.enable & 0x400 and self.cmos.alarm_matches(now):
+                break
+            if time.monotonic() >= deadline:
+                self.pending = "DEADLINE"
+                return
+            time.sleep(min(1.0 - now % 1.0, 0.05) + 1e-4)
+        if self.pending != "suspend":
+            return
+        self.pm.woke(by_rtc=True)
+        self.pending = None if self._waking_vector() else "reset"
 
     def close(self) -> None:
         self.finished.set()

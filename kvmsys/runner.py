@@ -251,7 +251,7 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
                  memory_size: int = 16 << 20, label: str = "firmware", vcpus: int = 1,
                  irqchip: bool = False, disk: str | None = None, disk_readonly: bool = False,
                  serial=None, no_reboot: bool = False, cpuid=None, on_start=None,
-                 until: bytes | None = None, debug_sink=None, gdb=None) -> RunResult:
+                 until: bytes | None = None, debug_sink=None, gdb=None, pit: bool = True) -> RunResult:
     """Boot a raw firmware image (SeaBIOS, or any image entered at the reset vector F000:FFF0)
     on a PC (kvmsys.pc) over *abi*, on *vcpus* threads, until it stops, the deadline
     (*timeout* seconds, None: none) passes or something calls ``pc.stop()``.
@@ -265,7 +265,7 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
     "MATCHED") once the serial or the debug console shows these bytes (looked for every
     few ms).  debug_sink: a callable receiving what the firmware writes to the debug
     console as it comes (every few ms, and the rest when the run ends, however it ends).
-    gdb: as for run_guest (one vCPU)."""
+    gdb: as for run_guest (one vCPU).  pit: False for none (QEMU's -machine pit=off)."""
     from .pc import Pc, check_cpus
     _check_pc_args(abi, timeout)
     if not isinstance(image, (bytes, bytearray, memoryview)):
@@ -278,7 +278,7 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
     machine = Machine(abi, memory_size=memory_size, firmware=image, devices=True, irqchip=irqchip)
     return _run_pc(machine, lambda: Pc(machine.vm, image, ram_size=memory_size, cpus=vcpus, disk=disk,
                                        map_memory=False, disk_readonly=disk_readonly, serial_sink=serial,
-                                       cpuid=cpuid),
+                                       cpuid=cpuid, pit=pit),
                    label=label, vcpus=vcpus, timeout=timeout, no_reboot=no_reboot, on_start=on_start,
                    until=until, debug_sink=debug_sink, gdb=gdb)
 
@@ -287,15 +287,22 @@ def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), initrd: bytes | 
                timeout: float | None = 10.0,
                memory_size: int = 128 << 20, label: str = "kernel", irqchip: bool = False,
                disk: str | None = None, disk_readonly: bool = False, serial=None, cpuid=None,
-               on_start=None, until: bytes | None = None, debug_sink=None, gdb=None) -> RunResult:
-    """Boot a kernel with no firmware: RAM from 0, the PC's devices, and either a Linux
-    bzImage (kvmsys.loaders.linux: 64-bit entry, *cmdline*, *initrd*) or a Multiboot (v1)
-    kernel (kvmsys.loaders.multiboot: 32-bit protected mode, *cmdline*, *modules* as
-    [(bytes, command line)]).  Other arguments as for run_firmware; a guest reset ends
-    the run (there is no firmware to restart)."""
+               on_start=None, until: bytes | None = None, debug_sink=None, gdb=None, vcpus: int = 1,
+               pit: bool = True, test_device: bool = False) -> RunResult:
+    """Boot a kernel with no firmware: RAM from 0, the PC's devices, ACPI tables, and
+    either a Linux bzImage (kvmsys.loaders.linux: 64-bit entry, *cmdline*, *initrd*) or a
+    Multiboot (v1) kernel (kvmsys.loaders.multiboot: 32-bit protected mode, *cmdline*,
+    *modules* as [(bytes, command line)]).  vCPU 0 enters the kernel; with *vcpus* > 1
+    (needs *irqchip*) the others wait for the INIT and SIPI the kernel sends through its
+    local APIC, as on a PC.  *pit*: KVM's in-kernel PIT (or kvmsys's without the irqchip);
+    *test_device*: QEMU's pc-testdev.  Other arguments as for run_firmware; a guest reset
+    ends the run (there is no firmware to restart)."""
     from .loaders import enter_linux, enter_multiboot, is_bzimage, load_linux, load_multiboot
-    from .pc import Pc
+    from .pc import Pc, check_cpus
     _check_pc_args(abi, timeout)
+    check_cpus(vcpus)
+    if gdb is not None and vcpus != 1:
+        raise InvalidArgumentError("the gdb server debugs a kernel on one vCPU")
     if not isinstance(kernel, (bytes, bytearray, memoryview)):
         raise ArgumentTypeError(f"kernel image must be bytes, not {type(kernel).__name__}")
     linux = is_bzimage(kernel)
@@ -313,9 +320,10 @@ def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), initrd: bytes | 
         machine.close()
         raise
     enter = enter_linux if linux else enter_multiboot
-    return _run_pc(machine, lambda: Pc(machine.vm, None, ram_size=memory_size, disk=disk, map_memory=False,
-                                       disk_readonly=disk_readonly, serial_sink=serial, cpuid=cpuid),
-                   label=label, vcpus=1, timeout=timeout, no_reboot=True, on_start=on_start, until=until,
+    return _run_pc(machine, lambda: Pc(machine.vm, None, ram_size=memory_size, cpus=vcpus, disk=disk,
+                                       map_memory=False, disk_readonly=disk_readonly, serial_sink=serial,
+                                       cpuid=cpuid, pit=pit, test_device=test_device),
+                   label=label, vcpus=vcpus, timeout=timeout, no_reboot=True, on_start=on_start, until=until,
                    debug_sink=debug_sink, gdb=gdb, prepare=lambda vcpu: enter(vcpu, entry, info))
 
 
@@ -433,6 +441,10 @@ def _drive_pc(pc, run, vcpu, deadline, no_reboot: bool):
         if pc.pending == "reset" and not no_reboot:
             pc.synchronized_reset(vcpu, left)
             continue
+        if pc.pending == "suspend":             # S3: back when the machine wakes, or the run ends
+            pc.synchronized_resume(vcpu, deadline())
+            if pc.pending is None:
+                continue
         if pc.pending is not None:
             return "RESET" if pc.pending == "reset" else pc.pending
         if isinstance(ex, (_core.StopExit, _core.DeadlineExit)) or ex.name in _TERMINAL:

@@ -48,6 +48,8 @@ class ThreadVcpu(Vcpu):
     """A vCPU owned by one thread (the syscall-style ABI)."""
     tid = None          # native id of the owning thread while bound
     placement = None    # its placement policy while bound
+    _initial = None     # its state when created (captured before its first owner gets it)
+    _dirty = False      # in the pool, used by its last owner: reset before the next one
 
     def set_cpuid2(self, entries) -> None:
         """KVM_SET_CPUID2.  KVM freezes a vCPU's CPUID at its first KVM_RUN, for good; a
@@ -187,7 +189,7 @@ def _reset_for_reuse(vcpu: ThreadVcpu) -> bool:
     # A kernel vCPU lives as long as its VM, so kvmsys recycles it: back to the
     # state it had when created, so a new owner cannot tell it from a fresh one.
     # False where KVM cannot undo what happened to it (a CPUID table, a vCPU
-    # capability): retired.
+    # capability): retired.  Idempotent (a Ctrl-C may cut it short: it runs again).
     if vcpu.irreversible:
         return False
     try:
@@ -199,30 +201,40 @@ def _reset_for_reuse(vcpu: ThreadVcpu) -> bool:
     return True
 
 
+# add_vcpu() and remove_vcpu() are all or nothing, whatever exception arrives and
+# wherever (a Ctrl-C while they wait for _lock, or in the middle): each is a list of
+# idempotent steps that _core.steps() runs under _lock, in C, each to its end; the
+# ones that change what others see (the binding with _bound and _pool, the hand-over
+# of the kernel vCPU, its creation with its pool entry) are single C calls.
+
+def _forget(st: dict) -> None:
+    # Step: the released vCPU leaves the binding table; its thread floats again; it
+    # goes back to the pool only if its VM is still the process VM.
+    vcpu = st["vcpu"]
+    if _bound.get(vcpu.id) is vcpu:
+        del _bound[vcpu.id]
+    if vcpu.tid is not None and vcpu.tid == threading.get_native_id():
+        _placement.apply(vcpu.tid, set(_placement.allowed_cpus()))
+    vcpu.tid = vcpu.placement = None
+    # else its VM was destroyed meanwhile, or belongs to the parent of this fork child
+    st["keep"] = vcpu.vm is _vm and not vcpu.closed and _vm_pid == os.getpid()
+
+
+def _give_back(st: dict) -> tuple:
+    # The steps after the commit (st["vcpu"] unbound and claimed).
+    return (_forget, (st,)), (_core.release_into, (st, _pool)), (_core.cancel_calls, (st,))
+
+
 def _release(vcpu: ThreadVcpu) -> None:
-    """Return a vCPU whose owner removed it, or whose thread ended, to the pool.
+    """Return a vCPU whose thread ended bound to the pool (the binding's release callback).
 
     The pool gets a new object for the kernel vCPU (renew()): the old one, its
     comm-area views, exits and regs are dead for whoever still holds them."""
-    _core.release_state(vcpu)
+    st = {"vcpu": vcpu}
+    _core.release_state(st)
     if _core.is_shutting_down():
         return      # interpreter exit: no reset (a frozen daemon thread may hold _lock)
-    with _lock:
-        if _bound.get(vcpu.id) is vcpu:
-            del _bound[vcpu.id]
-        if vcpu.tid == threading.get_native_id():
-            _placement.apply(vcpu.tid, set(_placement.allowed_cpus()))    # the thread floats again
-        vcpu.tid = vcpu.placement = None
-        if vcpu.vm is not _vm or vcpu.closed or _vm_pid != os.getpid():
-            return      # its VM was destroyed meanwhile, or belongs to the parent of this fork child
-        if vcpu.active:
-            return      # a daemon thread torn down inside run() at exit: never reuse it under its loop
-        fresh = vcpu.renew()
-        fresh._initial = vcpu._initial
-        if _reset_for_reuse(fresh):
-            _pool[fresh.id] = fresh
-        else:
-            fresh.close()   # retired: KVM keeps it (and its id) until the VM is destroyed
+    _core.steps(_lock, *_give_back(st))
 
 
 def _place(vcpu: ThreadVcpu) -> None:
@@ -256,35 +268,53 @@ def _free_id(v: Vm) -> int:
     return vcpu_id
 
 
+def _take(st: dict) -> None:
+    # Step: the vCPU the caller gets, st["vcpu"]: the pool's lowest id (reset first if
+    # its last owner used it), or a new one created straight into the pool.
+    if "vcpu" in st:
+        return
+    v = _live_vm()
+    while True:
+        if not _pool:
+            _core.create_into(ThreadVcpu, v, _free_id(v), _pool)
+        vcpu_id = min(_pool)
+        vcpu = _pool[vcpu_id]
+        if vcpu._initial is None:
+            vcpu._initial = vcpustate.capture(vcpu)
+        if vcpu._dirty:
+            if not _reset_for_reuse(vcpu):
+                _pool.pop(vcpu_id, None)
+                vcpu.close()    # retired: KVM keeps it (and its id) until the VM is destroyed
+                continue
+            vcpu._dirty = False
+        st["vcpu"] = vcpu
+        return
+
+
+def _settle(st: dict) -> None:
+    # Step: the new owner's thread placed by its policy.
+    vcpu = st["vcpu"]
+    vcpu.tid = threading.get_native_id()
+    vcpu.placement = st["policy"] or _config["placement"]
+    _place(vcpu)
+
+
 def add_vcpu(placement: str | None = None):
     """Attach a new vCPU to the calling thread and return its comm area.
 
     The comm area is a writable zero-copy memoryview of the vCPU's struct kvm_run.
     The first call in a process creates the process VM (see configure()).
-    *placement* overrides the configured policy for this vCPU's thread."""
+    *placement* overrides the configured policy for this vCPU's thread.  All or
+    nothing: an exception (a Ctrl-C included) leaves the thread unbound and the
+    vCPU in the pool, or it arrives after the vCPU was bound."""
     policy = None if placement is None else _placement.check_policy(placement)
     if _core.bound() is not None:
         raise VcpuBindingError("this thread already has a vCPU: call remove_vcpu() first "
                                "(one vCPU per thread)")
-    with _lock:
-        v = _live_vm()
-        if _pool:
-            vcpu = _pool.pop(min(_pool))    # the lowest free id
-        else:
-            vcpu = ThreadVcpu(v, _free_id(v))
-            vcpu._initial = vcpustate.capture(vcpu)
-        _bound[vcpu.id] = vcpu
-        vcpu.tid = threading.get_native_id()
-        vcpu.placement = policy or _config["placement"]
-        _place(vcpu)
-    try:
-        _core.bind(vcpu, _release)
-    except BaseException:
-        with _lock:
-            del _bound[vcpu.id]
-            _pool[vcpu.id] = vcpu
-        raise
-    return vcpu.comm_area
+    st = {"policy": policy}
+    _core.steps(_lock, (_take, (st,)), (_core.bind_from_pool, (st, _pool, _bound, _release)),
+                (_settle, (st,)))
+    return st["vcpu"].comm_area
 
 
 run = _core.run
@@ -292,9 +322,11 @@ run.__doc__ = _core.run.__doc__
 
 
 def remove_vcpu() -> None:
-    """Detach the calling thread's vCPU and release it (its id becomes reusable)."""
-    vcpu = _core.unbind()
-    _release(vcpu)
+    """Detach the calling thread's vCPU and release it (its id becomes reusable).  All or
+    nothing: an exception (a Ctrl-C included) while it waits for the process VM's lock
+    leaves the vCPU bound; once detached, the release completes."""
+    st = {}
+    _core.steps(_lock, (_core.unbind_into, (st,)), *_give_back(st))
 
 
 def current() -> ThreadVcpu | None:

@@ -18,6 +18,7 @@ from libc.string cimport memcpy, memset
 
 include "errors.pyx"
 include "mapping.pyx"
+include "weakrefs.pyx"
 include "runstate.pyx"
 include "signals.pyx"
 include "system.pyx"

@@ -29,10 +29,36 @@ cdef class _Binding:
                 print(f"kvmsys: releasing vCPU {v.id} at thread exit failed: {e!r}", file=sys.stderr)
 
 
-def bind(vcpu, on_release=None):
-    """Bind *vcpu* to the calling thread; *on_release(vcpu)* runs if the thread ends bound."""
+def steps(lock, *calls):
+    """Run *calls*, (fn, args) pairs, in order under *lock*, every one of them whatever
+    asynchronous exception (KeyboardInterrupt from a Ctrl-C, SystemExit from a signal
+    handler: a BaseException that is no Exception) arrives meanwhile: a call it cuts
+    short runs again (each call must be idempotent), and the first such exception is
+    raised once all ran.  The loop is C: nothing lands between two calls, and a call
+    that is C itself cannot be cut.  An Exception from a call stops the steps and is
+    raised (the first call is the one that refuses).  If waiting for the lock is
+    interrupted, nothing ran."""
+    lock.acquire()
+    pending = None
+    try:
+        for fn, args in calls:
+            while True:
+                try:
+                    fn(*args)
+                    break
+                except Exception:
+                    raise
+                except BaseException as e:
+                    if pending is None:
+                        pending = e
+    finally:
+        lock.release()
+    if pending is not None:
+        raise pending
+
+
+cdef int bind_thread(VcpuCore vcpu_, object on_release) except -1:
     global kvmsys_bound
-    cdef VcpuCore vcpu_ = of_type(vcpu, VcpuCore, "vcpu")
     vcpu_.require_open()
     if kvmsys_bound != NULL:
         raise VcpuBindingError("this thread already has a vCPU: call remove_vcpu() first "
@@ -49,44 +75,107 @@ def bind(vcpu, on_release=None):
     pthread_mutex_unlock(&vcpu_.v.lock)
     _local.binding = b
     kvmsys_bound = <void *>vcpu_
+    return 0
+
+
+def bind(vcpu, on_release=None):
+    """Bind *vcpu* to the calling thread; *on_release(vcpu)* runs if the thread ends bound."""
+    cdef VcpuCore vcpu_ = of_type(vcpu, VcpuCore, "vcpu")
+    bind_thread(vcpu_, on_release)
     return vcpu_.v.generation
 
 
-cdef int _unbind_state(VcpuCore vcpu) except -1:
+def bind_from_pool(st_, pool_, bound_, on_release):
+    """add_vcpu()'s commit, a step (see steps()): bind st["vcpu"] to the calling thread,
+    take it from *pool* and list it in *bound*, all at once (no Python code runs)."""
+    cdef dict st = of_type(st_, dict, "step state"), pool = of_type(pool_, dict, "pool")
+    cdef dict bound = of_type(bound_, dict, "bound")
+    if st.get("bound"):
+        return
+    cdef VcpuCore vcpu = of_type(st["vcpu"], VcpuCore, "vcpu")
+    bind_thread(vcpu, on_release)
+    pool.pop(vcpu.id, None)
+    bound[vcpu.id] = vcpu
+    st["bound"] = True
+
+
+def create_into(cls, vm, vcpu_id, pool):
+    """A new vCPU *cls*(vm, vcpu_id) put in *pool* at once: no Python code runs between
+    the kernel vCPU's creation and its entry in the pool (none is lost to a Ctrl-C)."""
+    of_type(pool, dict, "pool")[vcpu_id] = cls(vm, vcpu_id)
+
+
+cdef list _unbind_state(VcpuCore vcpu):
     # Under the lock: a kick racing with this either lands before (and is
     # dropped with the binding) or sees the new generation and fails as stale.
+    # Returns the queued calls, whose futures the caller cancels.
     pthread_mutex_lock(&vcpu.v.lock)
     vcpu.v.bound = 0
     vcpu.v.generation += 1
     clear_queued_locked(vcpu.v)
     pthread_mutex_unlock(&vcpu.v.lock)
     work, vcpu.pending = vcpu.pending, []
-    for _fn, _args, future in work:
-        if future is not None:
-            future.cancel()             # never run: the vCPU changed hands
-    return 0
+    return work
 
 
-def unbind():
-    """Detach the calling thread's vCPU and return it (no release callback runs)."""
+def unbind_into(st_):
+    """remove_vcpu()'s commit, a step (see steps()): detach the calling thread's vCPU,
+    claimed (as run() claims it) so that no thread runs it until release_into() hands it
+    on, into st["vcpu"]; its queued calls into st["calls"].  No Python code runs."""
     global kvmsys_bound
+    cdef dict st = of_type(st_, dict, "step state")
+    if "vcpu" in st:
+        return
     if kvmsys_bound == NULL:
         raise VcpuBindingError("this thread has no vCPU: call add_vcpu() first")
     cdef VcpuCore vcpu = <VcpuCore>kvmsys_bound
-    if kvmsys_load_int(&vcpu.v.active):
+    if kvmsys_xchg_int(&vcpu.v.active, 1):
         raise StateError(f"vCPU {vcpu.id} is running (remove_vcpu() from its own exit handler "
                          "or a call_soon callback): let run() return first")
     kvmsys_bound = NULL
     b = _local.binding
     (<_Binding>b).vcpu = None
     del _local.binding
-    _unbind_state(vcpu)
-    return vcpu
+    st["calls"] = _unbind_state(vcpu)
+    st["vcpu"] = vcpu
+    st["claimed"] = True
 
 
-def release_state(vcpu):
-    """Mark a vCPU whose thread ended as unbound (called from the release callback)."""
-    _unbind_state(of_type(vcpu, VcpuCore, "vcpu"))
+def release_state(st_):
+    """The release of a vCPU whose thread ended bound (st["vcpu"]): marked unbound and,
+    unless a run() of it is still in progress (a daemon thread torn down inside run()
+    at exit), claimed for release_into()."""
+    cdef dict st = of_type(st_, dict, "step state")
+    cdef VcpuCore vcpu = of_type(st.get("vcpu"), VcpuCore, "vcpu")
+    st["calls"] = _unbind_state(vcpu)
+    st["claimed"] = not kvmsys_xchg_int(&vcpu.v.active, 1)
+
+
+def release_into(st_, pool_):
+    """A step (see steps()): the claimed vCPU st["vcpu"] goes to *pool* as a new object
+    (renew()) marked for a reset before reuse, if st["keep"]; else its claim is
+    dropped.  The old object is stale from here on.  No Python code runs."""
+    cdef dict st = of_type(st_, dict, "step state"), pool = of_type(pool_, dict, "pool")
+    if st.get("released"):
+        return
+    cdef VcpuCore vcpu = of_type(st["vcpu"], VcpuCore, "vcpu")
+    cdef VcpuCore fresh
+    if st.get("claimed"):
+        if st.get("keep") and not vcpu.closed:
+            fresh = vcpu.renew_claimed()
+            (<object>fresh)._initial = (<object>vcpu)._initial
+            (<object>fresh)._dirty = True
+            pool[fresh.id] = fresh
+        elif vcpu.v != NULL:
+            kvmsys_store_int(&vcpu.v.active, 0)
+    st["released"] = True
+
+
+def cancel_calls(st):
+    """A step: cancel the futures of the calls st["calls"] (idempotent)."""
+    for _fn, _args, future in st.get("calls", ()):
+        if future is not None:
+            future.cancel()             # never run: the vCPU changed hands
 
 
 def bound():
@@ -182,8 +271,15 @@ cdef class VcpuHandle:
         self._check()
         from concurrent.futures import Future     # here: it imports logging, which hooks atexit
         future = Future()
-        self.vcpu.pending.append((fn, args, future))
-        self._kick(KICK_CALLS)
+        entry = (fn, args, future)
+        self.vcpu.pending.append(entry)
+        try:
+            self._kick(KICK_CALLS)
+        except BaseException:
+            if entry in self.vcpu.pending:     # gone meanwhile: nobody runs it
+                self.vcpu.pending.remove(entry)
+            future.cancel()
+            raise
         return future
 
     cdef int _queue(self, int vector) except -1:

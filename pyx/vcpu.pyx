@@ -21,7 +21,7 @@ cdef inline bint on_main_thread():
 import os as _os
 
 # Every live vCPU of this process (both ABIs), for shutdown().
-_all_vcpus = _weakref.WeakSet()
+cdef _WeakRefs _all_vcpus = _WeakRefs()
 cdef long _all_vcpus_pid = _os.getpid()
 
 
@@ -33,7 +33,7 @@ def shutdown():
     if _os.getpid() != _all_vcpus_pid:
         return          # a fork child: these vCPUs are the parent's
     cdef vcpustate_t *v
-    for vcpu in list(_all_vcpus):
+    for vcpu in _all_vcpus.alive():
         v = (<VcpuCore>vcpu).v
         if v != NULL:
             with nogil:
@@ -66,7 +66,7 @@ cdef int look_at_signals(vcpustate_t *v, bint relay) except -1:
 cdef int create_kernel_vcpu(VmCore vm, int vcpu_id) except -1:
     # KVM_CREATE_VCPU after the checks every new kernel vCPU gets; returns its fd.
     vm.require_open()
-    max_id = vm.check_extension(KVM_CAP_MAX_VCPU_ID) or vm.check_extension(KVM_CAP_MAX_VCPUS) or 1
+    max_id = vm.cap(KVM_CAP_MAX_VCPU_ID) or vm.cap(KVM_CAP_MAX_VCPUS) or 1
     require(0 <= vcpu_id < max_id, f"vCPU id {vcpu_id} is out of range 0..{max_id - 1}")
     require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
     cdef int vmfd = vm.fd
@@ -229,6 +229,11 @@ cdef class VcpuCore:
         if self.v.bound:
             raise StateError(f"vCPU {self.id} is bound to a thread: remove_vcpu() hands it on")
         self.claim("hand it on")
+        return self.renew_claimed()
+
+    cdef VcpuCore renew_claimed(self):
+        # renew() for a caller that claimed the vCPU (v.active): runs no Python code, so
+        # no asynchronous exception cuts it short between its parts.
         cdef VcpuCore n
         cdef Mapping old = self.page
         try:
@@ -240,8 +245,9 @@ cdef class VcpuCore:
             n.dirty_ring, n.dirty_fetch = self.dirty_ring, self.dirty_fetch
             n.set_up_kernel_vcpu(self.v.fd, NULL, False)
             old.revoke("belongs to a vCPU that was removed (or whose thread ended)")
-        finally:
+        except BaseException:
             kvmsys_store_int(&self.v.active, 0)
+            raise
         for ref in self.views:
             view = ref()
             if view is not None:
@@ -250,6 +256,7 @@ cdef class VcpuCore:
                 except BufferError:
                     pass            # something exported from it: it reads the zeros now
         self.views = []
+        self.cancel_pending()
         self.owner, n.owner = 0, 1
         self.gone = "was removed (or its thread ended)"
         self.successor = n
@@ -257,6 +264,7 @@ cdef class VcpuCore:
         self.page = None
         self.vm.vcpus.discard(self)
         self.vm.vcpus.add(n)
+        kvmsys_store_int(&self.v.active, 0)    # last: a run() claiming it now sees this object gone
         return n
 
     cdef int require_open(self) except -1:
@@ -448,6 +456,9 @@ cdef class VcpuCore:
                 raise StateError(f"run() of vCPU {self.id} from inside its own run() (an exit handler or "
                                  "a call_soon callback): return from the handler to let the run go on")
             raise StateError(f"vCPU {self.id} is already running in another thread")
+        if self.gone is not None:
+            kvmsys_store_int(&v.active, 0)      # handed on while this call claimed it
+            self.require_open()
         self._runner = PyThread_get_thread_ident()
         if kvmsys_load_int(&shutting_down):
             kvmsys_store_int(&v.active, 0)
@@ -476,6 +487,11 @@ cdef class VcpuCore:
                 watching = 1
             res = R_POLL
             while True:
+                if self.forkgen != kvmsys_fork_generation:
+                    # a handler, callback or signal handler forked and this is the child
+                    # going on: the vCPU, its locks and its loop are the parent's
+                    raise StateError(f"vCPU {self.id} belongs to the parent process: this fork child "
+                                     "was forked inside its run() and cannot go on with it")
                 # signal mask and SIGINT relay: not after each exit a Python handler took
                 # (that path pays no system call, and no clock read for this), at most
                 # every POLL_NS there
@@ -519,7 +535,14 @@ cdef class VcpuCore:
                     return ex
                 if res == R_KICK:
                     if v.kick_bits & KICK_CALLS:
-                        self._run_pending()
+                        try:
+                            self._run_pending()
+                        except BaseException:
+                            # a call (or a Ctrl-C inside one) ends this run: a user kick
+                            # taken with the calls is the next run's, never lost
+                            if v.kick_bits & KICK_USER:
+                                kvmsys_or_int(&v.kick_pending, KICK_USER)
+                            raise
                     if v.kick_bits & KICK_USER:
                         return Exit._new_of(KickExit, self, KVMSYS_EXIT_KICK)
                     continue
@@ -532,10 +555,11 @@ cdef class VcpuCore:
                 raise_os(v.error, "KVM_RUN (or injecting a queued interrupt before it)")
         finally:
             if watching:
-                kvmsys_sigint_watch_leave()
-            if v.deadline_ns:
+                kvmsys_sigint_watch_leave()     # (a fork child's depth is 0 already)
+            if v.deadline_ns and self.forkgen == kvmsys_fork_generation:
                 # back to the enclosing run's deadline, if any; a late watchdog
-                # signal is harmless: run_loop rederives immediate_exit
+                # signal is harmless: run_loop rederives immediate_exit.  (A fork
+                # child has no watchdog of the parent's to go back to.)
                 kvmsys_watchdog_pop(outer_deadline, &op)
                 v.deadline_ns = 0
             kvmsys_store_int(&v.active, 0)
@@ -982,7 +1006,20 @@ cdef class VcpuCore:
                              f"cannot {what} now; let run() return first")
         return 0
 
+    cdef int cancel_pending(self) except -1:
+        # Calls queued by call_soon() that will never run here (the vCPU closes or
+        # changes hands): their futures complete, cancelled.
+        work, self.pending = self.pending, []
+        for _fn, _args, future in work:
+            if future is not None:
+                future.cancel()
+        return 0
+
     cdef void close_claimed(self):
+        try:
+            self.cancel_pending()
+        except BaseException:
+            pass        # (a future's done-callback raised: the close goes on)
         pthread_mutex_lock(&self.v.lock)
         close(self.v.fd)
         self.v.fd = -1

@@ -98,7 +98,7 @@ cdef class VmCore:
     cdef readonly uint32_t dirty_ring_size     # bytes per vCPU, 0: no dirty ring
     cdef readonly int has_sync_regs
     cdef readonly set vcpu_ids
-    cdef object vcpus               # WeakSet of live VcpuCore, closed with the VM
+    cdef _WeakRefs vcpus             # the live VcpuCore, closed with the VM
     cdef set coalesced_zones        # registered (addr, size, pio)
     cdef Mapping ring_page          # the coalesced ring (state.ring), mapped from the first vCPU
     cdef unsigned long forkgen      # the process that created it
@@ -118,7 +118,7 @@ cdef class VmCore:
         self.by_start = []
         self.py_handlers = []
         self.vcpu_ids = set()
-        self.vcpus = weakref.WeakSet()
+        self.vcpus = _WeakRefs()
         self.coalesced_zones = set()
         self.mmap_size = kvm_.ioctl_int(KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
         self.fd = kvm_.ioctl_int(KVM_CREATE_VM, vm_type_, "KVM_CREATE_VM")
@@ -140,6 +140,11 @@ cdef class VmCore:
     cdef long vm_ioctl(self, unsigned long req, void *arg, str op) except -1:
         self.require_open()
         return ioctl_checked(self.fd, req, arg, op)
+
+    cdef long cap(self, long cap_) except -1:
+        # KVM_CHECK_EXTENSION on the VM without the Python layer's check_extension
+        # (which takes names): no Python code runs (see _WeakRefs)
+        return ioctl_checked(self.fd, KVM_CHECK_EXTENSION, <void *>cap_, "KVM_CHECK_EXTENSION")
 
     @property
     def default_handler(self):
@@ -544,7 +549,7 @@ cdef class VmCore:
         # every vCPU fd: map it once, from the first vCPU, for the VM's life (the
         # mapping keeps that vCPU's file open, so closing the vCPU leaves it valid).
         cdef long page = sysconf(_SC_PAGESIZE)
-        if self.ring_page is not None or self.check_extension(KVM_CAP_COALESCED_MMIO) <= 0 or \
+        if self.ring_page is not None or self.cap(KVM_CAP_COALESCED_MMIO) <= 0 or \
                 (KVM_COALESCED_MMIO_PAGE_OFFSET + 1) * page > <long>self.mmap_size:
             return 0
         cdef void *addr = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd,
@@ -844,7 +849,7 @@ cdef class VmCore:
         cdef list claimed = []
         if self.forkgen == kvmsys_fork_generation:
             try:
-                for vcpu in list(self.vcpus):
+                for vcpu in self.vcpus.alive():
                     if not vcpu.closed:
                         vcpu.claim("close its VM")
                         claimed.append(vcpu)

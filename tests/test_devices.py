@@ -48,13 +48,15 @@ def cmos_read(c, reg):
     return c.read(0x71, 1)
 
 
-def test_cmos_clock_is_bcd_and_never_updating():
+def test_cmos_clock_is_bcd_and_updating_only_at_the_end_of_a_second():
     c = Cmos(128 << 20)
     c.time = lambda: 1767225599.0          # 2025-12-31 23:59:59 UTC
     assert cmos_read(c, 0x0A) & 0x80 == 0   # update-in-progress clear: firmware waits for it
     assert [cmos_read(c, r) for r in (0x00, 0x02, 0x04, 0x07, 0x08, 0x09, 0x32)] == \
         [0x59, 0x59, 0x23, 0x31, 0x12, 0x25, 0x20]
     assert cmos_read(c, 0x0D) == 0x80
+    c.time = lambda: 1767225599.9999        # within the MC146818's 244 us before the update
+    assert cmos_read(c, 0x0A) & 0x80 == 0x80
 
 
 def test_cmos_memory_registers_and_nmi_mask():
@@ -70,6 +72,7 @@ def test_cmos_memory_registers_and_nmi_mask():
     assert cmos_read(c, 0x0F) == 0x0A
     c.write(0x70, 1, 0x0A)
     c.write(0x71, 1, 0xA6)                  # UIP cannot be set by software
+    c.time = lambda: 1000.5                 # mid-second: no update in progress
     assert cmos_read(c, 0x0A) == 0x26
 
 

@@ -586,7 +586,9 @@ def test_cli_refuses_bad_pc_options_in_one_line(tmp_path, bad, says):
     (["--guest", "hello.real"], ["--append", "quiet"], "--append applies to --kernel, not to --guest"),
     (["--firmware", "FW"], ["--initrd", "x"], "--initrd applies to --kernel, not to --firmware"),
     (["--firmware", "FW"], ["--n", "3"], "--n applies to --guest, not to --firmware"),
-    (["--kernel", "FW"], ["--vcpus", "2"], "--kernel runs on one vCPU"),
+    (["--firmware", "FW"], ["--test-device"], "--test-device applies to --kernel, not to --firmware"),
+    (["--guest", "hello.real"], ["--cpu=+x2apic"], "--cpu applies to --firmware and --kernel, not to --guest"),
+    (["--kernel", "FW"], ["--cpu=+avx9"], "--cpu: CPU feature '+avx9'"),
 ])
 def test_cli_refuses_options_that_would_be_ignored(tmp_path, run, bad, says):
     fw = tmp_path / "fw.bin"

@@ -112,3 +112,34 @@ def test_calls_queued_at_removal_are_cancelled(fresh_process_vm):
     f = kvmsys.handle().call_soon(lambda: None)
     kvmsys.remove_vcpu()
     assert f.cancelled()
+
+
+# --- issue 17, item 5: every Future completes; a kick is consumed only by the run it ends ---
+
+@pytest.mark.parametrize("how", ["close", "vm.close", "renew"])
+def test_queued_calls_complete_when_the_vcpu_closes_or_changes_hands(fdvm, how):
+    v = fdvm.create_vcpu(0)
+    futures = [v.handle().call_soon(lambda: "never") for _ in range(3)]
+    if how == "close":
+        v.close()
+    elif how == "vm.close":
+        fdvm.close()
+    else:
+        v.renew()
+    for f in futures:
+        assert f.done() and f.cancelled()
+
+
+def test_a_kick_taken_with_a_call_that_raises_keyboard_interrupt_is_the_next_runs(machine):
+    loop_guest(machine)
+    h = machine.vcpu.handle()
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+    h.kick()
+    f = h.call_soon(ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        machine.run(timeout=10)
+    assert f.done()
+    assert isinstance(machine.run(timeout=10), KickExit)     # not lost: no deadline
+    assert isinstance(machine.run(budget=10, timeout=10), BudgetExit)   # and consumed once

@@ -1,7 +1,10 @@
 """MC146818 CMOS/RTC at ports 0x70 (index, bit 7 = NMI mask) and 0x71 (data).
 
 The clock reads the host's time (UTC), in BCD and 24-hour mode; the update-in-progress
-bit of status A is never set (firmware waits for it to clear).  The memory registers say
+bit of status A is set in the last UIP_S of every second, as the MC146818 sets it before
+its update (firmware waits for it to clear; kvm-unit-tests' s3 test waits for it to be
+set, then clear, to time its alarm).  The alarm registers (with the don't-care values
+0xC0-0xFF) are compared by ``alarm_matches`` (the ACPI PM's S3 wake-up); no IRQ 8.  The memory registers say
 how much RAM the machine has, in the places PC firmware (and SeaBIOS on QEMU) reads."""
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ from . import Device
 REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
 SHUTDOWN_STATUS = 0x0F
 MB = 1 << 20
+UIP, AIE = 0x80, 0x20
+UIP_S = 244e-6                  # the MC146818's update cycle warning time
+ALARMS = ((0x01, 0x00), (0x03, 0x02), (0x05, 0x04))    # (alarm register, the clock register it matches)
 
 
 def _bcd(v: int) -> int:
@@ -46,8 +52,8 @@ class Cmos(Device):
         ram[0x5F] = self.cpus - 1       # SeaBIOS on QEMU: number of CPUs - 1
         self.ram = ram
 
-    def _clock(self, reg: int) -> int | None:
-        t = time.gmtime(self.time())
+    def _clock(self, reg: int, now: float | None = None) -> int | None:
+        t = time.gmtime(self.time() if now is None else now)
         values = {0x00: t.tm_sec, 0x02: t.tm_min, 0x04: t.tm_hour, 0x06: (t.tm_wday + 1) % 7 + 1,
                   0x07: t.tm_mday, 0x08: t.tm_mon, 0x09: t.tm_year % 100, 0x32: t.tm_year // 100}
         v = values.get(reg)
@@ -63,9 +69,17 @@ class Cmos(Device):
         if v is not None:
             return v
         v = self.ram[reg]
+        if reg == REG_A and self.time() % 1.0 >= 1.0 - UIP_S:
+            v |= UIP
         if reg == REG_C:
             self.ram[REG_C] = 0         # reading status C acknowledges its interrupt flags
         return v
+
+    def alarm_matches(self, now: float) -> bool:
+        """Whether the alarm, enabled (status B's AIE), fires at the second *now* is in."""
+        if not self.ram[REG_B] & AIE:
+            return False
+        return all(self.ram[a] >= 0xC0 or self.ram[a] == self._clock(c, now) for a, c in ALARMS)
 
     def write(self, port: int, size: int, value: int) -> None:
         value &= 0xFF

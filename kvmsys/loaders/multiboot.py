@@ -6,7 +6,12 @@ EAX = 0x2BADB002, EBX = the physical address of the Multiboot information.
 Guest RAM layout used here: the information structure, command lines, module list,
 memory map and boot loader name in [INFO_ADDR, INFO_END); a GDT with the flat
 segments at GDT_ADDR (the specification leaves GDTR undefined; having a valid one
-costs nothing); modules page-aligned after the kernel's highest byte."""
+costs nothing); modules page-aligned after the kernel's highest byte.  A kernel loaded
+into that low area itself (kvm-unit-tests' realmode test lives at 0x8000) gets the GDT
+and the information in the RELOCATED_SIZE bytes after its highest byte instead (where
+QEMU's loader puts them), and its modules after those.  Kernel segments may use
+[LOADER_LOW, LOW_RAM_END) and RAM from 1 MiB, never the hole and firmware area in between
+(the ACPI tables of kvmsys.acpi are there)."""
 from __future__ import annotations
 
 import struct
@@ -25,6 +30,8 @@ INFO_ADDR = 0x8000
 INFO_END = 0x9F000
 LOADER_NAME = b"kvmsys\0"
 LOW_RAM_END = 0x9FC00
+LOADER_LOW = 0x500              # below: the real-mode IVT and BIOS data area
+RELOCATED_SIZE = 0x10000
 
 
 class MultibootError(InvalidArgumentError):
@@ -75,17 +82,26 @@ def load_multiboot(mem, image: bytes, *, cmdline: str = "", modules=()) -> tuple
     if flags & 0xFFFC & ~F_AOUT_KLUDGE & 0xFFFF:
         raise MultibootError(f"the kernel requires Multiboot features kvmsys lacks (flags {flags:#x})")
     segs, entry = _segments(image, off, flags, fields)
-    top = 0
+    top, low = 0, False
     for addr, data, size in segs:
-        if addr < 0x100000 and addr + size > INFO_ADDR - 0x1000 or addr + size > ram:
-            raise MultibootError(f"kernel segment [{addr:#x}, {addr + size:#x}) overlaps the loader's "
-                                 f"area or lies outside {ram >> 20} MiB of RAM")
+        if addr < LOADER_LOW or addr < 0x100000 and addr + size > LOW_RAM_END or addr + size > ram:
+            raise MultibootError(f"kernel segment [{addr:#x}, {addr + size:#x}) overlaps the real-mode IVT, "
+                                 f"the area below 1 MiB that is not RAM, or lies outside {ram >> 20} MiB of RAM")
+        low = low or addr < INFO_END and addr + size > GDT_ADDR
+        top = max(top, addr + size)
+    gdt_addr, info_addr, info_end = GDT_ADDR, INFO_ADDR, INFO_END
+    if low:                         # the kernel is in the loader's low area: the loader goes after it
+        gdt_addr = (top + 0xFFF) & ~0xFFF
+        info_addr, info_end = gdt_addr + 0x100, gdt_addr + RELOCATED_SIZE
+        if info_end > (LOW_RAM_END if top <= LOW_RAM_END else ram):
+            raise MultibootError(f"no room for the Multiboot information after the kernel's end {top:#x}")
+        top = info_end
+    for addr, data, size in segs:
         mem[addr:addr + len(data)] = data
         mem[addr + len(data):addr + size] = bytes(size - len(data))
-        top = max(top, addr + size)
     info = bytearray(120)
     strings = bytearray()
-    str_base = INFO_ADDR + len(info) + 16 * len(modules) + 24 * 4
+    str_base = info_addr + len(info) + 16 * len(modules) + 24 * 4
 
     def string(s: bytes) -> int:
         addr = str_base + len(strings)
@@ -96,6 +112,8 @@ def load_multiboot(mem, image: bytes, *, cmdline: str = "", modules=()) -> tuple
     place = (top + 0xFFF) & ~0xFFF
     for data, args in modules:
         data = bytes(data)
+        if place < 0x100000 and place + len(data) > LOW_RAM_END:
+            place = 0x100000        # not into the hole below 1 MiB (a kernel and loader all low)
         if place + len(data) > ram:
             raise MultibootError(f"modules do not fit in {ram >> 20} MiB of RAM")
         mem[place:place + len(data)] = data
@@ -104,7 +122,7 @@ def load_multiboot(mem, image: bytes, *, cmdline: str = "", modules=()) -> tuple
     regions = [(0, LOW_RAM_END, 1), (LOW_RAM_END, 0xA0000 - LOW_RAM_END, 2), (0xF0000, 0x10000, 2),
                (0x100000, ram - 0x100000, 1)]
     mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in regions)
-    mods_addr = INFO_ADDR + len(info)
+    mods_addr = info_addr + len(info)
     mmap_addr = mods_addr + len(mods)
     struct.pack_into("<III", info, 0, I_MEM | I_CMDLINE | I_MODS | I_MMAP | I_LOADER_NAME,
                      LOW_RAM_END // 1024, (ram - 0x100000) // 1024)
@@ -112,14 +130,14 @@ def load_multiboot(mem, image: bytes, *, cmdline: str = "", modules=()) -> tuple
     struct.pack_into("<II", info, 44, len(mmap), mmap_addr)
     struct.pack_into("<I", info, 64, string(LOADER_NAME[:-1]))
     blob = bytes(info) + bytes(mods) + mmap
-    if len(blob) > str_base - INFO_ADDR:
+    if len(blob) > str_base - info_addr:
         raise MultibootError("too many modules")
-    blob = blob.ljust(str_base - INFO_ADDR, b"\0") + bytes(strings)
-    if INFO_ADDR + len(blob) > INFO_END:
+    blob = blob.ljust(str_base - info_addr, b"\0") + bytes(strings)
+    if info_addr + len(blob) > info_end:
         raise MultibootError("command lines too long for the loader's area")
-    mem[INFO_ADDR:INFO_ADDR + len(blob)] = blob
-    mem[GDT_ADDR:GDT_ADDR + 8 * len(GDT)] = struct.pack(f"<{len(GDT)}Q", *GDT)
-    return entry, INFO_ADDR
+    mem[info_addr:info_addr + len(blob)] = blob
+    mem[gdt_addr:gdt_addr + 8 * len(GDT)] = struct.pack(f"<{len(GDT)}Q", *GDT)
+    return entry, info_addr
 
 
 def enter(vcpu, entry: int, info_addr: int) -> None:
@@ -132,7 +150,8 @@ def enter(vcpu, entry: int, info_addr: int) -> None:
     sregs["cs"] = seg(0x08, 11)
     for name in ("ds", "es", "fs", "gs", "ss"):
         sregs[name] = seg(0x10, 3)
-    sregs["gdt"] = dict(sregs["gdt"], base=GDT_ADDR, limit=8 * len(GDT) - 1)
+    gdt_addr = GDT_ADDR if info_addr == INFO_ADDR else info_addr - 0x100      # see load_multiboot
+    sregs["gdt"] = dict(sregs["gdt"], base=gdt_addr, limit=8 * len(GDT) - 1)
     sregs.update(cr0=0x11, cr3=0, cr4=0, efer=0)        # PE|ET: protected mode, no paging
     vcpu.set_sregs(sregs)
     regs = vcpu.get_regs()
