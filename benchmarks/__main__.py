@@ -116,7 +116,7 @@ def _run_processes(args, names, n: int) -> list:
     docs = []
     with tempfile.TemporaryDirectory(prefix="kvmsys-bench-") as tmp:
         for i in range(n):
-            out = os.path.join(tmp, f"run{i}.json")
+            out = os.path.join(tmp, f"run{i}.json")     # a fresh name: never an earlier run's
             progress(f"run {i + 1} of {n} in a separate process ...")
             r = subprocess.run([sys.executable, "-m", __package__, *_child_argv(args, names), "--json", out],
                                stdout=subprocess.DEVNULL)

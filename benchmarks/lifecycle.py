@@ -3,7 +3,7 @@
 KVM never frees a vCPU before its VM is destroyed, and vCPU ids are limited
 (KVM_CAP_MAX_VCPU_ID), so the fd and C variants use a fresh VM for every
 sample (VM creation is not timed).  The syscall ABI recycles kernel vCPUs:
-remove_vcpu() resets one to its initial state and add_vcpu() reuses it."""
+remove_vcpu() releases one and the next add_vcpu() resets it to its initial state and reuses it."""
 from __future__ import annotations
 
 import time
@@ -67,7 +67,7 @@ def run(profile) -> SuiteResult:
             return (time.perf_counter_ns() - t0) / b
 
         def sys_ran():
-            # one state change (what any use does), so remove_vcpu() must reset the vCPU
+            # one state change (what any use does), so the vCPU must be reset before its reuse
             t0 = time.perf_counter_ns()
             for _ in range(b):
                 kvmsys.add_vcpu()
@@ -108,7 +108,7 @@ def run(profile) -> SuiteResult:
         "c": f"C reference: KVM_CREATE_VCPU + mmap + munmap + close (`reference_lifecycle`, fresh VM per {b})",
         "fd": f"fd ABI: `vm.create_vcpu(i)` + `close()` (fresh VM per {b})",
         "sys_recycled": "syscall ABI: `add_vcpu()` + `remove_vcpu()`, kernel vCPU recycled",
-        "sys_ran": "syscall ABI: `add_vcpu()` + one state change + `remove_vcpu()` (its state is reset on release)",
+        "sys_ran": "syscall ABI: `add_vcpu()` + one state change + `remove_vcpu()` (its state is reset before its reuse)",
         "sys_new": "syscall ABI: first `add_vcpu()` + `remove_vcpu()` in a fresh process VM (new kernel vCPU + state snapshot)",
     }
     for key, label in labels.items():
@@ -125,8 +125,9 @@ def run(profile) -> SuiteResult:
         f"KVM keeps every vCPU until its VM is destroyed and limits ids (KVM_CAP_MAX_VCPU_ID = {max_id} here): "
         f"the C and fd variants therefore create {b} vCPUs (ids 0..{b - 1}) in a fresh VM per sample; "
         "creating and closing the VM is not timed.",
-        "The syscall ABI never destroys a kernel vCPU: remove_vcpu() resets it to its initial state "
-        "(several vCPU ioctls) and the next add_vcpu() reuses it; its first add_vcpu() in a VM creates "
+        "The syscall ABI never destroys a kernel vCPU: remove_vcpu() releases it and the next add_vcpu() "
+        "resets it to its initial state (several vCPU ioctls) and reuses it; "
+        "its first add_vcpu() in a VM creates "
         "the kernel vCPU and reads that initial state (one sample = one pair, 1 vCPU).",
         f"{profile.reps} interleaved repetitions; ratios per repetition, median (min–max).",
     ]

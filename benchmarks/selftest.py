@@ -31,6 +31,8 @@ FIGURE = {"c": "c/user_own", "py": "py/path_own"}
 
 
 def _bench(args: list, out: str) -> dict:
+    if os.path.exists(out):
+        os.unlink(out)          # never read an earlier process's document
     r = subprocess.run([sys.executable, "-m", __package__, "--quiet", "--suite", "exits", "--mode", "pm32",
                         "--mode-only", *args, "--json", out], stdout=subprocess.DEVNULL)
     if r.returncode not in (0, 1) or not os.path.exists(out):

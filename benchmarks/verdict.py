@@ -66,11 +66,13 @@ def verdict(doc: dict) -> str:
                      f"({mode} guests{extra}); "
                      + (f"of that, the KVM signal mask kvmsys sets costs {_text(mask)} inside KVM_RUN, "
                         if uses else f"kvmsys sets no KVM signal mask (one would cost {_text(mask)}), ")
-                     + f"and its user window is {_text(f('sys', 'c/user'))}.")
+                     + f"and its user window is {_text(f('sys', 'c/user'))} (by the loops' own clocks around "
+                     f"KVM_RUN, which a loaded host disturbs least: {_text(f('sys', 'c/user_own'))} more than the "
+                     f"bare C loop's, fd ABI {_text(f('fd', 'c/user_own'))}).")
         parts.append(f"**Over a naive Python loop** (`fcntl.ioctl` + `mmap`): kvmsys's C-handled loop takes "
                      f"{_text(f('sys', 'c/vs_naive'))} of its CPU per exit; a Python handler doing the naive "
                      f"loop's work takes {_text(f('sys', 'pyw/vs_naive'))} (a no-op handler adds "
-                     f"{_text(f('sys', 'py/path'))} over the C loop).")
+                     f"{_text(f('sys', 'py/path'))} over the C loop; own clocks: {_text(f('sys', 'py/path_own'))}).")
     boot = doc["suites"].get("boot")
     if boot:
         from .report import fmt_stat
@@ -96,6 +98,10 @@ EXIT_TABLE = [   # (label, abi, loop, stat)
     ("fd ABI, C handler − bare C loop", "fd", "c", "cpu_over_ref"),
     ("syscall ABI, C handler: user window", "sys", "c", "user_cpu"),
     ("fd ABI, C handler: user window", "fd", "c", "user_cpu"),
+    ("bare C loop: user window, its own clock (wall)", "sys", "ref", "user_own"),
+    ("syscall ABI, C handler: user window, own clocks (wall) − bare C loop's", "sys", "c", "own_over_ref"),
+    ("fd ABI, C handler: user window, own clocks (wall) − bare C loop's", "fd", "c", "own_over_ref"),
+    ("syscall ABI, no-op Python handler − C handler, own clocks (wall)", "sys", "py", "py_own"),
     ("syscall ABI, no-op Python handler − C handler", "sys", "py", "py_path"),
     ("syscall ABI, naive-work Python handler − C handler", "sys", "pyw", "py_path"),
     ("syscall ABI, naive-work Python handler ÷ naive loop", "sys", "pyw", "vs_naive"),
@@ -108,7 +114,9 @@ def readme_section(doc: dict, path: str, boot: tuple | None = None) -> str:
     the boot suite of another (boot = (doc, path)) when that run has none."""
     from .report import fmt_stat
     if boot is not None and "boot" not in doc["suites"]:
-        doc = dict(doc, suites=dict(doc["suites"], boot=boot[0]["suites"]["boot"]), boot_from=f"`{boot[1]}`")
+        bm = boot[0]["machine"]
+        doc = dict(doc, suites=dict(doc["suites"], boot=boot[0]["suites"]["boot"]),
+                   boot_from=f"`{boot[1]}`, {bm.get('cpu_model')}, {bm.get('date')}")
     m, p = doc["machine"], doc["profile"]
     runs = len(run_values(doc))
     loads = ", ".join(str(x[0]) for x in m.get("load_avg_runs") or [m.get("load_avg")] if x)
@@ -118,7 +126,8 @@ def readme_section(doc: dict, path: str, boot: tuple | None = None) -> str:
            f"{m.get('cores')} cores, kernel {m.get('kernel')}, {m.get('python')}, {m.get('date')}; profile "
            f"{p['name']}, {runs} separate process{'es' if runs > 1 else ''} (1-min load average at their "
            f"starts: {loads}).  Figures: the median over the processes ‹lowest – highest›; each process's "
-           "own figure is a median over its paired, interleaved rounds.", "", verdict(doc), ""]
+           "own figure is a median over its paired, interleaved rounds.  Full report: "
+           f"[`{path[:-5]}.md`]({path[:-5]}.md).", "", verdict(doc), ""]
     ex = doc["suites"].get("exits")
     if ex:
         modes = ex.get("config", {}).get("modes") or [p["mode"]]

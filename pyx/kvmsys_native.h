@@ -279,8 +279,9 @@ static inline void kvmsys_set_running(void *run) {
 }
 
 /* The watchdog: one timer per thread, created once, that sends the kick signal
- * to this thread only, armed at the earliest deadline of the runs this thread
- * is inside (a run nested in a handler keeps the outer run's deadline).
+ * to this thread only, armed at the deadline of the innermost run this thread
+ * is inside (a run nested in a handler arms its own; the outer one's is armed
+ * again when it returns).
  * timer_create can fail for a while (on some hosts EAGAIN for up to ~0.5 s
  * after a process that ran a VM exits): it is retried for up to ~1 s, then a
  * helper thread that sleeps until the deadline and signals stands in for the timer. */
@@ -392,26 +393,34 @@ static int kvmsys_timer_create(void) {
     return timer_create(CLOCK_MONOTONIC, &sev, &kvmsys_timer);
 }
 
-/* Make this thread's timer (or helper thread) if it has none yet; before the
- * deadline is taken, since it may wait.  Returns 0 or an errno; *op names the call. */
-static int kvmsys_watchdog_ready(const char **op) {
-    int tries;
+/* Try number *tries* (from 0) to make this thread's timer (or helper thread) if
+ * it has none yet; before the deadline is taken.  EAGAIN passes within ~0.5 s
+ * where we saw it: retried for up to ~1 s (1, 2, 4 ... 512 ms apart), since the
+ * helper thread costs a thread for the rest of this one.  Returns 0, an errno
+ * (*op names the call), or -1: wait *wait_ns, then try again with tries + 1
+ * (the caller looks at signals meanwhile: a Ctrl-C ends run() there). */
+static int kvmsys_watchdog_try(int tries, uint64_t *wait_ns, const char **op) {
     if (kvmsys_timer_ok || kvmsys_wd)
         return 0;
-    /* EAGAIN passes within ~0.5 s where we saw it: wait up to ~1 s (1, 2, 4 ...
-     * 512 ms), since the helper thread costs a thread for the rest of this one */
-    for (tries = 0; tries < 11; tries++) {
-        if (kvmsys_timer_create() == 0) {
-            kvmsys_timer_ok = 1;
-            kvmsys_thread_cleanup_register();
-            return 0;
-        }
-        if (errno != EAGAIN || tries == 10)
-            break;
-        kvmsys_sleep_ns(1000000ull << tries);
+    if (kvmsys_timer_create() == 0) {
+        kvmsys_timer_ok = 1;
+        kvmsys_thread_cleanup_register();
+        return 0;
+    }
+    if (errno == EAGAIN && tries < 10) {
+        *wait_ns = 1000000ull << tries;
+        return -1;
     }
     *op = "pthread_create(watchdog thread, after timer_create failed)";
     return kvmsys_start_wd_thread();
+}
+
+static int kvmsys_watchdog_ready(const char **op) {
+    int tries, rc;
+    uint64_t wait_ns;
+    for (tries = 0; (rc = kvmsys_watchdog_try(tries, &wait_ns, op)) < 0; tries++)
+        kvmsys_sleep_ns(wait_ns);
+    return rc;
 }
 
 /* Set this thread's watchdog to fire at deadline_ns (0: disarm).  Returns 0 or
@@ -438,11 +447,13 @@ static int kvmsys_set_watchdog(uint64_t deadline_ns, const char **op) {
     return timer_settime(kvmsys_timer, TIMER_ABSTIME, &its, NULL) ? errno : 0;
 }
 
-/* A run with a deadline starts: arm at the earlier of it and what is armed now.
- * *saved gets what to restore when the run ends. */
+/* A run with a deadline starts: arm at its deadline, the innermost run's, whether
+ * earlier or later than an enclosing run's (that one cannot return before this one
+ * does; it sees its own deadline passed when this one returns).  *saved gets what
+ * to restore when the run ends. */
 static int kvmsys_watchdog_push(uint64_t deadline_ns, uint64_t *saved, const char **op) {
     *saved = kvmsys_armed_ns;
-    if (deadline_ns == 0 || (kvmsys_armed_ns && kvmsys_armed_ns <= deadline_ns))
+    if (deadline_ns == 0 || kvmsys_armed_ns == deadline_ns)
         return 0;
     return kvmsys_set_watchdog(deadline_ns, op);
 }

@@ -114,6 +114,7 @@ cdef struct vcpustate_t:
     int nirq
     int nmi_queued
     int irq_window               # we set request_interrupt_window
+    int state_set                # state set since the last KVM_RUN: its exit's IF may be stale
     uint64_t irqs_injected
     uint64_t nmis_injected
     # coalesced ring entries go to their handlers in order before the exit that

@@ -222,10 +222,31 @@ cdef int flush_ring(vmstate_t *vm, kvm_coalesced_mmio *out, uint32_t cap, uint32
 # else ask for an IRQ_WINDOW_OPEN exit; one per KVM_RUN, so none overwrites
 # another.  An NMI only when KVM holds none pending (it merges pending NMIs).
 # Returns 0 or an errno.
+# Whether the guest can take an external interrupt in the state it will resume
+# with, when the host changed that state after the last exit (registers, sync regs,
+# sregs, events, a restore, the gdb server): IF from the registers it will run
+# with, no interrupt shadow, none injected and not yet taken.  1, 0, or -errno.
+cdef int ready_now(vcpustate_t *v, kvm_run *run) noexcept nogil:
+    cdef kvm_regs regs
+    cdef kvm_vcpu_events ev
+    cdef uint64_t rflags
+    if run.kvm_dirty_regs & KVM_SYNC_X86_REGS:
+        rflags = run.s.regs.regs.rflags         # written through the comm area, not sent yet
+    else:
+        if ioctl(v.fd, KVM_GET_REGS, &regs) < 0:
+            return -errno
+        rflags = regs.rflags
+    if not rflags & 0x200:                      # IF
+        return 0
+    if ioctl(v.fd, KVM_GET_VCPU_EVENTS, &ev) < 0:
+        return -errno
+    return not (ev.interrupt.injected or ev.interrupt.shadow)
+
+
 cdef int inject_pending(vcpustate_t *v, kvm_run *run) noexcept nogil:
     cdef kvm_vcpu_events ev
     cdef kvm_interrupt irq
-    cdef int window = 0
+    cdef int window = 0, ready
     if kvmsys_load_int(&v.nmi_queued) > 0:
         if ioctl(v.fd, KVM_GET_VCPU_EVENTS, &ev) < 0:
             return errno
@@ -237,7 +258,12 @@ cdef int inject_pending(vcpustate_t *v, kvm_run *run) noexcept nogil:
             pthread_mutex_unlock(&v.lock)
             v.nmis_injected += 1
     if kvmsys_load_int(&v.nirq) > 0:
-        if run.ready_for_interrupt_injection and run.if_flag:
+        ready = run.ready_for_interrupt_injection and run.if_flag
+        if ready and (v.state_set or run.kvm_dirty_regs & KVM_SYNC_X86_REGS):
+            ready = ready_now(v, run)       # the last exit's word is stale
+            if ready < 0:
+                return -ready
+        if ready:
             irq.irq = v.irq_queue[v.irq_head]
             if ioctl(v.fd, KVM_INTERRUPT, &irq) < 0:
                 return errno
@@ -395,6 +421,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
                     break
             r = ioctl(v.fd, KVM_RUN, 0)
             err = errno
+            v.state_set = 0             # the comm area's IF and readiness are current again
             t_out = kvmsys_now_ns()
             v.ns_in_run += t_out - t_in
             v.runs += 1

@@ -63,6 +63,26 @@ cdef int look_at_signals(vcpustate_t *v, bint relay) except -1:
     return 0
 
 
+cdef int watchdog_ready(const char **op) except? -2:
+    # This thread's watchdog made (kvmsys_watchdog_try), retrying timer_create on
+    # EAGAIN for up to ~1 s: Python's signals are looked at every 10 ms meanwhile, so
+    # a Ctrl-C ends run() here at once.  Returns 0 or an errno.
+    cdef int tries = 0, err
+    cdef uint64_t wait_ns = 0, slept
+    while True:
+        with nogil:
+            err = kvmsys_watchdog_try(tries, &wait_ns, op)
+        if err >= 0:
+            return err
+        slept = 0
+        while slept < wait_ns:
+            with nogil:
+                kvmsys_sleep_ns(min(wait_ns - slept, <uint64_t>10000000))
+            slept += 10000000
+            PyErr_CheckSignals()
+        tries += 1
+
+
 cdef int create_kernel_vcpu(VmCore vm, int vcpu_id) except -1:
     # KVM_CREATE_VCPU after the checks every new kernel vCPU gets; returns its fd.
     vm.require_open()
@@ -294,6 +314,7 @@ cdef class VcpuCore:
                              "its next exit; kick it (or queue the call with handle().call_soon) first")
         if not op.startswith("KVM_GET"):
             self._touched = 1
+            v.state_set = 1             # what the guest resumes with changed (see ready_now)
         if r < 0:
             raise_os(err, op)
         return r
@@ -472,8 +493,7 @@ cdef class VcpuCore:
             v.budget_left = budget
             v.deadline_ns = 0
             if timeout >= 0:
-                with nogil:     # may wait for timer_create (EAGAIN) before the clock starts
-                    err = kvmsys_watchdog_ready(&op)
+                err = watchdog_ready(&op)       # before the clock starts (it may wait)
                 if err:
                     raise_os(err, op.decode())
                 v.deadline_ns = kvmsys_now_ns() + <uint64_t>(timeout * 1e9)

@@ -110,3 +110,45 @@ def test_interrupt_queue_is_bounded(machine):
     with pytest.raises(StateError, match="64 interrupts queued"):
         h.interrupt(0x40)
     assert machine.vcpu.pending_interrupts == ([0x20 + i for i in range(64)], 0)
+
+
+# --- issue 17, item 6: injection follows the state the guest will resume with ---
+
+def clear_if(vcpu, how):
+    """Clear the guest's IF from the host, after an exit, the way *how* says."""
+    from kvmsys import vcpustate
+    if how == "set_regs":
+        regs = vcpu.get_regs()
+        regs["rflags"] &= ~0x200
+        vcpu.set_regs(regs)
+    elif how == "sync_regs":
+        vcpu.regs.rflags &= ~0x200
+    else:                               # a restore of a state saved with IF=0
+        state = vcpustate.capture(vcpu)
+        state["regs"]["rflags"] &= ~0x200
+        vcpustate.apply(vcpu, state)
+
+
+@pytest.mark.parametrize("how", ["set_regs", "sync_regs", "restore"])
+def test_no_interrupt_into_a_guest_whose_if_the_host_cleared(machine, how):
+    # After `sti` the guest reports with IF=1; at its first such exit the host clears IF
+    # and requests an interrupt: the guest resumes with IF=0 and never sets it again, so
+    # the interrupt must stay queued (the last exit's "ready" is stale).
+    machine.devices()
+    layout.prepare(get("irq_window.real"), machine.vcpu, machine.mem, n=N)
+    h = machine.vcpu.handle()
+    log = []
+
+    def report(ex):
+        log.append(("main", ex.value))
+        if ex.value & AFTER_STI and len([e for e in log if e[1] & AFTER_STI]) == 1:
+            clear_if(machine.vcpu, how)
+            h.interrupt(A)
+
+    machine.vm.add_handler(PIO, layout.PORT_OUT, layout.PORT_OUT + 1, K["PYTHON"], callback=report)
+    machine.vm.add_handler(PIO, layout.PORT_RESULT, layout.PORT_RESULT + 1, K["PYTHON"],
+                           callback=lambda ex: log.append(("isr", ex.value)))
+    ex = machine.run(timeout=20)
+    assert isinstance(ex, StopExit) and ex.status == 1, (ex, log)
+    assert ("isr", A) not in log, log
+    assert machine.vcpu.pending_interrupts == ([A], 0)

@@ -1,5 +1,5 @@
-"""The watchdog (run(timeout=...)): one timer per thread armed at the earliest deadline of
-the runs the thread is inside, so a run nested in a handler keeps the outer run's deadline;
+"""The watchdog (run(timeout=...)): one timer per thread armed at the deadline of the
+innermost run the thread is inside, the outer run's armed again when it returns;
 timer_create failing (EAGAIN on some hosts for ~0.5 s after a process that ran a VM exits)
 is retried, then a helper thread stands in for the timer: a run is never aborted for it."""
 import subprocess

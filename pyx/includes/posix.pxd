@@ -98,6 +98,7 @@ cdef extern from "kvmsys_native.h" nogil:
     void kvmsys_set_running(void *run_page)
     unsigned kvmsys_own_signal_count()
     int kvmsys_watchdog_ready(const char **op)
+    int kvmsys_watchdog_try(int tries, uint64_t *wait_ns, const char **op)
     int kvmsys_watchdog_push(uint64_t deadline_ns, uint64_t *saved, const char **op)
     int kvmsys_watchdog_pop(uint64_t saved, const char **op)
     int kvmsys_watchdog_uses_thread()
