@@ -188,6 +188,24 @@ def test_s3_without_a_wake_up_sleeps_until_the_run_ends(abi):
     assert 1.4 < r.elapsed_s < 10
 
 
+def test_stopping_a_suspended_machine_ends_the_run_at_once(abi):
+    """pc.stop (Ctrl-C's path) reaches a machine in S3: the run ends, not at its deadline."""
+    import threading
+    import time
+    stopped = []
+
+    def on_start(pc):
+        def stop():
+            while pc.pending != "suspend":
+                if pc.finished.wait(0.01):
+                    return
+            stopped.append(time.monotonic())
+            pc.stop("INTERRUPTED")
+        threading.Thread(target=stop, daemon=True).start()
+    r = run_kernel(S3_KERNEL, abi=abi, vcpus=2, irqchip=True, cmdline="n", timeout=60, on_start=on_start)
+    assert r.reason == "INTERRUPTED" and stopped and r.elapsed_s < 10, r
+
+
 def test_s5_powers_off(abi):
     r = run_kernel(S3_KERNEL, abi=abi, irqchip=True, cmdline="o", timeout=30)
     assert (r.reason, r.status) == ("POWEROFF", None), r
