@@ -66,17 +66,12 @@ class UsageError(Exception):
 def read_image(path: str, limit: int) -> bytes:
     """The bytes of a regular file of 1..limit bytes, opened so that nothing blocks (a
     FIFO, a device) and nothing is read past the size checked first (/dev/zero)."""
+    from .hostfiles import open_checked
+    fd, size = open_checked(path)       # InvalidArgumentError: one line, exit status 2
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as e:
-        raise UsageError(f"cannot open {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{path} is not a regular file")
-        if not 0 < st.st_size <= limit:
-            raise UsageError(f"{path} has {st.st_size} bytes: expected 1 .. {limit}")
-        chunks, left = [], st.st_size
+        if not 0 < size <= limit:
+            raise UsageError(f"{path} has {size} bytes: expected 1 .. {limit}")
+        chunks, left = [], size
         while left:
             chunk = os.read(fd, left)
             if not chunk:
@@ -122,30 +117,31 @@ def _serial(spec: str):
     if spec == "stdio":
         return terminal.Stdio()
     if spec.startswith("file:") and len(spec) > 5:
-        try:
-            return terminal.FileSink(spec[5:])
-        except OSError as e:
-            raise UsageError(f"--serial: cannot open {spec[5:]}: {e.strerror}") from None
+        return _FileOutput("--serial", spec[5:])
     raise UsageError(f"--serial {spec!r}: expected stdio, file:PATH or collect")
 
 
-class _DebugLog:
-    """--debug-log PATH: the debug console, written as the firmware writes it (the
-    runner's debug_sink) to the file, emptied first.  Its errors are the user's."""
+class _FileOutput:
+    """--serial file:PATH (appended to) and --debug-log PATH (emptied first): what the
+    guest writes, to the file as it comes.  Its errors are the user's: a write error
+    ends the run (the runner raises it when the run has ended) as a one-line UsageError."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, option: str, path: str, truncate: bool = False) -> None:
         from .terminal import FileSink
-        self.path = path
+        self.option, self.path = option, path
         try:
-            self.file = FileSink(path, truncate=True)
+            self.file = FileSink(path, truncate=truncate)
         except OSError as e:
-            raise UsageError(f"--debug-log: cannot open {path}: {e.strerror}") from None
+            raise UsageError(f"{option}: cannot open {path}: {e.strerror}") from None
 
     def __call__(self, data: bytes) -> None:
         try:
             self.file(data)
-        except OSError as e:        # ends the run; the runner raises it when it has ended
-            raise UsageError(f"--debug-log: cannot write {self.path}: {e.strerror}") from None
+        except OSError as e:
+            raise UsageError(f"{self.option}: cannot write {self.path}: {e.strerror}") from None
+
+    def attach(self, pc) -> None:
+        pass
 
     def close(self) -> None:
         self.file.close()
@@ -177,7 +173,7 @@ def _run_pc(args, image, gdb=None):
                   on_start=(lambda pc: [a(pc) for a in attach]) if attach else None)
     try:
         if args.debug_log:
-            debug = _DebugLog(args.debug_log)
+            debug = _FileOutput("--debug-log", args.debug_log, truncate=True)
         common["debug_sink"] = debug
         if args.kernel:
             modules = []

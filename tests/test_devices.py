@@ -314,3 +314,215 @@ def test_screen_text_of_the_vga_page():
     page[0:4] = b"H\x07i\x07"
     page[2 * 80 * 3:2 * 80 * 3 + 2] = b"!\x1f"
     assert Screen.text(bytes(page)) == "Hi\n\n\n!"
+
+
+# --- the guest is untrusted: bounded state, device errors, one access at a time ------
+def peak_allocation(fn) -> int:
+    """Bytes Python allocated at the peak of fn() beyond what it held before."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def fw_dma(f, mem, control, length, target, desc=0x1000):
+    mem.write(desc, struct.pack(">IIQ", control, length, target))
+    f.write(0x514, 4, 0)
+    f.write(0x518, 4, int.from_bytes(desc.to_bytes(4, "big"), "little"))
+    return struct.unpack(">I", mem.read(desc, 4))[0]
+
+
+@pytest.mark.parametrize("target", [0x2000, 1 << 40])
+def test_fw_cfg_dma_length_is_never_allocated_on_the_host(target):
+    """A DMA's length is the guest's (32 bits): the host moves it in bounded pieces into
+    guest memory and stops at the first piece outside it."""
+    mem = Memory(1 << 20)
+    f = FwCfg(mem, ram_size=1 << 20)
+    status = []
+    peak = peak_allocation(lambda: status.append(fw_dma(f, mem, 0x08 | 0x02, 1 << 28, target)))
+    assert status == [1]                                    # DMA_ERROR: it ran off the RAM
+    assert peak < 1 << 20, peak
+    if target < len(mem.mem):
+        assert mem.mem[target:target + 4] == b"QEMU" and not any(mem.mem[target + 4:])
+    assert fw_dma(f, mem, 0x08 | 0x02, 4, 0x3000) == 0 and mem.read(0x3000, 4) == b"QEMU"   # it goes on
+
+
+def test_fw_cfg_dma_reads_a_file_across_pieces():
+    data = bytes(range(256)) * 600 + b"end"                # more than two pieces
+    mem = Memory(1 << 20)
+    f = FwCfg(mem, ram_size=1 << 20, files={"big": data})
+    sel = 0x20 + sorted(f.files).index("big")              # the file directory's order
+    assert fw_dma(f, mem, sel << 16 | 0x08 | 0x02, len(data) + 10, 0x10000) == 0
+    assert mem.read(0x10000, len(data) + 10) == data + bytes(10)
+
+
+def test_i8042_output_buffer_holds_what_the_hardware_holds():
+    from kvmsys.devices.i8042 import OUT_MAX
+    k = I8042()
+    for _ in range(100_000):
+        k.write(0x60, 1, 0xEE)                  # echo: one reply byte each
+    assert len(k.out) == OUT_MAX == 16
+    assert [k.read(0x60, 1) for _ in range(OUT_MAX)] == [0xEE] * OUT_MAX
+    assert k.read(0x64, 1) & 1 == 0             # empty: OBF clear
+    k.write(0x60, 1, 0xEE)
+    assert k.read(0x60, 1) == 0xEE              # it goes on
+
+
+@pytest.mark.parametrize("fifo,holds", [(True, 16), (False, 1)])
+def test_uart_loopback_is_bounded_by_the_fifo_and_overruns(fifo, holds):
+    u = Uart8250()
+    u.write(0x3FA, 1, 0x01 if fifo else 0x00)   # FCR: FIFO on / off
+    u.write(0x3FC, 1, 0x10)                     # MCR: loopback
+    for i in range(100_000):
+        u.write(0x3F8, 1, i & 0xFF)
+    assert len(u.rx) == holds
+    lsr = u.read(0x3FD, 1)
+    assert lsr & 0x03 == 0x03                   # data ready, overrun
+    assert u.read(0x3FD, 1) & 0x02 == 0         # reading LSR cleared OE
+    assert [u.read(0x3F8, 1) for _ in range(holds)] == list(range(holds))   # the first ones stay
+    assert u.read(0x3FD, 1) & 1 == 0
+
+
+def test_uart_host_input_is_bounded():
+    from kvmsys.devices.uart import RX_HOST_MAX
+    u = Uart8250()
+    for _ in range(10):
+        u.feed(bytes(RX_HOST_MAX // 4 + 1))
+    assert len(u.rx) == RX_HOST_MAX and u.read(0x3FD, 1) & 0x03 == 0x03
+
+
+def ata_lba48(d, cmd, lba, count):
+    d.write(0x1F6, 1, 0x40)
+    for reg, value in ((0x1F2, count), (0x1F3, lba), (0x1F4, lba >> 8), (0x1F5, lba >> 16)):
+        d.write(reg, 1, value >> (8 if reg == 0x1F2 else 24) & 0xFF)
+        d.write(reg, 1, value & 0xFF)
+    d.write(0x1F7, 1, cmd)
+
+
+def test_ata_transfers_are_buffered_in_bounded_pieces(tmp_path):
+    """A command's count is the guest's (up to 65536 sectors, 32 MiB): the host holds a
+    bounded piece of it at a time, reading and writing, and a transfer word by word is
+    linear (each `out` appends, never rebuilds the buffer)."""
+    path = tmp_path / "big.img"
+    with open(path, "wb") as fh:
+        fh.truncate(32 << 20)
+    d = AtaDisk(str(path))
+    pattern = bytes(range(256)) * 16                        # 4 KiB per `rep outsw`
+
+    def write_all():
+        ata_lba48(d, 0x34, 0, 0)                            # count 0: 65536 sectors
+        for _ in range((32 << 20) // len(pattern)):
+            d.io(FakeExit(0x1F0, 2, False, pattern))
+    assert peak_allocation(write_all) < 1 << 20
+    assert d.read(0x1F7, 1) & 0x09 == 0                     # done: no DRQ, no ERR
+    got = []
+
+    def read_all():
+        ata_lba48(d, 0x24, 0, 0)
+        for _ in range((32 << 20) // len(pattern)):
+            got.append(ata_in(d, len(pattern)) == pattern)
+    assert peak_allocation(read_all) < 1 << 20
+    assert all(got) and len(got) == 8192 and d.read(0x1F7, 1) & 0x09 == 0
+    ata_command(d, 0x30, lba=7, count=2)                    # word by word
+    for i in range(512):
+        d.write(0x1F0, 2, 0x0102 * (i & 0xFF) & 0xFFFF)
+    assert d.read(0x1F7, 1) & 0x09 == 0
+    d.close()
+    raw = path.read_bytes()[7 * 512:9 * 512]
+    assert raw == b"".join((0x0102 * (i & 0xFF) & 0xFFFF).to_bytes(2, "little") for i in range(512))
+
+
+def test_ata_chs_sector_0_and_addresses_past_the_end_abort(image):
+    d = AtaDisk(str(image))
+    for cmd in (0x20, 0x30):
+        d.write(0x1F6, 1, 0xA0)                 # CHS mode, head 0
+        d.write(0x1F2, 1, 1)
+        d.write(0x1F3, 1, 0)                    # sector 0: there is none (sectors count from 1)
+        d.write(0x1F4, 1, 0)
+        d.write(0x1F5, 1, 0)
+        d.write(0x1F7, 1, cmd)
+        assert d.read(0x1F7, 1) & 0x09 == 0x01 and d.read(0x1F1, 1) == 0x04     # ERR, ABRT
+    ata_command(d, 0x20, lba=63, count=2)       # one sector past the end
+    assert d.read(0x1F7, 1) & 0x01 and d.read(0x1F1, 1) == 0x04
+    ata_command(d, 0x20, lba=0x0FFFFFFF, count=0)
+    assert d.read(0x1F7, 1) & 0x01
+    ata_command(d, 0x20, lba=2, count=1)        # and the disk goes on
+    assert ata_in(d, 512) == bytes([2]) * 512
+    d.close()
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EFBIG", "EIO"])
+def test_ata_host_errors_become_device_errors(image, monkeypatch, errno_name):
+    import errno
+    import os
+    from kvmsys.devices import ata
+
+    def fail(*_):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+    d = AtaDisk(str(image))
+    monkeypatch.setattr(ata.os, "pwrite", fail)
+    ata_command(d, 0x30, lba=3, count=1)
+    d.io(FakeExit(0x1F0, 2, False, b"\xab" * 512))
+    assert d.read(0x1F7, 1) & 0x09 == 0x01 and d.read(0x1F1, 1) == 0x04        # ERR, ABRT
+    monkeypatch.setattr(ata.os, "pread", fail)
+    ata_command(d, 0x20, lba=3, count=1)
+    assert d.read(0x1F7, 1) & 0x09 == 0x01 and d.read(0x1F1, 1) == 0x40        # ERR, UNC
+    monkeypatch.undo()
+    ata_command(d, 0x20, lba=3, count=1)                                        # it goes on
+    assert ata_in(d, 512) == bytes([3]) * 512
+    d.close()
+
+
+def test_ata_write_past_the_file_size_limit_is_a_device_error(image):
+    """A real EFBIG (RLIMIT_FSIZE) in a process of its own: ERR + ABRT, no exception."""
+    import subprocess
+    import sys
+    code = f"""
+import resource, signal
+from kvmsys.devices import AtaDisk
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 512, 8 * 512))
+d = AtaDisk({str(image)!r})
+for lba, want in ((3, 0x00), (20, 0x01)):
+    for reg, v in ((0x1F6, 0xE0), (0x1F2, 1), (0x1F3, lba), (0x1F4, 0), (0x1F5, 0), (0x1F7, 0x30)):
+        d.write(reg, 1, v)
+    for _ in range(256):
+        d.write(0x1F0, 2, 0xCDCD)
+    assert d.read(0x1F7, 1) & 0x09 == want, (lba, d.read(0x1F7, 1))
+assert d.read(0x1F1, 1) == 0x04
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == "ok\n", p.stderr
+
+
+def test_ata_disk_refuses_what_is_not_a_disk_image(tmp_path):
+    import os
+    from kvmsys.errors import InvalidArgumentError
+    os.mkfifo(tmp_path / "fifo")
+    for bad in (tmp_path, tmp_path / "fifo", "/dev/zero"):
+        for readonly in (True, False):
+            with pytest.raises(InvalidArgumentError, match="not a regular file|Is a directory"):
+                AtaDisk(str(bad), readonly=readonly)
+
+
+def test_ata_disk_images_are_locked(image):
+    """As QEMU: read-write alone, readonly shared with readonly users only, across open
+    file descriptions (also in one process); the lock goes with close()."""
+    from kvmsys.errors import InvalidArgumentError
+    rw = AtaDisk(str(image))
+    for readonly in (False, True):
+        with pytest.raises(InvalidArgumentError, match="in use by another process"):
+            AtaDisk(str(image), readonly=readonly)
+    rw.close()
+    ro1, ro2 = AtaDisk(str(image), readonly=True), AtaDisk(str(image), readonly=True)
+    with pytest.raises(InvalidArgumentError, match="in use"):
+        AtaDisk(str(image))
+    ro1.close()
+    ro2.close()
+    AtaDisk(str(image)).close()

@@ -596,3 +596,57 @@ def test_cli_refuses_options_that_would_be_ignored(tmp_path, run, bad, says):
     p = kvmsys_cli("run", *[str(fw) if a == "FW" else a for a in run], *bad, timeout=30)
     assert p.returncode == 2, p.stderr.decode()
     assert says in one_line_error(p)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "dev-zero", "tiny"])
+@pytest.mark.parametrize("opt", ["", ",readonly"])
+def test_cli_refuses_what_is_not_a_disk_image_in_one_line(tmp_path, kind, opt):
+    """--disk is opened as --firmware is: never blocking (a FIFO), a regular file or a
+    block device, its size checked, before the run starts."""
+    path = {"directory": tmp_path, "fifo": tmp_path / "fifo", "dev-zero": "/dev/zero",
+            "tiny": tmp_path / "tiny.img"}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)                     # no writer: a blocking open never returns
+    if kind == "tiny":
+        path.write_bytes(b"x" * 100)
+    fw = tmp_path / "fw.bin"
+    fw.write_bytes(b"\xf4" * 4096)
+    p = kvmsys_cli("run", "--firmware", str(fw), "--disk", f"{path}{opt}", "--timeout", "5", timeout=30)
+    assert p.returncode == 2, p.stderr.decode()
+    assert str(path) in one_line_error(p)
+
+
+def test_cli_disk_images_are_locked_against_other_runs(tmp_path):
+    """A disk image in use read-write elsewhere is a one-line error (exit 2), readonly
+    or not; readonly users share it."""
+    from kvmsys.devices import AtaDisk
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(64 * 512))
+    fw = tmp_path / "fw.bin"
+    fw.write_bytes(b"\xf4" * 4096)
+    holder = AtaDisk(str(img))              # another "run" holds it read-write
+    try:
+        for opt in ("", ",readonly"):
+            p = kvmsys_cli("run", "--firmware", str(fw), "--disk", f"{img}{opt}", "--timeout", "1", timeout=30)
+            assert p.returncode == 2 and "in use by another process" in one_line_error(p)
+    finally:
+        holder.close()
+    reader = AtaDisk(str(img), readonly=True)
+    try:
+        p = kvmsys_cli("run", "--firmware", str(fw), "--disk", f"{img},readonly", "--timeout", "1", timeout=30)
+        assert b"DEADLINE" in p.stdout, p.stderr.decode()       # shared with a readonly user: it ran
+        p = kvmsys_cli("run", "--firmware", str(fw), "--disk", str(img), "--timeout", "1", timeout=30)
+        assert p.returncode == 2 and "in use by another process" in one_line_error(p)
+    finally:
+        reader.close()
+
+
+def test_cli_serial_file_write_error_is_one_line(tmp_path):
+    """--serial file: that cannot be written (here /dev/full: ENOSPC) ends the run as
+    --debug-log does: one line, exit status 2."""
+    from pathlib import Path
+    import kvmsys.guests
+    hello = Path(kvmsys.guests.__file__).parent / "firmware" / "hello.bin"     # prints on the UART
+    p = kvmsys_cli("run", "--firmware", str(hello), "--serial", "file:/dev/full", "--timeout", "20", timeout=60)
+    assert p.returncode == 2, p.stderr.decode()
+    assert "--serial: cannot write /dev/full" in one_line_error(p)

@@ -704,3 +704,31 @@ def test_runner_feeds_interrupts_to_a_waiting_guest(abi, mode):
 def test_runner_refuses_smp_for_a_uniprocessor_irqchip_guest(abi):
     with pytest.raises(InvalidArgumentError, match="uniprocessor"):
         runner.run_guest("irq_count.real", abi=abi, vcpus=2, n=1)
+
+
+# --- devices under several vCPUs ----------------------------------------------------------
+def test_one_device_sees_one_access_at_a_time_from_several_vcpus(smp_vm):
+    """Two vCPUs hammer one Python device: its handler never runs twice at once, also
+    where it lets the GIL go (as file I/O and ioctls in device handlers do)."""
+    from kvmsys.devices import Device
+
+    class Probe(Device):
+        ports = ((layout.PORT_OUT, layout.PORT_OUT + 1),)
+
+        def __init__(self):
+            self.inside = self.most = self.writes = 0
+            super().__init__()
+
+        def write(self, port, size, value):
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+            time.sleep(0.0002)
+            self.writes += 1
+            self.inside -= 1
+
+    m = smp_vm()
+    probe = Probe()
+    probe.install(m.vm)
+    results = m.run("pio_out_loop.pm32", 2, n=300, timeout=60)
+    assert [r[0].name for r in results] == ["STOP", "STOP"]
+    assert probe.writes == 600 and probe.most == 1

@@ -10,8 +10,16 @@ handlers to a VM (either ABI) and returns their indexes (``uninstall`` removes
 them).  A handler that needs the machine's attention (a reset request) returns
 True from ``write``: the vCPU's ``run()`` then returns and the runner looks at
 ``Machine.pending``.
+
+Each access is handled under the device's lock (``Device.lock``), as a device on a real
+bus sees one access at a time: vCPU threads (and host threads feeding input) never
+interleave inside one device, also where a handler lets the GIL go (file I/O, ioctls).
+State held for the guest is bounded as the hardware bounds it (a FIFO's size), never
+by a count or length the guest chose.
 """
 from __future__ import annotations
+
+import threading
 
 from ..enums import Kind, Space
 
@@ -25,10 +33,16 @@ class Device:
     def __init__(self) -> None:
         self._handlers: list[int] = []
         self._vm = None
+        self.lock = threading.RLock()      # one access at a time (re-entrant: reset() in a write)
         self.reset()
 
     def reset(self) -> None:
-        """Back to the power-on state."""
+        """Back to the power-on state (subclasses: _reset, run under the lock)."""
+        with self.lock:
+            self._reset()
+
+    def _reset(self) -> None:
+        pass
 
     def read(self, port: int, size: int) -> int:
         return (1 << (8 * size)) - 1            # nothing there: all-ones, like an open bus
@@ -38,7 +52,12 @@ class Device:
         return None
 
     def io(self, ex) -> bool:
-        """The Python handler: every element of a (string) port access."""
+        """The Python handler KVM's exits reach: one access, under the device's lock."""
+        with self.lock:
+            return self._io(ex)
+
+    def _io(self, ex) -> bool:
+        """Every element of a (string) port access (subclasses may take a whole string)."""
         size, count, data, port = ex.size, ex.count, ex.data, ex.port
         if ex.is_in:
             mask = (1 << (8 * size)) - 1

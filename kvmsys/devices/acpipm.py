@@ -33,7 +33,7 @@ class AcpiPm(Device):
         self.t0 = self.clock()
         super().__init__()
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.status = 0
         self.enable = 0
         self.control = SCI_EN
@@ -77,4 +77,5 @@ class AcpiPm(Device):
 
     def woke(self, by_rtc: bool) -> None:
         """The machine resumed from S3: WAK_STS (and RTC_STS when the RTC alarm woke it)."""
-        self.status |= WAK_STS | (RTC_STS if by_rtc else 0)
+        with self.lock:
+            self.status |= WAK_STS | (RTC_STS if by_rtc else 0)

@@ -1,23 +1,31 @@
 """An ATA disk on the primary channel (ports 0x1f0-0x1f7, control 0x3f6), PIO only,
-backed by a raw image file (read-write, or read-only: writes are refused with ABRT).
+backed by a raw image file or block device (read-write, or read-only: writes are refused
+with ABRT), opened and locked by kvmsys.hostfiles.open_disk.
 
 Commands: IDENTIFY DEVICE, READ/WRITE SECTORS (LBA28, CHS), READ/WRITE MULTIPLE,
 READ/WRITE SECTORS EXT (LBA48), SET MULTIPLE MODE, SET FEATURES, FLUSH CACHE,
 INITIALIZE DEVICE PARAMETERS, RECALIBRATE and power commands (accepted); anything else
 (IDENTIFY PACKET DEVICE included: this is no ATAPI device) is aborted.  The slave
-position is empty.  No interrupts: firmware polls the status register (BIOSes set nIEN)."""
+position is empty.  No interrupts: firmware polls the status register (BIOSes set nIEN).
+
+Errors are the device's, never the host's: an address outside the disk (CHS sector 0
+included) and a write the host refuses (ENOSPC, EFBIG, EIO) end the command with ERR and
+ABRT, as QEMU reports them (ide_rw_error); a read the host fails ends it with ERR and UNC
+(uncorrectable data, a real disk's medium error).  A transfer goes through the host
+CHUNK_SECTORS at a time: memory per command is bounded whatever count the guest wrote."""
 from __future__ import annotations
 
 import os
 
-from ..errors import InvalidArgumentError
+from .. import hostfiles
 from . import Device
 
 SECTOR = 512
 BSY, DRDY, DSC, DRQ, ERR = 0x80, 0x40, 0x10, 0x08, 0x01
-ABRT = 0x04
+UNC, ABRT = 0x40, 0x04
 HEADS, SPT = 16, 63
 MULTIPLE_MAX = 16
+CHUNK_SECTORS = 128         # 64 KiB of a transfer buffered at a time
 
 
 class AtaDisk(Device):
@@ -25,38 +33,24 @@ class AtaDisk(Device):
 
     def __init__(self, path: str, *, readonly: bool = False) -> None:
         self.path, self.readonly = path, readonly
-        try:
-            self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as e:
-            raise InvalidArgumentError(f"disk image {path}: {e.strerror}") from e
-        try:
-            size = os.fstat(self.fd).st_size
-            if size < SECTOR:
-                raise InvalidArgumentError(f"disk image {path}: {size} bytes, at least one 512-byte "
-                                           "sector needed")
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd, size = hostfiles.open_disk(path, readonly=readonly)
         self.sectors = size // SECTOR
         super().__init__()
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            os.close(self.fd)           # also drops the image's lock
             self.fd = -1
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.features = 0
         self.regs = {2: 1, 3: 1, 4: 0, 5: 0}    # count, lba low/mid/high: the ATA signature
         self.hob = {2: 0, 3: 0, 4: 0, 5: 0}     # previous values (LBA48's high bytes)
         self.dh = 0xA0
         self.control = 0
-        self.status = DRDY | DSC
         self.error = 1                          # diagnostic: device 0 passed
         self.multiple = 0
-        self.buf = b""
-        self.pos = 0
-        self.pending_write: tuple[int, int] | None = None   # (lba, sectors) being received
+        self._end_transfer()                    # status DRDY | DSC
 
     # --- registers -------------------------------------------------------------
     def _slave(self) -> bool:
@@ -96,44 +90,79 @@ class AtaDisk(Device):
             self.regs[reg] = value & 0xFF
         self.control &= ~0x80                       # any register write clears HOB
 
-    def io(self, ex) -> bool:
+    def _io(self, ex) -> bool:
         if ex.port == 0x1F0 and ex.count > 1:       # `rep insw/outsw`: a whole block per exit
-            n = ex.size * ex.count
             if ex.is_in:
-                chunk = self.buf[self.pos:self.pos + n]
-                ex.data[:] = chunk + b"\xff" * (n - len(chunk))
-                self._advance(len(chunk))
+                n, done = ex.size * ex.count, 0
+                while done < n and self.status & DRQ and self.writing is None:
+                    chunk = self.buf[self.pos:self.pos + n - done]
+                    ex.data[done:done + len(chunk)] = chunk
+                    done += len(chunk)
+                    self._advance(len(chunk))
+                ex.data[done:] = b"\xff" * (n - done)
             else:
-                self._receive(bytes(ex.data))
+                self._receive(ex.data)
             return False
-        return super().io(ex)
+        return super()._io(ex)
 
     # --- data transfer ---------------------------------------------------------
+    def _end_transfer(self, status: int = DRDY | DSC) -> None:
+        self.buf = bytearray()                  # the chunk being read by or received from the guest
+        self.pos = 0
+        self.reading: tuple[int, int] | None = None     # (next lba, sectors) still to load
+        self.writing: tuple[int, int] | None = None     # (lba, sectors) still to receive
+        self.status = status
+
     def _data_in(self, size: int) -> int:
-        if not self.status & DRQ or self.pending_write is not None:
+        if not self.status & DRQ or self.writing is not None:
             return (1 << (8 * size)) - 1
         chunk = self.buf[self.pos:self.pos + size]
         self._advance(len(chunk))
-        return int.from_bytes(chunk.ljust(size, b"\xff"), "little")
+        return int.from_bytes(bytes(chunk).ljust(size, b"\xff"), "little")
 
     def _advance(self, n: int) -> None:
         self.pos += n
         if self.pos >= len(self.buf):
-            self.buf, self.pos = b"", 0
-            self.status = DRDY | DSC
+            if self.reading is not None and self.reading[1]:
+                self._load()
+            else:
+                self._end_transfer()
+
+    def _load(self) -> None:
+        """The next chunk of a read into the buffer (ERR|UNC if the host cannot read it)."""
+        lba, left = self.reading
+        n = min(left, CHUNK_SECTORS)
+        try:
+            data = os.pread(self.fd, n * SECTOR, lba * SECTOR)
+        except OSError:
+            return self._fail(UNC)
+        self.buf = bytearray(data.ljust(n * SECTOR, b"\0"))   # an image shrunk meanwhile reads as zeros
+        self.pos = 0
+        self.reading = (lba + n, left - n)
+        self.status = DRDY | DSC | DRQ
 
     def _data_out(self, value: int, size: int) -> None:
         self._receive(value.to_bytes(size, "little"))
 
-    def _receive(self, data: bytes) -> None:
-        if self.pending_write is None or not self.status & DRQ:
-            return
-        self.buf += data
-        lba, count = self.pending_write
-        if len(self.buf) >= count * SECTOR:
-            os.pwrite(self.fd, self.buf[:count * SECTOR], lba * SECTOR)
-            self.buf, self.pending_write = b"", None
-            self.status = DRDY | DSC
+    def _receive(self, data) -> None:
+        while data and self.writing is not None and self.status & DRQ:
+            lba, left = self.writing
+            room = min(left, CHUNK_SECTORS) * SECTOR - len(self.buf)
+            self.buf += data[:room]
+            data = data[room:]
+            if len(self.buf) < min(left, CHUNK_SECTORS) * SECTOR:
+                return
+            try:
+                written = os.pwrite(self.fd, self.buf, lba * SECTOR)
+            except OSError:
+                written = -1
+            if written != len(self.buf):        # ENOSPC, EFBIG, EIO, a short write
+                return self._fail(ABRT)
+            n = len(self.buf) // SECTOR
+            self.buf = bytearray()
+            self.writing = (lba + n, left - n) if left > n else None
+            if self.writing is None:
+                self._end_transfer()
 
     # --- commands --------------------------------------------------------------
     def _lba(self, ext: bool) -> int:
@@ -143,34 +172,37 @@ class AtaDisk(Device):
         if self.dh & 0x40:
             return r[3] | r[4] << 8 | r[5] << 16 | (self.dh & 0x0F) << 24
         cyl = r[4] | r[5] << 8
-        return (cyl * HEADS + (self.dh & 0x0F)) * SPT + r[3] - 1    # CHS
+        return (cyl * HEADS + (self.dh & 0x0F)) * SPT + r[3] - 1    # CHS: sector 0 gives -1
 
     def _count(self, ext: bool) -> int:
         n = self.regs[2] | (self.hob[2] << 8 if ext else 0)
         return n or (65536 if ext else 256)
 
+    def _fail(self, error: int) -> None:
+        self.error = error
+        self._end_transfer(DRDY | ERR)
+
     def _abort(self) -> None:
-        self.error = ABRT
-        self.status = DRDY | ERR
+        self._fail(ABRT)
 
     def _command(self, cmd: int) -> None:
         self.error = 0
-        self.buf, self.pos, self.pending_write = b"", 0, None
+        self._end_transfer()
         if cmd == 0xEC:                                         # IDENTIFY DEVICE
-            self.buf, self.status = self._identify(), DRDY | DSC | DRQ
+            self.buf, self.status = bytearray(self._identify()), DRDY | DSC | DRQ
         elif cmd in (0x20, 0x21, 0xC4, 0x24, 0x29):             # READ SECTORS / MULTIPLE (EXT)
             ext = cmd in (0x24, 0x29)
             lba, n = self._lba(ext), self._count(ext)
-            if lba + n > self.sectors:
+            if not 0 <= lba <= self.sectors - n:
                 return self._abort()
-            self.buf = os.pread(self.fd, n * SECTOR, lba * SECTOR)
-            self.status = DRDY | DSC | DRQ
+            self.reading = (lba, n)
+            self._load()
         elif cmd in (0x30, 0x31, 0xC5, 0x34, 0x39):             # WRITE SECTORS / MULTIPLE (EXT)
             ext = cmd in (0x34, 0x39)
             lba, n = self._lba(ext), self._count(ext)
-            if self.readonly or lba + n > self.sectors:
+            if self.readonly or not 0 <= lba <= self.sectors - n:
                 return self._abort()
-            self.pending_write = (lba, n)
+            self.writing = (lba, n)
             self.status = DRDY | DSC | DRQ
         elif cmd == 0xC6:                                       # SET MULTIPLE MODE
             n = self.regs[2]

@@ -33,7 +33,7 @@ class Cmos(Device):
         self.time = time.time          # replaceable clock (tests)
         super().__init__()
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.index = 0
         self.nmi_masked = False
         ram = bytearray(128)

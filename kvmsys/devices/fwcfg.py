@@ -20,6 +20,11 @@ ID_TRADITIONAL, ID_DMA = 1, 2
 DMA_SIGNATURE = b"QEMU CFG"
 # DMA control bits
 DMA_ERROR, DMA_READ, DMA_SKIP, DMA_SELECT, DMA_WRITE = 0x01, 0x02, 0x04, 0x08, 0x10
+# A DMA moves at most this many bytes through the host at a time: its length is the
+# guest's (up to 4 GiB), so the transfer goes into guest memory piece by piece and stops
+# at the first piece outside it (its work is bounded by the guest's RAM, not the length).
+DMA_CHUNK = 64 << 10
+_ZEROS = bytes(DMA_CHUNK)
 
 
 class FwCfg(Device):
@@ -66,7 +71,7 @@ class FwCfg(Device):
             self.items[FILE_FIRST + i] = data
         self.items[FILE_DIR] = directory
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.selector = 0
         self.offset = 0
         self.dma_high = 0
@@ -81,11 +86,11 @@ class FwCfg(Device):
         self.offset += n
         return out + bytes(n - len(out))            # past the end reads as zeros
 
-    def io(self, ex) -> bool:
+    def _io(self, ex) -> bool:
         if ex.port == 0x511 and ex.is_in:           # `rep insb` of a whole item in one exit
             ex.data[:] = self._take(ex.size * ex.count)
             return False
-        return super().io(ex)
+        return super()._io(ex)
 
     def read(self, port: int, size: int) -> int:
         if port == 0x511:
@@ -118,11 +123,29 @@ class FwCfg(Device):
             if control & DMA_SELECT:
                 self._select(control >> 16)
             if control & DMA_READ:
-                self.memory.write(target, self._take(length))
+                self._dma_read(target, length)
             elif control & DMA_WRITE:
                 status = DMA_ERROR                  # no writable items
             elif control & DMA_SKIP:
                 self.offset += length
         except KvmsysError:
             status = DMA_ERROR
-        self.memory.write(addr, struct.pack(">I", status))
+        try:
+            self.memory.write(addr, struct.pack(">I", status))
+        except KvmsysError:
+            pass                                    # read-only descriptor: nothing to report to
+
+    def _dma_read(self, target: int, length: int) -> None:
+        """The selected item's next *length* bytes (zeros past its end) to guest *target*."""
+        item = self.items.get(self.selector, b"")
+        while length > 0:
+            n = min(length, DMA_CHUNK)
+            if self.offset >= len(item):
+                chunk = _ZEROS[:n]
+            else:
+                chunk = item[self.offset:self.offset + n]
+                chunk += _ZEROS[:n - len(chunk)]
+            self.memory.write(target, chunk)        # KvmsysError outside RAM: DMA_ERROR
+            self.offset += n
+            target += n
+            length -= n

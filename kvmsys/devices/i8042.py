@@ -11,6 +11,9 @@ import collections
 from . import Device
 
 OBF, SYS, CMD = 0x01, 0x04, 0x08
+# Bytes the controller holds for the guest to read: a real i8042 holds one, QEMU's PS/2
+# queue 16; replies beyond that are lost, as QEMU drops them (the guest reads too slowly).
+OUT_MAX = 16
 ACK, SELF_TEST_OK, KBD_RESET_OK = 0xFA, 0x55, 0xAA
 
 
@@ -21,8 +24,8 @@ class I8042(Device):
         self.request_reset = None           # set by the machine
         super().__init__()
 
-    def reset(self) -> None:
-        self.out: collections.deque[int] = collections.deque()
+    def _reset(self) -> None:
+        self.out: collections.deque[int] = collections.deque()     # at most OUT_MAX
         self.ctr = 0x45                     # keyboard interrupt on, system flag, translation
         self.status = 0
         self.pending = None                 # the controller command whose data byte comes next
@@ -47,45 +50,50 @@ class I8042(Device):
             elif cmd == 0xD1:
                 self.outport = value
                 if not value & 1:
-                    return self._reset("i8042 output port")
+                    return self._pulse_reset("i8042 output port")
             elif cmd == 0xD2:
-                self.out.append(value)      # "write keyboard output buffer": echoes it
+                self._put(value)      # "write keyboard output buffer": echoes it
             return False                    # 0xD3/0xD4 (mouse): no mouse
         self._keyboard(value)
         return False
 
     def _command(self, cmd: int) -> bool:
         if cmd == 0x20:
-            self.out.append(self.ctr)
+            self._put(self.ctr)
         elif cmd in (0x60, 0xD1, 0xD2, 0xD3, 0xD4):
             self.pending = cmd
         elif cmd == 0xAA:
-            self.out.append(SELF_TEST_OK)
+            self._put(SELF_TEST_OK)
         elif cmd in (0xAB, 0xA9):
-            self.out.append(0x00)           # interface test passed
+            self._put(0x00)           # interface test passed
         elif cmd == 0xD0:
-            self.out.append(self.outport)
+            self._put(self.outport)
         elif cmd == 0xFE or (cmd & 0xF0 == 0xF0 and not cmd & 1):
-            return self._reset("i8042 0xfe")    # pulse output bit 0: the CPU reset line
+            return self._pulse_reset("i8042 0xfe")    # pulse output bit 0: the CPU reset line
         return False
+
+    def _put(self, *data: int) -> None:
+        for b in data:
+            if len(self.out) < OUT_MAX:
+                self.out.append(b)
 
     def _keyboard(self, byte: int) -> None:
         if self.kbd_arg:                    # argument of LEDs, typematic rate, scan code set
             self.kbd_arg = False
-            self.out.append(ACK)
+            self._put(ACK)
         elif byte == 0xFF:
-            self.out.extend((ACK, KBD_RESET_OK))
+            self._put(ACK, KBD_RESET_OK)
         elif byte == 0xF2:
-            self.out.extend((ACK, 0xAB, 0x83))  # MF2 keyboard id
+            self._put(ACK, 0xAB, 0x83)  # MF2 keyboard id
         elif byte in (0xED, 0xF0, 0xF3):
             self.kbd_arg = True
-            self.out.append(ACK)
+            self._put(ACK)
         elif byte == 0xEE:
-            self.out.append(0xEE)           # echo
+            self._put(0xEE)           # echo
         else:
-            self.out.append(ACK)
+            self._put(ACK)
 
-    def _reset(self, why: str) -> bool:
+    def _pulse_reset(self, why: str) -> bool:
         return bool(self.request_reset(why)) if self.request_reset is not None else False
 
 
@@ -97,7 +105,7 @@ class Port92(Device):
         self.request_reset = None
         super().__init__()
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.value = 0x02
 
     def read(self, port: int, size: int) -> int:

@@ -39,7 +39,7 @@ class PciHost(Device):
         self.request_reset = None           # set by the machine
         super().__init__()
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.address = 0
         self.rcr = 0
         self.config = {bdf: make() for bdf, make in self.functions.items()}

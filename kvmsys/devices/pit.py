@@ -50,7 +50,7 @@ class Pit(Device):
         self.clock = time.monotonic_ns     # replaceable clock (tests)
         super().__init__()
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.ch = [_Channel() for _ in range(3)]
         self.port61 = 0
         self.refresh = False

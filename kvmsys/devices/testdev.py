@@ -26,7 +26,7 @@ class PcTestdev(Device):
         self.flushes = 0
         super().__init__()
 
-    def reset(self) -> None:
+    def _reset(self) -> None:
         self.data = 0
         self.iomem = bytearray(IOMEM_LEN)
 
@@ -34,10 +34,11 @@ class PcTestdev(Device):
         """The MMIO window's handler: a read or write of 1..8 bytes inside it."""
         offset, n = ex.address - IOMEM, ex.length
         inside = max(0, min(n, IOMEM_LEN - offset))     # an access that runs past the end: the rest is open bus
-        if ex.is_write:
-            self.iomem[offset:offset + inside] = ex.data[:inside]
-        else:
-            ex.data[:n] = bytes(self.iomem[offset:offset + inside]) + b"\xff" * (n - inside)
+        with self.lock:                                 # one access at a time, as through io()
+            if ex.is_write:
+                self.iomem[offset:offset + inside] = ex.data[:inside]
+            else:
+                ex.data[:n] = bytes(self.iomem[offset:offset + inside]) + b"\xff" * (n - inside)
         return False
 
     def install(self, vm) -> list[int]:

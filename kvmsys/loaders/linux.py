@@ -43,7 +43,8 @@ def is_bzimage(image: bytes) -> bool:
 
 def load_linux(mem, image: bytes, *, cmdline: str = "", initrd: bytes | None = None) -> tuple[int, int]:
     """Load bzImage *image* into *mem* (a writable view of guest RAM from 0).  Returns
-    (64-bit entry point, zero page address)."""
+    (64-bit entry point, zero page address).  Every header field is checked against the
+    file and RAM before the first byte is written: a LinuxBootError leaves RAM as it was."""
     ram = len(mem)
     if not is_bzimage(image):
         raise LinuxBootError("not a bzImage (no 'HdrS' setup header at offset 0x202)")
@@ -54,29 +55,34 @@ def load_linux(mem, image: bytes, *, cmdline: str = "", initrd: bytes | None = N
     if not image[LOADFLAGS] & LOADED_HIGH:
         raise LinuxBootError("a zImage (loaded low) is not supported")
     setup_sects = image[SETUP_SECTS] or 4
-    pm = image[(setup_sects + 1) * 512:]
+    hdr_end = 0x202 + image[0x201]
+    if (setup_sects + 1) * 512 >= len(image) or hdr_end > len(image):
+        raise LinuxBootError(f"{setup_sects} setup sectors (and the setup header) leave no protected-mode "
+                             f"kernel in a file of {len(image)} bytes")
+    pm = memoryview(image)[(setup_sects + 1) * 512:]
     if KERNEL_ADDR + len(pm) > ram:
         raise LinuxBootError(f"the kernel ({len(pm)} bytes) does not fit in {ram >> 20} MiB of RAM")
-    mem[KERNEL_ADDR:KERNEL_ADDR + len(pm)] = pm
     cmd = cmdline.encode() + b"\0"
-    limit = struct.unpack_from("<I", image, CMDLINE_SIZE)[0] + 1 if version >= 0x206 else 256
+    limit = struct.unpack_from("<I", image, CMDLINE_SIZE)[0] + 1
     if len(cmd) > min(limit, CMDLINE_MAX):
-        raise LinuxBootError(f"command line of {len(cmd) - 1} bytes: this kernel takes at most {limit - 1}")
+        raise LinuxBootError(f"command line of {len(cmd) - 1} bytes: this kernel takes at most "
+                             f"{min(limit, CMDLINE_MAX) - 1}")
+    if initrd:
+        top = min(struct.unpack_from("<I", image, INITRD_ADDR_MAX)[0] + 1, ram)
+        initrd_addr = (top - len(initrd)) & ~0xFFF
+        if initrd_addr < KERNEL_ADDR + len(pm):
+            raise LinuxBootError(f"the initrd ({len(initrd)} bytes) does not fit above the kernel")
+    mem[KERNEL_ADDR:KERNEL_ADDR + len(pm)] = pm         # checked: now the work
     mem[CMDLINE_ADDR:CMDLINE_ADDR + len(cmd)] = cmd
     zp = bytearray(4096)
-    hdr_end = 0x202 + image[0x201]
     zp[HDR:hdr_end] = image[HDR:hdr_end]
     zp[LOADER_TYPE] = 0xFF                                  # a loader with no assigned id
     zp[LOADFLAGS] |= CAN_USE_HEAP
     struct.pack_into("<H", zp, HEAP_END_PTR, 0xFE00)
     struct.pack_into("<I", zp, CMD_LINE_PTR, CMDLINE_ADDR)
     if initrd:
-        top = min(struct.unpack_from("<I", image, INITRD_ADDR_MAX)[0] + 1, ram)
-        addr = (top - len(initrd)) & ~0xFFF
-        if addr < KERNEL_ADDR + len(pm):
-            raise LinuxBootError(f"the initrd ({len(initrd)} bytes) does not fit above the kernel")
-        mem[addr:addr + len(initrd)] = initrd
-        struct.pack_into("<II", zp, RAMDISK_IMAGE, addr, len(initrd))
+        mem[initrd_addr:initrd_addr + len(initrd)] = initrd
+        struct.pack_into("<II", zp, RAMDISK_IMAGE, initrd_addr, len(initrd))
     e820 = [(0, LOW_RAM_END, 1), (LOW_RAM_END, 0xA0000 - LOW_RAM_END, 2), (0xF0000, 0x10000, 2),
             (KERNEL_ADDR, ram - KERNEL_ADDR, 1)]
     zp[E820_ENTRIES] = len(e820)

@@ -43,52 +43,84 @@ def find_header(image: bytes) -> tuple[int, int, tuple]:
     for off in range(0, min(len(image), SEARCH) - 11, 4):
         magic, flags, checksum = struct.unpack_from("<III", image, off)
         if magic == HEADER_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
+            if flags & F_AOUT_KLUDGE and len(image) < off + 32:
+                raise MultibootError("the Multiboot header's a.out-kludge fields lie past the end of the file")
             fields = struct.unpack_from("<5I", image, off + 12) if len(image) >= off + 32 else (0,) * 5
             return off, flags, fields
     raise MultibootError("no Multiboot header (magic 0x1BADB002 with a valid checksum) in the first 8 KiB")
 
 
-def _segments(image: bytes, off: int, flags: int, fields: tuple) -> tuple[list, int]:
-    """[(guest address, bytes, size in memory)], entry point."""
-    if flags & F_AOUT_KLUDGE:
-        header_addr, load_addr, load_end, bss_end, entry = fields
-        start = off - (header_addr - load_addr)
-        if not 0 <= start <= len(image) or header_addr < load_addr:
-            raise MultibootError("inconsistent a.out-kludge addresses in the Multiboot header")
-        data = image[start:len(image) if load_end == 0 else start + (load_end - load_addr)]
-        end = max(load_addr + len(data), bss_end)
-        return [(load_addr, data, end - load_addr)], entry
-    if image[:4] != b"\x7fELF" or image[4] != 1 or image[5] != 1 or struct.unpack_from("<H", image, 18)[0] != 3:
+ELF_HEADER, PHDR = 52, 32       # sizeof(Elf32_Ehdr), sizeof(Elf32_Phdr)
+PT_LOAD, EM_386 = 1, 3
+
+
+def _aout_segment(image: bytes, off: int, fields: tuple) -> tuple[list, int]:
+    header_addr, load_addr, load_end, bss_end, entry = fields
+    start = off - (header_addr - load_addr)
+    if header_addr < load_addr or start < 0:
+        raise MultibootError("a.out kludge: header_addr lies below load_addr or before the file's start")
+    if load_end == 0:
+        end = len(image)
+    elif load_end < load_addr or start + (load_end - load_addr) > len(image):
+        raise MultibootError("a.out kludge: load_end_addr lies below load_addr or past the end of the file")
+    else:
+        end = start + (load_end - load_addr)
+    if bss_end and bss_end < load_addr + (end - start):
+        raise MultibootError("a.out kludge: bss_end_addr lies below the end of the loaded image")
+    return [(load_addr, start, end - start, max(end - start, bss_end - load_addr if bss_end else 0))], entry
+
+
+def _elf_segments(image: bytes) -> tuple[list, int]:
+    if (len(image) < ELF_HEADER or image[:4] != b"\x7fELF" or image[4] != 1 or image[5] != 1
+            or struct.unpack_from("<H", image, 18)[0] != EM_386):
         raise MultibootError("not a 32-bit little-endian x86 ELF and no a.out-kludge fields in the header")
     entry, phoff = struct.unpack_from("<II", image, 24)
     phentsize, phnum = struct.unpack_from("<HH", image, 42)
+    if phnum and phentsize < PHDR:
+        raise MultibootError(f"ELF program header entries of {phentsize} bytes: at least {PHDR} needed")
+    if phoff + phnum * phentsize > len(image):
+        raise MultibootError(f"ELF program headers ({phnum} of {phentsize} bytes at {phoff:#x}) "
+                             "reach past the end of the file")
     segs = []
     for i in range(phnum):
         p_type, p_offset, _vaddr, p_paddr, p_filesz, p_memsz = struct.unpack_from("<6I", image, phoff + i * phentsize)
-        if p_type == 1 and p_memsz:                                 # PT_LOAD
+        if p_type == PT_LOAD and p_memsz:
             if p_offset + p_filesz > len(image) or p_filesz > p_memsz:
                 raise MultibootError(f"ELF program header {i} points outside the file")
-            segs.append((p_paddr, image[p_offset:p_offset + p_filesz], p_memsz))
+            segs.append((p_paddr, p_offset, p_filesz, p_memsz))
+    return segs, entry
+
+
+def _segments(image: bytes, off: int, flags: int, fields: tuple, ram: int) -> tuple[list, int]:
+    """[(guest address, file offset, bytes from the file, size in memory)], entry point:
+    each inside RAM (above the IVT, not in the hole below 1 MiB), none overlapping another
+    (so loading them costs at most the file and the RAM, whatever the headers say)."""
+    segs, entry = _aout_segment(image, off, fields) if flags & F_AOUT_KLUDGE else _elf_segments(image)
     if not segs:
         raise MultibootError("ELF kernel without loadable segments")
+    end = 0
+    for addr, _off, _filesz, size in sorted(segs):
+        if addr < LOADER_LOW or addr < 0x100000 and addr + size > LOW_RAM_END or addr + size > ram:
+            raise MultibootError(f"kernel segment [{addr:#x}, {addr + size:#x}) overlaps the real-mode IVT, "
+                                 f"the area below 1 MiB that is not RAM, or lies outside {ram >> 20} MiB of RAM")
+        if addr < end:
+            raise MultibootError(f"kernel segments overlap at {addr:#x}")
+        end = addr + size
     return segs, entry
 
 
 def load_multiboot(mem, image: bytes, *, cmdline: str = "", modules=()) -> tuple[int, int]:
     """Load *image* and its *modules* ([(bytes, command line)]) into *mem* (a writable view
-    of guest RAM from address 0).  Returns (entry point, address of the Multiboot info)."""
+    of guest RAM from address 0).  Returns (entry point, address of the Multiboot info).
+    Everything is checked before the first byte is written: a MultibootError leaves RAM
+    as it was."""
     ram = len(mem)
     off, flags, fields = find_header(image)
     if flags & 0xFFFC & ~F_AOUT_KLUDGE & 0xFFFF:
         raise MultibootError(f"the kernel requires Multiboot features kvmsys lacks (flags {flags:#x})")
-    segs, entry = _segments(image, off, flags, fields)
-    top, low = 0, False
-    for addr, data, size in segs:
-        if addr < LOADER_LOW or addr < 0x100000 and addr + size > LOW_RAM_END or addr + size > ram:
-            raise MultibootError(f"kernel segment [{addr:#x}, {addr + size:#x}) overlaps the real-mode IVT, "
-                                 f"the area below 1 MiB that is not RAM, or lies outside {ram >> 20} MiB of RAM")
-        low = low or addr < INFO_END and addr + size > GDT_ADDR
-        top = max(top, addr + size)
+    segs, entry = _segments(image, off, flags, fields, ram)
+    top = max(addr + size for addr, _o, _f, size in segs)
+    low = any(addr < INFO_END and addr + size > GDT_ADDR for addr, _o, _f, size in segs)
     gdt_addr, info_addr, info_end = GDT_ADDR, INFO_ADDR, INFO_END
     if low:                         # the kernel is in the loader's low area: the loader goes after it
         gdt_addr = (top + 0xFFF) & ~0xFFF
@@ -96,9 +128,6 @@ def load_multiboot(mem, image: bytes, *, cmdline: str = "", modules=()) -> tuple
         if info_end > (LOW_RAM_END if top <= LOW_RAM_END else ram):
             raise MultibootError(f"no room for the Multiboot information after the kernel's end {top:#x}")
         top = info_end
-    for addr, data, size in segs:
-        mem[addr:addr + len(data)] = data
-        mem[addr + len(data):addr + size] = bytes(size - len(data))
     info = bytearray(120)
     strings = bytearray()
     str_base = info_addr + len(info) + 16 * len(modules) + 24 * 4
@@ -108,15 +137,14 @@ def load_multiboot(mem, image: bytes, *, cmdline: str = "", modules=()) -> tuple
         strings.extend(s + b"\0")
         return addr
 
-    mods = bytearray()
+    mods, placed = bytearray(), []
     place = (top + 0xFFF) & ~0xFFF
     for data, args in modules:
-        data = bytes(data)
         if place < 0x100000 and place + len(data) > LOW_RAM_END:
             place = 0x100000        # not into the hole below 1 MiB (a kernel and loader all low)
         if place + len(data) > ram:
             raise MultibootError(f"modules do not fit in {ram >> 20} MiB of RAM")
-        mem[place:place + len(data)] = data
+        placed.append((place, data))
         mods += struct.pack("<4I", place, place + len(data), string(args.encode()), 0)
         place = (place + len(data) + 0xFFF) & ~0xFFF
     regions = [(0, LOW_RAM_END, 1), (LOW_RAM_END, 0xA0000 - LOW_RAM_END, 2), (0xF0000, 0x10000, 2),
@@ -135,6 +163,11 @@ def load_multiboot(mem, image: bytes, *, cmdline: str = "", modules=()) -> tuple
     blob = blob.ljust(str_base - info_addr, b"\0") + bytes(strings)
     if info_addr + len(blob) > info_end:
         raise MultibootError("command lines too long for the loader's area")
+    for addr, foff, filesz, size in segs:          # checked: now the work
+        mem[addr:addr + filesz] = image[foff:foff + filesz]
+        mem[addr + filesz:addr + size] = bytes(size - filesz)
+    for addr, data in placed:
+        mem[addr:addr + len(data)] = data
     mem[info_addr:info_addr + len(blob)] = blob
     mem[gdt_addr:gdt_addr + 8 * len(GDT)] = struct.pack(f"<{len(GDT)}Q", *GDT)
     return entry, info_addr
