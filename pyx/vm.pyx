@@ -582,7 +582,8 @@ cdef class VmCore:
         ring) stays its run's to deliver, possibly after the caller got these.  Entries
         taken here count in coalesced_flushed, not in any vCPU's stats().  Unregistering
         a zone that is not registered (the same addr, size and pio) is an
-        InvalidArgumentError."""
+        InvalidArgumentError.  KVM unregisters every zone of the kind (MMIO or PIO) that
+        contains the range, so a zone around an unregistered one is gone too."""
         cdef uint64_t addr_ = as_u64(addr, "zone address")
         cdef uint32_t size_ = as_u32(size, "zone size_")
         require(size_ > 0, "zone size_ must be positive")
@@ -605,7 +606,11 @@ cdef class VmCore:
         require(key in self.coalesced_zones,
                 f"no coalesced {'PIO' if pio else 'MMIO'} zone {addr_:#x}+{size_:#x} is registered")
         self.vm_ioctl(KVM_UNREGISTER_COALESCED_MMIO, &z, "KVM_UNREGISTER_COALESCED_MMIO")
-        self.coalesced_zones.discard(key)
+        # KVM drops every zone of that kind that contains the range, not only the
+        # one that equals it: forget them all, as KVM does
+        for zone in [k for k in self.coalesced_zones if k[2] == key[2] and k[0] <= addr_ and
+                     addr_ + size_ <= k[0] + k[1]]:
+            self.coalesced_zones.discard(zone)
         return self.flush_coalesced()
 
     cdef tuple flush_coalesced(self):

@@ -282,3 +282,19 @@ def test_unregistering_a_zone_that_is_not_registered_is_an_error(machine):
     vm.register_coalesced(DEBUGCON, 1, pio=True)
     assert isinstance(machine.run(timeout=T), StopExit)
     assert vm.console() == b"z" and machine.vcpu.stats()["coalesced"] == 1
+
+
+def test_unregistering_a_zone_inside_another_drops_both_as_kvm_does(machine):
+    # KVM unregisters every zone of the kind that contains the range: the zone around
+    # it goes too, and kvmsys forgets it as well (issue 17, seen smaller)
+    vm = machine.vm
+    vm.register_coalesced(DEBUGCON, 4, pio=True)
+    vm.register_coalesced(DEBUGCON, 1, pio=True)
+    vm.register_coalesced(DEBUGCON, 1, pio=True, unregister=True)
+    with pytest.raises(InvalidArgumentError, match="no coalesced PIO zone"):
+        vm.register_coalesced(DEBUGCON, 4, pio=True, unregister=True)
+    # and KVM has no zone there any more: the write exits, it is not batched
+    load_code(machine, "real", out_imm(DEBUGCON, ord("z")) + STOP)
+    machine.devices()
+    assert isinstance(machine.run(timeout=T), StopExit)
+    assert vm.console() == b"z" and machine.vcpu.stats()["coalesced"] == 0
