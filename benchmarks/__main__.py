@@ -34,9 +34,9 @@ def run_suites(names, profile) -> dict:
     return results
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog=prog,
         description="Measure kvmsys on its built-in guests: exit round trips, kernel entry, thread "
                     "switches, vCPU lifecycle, kick latency, scaling and memory, over both ABIs.  "
                     "A Markdown report goes to stdout, progress to stderr.")
@@ -139,12 +139,14 @@ def _unwritable(path: str) -> str | None:
     return None if os.access(parent, os.W_OK | os.X_OK) else f"directory {parent} is not writable"
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m benchmarks") -> int:
+    """The harness's command line; *prog* is the name its help and errors give it
+    (`kvmsys bench` passes its own)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:              # `kvmsys bench -- --quick`: the separator is not ours
         argv = argv[1:]
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(prog).parse_args(argv)
     except SystemExit as e:             # --help, or a usage error: an exit code, not an exception
         return e.code if isinstance(e.code, int) else 2
     from . import baseline, harness, report

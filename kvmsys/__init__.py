@@ -22,8 +22,9 @@ from ._core import (Exit, IoExit, MmioExit, HltExit, ShutdownExit, IntrExit, Fai
                     HypercallExit, IrqWindowOpenExit, IoapicEoiExit, NotifyExit, BusLockExit,
                     MemoryFaultExit, DirtyRingFullExit)
 from .enums import Kind, Space, ExitReason, SystemEvent, MpState, MsrExitReason
-from .errors import *  # noqa: F401,F403
-from .errors import __all__ as _errors_all
+from .errors import (KvmsysError, KvmOSError, KvmUnavailableError, KvmPermissionError,
+                     CapabilityError, InvalidArgumentError, ArgumentTypeError, StateError,
+                     StaleVcpuError, VcpuBindingError, ConfigurationError, OperationTimeoutError)
 from .fd import Kvm, Vm, Vcpu
 from .syscall import (configure, add_vcpu, run, remove_vcpu, current, handle, vm, vcpus,
                       destroy_vm)
@@ -37,4 +38,8 @@ __all__ = ["Kvm", "Vm", "Vcpu", "configure", "add_vcpu", "run", "remove_vcpu", "
            "CoalescedExit", "CoalescedWrite", "VcpuHandle", "exit_name", "kick_signal",
            "set_kick_signal", "MsrExit", "HypercallExit", "IrqWindowOpenExit",
            "IoapicEoiExit", "NotifyExit", "BusLockExit", "MemoryFaultExit", "DirtyRingFullExit",
-           "Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReason", "__version__"] + list(_errors_all)
+           "Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReason", "__version__",
+           # kvmsys.errors.__all__ (a test checks that the two agree)
+           "KvmsysError", "KvmOSError", "KvmUnavailableError", "KvmPermissionError",
+           "CapabilityError", "InvalidArgumentError", "ArgumentTypeError", "StateError",
+           "StaleVcpuError", "VcpuBindingError", "ConfigurationError", "OperationTimeoutError"]

@@ -45,18 +45,21 @@ def _cmd_guests(args) -> int:
     return 0
 
 
-def _print_result(r) -> None:
+def _print_result(r, out=None) -> None:
+    """The console (to stdout), then the run's summary to *out* (stdout by default)."""
     if r.console:
         sys.stdout.write(r.console.decode("utf-8", "replace"))
         if not r.console.endswith(b"\n"):
             sys.stdout.write("\n")
+    out = sys.stdout if out is None else out
+    sys.stdout.flush()
     status = "none" if r.status is None else str(r.status)
     print(f"--- {r.guest} over the {r.abi} ABI on {r.vcpus} vCPU(s): {r.reason}, exit status {status}, "
-          f"{r.elapsed_s * 1e3:.1f} ms{' (64-bit native on PVM)' if r.native64 else ''}")
+          f"{r.elapsed_s * 1e3:.1f} ms{' (64-bit native on PVM)' if r.native64 else ''}", file=out)
     total = sum(r.exits.values())
-    print(f"exits: {total} (" + ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) + ")")
+    print(f"exits: {total} (" + ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())) + ")", file=out)
     if r.port_counts:
-        print("unhandled ports: " + ", ".join(f"{p:#x}×{n}" for p, n in sorted(r.port_counts.items())))
+        print("unhandled ports: " + ", ".join(f"{p:#x}×{n}" for p, n in sorted(r.port_counts.items())), file=out)
 
 
 class UsageError(Exception):
@@ -94,6 +97,23 @@ def _seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be finite and non-negative: {text!r}")
     return value
+
+
+_UNITS = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def _memory(text: str) -> int:
+    """argparse type of --memory: a size in bytes from MiB (a bare number, as QEMU's -m) or
+    with a unit: 512M, 1G, 2048K (binary multiples; a trailing B or iB is allowed)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t[-1:] in ("K", "M", "G", "T") else (t, "")
+    try:
+        value = int(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 128, 512M, 1G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value << _UNITS[unit]
 
 
 def _positive(text: str) -> int:
@@ -166,7 +186,7 @@ def _run_pc(args, image, gdb=None):
     timeout = args.timeout
     if timeout is None:
         timeout = None if args.serial == "stdio" else 10.0     # an interactive session has no deadline
-    common = dict(abi=args.abi, timeout=timeout, memory_size=args.memory << 20, irqchip=args.irqchip == "kernel",
+    common = dict(abi=args.abi, timeout=timeout, memory_size=args.memory, irqchip=args.irqchip == "kernel",
                   disk=disk, disk_readonly=readonly, serial=sink, gdb=gdb,
                   until=args.until.encode() if args.until else None, pit=not args.no_pit,
                   cpuid=_cpu_hook(args.cpu),
@@ -209,8 +229,12 @@ def _gdb_server(args):
     if args.gdb is None:
         return contextlib.nullcontext()
     from .gdb import GdbServer
-    server = GdbServer(args.gdb, vcpus=1 if args.firmware or args.kernel else args.vcpus)
-    print(f"kvmsys: gdb server listening on {server.address}; the guest waits for gdb "
+    address, wait = args.gdb, True
+    if address.endswith(",nowait"):
+        address, wait = address[:-len(",nowait")], False
+    server = GdbServer(address, vcpus=1 if args.firmware or args.kernel else args.vcpus, wait=wait)
+    print(f"kvmsys: gdb server listening on {server.address}; "
+          f"{'the guest waits for gdb' if wait else 'the guest runs, gdb may attach at any time'} "
           f"(gdb -ex 'target remote {server.address}')", file=sys.stderr, flush=True)
     return server
 
@@ -247,7 +271,8 @@ def _cmd_run(args) -> int:
                 inputs["n"] = args.n
             r = runner.run_guest(args.guest, abi=args.abi, vcpus=args.vcpus,
                                  timeout=10.0 if args.timeout is None else args.timeout, gdb=gdb, **inputs)
-    _print_result(r)
+    # with the terminal on stdio, stdout is the guest's alone: the summary goes to stderr
+    _print_result(r, sys.stderr if getattr(args, "serial", None) == "stdio" else None)
     if r.status is not None:
         return r.status & 0xFF      # a process exit status is 8 bits (QEMU truncates it too)
     return 0 if r.ok or r.reason in ("QUIT", "RESET", "MATCHED", "POWEROFF") else 2     # as QEMU: quit, -no-reboot
@@ -262,12 +287,14 @@ def _cmd_bench(args) -> int:
         print("kvmsys: the benchmark harness is not installed (pip install kvmsys, "
               "or python -m benchmarks from a checkout)", file=sys.stderr)
         return 2
-    return next(iter(found)).load()(args.rest)
+    return next(iter(found)).load()(args.rest, prog="kvmsys bench")
 
 
 def main(argv=None) -> int:
+    from . import __version__
     p = argparse.ArgumentParser(prog="kvmsys", description="Real vCPUs on Linux KVM.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     i = sub.add_parser("info", help="host KVM: API version, flavour, capabilities, /dev/kvm access")
     i.add_argument("--all", action="store_true", help="also list absent capabilities")
     i.set_defaults(fn=_cmd_info)
@@ -285,9 +312,10 @@ def main(argv=None) -> int:
     r.add_argument("--timeout", type=_seconds, help="seconds before the watchdog stops it (default 10; "
                    "none for firmware with --serial stdio)")
     r.add_argument("--n", type=int, help="iteration count input of loop/compute guests")
-    r.add_argument("--gdb", metavar="ADDRESS",
-                   help="serve gdb on HOST:PORT (port 0: any free one) or a Unix socket path; "
-                        "the guest waits for gdb before its first instruction")
+    r.add_argument("--gdb", metavar="ADDRESS[,nowait]",
+                   help="serve gdb on HOST:PORT (port 0: any free one) or a Unix socket path; the "
+                        "guest waits for gdb before its first instruction (QEMU's -s -S), or with "
+                        ",nowait runs at once and stops when gdb attaches (QEMU's -s)")
     pcg = r.add_argument_group("the PC of --firmware and --kernel")
     pcg.add_argument("--append", metavar="CMDLINE", help="--kernel: its command line")
     pcg.add_argument("--initrd", metavar="FILE", help="--kernel (Linux): the initial RAM disk")
@@ -308,7 +336,8 @@ def main(argv=None) -> int:
                      help="KVM's in-kernel PIC, IOAPIC, LAPIC and PIT (default), or none: a PIT in "
                           "kvmsys and no interrupts")
     pcg.add_argument("--screen", action="store_true", help="print the VGA text page (0xB8000) when it changes")
-    pcg.add_argument("--memory", type=int, default=128, metavar="MIB", help="RAM size (default 128)")
+    pcg.add_argument("--memory", type=_memory, default=128 << 20, metavar="SIZE",
+                     help="RAM size: MiB, or with a unit (512M, 1G); default 128M")
     pcg.add_argument("--no-reboot", action="store_true", help="a guest reset ends the run")
     pcg.add_argument("--until", metavar="TEXT", help="end the run once the serial or debug console shows TEXT")
     pcg.add_argument("--debug-log", metavar="PATH",
@@ -322,6 +351,9 @@ def main(argv=None) -> int:
         if argv[:1] == ["bench"]:       # everything after "bench" belongs to the benchmark's parser
             return _cmd_bench(argparse.Namespace(rest=argv[1:]))
         args = p.parse_args(argv)
+        if args.cmd is None:        # a bare `kvmsys`: what it can do
+            p.print_help()
+            return 0
         status = _run(args)
         sys.stdout.flush()          # a closed pipe shows here, not in the interpreter's exit
         return status

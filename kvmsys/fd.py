@@ -11,6 +11,8 @@ in the compiled core (kvmsys._core), shared with the syscall-style ABI.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from . import _core, kvmstats, routing, state
 from .errors import ArgumentTypeError, CapabilityError, InvalidArgumentError
 
@@ -32,7 +34,31 @@ def cap_number(cap) -> int:
         raise InvalidArgumentError(f"unknown capability {cap!r}") from None
 
 
-class Kvm(_core.KvmCore):
+class _Limits:
+    """The VM limits KVM reports, with the fallbacks the kernel's API documentation gives
+    for a KVM that lacks the capability (kvm-ioctls' get_nr_vcpus and friends).  On a VM
+    they are that VM's (KVM_CHECK_EXTENSION on the VM fd), on Kvm the host's."""
+
+    check_extension: Callable[[Any], int]       # Kvm's or Vm's
+
+    def get_nr_vcpus(self) -> int:
+        """The recommended most vCPUs (KVM_CAP_NR_VCPUS; 4 where absent)."""
+        return self.check_extension("NR_VCPUS") or 4
+
+    def get_max_vcpus(self) -> int:
+        """The most vCPUs a VM may have (KVM_CAP_MAX_VCPUS; where absent, get_nr_vcpus())."""
+        return self.check_extension("MAX_VCPUS") or self.get_nr_vcpus()
+
+    def get_max_vcpu_id(self) -> int:
+        """One more than the largest vCPU id (KVM_CAP_MAX_VCPU_ID; where absent, get_max_vcpus())."""
+        return self.check_extension("MAX_VCPU_ID") or self.get_max_vcpus()
+
+    def get_nr_memslots(self) -> int:
+        """The most memory slots (KVM_CAP_NR_MEMSLOTS; 32, x86's old KVM_MEMORY_SLOTS, where absent)."""
+        return self.check_extension("NR_MEMSLOTS") or 32
+
+
+class Kvm(_Limits, _core.KvmCore):
     """/dev/kvm."""
 
     def check_extension(self, cap) -> int:
@@ -43,14 +69,17 @@ class Kvm(_core.KvmCore):
         """Every capability this header knows, with the value the host reports."""
         return {name: super(Kvm, self).check_extension(num) for name, num in sorted(CAPABILITIES.items())}
 
-    def create_vm(self) -> "Vm":
-        return Vm(self)
+    def create_vm(self, vm_type: int = 0) -> "Vm":
+        """KVM_CREATE_VM: a new, bare VM (no memory, no irqchip, no handlers).  *vm_type*:
+        the machine type (x86: KVM_X86_DEFAULT_VM = 0; KVM_CAP_VM_TYPES lists the others)."""
+        return Vm(self, vm_type)
 
 
-class Vm(_core.VmCore):
+class Vm(_Limits, _core.VmCore):
     """A VM: memory slots, interrupt plumbing, fast handlers and vCPUs."""
 
     def check_extension(self, cap) -> int:
+        """KVM_CHECK_EXTENSION on the VM (by number or name): what this VM supports."""
         return super().check_extension(cap_number(cap))
 
     def require(self, cap, needed_for: str) -> int:
@@ -61,6 +90,7 @@ class Vm(_core.VmCore):
         return value
 
     def create_vcpu(self, vcpu_id: int = 0) -> "Vcpu":
+        """KVM_CREATE_VCPU: vCPU *vcpu_id* and its comm area."""
         return Vcpu(self, vcpu_id)
 
     x2apic_format = False     # KVM_X2APIC_API_USE_32BIT_IDS enabled: 32-bit APIC ids in MSIs and LAPIC state
@@ -108,6 +138,7 @@ class Vm(_core.VmCore):
 
 class Vcpu(_core.VcpuCore):
     """A vCPU, run by whichever thread calls run() (one at a time)."""
+    vm: Vm
 
     def handle(self) -> "_core.VcpuHandle":
         """A handle other threads may use to kick or interrupt this vCPU."""
@@ -115,19 +146,25 @@ class Vcpu(_core.VcpuCore):
 
     # Typed state (kvmsys.state): the kernel's bytes, with fields by name; the set_*
     # methods take these objects or any bytes of the right size.
-    def get_fpu(self) -> state.Fpu:
+    # (the core returns bytes; these return the typed views, bytearrays: hence the ignores)
+    def get_fpu(self) -> state.Fpu:  # type: ignore[override]
+        """KVM_GET_FPU: x87/SSE state as a kvmsys.state.Fpu (fields by name)."""
         return state.Fpu(super().get_fpu())
 
-    def get_lapic(self) -> state.Lapic:
+    def get_lapic(self) -> state.Lapic:  # type: ignore[override]
+        """KVM_GET_LAPIC: the local APIC's registers as a kvmsys.state.Lapic."""
         return state.Lapic(super().get_lapic())
 
-    def get_vcpu_events(self) -> state.VcpuEvents:
+    def get_vcpu_events(self) -> state.VcpuEvents:  # type: ignore[override]
+        """KVM_GET_VCPU_EVENTS: pending exceptions, interrupts, NMIs as a kvmsys.state.VcpuEvents."""
         return state.VcpuEvents(super().get_vcpu_events())
 
-    def get_xsave(self) -> state.Xsave:
+    def get_xsave(self) -> state.Xsave:  # type: ignore[override]
+        """KVM_GET_XSAVE(2): the extended state as a kvmsys.state.Xsave."""
         return state.Xsave(super().get_xsave())
 
-    def get_xcrs(self) -> state.Xcrs:
+    def get_xcrs(self) -> state.Xcrs:  # type: ignore[override]
+        """KVM_GET_XCRS: the extended control registers (XCR0) as a kvmsys.state.Xcrs."""
         return state.Xcrs(super().get_xcrs())
 
     # --- interrupts --------------------------------------------------------

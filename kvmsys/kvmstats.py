@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any
 
 from . import _core
 from .errors import CapabilityError, KvmOSError
@@ -57,7 +58,7 @@ def read(owner, detail: bool = False) -> dict:
         data = _pread(fd, end, data_off) if end else b""
     finally:
         os.close(fd)
-    out = {}
+    out: dict[str, Any] = {}
     for name, flags, exponent, size, offset, bucket in parsed:
         values = list(struct.unpack_from(f"<{size}Q", data, offset))
         value = values[0] if size == 1 else values

@@ -1,15 +1,18 @@
 """Where vCPU threads run on the host, and what the scheduler did to them.
 
 Policies for the vCPU threads of the process VM:
+
 - ``float``: the OS decides (the process's own CPU set);
 - ``pin``: vCPU i on host CPU i mod n;
 - ``balance``: the VM's vCPUs spread over different host CPUs, each new one on the
   CPU with the fewest of its siblings (balance scheduling, Sukwong & Kim, EuroSys 2011).
+
 Per-thread facts come from /proc/self/task/<tid>/{stat,status,sched}.
 """
 from __future__ import annotations
 
 import os
+from typing import Any
 
 POLICIES = ("float", "pin", "balance")
 
@@ -56,7 +59,7 @@ def thread_stats(tid: int) -> dict:
     """Host CPU now, migrations between CPUs and context switches of thread *tid*."""
     stat = _read(tid, "stat")
     fields = stat[stat.rindex(")") + 2:].split()
-    out = {"host_cpu": int(fields[36]), "migrations": None}    # field 39 of stat(5)
+    out: dict[str, Any] = {"host_cpu": int(fields[36]), "migrations": None}    # field 39 of stat(5)
     for line in _read(tid, "status").splitlines():
         if line.startswith("voluntary_ctxt_switches:"):
             out["voluntary_ctxt_switches"] = int(line.split()[1])

@@ -5,6 +5,7 @@
 - ports 0x3f8-0x3ff: enough of an 8250 UART for a polling guest (THR collected,
   LSR says "transmitter empty");
 - any other port reads as all-ones and ignores writes, counted per port.
+
 All of it is handled by the run loop in C: no exit reaches Python.
 """
 from __future__ import annotations

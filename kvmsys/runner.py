@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from . import _core, platform, pvm
 from .errors import ArgumentTypeError, InvalidArgumentError, KvmsysError
 from .guests import get as get_guest, layout
-from .machine import ABIS, Machine, check_abi, setup_devices  # noqa: F401 (setup_devices: API)
+from .machine import ABIS, Machine, check_abi
+from .machine import setup_devices as setup_devices     # re-exported: README's quick start uses it
 
 
 @dataclass
@@ -77,12 +78,13 @@ def _feed_interrupts(mem, handles, vector: int, n: int, deadline: float, done) -
                 return
 
 
-def _debugged(gdb, vcpu, run, deadline: float):
+def _debugged(gdb, vcpu, run, deadline: float, host_stop=None):
     """*run* and its deadline function, under the gdb server if there is one: time the
-    guest spends stopped in the debugger does not count against the timeout."""
+    guest spends stopped in the debugger does not count against the timeout.
+    *host_stop()*: why the host ends the run, or None (see GdbServer.attach)."""
     if gdb is None:
         return contextlib.nullcontext(run), lambda: deadline
-    return gdb.attach(vcpu, run), lambda: deadline + gdb.parked_seconds(vcpu.id)
+    return gdb.attach(vcpu, run, host_stop), lambda: deadline + gdb.parked_seconds(vcpu.id)
 
 
 def _check_run_args(abi, timeout) -> None:
@@ -106,8 +108,10 @@ class _Crew:
     is the only one): each attaches its vCPU, sets it up under a common lock, waits for the
     others, then runs it (under the gdb server if there is one) until the run ends."""
 
-    def __init__(self, machine, vcpus: int, *, setup, drive, gdb, deadline: float, parties: int = 0):
+    def __init__(self, machine, vcpus: int, *, setup, drive, gdb, deadline: float, parties: int = 0,
+                 host_stop=None):
         self.machine, self.setup, self.drive, self.gdb, self.deadline = machine, setup, drive, gdb, deadline
+        self.host_stop = host_stop
         self.results: list = [None] * vcpus
         self.errors: list = []
         self.stats: list = []
@@ -122,7 +126,8 @@ class _Crew:
             with self.setup_lock:
                 self.setup(i, vcpu)
             self.ready.wait()
-            debugged, until = _debugged(self.gdb, vcpu, self.machine.runner(vcpu), self.deadline)
+            debugged, until = _debugged(self.gdb, vcpu, self.machine.runner(vcpu), self.deadline,
+                                        self.host_stop)
             with debugged as run:
                 self.results[i] = self.drive(run, vcpu, until)
             self.stats.append(vcpu.stats())
@@ -214,7 +219,8 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
         handles[i] = vcpu.handle()
 
     crew = _Crew(machine, vcpus, setup=setup, drive=lambda run, vcpu, until: _drive(run, until), gdb=gdb,
-                 deadline=time.monotonic() + timeout, parties=1 if vector else 0)
+                 deadline=time.monotonic() + timeout, parties=1 if vector else 0,
+                 host_stop=lambda: "INTERRUPTED" if done.is_set() else None)
 
     def feeder() -> None:
         try:
@@ -344,7 +350,9 @@ def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, unt
                 prepare(vcpu)
 
         crew = _Crew(machine, vcpus, setup=setup, gdb=gdb, deadline=deadline,
-                     drive=lambda run, vcpu, until_fn: _drive_pc(pc, run, vcpu, until_fn, no_reboot))
+                     drive=lambda run, vcpu, until_fn: _drive_pc(pc, run, vcpu, until_fn, no_reboot),
+                     host_stop=lambda: None if pc.pending is None else
+                     "RESET" if pc.pending == "reset" and no_reboot else pc.pending)
         t0 = time.monotonic()
         if on_start is not None:
             on_start(pc)

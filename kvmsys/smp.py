@@ -1,4 +1,4 @@
-"""Stop-the-world for the process VM (syscall ABI), and snapshot / restore.
+"""Stop-the-world for the process VM (syscall ABI), and snapshot / restore::
 
     with kvmsys.smp.paused():           # every bound vCPU has left KVM_RUN and waits
         snap = kvmsys.smp.snapshot()    # picklable: vCPU states, guest memory, configuration

@@ -2,7 +2,7 @@
 
 Each class is a bytearray holding exactly the bytes of the kernel struct, so it
 round-trips through the set_*/get_* ioctls unchanged and stays usable as bytes;
-a string index reads or writes one field by its name:
+a string index reads or writes one field by its name::
 
     lapic = vcpu.get_lapic()
     lapic["svr"] |= 0x100          # software-enable the local APIC

@@ -13,8 +13,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import inspect
 import os
 import threading
+from typing import Any, Iterator, Literal, cast
 
 from . import _core, platform, vcpustate
 from . import placement as _placement
@@ -25,18 +27,9 @@ from .fd import Kvm, Vm, Vcpu
 __all__ = ["configure", "add_vcpu", "run", "remove_vcpu", "current", "handle", "vm",
            "destroy_vm", "config", "vcpus", "set_placement", "fresh_vm", "DEFAULTS"]
 
-DEFAULTS = dict(
-    memory_size=16 << 20,   # guest RAM at guest-physical 0
-    irqchip=False,          # in-kernel PIC/IOAPIC/LAPIC (HLT no longer exits with it); "split": LAPICs only
-    pit=False,              # in-kernel i8254 (needs irqchip)
-    pc_ports=True,          # isa-debug-exit, debugcon, serial, other ports ignored (kvmsys.platform)
-    placement="float",      # vCPU threads: float, pin or balance (kvmsys.placement)
-)
-
 # The VM belongs to the process: one lock guards its creation and the vCPU pool
 # (add/remove only; run() never takes it).
 _lock = threading.Lock()
-_config = dict(DEFAULTS)
 _kvm: Kvm | None = None
 _vm: "ProcessVm | None" = None
 _vm_pid = 0                              # the process that created _vm
@@ -46,10 +39,10 @@ _bound: dict[int, "ThreadVcpu"] = {}     # id -> vCPU bound to some thread
 
 class ThreadVcpu(Vcpu):
     """A vCPU owned by one thread (the syscall-style ABI)."""
-    tid = None          # native id of the owning thread while bound
-    placement = None    # its placement policy while bound
-    _initial = None     # its state when created (captured before its first owner gets it)
-    _dirty = False      # in the pool, used by its last owner: reset before the next one
+    tid: int | None = None          # native id of the owning thread while bound
+    placement: str | None = None    # its placement policy while bound
+    _initial: Any = None            # its state when created (captured before its first owner gets it)
+    _dirty: bool = False            # in the pool, used by its last owner: reset before the next one
 
     def set_cpuid2(self, entries) -> None:
         """KVM_SET_CPUID2.  KVM freezes a vCPU's CPUID at its first KVM_RUN, for good; a
@@ -66,7 +59,7 @@ class ThreadVcpu(Vcpu):
             state = vcpustate.capture(self) if changed else None
             self._move_locked(_free_id(self.vm))
         super().set_cpuid2(entries)
-        if changed:         # what this owner did before: carried over (KVM order, CPUID first)
+        if state is not None:   # what this owner did before: carried over (KVM order, CPUID first)
             vcpustate.apply(self, state)
 
     def replace_kernel_vcpu(self, new_id) -> None:
@@ -106,42 +99,62 @@ class ProcessVm(Vm):
             super().close()
 
 
-# Guest RAM of the process VM: up to 1 TiB (reserved lazily, MAP_NORESERVE).
-MAX_MEMORY_SIZE = 1 << 40
+def configure(*, memory_size: int = 0, irqchip: bool | Literal["split"] = False, pit: bool = False,
+              pc_ports: bool = False, placement: str = "float") -> None:
+    """Set the configuration of the process VM, before it exists (ConfigurationError
+    after: destroy_vm() first).  Each call sets every option; one not named takes its
+    default, which is what an fd-ABI VM from Kvm().create_vm() has: nothing.
 
-
-def _check_options(options: dict) -> None:
-    """Validate process-VM options (see DEFAULTS) against the current configuration."""
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise InvalidArgumentError(f"unknown option(s) {sorted(unknown, key=str)}; known: {sorted(DEFAULTS)}")
-    size = options.get("memory_size", _config["memory_size"])
-    if not isinstance(size, int) or not 0 < size <= MAX_MEMORY_SIZE or size % 4096:
-        raise InvalidArgumentError(f"memory_size must be a positive multiple of 4096 up to {MAX_MEMORY_SIZE:#x}, "
-                                   f"not {size!r}")
-    for flag in ("pit", "pc_ports"):
-        if flag in options and not isinstance(options[flag], bool):
-            raise ArgumentTypeError(f"{flag} must be True or False, not {options[flag]!r}")
-    if "irqchip" in options and not (isinstance(options["irqchip"], bool) or options["irqchip"] == "split"):
-        raise InvalidArgumentError(f"irqchip must be False, True or 'split', not {options['irqchip']!r}")
-    if "placement" in options:
-        _placement.check_policy(options["placement"])
-    if options.get("pit") and options.get("irqchip", _config["irqchip"]) is not True:
-        raise InvalidArgumentError("pit=True needs irqchip=True")
-
-
-def configure(**options) -> None:
-    """Set options of the process VM before it exists (see DEFAULTS)."""
-    _check_options(options)
+    :param memory_size: bytes of guest RAM at guest-physical 0, a multiple of 4096 up
+        to 1 TiB (reserved lazily); 0: no memory slot (add one with vm().add_memory()).
+    :param irqchip: True for KVM's in-kernel PIC, IOAPIC and LAPICs (HLT no longer
+        exits with it), "split" for the LAPICs only.
+    :param pit: KVM's in-kernel i8254 PIT (needs irqchip=True).
+    :param pc_ports: the PC's ports handled in C (kvmsys.platform.install_pc_ports:
+        isa-debug-exit, debug console, a serial console, the other ports ignored and
+        counted).
+    :param placement: how vCPU threads are placed on host CPUs: "float", "pin" or
+        "balance" (kvmsys.placement)."""
+    new = _checked(dict(memory_size=memory_size, irqchip=irqchip, pit=pit, pc_ports=pc_ports,
+                        placement=placement))
     with _lock:
         if _vm is not None:
             raise ConfigurationError("the process VM already exists (created by the first add_vcpu "
                                      "or vm()); configure() must come before it, or call destroy_vm() first")
-        _config.update(options)
+        _config.update(new)
 
 
-def config() -> dict:
-    """The process VM's configuration (a copy)."""
+#: configure()'s defaults: the configuration of a process that never called it.
+DEFAULTS: dict[str, Any] = {name: p.default for name, p in inspect.signature(configure).parameters.items()}
+_config: dict[str, Any] = dict(DEFAULTS)
+
+# Guest RAM of the process VM: up to 1 TiB (reserved lazily, MAP_NORESERVE).
+MAX_MEMORY_SIZE = 1 << 40
+
+
+def _checked(options: dict[str, Any]) -> dict[str, Any]:
+    """*options* (names of configure()'s parameters) validated, the others at their defaults."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise InvalidArgumentError(f"unknown option(s) {sorted(unknown, key=str)}; known: {sorted(DEFAULTS)}")
+    new = dict(DEFAULTS, **options)
+    size = new["memory_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_MEMORY_SIZE or size % 4096:
+        raise InvalidArgumentError(f"memory_size must be 0 or a positive multiple of 4096 up to "
+                                   f"{MAX_MEMORY_SIZE:#x}, not {size!r}")
+    for flag in ("pit", "pc_ports"):
+        if not isinstance(new[flag], bool):
+            raise ArgumentTypeError(f"{flag} must be True or False, not {new[flag]!r}")
+    if not (isinstance(new["irqchip"], bool) or new["irqchip"] == "split"):
+        raise InvalidArgumentError(f"irqchip must be False, True or 'split', not {new['irqchip']!r}")
+    _placement.check_policy(new["placement"])
+    if new["pit"] and new["irqchip"] is not True:
+        raise InvalidArgumentError("pit=True needs irqchip=True")
+    return new
+
+
+def config() -> dict[str, Any]:
+    """The process VM's configuration (a copy): configure()'s keyword arguments."""
     return dict(_config)
 
 
@@ -158,7 +171,8 @@ def _create_vm() -> ProcessVm:
             v.create_irqchip()
             if _config["pit"]:
                 v.create_pit2()
-        v.add_memory(0, 0, _config["memory_size"])
+        if _config["memory_size"]:
+            v.add_memory(0, 0, _config["memory_size"])
         if _config["pc_ports"]:
             platform.install_pc_ports(v)
     except BaseException:
@@ -211,8 +225,9 @@ def _forget(st: dict) -> None:
     # Step: the released vCPU leaves the binding table; its thread floats again; it
     # goes back to the pool only if its VM is still the process VM.
     vcpu = st["vcpu"]
-    if _bound.get(vcpu.id) is vcpu:
-        del _bound[vcpu.id]
+    vcpu_id = vcpu.id
+    if _bound.get(vcpu_id) is vcpu:
+        del _bound[vcpu_id]
     if vcpu.tid is not None and vcpu.tid == threading.get_native_id():
         _placement.apply(vcpu.tid, set(_placement.allowed_cpus()))
     vcpu.tid = vcpu.placement = None
@@ -241,6 +256,7 @@ def _place(vcpu: ThreadVcpu) -> None:
     # Under _lock.  Siblings: the other bound vCPUs pinned to one CPU.
     siblings = [next(iter(c)) for v in _bound.values() if v is not vcpu and v.tid is not None
                 for c in [os.sched_getaffinity(v.tid)] if len(c) == 1]
+    assert vcpu.tid is not None and vcpu.placement is not None     # bound: both set
     _placement.apply(vcpu.tid, _placement.choose_cpus(vcpu.placement, vcpu.id, siblings))
 
 
@@ -260,7 +276,7 @@ def set_placement(policy: str, vcpu: ThreadVcpu | None = None) -> None:
             _place(v)
 
 
-def _free_id(v: Vm) -> int:
+def _free_id(v: _core.VmCore) -> int:
     # Under _lock: the lowest id KVM has no vCPU for (retired ones keep theirs).
     vcpu_id = 0
     while vcpu_id in v.vcpu_ids:
@@ -299,7 +315,7 @@ def _settle(st: dict) -> None:
     _place(vcpu)
 
 
-def add_vcpu(placement: str | None = None):
+def add_vcpu(placement: str | None = None) -> memoryview:
     """Attach a new vCPU to the calling thread and return its comm area.
 
     The comm area is a writable zero-copy memoryview of the vCPU's struct kvm_run.
@@ -311,7 +327,7 @@ def add_vcpu(placement: str | None = None):
     if _core.bound() is not None:
         raise VcpuBindingError("this thread already has a vCPU: call remove_vcpu() first "
                                "(one vCPU per thread)")
-    st = {"policy": policy}
+    st: dict[str, Any] = {"policy": policy}
     _core.steps(_lock, (_take, (st,)), (_core.bind_from_pool, (st, _pool, _bound, _release)),
                 (_settle, (st,)))
     return st["vcpu"].comm_area
@@ -325,18 +341,18 @@ def remove_vcpu() -> None:
     """Detach the calling thread's vCPU and release it (its id becomes reusable).  All or
     nothing: an exception (a Ctrl-C included) while it waits for the process VM's lock
     leaves the vCPU bound; once detached, the release completes."""
-    st = {}
+    st: dict[str, Any] = {}
     _core.steps(_lock, (_core.unbind_into, (st,)), *_give_back(st))
 
 
 def current() -> ThreadVcpu | None:
     """The calling thread's vCPU, or None."""
-    return _core.bound()
+    return cast("ThreadVcpu | None", _core.bound())
 
 
 def handle() -> "_core.VcpuHandle":
     """A handle to the calling thread's vCPU, for other threads to hold."""
-    vcpu = _core.bound()
+    vcpu = current()
     if vcpu is None:
         raise VcpuBindingError("this thread has no vCPU: call add_vcpu() first")
     return vcpu.handle()
@@ -365,11 +381,11 @@ def destroy_vm() -> None:
 
 
 @contextlib.contextmanager
-def fresh_vm(**options):
-    """A fresh process VM with *options* (see configure()) for the duration of a `with`
-    block, which yields it; afterwards it is destroyed and the old configuration is back.
-    No vCPU may be bound when it starts or ends."""
-    _check_options(options)         # before anything is destroyed
+def fresh_vm(**options: Any) -> Iterator[ProcessVm]:
+    """A fresh process VM configured with *options* (configure()'s keyword arguments)
+    for the duration of a `with` block, which yields it; afterwards it is destroyed and
+    the old configuration is back.  No vCPU may be bound when it starts or ends."""
+    _checked(options)               # before anything is destroyed
     saved = config()
     destroy_vm()
     try:

@@ -232,10 +232,12 @@ cdef class VcpuHandle:
 
     @property
     def vm(self):
+        """The VM of the vCPU (StaleVcpuError once it is gone)."""
         return self._named().vm
 
     @property
     def alive(self):
+        """True while the vCPU this handle names is still bound (same generation)."""
         # generation 0 is never a vCPU's (they start at 1): a handle made by __new__ is dead
         return self.vcpu is not None and self.generation != 0 and not self.vcpu.closed \
             and self.vcpu.v.generation == self.generation
@@ -261,7 +263,7 @@ cdef class VcpuHandle:
         self._kick(KICK_USER)
 
     def call_soon(self, fn, *args):
-        """Run fn(*args) on the vCPU's owning thread at its next exit; the run goes on.
+        """Run ``fn(*args)`` on the vCPU's owning thread at its next exit; the run goes on.
 
         Returns a concurrent.futures.Future with fn's result or exception (a call
         that raises does not keep the calls queued behind it from running).  Calls
@@ -293,7 +295,7 @@ cdef class VcpuHandle:
                              "that the guest has not taken (interrupts disabled?)")
         return 0
 
-    def interrupt(self, vector_):
+    def interrupt(self, vector):
         """Request external interrupt *vector* for this vCPU: queued and injected by the
         thread that runs it, at once if it is running (a kick), else at its next run().
 
@@ -303,14 +305,14 @@ cdef class VcpuHandle:
         Without: queued; the owner's run loop injects each vector once, in order, when
         the guest can take it (IF=1, as KVM reports), asking KVM for an
         interrupt-window exit meanwhile."""
-        cdef uint32_t vector = <uint32_t>as_uint(vector_, "interrupt vector", 255)
-        require(vector >= 16, "vector must be 16..255")
+        cdef uint32_t vector_ = <uint32_t>as_uint(vector, "interrupt vector", 255)
+        require(vector_ >= 16, "vector must be 16..255")
         self._check()
         if self.vcpu.vm.has_irqchip:
-            self.vcpu.pending.append((self.vcpu.interrupt, (vector,), None))
+            self.vcpu.pending.append((self.vcpu.interrupt, (vector_,), None))
             self._kick(KICK_CALLS)
             return
-        self._queue(vector)
+        self._queue(vector_)
 
     def nmi(self):
         """Request an NMI for this vCPU: queued; the owner's run loop injects each one

@@ -64,11 +64,11 @@ cdef class DeviceCore:
             self.attr_ioctl(KVM_SET_DEVICE_ATTR, as_u32(group, "attribute group"), as_u64(attr, "attribute"),
                             <char *>buf, "KVM_SET_DEVICE_ATTR")
 
-    def get_attr(self, group, attr, size_=8):
+    def get_attr(self, group, attr, size=8):
         """KVM_GET_DEVICE_ATTR: *size* bytes of the attribute's value (the device defines it)."""
-        cdef size_t size = as_uint(size_, "attribute size", 65536)
-        require(size > 0, "attribute size must be 1..65536 bytes")
-        cdef bytearray buf = bytearray(size)
+        cdef size_t size_ = as_uint(size, "attribute size", 65536)
+        require(size_ > 0, "attribute size must be 1..65536 bytes")
+        cdef bytearray buf = bytearray(size_)
         self.attr_ioctl(KVM_GET_DEVICE_ATTR, as_u32(group, "attribute group"), as_u64(attr, "attribute"),
                         <char *>buf, "KVM_GET_DEVICE_ATTR")
         return bytes(buf)

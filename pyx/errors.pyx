@@ -2,7 +2,7 @@
 # kvmsys/errors.py (policy and documentation in the Python layer).
 from kvmsys.errors import (KvmOSError, KvmUnavailableError, KvmPermissionError,
                            InvalidArgumentError, ArgumentTypeError, StateError, StaleVcpuError,
-                           VcpuBindingError)
+                           VcpuBindingError, access_hint)
 
 
 cdef int raise_os(int err, str op, str hint=None) except -1:

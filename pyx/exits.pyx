@@ -1,6 +1,8 @@
 # Exits decoded into typed values that read the comm area in place (no copy):
 # an exit is valid until the vCPU runs again.
 
+import inspect as _inspect
+
 cdef enum:
     # kvmsys's own stop reasons, beside KVM's exit reasons (which are >= 0)
     KVMSYS_EXIT_STOP = -1
@@ -50,7 +52,10 @@ def exit_name(reason):
 
 
 cdef class Exit:
-    """Why run() returned.  Subclasses decode each exit kind; fields read the comm area."""
+    """Why run() returned.  Subclasses decode each exit kind; fields read the comm area.
+
+    ``vcpu``: the vCPU that exited; ``reason``: KVM_EXIT_* (>= 0) or one of kvmsys's
+    own stop reasons (< 0), a kvmsys.ExitReason value."""
     cdef readonly VcpuCore vcpu
     cdef readonly int reason
     cdef Mapping page           # keeps the comm area mapped while the exit is alive
@@ -94,10 +99,22 @@ cdef class Exit:
 
     @property
     def name(self):
+        """The exit reason's name ("IO", "HLT", ...; kvmsys's own: "STOP", "KICK", ...)."""
         return name_of_exit(self.reason)
 
     def __repr__(self):
-        return f"<{type(self).__name__} {self.name}>"
+        # the fields (properties) its class decodes, read now: an exit of an earlier run
+        # is stale, and says so instead of raising
+        fields = []
+        for k, d in type(self).__dict__.items():
+            if k.startswith("_") or k == "name" or not _inspect.isgetsetdescriptor(d):
+                continue
+            try:
+                v = getattr(self, k)
+            except Exception:
+                return f"<{type(self).__name__} {self.name} (stale)>"
+            fields.append(f" {k}={v:#x}" if type(v) is int else f" {k}={v!r}")
+        return f"<{type(self).__name__} {self.name}{''.join(fields)}>"
 
 
 cdef class IoExit(Exit):
@@ -105,22 +122,27 @@ cdef class IoExit(Exit):
 
     @property
     def port(self):
+        """The I/O port."""
         return self.cur().io.port
 
     @property
     def size(self):
+        """Bytes per element: 1, 2 or 4."""
         return self.cur().io.size
 
     @property
     def count(self):
+        """Elements transferred (> 1 for rep ins/outs)."""
         return self.cur().io.count
 
     @property
     def is_in(self):
+        """True for a read of the port (IN): fill data before the next run."""
         return self.cur().io.direction == KVM_EXIT_IO_IN
 
     @property
     def direction(self):
+        """"in" or "out"."""
         return "in" if self.cur().io.direction == KVM_EXIT_IO_IN else "out"
 
     @property
@@ -156,14 +178,17 @@ cdef class MmioExit(Exit):
 
     @property
     def address(self):
+        """The guest-physical address accessed."""
         return self.cur().mmio.phys_addr
 
     @property
     def length(self):
+        """Bytes accessed: 1 to 8."""
         return self.cur().mmio.len
 
     @property
     def is_write(self):
+        """True for a write; a read takes data back at the next run."""
         return bool(self.cur().mmio.is_write)
 
     @property
@@ -176,6 +201,7 @@ cdef class MmioExit(Exit):
 
     @property
     def value(self):
+        """The data as an unsigned little-endian int (settable for a read)."""
         return int.from_bytes(self.data, "little")
 
     @value.setter
@@ -210,10 +236,12 @@ cdef class FailEntryExit(Exit):
 
     @property
     def hardware_entry_failure_reason(self):
+        """The hardware's reason code (VMX/SVM specific)."""
         return self.cur().fail_entry.hardware_entry_failure_reason
 
     @property
     def cpu(self):
+        """The host CPU the entry failed on."""
         return self.cur().fail_entry.cpu
 
 
@@ -226,6 +254,7 @@ cdef class InternalErrorExit(Exit):
 
     @property
     def data(self):
+        """The suberror's extra data words (KVM says how many)."""
         return tuple(self.cur().internal.data[i] for i in range(min(self.cur().internal.ndata, 16)))
 
 
@@ -239,6 +268,7 @@ cdef class SystemEventExit(Exit):
 
     @property
     def data(self):
+        """The event's data words (e.g. a PSCI reset type)."""
         return tuple(self.cur().system_event.data[i] for i in range(min(self.cur().system_event.ndata, 16)))
 
 
@@ -247,18 +277,22 @@ cdef class DebugExit(Exit):
 
     @property
     def exception(self):
+        """The debug exception: 1 (#DB: a step or debug register) or 3 (#BP: int3)."""
         return self.cur().debug.arch.exception
 
     @property
     def pc(self):
+        """The guest's PC (linear address) at the exit."""
         return self.cur().debug.arch.pc
 
     @property
     def dr6(self):
+        """DR6: which debug register hit (bits 0-3), single step (bit 14)."""
         return self.cur().debug.arch.dr6
 
     @property
     def dr7(self):
+        """DR7: the debug registers' enables and conditions."""
         return self.cur().debug.arch.dr7
 
 
@@ -269,6 +303,7 @@ cdef class MsrExit(Exit):
 
     @property
     def index(self):
+        """The MSR's index (ECX)."""
         return self.cur().msr.index
 
     @property
@@ -278,6 +313,7 @@ cdef class MsrExit(Exit):
 
     @property
     def is_write(self):
+        """True for WRMSR (data is the value written), False for RDMSR."""
         return self.reason == KVM_EXIT_X86_WRMSR
 
     @property
@@ -312,14 +348,17 @@ cdef class HypercallExit(Exit):
 
     @property
     def nr(self):
+        """The hypercall number."""
         return self.cur().hypercall.nr
 
     @property
     def args(self):
+        """Its six arguments."""
         return tuple(self.cur().hypercall.args[i] for i in range(6))
 
     @property
     def longmode(self):
+        """True if the guest made it in 64-bit mode."""
         return bool(self.cur().hypercall.longmode & 1)
 
     @property
@@ -343,10 +382,12 @@ cdef class IrqWindowOpenExit(Exit):
 
     @property
     def ready_for_interrupt_injection(self):
+        """True once KVM_INTERRUPT can inject an interrupt."""
         return bool(self.cur().ready_for_interrupt_injection)
 
     @property
     def if_flag(self):
+        """The guest's RFLAGS.IF."""
         return bool(self.cur().if_flag)
 
 
@@ -356,6 +397,7 @@ cdef class IoapicEoiExit(Exit):
 
     @property
     def vector(self):
+        """The vector the guest acknowledged (EOI)."""
         return self.cur().eoi.vector
 
     def __repr__(self):
@@ -371,10 +413,12 @@ cdef class NotifyExit(Exit):
 
     @property
     def flags(self):
+        """KVM_NOTIFY_CONTEXT_* flags."""
         return self.cur().notify.flags
 
     @property
     def context_invalid(self):
+        """True if the guest's context is corrupt: it cannot go on."""
         return bool(self.cur().notify.flags & KVM_NOTIFY_CONTEXT_INVALID)
 
 
@@ -388,6 +432,7 @@ cdef class MemoryFaultExit(Exit):
 
     @property
     def flags(self):
+        """KVM_MEMORY_EXIT_FLAG_* flags (PRIVATE: a private access)."""
         return kvmsys_run_memory_fault(self.cur()).flags
 
     @property
@@ -442,7 +487,9 @@ cdef class CoalescedExit(Exit):
     """A write the kernel batched in the coalesced MMIO/PIO ring, for a Python-handled
     range (or no fast handler), in order before the exit that drained it.  It reads
     like the IoExit (``reason`` IO) or MmioExit (``reason`` MMIO) it stands for, always
-    a write; the entry is copied, since its ring slot is reused once it is taken."""
+    a write; the entry is copied, since its ring slot is reused once it is taken.
+    ``address``: the port or guest-physical address, ``data``: the bytes written,
+    ``pio``: True for a port."""
     cdef readonly uint64_t address
     cdef readonly bytes data
     cdef readonly bint pio
@@ -459,34 +506,42 @@ cdef class CoalescedExit(Exit):
 
     @property
     def port(self):
+        """The port (for PIO) or address (MMIO) written."""
         return self.address
 
     @property
     def size(self):
+        """Bytes written."""
         return len(self.data)
 
     @property
     def length(self):
+        """Bytes written."""
         return len(self.data)
 
     @property
     def count(self):
+        """Always 1."""
         return 1
 
     @property
     def value(self):
+        """The data as an unsigned little-endian int."""
         return int.from_bytes(self.data, "little")
 
     @property
     def is_write(self):
+        """Always True: the ring holds writes only."""
         return True
 
     @property
     def is_in(self):
+        """Always False."""
         return False
 
     @property
     def direction(self):
+        """Always "out"."""
         return "out"
 
     def __repr__(self):
@@ -549,7 +604,15 @@ cdef class SyncRegs:
         return 0
 
     def as_dict(self):
+        """The registers as a dict (what get_regs() returns)."""
         return self.p()[0]
+
+    def __repr__(self):
+        try:
+            r = self.p()[0]
+        except Exception as e:          # stale or closed: say so, never raise from repr
+            return f"<SyncRegs ({e})>"
+        return "<SyncRegs " + " ".join(f"{k}={v:#x}" for k, v in r.items()) + ">"
 
     property rax:
         def __get__(self): return self.p().rax

@@ -72,6 +72,10 @@ cdef class Mapping:
     def __releasebuffer__(self, Py_buffer *buf):
         self.exports -= 1
 
+    def __repr__(self):
+        state = f" revoked: {self.revoked}" if self.revoked is not None else ""
+        return f"<Mapping {self.what} {self.size:#x} bytes at {<size_t>self.addr:#x}{state}>"
+
     def __len__(self):
         return self.size
 

@@ -9,7 +9,6 @@ cdef enum:
 
 _HINT_MISSING = ("load the kvm module (modprobe kvm_intel or kvm_amd), or, inside a VM, "
                  "enable nested virtualization")
-_HINT_ACCESS = "add your user to the 'kvm' group (sudo usermod -aG kvm $USER) and log in again"
 
 
 cdef kvm_cpuid2 *cpuid_new() except NULL:
@@ -84,7 +83,7 @@ cdef int require_system_cap(KvmCore kvm, long cap, str name, str needed_for) exc
 
 
 cdef class KvmCore:
-    """The KVM system fd (/dev/kvm)."""
+    """The KVM system fd (/dev/kvm, or the device at ``path``)."""
     # The /dev/kvm system fd.
     cdef int fd
     cdef readonly str path
@@ -108,7 +107,7 @@ cdef class KvmCore:
             if err in (ENOENT, ENXIO, ENODEV):
                 raise KvmUnavailableError(err, f"open({self.path})", _HINT_MISSING)
             if err in (EACCES, EPERM):
-                raise KvmPermissionError(err, f"open({self.path})", _HINT_ACCESS)
+                raise KvmPermissionError(err, f"open({self.path})", access_hint(self.path))
             raise_os(err, f"open({self.path})")
         self.fd = fd
         # Refuse a path that is not KVM (e.g. /dev/null) at once, not at first use.
@@ -131,12 +130,17 @@ cdef class KvmCore:
         return ioctl_checked(self.fd, req, <void *>arg, op)
 
     def fileno(self):
+        """The /dev/kvm fd."""
         self.require_open()
         return self.fd
 
     @property
     def closed(self):
+        """True once closed."""
         return self.fd < 0
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.path} {'closed' if self.fd < 0 else f'fd={self.fd}'}>"
 
     def api_version(self):
         """KVM_GET_API_VERSION (12 on every Linux since 2.6.22)."""

@@ -94,7 +94,11 @@ cdef int create_kernel_vcpu(VmCore vm, int vcpu_id) except -1:
 
 
 cdef class VcpuCore:
-    """A KVM vCPU fd and its comm area (struct kvm_run, mapped zero-copy)."""
+    """A KVM vCPU fd and its comm area (struct kvm_run, mapped zero-copy).
+
+    ``vm``: its VM; ``id``: its vCPU id (the kernel's; a recycled vCPU may move to a
+    new one, see README); ``pending``: the calls that handles queued with call_soon()
+    and interrupt(), run by the owning thread at its next exit."""
     # A vCPU fd, its comm area (the mmap'd kvm_run page) and its run state.  The
     # kernel vCPU (v) outlives this object when renew() hands it to a new one:
     # this one is then stale, and keeps its successor (the owner of v) alive.
@@ -403,6 +407,7 @@ cdef class VcpuCore:
         return bytes(buf[:(<kvm_nested_state *><char *>buf).size])
 
     def set_nested_state(self, data):
+        """KVM_SET_NESTED_STATE: bytes from get_nested_state() (a nested hypervisor's state)."""
         cdef long size = self.require_cap(KVM_CAP_NESTED_STATE, "NESTED_STATE", "KVM_SET_NESTED_STATE")
         cdef bytearray buf = bytearray(as_blob(data, "set_nested_state"))
         require(sizeof(kvm_nested_state) <= <size_t>len(buf) <= <size_t>size and
@@ -419,12 +424,25 @@ cdef class VcpuCore:
         return n
 
     def fileno(self):
+        """The vCPU fd."""
         self.require_open()
         return self.v.fd
 
     @property
     def closed(self):
+        """True once closed (or removed from its thread, or inherited by a fork child)."""
         return self.v == NULL or self.v.fd < 0 or self.gone is not None or self.forkgen != kvmsys_fork_generation
+
+    def __repr__(self):
+        name = type(self).__name__
+        if self.gone is not None:
+            return f"<{name} {self.id} stale>"
+        if self.closed:
+            return f"<{name} {self.id} closed>"
+        state = "running" if self.running else "in run()" if self.active else "idle"
+        cdef int i
+        exits = sum(self.v.exits[i] for i in range(NR_REASONS))
+        return f"<{name} {self.id} fd={self.v.fd} {state} runs={self.v.runs} exits={exits}>"
 
     @property
     def stale(self):
@@ -629,6 +647,7 @@ cdef class VcpuCore:
 
     @property
     def immediate_exit(self):
+        """kvm_run.immediate_exit: non-zero makes the next KVM_RUN return at once (EINTR)."""
         self.require_open()
         return self.v.run.immediate_exit
 
@@ -721,11 +740,13 @@ cdef class VcpuCore:
         self.vcpu_ioctl(KVM_SET_SREGS, &s, "KVM_SET_SREGS")
 
     def get_debugregs(self):
+        """KVM_GET_DEBUGREGS: db (DR0-DR3), dr6, dr7 and flags, as a dict."""
         cdef kvm_debugregs d
         self.vcpu_ioctl(KVM_GET_DEBUGREGS, &d, "KVM_GET_DEBUGREGS")
         return d
 
     def set_debugregs(self, debugregs):
+        """KVM_SET_DEBUGREGS from a dict as get_debugregs() returns it."""
         cdef kvm_debugregs d
         try:
             d = int_leaves(of_type(debugregs, dict, "debugregs"), "debugregs")
@@ -788,11 +809,13 @@ cdef class VcpuCore:
             free(c)
 
     def get_mp_state(self):
+        """KVM_GET_MP_STATE: a kvmsys.MpState value (RUNNABLE, HALTED, ...)."""
         cdef kvm_mp_state s
         self.vcpu_ioctl(KVM_GET_MP_STATE, &s, "KVM_GET_MP_STATE")
         return as_enum("MpState", s.mp_state)
 
     def set_mp_state(self, state):
+        """KVM_SET_MP_STATE: a kvmsys.MpState value."""
         cdef kvm_mp_state s
         s.mp_state = as_u32(state, "MP state")
         self.vcpu_ioctl(KVM_SET_MP_STATE, &s, "KVM_SET_MP_STATE")
@@ -813,6 +836,7 @@ cdef class VcpuCore:
         return self.get_blob(KVM_GET_FPU, sizeof(kvm_fpu), "KVM_GET_FPU")
 
     def set_fpu(self, data):
+        """KVM_SET_FPU: the bytes (or kvmsys.state.Fpu) of a struct kvm_fpu."""
         self.set_blob(KVM_SET_FPU, data, sizeof(kvm_fpu), "KVM_SET_FPU")
 
     def get_lapic(self):
@@ -820,6 +844,7 @@ cdef class VcpuCore:
         return self.get_blob(KVM_GET_LAPIC, sizeof(kvm_lapic_state), "KVM_GET_LAPIC")
 
     def set_lapic(self, data):
+        """KVM_SET_LAPIC: the bytes (or kvmsys.state.Lapic) of a struct kvm_lapic_state."""
         require(self.vm.has_irqchip, "the local APIC exists only with the in-kernel irqchip")
         self.set_blob(KVM_SET_LAPIC, data, sizeof(kvm_lapic_state), "KVM_SET_LAPIC")
 
@@ -827,6 +852,7 @@ cdef class VcpuCore:
         return self.get_blob(KVM_GET_VCPU_EVENTS, sizeof(kvm_vcpu_events), "KVM_GET_VCPU_EVENTS")
 
     def set_vcpu_events(self, data):
+        """KVM_SET_VCPU_EVENTS: the bytes (or kvmsys.state.VcpuEvents) of a struct kvm_vcpu_events."""
         self.set_blob(KVM_SET_VCPU_EVENTS, data, sizeof(kvm_vcpu_events), "KVM_SET_VCPU_EVENTS")
 
     @property
@@ -850,6 +876,7 @@ cdef class VcpuCore:
         return self.get_blob(KVM_GET_XCRS, sizeof(kvm_xcrs), "KVM_GET_XCRS")
 
     def set_xcrs(self, data):
+        """KVM_SET_XCRS: the bytes (or kvmsys.state.Xcrs) of a struct kvm_xcrs."""
         self.set_blob(KVM_SET_XCRS, data, sizeof(kvm_xcrs), "KVM_SET_XCRS")
 
     # --- more state and controls (each needs a capability; CapabilityError without) ---
@@ -975,6 +1002,7 @@ cdef class VcpuCore:
                     ns_in_handlers=v.ns_in_handlers, coalesced=v.coalesced)
 
     def reset_stats(self):
+        """Zero the run-loop counters that stats() reports."""
         self.require_open()
         cdef vcpustate_t *v = self.v
         memset(v.exits, 0, sizeof(v.exits))

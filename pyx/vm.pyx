@@ -81,7 +81,14 @@ cdef int fill_enable_cap(kvm_enable_cap *c, object cap, object flags, object arg
 
 
 cdef class VmCore:
-    """A KVM VM fd.  Memory, devices and vCPUs hang off it."""
+    """A KVM VM fd.  Memory, devices and vCPUs hang off it.
+
+    ``kvm``: the KvmCore it came from; ``mmap_size``: bytes of each vCPU's comm area;
+    ``max_slots``: memory slots KVM allows (KVM_CAP_NR_MEMSLOTS); ``has_irqchip``,
+    ``split_irqchip``: whether an in-kernel irqchip (split: local APICs only) exists;
+    ``dirty_ring_size``: bytes of each vCPU's dirty ring, 0 for none;
+    ``has_sync_regs``: whether KVM syncs registers through the comm area
+    (KVM_CAP_SYNC_REGS); ``vcpu_ids``: the ids of the vCPUs KVM has for this VM."""
     # A VM fd, its memory slots, fast-handler table and console buffer.
     cdef int fd
     cdef vmstate_t *state
@@ -158,12 +165,22 @@ cdef class VmCore:
         self._default_handler = fn
 
     def fileno(self):
+        """The VM fd."""
         self.require_open()
         return self.fd
 
     @property
     def closed(self):
+        """True once closed (or inherited by a fork child, where KVM refuses it)."""
         return self.fd < 0
+
+    def __repr__(self):
+        if self.fd < 0:
+            return f"<{type(self).__name__} closed>"
+        mem = sum(ms.size for ms in self.slots.values())
+        chip = " split irqchip" if self.split_irqchip else " irqchip" if self.has_irqchip else ""
+        return (f"<{type(self).__name__} fd={self.fd} slots={len(self.slots)} ({mem >> 10} KiB) "
+                f"vcpus={sorted(self.vcpu_ids)}{chip} handlers={self.state.nhandlers}>")
 
     def check_extension(self, cap):
         """KVM_CHECK_EXTENSION on the VM fd (answers for this VM)."""
@@ -172,7 +189,7 @@ cdef class VmCore:
         return ioctl_checked(self.fd, KVM_CHECK_EXTENSION, <void *>cap_, "KVM_CHECK_EXTENSION")
 
     # --- memory -----------------------------------------------------------
-    def add_memory(self, slot_, guest_phys_addr_, size_, *, bint readonly=False, bint log_dirty=False,
+    def add_memory(self, slot, guest_phys_addr, size, *, bint readonly=False, bint log_dirty=False,
                    source=None, offset=0, bint huge_pages=False):
         """Back [guest_phys_addr, +size) with host memory in *slot*: fresh zeroed memory,
         or the caller's *source* — an fd or file object (a memfd, a regular or hugetlbfs
@@ -183,34 +200,34 @@ cdef class VmCore:
 
         Returns a writable zero-copy memoryview of it."""
         self.require_open()
-        cdef int slot = as_int(slot_, "slot", 0, 0x7fffffff)
-        cdef uint64_t guest_phys_addr = as_u64(guest_phys_addr_, "guest-physical address")
-        cdef uint64_t size = as_u64(size_, "memory size")
+        cdef int slot_ = as_int(slot, "slot", 0, 0x7fffffff)
+        cdef uint64_t guest_phys_addr_ = as_u64(guest_phys_addr, "guest-physical address")
+        cdef uint64_t size_ = as_u64(size, "memory size")
         cdef uint64_t off = as_u64(offset, "source offset")
         cdef long page = sysconf(_SC_PAGESIZE)
         # messages are formatted only when raised: this runs once per slot, up to ~32k slots
-        if slot >= self.max_slots:
-            raise InvalidArgumentError(f"slot {slot} is out of range 0..{self.max_slots - 1}")
-        if slot in self.slots:
-            raise InvalidArgumentError(f"slot {slot} is already in use")
-        if size == 0:
+        if slot_ >= self.max_slots:
+            raise InvalidArgumentError(f"slot {slot_} is out of range 0..{self.max_slots - 1}")
+        if slot_ in self.slots:
+            raise InvalidArgumentError(f"slot {slot_} is already in use")
+        if size_ == 0:
             raise InvalidArgumentError("memory size must be positive")
-        if guest_phys_addr % page or size % page:
+        if guest_phys_addr_ % page or size_ % page:
             raise InvalidArgumentError(f"guest address and size must be multiples of the page size ({page})")
-        if size > (1ULL << 52) or guest_phys_addr > (1ULL << 52) - size:
+        if size_ > (1ULL << 52) or guest_phys_addr_ > (1ULL << 52) - size_:
             raise InvalidArgumentError("memory region exceeds the guest-physical address space")
         # the slots never overlap, so their starts are sorted and unique: only the
         # neighbours of the new range can overlap it (O(log n))
-        cdef Py_ssize_t i = bisect_right(self.starts, guest_phys_addr)
+        cdef Py_ssize_t i = bisect_right(self.starts, guest_phys_addr_)
         cdef MemorySlot near
         if i > 0:
             near = self.by_start[i - 1]
-            if near.guest_phys_addr + near.size > guest_phys_addr:
-                raise InvalidArgumentError(f"[{guest_phys_addr:#x}, {guest_phys_addr + size:#x}) overlaps {near!r}")
+            if near.guest_phys_addr + near.size > guest_phys_addr_:
+                raise InvalidArgumentError(f"[{guest_phys_addr_:#x}, {guest_phys_addr_ + size_:#x}) overlaps {near!r}")
         if i < len(self.starts):
             near = self.by_start[i]
-            if near.guest_phys_addr < guest_phys_addr + size:
-                raise InvalidArgumentError(f"[{guest_phys_addr:#x}, {guest_phys_addr + size:#x}) overlaps {near!r}")
+            if near.guest_phys_addr < guest_phys_addr_ + size_:
+                raise InvalidArgumentError(f"[{guest_phys_addr_:#x}, {guest_phys_addr_ + size_:#x}) overlaps {near!r}")
         require(source is not None or off == 0, "an offset needs a source")
         require(source is None or not huge_pages, "huge_pages is for fresh memory; pass a hugetlbfs file as source")
         cdef uint32_t flags = 0
@@ -222,14 +239,14 @@ cdef class VmCore:
         if log_dirty:
             flags |= KVM_MEM_LOG_DIRTY_PAGES
         cdef MemorySlot ms = MemorySlot.__new__(MemorySlot)
-        ms.mapping = map_source(source, off, size, page, huge_pages, f"memory slot {slot}")
-        ms.slot = slot
-        ms.guest_phys_addr = guest_phys_addr
-        ms.size = size
+        ms.mapping = map_source(source, off, size_, page, huge_pages, f"memory slot {slot_}")
+        ms.slot = slot_
+        ms.guest_phys_addr = guest_phys_addr_
+        ms.size = size_
         ms.flags = flags
         self.set_region(ms, flags)
-        self.slots[slot] = ms
-        self.starts.insert(i, guest_phys_addr)
+        self.slots[slot_] = ms
+        self.starts.insert(i, guest_phys_addr_)
         self.by_start.insert(i, ms)
         return ms.view()
 
@@ -244,27 +261,27 @@ cdef class VmCore:
         ms.flags = flags
         return 0
 
-    def set_memory_flags(self, slot_, *, bint log_dirty):
+    def set_memory_flags(self, slot, *, bint log_dirty):
         """Change a live slot's flags only (same memory, same place): turn dirty logging
         on or off while the guest runs on.  Read-only-ness cannot change (KVM refuses)."""
         self.require_open()
-        cdef int slot = as_int(slot_, "slot", 0, 0x7fffffff)
-        require(slot in self.slots, f"slot {slot} is not in use")
-        cdef MemorySlot ms = self.slots[slot]
+        cdef int slot_ = as_int(slot, "slot", 0, 0x7fffffff)
+        require(slot_ in self.slots, f"slot {slot_} is not in use")
+        cdef MemorySlot ms = self.slots[slot_]
         cdef uint32_t flags = ms.flags & ~KVM_MEM_LOG_DIRTY_PAGES
         self.set_region(ms, flags | (KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0))
 
-    def remove_memory(self, slot_):
+    def remove_memory(self, slot):
         """Delete a memory slot.  Views of it stay valid (host memory outlives the slot)."""
         self.require_open()
-        cdef int slot = as_int(slot_, "slot", 0, 0x7fffffff)
-        cdef MemorySlot ms = self._slot(slot)
+        cdef int slot_ = as_int(slot, "slot", 0, 0x7fffffff)
+        cdef MemorySlot ms = self._slot(slot_)
         cdef kvm_userspace_memory_region r
         memset(&r, 0, sizeof(r))
-        r.slot = slot
+        r.slot = slot_
         r.guest_phys_addr = ms.guest_phys_addr
         self.vm_ioctl(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION(delete)")
-        del self.slots[slot]
+        del self.slots[slot_]
         cdef Py_ssize_t i = bisect_right(self.starts, ms.guest_phys_addr) - 1
         del self.starts[i]
         del self.by_start[i]
@@ -295,29 +312,29 @@ cdef class VmCore:
         raise InvalidArgumentError(
             f"guest-physical range [{gpa:#x}, {gpa + length:#x}) is not inside one memory slot")
 
-    def read(self, gpa_, length_):
+    def read(self, gpa, length):
         """Copy *length* bytes of guest memory at *gpa* (bounds-checked)."""
         self.require_open()
-        cdef uint64_t gpa = as_u64(gpa_, "guest-physical address")
-        cdef uint64_t length = as_u64(length_, "length")
-        cdef MemorySlot ms = self._find(gpa, length)
-        ms.mapping.check_range(gpa - ms.guest_phys_addr, length)
-        return (<char *>ms.mapping.addr)[gpa - ms.guest_phys_addr:gpa - ms.guest_phys_addr + length]
+        cdef uint64_t gpa_ = as_u64(gpa, "guest-physical address")
+        cdef uint64_t length_ = as_u64(length, "length")
+        cdef MemorySlot ms = self._find(gpa_, length_)
+        ms.mapping.check_range(gpa_ - ms.guest_phys_addr, length_)
+        return (<char *>ms.mapping.addr)[gpa_ - ms.guest_phys_addr:gpa_ - ms.guest_phys_addr + length_]
 
-    def write(self, gpa_, data):
+    def write(self, gpa, data):
         """Copy *data* (bytes-like) into guest memory at *gpa* (bounds-checked)."""
         self.require_open()
-        cdef uint64_t gpa = as_u64(gpa_, "guest-physical address")
+        cdef uint64_t gpa_ = as_u64(gpa, "guest-physical address")
         cdef const uint8_t[::1] src
         try:
             src = memoryview(data).cast("B")
         except (TypeError, ValueError):
             raise ArgumentTypeError(f"write takes a bytes-like object, not {type(data).__name__}") from None
         cdef uint64_t n = src.shape[0]
-        cdef MemorySlot ms = self._find(gpa, n)
-        ms.mapping.check_range(gpa - ms.guest_phys_addr, n)
+        cdef MemorySlot ms = self._find(gpa_, n)
+        ms.mapping.check_range(gpa_ - ms.guest_phys_addr, n)
         if n:
-            memcpy(ms.mapping.addr + (gpa - ms.guest_phys_addr), &src[0], n)
+            memcpy(ms.mapping.addr + (gpa_ - ms.guest_phys_addr), &src[0], n)
 
     def get_dirty_log(self, slot):
         """KVM_GET_DIRTY_LOG: one bit per page of the slot (bytes, little-endian bit order)."""
@@ -334,16 +351,16 @@ cdef class VmCore:
         self.vm_ioctl(KVM_GET_DIRTY_LOG, &log, "KVM_GET_DIRTY_LOG")
         return bytes(bitmap)
 
-    def clear_dirty_log(self, slot_, first_page=0, num_pages=None, bitmap=None):
+    def clear_dirty_log(self, slot, first_page=0, num_pages=None, bitmap=None):
         """KVM_CLEAR_DIRTY_LOG (manual dirty-log protection, enabled with
         enable_cap(MANUAL_DIRTY_LOG_PROTECT2)): clear and write-protect again the pages of
         [first_page, +num_pages) whose bit is set in *bitmap* (default: all of them).
         first_page must be a multiple of 64, num_pages too unless it reaches the slot's end."""
         self.require_open()
-        cdef int slot = as_int(slot_, "slot", 0, 0x7fffffff)
-        require(slot in self.slots, f"slot {slot} is not in use")
-        cdef MemorySlot ms = self.slots[slot]
-        require(ms.flags & KVM_MEM_LOG_DIRTY_PAGES, f"slot {slot} does not log dirty pages")
+        cdef int slot_ = as_int(slot, "slot", 0, 0x7fffffff)
+        require(slot_ in self.slots, f"slot {slot_} is not in use")
+        cdef MemorySlot ms = self.slots[slot_]
+        require(ms.flags & KVM_MEM_LOG_DIRTY_PAGES, f"slot {slot_} does not log dirty pages")
         cdef uint64_t pages = ms.size // sysconf(_SC_PAGESIZE)
         cdef uint64_t first = as_u64(first_page, "first page")
         cdef uint64_t n = pages - first if num_pages is None and first <= pages else as_u64(num_pages, "page count")
@@ -355,29 +372,29 @@ cdef class VmCore:
         require(<uint64_t>len(bm) * 8 >= n, f"a bitmap of {len(bm)} bytes cannot cover {n} pages")
         cdef kvm_clear_dirty_log c
         memset(&c, 0, sizeof(c))
-        c.slot = slot
+        c.slot = slot_
         c.first_page = first
         c.num_pages = <uint32_t>n
         c.dirty_bitmap = <char *>bm
         self.vm_ioctl(KVM_CLEAR_DIRTY_LOG, &c, "KVM_CLEAR_DIRTY_LOG")
 
-    def enable_dirty_ring(self, size_):
+    def enable_dirty_ring(self, size):
         """KVM_CAP_DIRTY_LOG_RING: each vCPU created afterwards logs the pages it dirties
         (in slots with log_dirty) in a ring of *size* bytes (a power of two, at least a
         page; 16 bytes per entry) instead of the bitmap; harvest with
         vcpu.harvest_dirty_ring(), then reset_dirty_rings().  Before any vCPU."""
         require(not self.vcpu_ids, "the dirty ring must be enabled before the first vCPU")
-        cdef uint32_t size = as_u32(size_, "dirty ring size")
+        cdef uint32_t size_ = as_u32(size, "dirty ring size")
         cdef long limit = self.check_extension(KVM_CAP_DIRTY_LOG_RING)
         if limit <= 0:
             from kvmsys.errors import CapabilityError
             raise CapabilityError("DIRTY_LOG_RING", "a dirty ring")
-        require(size >= <uint32_t>sysconf(_SC_PAGESIZE) and size & (size - 1) == 0 and size <= limit,
+        require(size_ >= <uint32_t>sysconf(_SC_PAGESIZE) and size_ & (size_ - 1) == 0 and size_ <= limit,
                 f"the dirty ring size must be a power of two between a page and {limit} bytes")
         cdef kvm_enable_cap c
-        fill_enable_cap(&c, KVM_CAP_DIRTY_LOG_RING, 0, (size,))
+        fill_enable_cap(&c, KVM_CAP_DIRTY_LOG_RING, 0, (size_,))
         self.vm_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP(DIRTY_LOG_RING)")
-        self.dirty_ring_size = size
+        self.dirty_ring_size = size_
 
     def reset_dirty_rings(self):
         """KVM_RESET_DIRTY_RINGS: write-protect again the pages harvested from every vCPU's
@@ -423,11 +440,11 @@ cdef class VmCore:
         l.level = level_
         self.vm_ioctl(KVM_IRQ_LINE, &l, "KVM_IRQ_LINE")
 
-    def create_split_irqchip(self, ioapic_pins_=24):
+    def create_split_irqchip(self, ioapic_pins=24):
         """KVM_CAP_SPLIT_IRQCHIP: local APICs in the kernel, PIC and IOAPIC in user space;
         GSIs below *ioapic_pins* are the user-space IOAPIC's (their routes are MSIs, and a
         guest's EOI of a level-triggered one exits as IOAPIC_EOI).  Before any vCPU."""
-        cdef uint32_t ioapic_pins = as_uint(ioapic_pins_, "IOAPIC pins", KVM_IOAPIC_NUM_PINS * 16)
+        cdef uint32_t ioapic_pins_ = as_uint(ioapic_pins, "IOAPIC pins", KVM_IOAPIC_NUM_PINS * 16)
         require(not self.vcpu_ids, "the split irqchip must be enabled before the first vCPU")
         require(not self.has_irqchip, "the VM already has an irqchip")
         if not self.check_extension(KVM_CAP_SPLIT_IRQCHIP):
@@ -436,21 +453,21 @@ cdef class VmCore:
         cdef kvm_enable_cap c
         memset(&c, 0, sizeof(c))
         c.cap = KVM_CAP_SPLIT_IRQCHIP
-        c.args[0] = ioapic_pins
+        c.args[0] = ioapic_pins_
         self.vm_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP(SPLIT_IRQCHIP)")
         self.has_irqchip = 1
         self.split_irqchip = 1
 
-    def irq_line_status(self, irq_, level_):
+    def irq_line_status(self, irq, level):
         """KVM_IRQ_LINE_STATUS: like irq_line, and returns the kernel's status: > 0 delivered
         (to that many CPUs), 0 masked or coalesced, < 0 an error."""
-        cdef uint32_t irq = <uint32_t>as_uint(irq_, "irq", 4095)
-        cdef int level = <int>as_uint(level_, "level", 1)
+        cdef uint32_t irq_ = <uint32_t>as_uint(irq, "irq", 4095)
+        cdef int level_ = <int>as_uint(level, "level", 1)
         require(self.has_irqchip, "irq_line_status needs an in-kernel irqchip")
         cdef kvm_irq_level l
         memset(&l, 0, sizeof(l))
-        l.irq = irq
-        l.level = level
+        l.irq = irq_
+        l.level = level_
         self.vm_ioctl(KVM_IRQ_LINE_STATUS, &l, "KVM_IRQ_LINE_STATUS")
         return <int32_t>l.irq          # the union's `status` member, written back
 
@@ -721,6 +738,7 @@ cdef class VmCore:
         return self.get_vm_blob(KVM_GET_PIT2, &p, sizeof(p), "KVM_GET_PIT2")
 
     def set_pit2(self, data):
+        """KVM_SET_PIT2: bytes from get_pit2()."""
         cdef bytearray buf = bytearray(as_blob(data, "set_pit2"))
         require(<size_t>len(buf) == sizeof(kvm_pit_state2), f"KVM_SET_PIT2 takes {sizeof(kvm_pit_state2)} bytes")
         self.vm_ioctl(KVM_SET_PIT2, <char *>buf, "KVM_SET_PIT2")
@@ -732,6 +750,7 @@ cdef class VmCore:
         return self.get_vm_blob(KVM_GET_CLOCK, &c, sizeof(c), "KVM_GET_CLOCK")
 
     def set_clock(self, data):
+        """KVM_SET_CLOCK: bytes from get_clock() (struct kvm_clock_data)."""
         cdef bytearray buf = bytearray(as_blob(data, "set_clock"))
         require(<size_t>len(buf) == sizeof(kvm_clock_data), f"KVM_SET_CLOCK takes {sizeof(kvm_clock_data)} bytes")
         (<kvm_clock_data *><char *>buf).flags = 0      # only the clock value is settable everywhere
@@ -770,16 +789,16 @@ cdef class VmCore:
         kvmsys_store_int(&self.state.nhandlers, n + 1)   # publish after the entry is complete
         return n
 
-    def remove_handler(self, index_):
+    def remove_handler(self, index):
         """Remove handler *index* (as add_handler returned it): its range falls through to
         earlier handlers or the default.  Indexes are never reused: at most MAX_HANDLERS
         handlers are ever added to a VM."""
-        cdef int index = as_int(index_, "handler index", -0x80000000, 0x7fffffff)
+        cdef int index_ = as_int(index, "handler index", -0x80000000, 0x7fffffff)
         self.require_open()
-        require(0 <= index < self.state.nhandlers and self.state.handlers[index].space >= 0,
-                f"no handler {index}")
-        kvmsys_store_int(&self.state.handlers[index].space, -1)   # matches nothing from now on
-        self.py_handlers[index] = None
+        require(0 <= index_ < self.state.nhandlers and self.state.handlers[index_].space >= 0,
+                f"no handler {index_}")
+        kvmsys_store_int(&self.state.handlers[index_].space, -1)   # matches nothing from now on
+        self.py_handlers[index_] = None
 
     def handlers(self):
         """The handler table by index: list of (space, start, end, kind, value, callback);

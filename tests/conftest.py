@@ -32,6 +32,12 @@ TEST_TIMEOUT = float(os.environ.get("KVMSYS_TEST_TIMEOUT", "120"))
 
 
 def pytest_configure(config):
+    # A suite started with SIGINT ignored (`pytest &` in a script, nohup) would pass the
+    # ignoring on to every child it starts (exec keeps SIG_IGN), and the Ctrl-C tests would
+    # wait in vain: take Python's default handler here, so this process raises
+    # KeyboardInterrupt and its children start with SIGINT at its default again.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "nokvm: the test does not need /dev/kvm")
     config.addinivalue_line("markers", "timeout(seconds): this test's time limit (default TEST_TIMEOUT)")
     # The real stderr, not pytest's capture file: the dump must reach the CI log.

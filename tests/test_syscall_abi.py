@@ -387,7 +387,7 @@ def test_recycled_vcpu_looks_fresh(fresh):
 
 
 def test_process_exit_with_a_bound_vcpu_is_silent():
-    code = "import kvmsys\nkvmsys.add_vcpu()\nkvmsys.run(budget=1, timeout=5)\n"
+    code = "import kvmsys\nkvmsys.configure(memory_size=1 << 20)\nkvmsys.add_vcpu()\nkvmsys.run(budget=1, timeout=5)\n"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
                        cwd=tempfile.gettempdir())     # not the source tree: import the installed package
     assert p.returncode == 0

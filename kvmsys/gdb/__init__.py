@@ -1,4 +1,4 @@
-"""A gdb server for kvmsys guests (GDB's remote serial protocol).
+"""A gdb server for kvmsys guests (GDB's remote serial protocol)::
 
     server = GdbServer("127.0.0.1:1234", vcpus=1)    # or a Unix socket path
     # on each vCPU's thread:

@@ -35,8 +35,18 @@ class GdbKilled(KvmsysError):
     """gdb killed the guest (``kill``)."""
 
 
+# How long the server waits, once it has told gdb how the guest ended (W/X), for gdb to
+# close the connection (it does so at once): closing first could reset the connection
+# under the reply, and gdb would only see "Remote connection closed".
+FINAL_REPLY_WAIT_S = 5.0
+
+# How a run the host ended (the reason its host_stop() gave) reaches gdb.  Those the
+# command line ends with status 0 exit with 0; Ctrl-C is SIGINT, anything else SIGABRT.
+HOST_ENDINGS = {"MATCHED": "W00", "QUIT": "W00", "RESET": "W00", "INTERRUPTED": "X02"}
+
+
 class _Cpu:
-    def __init__(self, index: int, vcpu, run):
+    def __init__(self, index: int, vcpu, run, host_stop=None):
         self.index = index
         self.tid = index + 1
         self.vcpu = vcpu
@@ -50,6 +60,8 @@ class _Cpu:
         self.debug = None           # guest-debug settings last applied
         self.parked_s = 0.0         # time spent stopped in the debugger
         self.final = None           # the exit that ended it
+        self.host_stop = host_stop  # () -> why the host ends the run (a str), or None
+        self.why = None             # what host_stop() said when a kick ended the run
         self.action = None          # how it was last resumed: "c" or "s"
 
 
@@ -68,11 +80,12 @@ class GdbServer(Commands):
 
     Each vCPU thread calls ``with server.attach(vcpu, run) as run:`` and then drives the
     vCPU with the returned function as it would with *run* (``vcpu.run`` or
-    ``kvmsys.run``): it stops before the first instruction until gdb continues, handles
-    debug exits itself, and returns every other exit.  After gdb detaches (or goes away)
-    the guest runs on with guest debugging off."""
+    ``kvmsys.run``): with *wait* (QEMU's -S) it stops before the first instruction until
+    gdb continues, without it the guest runs at once and stops when gdb connects (QEMU's
+    -s alone); it handles debug exits itself, and returns every other exit.  After gdb
+    detaches (or goes away) the guest runs on with guest debugging off."""
 
-    def __init__(self, address: str, vcpus: int = 1):
+    def __init__(self, address: str, vcpus: int = 1, *, wait: bool = True):
         if vcpus < 1:
             raise InvalidArgumentError("vcpus must be at least 1")
         family, addr = parse_address(address)
@@ -95,7 +108,9 @@ class GdbServer(Commands):
         self._unix_path = addr if family == socket.AF_UNIX else None
         self._cond = threading.Condition()
         self._cpus: dict[int, _Cpu] = {}
-        self._stop = True           # stop at the first instruction
+        self.wait = bool(wait)
+        self._stop = self.wait      # stop at the first instruction
+        self._ending = False        # the final W/X reply is being sent
         self._detached = False
         self._killed = False
         self._closed = False
@@ -116,9 +131,12 @@ class GdbServer(Commands):
 
     # --- vCPU side -------------------------------------------------------------
     @contextlib.contextmanager
-    def attach(self, vcpu, run):
-        """On the vCPU's thread: *run* under the debugger (see the class docstring)."""
-        cpu = _Cpu(vcpu.id, vcpu, run)
+    def attach(self, vcpu, run, host_stop=None):
+        """On the vCPU's thread: *run* under the debugger (see the class docstring).
+        *host_stop()*: why the host is ending the run (a str: the reason its kick means
+        "stop", not a stop the server asked for), or None; its kick is then returned to
+        the caller, and the reason tells gdb how the guest ended (HOST_ENDINGS)."""
+        cpu = _Cpu(vcpu.id, vcpu, run, host_stop)
         with self._cond:
             if cpu.index in self._cpus:
                 raise InvalidArgumentError(f"vCPU {vcpu.id} is already attached")
@@ -149,6 +167,11 @@ class GdbServer(Commands):
                 self._park(cpu)
             ex = cpu.real_run(**kw)
             cpu.final = ex
+            cpu.why = None
+            if isinstance(ex, _core.KickExit) and cpu.host_stop is not None:
+                cpu.why = cpu.host_stop()
+                if cpu.why is not None:
+                    return ex           # the host ends the run (or resets the machine)
             with self._cond:
                 if self._detached:
                     if isinstance(ex, (_core.DebugExit, _core.KickExit)):
@@ -274,7 +297,14 @@ class GdbServer(Commands):
 
     # --- the connection -----------------------------------------------------------
     def close(self) -> None:
-        """Stop serving; vCPUs still waiting for gdb run on without it."""
+        """Stop serving; vCPUs still waiting for gdb run on without it.  Once the guest
+        has ended under a connected gdb, first lets the server tell gdb so (W or X) and
+        waits (FINAL_REPLY_WAIT_S at most) for gdb to close the connection."""
+        with self._cond:
+            ended = self._conn is not None and self._cpus and not self._live() and not self._detached
+        if ended and threading.current_thread() is not self._thread:
+            self._wake()
+            self._thread.join(FINAL_REPLY_WAIT_S + 1.0)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -310,6 +340,8 @@ class GdbServer(Commands):
             self._listener.close()
         self._conn = Connection(sock)
         try:
+            if not self._stop:
+                self._stop_all()        # gdb came while the guest runs (wait=False)
             with self._cond:
                 while not self._all_stopped() and not self._closed:
                     self._cond.wait(0.1)
@@ -355,6 +387,9 @@ class GdbServer(Commands):
                 return
             if reply is not None:
                 conn.send(reply)
+            if self._ending:
+                self._await_close(conn)
+                return
             if packet == b"QStartNoAckMode":
                 conn.ack = False
 
@@ -422,11 +457,28 @@ class GdbServer(Commands):
             self._call(cpu, lambda: cpu.vcpu.set_regs(regs))
 
     def _exit_reply(self) -> str:
-        finals = [c.final for c in self._cpus.values()]
-        ex = finals[0]
+        """The guest ended: W and its exit status, or X and a signal (the first vCPU's)."""
+        self._ending = True
+        first = min(self._cpus.values(), key=lambda c: c.index)
+        ex = first.final
         if isinstance(ex, _core.StopExit):
             return f"W{ex.status & 0xFF:02x}"
+        if first.why is not None:
+            return HOST_ENDINGS.get(first.why, "X06")
+        if isinstance(ex, _core.DeadlineExit):
+            return "X0e"    # SIGALRM: the run's time ran out
         return "X06"        # ended some other way (triple fault, emulation failure, ...)
+
+    def _await_close(self, conn: Connection) -> None:
+        """After the final reply: gdb's acknowledgement was taken by send() (ack mode);
+        now wait for gdb to close the connection, discarding what it sends, for
+        FINAL_REPLY_WAIT_S at most (gdb is untrusted)."""
+        give_up = time.monotonic() + FINAL_REPLY_WAIT_S
+        with contextlib.suppress(OSError):
+            while (left := give_up - time.monotonic()) > 0:
+                readable, _, _ = select.select([conn.sock], [], [], left)
+                if readable and not conn.sock.recv(4096):
+                    return          # gdb closed it
 
     def _detach(self) -> None:
         with self._cond:
