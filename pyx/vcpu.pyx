@@ -126,7 +126,7 @@ cdef class VcpuCore:
     def __cinit__(self, *args, **kwargs):
         self.forkgen = kvmsys_fork_generation
 
-    def __init__(self, vm_, vcpu_id_):
+    def __init__(self, vm_, vcpu_id_, *, fd=None):
         if self.v != NULL:
             raise StateError(f"vCPU {self.id} is already initialized")
         cdef VmCore vm = of_type(vm_, VmCore, "vm")
@@ -149,7 +149,12 @@ cdef class VcpuCore:
         self.v.generation = 1
         self.pending = []
         self.views = []
-        self.set_up_kernel_vcpu(create_kernel_vcpu(vm, vcpu_id), NULL, True)
+        if fd is None:
+            kernel_vcpu = create_kernel_vcpu(vm, vcpu_id)
+        else:       # a vCPU made elsewhere (a duplicate of its fd), of this VM by the caller's word
+            require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
+            kernel_vcpu = adopt_fd(fd, f"kvm-vcpu:{vcpu_id}")
+        self.set_up_kernel_vcpu(kernel_vcpu, NULL, True)
         _all_vcpus.add(self)
 
     cdef int set_up_kernel_vcpu(self, int fd, void *at, bint new_kernel_vcpu) except -1:
