@@ -11,6 +11,7 @@ in the compiled core (kvmsys._core), shared with the syscall-style ABI.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from . import _core, kvmstats, routing, state
@@ -61,6 +62,12 @@ class _Limits:
 class Kvm(_Limits, _core.KvmCore):
     """/dev/kvm."""
 
+    @classmethod
+    def from_raw_fd(cls, fd: int) -> "Kvm":
+        """A Kvm over a duplicate of *fd*, a /dev/kvm fd opened elsewhere (the caller
+        keeps and closes its own)."""
+        return cls(fd=fd)
+
     def check_extension(self, cap) -> int:
         """KVM_CHECK_EXTENSION by number or name."""
         return super().check_extension(cap_number(cap))
@@ -77,6 +84,13 @@ class Kvm(_Limits, _core.KvmCore):
 
 class Vm(_Limits, _core.VmCore):
     """A VM: memory slots, interrupt plumbing, fast handlers and vCPUs."""
+
+    @classmethod
+    def from_raw_fd(cls, kvm: Kvm, fd: int) -> "Vm":
+        """A Vm over a duplicate of *fd*, a VM fd made elsewhere (the caller keeps and
+        closes its own).  Memory slots and vCPUs it already has are the kernel's, not
+        this object's: add new slots (other slot numbers) and vCPUs (other ids)."""
+        return cls(kvm, fd=fd)
 
     def check_extension(self, cap) -> int:
         """KVM_CHECK_EXTENSION on the VM (by number or name): what this VM supports."""
@@ -139,6 +153,19 @@ class Vm(_Limits, _core.VmCore):
 class Vcpu(_core.VcpuCore):
     """A vCPU, run by whichever thread calls run() (one at a time)."""
     vm: Vm
+
+    @classmethod
+    def from_raw_fd(cls, vm: Vm, fd: int) -> "Vcpu":
+        """A Vcpu of *vm* over a duplicate of *fd*, a vCPU fd of that VM made elsewhere
+        (its id is read from the fd; the caller keeps and closes its own)."""
+        try:
+            what = os.readlink(f"/proc/self/fd/{int(fd)}")
+        except (OSError, ValueError, TypeError):
+            what = ""
+        kind, _, vcpu_id = what.rpartition(":")
+        if kind != "anon_inode:kvm-vcpu" or not vcpu_id.isdigit():
+            raise InvalidArgumentError(f"fd {fd!r} is not a KVM vCPU fd ({what or 'not open'})")
+        return cls(vm, int(vcpu_id), fd=fd)
 
     def handle(self) -> "_core.VcpuHandle":
         """A handle other threads may use to kick or interrupt this vCPU."""

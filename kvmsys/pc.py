@@ -25,11 +25,13 @@ from __future__ import annotations
 import struct
 import threading
 
+import math
 import time
 
 from . import acpi, platform, smbios, vcpustate
 from .devices import (AcpiPm, AtaDisk, Cmos, Debugcon, FwCfg, I8042, Irq, PciHost, PcTestdev, Pit, Port92,
                       Uart8250)
+from .devices.acpipm import RTC_EN
 from .errors import ArgumentTypeError, InvalidArgumentError, KvmsysError
 
 COM1 = 0x3F8
@@ -285,14 +287,18 @@ class Pc:
         """In S3 until the RTC alarm (enabled in PM1_EN and the RTC) fires or the run ends;
         then the PM registers say the machine woke, or the run ends as a reset when
         there is no waking vector to resume at."""
+        update = math.floor(time.time()) + 1.0     # the alarm can fire at the RTC's next update
         while self.pending == "suspend":
             now = time.time()
-            if self.pm.enable & 0x400 and self.cmos.alarm_matches(now):
-                break
+            if now >= update:
+                if self.pm.enable & RTC_EN and self.cmos.alarm_matches(update):
+                    break
+                update = math.floor(now) + 1.0
+                continue
             if time.monotonic() >= deadline:
                 self.pending = "DEADLINE"
                 return
-            time.sleep(min(1.0 - now % 1.0, 0.05) + 1e-4)
+            time.sleep(min(update - now, 0.05))
         if self.pending != "suspend":
             return
         self.pm.woke(by_rtc=True)

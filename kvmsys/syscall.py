@@ -55,26 +55,19 @@ class ThreadVcpu(Vcpu):
         except KvmOSError as e:
             if e.errno != errno.EINVAL or not self.run_before:
                 raise
-        with _lock:
-            state = vcpustate.capture(self) if changed else None
-            self._move_locked(_free_id(self.vm))
+        st = {"vcpu": self, "changed": changed}
+        _core.steps(_lock, (_capture_for_move, (st,)), (_pick_id, (st,)), (_core.move_into, (st, _bound)),
+                    (_recapture, (st,)))
         super().set_cpuid2(entries)
-        if state is not None:   # what this owner did before: carried over (KVM order, CPUID first)
-            vcpustate.apply(self, state)
+        if changed:         # what this owner did before: carried over (KVM order, CPUID first)
+            vcpustate.apply(self, st["state"])
 
     def replace_kernel_vcpu(self, new_id) -> None:
         """Move onto a new kernel vCPU *new_id* (see VcpuCore.replace_kernel_vcpu); the
-        binding table follows the new id, and recycling resets it to the new one's state."""
-        with _lock:
-            self._move_locked(new_id)
-
-    def _move_locked(self, new_id) -> None:
-        old_id = self.id
-        super().replace_kernel_vcpu(new_id)
-        if _bound.get(old_id) is self:
-            del _bound[old_id]
-            _bound[self.id] = self
-        self._initial = vcpustate.capture(self)
+        binding table follows the new id, and recycling resets it to the new one's state.
+        All or nothing against a Ctrl-C, as add_vcpu() and remove_vcpu() are."""
+        st = {"vcpu": self, "new_id": new_id}
+        _core.steps(_lock, (_core.move_into, (st, _bound)), (_recapture, (st,)))
 
     def stats(self) -> dict:
         """Run-loop counters, plus host CPU, migrations and context switches of its thread."""
@@ -86,6 +79,22 @@ class ThreadVcpu(Vcpu):
             except OSError:
                 pass        # the thread just ended
         return s
+
+
+# The steps of a move onto a new kernel vCPU (see _core.steps and add_vcpu below).
+def _capture_for_move(st: dict) -> None:
+    if st["changed"]:
+        st["state"] = vcpustate.capture(st["vcpu"])
+
+
+def _pick_id(st: dict) -> None:
+    if "new_id" not in st:
+        st["new_id"] = _free_id(st["vcpu"].vm)
+
+
+def _recapture(st: dict) -> None:
+    # the new kernel vCPU's initial state, what recycling resets it to
+    st["vcpu"]._initial = vcpustate.capture(st["vcpu"])
 
 
 class ProcessVm(Vm):
@@ -328,8 +337,9 @@ def add_vcpu(placement: str | None = None) -> memoryview:
         raise VcpuBindingError("this thread already has a vCPU: call remove_vcpu() first "
                                "(one vCPU per thread)")
     st: dict[str, Any] = {"policy": policy}
-    _core.steps(_lock, (_take, (st,)), (_core.bind_from_pool, (st, _pool, _bound, _release)),
-                (_settle, (st,)))
+    # the commit (bind_from_pool) last: whatever can fail with an error comes before it
+    _core.steps(_lock, (_take, (st,)), (_settle, (st,)),
+                (_core.bind_from_pool, (st, _pool, _bound, _release)))
     return st["vcpu"].comm_area
 
 

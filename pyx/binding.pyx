@@ -171,6 +171,22 @@ def release_into(st_, pool_):
     st["released"] = True
 
 
+def move_into(st_, bound_):
+    """A step (see steps()): st["vcpu"] moved onto a new kernel vCPU st["new_id"]
+    (VcpuCore.replace_kernel_vcpu) and the binding table *bound* keyed by its new id,
+    at once (no Python code runs)."""
+    cdef dict st = of_type(st_, dict, "step state"), bound = of_type(bound_, dict, "bound")
+    if st.get("moved"):
+        return
+    cdef VcpuCore vcpu = of_type(st["vcpu"], VcpuCore, "vcpu")
+    cdef int old_id = vcpu.id
+    VcpuCore.replace_kernel_vcpu(vcpu, st["new_id"])
+    if bound.get(old_id) is vcpu:
+        del bound[old_id]
+        bound[vcpu.id] = vcpu
+    st["moved"] = True
+
+
 def cancel_calls(st):
     """A step: cancel the futures of the calls st["calls"] (idempotent)."""
     for _fn, _args, future in st.get("calls", ()):

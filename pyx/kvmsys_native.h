@@ -147,10 +147,10 @@ static inline int kvmsys_thread_blocks_kick(uint64_t *kvm_mask) {
  * signal.signal() replaces it).  SIG_DFL and SIG_IGN are left alone: nothing to
  * relay.  It counts every SIGINT; in the main thread's run loop it sets
  * immediate_exit; in any other thread it sends the kick signal to the main thread
- * while that one runs a vCPU, since KVM_RUN there would not notice. */
+ * while that one is inside run(), since a KVM_RUN there would not notice. */
 static unsigned kvmsys_sigints;
 static struct sigaction kvmsys_sigint_next;
-static KVMSYS_TLS int kvmsys_sigint_watch;      /* this is the main thread, in its run loop */
+static KVMSYS_TLS int kvmsys_sigint_watch;      /* this is the main thread, inside run() */
 static int kvmsys_main_looping;
 static pthread_t kvmsys_main_thread;
 
@@ -193,12 +193,24 @@ static inline int kvmsys_sigint_relay_ensure(void) {
     return sigaction(SIGINT, &sa, NULL);
 }
 
-/* The main thread enters (1) or leaves (0) its run loop. */
-static inline void kvmsys_sigint_watch_set(int on) {
-    if (on)
+/* The main thread enters or leaves a run() call (nested ones count): from the
+ * first entry to the last exit the relay sets immediate_exit of the vCPU it runs
+ * (none while a handler runs: then Python's flag is enough) and other threads'
+ * relays kick it.  Seq-cst against the count: a relay that finds no run here has
+ * counted first, and the run loop's next look at the count sees it. */
+static KVMSYS_TLS int kvmsys_sigint_depth;
+static inline void kvmsys_sigint_watch_enter(void) {
+    if (kvmsys_sigint_depth++ == 0) {
         kvmsys_main_thread = pthread_self();
-    kvmsys_sigint_watch = on;
-    __atomic_store_n(&kvmsys_main_looping, on, __ATOMIC_SEQ_CST);
+        kvmsys_sigint_watch = 1;
+        __atomic_store_n(&kvmsys_main_looping, 1, __ATOMIC_SEQ_CST);
+    }
+}
+static inline void kvmsys_sigint_watch_leave(void) {
+    if (kvmsys_sigint_depth > 0 && --kvmsys_sigint_depth == 0) {
+        kvmsys_sigint_watch = 0;
+        __atomic_store_n(&kvmsys_main_looping, 0, __ATOMIC_SEQ_CST);
+    }
 }
 
 /* Test hook: a signal to raise in the next thread that enters the run loop, once,
@@ -499,6 +511,7 @@ static void kvmsys_atfork_child(void) {
     kvmsys_wd = NULL;           /* its helper thread is not inherited either */
     kvmsys_armed_ns = 0;
     kvmsys_sigint_watch = 0;    /* no main thread runs a vCPU here: the relay kicks nobody */
+    kvmsys_sigint_depth = 0;
     kvmsys_main_looping = 0;
 }
 

@@ -331,9 +331,10 @@ cdef int set_vcpu_sigmask(int fd, uint64_t *mask) noexcept nogil:
 
 # No KVM signal mask, unless this thread blocks the kick signal itself (see
 # kvmsys_thread_blocks_kick): then its own mask with the kick signal let in, so
-# kicks and the watchdog still end KVM_RUN.  Looked at on every entry of the loop
-# (a Python handler may have changed the mask); an ioctl only when it changes.
-# Returns 0 or an errno.
+# kicks and the watchdog still end KVM_RUN.  Looked at (one pthread_sigmask query)
+# when run_once asks (v.sample_signals: each run() call, every POLL_NS of exits,
+# after call_soon callbacks; not after each exit a Python handler took, which would
+# pay the system call per exit); an ioctl only when it changes.  Returns 0 or an errno.
 cdef int sync_vcpu_sigmask(vcpustate_t *v) noexcept nogil:
     cdef uint64_t want = 0
     if kvmsys_thread_blocks_kick(&want):
@@ -363,12 +364,11 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         return R_BUDGET     # 0 is no exit at all, never "unlimited" (< 0)
     t_out = kvmsys_now_ns()
     t_poll = t_out
-    err = sync_vcpu_sigmask(v)
-    if err:
-        v.error = err
-        return R_ERROR
-    if v.poll_signals:
-        kvmsys_sigint_watch_set(1)      # a SIGINT now sets immediate_exit (kvmsys_sigint_relay)
+    if v.sample_signals:
+        err = sync_vcpu_sigmask(v)
+        if err:
+            v.error = err
+            return R_ERROR
     kvmsys_set_running(run)
     if v.bound:
         kvmsys_store_int(&v.running, 1)     # only this thread runs it: no lock
@@ -493,9 +493,9 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         kvmsys_store_int(&v.running, 0)
         pthread_mutex_unlock(&v.lock)
     kvmsys_set_running(NULL)
-    if v.poll_signals:
-        kvmsys_sigint_watch_set(0)
-    v.ns_in_handlers += kvmsys_now_ns() - t_out
+    t_in = kvmsys_now_ns()
+    v.ns_in_handlers += t_in - t_out
+    v.t_left = t_in
     return res
 
 

@@ -82,14 +82,38 @@ cdef int require_system_cap(KvmCore kvm, long cap, str name, str needed_for) exc
     return 0
 
 
+cdef int adopt_fd(object fd, str kind) except -1:
+    """A duplicate (close-on-exec, ours to close) of the caller's fd *fd*, which must be
+    the KVM object *kind* ("kvm-vm", "kvm-vcpu:3"): anything else is refused before it
+    is used (an mmap of another kind of file could fault on access)."""
+    cdef int n = as_int(fd, "fd", 0, 0x7fffffff)
+    try:
+        what = _os.readlink(f"/proc/self/fd/{n}")
+    except OSError as e:
+        raise InvalidArgumentError(f"fd {n} is not open ({e.strerror})") from None
+    if what != f"anon_inode:{kind}":
+        raise InvalidArgumentError(f"fd {n} is {what}, not a KVM {kind} fd")
+    return _os.dup(n)
+
+
 cdef class KvmCore:
     """The KVM system fd (/dev/kvm, or the device at ``path``)."""
     # The /dev/kvm system fd.
     cdef int fd
     cdef readonly str path
 
-    def __cinit__(self, path="/dev/kvm"):
+    def __cinit__(self, path="/dev/kvm", *, fd=None):
         self.fd = -1
+        cdef int err
+        if fd is not None:          # adopt a duplicate of a /dev/kvm fd opened elsewhere
+            n = as_int(fd, "fd", 0, 0x7fffffff)
+            try:
+                self.path = _os.readlink(f"/proc/self/fd/{n}")
+            except OSError as e:
+                raise InvalidArgumentError(f"fd {n} is not open ({e.strerror})") from None
+            self.fd = _os.dup(n)
+            self.check_api_version()
+            return
         try:
             p = _os.fsencode(path)
         except TypeError:
@@ -98,27 +122,31 @@ cdef class KvmCore:
             raise InvalidArgumentError(f"path {path!r} is empty or contains a NUL byte")
         self.path = _os.fsdecode(p)
         cdef const char *cpath = p
-        cdef int fd
+        cdef int opened
         with nogil:         # a hung device would block in open()
-            fd = open(cpath, O_RDWR | O_CLOEXEC)
-        cdef int err
-        if fd < 0:
+            opened = open(cpath, O_RDWR | O_CLOEXEC)
+        if opened < 0:
             err = errno
             if err in (ENOENT, ENXIO, ENODEV):
                 raise KvmUnavailableError(err, f"open({self.path})", _HINT_MISSING)
             if err in (EACCES, EPERM):
                 raise KvmPermissionError(err, f"open({self.path})", access_hint(self.path))
             raise_os(err, f"open({self.path})")
-        self.fd = fd
-        # Refuse a path that is not KVM (e.g. /dev/null) at once, not at first use.
-        version = ioctl_nogil(fd, KVM_GET_API_VERSION, NULL)
+        self.fd = opened
+        self.check_api_version()
+
+    cdef int check_api_version(self) except -1:
+        # Refuse what is not KVM (e.g. /dev/null) at once, not at first use.
+        cdef int err
+        version = ioctl_nogil(self.fd, KVM_GET_API_VERSION, NULL)
         if version != KVM_API_VERSION:
             err = errno if version < 0 else EINVAL
-            close(fd)
+            close(self.fd)
             self.fd = -1
             raise KvmUnavailableError(err, f"KVM_GET_API_VERSION on {self.path}",
                                       f"{self.path} is not a KVM device" if version < 0 else
                                       f"API version {version}, kvmsys needs {KVM_API_VERSION}")
+        return 0
 
     cdef int require_open(self) except -1:
         if self.fd < 0:

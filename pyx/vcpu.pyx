@@ -49,12 +49,15 @@ _REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", 
 _CPUID_KEYS = frozenset(("function", "index", "flags", "eax", "ebx", "ecx", "edx"))
 
 
-# Main thread, before each entry of its run loop: the SIGINT relay in front of
-# SIGINT's handler (Python's signal.signal() may have replaced it), then Python's
-# own signals.  A Ctrl-C before this point raises here; one after it is counted
-# by the relay, which the loop sees (kvmsys_native.h).  One sigaction query.
-cdef int look_at_signals(vcpustate_t *v) except -1:
-    kvmsys_sigint_relay_ensure()
+# Main thread, before each entry of its run loop: Python's own signals.  A Ctrl-C
+# before this point raises here; one after it is counted by the SIGINT relay, which
+# the loop sees (kvmsys_native.h).  With *relay*, first put the relay back in front
+# of SIGINT's handler if signal.signal() replaced it (one sigaction query): at each
+# run() call and every POLL_NS of exits, not after each exit a Python handler took
+# (a system call there costs that path ~20%; see README's known limits).
+cdef int look_at_signals(vcpustate_t *v, bint relay) except -1:
+    if relay:
+        kvmsys_sigint_relay_ensure()
     v.sigint_snap = kvmsys_sigint_count()
     PyErr_CheckSignals()
     return 0
@@ -126,7 +129,7 @@ cdef class VcpuCore:
     def __cinit__(self, *args, **kwargs):
         self.forkgen = kvmsys_fork_generation
 
-    def __init__(self, vm_, vcpu_id_):
+    def __init__(self, vm_, vcpu_id_, *, fd=None):
         if self.v != NULL:
             raise StateError(f"vCPU {self.id} is already initialized")
         cdef VmCore vm = of_type(vm_, VmCore, "vm")
@@ -149,7 +152,12 @@ cdef class VcpuCore:
         self.v.generation = 1
         self.pending = []
         self.views = []
-        self.set_up_kernel_vcpu(create_kernel_vcpu(vm, vcpu_id), NULL, True)
+        if fd is None:
+            kernel_vcpu = create_kernel_vcpu(vm, vcpu_id)
+        else:       # a vCPU made elsewhere (a duplicate of its fd), of this VM by the caller's word
+            require(vcpu_id not in vm.vcpu_ids, f"vCPU id {vcpu_id} already exists in this VM")
+            kernel_vcpu = adopt_fd(fd, f"kvm-vcpu:{vcpu_id}")
+        self.set_up_kernel_vcpu(kernel_vcpu, NULL, True)
         _all_vcpus.add(self)
 
     cdef int set_up_kernel_vcpu(self, int fd, void *at, bint new_kernel_vcpu) except -1:
@@ -480,6 +488,7 @@ cdef class VcpuCore:
         cdef object handler
         cdef uint64_t t0
         cdef uint64_t outer_deadline = 0
+        cdef bint watching = 0
         cdef const char *op = "timer_create(watchdog)"
         cdef int err
         if v.bound and not pthread_equal(v.thread, pthread_self()):
@@ -516,14 +525,24 @@ cdef class VcpuCore:
                     v.deadline_ns = 0
                     raise_os(err, op.decode())
             v.poll_signals = on_main_thread()     # only it runs Python's signal handlers
+            if v.poll_signals:
+                kvmsys_sigint_watch_enter()
+                watching = 1
+            res = R_POLL
             while True:
                 if self.forkgen != kvmsys_fork_generation:
                     # a handler, callback or signal handler forked and this is the child
                     # going on: the vCPU, its locks and its loop are the parent's
                     raise StateError(f"vCPU {self.id} belongs to the parent process: this fork child "
                                      "was forked inside its run() and cannot go on with it")
+                # signal mask and SIGINT relay: not after each exit a Python handler took
+                # (that path pays no system call, and no clock read for this), at most
+                # every POLL_NS there
+                v.sample_signals = res != R_EXIT or v.t_left - v.t_sampled >= POLL_NS
+                if v.sample_signals:
+                    v.t_sampled = v.t_left
                 if v.poll_signals:
-                    look_at_signals(v)
+                    look_at_signals(v, v.sample_signals)
                 v.run_seq += 1              # exits of the previous KVM_RUN go stale
                 with nogil:
                     res = run_loop(v)
@@ -548,10 +567,10 @@ cdef class VcpuCore:
                         return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                     continue
                 if res == R_POLL:
-                    continue                    # look_at_signals(): Ctrl-C raises there
+                    continue                    # look_at_signals(v, True): Ctrl-C raises there
                 if res == R_SIGNAL:
                     if v.poll_signals:
-                        look_at_signals(v)      # run Python signal handlers (Ctrl-C raises here)
+                        look_at_signals(v, False)   # run Python signal handlers (Ctrl-C raises here)
                     return Exit._new_of(IntrExit, self, KVM_EXIT_INTR)
                 if res == R_STOP:
                     ex = Exit._new_of(StopExit, self, KVMSYS_EXIT_STOP)
@@ -578,6 +597,8 @@ cdef class VcpuCore:
                     raise_os(-v.error, "KVM_RUN", "the comm area holds a size, offset or ring index out of range")
                 raise_os(v.error, "KVM_RUN (or injecting a queued interrupt before it)")
         finally:
+            if watching:
+                kvmsys_sigint_watch_leave()     # (a fork child's depth is 0 already)
             if v.deadline_ns and self.forkgen == kvmsys_fork_generation:
                 # back to the enclosing run's deadline, if any; a late watchdog
                 # signal is harmless: run_loop rederives immediate_exit.  (A fork

@@ -111,7 +111,7 @@ cdef class VmCore:
     cdef unsigned long forkgen      # the process that created it
     cdef object __weakref__
 
-    def __cinit__(self, kvm, vm_type=0):
+    def __cinit__(self, kvm, vm_type=0, *, fd=None):
         self.fd = -1
         kvmsys_atfork_install()         # a fork child must know this VM is not its own
         self.forkgen = kvmsys_fork_generation
@@ -128,7 +128,10 @@ cdef class VmCore:
         self.vcpus = _WeakRefs()
         self.coalesced_zones = set()
         self.mmap_size = kvm_.ioctl_int(KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
-        self.fd = kvm_.ioctl_int(KVM_CREATE_VM, vm_type_, "KVM_CREATE_VM")
+        if fd is None:
+            self.fd = kvm_.ioctl_int(KVM_CREATE_VM, vm_type_, "KVM_CREATE_VM")
+        else:       # a VM made elsewhere (a duplicate of its fd): its slots are not ours to know
+            self.fd = adopt_fd(fd, "kvm-vm")
         self.state = <vmstate_t *>calloc(1, sizeof(vmstate_t))
         if self.state == NULL:
             raise MemoryError()
@@ -602,8 +605,8 @@ cdef class VmCore:
         InvalidArgumentError.  KVM unregisters every zone of the kind (MMIO or PIO) that
         contains the range, so a zone around an unregistered one is gone too."""
         cdef uint64_t addr_ = as_u64(addr, "zone address")
-        cdef uint32_t size_ = as_u32(size, "zone size_")
-        require(size_ > 0, "zone size_ must be positive")
+        cdef uint32_t size_ = as_u32(size, "zone size")
+        require(size_ > 0, "zone size must be positive")
         require(addr_ + size_ > addr_, "the zone wraps past the end of the address space")
         require(not pio or addr_ + size_ <= 0x10000, "a PIO zone must lie within ports 0..0xffff")
         cap = KVM_CAP_COALESCED_PIO if pio else KVM_CAP_COALESCED_MMIO

@@ -65,10 +65,12 @@ def test_ctrl_c_while_add_vcpu_waits_for_the_lock(fresh_process_vm):
 
 STORM = r"""
 import os, signal, sys, threading, time
+MOVE = len(sys.argv) > 1                # also move each recycled vCPU (set_cpuid2)
 import kvmsys
 from kvmsys import syscall
 from kvmsys.guests import layout as L
 syscall.configure(memory_size=L.RAM_SIZE, pc_ports=False)
+cpuid = kvmsys.Kvm().supported_cpuid()
 armed = False
 def on_sigint(s, f):
     if armed:
@@ -82,11 +84,16 @@ def storm():
 t = threading.Thread(target=storm)
 t.start()
 interrupted = 0
-for i in range(400):
+for i in range(100 if MOVE else 400):
     try:
         armed = True
         if kvmsys.current() is None:
             kvmsys.add_vcpu()
+            if MOVE:
+                kvmsys.run(timeout=0.001)                     # it ran: a recycled one moves
+                kvmsys.remove_vcpu()
+                kvmsys.add_vcpu()
+                kvmsys.current().set_cpuid2(cpuid)
         else:
             kvmsys.remove_vcpu()
         armed = False
@@ -96,13 +103,14 @@ for i in range(400):
     cur = kvmsys.current()
     bound = kvmsys.vcpus()
     assert bound == ({cur.id: cur} if cur is not None else {}), (cur, bound)
+    assert cur is None or not cur.stale
 stop = True
 t.join()
 if kvmsys.current() is not None:
     kvmsys.remove_vcpu()
 ids = sorted(syscall.vm().vcpu_ids)
 syscall.destroy_vm()
-print(interrupted, len(ids))
+print(interrupted, len(ids), len(syscall._pool))
 """
 
 
@@ -111,9 +119,20 @@ def test_no_kernel_vcpu_leaks_under_a_sigint_storm():
     p = subprocess.run([sys.executable, "-c", textwrap.dedent(STORM)], capture_output=True, timeout=240,
                        cwd=tempfile.gettempdir())
     assert p.returncode == 0, p.stderr.decode()[-3000:]
-    interrupted, kernel_vcpus = map(int, p.stdout.split())
+    interrupted, kernel_vcpus, pooled = map(int, p.stdout.split())
     assert interrupted > 0                  # the storm did cut calls short
     assert kernel_vcpus == 1, kernel_vcpus  # one bound vCPU at a time: one kernel vCPU, recycled
+
+
+@pytest.mark.timeout(300)
+def test_moves_stay_consistent_under_a_sigint_storm():
+    # set_cpuid2's move onto a new kernel vCPU (a recycled vCPU that ran) under the same
+    # storm: the binding table always names the bound vCPU under its id
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(STORM), "move"], capture_output=True,
+                       timeout=240, cwd=tempfile.gettempdir())
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    interrupted, kernel_vcpus, pooled = map(int, p.stdout.split())
+    assert interrupted > 0
 
 
 def test_no_other_thread_runs_a_vcpu_being_removed(fresh_process_vm):

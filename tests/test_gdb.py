@@ -403,3 +403,90 @@ def test_gdb_server_refuses_a_second_attach_of_one_vcpu(tmp_path, fdvm):
             with pytest.raises(InvalidArgumentError):
                 with server.attach(v, v.run):
                     pass
+
+
+# --- the gdb client is untrusted ---------------------------------------------------------
+class Debugged:
+    """compute.real under an in-process gdb server, a Client connected to it."""
+
+    def __init__(self, tmp_path, abi):
+        path = str(tmp_path / "s")
+        self.server = GdbServer(path, vcpus=1)
+        self.result = {}
+        self.thread = threading.Thread(target=lambda: self.result.setdefault(
+            "r", runner.run_guest("compute.real", abi=abi, gdb=self.server, n=5)))
+        self.thread.start()
+        self.client = Client(path)
+
+    def finish(self):
+        """Detach: the guest runs to its end, as it would have without the bad packets."""
+        self.client.conn.send("D")
+        assert self.client.conn.read() == b"OK"
+        self.thread.join(30)
+        assert self.result["r"].status == 1
+
+    def close(self):
+        self.server.close()
+        self.thread.join(30)
+
+
+@pytest.fixture
+def debugged(tmp_path, abi):
+    d = Debugged(tmp_path, abi)
+    yield d
+    d.close()
+
+
+def raw_reply(sock) -> bytes:
+    """The next packet's payload from the server, skipping its acks and NAKs."""
+    conn = Connection(sock)
+    return conn.read()
+
+
+def test_malformed_packets_get_a_nak_and_the_session_goes_on(debugged):
+    c = debugged.client
+    assert c.ask("?") == "T05thread:1;"
+    for body in (b"m0,4}", b"}", b"qSupported}"):               # the payload ends inside an escape
+        c.sock.sendall(b"$" + body + b"#%02x" % checksum(body))
+        assert c.sock.recv(1) == b"-"
+        assert c.ask("?") == "T05thread:1;"
+    c.sock.sendall(b"$?#zz")                                    # not a checksum
+    assert c.sock.recv(1) == b"-"
+    assert c.ask("qC") == "QC1"
+    debugged.finish()
+
+
+def test_packets_longer_than_packet_size_are_dropped_and_memory_stays_bounded(debugged):
+    """A client that sends '$' and never '#' (here 64 MiB of it) grows nothing: the
+    server keeps at most a few PacketSize of it, NAKs it, and answers the next packet."""
+    import psutil
+    c = debugged.client
+    packet_size = int(re.search(r"PacketSize=([0-9a-f]+)", c.ask("qSupported:swbreak+")).group(1), 16)
+    rss = psutil.Process().memory_info().rss
+    c.sock.sendall(b"$")
+    for _ in range(64):
+        c.sock.sendall(b"A" * (1 << 20))                        # the server has read all but a socket buffer
+    assert psutil.Process().memory_info().rss - rss < 16 << 20
+    c.sock.sendall(b"#00" + frame(b"?"))
+    assert raw_reply(c.sock) == b"T05thread:1;"
+    body = b"m0," + b"0" * (packet_size + 10) + b"4"            # one packet over PacketSize
+    c.sock.sendall(b"$" + body + b"#%02x" % checksum(body) + frame(b"qC"))
+    assert raw_reply(c.sock) == b"QC1"
+    debugged.finish()
+
+
+@pytest.mark.parametrize("packet", [
+    "Z1,10000000000000000,1", "Z1,-1,1", "Z1,800000000000,1", "Z0,-1,1", "Z2,-8,4",
+    "Z1,ffff7fffffffffff,1", "z1,-1,1", "m-1,4", "m0,-4", "m10000000000000000,1",
+    "M-1,1:00", "p-1", "P-1=00", "Hg-5", "qXfer:features:read:target.xml:-1,10", "vCont;c:-1x",
+])
+def test_bad_addresses_and_lengths_are_refused_when_they_arrive(debugged, packet):
+    """Every number is checked when its packet arrives: an error reply, and the guest
+    runs on to its end (Z1 at 2**64 or -1 used to be OK and end the run at the next
+    continue)."""
+    c = debugged.client
+    reply = c.ask(packet)
+    assert reply.startswith("E"), (packet, reply)
+    assert c.ask("?") == "T05thread:1;"
+    assert c.ask("vCont;s") == "T05thread:1;"                  # the vCPU still runs
+    debugged.finish()

@@ -170,6 +170,53 @@ def test_a_kernel_finds_the_acpi_tables_in_guest_memory(abi):
     assert b"FACP" in t and b"APIC" in t
 
 
+# --- S3 and S5 on the kernel PC (our own kernel) ------------------------------------
+S3_KERNEL = (FIRMWARE / "s3_multiboot.bin").read_bytes()
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_s3_resumes_at_the_facs_waking_vector_on_the_rtc_alarm(abi, vcpus):
+    r = run_kernel(S3_KERNEL, abi=abi, vcpus=vcpus, irqchip=True, cmdline="s", timeout=30)
+    # 0x10 | WAK_STS seen (0x20) | marker 0 (the vCPU stopped at the S3 write): (0x30 << 1) | 1
+    assert (r.reason, r.status) == ("STOP", 0x61), r
+    assert r.elapsed_s < 2.5            # the alarm fires at the RTC's next update, within a second
+
+
+def test_s3_without_a_wake_up_sleeps_until_the_run_ends(abi):
+    r = run_kernel(S3_KERNEL, abi=abi, vcpus=2, irqchip=True, cmdline="n", timeout=1.5)
+    assert (r.reason, r.status) == ("DEADLINE", None), r
+    assert 1.4 < r.elapsed_s < 10
+
+
+def test_stopping_a_suspended_machine_ends_the_run_at_once(abi):
+    """pc.stop (Ctrl-C's path) reaches a machine in S3: the run ends, not at its deadline."""
+    import threading
+    import time
+    stopped = []
+
+    def on_start(pc):
+        def stop():
+            while pc.pending != "suspend":
+                if pc.finished.wait(0.01):
+                    return
+            stopped.append(time.monotonic())
+            pc.stop("INTERRUPTED")
+        threading.Thread(target=stop, daemon=True).start()
+    r = run_kernel(S3_KERNEL, abi=abi, vcpus=2, irqchip=True, cmdline="n", timeout=60, on_start=on_start)
+    assert r.reason == "INTERRUPTED" and stopped and r.elapsed_s < 10, r
+
+
+def test_s5_powers_off(abi):
+    r = run_kernel(S3_KERNEL, abi=abi, irqchip=True, cmdline="o", timeout=30)
+    assert (r.reason, r.status) == ("POWEROFF", None), r
+
+
+def test_cli_s5_exits_0_as_qemu_on_poweroff():
+    p = subprocess.run([sys.executable, "-m", "kvmsys", "run", "--kernel", str(FIRMWARE / "s3_multiboot.bin"),
+                        "--append", "o", "--timeout", "30"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "POWEROFF" in p.stdout, p.stdout + p.stderr
+
+
 # --- PM timer, PM1 registers, S3 request -------------------------------------------
 @pytest.mark.nokvm
 def test_pm_timer_counts_at_the_acpi_rate_in_24_bits():

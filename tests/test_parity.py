@@ -87,3 +87,40 @@ def test_exits_without_their_own_repr_show_their_fields(machine):
     m.vcpu.set_guest_debug(False)
     m.run(timeout=5)
     assert repr(ex) == "<DebugExit DEBUG (stale)>"
+
+
+def test_from_raw_fd_adopts_kvm_vm_and_vcpu_fds_made_elsewhere(tmp_path):
+    """kvm-ioctls' from_raw_fd: objects over duplicates of fds another part of the process
+    (a C library, another framework) made; each checks what the fd is before using it."""
+    from kvmsys import Vm, Vcpu
+    from kvmsys.errors import InvalidArgumentError
+    from kvmsys.guests import get, layout as L
+    from kvmsys.runner import setup_devices
+    with Kvm() as maker, maker.create_vm() as theirs:
+        their_vcpu = theirs.create_vcpu(3)
+        kvm = Kvm.from_raw_fd(maker.fileno())
+        assert kvm.fileno() != maker.fileno() and kvm.api_version() == 12
+        vm = Vm.from_raw_fd(kvm, theirs.fileno())
+        assert vm.fileno() != theirs.fileno() and vm.memory_slots == {}
+        mem = vm.add_memory(0, 0, L.RAM_SIZE)
+        setup_devices(vm)
+        vcpu = Vcpu.from_raw_fd(vm, their_vcpu.fileno())
+        assert vcpu.id == 3
+        L.prepare(get("hello.pm32"), vcpu, mem)
+        ex = vcpu.run(timeout=10)
+        assert isinstance(ex, kvmsys.StopExit) and b"Hello" in vm.console(), (ex, vm.console())
+        # the same kernel vCPU under both objects: the original sees what ran
+        assert their_vcpu.get_regs()["rip"] == vcpu.get_regs()["rip"] != L.LOAD_ADDR
+        for obj in (vcpu, vm, kvm):
+            obj.close()
+        assert not theirs.closed and theirs.check_extension("USER_MEMORY")      # theirs stay open
+        f = open(tmp_path / "file", "wb")
+        with pytest.raises(InvalidArgumentError, match="not a KVM kvm-vm fd"):
+            Vm.from_raw_fd(maker, f.fileno())
+        with pytest.raises(InvalidArgumentError, match="not a KVM vCPU fd"):
+            Vcpu.from_raw_fd(theirs, theirs.fileno())
+        with pytest.raises(kvmsys.KvmUnavailableError):
+            Kvm.from_raw_fd(f.fileno())
+        with pytest.raises(InvalidArgumentError):
+            Vm.from_raw_fd(maker, 1 << 20)                  # not open
+        f.close()

@@ -4,7 +4,10 @@ stopped: registers, memory, breakpoints, threads, queries (GDB's manual, "Packet
 the vCPUs (_live, _call, _g) and resuming (_go)."""
 from __future__ import annotations
 
+import string
+
 from . import target
+from .protocol import PACKET_SIZE
 
 SIGINT, SIGTRAP = 2, 5
 _PAGE = 4096
@@ -19,10 +22,25 @@ class Failure(Exception):
         self.code = code
 
 
+def _hex(text: str) -> int:
+    """A number in a packet: hex digits only, below 2**64, else an error reply (EINVAL),
+    checked when the packet arrives (never later, when the guest runs)."""
+    if not 0 < len(text) <= 64 or text.strip(string.hexdigits):
+        raise Failure(0x16)
+    value = int(text, 16)
+    if value >> 64:
+        raise Failure(0x16)
+    return value
+
+
+def _hexes(text: str, sep: str = ",") -> list[int]:
+    return [_hex(x) for x in text.split(sep)]
+
+
 class Commands:
     # --- packets --------------------------------------------------------------------
     def _cpu_for(self, tid_text: str):
-        tid = int(tid_text, 16)
+        tid = -1 if tid_text == "-1" else _hex(tid_text)
         live = self._live()
         if tid in (0, -1):
             return self._g if self._g in live else live[0]
@@ -35,12 +53,12 @@ class Commands:
         text = p.decode("latin-1")
         cmd = text[:1]
         if text.startswith("qSupported"):
-            return ("PacketSize=4000;qXfer:features:read+;swbreak+;hwbreak+;"
+            return (f"PacketSize={PACKET_SIZE:x};qXfer:features:read+;swbreak+;hwbreak+;"
                     "QStartNoAckMode+;vContSupported+")
         if text == "QStartNoAckMode":
             return "OK"
         if text.startswith("qXfer:features:read:target.xml:"):
-            off, length = (int(x, 16) for x in text.rsplit(":", 1)[1].split(","))
+            off, length = _hexes(text.rsplit(":", 1)[1])
             xml = target.target_xml(self.mode)
             chunk = xml[off:off + length]
             return ("l" if off + length >= len(xml) else "m") + chunk.decode()
@@ -72,23 +90,23 @@ class Commands:
         if cmd == "G":
             return self._write_regs(bytes.fromhex(text[1:]))
         if cmd == "p":
-            return self._read_regs(int(text[1:], 16))
+            return self._read_regs(_hex(text[1:]))
         if cmd == "P":
             n, value = text[1:].split("=")
-            return self._write_regs(bytes.fromhex(value), int(n, 16))
+            return self._write_regs(bytes.fromhex(value), _hex(n))
         if cmd == "m":
-            addr, length = (int(x, 16) for x in text[1:].split(","))
+            addr, length = _hexes(text[1:])
             return self._read_memory(addr, length).hex()
         if cmd == "M":
             where, data = text[1:].split(":")
-            addr, length = (int(x, 16) for x in where.split(","))
+            addr, length = _hexes(where)
             data = bytes.fromhex(data)
             if len(data) != length:
                 raise Failure(1)
             self._write_memory(addr, data)
             return "OK"
         if cmd in "Zz" and text[1:2] in "01234":
-            kind, addr, length = (int(x, 16) for x in text[1:].split(";")[0].split(","))
+            kind, addr, length = _hexes(text[1:].split(";")[0])
             if kind >= 3 and not self.watch_native:
                 return ""           # unsupported: read/access watchpoints need the DRs
             (self._insert if cmd == "Z" else self._remove)(kind, addr, length)
@@ -103,7 +121,7 @@ class Commands:
                 if what not in "cs":
                     return ""
                 if tid and tid != "-1":
-                    actions.setdefault(int(tid, 16), what)
+                    actions.setdefault(_hex(tid), what)
                 else:
                     default = default or what
             return self._go(actions, default)

@@ -5,13 +5,23 @@ packet is ``$`` payload ``#`` and two hex digits of the payload's byte sum mod 2
 ``}`` escapes ``$ # } *`` as ``}`` followed by the byte XOR 0x20; the receiver acks
 with ``+`` (or asks again with ``-``) until both sides agree on QStartNoAckMode.  A
 lone 0x03 byte outside a packet is an interrupt request.
+
+The peer is untrusted: a packet longer than the PacketSize the server advertises, or
+malformed (a payload ending inside an escape), is answered with a NAK (``-``, or an
+error reply once acks are off) and dropped, and the session goes on; what is buffered
+from the peer never exceeds a few packets' worth, whatever it sends.
 """
 from __future__ import annotations
 
+import re
 import socket
 
 INTERRUPT = b"\x03"     # what read() returns for a Ctrl-C from gdb
 _ESCAPED = b"$#}*"
+PACKET_SIZE = 0x4000    # the longest packet (payload) the server takes: qSupported's PacketSize
+_FRAMED_MAX = PACKET_SIZE + 4           # with '$', '#' and the two checksum digits
+_BUFFER_MAX = 2 * _FRAMED_MAX           # bytes kept from the peer at most
+_START = re.compile(rb"[$\x03]")
 
 
 class ProtocolError(Exception):
@@ -45,6 +55,13 @@ def unescape(data: bytes) -> bytes:
     return bytes(out)
 
 
+def _checksum_ok(digits: bytes, body: bytes) -> bool:
+    try:
+        return int(digits, 16) == checksum(body)
+    except ValueError:
+        return False
+
+
 def frame(payload: bytes) -> bytes:
     body = escape(payload)
     return b"$" + body + b"#%02x" % checksum(body)
@@ -62,11 +79,19 @@ class Connection:
         return self.sock.fileno()
 
     def _fill(self) -> bool:
-        data = self.sock.recv(65536)
+        data = self.sock.recv(_FRAMED_MAX)
         if not data:
             return False
         self.buf += data
+        if len(self.buf) > _BUFFER_MAX:     # more than any client in step with us sends: drop it
+            self.buf.clear()
+            self._refuse()
         return True
+
+    def _refuse(self) -> None:
+        """A packet dropped as malformed: NAK it (gdb sends again), or with acks off an
+        error reply (nobody resends)."""
+        self.sock.sendall(b"-" if self.ack else frame(b"E01"))
 
     def pending(self) -> bool:
         """True if a whole packet or an interrupt is already buffered."""
@@ -75,26 +100,31 @@ class Connection:
     def read(self) -> bytes | None:
         """The next packet's payload (unescaped), INTERRUPT, or None at end of stream."""
         while True:
-            # drop acks and line noise before the next packet
-            while self.buf and self.buf[0] not in (0x24, 0x03):
-                del self.buf[0]
+            m = _START.search(self.buf)     # drop acks and line noise before the next packet
+            del self.buf[:m.start() if m else len(self.buf)]
             if self.buf[:1] == INTERRUPT:
                 del self.buf[0]
                 return INTERRUPT
-            end = self.buf.find(b"#")
+            end = self.buf.find(b"#", 0, _FRAMED_MAX)
+            if self.buf[:1] == b"$" and (end > PACKET_SIZE + 1 or end < 0 and len(self.buf) >= _FRAMED_MAX):
+                nxt = self.buf.find(b"$", 1)            # longer than PacketSize: dropped
+                del self.buf[:nxt if nxt > 0 else len(self.buf)]
+                self._refuse()
+                continue
             if self.buf[:1] == b"$" and end >= 0 and len(self.buf) >= end + 3:
                 body = bytes(self.buf[1:end])
                 cs = bytes(self.buf[end + 1:end + 3])
                 del self.buf[:end + 3]
                 try:
-                    good = int(cs, 16) == checksum(body)
-                except ValueError:
-                    good = False
-                if self.ack:
-                    self.sock.sendall(b"+" if good else b"-")
-                if good or not self.ack:
-                    return unescape(body)
-                continue            # the peer sends it again
+                    payload = unescape(body)
+                except ProtocolError:
+                    payload = None
+                if payload is not None and (not self.ack or _checksum_ok(cs, body)):
+                    if self.ack:            # (without acks the checksum is not checked)
+                        self.sock.sendall(b"+")
+                    return payload
+                self._refuse()              # the peer sends it again (or gets E01)
+                continue
             if not self._fill():
                 return None
 

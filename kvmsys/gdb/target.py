@@ -233,8 +233,14 @@ def debugreg(slots) -> list[int]:
     return regs
 
 
+_CANONICAL = 1 << 47     # DR0-DR3 hold canonical linear addresses (a 32-bit one is)
+
+
 def check_watch(kind: int, addr: int, length: int) -> None:
-    """ValueError unless x86 debug registers can watch [addr, addr+length)."""
+    """ValueError unless x86 debug registers can watch [addr, addr+length) (kind 1: an
+    instruction breakpoint at addr)."""
+    if not (0 <= addr < _CANONICAL or (1 << 64) - _CANONICAL <= addr < 1 << 64):
+        raise ValueError("breakpoint address must be a canonical 64-bit address")
     if kind == 1:
         return
     if length not in _LEN:
