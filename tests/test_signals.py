@@ -393,3 +393,42 @@ def test_ctrl_c_ends_a_program_started_from_a_handler_and_the_run(abi):
             p.wait()
     assert out.strip() == "interrupted", (out, err)
     assert seconds < 20, seconds
+
+
+def test_a_sigint_a_vcpu_thread_takes_ends_the_main_threads_run_not_its_own(machine):
+    """A SIGINT that lands on another vCPU thread in KVM_RUN: its relay raises Python's flag
+    and kicks the main thread, whose run raises KeyboardInterrupt at once (a guest that never
+    exits); the other thread's run goes on to its own deadline (before, vCPU threads held
+    SIGINT blocked, and the main thread's run went on to its deadline)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("env: needs the main thread")
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("env: SIGINT is not Python's default KeyboardInterrupt handler here")
+    endless(machine)
+    ready, out = threading.Event(), []
+
+    def worker():
+        v = machine.attach(1)
+        try:
+            layout.prepare(get("pio_out_loop.pm32"), v, machine.mem, n=0)
+            endless_no_exit(machine.mem)
+            ready.set()
+            t0 = time.monotonic()
+            out.append((type(machine.runner(v)(timeout=3)).__name__, time.monotonic() - t0))
+        finally:
+            machine.detach(v)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert ready.wait(20)
+        fire = threading.Timer(0.5, lambda: signal.pthread_kill(t.ident, signal.SIGINT))
+        t0 = time.monotonic()
+        fire.start()
+        with pytest.raises(KeyboardInterrupt):
+            machine.run(timeout=10)
+        elapsed = time.monotonic() - t0
+    finally:
+        t.join(30)
+    assert elapsed < 5, elapsed
+    assert out and out[0][0] == "DeadlineExit", out
