@@ -172,6 +172,20 @@ def interrupt_cli(args, ready, *, cwd, within=60.0, settle=0.0):
     return proc.returncode, err.decode()
 
 
+class FakeVm:
+    """A VM as the Python device models see it: interrupt lines recorded, handlers accepted."""
+    has_irqchip = True
+
+    def __init__(self):
+        self.lines = []
+
+    def irq_line(self, line, level):
+        self.lines.append((line, level))
+
+    def add_handler(self, *args):
+        return len(args)
+
+
 @pytest.fixture(params=["fd", "sys"])
 def abi(request):
     return request.param

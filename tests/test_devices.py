@@ -2,6 +2,7 @@
 import struct
 
 import pytest
+from conftest import FakeVm
 
 from kvmsys.devices import AtaDisk, Cmos, FwCfg, I8042, Irq, PciHost, Pit, Port92, Uart8250
 
@@ -15,16 +16,6 @@ class FakeExit:
         self.port, self.size, self.is_in = port, size, is_in
         self.data = memoryview(bytearray(data))
         self.count = len(data) // size
-
-
-class FakeVm:
-    has_irqchip = True
-
-    def __init__(self):
-        self.lines = []
-
-    def irq_line(self, line, level):
-        self.lines.append((line, level))
 
 
 class Memory:

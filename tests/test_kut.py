@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FakeVm
 
 import kvmsys.guests
 from kvmsys import acpi, kut
@@ -46,19 +47,6 @@ def test_cli_runs_an_smp_multiboot_kernel():
 
 
 # --- pc-testdev ------------------------------------------------------------------
-class FakeVm:
-    has_irqchip = True
-
-    def __init__(self):
-        self.lines = []
-
-    def irq_line(self, line, level):
-        self.lines.append((line, level))
-
-    def add_handler(self, *args):
-        return len(args)
-
-
 class FakeMmio:
     def __init__(self, address, length, is_write, data=b""):
         self.address, self.length, self.is_write = address, length, is_write

@@ -9,20 +9,7 @@
     .include "debugcon.inc"
     .code32
     .text
-    .set    BASE, 0x100000          # load address: label + BASE is a label's address
-    .set    FLAGS, 0x00010003       # page-aligned modules, memory info, address fields
-start:
-    jmp     entry
-    .align  4
-header:
-    .long   0x1BADB002
-    .long   FLAGS
-    .long   -(0x1BADB002 + FLAGS)
-    .long   header + BASE           # header_addr
-    .long   BASE                    # load_addr
-    .long   end + BASE              # load_end_addr
-    .long   end + BASE + 0x1000     # bss_end_addr: a page of bss
-    .long   entry + BASE            # entry_addr
+    .include "multiboot.inc"
 entry:
     mov     $end + BASE + 0x1000, %esp      # the bss page is the stack (Multiboot leaves ESP undefined)
     cmp     $0x2BADB002, %eax

@@ -13,25 +13,12 @@
     .include "debugcon.inc"
     .code32
     .text
-    .set    BASE, 0x100000
-    .set    FLAGS, 0x00010003
     .set    STUB, 0x10000
     .set    FACS_WAKING_VECTOR, 0xF000C
     .set    PM1_STS, 0x600
     .set    PM1_EN, 0x602
     .set    PM1_CNT, 0x604
-start:
-    jmp     entry
-    .align  4
-header:
-    .long   0x1BADB002
-    .long   FLAGS
-    .long   -(0x1BADB002 + FLAGS)
-    .long   header + BASE
-    .long   BASE
-    .long   end + BASE
-    .long   end + BASE + 0x1000
-    .long   entry + BASE
+    .include "multiboot.inc"
 entry:
     mov     $end + BASE + 0x1000, %esp
     mov     16(%ebx), %ebp          # the command line

@@ -10,22 +10,9 @@
     .include "debugcon.inc"
     .code32
     .text
-    .set    BASE, 0x100000
-    .set    FLAGS, 0x00010003
     .set    TRAMP, 0x10000          # SIPI vector 0x10
     .set    APIC, 0xFEE00000
-start:
-    jmp     entry
-    .align  4
-header:
-    .long   0x1BADB002
-    .long   FLAGS
-    .long   -(0x1BADB002 + FLAGS)
-    .long   header + BASE
-    .long   BASE
-    .long   end + BASE
-    .long   end + BASE + 0x1000
-    .long   entry + BASE
+    .include "multiboot.inc"
 entry:
     mov     $end + BASE + 0x1000, %esp
     mov     $tramp + BASE, %esi     # the AP code to TRAMP
