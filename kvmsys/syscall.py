@@ -55,7 +55,7 @@ class ThreadVcpu(Vcpu):
         except KvmOSError as e:
             if e.errno != errno.EINVAL or not self.run_before:
                 raise
-        st = {"vcpu": self, "changed": changed}
+        st: dict[str, Any] = {"vcpu": self, "changed": changed}
         _core.steps(_lock, (_capture_for_move, (st,)), (_pick_id, (st,)), (_core.move_into, (st, _bound)),
                     (_recapture, (st,)))
         super().set_cpuid2(entries)
