@@ -1,8 +1,12 @@
 """gdb sees every ending of the guest (the final W/X reply reaches it, and the server
 waits for gdb to close before it goes), and --gdb offers both of QEMU's starts: waiting
 for gdb before the first instruction (-s -S) and running at once (-s)."""
+import threading
 import time
 import pytest
+
+from kvmsys import runner
+from kvmsys.gdb import GdbServer
 
 from kvmsys.gdb import target
 from kvmsys.guests import layout as L
@@ -100,3 +104,24 @@ def test_the_default_waits_before_the_first_instruction(tmp_path):
     finally:
         run.proc.kill()
         run.wait()
+
+
+def test_gdb_that_comes_after_the_guest_ended_is_told_how_it_ended(tmp_path, abi):
+    """wait=False: a gdb that connects once every vCPU has ended (before the server is
+    closed) gets the guest's ending to its stop query, not a server thread that dies."""
+    path = str(tmp_path / "s")
+    died = []
+    hook, threading.excepthook = threading.excepthook, lambda a: died.append(a.exc_value)
+    server = GdbServer(path, vcpus=1, wait=False)
+    try:
+        result = runner.run_guest("hello.pm32", abi=abi, gdb=server)
+        assert result.reason == "STOP" and result.status == 1
+        c = Client(path)
+        assert c.ask("qSupported:swbreak+;hwbreak+") == ""
+        assert c.ask("?") == "W01"
+        c.sock.close()
+        server._thread.join(10)
+        assert not server._thread.is_alive() and not died, died
+    finally:
+        threading.excepthook = hook
+        server.close()

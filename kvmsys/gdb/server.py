@@ -347,6 +347,9 @@ class GdbServer(Commands):
                     self._cond.wait(0.1)
             if self._closed:
                 return
+            if not self._live():
+                self._answer_ended()    # the guest ended before gdb came (wait=False)
+                return
             self._setup()
             self._loop()
         except OSError:
@@ -355,6 +358,23 @@ class GdbServer(Commands):
             self._detach()
             with contextlib.suppress(OSError):
                 sock.close()
+
+    def _answer_ended(self) -> None:
+        """gdb came after every vCPU had ended: nothing to debug.  Its handshake gets empty
+        replies (unsupported), its first stop query (?) how the guest ended, then gdb may
+        close the connection."""
+        conn = self._conn
+        while not self._closed:
+            packet = conn.read()
+            if packet is None:
+                return
+            if packet == INTERRUPT:
+                continue
+            if packet == b"?":
+                conn.send(self._exit_reply())
+                self._await_close(conn)
+                return
+            conn.send("")
 
     def _setup(self) -> None:
         first = self._live()[0]
