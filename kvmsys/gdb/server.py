@@ -347,34 +347,17 @@ class GdbServer(Commands):
                     self._cond.wait(0.1)
             if self._closed:
                 return
-            if not self._live():
-                self._answer_ended()    # the guest ended before gdb came (wait=False)
-                return
-            self._setup()
-            self._loop()
+            if self._live():
+                self._setup()
+                self._loop(self._dispatch)
+            else:
+                self._loop(self._ended)     # the guest ended before gdb came (wait=False)
         except OSError:
             pass
         finally:
             self._detach()
             with contextlib.suppress(OSError):
                 sock.close()
-
-    def _answer_ended(self) -> None:
-        """gdb came after every vCPU had ended: nothing to debug.  Its handshake gets empty
-        replies (unsupported), its first stop query (?) how the guest ended, then gdb may
-        close the connection."""
-        conn = self._conn
-        while not self._closed:
-            packet = conn.read()
-            if packet is None:
-                return
-            if packet == INTERRUPT:
-                continue
-            if packet == b"?":
-                conn.send(self._exit_reply())
-                self._await_close(conn)
-                return
-            conn.send("")
 
     def _setup(self) -> None:
         first = self._live()[0]
@@ -384,7 +367,12 @@ class GdbServer(Commands):
         self.sw_bp_native = probe.sw_breakpoints_work(self.mode)
         self.watch_native = probe.watchpoints_work(self.mode)
 
-    def _loop(self) -> None:
+    def _ended(self, packet: bytes) -> str:
+        """The requests of a gdb that came after every vCPU had ended: its stop query (?)
+        gets how the guest ended; everything else an empty reply (unsupported)."""
+        return self._exit_reply() if packet == b"?" else ""
+
+    def _loop(self, dispatch) -> None:
         conn = self._conn
         while not self._closed:
             packet = conn.read()
@@ -393,7 +381,7 @@ class GdbServer(Commands):
             if packet == INTERRUPT:
                 continue            # already stopped
             try:
-                reply = self._dispatch(packet)
+                reply = dispatch(packet)
             except ConnectionError:
                 raise                           # gdb went away while the guest ran
             except Failure as e:
@@ -410,7 +398,7 @@ class GdbServer(Commands):
             if self._ending:
                 self._await_close(conn)
                 return
-            if packet == b"QStartNoAckMode":
+            if packet == b"QStartNoAckMode" and reply == "OK":
                 conn.ack = False
 
     def _wait_stop(self) -> str:
