@@ -436,10 +436,13 @@ cdef class VcpuCore:
         self.require_open()
         return self.v.fd
 
+    cdef inline bint is_closed(self):
+        return self.v == NULL or self.v.fd < 0 or self.gone is not None or self.forkgen != kvmsys_fork_generation
+
     @property
     def closed(self):
         """True once closed (or removed from its thread, or inherited by a fork child)."""
-        return self.v == NULL or self.v.fd < 0 or self.gone is not None or self.forkgen != kvmsys_fork_generation
+        return self.is_closed()
 
     def __repr__(self):
         name = type(self).__name__
@@ -660,11 +663,16 @@ cdef class VcpuCore:
         cdef double t = as_timeout(timeout)
         return self.run_once(b, t)
 
+    def _kick_clock(self):
+        """(when the last kick signal was sent, when KVM_RUN last returned EINTR, when the run
+        loop last returned): CLOCK_MONOTONIC ns, for the kick benchmark's breakdown."""
+        self.require_open()
+        return self.v.kick_sent_ns, self.v.intr_ns, self.v.t_left
+
     def kick(self):
         """Make the vCPU leave KVM_RUN now, or its next run() return at once (never lost)."""
         self.require_open()
-        with nogil:
-            kick_vcpu(self.v, 0, KICK_USER)
+        kick_vcpu(self.v, 0, KICK_USER)     # the GIL held: see VcpuHandle._kick
 
     @property
     def immediate_exit(self):
