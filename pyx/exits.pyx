@@ -600,7 +600,7 @@ cdef class SyncRegs:
 
     cdef inline int dirty(self) except -1:
         self.vcpu.v.run.kvm_dirty_regs |= KVM_SYNC_X86_REGS
-        self.vcpu._touched = 1          # a write here changes the vCPU like set_regs() does
+        self.vcpu._changes.add("KVM_SET_REGS")     # a write here changes the vCPU like set_regs()
         return 0
 
     def as_dict(self):

@@ -111,7 +111,8 @@ cdef class VcpuCore:
     cdef Mapping page
     cdef int synced            # the kernel has filled run->s.regs at least once
     cdef int debug_enabled
-    cdef int _touched            # ran or had state set: a recycled vCPU must be reset
+    cdef int _touched            # ran: any state may have changed, a recycled vCPU is reset whole
+    cdef set _changes            # the setters called (ops, "KVM_SET_REGS", ...): what a reset restores
     cdef int ran                 # entered KVM_RUN at least once (an I/O may await completion)
     cdef int ran_here            # ... since this object got it (renew() clears it)
     cdef int irreversible_done   # KVM_SET_CPUID2 or a vCPU KVM_ENABLE_CAP happened: no undo
@@ -128,6 +129,7 @@ cdef class VcpuCore:
 
     def __cinit__(self, *args, **kwargs):
         self.forkgen = kvmsys_fork_generation
+        self._changes = set()
 
     def __init__(self, vm_, vcpu_id_, *, fd=None):
         if self.v != NULL:
@@ -207,6 +209,7 @@ cdef class VcpuCore:
         vm.map_ring(fd)             # the VM's coalesced ring, once (it shows in every comm area)
         if new_kernel_vcpu:
             self.ran = self.ran_here = self.irreversible_done = self.debug_enabled = self._touched = 0
+            self._changes.clear()
             self.dirty_ring = None
             self.dirty_fetch = 0
         if vm.dirty_ring_size and self.dirty_ring is None:
@@ -269,6 +272,7 @@ cdef class VcpuCore:
             n = type(self).__new__(type(self))
             n.v, n.vm, n.id, n.forkgen = self.v, self.vm, self.id, self.forkgen
             n.synced, n.debug_enabled, n._touched = self.synced, self.debug_enabled, self._touched
+            n._changes = set(self._changes)
             n.ran, n.irreversible_done = self.ran, self.irreversible_done
             n.pending, n.views = [], []
             n.dirty_ring, n.dirty_fetch = self.dirty_ring, self.dirty_fetch
@@ -322,7 +326,7 @@ cdef class VcpuCore:
             raise StateError(f"vCPU {self.id} is inside KVM_RUN in another thread: {op} would wait for "
                              "its next exit; kick it (or queue the call with handle().call_soon) first")
         if not op.startswith("KVM_GET"):
-            self._touched = 1
+            self._changes.add(op)       # even if refused: KVM may have changed part of it
             v.state_set = 1             # what the guest resumes with changed (see ready_now)
         if r < 0:
             raise_os(err, op)
@@ -331,11 +335,19 @@ cdef class VcpuCore:
     @property
     def touched(self):
         """True once the vCPU ran or had state set since creation (or since mark_pristine())."""
-        return bool(self._touched)
+        return bool(self._touched or self._changes)
+
+    @property
+    def changes(self):
+        """What changed the vCPU since creation (or since mark_pristine()): a frozenset of
+        the ioctls that set state ("KVM_SET_REGS" also for writes through ``regs``), with
+        "KVM_RUN" once it ran."""
+        return frozenset(self._changes) | {"KVM_RUN"} if self._touched else frozenset(self._changes)
 
     def mark_pristine(self):
         """Record that the vCPU's state is its initial state again (after a reset)."""
         self._touched = 0
+        self._changes.clear()
 
     @property
     def has_run(self):
