@@ -95,8 +95,9 @@ class _Target:
         self._load(which)
         c0, io0 = self.g.counter(), self._io_exits()
         self.in_run.set()
-        ex = self.g.run()
-        t1 = time.perf_counter_ns()
+        run, now = self.g.run, time.perf_counter_ns
+        ex = run()
+        t1 = now()
         clocks = self.g.vcpu._kick_clock()
         self.in_run.clear()
         if which == "exits":
@@ -141,10 +142,12 @@ class _Target:
         if not self.in_run.wait(10):
             raise RuntimeError(f"kick target ({self.abi}) did not start running")
         time.sleep(delay_s)              # let it get into KVM_RUN
-        kick, wait = self.handle.kick, self._wait
-        t0 = time.perf_counter_ns()
+        kick, block, now = self.handle.kick, self.done.acquire, time.perf_counter_ns
+        t0 = now()
         kick()
-        t1, name, clocks = wait()       # blocks at once, as the C floor's kicker does
+        block()                         # at once, as the C floor's kicker does
+        self.done.release()
+        t1, name, clocks = self._wait()
         if name == "KICK":
             sent, intr, _left = clocks
             seen = t0 <= sent <= intr <= t1
