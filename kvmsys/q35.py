@@ -18,6 +18,7 @@ local APICs.  A DMA is done a page at a time, each page translated and checked t
 RAM; a refused one is dropped (and recorded as a VT-d fault)."""
 from __future__ import annotations
 
+from ._core import IRQ_ROUTING
 from .devices import Device, Irq, PciHost
 from .devices.edu import BAR_SIZE, Edu
 from .devices.ioapic import Ioapic
@@ -112,7 +113,7 @@ class Bus:
                 if out is None:
                     continue
                 address, data = out
-            routes.append((pin, 1, address & 0xFFFFFFFF, address >> 32, data))    # KVM_IRQ_ROUTING_MSI
+            routes.append((pin, IRQ_ROUTING["MSI"], address & 0xFFFFFFFF, address >> 32, data))
         self.vm.set_gsi_routing(routes)
 
 

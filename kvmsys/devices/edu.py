@@ -111,7 +111,7 @@ class Edu(PciFunction):
         elif off in (0x0C, 0x0D, 0x3C):
             c[off] = b
         elif off == MSI_CAP + 2:
-            c[off] = b & 0x01                       # MSI enable; one vector (MME 0)
+            c[off] = (c[off] & 0x80) | (b & 0x01)   # MSI enable; one vector (MME 0); 64-bit stays
         elif MSI_CAP + 4 <= off < MSI_CAP + 0x0E:   # address (low dword 4-aligned), high, data
             c[off] = b & 0xFC if off == MSI_CAP + 4 else b
 
