@@ -544,8 +544,7 @@ cdef int flush_sync(vcpustate_t *v) noexcept nogil:
 
 
 # *unsent*: the register set flush_sync could not send (then the ioctl is not made).
-cdef long vcpu_ioctl_outside(vcpustate_t *v, unsigned long req, void *arg, int *refused,
-                             int *unsent) noexcept nogil:
+cdef long vcpu_ioctl_outside(vcpustate_t *v, unsigned long req, void *arg, int *refused, int *unsent) noexcept nogil:
     cdef long r = -1
     cdef int err = 0
     kvmsys_add_int(&v.ioctls, 1)
