@@ -490,6 +490,8 @@ CHANGES = {
     "regs": lambda v, mem: v.set_regs(dict(v.get_regs(), rax=0x1234, rip=0x2000)),
     "regs through the comm area": lambda v, mem: setattr(v.regs, "rbx", 0x55),
     "raw comm-area write": _raw_comm_area_write,
+    # sent to the kernel before that ioctl (flush_sync): the reset must restore it
+    "raw comm-area write, then an ioctl": lambda v, mem: (_raw_comm_area_write(v, mem), v.get_sregs()),
     "sregs": lambda v, mem: v.set_sregs(dict(v.get_sregs(), cr2=0x1234_5000)),
     "fpu": _set_fpu,
     "xsave": _set_xsave,
