@@ -36,11 +36,11 @@ def set_handling(vm, kind: str, how: str) -> None:
     Uses the VM's default action for unhandled accesses, which can be switched
     between repetitions: "c" = IGNORE (writes dropped, reads all-ones, handled in
     the C run loop), "python" = PYTHON with vm.default_handler = noop_handler.
-    HLT: IGNORE (re-entered in C) or PYTHON (run() returns every HLT)."""
+    HLT: IGNORE (re-entered in C) or PYTHON with noop_handler as its callback."""
     space = EXIT_KINDS[kind][2]
     action = Kind.IGNORE if how == "c" else Kind.PYTHON
     if space is None:
-        vm.set_hlt_action(action)
+        vm.set_hlt_action(action, noop_handler if how == "python" else None)
     else:
         vm.set_default(space, action)
         vm.default_handler = noop_handler if how == "python" else None
