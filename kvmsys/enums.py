@@ -9,11 +9,11 @@ older `_core.H_KINDS["SINK"]` lookups) keeps working.
 """
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 
 from . import _core
 
-__all__ = ["Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReason"]
+__all__ = ["Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReason", "SyncReg"]
 
 Kind = IntEnum("Kind", _core.H_KINDS, module=__name__)
 Kind.__doc__ = """What a fast handler does with an access in its range: PYTHON (return it to
@@ -35,3 +35,7 @@ MpState.__doc__ = "KVM_MP_STATE_*: vcpu.get_mp_state() / set_mp_state()."
 
 MsrExitReason = IntEnum("MsrExitReason", _core.MSR_EXIT_REASONS, module=__name__)
 MsrExitReason.__doc__ = "KVM_MSR_EXIT_REASON_*: why an MSR access exited (MsrExit.msr_reason)."
+
+SyncReg = IntFlag("SyncReg", _core.SYNC_REGS, module=__name__)
+SyncReg.__doc__ = """KVM_SYNC_X86_*: the register sets of the comm area (KVM_CAP_SYNC_REGS), combinable:
+vcpu.set_sync_valid_reg(SyncReg.SREGS | SyncReg.EVENTS), vcpu.sync_valid_regs."""

@@ -1,8 +1,8 @@
 # Type stubs for kvmsys.enums: the members the compiled core defines (their values come
 # from <linux/kvm.h> at build time; tests/test_stubs.py checks the two agree).
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 
-__all__ = ["Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReason"]
+__all__ = ["Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReason", "SyncReg"]
 
 
 class Kind(IntEnum):
@@ -71,3 +71,8 @@ class MsrExitReason(IntEnum):
     INVAL = ...
     UNKNOWN = ...
     FILTER = ...
+
+class SyncReg(IntFlag):
+    REGS = ...
+    SREGS = ...
+    EVENTS = ...

@@ -247,6 +247,15 @@ cdef int inject_pending(vcpustate_t *v, kvm_run *run) noexcept nogil:
     cdef kvm_vcpu_events ev
     cdef kvm_interrupt irq
     cdef int window = 0, ready
+    if run.kvm_dirty_regs & KVM_SYNC_X86_EVENTS and (v.nirq or v.nmi_queued):
+        # events written through the comm area first: KVM_RUN would load them after
+        # KVM_INTERRUPT / KVM_NMI and drop what those queued.  On failure the bit stays
+        # (run_once reports the refused set).
+        ev = run.s.regs.events
+        if ioctl(v.fd, KVM_SET_VCPU_EVENTS, &ev) < 0:
+            return errno
+        run.kvm_dirty_regs &= ~(<uint64_t>KVM_SYNC_X86_EVENTS)
+        v.state_set = 1
     if kvmsys_load_int(&v.nmi_queued) > 0:
         if ioctl(v.fd, KVM_GET_VCPU_EVENTS, &ev) < 0:
             return errno
@@ -506,14 +515,49 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
 # (*refused* set, nothing done).  `ioctls` and `running` are a Dekker pair: this
 # counts itself in before it looks at `running`, the loop sets `running` before it
 # waits for `ioctls` to drain, so one of the two always sees the other.
-cdef long vcpu_ioctl_outside(vcpustate_t *v, unsigned long req, void *arg, int *refused) noexcept nogil:
+# Register sets written through the comm area and not sent yet (kvm_dirty_regs) go to
+# the kernel before any other vCPU ioctl, in KVM_RUN's own order (regs, sregs, events):
+# whatever that ioctl reads or changes comes after them, so the last write wins, made
+# either way.  Each bit is cleared before its copy is taken (a write racing with the send
+# sets it again and is sent later).  Returns 0, or the set the kernel refused (errno set;
+# that write is dropped).
+cdef int flush_sync(vcpustate_t *v) noexcept nogil:
+    cdef kvm_run *run = v.run
+    cdef kvm_regs regs
+    cdef kvm_sregs sregs
+    cdef kvm_vcpu_events events
+    if run.kvm_dirty_regs & KVM_SYNC_X86_REGS:
+        run.kvm_dirty_regs &= ~(<uint64_t>KVM_SYNC_X86_REGS)
+        regs = run.s.regs.regs
+        if ioctl(v.fd, KVM_SET_REGS, &regs) < 0:
+            return KVM_SYNC_X86_REGS
+    if run.kvm_dirty_regs & KVM_SYNC_X86_SREGS:
+        run.kvm_dirty_regs &= ~(<uint64_t>KVM_SYNC_X86_SREGS)
+        sregs = run.s.regs.sregs
+        if ioctl(v.fd, KVM_SET_SREGS, &sregs) < 0:
+            return KVM_SYNC_X86_SREGS
+    if run.kvm_dirty_regs & KVM_SYNC_X86_EVENTS:
+        run.kvm_dirty_regs &= ~(<uint64_t>KVM_SYNC_X86_EVENTS)
+        events = run.s.regs.events
+        if ioctl(v.fd, KVM_SET_VCPU_EVENTS, &events) < 0:
+            return KVM_SYNC_X86_EVENTS
+    return 0
+
+
+# *unsent*: the register set flush_sync could not send (then the ioctl is not made).
+cdef long vcpu_ioctl_outside(vcpustate_t *v, unsigned long req, void *arg, int *refused, int *unsent) noexcept nogil:
     cdef long r = -1
     cdef int err = 0
     kvmsys_add_int(&v.ioctls, 1)
     refused[0] = kvmsys_load_int(&v.running)
+    unsent[0] = 0
     if not refused[0]:
-        r = ioctl(v.fd, req, arg)
-        err = errno
+        if v.run.kvm_dirty_regs:
+            unsent[0] = flush_sync(v)
+            err = errno
+        if not unsent[0]:
+            r = ioctl(v.fd, req, arg)
+            err = errno
     kvmsys_add_int(&v.ioctls, -1)
     kvmsys_set_errno(err)
     return r

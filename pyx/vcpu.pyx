@@ -125,7 +125,7 @@ cdef class VcpuCore:
     cdef readonly int id
     cdef Mapping page
     cdef object page_view        # one memoryview of page, sliced for exits' data (see comm_slice)
-    cdef int synced            # the kernel has filled run->s.regs at least once
+    cdef int synced            # KVM_SYNC_X86_* sets whose comm-area copy is current
     cdef int debug_enabled
     cdef int _touched            # ran or had state set: a recycled vCPU must be reset
     cdef int ran                 # entered KVM_RUN at least once (an I/O may await completion)
@@ -228,9 +228,7 @@ cdef class VcpuCore:
             self.dirty_fetch = 0
         if vm.dirty_ring_size and self.dirty_ring is None:
             self.map_dirty_ring()
-        self.synced = 0
-        if vm.has_sync_regs:
-            self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS   # registers come back in the comm area
+        self.reset_sync()
         vm.vcpu_ids.add(self.id)
         vm.vcpus.add(self)
         return 0
@@ -285,7 +283,7 @@ cdef class VcpuCore:
         try:
             n = type(self).__new__(type(self))
             n.v, n.vm, n.id, n.forkgen = self.v, self.vm, self.id, self.forkgen
-            n.synced, n.debug_enabled, n._touched = self.synced, self.debug_enabled, self._touched
+            n.debug_enabled, n._touched = self.debug_enabled, self._touched
             n.ran, n.irreversible_done = self.ran, self.irreversible_done
             n.pending, n.views = [], []
             n.dirty_ring, n.dirty_fetch = self.dirty_ring, self.dirty_fetch
@@ -331,19 +329,129 @@ cdef class VcpuCore:
             self.irreversible_done = 1      # whatever the outcome: a vCPU KVM may have changed
         cdef vcpustate_t *v = self.v
         cdef long r
-        cdef int refused, err
+        cdef int refused, err, unsent
         with nogil:
-            r = vcpu_ioctl_outside(v, req, arg, &refused)
+            r = vcpu_ioctl_outside(v, req, arg, &refused, &unsent)
             err = errno
         if refused:
             raise StateError(f"vCPU {self.id} is inside KVM_RUN in another thread: {op} would wait for "
                              "its next exit; kick it (or queue the call with handle().call_soon) first")
+        if unsent:
+            self.synced &= ~unsent
+            raise_os(err, f"{_SYNC_SET_IOCTL[unsent]} (before {op})",
+                     f"KVM refused the {sync_set_names(unsent)} written through the comm area; "
+                     "that write was dropped")
         if not op.startswith("KVM_GET"):
             self._touched = 1
             v.state_set = 1             # what the guest resumes with changed (see ready_now)
+            self.synced = 0             # and any register set of it may have (KVM_SET_MSRS: EFER, ...)
         if r < 0:
             raise_os(err, op)
         return r
+
+    # --- registers in the comm area (KVM_CAP_SYNC_REGS): see syncregs.pyx ----
+    cdef int reset_sync(self) except -1:
+        # kvmsys's defaults, on every kernel vCPU this object gets (created, recycled,
+        # replaced) and at clear_comm_area(): REGS synced by the kernel, nothing written
+        # and not sent (a last owner's unsent writes never reach the next one).
+        self.synced = 0
+        self.v.run.kvm_dirty_regs = 0
+        self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS if self.vm.has_sync_regs else 0
+        return 0
+
+    cdef char *sync_ptr(self, int kind) except NULL:
+        # The set's struct in the comm area, fetched by ioctl first if the copy there is
+        # not current (written and not sent counts as current: it is what KVM will get).
+        self.require_open()
+        if not self.vm.has_sync_regs:
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError("SYNC_REGS", "register access through the comm area")
+        cdef kvm_run *run = self.v.run
+        cdef kvm_regs regs
+        cdef kvm_sregs sregs
+        cdef kvm_vcpu_events events
+        if not ((<uint64_t>self.synced | run.kvm_dirty_regs) & kind):
+            if kind == KVM_SYNC_X86_REGS:
+                self.vcpu_ioctl(KVM_GET_REGS, &regs, "KVM_GET_REGS")
+                run.s.regs.regs = regs
+            elif kind == KVM_SYNC_X86_SREGS:
+                self.vcpu_ioctl(KVM_GET_SREGS, &sregs, "KVM_GET_SREGS")
+                run.s.regs.sregs = sregs
+            else:
+                self.vcpu_ioctl(KVM_GET_VCPU_EVENTS, &events, "KVM_GET_VCPU_EVENTS")
+                run.s.regs.events = events
+            self.synced |= kind
+        if kind == KVM_SYNC_X86_REGS:
+            return <char *>&run.s.regs.regs
+        if kind == KVM_SYNC_X86_SREGS:
+            return <char *>&run.s.regs.sregs
+        return <char *>&run.s.regs.events
+
+    cdef int sync_dirty(self, int kind) except -1:
+        # after a write through a view: KVM loads the set at the next KVM_RUN
+        self.v.run.kvm_dirty_regs |= kind
+        self.synced |= kind
+        self._touched = 1               # a write here changes the vCPU like set_regs() does
+        return 0
+
+    cdef int sync_bits(self, reg) except -1:
+        if not self.vm.has_sync_regs:
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError("SYNC_REGS", "choosing the register sets synced through the comm area")
+        cdef uint64_t bits = as_u64(reg, "register sets (kvmsys.SyncReg)")
+        if bits == 0 or bits & ~(<uint64_t>KVM_SYNC_X86_VALID_FIELDS):
+            raise InvalidArgumentError(f"register sets {bits:#x}: a non-empty combination of kvmsys.SyncReg "
+                                       f"(REGS, SREGS, EVENTS: {KVM_SYNC_X86_VALID_FIELDS:#x})")
+        return <int>bits
+
+    @property
+    def sync_valid_regs(self):
+        """The register sets KVM stores in the comm area at the end of every KVM_RUN
+        (kvm_run.kvm_valid_regs), a kvmsys.SyncReg: REGS by default."""
+        self.require_open()
+        return as_enum("SyncReg", self.v.run.kvm_valid_regs)
+
+    @property
+    def sync_dirty_regs(self):
+        """The register sets written through the comm area and not sent to KVM yet
+        (kvm_run.kvm_dirty_regs), a kvmsys.SyncReg."""
+        self.require_open()
+        return as_enum("SyncReg", self.v.run.kvm_dirty_regs)
+
+    def set_sync_valid_reg(self, reg):
+        """Have KVM store these register sets (kvmsys.SyncReg flags) in the comm area at the
+        end of every KVM_RUN, so reading them through regs / sync_sregs / sync_events costs
+        no ioctl.  The rest are fetched by ioctl when read (once per run)."""
+        self.require_open()
+        self.v.run.kvm_valid_regs |= self.sync_bits(reg)
+
+    def clear_sync_valid_reg(self, reg):
+        """Stop KVM storing these register sets in the comm area (each KVM_RUN then costs
+        less; reading them fetches them by ioctl)."""
+        self.require_open()
+        cdef int bits = self.sync_bits(reg)
+        self.v.run.kvm_valid_regs &= ~(<uint64_t>bits)
+        self.synced &= ~(bits & ~<int>self.v.run.kvm_dirty_regs)
+
+    def set_sync_dirty_reg(self, reg):
+        """Mark these register sets as written: what the comm area holds for them goes to
+        KVM at the next KVM_RUN (or before the vCPU's next ioctl).  Writes through the views
+        do this themselves."""
+        self.require_open()
+        cdef int bits = self.sync_bits(reg)
+        cdef int k
+        for k in (KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS, KVM_SYNC_X86_EVENTS):
+            if bits & k:
+                self.sync_ptr(k)        # current first: never send what the comm area held stale
+                self.sync_dirty(k)
+
+    def clear_sync_dirty_reg(self, reg):
+        """Drop what was written through the comm area for these register sets and not sent
+        yet: KVM keeps what it has (the next read fetches it)."""
+        self.require_open()
+        cdef int bits = self.sync_bits(reg)
+        self.v.run.kvm_dirty_regs &= ~(<uint64_t>bits)
+        self.synced &= ~bits
 
     @property
     def touched(self):
@@ -406,6 +514,9 @@ cdef class VcpuCore:
             r = ioctl_nogil(self.v.fd, KVM_RUN, NULL)
             err = errno
             kvmsys_store_u8(&self.v.run.immediate_exit, 0)
+            # the I/O's completion may change registers (an `in` loads RAX, RIP moves on):
+            # only the sets KVM stored are current now
+            self.synced = <int>(self.v.run.kvm_valid_regs & KVM_SYNC_X86_VALID_FIELDS)
             if r < 0 and err != EINTR and err != EAGAIN:
                 raise_os(err, "KVM_RUN(immediate_exit)")
         finally:
@@ -418,9 +529,7 @@ cdef class VcpuCore:
         cdef long page = sysconf(_SC_PAGESIZE)
         cdef size_t n = min(<size_t>self.v.run_size, <size_t>(KVM_COALESCED_MMIO_PAGE_OFFSET * page))
         memset(<void *>self.v.run, 0, n)
-        if self.vm.has_sync_regs:
-            self.v.run.kvm_valid_regs = KVM_SYNC_X86_REGS
-        self.synced = 0
+        self.reset_sync()
 
     def get_nested_state(self):
         """KVM_GET_NESTED_STATE as raw bytes (KVM_CAP_NESTED_STATE gives the size)."""
@@ -506,7 +615,8 @@ cdef class VcpuCore:
         cdef uint64_t outer_deadline = 0
         cdef bint watching = 0
         cdef const char *op = "timer_create(watchdog)"
-        cdef int err
+        cdef int err, refused
+        cdef uint64_t runs
         if v.bound and not pthread_equal(v.thread, pthread_self()):
             raise VcpuBindingError(f"vCPU {self.id} is bound to another thread: only its owner runs it "
                                    "(use its handle to kick, interrupt or call_soon)")
@@ -566,9 +676,11 @@ cdef class VcpuCore:
                                        kvmsys_sigint_count() != v.sigint_snap):
                     look_at_signals(v, v.sample_signals)
                 v.run_seq += 1              # exits of the previous KVM_RUN go stale
+                runs = v.runs
                 with nogil:
                     res = run_loop(v)
-                self.synced = 1
+                if v.runs != runs:          # KVM_RUN stored the valid sets in the comm area
+                    self.synced = <int>(v.run.kvm_valid_regs & KVM_SYNC_X86_VALID_FIELDS)
                 if kvmsys_load_int(&shutting_down):
                     raise StateError("the interpreter is exiting: vCPUs no longer run")
                 if res == R_EXIT:
@@ -620,6 +732,13 @@ cdef class VcpuCore:
                     return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                 if v.error < 0:
                     raise_os(-v.error, "KVM_RUN", "the comm area holds a size, offset or ring index out of range")
+                refused = <int>(v.run.kvm_dirty_regs & KVM_SYNC_X86_VALID_FIELDS)
+                if refused:
+                    # KVM leaves a set it refused marked dirty: drop it (else every run fails)
+                    v.run.kvm_dirty_regs &= ~(<uint64_t>refused)
+                    self.synced &= ~refused
+                    raise_os(v.error, "KVM_RUN", f"KVM refused the {sync_set_names(refused)} written through "
+                             "the comm area; that write was dropped")
                 raise_os(v.error, "KVM_RUN (or injecting a queued interrupt before it)")
         finally:
             if watching:
@@ -734,14 +853,24 @@ cdef class VcpuCore:
     def regs(self):
         """The general registers in the comm area (KVM_CAP_SYNC_REGS): no ioctl per access;
         writes are sent back to the kernel on the next run, only if changed."""
-        self.require_open()
-        if not self.vm.has_sync_regs:
-            from kvmsys.errors import CapabilityError
-            raise CapabilityError("SYNC_REGS", "register access through the comm area")
-        if not self.synced:
-            self.v.run.s.regs.regs = self._get_regs_ioctl()
-            self.synced = 1
+        self.sync_ptr(KVM_SYNC_X86_REGS)
         return SyncRegs._new(self)
+
+    @property
+    def sync_sregs(self):
+        """The special registers in the comm area (KVM_SYNC_X86_SREGS), a SyncSregs view:
+        no ioctl per access while SREGS is a valid set (set_sync_valid_reg), else one
+        KVM_GET_SREGS per run when first read; writes go to KVM at the next run, or before
+        the vCPU's next ioctl."""
+        self.sync_ptr(KVM_SYNC_X86_SREGS)
+        return SyncStruct._new(SyncSregs, self, KVM_SYNC_X86_SREGS, 0, _SREGS_FIELDS, "sregs")
+
+    @property
+    def sync_events(self):
+        """Pending and injected events in the comm area (KVM_SYNC_X86_EVENTS), a SyncEvents
+        view; like sync_sregs."""
+        self.sync_ptr(KVM_SYNC_X86_EVENTS)
+        return SyncStruct._new(SyncEvents, self, KVM_SYNC_X86_EVENTS, 0, _EVENT_FIELDS, "events")
 
     cdef kvm_regs _get_regs_ioctl(self) except *:
         cdef kvm_regs r
@@ -766,9 +895,8 @@ cdef class VcpuCore:
             as_u64(x, k)
         cdef kvm_regs r = regs
         self.vcpu_ioctl(KVM_SET_REGS, &r, "KVM_SET_REGS")
-        self.v.run.kvm_dirty_regs &= ~KVM_SYNC_X86_REGS
-        self.v.run.s.regs.regs = r
-        self.synced = 1
+        self.v.run.s.regs.regs = r      # (any comm-area write before it was sent first)
+        self.synced |= KVM_SYNC_X86_REGS
 
     def get_sregs(self):
         """KVM_GET_SREGS as a dict (segments as nested dicts)."""

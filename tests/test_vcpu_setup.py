@@ -50,7 +50,8 @@ def props(v, vm):
                                  "coalesced")},
         pending=v.pending_interrupts, immediate_exit=v.immediate_exit,
         window=v.request_interrupt_window, comm_area=len(v.comm_area), regs=v.get_regs(),
-        sync_regs=v.regs.rip, sregs=v.get_sregs(), cpuid=v.get_cpuid2(), mp=int(v.get_mp_state()),
+        sync_regs=v.regs.rip, sync_sets=(int(v.sync_valid_regs), int(v.sync_dirty_regs)),
+        sync_sregs=v.sync_sregs.as_dict(), sregs=v.get_sregs(), cpuid=v.get_cpuid2(), mp=int(v.get_mp_state()),
         events=bytes(v.get_vcpu_events()).hex(), fpu=bytes(v.get_fpu()).hex(),
         xcrs=bytes(v.get_xcrs()).hex(), xsave_size=v.xsave_size,
         dirty=v.harvest_dirty_ring() if vm.dirty_ring_size else None,
@@ -73,6 +74,8 @@ if ABI == "fd":
     v = vm.create_vcpu(0)
     load(v, mem, JMP_SELF)
     assert v.run(timeout=0.05).name == "DEADLINE"
+    v.set_sync_valid_reg(kvmsys.SyncReg.SREGS | kvmsys.SyncReg.EVENTS)     # the owner's choices
+    v.sync_sregs.cr2 = 0x1000                                               # and an unsent write
     v.replace_kernel_vcpu(1)
     v.set_cpuid2(cpuid)
     fresh = vm.create_vcpu(2)
@@ -83,6 +86,8 @@ else:
     kvmsys.add_vcpu()
     load(kvmsys.current(), mem, JMP_SELF)
     assert kvmsys.run(timeout=0.05).name == "DEADLINE"
+    kvmsys.current().set_sync_valid_reg(kvmsys.SyncReg.SREGS | kvmsys.SyncReg.EVENTS)
+    kvmsys.current().sync_sregs.cr2 = 0x1000
     kvmsys.remove_vcpu()
     kvmsys.add_vcpu()
     v = kvmsys.current()
