@@ -7,8 +7,9 @@ kvmsys.devices.acpipm (PM1a event and control blocks, the 24-bit PM timer), SCI 
 IRQ 9 and no SMI command port (the machine is always in ACPI mode).  The FACS holds the
 waking vector a guest sets before S3.  The DSDT is an empty definition block.  The MADT
 lists one local APIC per vCPU (APIC id = vCPU id), the IOAPIC and the ISA IRQ 0 -> GSI 2
-override, as KVM's in-kernel irqchip wires them.  Every table's checksum makes its bytes
-sum to 0 mod 256 (the RSDP's over its first 20 bytes)."""
+override, as KVM's in-kernel irqchip wires them (and kvmsys.q35's user-space IOAPIC).  A
+machine with an Intel IOMMU (kvmsys.q35) also gets a DMAR table.  Every table's checksum
+makes its bytes sum to 0 mod 256 (the RSDP's over its first 20 bytes)."""
 from __future__ import annotations
 
 import struct
@@ -65,9 +66,22 @@ def _madt(cpus: int) -> bytes:
     return _table(b"APIC", body, revision=1)
 
 
-def tables(*, cpus: int, pm_base: int = PM_BASE, base: int = BASE) -> tuple[int, bytes]:
+DMAR_HAW = 39                   # the IOMMU's host address width (kvmsys.devices.vtd_walk.HAW)
+IOAPIC_SID = 0xFF00             # the IOAPIC's requester id in the DMAR's device scope (bus 0xff, 00.0)
+
+
+def _dmar(iommu_base: int) -> bytes:
+    """One DRHD for every PCI device (INCLUDE_PCI_ALL) at *iommu_base*, interrupt
+    remapping on, x2APIC mode opted out (no EIM), the IOAPIC in its device scope."""
+    scope = struct.pack("<BBHBBBB", 3, 8, 0, 0, IOAPIC_SID >> 8, (IOAPIC_SID >> 3) & 0x1F, IOAPIC_SID & 7)
+    drhd = struct.pack("<HHBBHQ", 0, 16 + len(scope), 1, 0, 0, iommu_base) + scope
+    return _table(b"DMAR", struct.pack("<BB10x", DMAR_HAW - 1, 0b11) + drhd, revision=1)
+
+
+def tables(*, cpus: int, pm_base: int = PM_BASE, base: int = BASE, iommu: int | None = None) -> tuple[int, bytes]:
     """(the guest-physical address of the RSDP, the bytes to place at *base*): every table
-    laid out from *base*, the FACS 64-byte aligned, the RSDP 16-byte aligned below 1 MiB."""
+    laid out from *base*, the FACS 64-byte aligned, the RSDP 16-byte aligned below 1 MiB.
+    *iommu*: the register base of an Intel IOMMU to describe in a DMAR table."""
     if not isinstance(cpus, int) or isinstance(cpus, bool):
         raise ArgumentTypeError(f"cpus must be an int, not {type(cpus).__name__}")
     if not 1 <= cpus <= MAX_CPUS:
@@ -85,8 +99,10 @@ def tables(*, cpus: int, pm_base: int = PM_BASE, base: int = BASE) -> tuple[int,
     facs = place(struct.pack("<4sIIIIIQB31x", b"FACS", 64, 0, 0, 0, 0, 0, 1), align=64)
     dsdt = place(_table(b"DSDT", b"", revision=1))
     fadt = place(_fadt(facs, dsdt, pm_base))
-    madt = place(_madt(cpus))
-    rsdt = place(_table(b"RSDT", struct.pack("<II", fadt, madt)))
+    entries = [fadt, place(_madt(cpus))]
+    if iommu is not None:
+        entries.append(place(_dmar(iommu)))
+    rsdt = place(_table(b"RSDT", struct.pack(f"<{len(entries)}I", *entries)))
     rsdp = bytearray(struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 0, rsdt))
     rsdp[8] = checksum(rsdp)
     addr = place(bytes(rsdp))

@@ -202,7 +202,8 @@ def _run_pc(args, image, gdb=None):
                 modules.append((_read(path), margs or path))
             return runner.run_kernel(_read(args.kernel), cmdline=args.append or "", modules=modules,
                                      initrd=_read(args.initrd) if args.initrd else None, label=args.kernel,
-                                     vcpus=args.vcpus, test_device=args.test_device, **common)
+                                     vcpus=args.vcpus, test_device=args.test_device, machine=args.machine,
+                                     devices=tuple(args.device or ()), **common)
         return runner.run_firmware(image, label=args.firmware, vcpus=args.vcpus,
                                    no_reboot=args.no_reboot, **common)
     finally:
@@ -242,7 +243,7 @@ def _gdb_server(args):
 # Options that apply to one kind of run only: given elsewhere (not at the parser's
 # default) they would be silently ignored, so they are refused.
 _PC_ONLY = ("disk", "serial", "irqchip", "screen", "memory", "no_reboot", "until", "debug_log", "cpu", "no_pit")
-_KERNEL_ONLY = ("append", "initrd", "module", "test_device")
+_KERNEL_ONLY = ("append", "initrd", "module", "test_device", "machine", "device")
 _GUEST_ONLY = ("n",)
 
 
@@ -328,6 +329,12 @@ def main(argv=None) -> int:
                      help="set or clear CPUID features of every vCPU (x2apic, tsc-deadline, pcid, invpcid, "
                           "umip, pku, xsave, rdtscp)")
     pcg.add_argument("--no-pit", action="store_true", help="no PIT (QEMU's -machine pit=off)")
+    pcg.add_argument("--machine", choices=("pc", "q35"), default="pc",
+                     help="--kernel: pc (default), or q35: the split irqchip with a user-space IOAPIC and "
+                          "the --device options (as QEMU's -M q35,kernel-irqchip=split)")
+    pcg.add_argument("--device", action="append", choices=("edu", "intel-iommu"), metavar="edu|intel-iommu",
+                     help="--kernel --machine q35: QEMU's edu PCI device, or an Intel IOMMU (VT-d, "
+                          "intremap=on, eim=off) with a DMAR table (repeatable)")
     pcg.add_argument("--disk", metavar="FILE[,readonly]", help="raw disk image on the ATA primary master")
     pcg.add_argument("--serial", default="collect", metavar="stdio|file:PATH|collect",
                      help="the UART: the terminal (Ctrl-A x quits), a file, or collected and printed "

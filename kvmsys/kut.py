@@ -6,8 +6,9 @@ own ``x86/unittests.cfg``, as its ``x86/run`` script runs them under QEMU.
 KUT_DIR is a built kvm-unit-tests tree (``./configure && make``).  Each test runs in a
 process of its own: ``kvmsys run --kernel x86/FILE.flat --vcpus SMP --append TEST_ARGS
 --test-device`` plus what kvmsys can honour of the entry's ``qemu_params`` (``-cpu``
-features, ``-m``, ``-smp``, ``-machine pit=off``); an option it cannot honour makes the test
-SKIP with that reason, never a silent run without it.  The result is the suite's own: the
+features, ``-m``, ``-smp``, ``-machine pit=off``, ``-M q35,kernel-irqchip=split`` and
+``-device edu`` / ``intel-iommu,intremap=on,eim=off`` as ``--machine q35 --device``); an
+option it cannot honour makes the test SKIP with that reason, never a silent run without it.  The result is the suite's own: the
 test writes ``(code << 1) | 1`` to isa-debug-exit (port 0xf4), the VMM exits with that
 status, and code 0 is PASS, 77 SKIP, anything else FAIL (as scripts/arch-run.bash reads
 QEMU's status).  A test that has not ended by its timeout is a TIMEOUT.
@@ -94,6 +95,9 @@ def _unquote(text: str) -> str:
     return text
 
 
+# -device NAME,PROPS that kvmsys.q35 has, with the properties that say what it does anyway
+Q35_DEVICES = {"edu": (), "intel-iommu": ("intremap=on", "eim=off")}
+
 # -cpu models: kvmsys starts from the host's supported CPUID (as -cpu host, a superset of these)
 CPU_MODELS = ("qemu64", "max", "host", "kvm64")
 
@@ -124,6 +128,15 @@ def kvmsys_options(test: Test) -> tuple[list[str], str | None]:
             opts += ["--memory", str(int(arg[:-1]) * 1024)]
         elif w == "-machine" and arg == "pit=off":
             opts += ["--no-pit"]
+        elif w in ("-M", "-machine") and arg.split(",")[0] == "q35":
+            if any(o != "kernel-irqchip=split" for o in arg.split(",")[1:]):    # q35 here is always split
+                return opts, f"{w} {arg}"
+            opts += ["--machine", "q35"]
+        elif w == "-device" and arg.split(",")[0] in Q35_DEVICES:
+            name, *props = arg.split(",")
+            if any(p not in Q35_DEVICES[name] for p in props):
+                return opts, f"{w} {arg}"
+            opts += ["--device", name]
         elif w == "-enable-kvm":         # kvmsys is KVM
             i += 1
             continue

@@ -39,12 +39,13 @@ def check_abi(abi: str) -> str:
 
 class Machine:
     """One VM over *abi* ("fd" or "sys"): RAM at 0 (or a PC memory map around *firmware*),
-    optionally the in-kernel irqchip (+ PIT) and the runner's devices.  *kvm*: an open
-    `Kvm` to create the fd VM from (kept open); by default the machine opens its own.
+    optionally the in-kernel irqchip (+ PIT; "split": the local APICs only) and the runner's
+    devices.  *kvm*: an open `Kvm` to create the fd VM from (kept open); by default the
+    machine opens its own.
 
     `vcpu` and `run` are the first attached vCPU and its ABI's entry point (one-vCPU use)."""
 
-    def __init__(self, abi: str = "fd", *, memory_size: int = layout.RAM_SIZE, irqchip: bool = False,
+    def __init__(self, abi: str = "fd", *, memory_size: int = layout.RAM_SIZE, irqchip: bool | str = False,
                  pit: bool = False, firmware: bytes | None = None, devices: bool = False, kvm=None):
         self.abi = check_abi(abi)
         self.vcpu = None
@@ -63,7 +64,9 @@ class Machine:
         if self.abi == "fd":
             self._kvm = None if kvm is not None else Kvm()
             self.vm = (kvm or self._kvm).create_vm()
-            if irqchip:
+            if irqchip == "split":
+                self.vm.create_split_irqchip()
+            elif irqchip:
                 self.vm.require("IRQCHIP", "a guest that takes interrupts")
                 self.vm.create_irqchip()
                 if pit:

@@ -19,7 +19,10 @@ to RAM, PM1a_CNT) then works as the firmware's resume path does it: the vCPUs st
 the RTC alarm fires (when PM1_EN's RTC_EN and the alarm are enabled; else until the run
 ends), every vCPU is back in its power-on state, and the boot vCPU starts in real mode at
 the FACS's firmware_waking_vector (RAM and the devices as they were).  S5 ends the run
-("POWEROFF").  ``test_device``: QEMU's pc-testdev (kvmsys.devices.testdev)."""
+("POWEROFF").  ``test_device``: QEMU's pc-testdev (kvmsys.devices.testdev).
+
+``machine="q35"`` (kernels only, on a VM with the split irqchip): kvmsys.q35's bus,
+user-space IOAPIC and the *devices* it offers ("edu", "intel-iommu")."""
 from __future__ import annotations
 
 import struct
@@ -28,7 +31,7 @@ import threading
 import math
 import time
 
-from . import acpi, platform, smbios, vcpustate
+from . import acpi, platform, q35, smbios, vcpustate
 from .devices import (AcpiPm, AtaDisk, Cmos, Debugcon, FwCfg, I8042, Irq, PciHost, PcTestdev, Pit, Port92,
                       Uart8250)
 from .devices.acpipm import RTC_EN
@@ -114,8 +117,12 @@ class Pc:
 
     def __init__(self, vm, image: bytes | None, *, ram_size: int, cpus: int = 1, disk: str | None = None,
                  disk_readonly: bool = False, serial_sink=None, cpuid=None, boot_menu: bool = False,
-                 map_memory: bool = True, pit: bool = True, test_device: bool = False):
+                 map_memory: bool = True, pit: bool = True, test_device: bool = False, machine: str = "pc",
+                 devices=()):
         check_cpus(cpus)
+        devices = q35.check(machine, devices)
+        if machine == "q35" and image is not None:
+            raise InvalidArgumentError("the q35 machine boots kernels only (no firmware here knows it)")
         if cpus > 1 and not vm.has_irqchip:
             raise InvalidArgumentError("more than one vCPU needs the in-kernel irqchip (irqchip=True): "
                                        "firmware starts application processors through the local APIC")
@@ -128,25 +135,30 @@ class Pc:
                 call(addr)
             except OSError:
                 pass        # only VT-x without unrestricted guest needs them; others may refuse
-        self.in_kernel_pit = bool(vm.has_irqchip and pit)
+        self.q35 = q35.Q35Parts(vm, ram_size=ram_size, devices=devices) if machine == "q35" else None
+        self.split = self.q35 is not None
+        self.in_kernel_pit = bool(vm.has_irqchip and pit and not self.split)
         if self.in_kernel_pit:
             vm.create_pit2()
-        self.uart = Uart8250(COM1, irq=Irq(vm, 4), sink=serial_sink)
+        irqs = vm if self.q35 is None else self.q35.ioapic       # where the ISA interrupt lines go
+        self.uart = Uart8250(COM1, irq=Irq(irqs, 4), sink=serial_sink)
         self.fw_cfg = FwCfg(vm, ram_size=ram_size, cpus=cpus, boot_menu=boot_menu,
                             files={"etc/sercon-port": struct.pack("<H", COM1)})
         self.disk = AtaDisk(disk, readonly=disk_readonly) if disk else None
         self.cmos = Cmos(ram_size, cpus=cpus)
-        self.devices = [Debugcon(), self.cmos, self.fw_cfg, PciHost(), I8042(), Port92(), self.uart]
-        if not vm.has_irqchip and pit:
+        pci = [PciHost()] if self.q35 is None else self.q35.devices
+        self.devices = [Debugcon(), self.cmos, self.fw_cfg, *pci, I8042(), Port92(), self.uart]
+        if (self.split or not vm.has_irqchip) and pit:
             self.devices.append(Pit())
         self.pm = None
         if self.image is None:          # a kernel without firmware: the tables firmware would leave
             self.pm = AcpiPm(acpi.PM_BASE, on_sleep=self.request_sleep)
             self.devices.append(self.pm)
-            _, tables = acpi.tables(cpus=cpus)
+            iommu = self.q35 is not None and self.q35.iommu is not None
+            _, tables = acpi.tables(cpus=cpus, iommu=q35.IOMMU_BASE if iommu else None)
             vm.write(acpi.BASE, tables)
         if test_device:
-            self.devices.append(PcTestdev())
+            self.devices.append(PcTestdev(irqs))
         if self.disk is not None:
             self.devices.append(self.disk)
         for d in self.devices:
@@ -219,7 +231,7 @@ class Pc:
 
     # --- reset ----------------------------------------------------------------
     def _save_chips(self):
-        if not self.vm.has_irqchip:
+        if not self.vm.has_irqchip or self.split:         # split: the IOAPIC is a device here
             return None
         return ([self.vm.get_irqchip(i) for i in range(3)], self.vm.get_pit2() if self.in_kernel_pit else None)
 

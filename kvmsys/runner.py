@@ -294,19 +294,24 @@ def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), initrd: bytes | 
                memory_size: int = 128 << 20, label: str = "kernel", irqchip: bool = False,
                disk: str | None = None, disk_readonly: bool = False, serial=None, cpuid=None,
                on_start=None, until: bytes | None = None, debug_sink=None, gdb=None, vcpus: int = 1,
-               pit: bool = True, test_device: bool = False) -> RunResult:
+               pit: bool = True, test_device: bool = False, machine: str = "pc", devices=()) -> RunResult:
     """Boot a kernel with no firmware: RAM from 0, the PC's devices, ACPI tables, and
     either a Linux bzImage (kvmsys.loaders.linux: 64-bit entry, *cmdline*, *initrd*) or a
     Multiboot (v1) kernel (kvmsys.loaders.multiboot: 32-bit protected mode, *cmdline*,
     *modules* as [(bytes, command line)]).  vCPU 0 enters the kernel; with *vcpus* > 1
     (needs *irqchip*) the others wait for the INIT and SIPI the kernel sends through its
     local APIC, as on a PC.  *pit*: KVM's in-kernel PIT (or kvmsys's without the irqchip);
-    *test_device*: QEMU's pc-testdev.  Other arguments as for run_firmware; a guest reset
-    ends the run (there is no firmware to restart)."""
+    *test_device*: QEMU's pc-testdev.  *machine* "q35" (needs *irqchip*): kvmsys.q35's
+    machine, on the split irqchip, with *devices* ("edu", "intel-iommu").  Other arguments
+    as for run_firmware; a guest reset ends the run (there is no firmware to restart)."""
     from .loaders import enter_linux, enter_multiboot, is_bzimage, load_linux, load_multiboot
     from .pc import Pc, check_cpus
+    from .q35 import check as check_machine
     _check_pc_args(abi, timeout)
     check_cpus(vcpus)
+    devices = check_machine(machine, devices)
+    if machine == "q35" and not irqchip:
+        raise InvalidArgumentError("the q35 machine needs the irqchip (its local APICs in the kernel)")
     if gdb is not None and vcpus != 1:
         raise InvalidArgumentError("the gdb server debugs a kernel on one vCPU")
     if not isinstance(kernel, (bytes, bytearray, memoryview)):
@@ -316,19 +321,21 @@ def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), initrd: bytes | 
         raise InvalidArgumentError("modules are for Multiboot kernels; a Linux kernel takes an initrd")
     if not linux and initrd is not None:
         raise InvalidArgumentError("an initrd is for a Linux bzImage; a Multiboot kernel takes modules")
-    machine = Machine(abi, memory_size=memory_size, devices=True, irqchip=irqchip)
+    vm_machine = Machine(abi, memory_size=memory_size, devices=True,
+                         irqchip="split" if machine == "q35" else irqchip)
     try:
         if linux:
-            entry, info = load_linux(machine.mem, kernel, cmdline=cmdline, initrd=initrd)
+            entry, info = load_linux(vm_machine.mem, kernel, cmdline=cmdline, initrd=initrd)
         else:
-            entry, info = load_multiboot(machine.mem, kernel, cmdline=cmdline, modules=modules)
+            entry, info = load_multiboot(vm_machine.mem, kernel, cmdline=cmdline, modules=modules)
     except BaseException:
-        machine.close()
+        vm_machine.close()
         raise
     enter = enter_linux if linux else enter_multiboot
-    return _run_pc(machine, lambda: Pc(machine.vm, None, ram_size=memory_size, cpus=vcpus, disk=disk,
-                                       map_memory=False, disk_readonly=disk_readonly, serial_sink=serial,
-                                       cpuid=cpuid, pit=pit, test_device=test_device),
+    return _run_pc(vm_machine, lambda: Pc(vm_machine.vm, None, ram_size=memory_size, cpus=vcpus, disk=disk,
+                                          map_memory=False, disk_readonly=disk_readonly, serial_sink=serial,
+                                          cpuid=cpuid, pit=pit, test_device=test_device, machine=machine,
+                                          devices=devices),
                    label=label, vcpus=vcpus, timeout=timeout, no_reboot=True, on_start=on_start, until=until,
                    debug_sink=debug_sink, gdb=gdb, prepare=lambda vcpu: enter(vcpu, entry, info))
 
@@ -444,6 +451,9 @@ def _drive_pc(pc, run, vcpu, deadline, no_reboot: bool):
         left = deadline() - time.monotonic()
         left = None if left == float("inf") else max(left, 0.0)
         ex = run(timeout=left)
+        if ex.name == "IOAPIC_EOI" and pc.q35 is not None:     # split irqchip: the IOAPIC is ours
+            pc.q35.eoi(ex.vector)
+            continue
         if ex.name == "SHUTDOWN":               # a triple fault resets a PC
             pc.request_reset("triple fault")
         if pc.pending == "reset" and not no_reboot:

@@ -276,7 +276,10 @@ static inline void kvmsys_sigint_watch_leave(void) {
  * KVM_RUNs. */
 static int kvmsys_window_signal;
 static inline void kvmsys_raise_window_signal(void) {
-    int sig = __atomic_exchange_n(&kvmsys_window_signal, 0, __ATOMIC_SEQ_CST);
+    int sig;
+    if (__builtin_expect(__atomic_load_n(&kvmsys_window_signal, __ATOMIC_RELAXED) == 0, 1))
+        return;             /* the usual case: no locked instruction per entry */
+    sig = __atomic_exchange_n(&kvmsys_window_signal, 0, __ATOMIC_SEQ_CST);
     if (sig)
         pthread_kill(pthread_self(), sig);
 }

@@ -104,6 +104,7 @@ cdef class VmCore:
     cdef list by_start              # the MemorySlot of each entry of starts
     cdef list py_handlers           # handler index -> callable or None
     cdef object _default_handler
+    cdef object _hlt_handler        # set_hlt_action(PYTHON, callback), or None
     cdef readonly int has_irqchip
     cdef readonly int split_irqchip     # local APICs in the kernel, PIC/IOAPIC in user space
     cdef readonly uint32_t dirty_ring_size     # bytes per vCPU, 0: no dirty ring
@@ -915,12 +916,22 @@ cdef class VmCore:
         self.require_open()
         self.state.default_kind[space_] = kind_
 
-    def set_hlt_action(self, kind):
-        """HLT exits: H_PYTHON (return them), H_IGNORE (re-enter at once) or H_EXIT (stop the run)."""
+    def set_hlt_action(self, kind, callback=None):
+        """HLT exits: H_PYTHON (return them from run(), or with *callback*: call it with the
+        HltExit, as a Python handler of an access is called, and go on unless it returns a
+        true value), H_IGNORE (re-enter at once) or H_EXIT (stop the run)."""
         cdef int kind_ = as_int(kind, "HLT action", -0x80000000, 0x7fffffff)
         require(kind_ in (H_PYTHON, H_IGNORE, H_EXIT), "HLT action is H_PYTHON, H_IGNORE or H_EXIT")
+        require(callback is None or kind_ == H_PYTHON, "only the PYTHON HLT action takes a callback")
+        require(callback is None or callable(callback), "callback must be callable")
         self.require_open()
+        self._hlt_handler = callback
         self.state.hlt_action = kind_
+
+    @property
+    def hlt_handler(self):
+        """The callback HLT exits go to (set_hlt_action(PYTHON, callback)), or None."""
+        return self._hlt_handler
 
     def console(self, bint clear=False, *, start=0):
         """Bytes collected by sink handlers (serial THR, debugcon) from offset *start* on,

@@ -345,7 +345,11 @@ def test_kut_reads_unittests_cfg_and_maps_qemu_params(tmp_path):
     assert tests["smptest3"].smp == 3 and tests["vmexit_inl_pmtimer"].test_args == "inl_from_pmtimer"
     assert tests["xapic"].timeout == 60 and tests["smptest3"].timeout == kut.DEFAULT_TIMEOUT
     assert kut.kvmsys_options(tests["xapic"]) == (["--cpu=-x2apic,+tsc-deadline", "--memory", "256"], None)
-    assert kut.kvmsys_options(tests["intel_iommu"])[1] == "-M q35,kernel-irqchip=split"
+    assert kut.kvmsys_options(tests["intel_iommu"]) == (["--machine", "q35", "--device", "intel-iommu", "--device",
+                                                         "edu"], None)
+    for params, refused in (("-M q35,smm=on", "-M q35,smm=on"), ("-device intel-iommu,eim=on", "-device "
+                            "intel-iommu,eim=on"), ("-device edu,dma_mask=0xff", "-device edu,dma_mask=0xff")):
+        assert kut.kvmsys_options(kut.Test("t", "t.flat", qemu_params=params))[1] == refused
     cmd, why = kut.command(tests["vmexit_inl_pmtimer"], str(tmp_path), "kvmsys", "fd", 90)
     kernel = str(tmp_path / "x86" / "vmexit.flat")
     assert why is None and cmd[cmd.index("--append") + 1] == f"{kernel} inl_from_pmtimer"
@@ -367,7 +371,7 @@ def test_kut_reads_unittests_cfg_and_maps_qemu_params(tmp_path):
 KUT_DIR = os.environ.get("KVMSYS_KUT_DIR")
 # Tests QEMU passes on our host (README: kvm-unit-tests), which kvmsys must pass on both ABIs.
 KUT_CHOSEN = ("smptest", "smptest3", "vmexit_cpuid", "vmexit_inl_pmtimer", "vmexit_ipi", "vmexit_ipi_halt",
-              "vmexit_tscdeadline", "vmexit_cr0_wp", "s3", "realmode")
+              "vmexit_tscdeadline", "vmexit_cr0_wp", "s3", "realmode", "intel_iommu")
 
 
 @pytest.mark.skipif(not KUT_DIR, reason="env: KVMSYS_KUT_DIR does not point at a kvm-unit-tests build "

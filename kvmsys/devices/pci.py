@@ -1,17 +1,21 @@
-"""PCI configuration mechanism #1 (ports 0xcf8 address, 0xcfc-0xcff data) with an
-i440FX-like bus 0: the host bridge (8086:1237) at 00.0, the PIIX3 ISA bridge
-(8086:7000) at 01.0 and the PIIX3 IDE function (8086:7010, legacy ports 0x1f0/0x3f6)
-at 01.1, none with BARs.  Firmware finds its disk controller this way (SeaBIOS looks
-for ISA ATA ports only when the bus is empty).
+"""PCI configuration mechanism #1 (ports 0xcf8 address, 0xcfc-0xcff data) with bus 0.
 
-Port 0xcf9 (a byte) is the PIIX reset control register: bit 2 resets the machine."""
+Two buses: an i440FX-like one (the default): the host bridge (8086:1237) at 00.0, the
+PIIX3 ISA bridge (8086:7000) at 01.0 and the PIIX3 IDE function (8086:7010, legacy ports
+0x1f0/0x3f6) at 01.1, none with BARs (firmware finds its disk controller this way:
+SeaBIOS looks for ISA ATA ports only when the bus is empty); and a Q35-like one
+(``Q35``): the Q35 host bridge (8086:29c0) at 00.0 and the ICH9 LPC bridge (8086:2918) at
+1f.0, to which kvmsys.q35 adds its PCI devices (``PciFunction``s with BARs, MSI).
+
+Port 0xcf9 (a byte) is the PIIX/ICH reset control register: bit 2 resets the machine."""
 from __future__ import annotations
 
 from . import Device
 
-# Writable config-space bytes: command, cache line/latency, interrupt line, and the
-# device-specific registers (PAM, PIRQ routing, IDE timing): stored, no effect.
-_WRITABLE = {0x04, 0x05, 0x0C, 0x0D, 0x3C} | set(range(0x40, 0x100))
+# Writable config-space bytes of the functions without BARs: command, cache line/latency,
+# interrupt line, and the device-specific registers (PAM, PIRQ routing, IDE timing):
+# stored, no effect.
+_WRITABLE = frozenset({0x04, 0x05, 0x0C, 0x0D, 0x3C} | set(range(0x40, 0x100)))
 
 
 def _config(vendor: int, device: int, class_code: int, *, rev: int = 0, header: int = 0) -> bytearray:
@@ -24,10 +28,35 @@ def _config(vendor: int, device: int, class_code: int, *, rev: int = 0, header: 
     return c
 
 
+class PciFunction:
+    """One function's 256-byte configuration space.  The base class stores writes to the
+    bytes of *writable* and ignores the rest; a device with BARs or capabilities
+    overrides ``write_config``.  Accesses come under the PCI host's lock."""
+
+    def __init__(self, make, writable=_WRITABLE) -> None:
+        self._make, self.writable = make, writable
+        self.config = make()
+
+    def reset(self) -> None:
+        self.config = self._make()
+
+    def read_config(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.config[offset:offset + size], "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        for i, b in enumerate(value.to_bytes(size, "little")):
+            if offset + i in self.writable:
+                self.config[offset + i] = b
+
+
 I440FX = {
     (0, 0): lambda: _config(0x8086, 0x1237, 0x060000, rev=2),
     (1, 0): lambda: _config(0x8086, 0x7000, 0x060100, header=0x80),    # multi-function
     (1, 1): lambda: _config(0x8086, 0x7010, 0x010180),                # IDE, legacy mode
+}
+Q35 = {
+    (0, 0): lambda: _config(0x8086, 0x29C0, 0x060000),                # host bridge
+    (0x1F, 0): lambda: _config(0x8086, 0x2918, 0x060100, rev=2, header=0x80),    # ICH9 LPC (ISA) bridge
 }
 
 
@@ -35,21 +64,26 @@ class PciHost(Device):
     ports = ((0xCF8, 0xD00),)
 
     def __init__(self, functions=None) -> None:
-        self.functions = dict(I440FX if functions is None else functions)
+        """*functions*: {(device, function): a config-space factory or a PciFunction}."""
+        self.functions = {bdf: f if isinstance(f, PciFunction) else PciFunction(f)
+                          for bdf, f in (I440FX if functions is None else functions).items()}
         self.request_reset = None           # set by the machine
         super().__init__()
 
     def _reset(self) -> None:
         self.address = 0
         self.rcr = 0
-        self.config = {bdf: make() for bdf, make in self.functions.items()}
+        for f in self.functions.values():
+            f.reset()
 
     def _target(self, port: int):
         a = self.address
         if not a & 0x80000000 or (a >> 16) & 0xFF != 0:     # disabled, or a bus other than 0
             return None, 0
         dev, fn = (a >> 11) & 0x1F, (a >> 8) & 7
-        return self.config.get((dev, fn)), (a & 0xFC) + (port - 0xCFC)
+        # The address's low two bits select bytes too, ORed with the data port's (as QEMU
+        # does; kvm-unit-tests reads the device id at offset 2 through port 0xcfc)
+        return self.functions.get((dev, fn)), (a & 0xFF) | (port - 0xCFC)
 
     def read(self, port: int, size: int) -> int:
         if port == 0xCF8 and size == 4:
@@ -58,22 +92,21 @@ class PciHost(Device):
             return self.rcr
         if port < 0xCFC:
             return (1 << (8 * size)) - 1
-        cfg, off = self._target(port)
-        if cfg is None:
+        fn, off = self._target(port)
+        if fn is None:
             return (1 << (8 * size)) - 1                 # no device: all-ones
-        return int.from_bytes(cfg[off:off + size], "little")
+        return fn.read_config(off, min(size, 256 - off))
 
     def write(self, port: int, size: int, value: int) -> bool:
         if port == 0xCF8 and size == 4:
-            self.address = value & 0x80FFFFFC
+            self.address = value & 0x80FFFFFF
         elif port == 0xCF9 and size == 1:
             if value & 4 and self.request_reset is not None:
                 return self.request_reset("0xcf9")
             self.rcr = value & 2
         elif port >= 0xCFC:
-            cfg, off = self._target(port)
-            if cfg is not None:
-                for i, b in enumerate(value.to_bytes(size, "little")):
-                    if off + i in _WRITABLE:
-                        cfg[off + i] = b
+            fn, off = self._target(port)
+            if fn is not None:
+                n = min(size, 256 - off)
+                fn.write_config(off, n, value & ((1 << (8 * n)) - 1))
         return False

@@ -6,7 +6,8 @@
   mapping (eventinj uses it to make KVM fault the page in again).  Accepted and ignored:
   the guest cannot tell, only the host's page tables would differ;
 - 0x2000-0x2017: one port per interrupt line (GSI 0..23); writing a nonzero value raises
-  the line, zero lowers it (the ioapic test's set_irq_line), into the in-kernel irqchip.
+  the line, zero lowers it (the ioapic test's set_irq_line), into the in-kernel irqchip
+  (or the user-space IOAPIC of kvmsys.q35).
 
 - MMIO [0xff000000, +64 KiB): memory that is not RAM, so every guest access to it exits
   (the emulator test runs instructions on it through KVM's instruction emulator)."""
@@ -22,8 +23,11 @@ IOMEM, IOMEM_LEN = 0xFF000000, 0x10000
 class PcTestdev(Device):
     ports = ((DATA, FLUSH + 4), (IRQ_BASE, IRQ_BASE + IRQ_LINES))
 
-    def __init__(self) -> None:
+    def __init__(self, irqs=None) -> None:
+        """*irqs*: where the lines go (``irq_line(line, level)``): the VM it is installed
+        on (its in-kernel irqchip) by default, or a user-space IOAPIC (kvmsys.q35)."""
         self.flushes = 0
+        self.irqs = irqs
         super().__init__()
 
     def _reset(self) -> None:
@@ -59,5 +63,6 @@ class PcTestdev(Device):
         elif FLUSH <= port < FLUSH + 4:
             self.flushes += 1
         elif IRQ_BASE <= port < IRQ_BASE + IRQ_LINES:
-            if self._vm is not None and self._vm.has_irqchip:     # the VM it is installed on
-                self._vm.irq_line(port - IRQ_BASE, 1 if value else 0)
+            irqs = self.irqs if self.irqs is not None else self._vm     # default: the VM it is installed on
+            if irqs is not None and irqs.has_irqchip:
+                irqs.irq_line(port - IRQ_BASE, 1 if value else 0)
