@@ -105,7 +105,7 @@ cdef struct vcpustate_t:
     uint64_t sigmask
     unsigned sigint_snap         # main thread: kvmsys_sigint_count() at run_once's last look
     int sample_signals           # run_loop looks at the thread's signal mask on entry
-    uint64_t t_left              # when run_loop last returned (its own clock read)
+    uint64_t t_left              # the last KVM_RUN return run_loop saw, or run()'s start
     # where a kick's time goes (the kick suite's breakdown): the kicker's clock just
     # before its signal, the loop's when KVM_RUN last returned EINTR
     uint64_t kick_sent_ns
