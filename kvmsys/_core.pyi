@@ -26,7 +26,8 @@ IRQCHIPS: dict[str, int]
 DEVICE_TYPES: dict[str, int]
 VFIO_ATTRS: dict[str, int]
 DIRTY_LOG: dict[str, int]
-MEM_FLAGS: dict[str, int]   # LOG_DIRTY_PAGES, READONLY
+MEM_FLAGS: dict[str, int]   # LOG_DIRTY_PAGES, READONLY, GUEST_MEMFD
+GUEST_MEMFD_FLAGS: dict[str, int]   # MMAP, INIT_SHARED
 SYNC_REGS: dict[str, int]   # REGS, SREGS, EVENTS (KVM_SYNC_X86_*)
 SYNC_LAYOUT: dict[str, int]
 STATS_LAYOUT: dict[str, int]  # KVM_GET_STATS_FD struct sizes and flag values
@@ -67,6 +68,7 @@ class MemorySlot:
     guest_phys_addr: int
     size: int
     flags: int
+    guest_memfd_offset: int
     def view(self) -> memoryview: ...
 
 @disjoint_base
@@ -86,7 +88,13 @@ class VmCore:
     def check_extension(self, cap: int) -> int: ...
     def add_memory(self, slot: int, guest_phys_addr: int, size: int, *, readonly: bool = False,
                    log_dirty: bool = False, source: Any = None, offset: int = 0,
-                   huge_pages: bool = False) -> memoryview: ...
+                   huge_pages: bool = False, guest_memfd: int | None = None,
+                   guest_memfd_offset: int = 0) -> memoryview: ...
+    def set_user_memory_region2(self, slot: int, guest_phys_addr: int, size: int, *, readonly: bool = False,
+                                log_dirty: bool = False, source: Any = None, offset: int = 0,
+                                huge_pages: bool = False, guest_memfd: int | None = None,
+                                guest_memfd_offset: int = 0) -> memoryview: ...
+    def create_guest_memfd(self, size: int, *, mmap: bool = False, init_shared: bool = False) -> int: ...
     def remove_memory(self, slot: int) -> None: ...
     @property
     def memory_slots(self) -> dict[int, MemorySlot]: ...
