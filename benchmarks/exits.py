@@ -28,10 +28,11 @@ import time
 
 import kvmsys
 from kvmsys import _core
+from kvmsys.enums import Kind
 from kvmsys.guests import get as get_guest
 
 from . import _reference, naive
-from .guestvm import EXIT_KINDS, guest_name, mode_label, noop_handler, one_vcpu, set_handling
+from .guestvm import EXIT_KINDS, guest_name, mode_label, one_vcpu, set_handling
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
 NAME = "exits"
@@ -51,15 +52,20 @@ KVMSYS_LOOPS = ("c", "py", "pyw")
 
 def naive_work(ex) -> None:
     """A Python handler doing what the naive loop does per exit: decode the exit's fields
-    and give a read zeros (the naive loop's struct.unpack_from and slice assignment)."""
+    and give a read zeros (the naive loop's struct.unpack_from and slice assignment), each
+    the way kvmsys's API says: a read is answered by setting `ex.value` (string I/O, count
+    > 1, through `ex.data`)."""
     if isinstance(ex, _core.IoExit):
         is_in, size, _port, count = ex.is_in, ex.size, ex.port, ex.count
         if is_in:
-            ex.data[:] = bytes(size * count)
+            if count == 1:
+                ex.value = 0
+            else:
+                ex.data[:] = bytes(size * count)
     elif isinstance(ex, _core.MmioExit):
         _addr, length, is_write = ex.address, ex.length, ex.is_write
         if not is_write:
-            ex.data[:] = bytes(length)
+            ex.value = 0
     elif not isinstance(ex, _core.HltExit):
         raise RuntimeError(f"unexpected exit {ex!r}")
 
@@ -70,20 +76,14 @@ def _budget_run(run, n: int) -> None:
         raise RuntimeError(f"expected the budget to end the run, got {ex!r}")
 
 
-def _python_hlt_run(run, n: int, handler) -> None:
-    # No callback exists for HLT: with hlt_action PYTHON, run() returns each one.
-    for _ in range(n):
-        ex = run()
-        if not isinstance(ex, _core.HltExit):
-            raise RuntimeError(f"expected a HLT exit, got {ex!r}")
-        handler(ex)
-
-
 def _set_handling(vm, kind: str, how: str) -> None:
     """c / py (no-op handler) / pyw (the naive loop's work) for this exit kind."""
     set_handling(vm, kind, "c" if how == "c" else "python")
-    if how == "pyw" and EXIT_KINDS[kind][2] is not None:
-        vm.default_handler = naive_work
+    if how == "pyw":
+        if EXIT_KINDS[kind][2] is None:
+            vm.set_hlt_action(Kind.PYTHON, naive_work)
+        else:
+            vm.default_handler = naive_work
 
 
 def calibrate(run, min_exits: int, max_exits: int, sample_ms: float) -> tuple[int, float]:
@@ -167,13 +167,8 @@ def _measure_group(kind: str, mode: str, abi: str, profile, kvm) -> dict:
             nv.run(n)
 
         def kvmsys_loop(how):
-            handler = noop_handler if how == "py" else naive_work
-
             def go():
-                if how != "c" and kind == "hlt":
-                    _python_hlt_run(run, n, handler)
-                else:
-                    _budget_run(run, n)
+                _budget_run(run, n)
             return go
 
         def switched(how, fn):
@@ -337,8 +332,8 @@ def run(profile, kinds=None) -> SuiteResult:
         "The naive loop is what a competent Python programmer writes: `fcntl.ioctl(fd, KVM_RUN)` with no "
         "argument, `mmap` of kvm_run, `struct.unpack_from` per exit, zeros for reads; no clock inside its "
         "loop.  `pyw` is kvmsys with a Python handler doing the same work on the exit object (decode the "
-        "fields, zeros for reads); `py` is a no-op handler.  HLT has no callback: its Python variants call "
-        "run() once per HLT.",
+        "fields, zeros for reads); `py` is a no-op handler.  HLT's Python variants are the callback of "
+        "`vm.set_hlt_action(Kind.PYTHON, callback)`.",
         "Ratios and differences are per round (paired samples), median with a 95% bootstrap interval of "
         "the median within this run; with `--runs N` the spread is the range over N separate processes.",
     ]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from kvmsys import pvm
 from kvmsys.enums import Kind, Space
+from kvmsys.fd import Vm
+from kvmsys.guests import get as get_guest
 from kvmsys.guests import layout
 from kvmsys.machine import Machine
 
@@ -36,11 +38,11 @@ def set_handling(vm, kind: str, how: str) -> None:
     Uses the VM's default action for unhandled accesses, which can be switched
     between repetitions: "c" = IGNORE (writes dropped, reads all-ones, handled in
     the C run loop), "python" = PYTHON with vm.default_handler = noop_handler.
-    HLT: IGNORE (re-entered in C) or PYTHON (run() returns every HLT)."""
+    HLT: IGNORE (re-entered in C) or PYTHON with noop_handler as its callback."""
     space = EXIT_KINDS[kind][2]
     action = Kind.IGNORE if how == "c" else Kind.PYTHON
     if space is None:
-        vm.set_hlt_action(action)
+        vm.set_hlt_action(action, noop_handler if how == "python" else None)
     else:
         vm.set_default(space, action)
         vm.default_handler = noop_handler if how == "python" else None
@@ -76,3 +78,39 @@ def mode_label(mode: str, native: bool) -> str:
     elif pvm.host_flavour() == "PVM":
         label += ", run by KVM's instruction emulator on this PVM host"
     return label + ")"
+
+
+# A second vCPU's page for PVM's native-mode MSR: the first page above the built-in
+# images, which nothing writes (layout.PVM_PAGE is the first vCPU's).
+PAIRED_PVM_PAGE = layout.IMAGE_LIMIT
+
+
+class PairedFd:
+    """An fd-ABI vCPU in the kernel VM of *sysg*, a syscall-ABI Machine: a `Vm` over a
+    duplicate of the process VM's fd (`Vm.from_raw_fd`) and vCPU *vcpu_id* of it, set up
+    for *guest_name* in the same memory.  The two ABIs' loops then run vCPUs of one VM,
+    so a comparison of them carries no VM-to-VM difference.  The guest's counter in
+    memory is shared: it counts both vCPUs' exits.  Prepare it before either vCPU runs
+    (prepare() writes the guest's data page)."""
+
+    def __init__(self, sysg: Machine, kvm, guest_name: str, vcpu_id: int = 1, **inputs):
+        self.vm = Vm.from_raw_fd(kvm, sysg.vm.fileno())
+        try:
+            self.vcpu = self.vm.create_vcpu(vcpu_id)
+            self.run = self.vcpu.run
+            self.mem = sysg.mem
+            guest = get_guest(guest_name)
+            self.native = guest.mode == "long64" and pvm.enable_native(self.vcpu, PAIRED_PVM_PAGE)
+            layout.prepare(guest, self.vcpu, self.mem, **inputs)
+        except BaseException:
+            self.close()
+            raise
+
+    def counter(self) -> int:
+        return guest_counter(self.mem)
+
+    def close(self) -> None:
+        vcpu, self.vcpu = getattr(self, "vcpu", None), None
+        if vcpu is not None:
+            vcpu.close()
+        self.vm.close()         # our duplicate of the fd: the kernel VM is the process VM's

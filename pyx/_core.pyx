@@ -78,4 +78,5 @@ STATE_LAYOUT = dict(
     vcpu_events_smi=<size_t>(<char *>&_l_ev.smi - <char *>&_l_ev),
     vcpu_events_exception_payload=<size_t>(<char *>&_l_ev.exception_payload - <char *>&_l_ev),
     xcrs_xcrs=<size_t>(<char *>&_l_xcrs.xcrs - <char *>&_l_xcrs))
-MEM_FLAGS = dict(LOG_DIRTY_PAGES=KVM_MEM_LOG_DIRTY_PAGES, READONLY=KVM_MEM_READONLY)
+MEM_FLAGS = dict(LOG_DIRTY_PAGES=KVM_MEM_LOG_DIRTY_PAGES, READONLY=KVM_MEM_READONLY, GUEST_MEMFD=KVM_MEM_GUEST_MEMFD)
+GUEST_MEMFD_FLAGS = dict(MMAP=GUEST_MEMFD_FLAG_MMAP, INIT_SHARED=GUEST_MEMFD_FLAG_INIT_SHARED)

@@ -1,6 +1,7 @@
 # Exits decoded into typed values that read the comm area in place (no copy):
 # an exit is valid until the vCPU runs again.
 
+from cpython.ref cimport Py_REFCNT
 import inspect as _inspect
 
 cdef enum:
@@ -117,6 +118,25 @@ cdef class Exit:
         return f"<{type(self).__name__} {self.name}{''.join(fields)}>"
 
 
+cdef inline uint8_t *comm_bytes(Exit e, uint64_t off, uint64_t n) except NULL:
+    # [off, +n) of a current exit's comm area, checked (the offset is the comm area's)
+    e.page.check_range(off, n)
+    return e.page.addr + off
+
+
+cdef object comm_slice(Exit e, uint64_t off, uint64_t n):
+    # [off, +n) of a current exit's comm area, zero-copy: a slice of the one view
+    # its vCPU object keeps (a fresh memoryview per exit costs a Python handler
+    # more than the slice)
+    cdef VcpuCore v = e.vcpu
+    e.page.check_range(off, n)
+    if v.page is not e.page:        # the last exit of a closed vCPU: its own mapping
+        return memoryview(e.page)[off:off + n]
+    if v.page_view is None:
+        v.page_view = memoryview(v.page)
+    return v.page_view[off:off + n]
+
+
 cdef class IoExit(Exit):
     """KVM_EXIT_IO: a port access (count > 1 for string instructions)."""
 
@@ -148,23 +168,26 @@ cdef class IoExit(Exit):
     @property
     def data(self):
         """Writable zero-copy view of the data (size * count bytes): fill it for IN."""
-        cdef uint64_t off = self.cur().io.data_offset
-        cdef uint64_t n = <uint64_t>self.cur().io.size * self.cur().io.count
-        self.page.check_range(off, n)
-        return memoryview(self.page)[off:off + n]
+        cdef kvm_run *r = self.cur()
+        return comm_slice(self, r.io.data_offset, <uint64_t>r.io.size * r.io.count)
 
     @property
     def value(self):
         """The first element as an unsigned little-endian int."""
-        return int.from_bytes(self.data[:self.cur().io.size], "little")
+        cdef kvm_run *r = self.cur()
+        cdef uint32_t size = r.io.size
+        require(1 <= size <= 8, f"invalid port access size {size}")
+        return le_value(comm_bytes(self, r.io.data_offset, size), size)
 
     @value.setter
     def value(self, v):
-        cdef int size = self.cur().io.size
+        # straight into the comm area: answering a read is the common case of a handler
+        cdef kvm_run *r = self.cur()
+        cdef int size = r.io.size
         cdef uint64_t x = as_u64(v, "value")
-        if not (1 <= size <= 8 and (size == 8 or x >> (8 * size) == 0)) or self.cur().io.count < 1:
-            raise InvalidArgumentError(f"{x:#x} does not fit in {size} bytes (count {self.cur().io.count})")
-        self.data[:size] = (<object>x).to_bytes(size, "little")
+        if not (1 <= size <= 8 and (size == 8 or x >> (8 * size) == 0)) or r.io.count < 1:
+            raise InvalidArgumentError(f"{x:#x} does not fit in {size} bytes (count {r.io.count})")
+        fill(comm_bytes(self, r.io.data_offset, size), size, x, size)
 
     def __repr__(self):
         try:
@@ -194,23 +217,27 @@ cdef class MmioExit(Exit):
     @property
     def data(self):
         """Writable zero-copy view of the 1..8 data bytes: fill it for a read."""
-        cdef uint32_t n = self.cur().mmio.len
+        cdef kvm_run *r = self.cur()
+        cdef uint32_t n = r.mmio.len
         require(0 < n <= 8, f"invalid MMIO length {n}")
-        cdef uint64_t off = <uint64_t>(<char *>self.cur().mmio.data - <char *>self.cur())
-        return memoryview(self.page)[off:off + n]
+        return comm_slice(self, <uint64_t>(<char *>r.mmio.data - <char *>r), n)
 
     @property
     def value(self):
         """The data as an unsigned little-endian int (settable for a read)."""
-        return int.from_bytes(self.data, "little")
+        cdef kvm_run *r = self.cur()
+        cdef uint32_t n = r.mmio.len
+        require(0 < n <= 8, f"invalid MMIO length {n}")
+        return le_value(r.mmio.data, n)
 
     @value.setter
     def value(self, v):
-        cdef int n = self.cur().mmio.len
+        cdef kvm_run *r = self.cur()
+        cdef int n = r.mmio.len
         cdef uint64_t x = as_u64(v, "value")
         if not (1 <= n <= 8 and (n == 8 or x >> (8 * n) == 0)):
             raise InvalidArgumentError(f"{x:#x} does not fit in {n} bytes")
-        self.data[:] = (<object>x).to_bytes(n, "little")
+        fill(r.mmio.data, n, x, n)
 
     def __repr__(self):
         try:
@@ -561,12 +588,20 @@ _EXIT_TYPES = {
 
 cdef Exit make_exit(VcpuCore vcpu):
     cdef int reason = vcpu.v.run.exit_reason
-    cdef Exit e
-    # IO and MMIO are the exits that reach Python handlers most: allocate them directly
+    cdef Exit e = vcpu.spare_exit
+    vcpu.spare_exit = None
+    # IO, MMIO and HLT are the exits that reach Python handlers most: the previous exit of
+    # the same kind is reused when nothing but the vCPU refers to it (the handler kept
+    # no reference, so no one can tell), else allocated directly
     if reason == KVM_EXIT_IO:
-        e = IoExit.__new__(IoExit)
+        if e is None or type(e) is not IoExit or Py_REFCNT(e) != 1:     # only this local
+            e = IoExit.__new__(IoExit)
     elif reason == KVM_EXIT_MMIO:
-        e = MmioExit.__new__(MmioExit)
+        if e is None or type(e) is not MmioExit or Py_REFCNT(e) != 1:
+            e = MmioExit.__new__(MmioExit)
+    elif reason == KVM_EXIT_HLT:
+        if e is None or type(e) is not HltExit or Py_REFCNT(e) != 1:
+            e = HltExit.__new__(HltExit)
     else:
         return Exit._new_of(_EXIT_TYPES.get(reason, UnknownExit), vcpu, reason)
     e.vcpu = vcpu

@@ -5,6 +5,7 @@
 #define KVMSYS_NATIVE_H
 
 #include <errno.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -28,6 +29,63 @@
 #define KVM_MEMORY_EXIT_FLAG_PRIVATE (1ULL << 3)
 #endif
 struct kvmsys_memory_fault { __u64 flags; __u64 gpa; __u64 size; };
+
+/* KVM_SET_USER_MEMORY_REGION2 and guest_memfd came with Linux 6.8, guest_memfd's flags
+ * (mmap, shared at creation) with 6.18; Debian 12's <linux/kvm.h> (6.1) has none of them.
+ * What follows is the kernel's ABI as <linux/kvm.h> defines it (the ioctl numbers by the
+ * same _IOW/_IOWR macros over the same structs), used only where the installed header
+ * lacks it; the structs' sizes are checked below either way.  KVM_CAP_GUEST_MEMFD_FLAGS
+ * (it returns the flags a VM's guest_memfd takes) was KVM_CAP_GUEST_MEMFD_MMAP in
+ * 6.18's release candidates: one number, 244. */
+#ifndef KVM_CAP_USER_MEMORY2
+#define KVM_CAP_USER_MEMORY2 231
+#endif
+#ifndef KVM_CAP_GUEST_MEMFD
+#define KVM_CAP_GUEST_MEMFD 234
+#endif
+#ifndef KVM_CAP_VM_TYPES
+#define KVM_CAP_VM_TYPES 235
+#endif
+#ifndef KVM_CAP_GUEST_MEMFD_FLAGS
+#define KVM_CAP_GUEST_MEMFD_FLAGS 244
+#endif
+#ifndef KVM_MEM_GUEST_MEMFD
+#define KVM_MEM_GUEST_MEMFD (1UL << 2)
+#endif
+#ifndef GUEST_MEMFD_FLAG_MMAP
+#define GUEST_MEMFD_FLAG_MMAP (1ULL << 0)
+#endif
+#ifndef GUEST_MEMFD_FLAG_INIT_SHARED
+#define GUEST_MEMFD_FLAG_INIT_SHARED (1ULL << 1)
+#endif
+#ifndef KVM_SET_USER_MEMORY_REGION2
+struct kvm_userspace_memory_region2 {
+    __u32 slot;
+    __u32 flags;
+    __u64 guest_phys_addr;
+    __u64 memory_size;
+    __u64 userspace_addr;
+    __u64 guest_memfd_offset;
+    __u32 guest_memfd;
+    __u32 pad1;
+    __u64 pad2[14];
+};
+#define KVM_SET_USER_MEMORY_REGION2 _IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)
+#endif
+#ifndef KVM_CREATE_GUEST_MEMFD
+struct kvm_create_guest_memfd {
+    __u64 size;
+    __u64 flags;
+    __u64 reserved[6];
+};
+#define KVM_CREATE_GUEST_MEMFD _IOWR(KVMIO, 0xd4, struct kvm_create_guest_memfd)
+#endif
+_Static_assert(sizeof(struct kvm_userspace_memory_region2) == 160, "kvm_userspace_memory_region2 is 160 bytes");
+_Static_assert(sizeof(struct kvm_create_guest_memfd) == 64, "kvm_create_guest_memfd is 64 bytes");
+/* (vm.pyx fills a region2 and copies its start into a region: the kernel's layouts) */
+_Static_assert(offsetof(struct kvm_userspace_memory_region2, userspace_addr) ==
+               offsetof(struct kvm_userspace_memory_region, userspace_addr) &&
+               sizeof(struct kvm_userspace_memory_region) == 32, "region is the start of region2");
 static inline struct kvmsys_memory_fault *kvmsys_run_memory_fault(struct kvm_run *run) {
     return (struct kvmsys_memory_fault *)&run->hw;     /* first member of the union */
 }
@@ -218,7 +276,10 @@ static inline void kvmsys_sigint_watch_leave(void) {
  * KVM_RUNs. */
 static int kvmsys_window_signal;
 static inline void kvmsys_raise_window_signal(void) {
-    int sig = __atomic_exchange_n(&kvmsys_window_signal, 0, __ATOMIC_SEQ_CST);
+    int sig;
+    if (__builtin_expect(__atomic_load_n(&kvmsys_window_signal, __ATOMIC_RELAXED) == 0, 1))
+        return;             /* the usual case: no locked instruction per entry */
+    sig = __atomic_exchange_n(&kvmsys_window_signal, 0, __ATOMIC_SEQ_CST);
     if (sig)
         pthread_kill(pthread_self(), sig);
 }

@@ -105,7 +105,7 @@ cdef struct vcpustate_t:
     uint64_t sigmask
     unsigned sigint_snap         # main thread: kvmsys_sigint_count() at run_once's last look
     int sample_signals           # run_loop looks at the thread's signal mask on entry
-    uint64_t t_left              # when run_loop last returned (its own clock read)
+    uint64_t t_left              # the last KVM_RUN return run_loop saw, or run()'s start
     uint64_t t_sampled           # when run_once last asked for sample_signals
     # interrupts without an in-kernel irqchip (under lock): a FIFO of vectors and a count
     # of NMIs, injected by the owner's loop only when the guest can take them

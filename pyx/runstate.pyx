@@ -371,7 +371,10 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     cdef uint8_t late
     if v.budget_left == 0:
         return R_BUDGET     # 0 is no exit at all, never "unlimited" (< 0)
-    t_out = kvmsys_now_ns()
+    # Time outside KVM_RUN is booked from the last KVM_RUN's return (or run()'s start,
+    # see run_once), Python handler included: two clock reads per exit, both around
+    # the ioctl
+    t_out = v.t_left
     t_poll = t_out
     if v.sample_signals:
         err = sync_vcpu_sigmask(v)
@@ -429,7 +432,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
                     res = R_ERROR
                     break
             r = ioctl(v.fd, KVM_RUN, 0)
-            err = errno
+            err = errno if r < 0 else 0
             v.state_set = 0             # the comm area's IF and readiness are current again
             t_out = kvmsys_now_ns()
             v.ns_in_run += t_out - t_in
@@ -502,9 +505,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         kvmsys_store_int(&v.running, 0)
         pthread_mutex_unlock(&v.lock)
     kvmsys_set_running(NULL)
-    t_in = kvmsys_now_ns()
-    v.ns_in_handlers += t_in - t_out
-    v.t_left = t_in
+    v.t_left = t_out
     return res
 
 

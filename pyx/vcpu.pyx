@@ -6,16 +6,17 @@ import weakref as _weakref
 from cpython.pythread cimport PyThread_get_thread_ident
 
 cdef unsigned long _main_ident = _threading.main_thread().ident
-cdef int _main_pid = getpid()
+cdef unsigned long _main_forkgen = kvmsys_fork_generation
 
 
 cdef inline bint on_main_thread():
     # The thread CPython runs signal handlers in.  In a fork child it is the thread that
-    # forked (CPython makes it so), whichever that was: look again in a new process.
-    global _main_ident, _main_pid
-    if getpid() != _main_pid:
+    # forked (CPython makes it so), whichever that was: look again in a new process
+    # (known by the fork generation, which costs no getpid() per run()).
+    global _main_ident, _main_forkgen
+    if kvmsys_fork_generation != _main_forkgen:
         _main_ident = _threading.main_thread().ident
-        _main_pid = getpid()
+        _main_forkgen = kvmsys_fork_generation
     return PyThread_get_thread_ident() == _main_ident
 
 import os as _os
@@ -55,9 +56,23 @@ _CPUID_KEYS = frozenset(("function", "index", "flags", "eax", "ebx", "ecx", "edx
 # of SIGINT's handler if signal.signal() replaced it (one sigaction query): at each
 # run() call and every POLL_NS of exits, not after each exit a Python handler took
 # (a system call there costs that path ~20%; see README's known limits).
+cdef object _sigint_seen = None     # Python's SIGINT handler at the relay's last check
+cdef uint64_t _relay_checked = 0     # when that was (run loop clock)
+from _signal import getsignal as _getsignal, SIGINT as _SIGINT   # (signal.getsignal wraps it in an enum lookup)
+
+
 cdef int look_at_signals(vcpustate_t *v, bint relay) except -1:
+    # The relay's check is a sigaction() query: made when Python's SIGINT handler is
+    # another object than at the last check (signal.signal() put its own C handler in
+    # front) and every POLL_NS, not at every run() (a system call there is most of a
+    # short run()'s cost).  Main thread only, so the globals need no lock.
+    global _sigint_seen, _relay_checked
     if relay:
-        kvmsys_sigint_relay_ensure()
+        h = _getsignal(_SIGINT)
+        if h is not _sigint_seen or v.t_left - _relay_checked >= POLL_NS:
+            kvmsys_sigint_relay_ensure()
+            _sigint_seen = h
+            _relay_checked = v.t_left
     v.sigint_snap = kvmsys_sigint_count()
     PyErr_CheckSignals()
     return 0
@@ -109,6 +124,7 @@ cdef class VcpuCore:
     cdef readonly VmCore vm
     cdef readonly int id
     cdef Mapping page
+    cdef object page_view        # one memoryview of page, sliced for exits' data (see comm_slice)
     cdef int synced            # KVM_SYNC_X86_* sets whose comm-area copy is current
     cdef int debug_enabled
     cdef int _touched            # ran or had state set: a recycled vCPU must be reset
@@ -124,6 +140,7 @@ cdef class VcpuCore:
     cdef Mapping dirty_ring      # its dirty-page ring (vm.enable_dirty_ring), or None
     cdef uint32_t dirty_fetch    # next ring entry to harvest
     cdef unsigned long _runner   # Python thread ident of the run() in progress (for messages)
+    cdef Exit spare_exit         # the last exit a Python handler took and let go (make_exit reuses it)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -288,7 +305,7 @@ cdef class VcpuCore:
         self.gone = "was removed (or its thread ended)"
         self.successor = n
         _all_vcpus.add(n)
-        self.page = None
+        self.page = self.page_view = None
         self.vm.vcpus.discard(self)
         self.vm.vcpus.add(n)
         kvmsys_store_int(&self.v.active, 0)    # last: a run() claiming it now sees this object gone
@@ -595,7 +612,6 @@ cdef class VcpuCore:
         cdef int res
         cdef Exit ex
         cdef object handler
-        cdef uint64_t t0
         cdef uint64_t outer_deadline = 0
         cdef bint watching = 0
         cdef const char *op = "timer_create(watchdog)"
@@ -638,6 +654,7 @@ cdef class VcpuCore:
             if v.poll_signals:
                 kvmsys_sigint_watch_enter()
                 watching = 1
+            v.t_left = kvmsys_now_ns()      # run_loop books time outside KVM_RUN from here
             res = R_POLL
             while True:
                 if self.forkgen != kvmsys_fork_generation:
@@ -651,7 +668,12 @@ cdef class VcpuCore:
                 v.sample_signals = res != R_EXIT or v.t_left - v.t_sampled >= POLL_NS
                 if v.sample_signals:
                     v.t_sampled = v.t_left
-                if v.poll_signals:
+                # After a Python handler, Python's signal handlers ran at its first
+                # bytecode (CPython looks at pending signals on every function entry):
+                # look again only for a Ctrl-C since (the relay counts it) or at the
+                # sampling period (a handler that is a builtin runs no bytecode)
+                if v.poll_signals and (res != R_EXIT or v.sample_signals or
+                                       kvmsys_sigint_count() != v.sigint_snap):
                     look_at_signals(v, v.sample_signals)
                 v.run_seq += 1              # exits of the previous KVM_RUN go stale
                 runs = v.runs
@@ -666,17 +688,20 @@ cdef class VcpuCore:
                     handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
                     if handler is None and (v.from_ring or ex.reason in (KVM_EXIT_IO, KVM_EXIT_MMIO,
                                                                          KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR)):
-                        handler = vm.default_handler
+                        handler = vm._default_handler
+                    elif handler is None and ex.reason == KVM_EXIT_HLT:
+                        handler = vm._hlt_handler
                     if handler is None:
                         return ex
-                    t0 = kvmsys_now_ns()
                     kvmsys_bench_pause(1)   # benchmark hook, off: see kvmsys_native.h
-                    stop = handler(ex)
-                    v.ns_in_handlers += kvmsys_now_ns() - t0
+                    stop = handler(ex)      # (its time is booked by run_loop's clocks)
                     if stop:
                         return ex
                     if v.budget_left == 0:
                         return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
+                    # reusable if the handler kept no reference (see make_exit)
+                    self.spare_exit = ex
+                    ex = None
                     continue
                 if res == R_POLL:
                     continue                    # look_at_signals(v, True): Ctrl-C raises there
@@ -1173,7 +1198,7 @@ cdef class VcpuCore:
             # of other threads; closing our fd touches nothing of the parent's.
             close(self.v.fd)
             self.v.fd = -1
-            self.page = None
+            self.page = self.page_view = None
             return
         # Claim the vCPU as run() does, so a run() starting in another thread now
         # fails cleanly instead of entering KVM_RUN on a closing vCPU; keep the claim.
@@ -1207,7 +1232,7 @@ cdef class VcpuCore:
         self.v.run = NULL
         self.v.generation += 1
         pthread_mutex_unlock(&self.v.lock)
-        self.page = None
+        self.page = self.page_view = None
 
     def __enter__(self):
         return self

@@ -13,11 +13,14 @@ CoalescedWrite.__doc__ = (
 
 
 cdef class MemorySlot:
-    """One KVM memory slot backed by anonymous host memory."""
+    """One KVM memory slot: ``slot``, ``guest_phys_addr``, ``size``, ``flags``
+    (KVM_MEM_*) and, for a slot backed by a guest_memfd, ``guest_memfd_offset``."""
     cdef readonly int slot
     cdef readonly uint64_t guest_phys_addr
     cdef readonly uint64_t size
     cdef readonly uint32_t flags
+    cdef readonly uint64_t guest_memfd_offset
+    cdef bint region2               # made with KVM_SET_USER_MEMORY_REGION2
     cdef Mapping mapping
 
     def __init__(self, *args, **kwargs):
@@ -28,8 +31,9 @@ cdef class MemorySlot:
         return memoryview(self.mapping)
 
     def __repr__(self):
+        gmem = f", guest_memfd_offset={self.guest_memfd_offset:#x}" if self.flags & KVM_MEM_GUEST_MEMFD else ""
         return (f"MemorySlot(slot={self.slot}, gpa={self.guest_phys_addr:#x}, "
-                f"size={self.size:#x}, flags={self.flags:#x})")
+                f"size={self.size:#x}, flags={self.flags:#x}{gmem})")
 
 
 cdef Mapping map_source(object source, uint64_t off, uint64_t size, long page, bint huge, str what):
@@ -100,6 +104,7 @@ cdef class VmCore:
     cdef list by_start              # the MemorySlot of each entry of starts
     cdef list py_handlers           # handler index -> callable or None
     cdef object _default_handler
+    cdef object _hlt_handler        # set_hlt_action(PYTHON, callback), or None
     cdef readonly int has_irqchip
     cdef readonly int split_irqchip     # local APICs in the kernel, PIC/IOAPIC in user space
     cdef readonly uint32_t dirty_ring_size     # bytes per vCPU, 0: no dirty ring
@@ -193,7 +198,7 @@ cdef class VmCore:
 
     # --- memory -----------------------------------------------------------
     def add_memory(self, slot, guest_phys_addr, size, *, bint readonly=False, bint log_dirty=False,
-                   source=None, offset=0, bint huge_pages=False):
+                   source=None, offset=0, bint huge_pages=False, guest_memfd=None, guest_memfd_offset=0):
         """Back [guest_phys_addr, +size) with host memory in *slot*: fresh zeroed memory,
         or the caller's *source* — an fd or file object (a memfd, a regular or hugetlbfs
         file: mapped shared from *offset*, which must cover size bytes) or any writable
@@ -201,7 +206,27 @@ cdef class VmCore:
         so it cannot be resized, while the slot exists).  *huge_pages*: fresh memory
         from the host's huge pages (MAP_HUGETLB).
 
+        *guest_memfd*: an fd from create_guest_memfd() of this VM (KVM_CAP_GUEST_MEMFD)
+        whose pages from *guest_memfd_offset* (page-aligned, inside it) back the slot too
+        (KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_GUEST_MEMFD); a guest_memfd created with
+        mmap=True can also be the *source*.  Such a slot cannot log dirty pages or change
+        (KVM only deletes it).
+
         Returns a writable zero-copy memoryview of it."""
+        return self.add_slot(slot, guest_phys_addr, size, readonly, log_dirty, source, offset, huge_pages,
+                             guest_memfd, guest_memfd_offset, guest_memfd is not None)
+
+    def set_user_memory_region2(self, slot, guest_phys_addr, size, *, bint readonly=False,
+                                bint log_dirty=False, source=None, offset=0, bint huge_pages=False,
+                                guest_memfd=None, guest_memfd_offset=0):
+        """add_memory() through KVM_SET_USER_MEMORY_REGION2 (KVM_CAP_USER_MEMORY2), the
+        ioctl kvm-ioctls names so: the same checks, the same slot (removed with
+        remove_memory()); CapabilityError where the host lacks it."""
+        return self.add_slot(slot, guest_phys_addr, size, readonly, log_dirty, source, offset, huge_pages,
+                             guest_memfd, guest_memfd_offset, True)
+
+    cdef object add_slot(self, slot, guest_phys_addr, size, bint readonly, bint log_dirty, source, offset,
+                         bint huge_pages, guest_memfd, guest_memfd_offset, bint region2):
         self.require_open()
         cdef int slot_ = as_int(slot, "slot", 0, 0x7fffffff)
         cdef uint64_t guest_phys_addr_ = as_u64(guest_phys_addr, "guest-physical address")
@@ -233,7 +258,28 @@ cdef class VmCore:
                 raise InvalidArgumentError(f"[{guest_phys_addr_:#x}, {guest_phys_addr_ + size_:#x}) overlaps {near!r}")
         require(source is not None or off == 0, "an offset needs a source")
         require(source is None or not huge_pages, "huge_pages is for fresh memory; pass a hugetlbfs file as source")
-        cdef uint32_t flags = 0
+        cdef int gmem = -1
+        cdef uint64_t gmem_off = as_u64(guest_memfd_offset, "guest_memfd offset")
+        cdef struct_stat st
+        if guest_memfd is None:
+            require(gmem_off == 0, "a guest_memfd offset needs a guest_memfd")
+        else:
+            gmem = as_int(guest_memfd, "guest_memfd", 0, 0x7fffffff)
+            require(gmem_off % page == 0, f"the guest_memfd offset must be a multiple of the page size ({page})")
+            require(not log_dirty, "KVM does not log dirty pages of guest_memfd memory (log_dirty=False)")
+            if fstat(gmem, &st) != 0:
+                raise InvalidArgumentError(f"guest_memfd {gmem} is not open")
+            # (a guest_memfd is a regular file of its size; KVM itself refuses any other fd)
+            require(S_ISREG(st.st_mode) and <uint64_t>st.st_size >= gmem_off + size_,
+                    f"guest_memfd {gmem} must be a guest_memfd of at least offset + size = "
+                    f"{gmem_off + size_:#x} bytes (it has {st.st_size:#x})")
+        if region2 and self.check_extension(KVM_CAP_USER_MEMORY2) <= 0:
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError("USER_MEMORY2", "KVM_SET_USER_MEMORY_REGION2")
+        if gmem >= 0 and self.check_extension(KVM_CAP_GUEST_MEMFD) <= 0:
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError("GUEST_MEMFD", "a memory slot backed by a guest_memfd")
+        cdef uint32_t flags = KVM_MEM_GUEST_MEMFD if gmem >= 0 else 0
         if readonly:
             if not self.check_extension(KVM_CAP_READONLY_MEM):
                 from kvmsys.errors import CapabilityError
@@ -247,21 +293,46 @@ cdef class VmCore:
         ms.guest_phys_addr = guest_phys_addr_
         ms.size = size_
         ms.flags = flags
-        self.set_region(ms, flags)
+        ms.region2 = region2
+        ms.guest_memfd_offset = gmem_off
+        self.set_region(ms, flags, gmem)
         self.slots[slot_] = ms
         self.starts.insert(i, guest_phys_addr_)
         self.by_start.insert(i, ms)
         return ms.view()
 
-    cdef int set_region(self, MemorySlot ms, uint32_t flags) except -1:
+    cdef int set_region(self, MemorySlot ms, uint32_t flags, int gmem=-1, bint delete=False) except -1:
+        # KVM_SET_USER_MEMORY_REGION, or ...2 for a slot made with it; *delete*: size 0.
+        # The first struct is the second's beginning (the kernel's ABI, checked in
+        # kvmsys_native.h), so one is filled in and the other copied from it.
         cdef kvm_userspace_memory_region r
-        r.slot = ms.slot
-        r.flags = flags
-        r.guest_phys_addr = ms.guest_phys_addr
-        r.memory_size = ms.size
-        r.userspace_addr = <uint64_t>ms.mapping.addr
-        self.vm_ioctl(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION")
-        ms.flags = flags
+        cdef kvm_userspace_memory_region2 r2
+        memset(&r2, 0, sizeof(r2))
+        r2.slot = ms.slot
+        r2.guest_phys_addr = ms.guest_phys_addr
+        if not delete:
+            r2.flags = flags
+            r2.memory_size = ms.size
+            r2.userspace_addr = <uint64_t>ms.mapping.addr
+            if gmem >= 0:
+                r2.guest_memfd = gmem
+                r2.guest_memfd_offset = ms.guest_memfd_offset
+        cdef str op = "KVM_SET_USER_MEMORY_REGION2" if ms.region2 else "KVM_SET_USER_MEMORY_REGION"
+        if delete:
+            op += "(delete)"
+        if not ms.region2:
+            memcpy(&r, &r2, sizeof(r))
+            self.vm_ioctl(KVM_SET_USER_MEMORY_REGION, &r, op)
+        else:
+            try:
+                self.vm_ioctl(KVM_SET_USER_MEMORY_REGION2, &r2, op)
+            except KvmOSError as e:
+                if gmem >= 0 and e.errno == EINVAL:
+                    raise KvmOSError(e.errno, e.op, "the guest_memfd must come from create_guest_memfd() of "
+                                     "this VM, and its range must not back another slot") from None
+                raise
+        if not delete:
+            ms.flags = flags
         return 0
 
     def set_memory_flags(self, slot, *, bint log_dirty):
@@ -271,6 +342,7 @@ cdef class VmCore:
         cdef int slot_ = as_int(slot, "slot", 0, 0x7fffffff)
         require(slot_ in self.slots, f"slot {slot_} is not in use")
         cdef MemorySlot ms = self.slots[slot_]
+        require(not ms.flags & KVM_MEM_GUEST_MEMFD, f"slot {slot_} is backed by a guest_memfd: KVM only deletes such a slot")
         cdef uint32_t flags = ms.flags & ~KVM_MEM_LOG_DIRTY_PAGES
         self.set_region(ms, flags | (KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0))
 
@@ -279,11 +351,7 @@ cdef class VmCore:
         self.require_open()
         cdef int slot_ = as_int(slot, "slot", 0, 0x7fffffff)
         cdef MemorySlot ms = self._slot(slot_)
-        cdef kvm_userspace_memory_region r
-        memset(&r, 0, sizeof(r))
-        r.slot = slot_
-        r.guest_phys_addr = ms.guest_phys_addr
-        self.vm_ioctl(KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION(delete)")
+        self.set_region(ms, 0, -1, True)
         del self.slots[slot_]
         cdef Py_ssize_t i = bisect_right(self.starts, ms.guest_phys_addr) - 1
         del self.starts[i]
@@ -661,6 +729,34 @@ cdef class VmCore:
         fill_enable_cap(&c, cap, flags, args)
         self.vm_ioctl(KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP")
 
+    def create_guest_memfd(self, size, *, bint mmap=False, bint init_shared=False):
+        """KVM_CREATE_GUEST_MEMFD: an fd (yours to close; close-on-exec) of *size* bytes
+        (page-aligned) of guest memory KVM keeps for this VM, to back slots through
+        add_memory(guest_memfd=...).  *mmap*: the host may map it too
+        (GUEST_MEMFD_FLAG_MMAP), *init_shared*: its pages start shared with the host
+        (GUEST_MEMFD_FLAG_INIT_SHARED); KVM_CAP_GUEST_MEMFD_FLAGS says which a VM takes.
+        CapabilityError where the host lacks guest_memfd or a flag."""
+        self.require_open()
+        cdef uint64_t size_ = as_u64(size, "guest_memfd size")
+        cdef long page = sysconf(_SC_PAGESIZE)
+        require(size_ > 0 and size_ % page == 0, f"guest_memfd size must be a positive multiple of the page "
+                f"size ({page}), not {size_:#x}")
+        cdef kvm_create_guest_memfd g
+        memset(&g, 0, sizeof(g))
+        g.size = size_
+        g.flags = (GUEST_MEMFD_FLAG_MMAP if mmap else 0) | (GUEST_MEMFD_FLAG_INIT_SHARED if init_shared else 0)
+        from kvmsys.errors import CapabilityError
+        if self.check_extension(KVM_CAP_GUEST_MEMFD) <= 0:
+            raise CapabilityError("GUEST_MEMFD", "KVM_CREATE_GUEST_MEMFD")
+        cdef long supported = self.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
+        if g.flags & ~<uint64_t>(supported if supported > 0 else 0):
+            raise CapabilityError("GUEST_MEMFD_FLAGS", f"a guest_memfd with flags {g.flags:#x} (this VM takes "
+                                  f"{max(supported, 0):#x}: mmap {GUEST_MEMFD_FLAG_MMAP:#x}, init_shared "
+                                  f"{GUEST_MEMFD_FLAG_INIT_SHARED:#x})")
+        cdef int fd = <int>self.vm_ioctl(KVM_CREATE_GUEST_MEMFD, &g, "KVM_CREATE_GUEST_MEMFD")
+        _os.set_inheritable(fd, False)      # KVM makes it inheritable; every other fd of ours is not
+        return fd
+
     def create_device(self, type_, bint test=False):
         """KVM_CREATE_DEVICE: a device fd (DeviceCore) of KVM_DEV_TYPE_* *type_*; with
         *test*, only whether this VM can create one (True/False), creating nothing."""
@@ -820,12 +916,22 @@ cdef class VmCore:
         self.require_open()
         self.state.default_kind[space_] = kind_
 
-    def set_hlt_action(self, kind):
-        """HLT exits: H_PYTHON (return them), H_IGNORE (re-enter at once) or H_EXIT (stop the run)."""
+    def set_hlt_action(self, kind, callback=None):
+        """HLT exits: H_PYTHON (return them from run(), or with *callback*: call it with the
+        HltExit, as a Python handler of an access is called, and go on unless it returns a
+        true value), H_IGNORE (re-enter at once) or H_EXIT (stop the run)."""
         cdef int kind_ = as_int(kind, "HLT action", -0x80000000, 0x7fffffff)
         require(kind_ in (H_PYTHON, H_IGNORE, H_EXIT), "HLT action is H_PYTHON, H_IGNORE or H_EXIT")
+        require(callback is None or kind_ == H_PYTHON, "only the PYTHON HLT action takes a callback")
+        require(callback is None or callable(callback), "callback must be callable")
         self.require_open()
+        self._hlt_handler = callback
         self.state.hlt_action = kind_
+
+    @property
+    def hlt_handler(self):
+        """The callback HLT exits go to (set_hlt_action(PYTHON, callback)), or None."""
+        return self._hlt_handler
 
     def console(self, bint clear=False, *, start=0):
         """Bytes collected by sink handlers (serial THR, debugcon) from offset *start* on,

@@ -1141,6 +1141,30 @@ cdef extern from "kvmsys_native.h" nogil:
         __u64 gpa
         __u64 size
     kvmsys_memory_fault *kvmsys_run_memory_fault(kvm_run *run)
+    # KVM_SET_USER_MEMORY_REGION2 and guest_memfd (Linux 6.8; guest_memfd flags 6.18)
+    enum: KVM_CAP_USER_MEMORY2
+    enum: KVM_CAP_GUEST_MEMFD
+    enum: KVM_CAP_VM_TYPES
+    enum: KVM_CAP_GUEST_MEMFD_FLAGS
+    enum: KVM_MEM_GUEST_MEMFD
+    const unsigned long long GUEST_MEMFD_FLAG_MMAP
+    const unsigned long long GUEST_MEMFD_FLAG_INIT_SHARED
+    const unsigned long KVM_SET_USER_MEMORY_REGION2
+    const unsigned long KVM_CREATE_GUEST_MEMFD
+    cdef struct kvm_userspace_memory_region2:
+        __u32 slot
+        __u32 flags
+        __u64 guest_phys_addr
+        __u64 memory_size
+        __u64 userspace_addr
+        __u64 guest_memfd_offset
+        __u32 guest_memfd
+        __u32 pad1
+        __u64 pad2[14]
+    cdef struct kvm_create_guest_memfd:
+        __u64 size
+        __u64 flags
+        __u64 reserved[6]
 
 cdef extern from "linux/kvm_para.h" nogil:
     enum: KVM_HC_MAP_GPA_RANGE         # hypercall numbers (KVM_CAP_EXIT_HYPERCALL bits)
