@@ -20,6 +20,7 @@ cdef extern from "<semaphore.h>" nogil:
     int sem_post(sem_t *s)
     int sem_wait(sem_t *s)
     int sem_timedwait(sem_t *s, const timespec *abs_timeout)
+    int sem_trywait(sem_t *s)
 
 cdef extern from "<pthread.h>" nogil:
     int pthread_create(pthread_t *t, const void *attr, void *(*fn)(void *) noexcept nogil, void *arg)
@@ -416,6 +417,8 @@ cdef void *target_main(void *arg) noexcept nogil:
         wait_post(&t.go)
         if t.quit:
             return NULL
+        # a kick that came after the last run had ended (see kick()) is no kick of this one
+        kvmsys_store_u8(&t.run.immediate_exit, 0)
         kvmsys_store_int(&t.in_run, 1)
         while True:
             r = ioctl(t.fd, KVM_RUN, 0)
@@ -461,36 +464,50 @@ cdef void target_stop(target_t *t) noexcept nogil:
 cdef kick(target_t *t, int samples, double delay_lo_s, double delay_hi_s, uint64_t seed):
     if samples <= 0 or not 0 <= delay_lo_s <= delay_hi_s <= 1.0:
         raise ValueError("samples must be positive and 0 <= delay_lo_s <= delay_hi_s <= 1")
-    cdef int i, err = 0
-    cdef uint64_t x = seed or 1, t0, lo = <uint64_t>(delay_lo_s * 1e9), span
+    cdef int i, err = 0, early, retries = 0
+    cdef uint64_t x = seed or 1, t0 = 0, lo = <uint64_t>(delay_lo_s * 1e9), span
     cdef timespec ts, dl
     cdef kvm_run *run = t.run
     span = <uint64_t>(delay_hi_s * 1e9) - lo + 1
     out = []
-    for i in range(samples):
+    i = 0
+    while i < samples:
         with nogil:
             sem_post(&t.go)
+            early = 0
             while not kvmsys_load_int(&t.in_run) and not kvmsys_load_int(&t.err):
-                sched_yield()
-            x ^= x << 13
-            x ^= x >> 7
-            x ^= x << 17
-            ts.tv_sec = 0
-            ts.tv_nsec = <long>(lo + x % span)
-            nanosleep(&ts, NULL)
-            t0 = kvmsys_now_ns()
-            kvmsys_store_u8(&run.immediate_exit, 1)
-            pthread_kill(t.thread, t.signo)
-            while True:          # a kick that cannot be lost, but never wait forever
-                clock_gettime(CLOCK_REALTIME, &dl)
-                dl.tv_sec += 5
-                if sem_timedwait(&t.done, &dl) == 0:
+                if sem_trywait(&t.done) == 0:
+                    early = 1        # the run began and ended before this thread saw it
                     break
-                if errno == ETIMEDOUT:
-                    pthread_kill(t.thread, t.signo)
+                sched_yield()
+            if not early:
+                x ^= x << 13
+                x ^= x >> 7
+                x ^= x << 17
+                ts.tv_sec = 0
+                ts.tv_nsec = <long>(lo + x % span)
+                nanosleep(&ts, NULL)
+                t0 = kvmsys_now_ns()
+                kvmsys_store_u8(&run.immediate_exit, 1)
+                pthread_kill(t.thread, t.signo)
+                while True:          # a kick that cannot be lost, but never wait forever
+                    clock_gettime(CLOCK_REALTIME, &dl)
+                    dl.tv_sec += 5
+                    if sem_timedwait(&t.done, &dl) == 0:
+                        break
+                    if errno == ETIMEDOUT:
+                        pthread_kill(t.thread, t.signo)
             err = t.err
         if err:
             raise OSError(err if err > 0 else EINVAL,
                           "KVM_RUN" if err > 0 else f"the target stopped on exit reason {-err}")
+        if early or t.t1 < t0:
+            # KVM_RUN returned EINTR before the kick (a signal that was not ours): not a
+            # sample; the kick's immediate_exit store is cleared when the next run starts
+            retries += 1
+            if retries > 5 * samples + 5:
+                raise RuntimeError("the C floor's runs kept ending before their kick")
+            continue
         out.append(t.t1 - t0)
+        i += 1
     return out
