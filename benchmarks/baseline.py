@@ -38,7 +38,7 @@ ROW_FIGURES = {
     "console": ("time", "ratio"),
     "boot": ("time", "ratio"),
 }
-REFERENCES = ("c", "qemu")               # row-id parts naming a reference, not kvmsys
+REFERENCES = ("c", "qemu", "floor")      # row-id parts naming a reference, not kvmsys
 
 # exits: (loop, stat, name, label, kvmsys's own: None = while kvmsys sets the mask).  Wall-time
 # windows are shown, not gated: a thread that waits for a core inflates them, thread CPU not.
