@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import os
 
+from typing import TYPE_CHECKING
+
 from .errors import ArgumentTypeError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from ._core import VcpuCore
 
 MSR_PVM_NATIVE = 0x4B564D10   # write (page-aligned GPA in a memory slot) | 1
 MSR_PVM_SIGNATURE = 0x4B564D11
@@ -36,7 +41,7 @@ def host_flavour() -> str:
     return "unknown"
 
 
-def is_pvm(vcpu) -> bool:
+def is_pvm(vcpu: VcpuCore) -> bool:
     """True if *vcpu* runs on a PVM host (its signature MSR reads 'PVM')."""
     try:
         return vcpu.get_msrs([MSR_PVM_SIGNATURE]).get(MSR_PVM_SIGNATURE) == PVM_SIGNATURE
@@ -44,12 +49,12 @@ def is_pvm(vcpu) -> bool:
         return False
 
 
-def extra_msrs(vcpu) -> list[int]:
+def extra_msrs(vcpu: VcpuCore) -> list[int]:
     """MSRs of this host flavour to save and restore with a vCPU's state (not in KVM's list)."""
     return [MSR_PVM_NATIVE] if is_pvm(vcpu) else []
 
 
-def enable_native(vcpu, page_gpa: int) -> bool:
+def enable_native(vcpu: VcpuCore, page_gpa: int) -> bool:
     """On PVM, let a 64-bit guest run natively; elsewhere do nothing.  Returns True if enabled.
 
     Must be called before the vCPU's first KVM_RUN; *page_gpa* is a free page in a memory slot."""
