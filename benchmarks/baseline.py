@@ -38,7 +38,7 @@ ROW_FIGURES = {
     "console": ("time", "ratio"),
     "boot": ("time", "ratio"),
 }
-REFERENCES = ("c", "qemu")               # row-id parts naming a reference, not kvmsys
+REFERENCES = ("c", "qemu", "floor")      # row-id parts naming a reference, not kvmsys
 
 # exits: (loop, stat, name, label, kvmsys's own: None = while kvmsys sets the mask).  Wall-time
 # windows are shown, not gated: a thread that waits for a core inflates them, thread CPU not.
@@ -56,6 +56,8 @@ EXIT_FIGURES = [
     ("py", "py_path", "py/path", "no-op Python handler − C loop, CPU per exit", True),
     ("pyw", "py_path", "pyw/path", "naive-work Python handler − C loop, CPU per exit", True),
     ("pyw", "vs_naive", "pyw/vs_naive", "naive-work Python handler ÷ naive loop, CPU per exit", True),
+    ("pyw", "user_vs_naive", "pyw/user_vs_naive", "naive-work Python handler ÷ naive loop, user windows (CPU)",
+     True),
     ("c", "vs_naive", "c/vs_naive", "kvmsys C loop ÷ naive loop, CPU per exit", True),
     ("naive", "cpu_over_ref", "naive/cost", "naive loop − bare C loop, CPU per exit", False),
     ("ref", "cpu", "ref/round_trip", "bare C loop: round trip, CPU per exit", False),

@@ -298,6 +298,10 @@ def run(profile, kinds=None) -> SuiteResult:
         rows[f"{grp}/py"]["stats"]["py_path"] = derive(rows, "cpu", f"{grp}/py", f"{grp}/c", "difference")
         rows[f"{grp}/pyw"]["stats"]["py_path"] = derive(rows, "cpu", f"{grp}/pyw", f"{grp}/c", "difference")
         rows[f"{grp}/pyw"]["stats"]["vs_naive"] = derive(rows, "cpu", f"{grp}/pyw", f"{grp}/naive", "ratio")
+        # what issue-level goals compare: the time outside KVM_RUN only (the kernel's and the
+        # guest's share is the same for both and would hide the difference)
+        rows[f"{grp}/pyw"]["stats"]["user_vs_naive"] = derive(rows, "user_cpu", f"{grp}/pyw", f"{grp}/naive",
+                                                              "ratio")
         rows[f"{grp}/c"]["stats"]["vs_naive"] = derive(rows, "cpu", f"{grp}/c", f"{grp}/naive", "ratio")
         rows[f"{grp}/c"]["extra"]["uses_mask"] = m["uses_mask"]
     first = next(iter(measured.values()))

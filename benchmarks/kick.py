@@ -1,10 +1,16 @@
 """Suite `kick`: latency from handle.kick() in one thread until the target
-thread's run() has returned.
+thread's run() has returned, against the C floor on the same vCPU.
 
 The target thread runs an endless guest; the kicking thread waits a random
 moment (so the kick lands anywhere in the guest's rhythm), notes
-time.perf_counter_ns() and kicks; the target notes the time right after run()
-returns.  Only one target runs at a time."""
+time.perf_counter_ns(), kicks and blocks on a lock at once (as the C floor's
+kicker blocks on a semaphore: on a host where both threads share a core, what
+the kicker does before it sleeps delays the target); the target notes the time
+right after run() returns.  Only one target runs at a time.  The C floor runs
+the same vCPU (its own pthread, kvmsys's target thread parked meanwhile), so
+both see one VM's exit and signal costs.  Each kick is also cut where kvmsys's
+own clocks see it: kick() called → signal sent (the kicker's clock just before
+pthread_kill) → KVM_RUN returned EINTR (the run loop's clock) → run() returned."""
 from __future__ import annotations
 
 import queue
@@ -37,6 +43,9 @@ class _Target:
         self.requests: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
         self.in_run = threading.Event()
+        self.done = threading.Lock()    # released by the target when a kicked run() returned
+        self.done.acquire()
+        self.last = None                # (ok, value) of that run
         self.otherwise: list = []       # how runs ended that a kick did not end
         self.runs = 0                   # runs of the exiting guest, checked against its counter
         self.mismatches: list = []      # where the guest's counter and the run loop disagreed
@@ -53,6 +62,7 @@ class _Target:
         try:
             self.g = one_vcpu(self.abi, kvm=self.kvm)
             set_handling(self.g.vm, "pio_out", "c")
+            self.fd = self.g.vcpu.fileno()
             self.results.put((True, self.g.vcpu.handle()))
         except BaseException as e:
             self.results.put((False, e))
@@ -62,25 +72,33 @@ class _Target:
                 which = self.requests.get()
                 if which is None:
                     return
+                if isinstance(which, tuple):        # ("load", guest): for the C floor on this vCPU
+                    try:
+                        self._load(which[1])
+                        self.results.put((True, None))
+                    except BaseException as e:
+                        self.results.put((False, e))
+                    continue
                 try:
-                    self.results.put((True, self._one(which)))
+                    self.last = (True, self._one(which))
                 except BaseException as e:
-                    self.results.put((False, e))
+                    self.last = (False, e)
+                finally:
+                    self.done.release()
         finally:
             self.g.close()
 
     def _one(self, which):
         if which == "drain":
             # absorb a kick sent after run() had already returned (it is never lost)
-            return time.perf_counter_ns(), self.g.run(timeout=1.0).name
-        if self.loaded != which:
-            base, inputs, _label = GUESTS[which]
-            self.native = self.g.load(guest_name(base, self.mode), **inputs)
-            self.loaded = which
+            return time.perf_counter_ns(), self.g.run(timeout=1.0).name, None
+        self._load(which)
         c0, io0 = self.g.counter(), self._io_exits()
         self.in_run.set()
-        ex = self.g.run()
-        t1 = time.perf_counter_ns()
+        run, now = self.g.run, time.perf_counter_ns
+        ex = run()
+        t1 = now()
+        clocks = self.g.vcpu._kick_clock()
         self.in_run.clear()
         if which == "exits":
             # the guest counts each out it starts: one more than the exits if the kick
@@ -91,31 +109,54 @@ class _Target:
                 self.mismatches.append(f"guest counted {counted}, the run loop {exits} exits")
         if not isinstance(ex, _core.KickExit):
             self.loaded = None          # e.g. the guest finished: reload it next time
-        return t1, ex.name
+        return t1, ex.name, clocks
+
+    def _load(self, which: str) -> None:
+        if self.loaded != which:
+            base, inputs, _label = GUESTS[which]
+            self.native = self.g.load(guest_name(base, self.mode), **inputs)
+            self.loaded = which
+
+    def load(self, which: str) -> None:
+        """Have the target load *which* (it stays parked): for the C floor on its vCPU."""
+        self.requests.put(("load", which))
+        ok, value = self.results.get()
+        if not ok:
+            raise value
 
     def _io_exits(self) -> int:
         return self.g.vcpu.stats()["exits"].get("IO", 0)
 
-    def sample(self, which: str, delay_s: float) -> int | None:
-        """One kick; returns the latency in ns, or None if run() ended otherwise."""
+    def _wait(self):
+        self.done.acquire()
+        ok, value = self.last
+        if not ok:
+            raise value
+        return value
+
+    def sample(self, which: str, delay_s: float) -> dict | None:
+        """One kick: {"time": latency, "signal"/"kvm"/"back": its segments} in ns (a
+        segment None where kvmsys's clocks did not see it: no signal was needed), or
+        None if run() ended otherwise."""
         self.requests.put(which)
         if not self.in_run.wait(10):
             raise RuntimeError(f"kick target ({self.abi}) did not start running")
         time.sleep(delay_s)              # let it get into KVM_RUN
-        t0 = time.perf_counter_ns()
-        self.handle.kick()
-        ok, value = self.results.get()
-        if not ok:
-            raise value
-        t1, name = value
+        kick, block, now = self.handle.kick, self.done.acquire, time.perf_counter_ns
+        t0 = now()
+        kick()
+        block()                         # at once, as the C floor's kicker does
+        self.done.release()
+        t1, name, clocks = self._wait()
         if name == "KICK":
-            return t1 - t0
+            sent, intr, _left = clocks
+            seen = t0 <= sent <= intr <= t1
+            return {"time": t1 - t0, "signal": sent - t0 if seen else None,
+                    "kvm": intr - sent if seen else None, "back": t1 - intr if seen else None}
         # run() ended before the kick: the kick is still pending; take it now
         self.requests.put("drain")
-        ok, value = self.results.get()
-        if not ok:
-            raise value
-        self.otherwise.append(f"{name} (then {value[1]})")
+        _t, then, _c = self._wait()
+        self.otherwise.append(f"{name} (then {then})")
         return None
 
     def close(self) -> None:
@@ -129,57 +170,75 @@ def run(profile) -> SuiteResult:
     lo, hi = profile.kick_delay_ms
     res = SuiteResult(NAME, TITLE, columns=[("abi", "ABI"), ("guest", "target guest"),
                                             ("time", "latency"), ("p90", "90th percentile"),
-                                            ("ratio", "vs the C floor [95% CI]")])
+                                            ("ratio", "vs the C floor, same vCPU [95% CI]"),
+                                            ("signal", "kick() → signal sent"),
+                                            ("kvm", "signal → KVM_RUN returned"),
+                                            ("back", "KVM_RUN → run() returned")])
     lost = {}
+    segments: dict = {}
     with kvmsys.Kvm() as kvm:
         targets = {abi: _Target(abi, kvm, profile.mode) for abi in ("fd", "sys")}
         floor = {}
         try:
-            # the C floor: pthread_kill + immediate_exit from C, same guests, own vCPUs
-            for which, (base, inputs, _label) in GUESTS.items():
-                g = one_vcpu("fd", guest_name(base, profile.mode), kvm=kvm, **inputs)
-                set_handling(g.vm, "pio_out", "c")
-                floor[which] = (g, _reference.RefVcpu(g.vcpu.fileno(), g.vm.mmap_size))
+            # the C floor: pthread_kill + immediate_exit from C, on each target's own vCPU
+            for abi, t in targets.items():
+                floor[abi] = _reference.RefVcpu(t.fd, kvm.vcpu_mmap_size())
             seeds = iter(range(1, 1 << 30))
 
-            def c_floor(which):
-                return lambda: floor[which][1].kick(1, lo / 1e3, hi / 1e3, _core.kick_signal(), next(seeds))[0]
+            def c_floor(abi, which):
+                def go():
+                    targets[abi].load(which)
+                    lat = floor[abi].kick(1, lo / 1e3, hi / 1e3, _core.kick_signal(), next(seeds))[0]
+                    return {f"c/{abi}/{which}": lat}
+                return go
 
             def variant(abi, which):
                 key = f"{abi}/{which}"
 
                 def go():
                     for _ in range(5):
-                        lat = targets[abi].sample(which, rng.uniform(lo, hi) / 1e3)
-                        if lat is not None:
-                            return lat
+                        got = targets[abi].sample(which, rng.uniform(lo, hi) / 1e3)
+                        if got is not None:
+                            for seg in ("signal", "kvm", "back"):
+                                if got[seg] is not None:
+                                    segments.setdefault(key, {}).setdefault(seg, []).append(got[seg])
+                            return got["time"]
                         lost.setdefault(key, []).append(targets[abi].otherwise[-1])
                     raise RuntimeError(f"kick {key}: run() kept ending without a KickExit")
                 return key, go
 
-            variants = dict(variant(abi, w) for abi in targets for w in GUESTS)
-            variants.update({f"c/{w}": c_floor(w) for w in GUESTS})
+            variants: dict = {}
+            for abi in targets:
+                for w in GUESTS:
+                    key, go = variant(abi, w)
+                    variants[key] = go
+                    variants[f"c/{abi}/{w}"] = c_floor(abi, w)
             progress(f"{NAME}: {profile.kick_samples} kicks per variant, "
                      f"{len(variants)} variants, {lo:g}-{hi:g} ms before each kick")
             samples = interleave(variants, profile.kick_samples, profile.warmup)
             native = any(t.native for t in targets.values())
             guest_checks = {abi: (t.runs, list(t.mismatches)) for abi, t in targets.items()}
         finally:
+            for ref in floor.values():
+                ref.close()
             for t in targets.values():
                 t.close()
-            for g, ref in floor.values():
-                ref.close()
-                g.close()
-    abi_label = {"fd": "fd (`vcpu.handle().kick()`)", "sys": "syscall (`kvmsys.handle().kick()`)",
-                 "c": "C floor: `pthread_kill` + `immediate_exit` (`RefVcpu.kick`)"}
+    abi_label = {"fd": "fd (`vcpu.handle().kick()`)", "sys": "syscall (`kvmsys.handle().kick()`)"}
+    floor_label = "C floor on the {} target's vCPU: `pthread_kill` + `immediate_exit` (`RefVcpu.kick`)"
     for key, s in samples.items():
-        abi, which = key.split("/")
+        parts = key.split("/")
+        abi, which = parts[-2], parts[-1]
         ordered = sorted(s)
         p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
-        res.add_row(key, {"abi": abi_label[abi],
+        stats = {"time": Stat(s, "ns"), "p90": Stat([p90], "ns")}
+        if parts[0] == "c":
+            stats["kvm"] = Stat(s, "ns")        # its clock is read right before its signal
+        for seg, xs in segments.get(key, {}).items():
+            stats[seg] = Stat(xs, "ns")
+        res.add_row(key, {"abi": floor_label.format(abi) if parts[0] == "c" else abi_label[abi],
                           "guest": f"{guest_name(GUESTS[which][0], profile.mode)}: {GUESTS[which][2]}"},
-                    {"time": Stat(s, "ns"), "p90": Stat([p90], "ns")}, {"ended_otherwise": lost.get(key, [])})
-        if abi != "c":          # both guests run endlessly: only the kick may end run()
+                    stats, {"ended_otherwise": lost.get(key, [])})
+        if parts[0] != "c":     # both guests run endlessly: only the kick may end run()
             res.check(f"{key} kicks", not lost.get(key),
                       f"{key}: every run() ended by the kick aimed at it" if not lost.get(key) else
                       f"{key}: {len(lost[key])} run() calls ended before their kick: {lost[key][:3]}")
@@ -188,21 +247,24 @@ def run(profile) -> SuiteResult:
                   f"{abi}: in {runs} kicked runs of the exiting guest its counter matched the run loop's "
                   f"IO exits" + (f"; not in {len(bad)}: {bad[:3]}" if bad else ""))
     for key in samples:
-        abi, which = key.split("/")
-        if abi != "c":
-            res.rows[key]["stats"]["ratio"] = derive(res.rows, "time", key, f"c/{which}", "ratio")
-    res.config = dict(mode=profile.mode, samples=profile.kick_samples, delay_ms=[lo, hi])
+        if not key.startswith("c/"):
+            res.rows[key]["stats"]["ratio"] = derive(res.rows, "time", key, f"c/{key}", "ratio")
+    res.config = dict(mode=profile.mode, samples=profile.kick_samples, delay_ms=[lo, hi], floor="same vCPU")
     res.notes += [
         f"Guest mode: {mode_label(profile.mode, native)}. {profile.kick_samples} kicks per variant, "
         f"interleaved; each after a random {lo:g}–{hi:g} ms wait once the target is inside run(); "
         "target threads are not the main thread.",
         "Latency = perf_counter_ns() after run() returned in the target − perf_counter_ns() just before "
-        "kick() in the kicking thread (one monotonic clock); median (min–max) over all kicks.",
-        "C floor: the same guest on its own vCPU, run by one pthread of its own "
-        "looping on KVM_RUN with minimal exit handling; the kicking thread reads the clock, sets "
-        "kvm_run.immediate_exit and sends kvmsys's kick signal with pthread_kill; latency = clock after "
-        "KVM_RUN returned EINTR − clock before the kick.  Ratios pair the i-th kick of each variant "
-        "(interleaved) with the i-th kick of the floor.",
+        "kick() in the kicking thread (one monotonic clock), which then blocks on a lock at once; "
+        "median (min–max) over all kicks.",
+        "C floor: the same vCPU as the kvmsys row above it (kvmsys's target thread parked), run by a "
+        "pthread of its own looping on KVM_RUN with minimal exit handling; the kicking thread reads "
+        "the clock, sets kvm_run.immediate_exit, sends kvmsys's kick signal with pthread_kill and "
+        "blocks on a semaphore; latency = clock after KVM_RUN returned EINTR − clock before the kick.  "
+        "Ratios pair the i-th kick of each variant (interleaved) with the i-th kick of its floor.",
+        "Segments (kvmsys rows): kick() called → the kicker's clock just before pthread_kill; → the run "
+        "loop's clock after KVM_RUN returned EINTR; → run() returned in Python.  The floor's whole "
+        "latency is its signal → KVM_RUN segment.",
     ]
     if lost:
         res.notes.append("run() calls that returned before the kick (retried, not counted): "

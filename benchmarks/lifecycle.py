@@ -11,6 +11,7 @@ import time
 import kvmsys
 
 from kvmsys import _core, pvm, syscall
+from kvmsys.enums import Kind, Space
 from kvmsys.guests import get as get_guest, layout
 
 from . import _reference
@@ -75,6 +76,29 @@ def run(profile) -> SuiteResult:
                 kvmsys.remove_vcpu()
             return (time.perf_counter_ns() - t0) / b
 
+        def sys_regs():
+            # registers set (the commonest change): only they are restored
+            t0 = time.perf_counter_ns()
+            for _ in range(b):
+                kvmsys.add_vcpu()
+                kvmsys.current().set_regs(regs)
+                kvmsys.remove_vcpu()
+            return (time.perf_counter_ns() - t0) / b
+
+        def sys_after_run():
+            # the reset of a vCPU that ran (restored whole): its run and its owner are not timed
+            total = 0
+            for _ in range(b):
+                kvmsys.add_vcpu()
+                layout.prepare(guest, kvmsys.current(), kvmsys.vm().memory(0), n=0)
+                kvmsys.run(budget=1)
+                kvmsys.remove_vcpu()
+                t0 = time.perf_counter_ns()
+                kvmsys.add_vcpu()
+                kvmsys.remove_vcpu()
+                total += time.perf_counter_ns() - t0
+            return total / b
+
         def sys_new():
             # a fresh process VM: add_vcpu() creates a kernel vCPU and snapshots its state
             kvmsys.destroy_vm()
@@ -84,9 +108,14 @@ def run(profile) -> SuiteResult:
             kvmsys.remove_vcpu()
             return time.perf_counter_ns() - t0
 
+        guest = get_guest("pio_out_loop.pm32")
         with syscall.fresh_vm(memory_size=layout.RAM_SIZE, pc_ports=False):
+            kvmsys.vm().set_default(Space.PIO, Kind.IGNORE)     # its out exits handled in C
+            kvmsys.add_vcpu()
+            regs = dict(kvmsys.current().get_regs(), rax=1)     # a new vCPU's, one changed
+            kvmsys.remove_vcpu()
             variants = {"c": c_ref, "fd": fd, "sys_recycled": sys_recycled, "sys_ran": sys_ran,
-                        "sys_new": sys_new}
+                        "sys_regs": sys_regs, "sys_after_run": sys_after_run, "sys_new": sys_new}
             progress(f"{NAME}: {b} vCPUs per sample, {profile.reps} reps")
             samples = interleave(variants, profile.reps, profile.warmup)
             max_id = kvmsys.vm().check_extension("MAX_VCPU_ID")
@@ -109,6 +138,9 @@ def run(profile) -> SuiteResult:
         "fd": f"fd ABI: `vm.create_vcpu(i)` + `close()` (fresh VM per {b})",
         "sys_recycled": "syscall ABI: `add_vcpu()` + `remove_vcpu()`, kernel vCPU recycled",
         "sys_ran": "syscall ABI: `add_vcpu()` + one state change + `remove_vcpu()` (its state is reset before its reuse)",
+        "sys_regs": "syscall ABI: `add_vcpu()` + `set_regs()` + `remove_vcpu()` (only the registers are restored)",
+        "sys_after_run": "syscall ABI: `add_vcpu()` + `remove_vcpu()` of a vCPU that ran under its last owner "
+                         "(restored whole; that run not timed)",
         "sys_new": "syscall ABI: first `add_vcpu()` + `remove_vcpu()` in a fresh process VM (new kernel vCPU + state snapshot)",
     }
     for key, label in labels.items():

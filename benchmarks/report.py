@@ -233,7 +233,7 @@ EXIT_LOOPS = [            # (row id suffix, legend label, colour), in bar order
 # get labels cut from their cells (_fallback_labels).
 SHORT_LABELS = {
     "abi": {"fd": "fd ABI: vcpu.run()", "sys": "syscall ABI: kvmsys.run()"},
-    "console": {"per_exit": "one exit per byte", "coalesced": "coalesced PIO zone"},
+    "console": {"per_exit": "one exit per byte", "coalesced": "coalesced PIO zone", "floor": "ioeventfd floor"},
     "dispatch": {"vcpu": "vCPU ioctl", "vm": "VM ioctl", "sys": "getppid()", "c": "C",
                  "py_fd": "fd ABI", "py_sys": "syscall ABI", "naive": "naive fcntl.ioctl",
                  "py": "os.getppid()"},
@@ -250,7 +250,7 @@ SHORT_LABELS = {
     "memory": {"fd": "fd ABI: create_vcpu", "sys": "syscall ABI: thread + add_vcpu",
                "threads": "idle thread, no vCPU"},
 }
-ROW_COLOURS = {"console": {"per_exit": C_REF, "coalesced": C_OTHER}, "memory": {"threads": C_REF}}
+ROW_COLOURS = {"console": {"per_exit": C_REF, "coalesced": C_OTHER, "floor": C_REF}, "memory": {"threads": C_REF}}
 PANEL_TITLES = {"scaling": "aggregate exits/s by number of vCPU threads"}
 RATIO_HINTS = {"abi": "vs fd", "console": "vs exit per byte", "dispatch": "vs C", "lifecycle": "vs C"}
 # other stats shown next to a row's value: (stat key, text around the formatted median)

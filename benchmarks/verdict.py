@@ -71,7 +71,10 @@ def verdict(doc: dict) -> str:
                      f"bare C loop's, fd ABI {_text(f('fd', 'c/user_own'))}).")
         parts.append(f"**Over a naive Python loop** (`fcntl.ioctl` + `mmap`): kvmsys's C-handled loop takes "
                      f"{_text(f('sys', 'c/vs_naive'))} of its CPU per exit; a Python handler doing the naive "
-                     f"loop's work takes {_text(f('sys', 'pyw/vs_naive'))} (a no-op handler adds "
+                     f"loop's work takes {_text(f('sys', 'pyw/vs_naive'))}"
+                     + (f", and outside KVM_RUN {_text(f('sys', 'pyw/user_vs_naive'))} of the naive loop's user "
+                        "time" if f('sys', 'pyw/user_vs_naive') else "")
+                     + f" (a no-op handler adds "
                      f"{_text(f('sys', 'py/path'))} over the C loop; own clocks: {_text(f('sys', 'py/path_own'))}).")
     boot = doc["suites"].get("boot")
     if boot:

@@ -78,33 +78,73 @@ def capture(vcpu: Vcpu, msrs: list[int] | None = None) -> State:
     return state
 
 
-def apply(vcpu: Vcpu, state: State) -> list[int]:
-    """Load *state* into *vcpu* (not running).  Returns the MSRs KVM refused (usually none)."""
+# What each setter can change (KVM couples some state: FPU and XSAVE overlap, XCR0 says
+# which XSAVE components are live, an INIT/SIPI mp_state is LAPIC and event state); a run
+# anything but the TSC frequency, which only KVM_SET_TSC_KHZ sets.  A reset after only
+# these restores only what they reach; any other setter (sregs and MSRs reach EFER, the
+# APIC base and more) can change anything: a whole reset.
+STATE = frozenset(("regs", "sregs", "fpu", "xsave", "xcrs", "debugregs", "msrs", "mp_state", "vcpu_events",
+                   "lapic", "tsc_khz", "nested_state"))
+AFFECTS: dict[str, frozenset[str]] = {
+    "KVM_RUN": STATE - {"tsc_khz"},
+    "KVM_SET_REGS": frozenset({"regs"}),
+    "KVM_SET_FPU": frozenset({"fpu", "xsave"}),
+    "KVM_SET_XSAVE": frozenset({"fpu", "xsave"}),
+    "KVM_SET_XCRS": frozenset({"xcrs", "xsave", "fpu"}),
+    "KVM_SET_DEBUGREGS": frozenset({"debugregs"}),
+    "KVM_SET_MP_STATE": frozenset({"mp_state", "vcpu_events", "lapic"}),
+}
+
+
+def affected(changes: set[str] | frozenset[str]) -> frozenset[str] | None:
+    """The state components *changes* (vcpu.changes) may have changed; None for all."""
+    if not changes <= AFFECTS.keys():
+        return None
+    return frozenset().union(*(AFFECTS[op] for op in changes))
+
+
+def apply(vcpu: Vcpu, state: State, only: frozenset[str] | None = None) -> list[int]:
+    """Load *state* into *vcpu* (not running): all of it, or the components named in *only*
+    (keys of *state*; "sregs" includes SREGS2).  Returns the MSRs KVM refused (usually none)."""
     check(state)
+
+    def want(key: str) -> bool:
+        return only is None or key in only
+
     # The order KVM needs: sregs (modes, EFER) before MSRs, LAPIC before pending events.
-    vcpu.set_regs(state["regs"])
-    vcpu.set_fpu(state["fpu"])
-    vcpu.set_xsave(state["xsave"])
-    vcpu.set_xcrs(state["xcrs"])
-    if "sregs2" in state and vcpu.vm.check_extension("SREGS2") > 0:
-        vcpu.set_sregs2(state["sregs2"])        # the same, plus the PDPTRs
-    else:
-        vcpu.set_sregs(state["sregs"])
-    if "tsc_khz" in state and vcpu.vm.check_extension("GET_TSC_KHZ") > 0 \
+    if want("regs"):
+        vcpu.set_regs(state["regs"])
+    if want("fpu"):
+        vcpu.set_fpu(state["fpu"])
+    if want("xsave"):
+        vcpu.set_xsave(state["xsave"])
+    if want("xcrs"):
+        vcpu.set_xcrs(state["xcrs"])
+    if want("sregs"):
+        if "sregs2" in state and vcpu.vm.check_extension("SREGS2") > 0:
+            vcpu.set_sregs2(state["sregs2"])        # the same, plus the PDPTRs
+        else:
+            vcpu.set_sregs(state["sregs"])
+    if want("tsc_khz") and "tsc_khz" in state and vcpu.vm.check_extension("GET_TSC_KHZ") > 0 \
             and vcpu.get_tsc_khz() != state["tsc_khz"]:
         vcpu.set_tsc_khz(state["tsc_khz"])
-    # Only MSRs that differ: KVM refuses some writes it would not need (e.g. paravirtual
-    # MSRs the guest's CPUID does not announce, written with the value they hold).
-    saved = state["msrs"]
-    now = read_msrs(vcpu, list(saved)) if saved else {}
-    refused = write_msrs(vcpu, {k: v for k, v in saved.items() if now.get(k) != v})
-    if "nested_state" in state and vcpu.vm.check_extension("NESTED_STATE") > 0:
+    refused: list[int] = []
+    if want("msrs"):
+        # Only MSRs that differ: KVM refuses some writes it would not need (e.g. paravirtual
+        # MSRs the guest's CPUID does not announce, written with the value they hold).
+        saved = state["msrs"]
+        now = read_msrs(vcpu, list(saved)) if saved else {}
+        refused = write_msrs(vcpu, {k: v for k, v in saved.items() if now.get(k) != v})
+    if want("nested_state") and "nested_state" in state and vcpu.vm.check_extension("NESTED_STATE") > 0:
         vcpu.set_nested_state(state["nested_state"])
-    if "lapic" in state and vcpu.vm.has_irqchip:
+    if want("lapic") and "lapic" in state and vcpu.vm.has_irqchip:
         vcpu.set_lapic(state["lapic"])
-    vcpu.set_mp_state(state["mp_state"])
-    vcpu.set_vcpu_events(state["vcpu_events"])
-    vcpu.set_debugregs(state["debugregs"])
+    if want("mp_state"):
+        vcpu.set_mp_state(state["mp_state"])
+    if want("vcpu_events"):
+        vcpu.set_vcpu_events(state["vcpu_events"])
+    if want("debugregs"):
+        vcpu.set_debugregs(state["debugregs"])
     return refused
 
 
@@ -114,11 +154,14 @@ def reset(vcpu: Vcpu, initial: State) -> None:
     first (else KVM would finish it at the next owner's first run), guest debugging is
     turned off (KVM has no way to read it back), every piece of state is applied, and the
     comm area is cleared.  What KVM cannot undo (a CPUID table, and the freeze of the
-    CPUID after the first KVM_RUN: vcpu.irreversible, vcpu.has_run) is the caller's to avoid."""
+    CPUID after the first KVM_RUN: vcpu.irreversible, vcpu.has_run) is the caller's to avoid.
+    Only what its owner's setters can have changed is restored (vcpu.changes, AFFECTS):
+    each piece costs a vCPU ioctl; a vCPU that ran is restored whole."""
     if vcpu.touched:
+        only = affected(vcpu.changes)
         vcpu.complete_pending_io()
         if vcpu.guest_debug:
             vcpu.set_guest_debug(False)
-        apply(vcpu, initial)
+        apply(vcpu, initial, only)
         vcpu.mark_pristine()
     vcpu.clear_comm_area()

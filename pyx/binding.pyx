@@ -251,15 +251,18 @@ cdef class VcpuHandle:
         """The VM of the vCPU (StaleVcpuError once it is gone)."""
         return self._named().vm
 
+    cdef inline bint _alive(self):
+        # generation 0 is never a vCPU's (they start at 1): a handle made by __new__ is dead
+        return self.vcpu is not None and self.generation != 0 and not self.vcpu.is_closed() \
+            and self.vcpu.v.generation == self.generation
+
     @property
     def alive(self):
         """True while the vCPU this handle names is still bound (same generation)."""
-        # generation 0 is never a vCPU's (they start at 1): a handle made by __new__ is dead
-        return self.vcpu is not None and self.generation != 0 and not self.vcpu.closed \
-            and self.vcpu.v.generation == self.generation
+        return self._alive()
 
     cdef int _check(self) except -1:
-        if not self.alive:
+        if not self._alive():
             if self.vcpu is None:
                 raise StaleVcpuError("this VcpuHandle names no vCPU (not made by handle())")
             raise StaleVcpuError(f"vCPU {self.vcpu.id} (generation {self.generation}) was removed")
@@ -268,8 +271,11 @@ cdef class VcpuHandle:
     cdef int _kick(self, int bits) except -1:
         cdef int rc
         self._check()               # also: never a parent's vCPU in a fork child
-        with nogil:
-            rc = kick_vcpu(self.vcpu.v, self.generation, bits)
+        # With the GIL held: kick_vcpu waits for v.lock at most, which no holder keeps
+        # across a wait for the GIL; releasing and taking the GIL back would put more
+        # work between the kick and the caller's next blocking call (on a shared core
+        # the kicked thread runs only then).
+        rc = kick_vcpu(self.vcpu.v, self.generation, bits)
         if rc:
             raise StaleVcpuError(f"vCPU {self.vcpu.id} (generation {self.generation}) was removed")
         return 0

@@ -449,6 +449,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
                 break
         if not v.need_dispatch:
             # EINTR: a kick, the watchdog, or somebody else's signal
+            v.intr_ns = t_out
             now_sigs = kvmsys_own_signal_count()     # before clearing, as above
             now_sints = kvmsys_sigint_count()
             # Set with no kick pending, immediate_exit is a kick's that was taken
@@ -576,6 +577,7 @@ cdef inline void kick_locked(vcpustate_t *v, int bits) noexcept nogil:
         kvmsys_store_u8(&v.run.immediate_exit, 1)
         kvmsys_kick_pause(2)
     if kvmsys_load_int(&v.running):
+        v.kick_sent_ns = kvmsys_now_ns()
         pthread_kill(v.thread, kvmsys_kick_signal())
 
 

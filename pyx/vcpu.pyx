@@ -127,7 +127,8 @@ cdef class VcpuCore:
     cdef object page_view        # one memoryview of page, sliced for exits' data (see comm_slice)
     cdef int synced            # KVM_SYNC_X86_* sets whose comm-area copy is current
     cdef int debug_enabled
-    cdef int _touched            # ran or had state set: a recycled vCPU must be reset
+    cdef int _touched            # ran: any state may have changed, a recycled vCPU is reset whole
+    cdef set _changes            # the setters called (ops, "KVM_SET_REGS", ...): what a reset restores
     cdef int ran                 # entered KVM_RUN at least once (an I/O may await completion)
     cdef int ran_here            # ... since this object got it (renew() clears it)
     cdef int irreversible_done   # KVM_SET_CPUID2 or a vCPU KVM_ENABLE_CAP happened: no undo
@@ -145,6 +146,7 @@ cdef class VcpuCore:
 
     def __cinit__(self, *args, **kwargs):
         self.forkgen = kvmsys_fork_generation
+        self._changes = set()
 
     def __init__(self, vm_, vcpu_id_, *, fd=None):
         if self.v != NULL:
@@ -224,6 +226,7 @@ cdef class VcpuCore:
         vm.map_ring(fd)             # the VM's coalesced ring, once (it shows in every comm area)
         if new_kernel_vcpu:
             self.ran = self.ran_here = self.irreversible_done = self.debug_enabled = self._touched = 0
+            self._changes.clear()
             self.dirty_ring = None
             self.dirty_fetch = 0
         if vm.dirty_ring_size and self.dirty_ring is None:
@@ -284,6 +287,7 @@ cdef class VcpuCore:
             n = type(self).__new__(type(self))
             n.v, n.vm, n.id, n.forkgen = self.v, self.vm, self.id, self.forkgen
             n.debug_enabled, n._touched = self.debug_enabled, self._touched
+            n._changes = set(self._changes)
             n.ran, n.irreversible_done = self.ran, self.irreversible_done
             n.pending, n.views = [], []
             n.dirty_ring, n.dirty_fetch = self.dirty_ring, self.dirty_fetch
@@ -330,9 +334,12 @@ cdef class VcpuCore:
         cdef vcpustate_t *v = self.v
         cdef long r
         cdef int refused, err, unsent
+        cdef int dirty = <int>(v.run.kvm_dirty_regs & KVM_SYNC_X86_VALID_FIELDS)
         with nogil:
             r = vcpu_ioctl_outside(v, req, arg, &refused, &unsent)
             err = errno
+        if dirty and not refused:
+            self.note_sync_sets(dirty)  # sent first (flush_sync), even raw comm-area writes
         if refused:
             raise StateError(f"vCPU {self.id} is inside KVM_RUN in another thread: {op} would wait for "
                              "its next exit; kick it (or queue the call with handle().call_soon) first")
@@ -342,7 +349,7 @@ cdef class VcpuCore:
                      f"KVM refused the {sync_set_names(unsent)} written through the comm area; "
                      "that write was dropped")
         if not op.startswith("KVM_GET"):
-            self._touched = 1
+            self._changes.add(op)       # even if refused: KVM may have changed part of it
             v.state_set = 1             # what the guest resumes with changed (see ready_now)
             self.synced = 0             # and any register set of it may have (KVM_SET_MSRS: EFER, ...)
         if r < 0:
@@ -391,7 +398,17 @@ cdef class VcpuCore:
         # after a write through a view: KVM loads the set at the next KVM_RUN
         self.v.run.kvm_dirty_regs |= kind
         self.synced |= kind
-        self._touched = 1               # a write here changes the vCPU like set_regs() does
+        return self.note_sync_sets(kind)
+
+    cdef int note_sync_sets(self, int kind) except -1:
+        # a register set written through the comm area changes the vCPU as its setter
+        # would (at the next KVM_RUN, or before the next vCPU ioctl): what a reset restores
+        if kind & KVM_SYNC_X86_REGS:
+            self._changes.add("KVM_SET_REGS")
+        if kind & KVM_SYNC_X86_SREGS:
+            self._changes.add("KVM_SET_SREGS")
+        if kind & KVM_SYNC_X86_EVENTS:
+            self._changes.add("KVM_SET_VCPU_EVENTS")
         return 0
 
     cdef int sync_bits(self, reg) except -1:
@@ -456,11 +473,19 @@ cdef class VcpuCore:
     @property
     def touched(self):
         """True once the vCPU ran or had state set since creation (or since mark_pristine())."""
-        return bool(self._touched)
+        return bool(self._touched or self._changes)
+
+    @property
+    def changes(self):
+        """What changed the vCPU since creation (or since mark_pristine()): a frozenset of
+        the ioctls that set state ("KVM_SET_REGS" also for writes through ``regs``), with
+        "KVM_RUN" once it ran."""
+        return frozenset(self._changes) | {"KVM_RUN"} if self._touched else frozenset(self._changes)
 
     def mark_pristine(self):
         """Record that the vCPU's state is its initial state again (after a reset)."""
         self._touched = 0
+        self._changes.clear()
 
     @property
     def has_run(self):
@@ -562,10 +587,13 @@ cdef class VcpuCore:
         self.require_open()
         return self.v.fd
 
+    cdef inline bint is_closed(self):
+        return self.v == NULL or self.v.fd < 0 or self.gone is not None or self.forkgen != kvmsys_fork_generation
+
     @property
     def closed(self):
         """True once closed (or removed from its thread, or inherited by a fork child)."""
-        return self.v == NULL or self.v.fd < 0 or self.gone is not None or self.forkgen != kvmsys_fork_generation
+        return self.is_closed()
 
     def __repr__(self):
         name = type(self).__name__
@@ -804,11 +832,16 @@ cdef class VcpuCore:
         cdef double t = as_timeout(timeout)
         return self.run_once(b, t)
 
+    def _kick_clock(self):
+        """(when the last kick signal was sent, when KVM_RUN last returned EINTR, when the run
+        loop last returned): CLOCK_MONOTONIC ns, for the kick benchmark's breakdown."""
+        self.require_open()
+        return self.v.kick_sent_ns, self.v.intr_ns, self.v.t_left
+
     def kick(self):
         """Make the vCPU leave KVM_RUN now, or its next run() return at once (never lost)."""
         self.require_open()
-        with nogil:
-            kick_vcpu(self.v, 0, KICK_USER)
+        kick_vcpu(self.v, 0, KICK_USER)     # the GIL held: see VcpuHandle._kick
 
     @property
     def immediate_exit(self):

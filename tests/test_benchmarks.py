@@ -64,8 +64,8 @@ def test_suite_json_is_consistent(docs, name):
             assert len(a) == len(b) == len(stat["samples"])
             want = [x / y for x, y in zip(a, b)] if d["op"] == "ratio" else [x - y for x, y in zip(a, b)]
             assert stat["samples"] == pytest.approx(want, rel=1e-12)
-            if d["op"] == "ratio":
-                assert min(stat["samples"]) > 0
+            if d["op"] == "ratio" and not d["field"].startswith("user"):
+                assert min(stat["samples"]) > 0     # (a window is a difference: noise can make it < 0)
     assert keys <= used, f"columns nobody fills: {keys - used}"
     assert all(c["ok"] for c in suite["checks"]), suite["checks"]
     md = report.markdown_suite(suite)

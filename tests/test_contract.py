@@ -490,6 +490,8 @@ CHANGES = {
     "regs": lambda v, mem: v.set_regs(dict(v.get_regs(), rax=0x1234, rip=0x2000)),
     "regs through the comm area": lambda v, mem: setattr(v.regs, "rbx", 0x55),
     "raw comm-area write": _raw_comm_area_write,
+    # sent to the kernel before that ioctl (flush_sync): the reset must restore it
+    "raw comm-area write, then an ioctl": lambda v, mem: (_raw_comm_area_write(v, mem), v.get_sregs()),
     "sregs": lambda v, mem: v.set_sregs(dict(v.get_sregs(), cr2=0x1234_5000)),
     "fpu": _set_fpu,
     "xsave": _set_xsave,
@@ -563,6 +565,86 @@ def test_lapic_and_mp_state_of_a_recycled_vcpu_are_reset():
                 ref = ref_vm.create_vcpu(v.id)
                 assert v.get_lapic() == ref.get_lapic() != changed
                 assert v.get_mp_state() == ref.get_mp_state() != 3
+                assert everything(v) == everything(ref)
+        finally:
+            kvmsys.remove_vcpu()
+
+
+SETTERS = ("set_regs", "set_fpu", "set_xsave", "set_xcrs", "set_sregs", "set_sregs2", "set_tsc_khz",
+           "set_msrs", "set_nested_state", "set_lapic", "set_mp_state", "set_vcpu_events", "set_debugregs")
+
+
+def _setters_of_the_reset(monkeypatch, first_owner):
+    """The setters the next add_vcpu() calls to reset the vCPU *first_owner* (run in a
+    thread of its own) used, and the recycled vCPU (bound to this thread)."""
+    from kvmsys import syscall
+    called = []
+    for name in SETTERS:
+        real = getattr(syscall.ThreadVcpu, name)
+        monkeypatch.setattr(syscall.ThreadVcpu, name,
+                            lambda self, *a, _n=name, _r=real, **k: (called.append(_n), _r(self, *a, **k))[1])
+    in_thread(first_owner)
+    called.clear()
+    kvmsys.add_vcpu()
+    return called, kvmsys.current()
+
+
+@pytest.mark.parametrize("change,reset", [
+    ("regs", {"set_regs"}),
+    ("regs through the comm area", {"set_regs"}),
+    ("fpu", {"set_fpu", "set_xsave"}),      # (XSAVE's image does not restore all of the FPU's)
+    ("debugregs", {"set_debugregs"}),
+])
+def test_a_reset_restores_only_what_the_owner_changed(fresh_process_vm, monkeypatch, change, reset):
+    """Each piece of state costs a vCPU ioctl to restore: after setters whose reach is known,
+    only that is restored (vcpu.changes), and the vCPU is still a new one's twin."""
+    mem = kvmsys.vm().memory(0)
+
+    def first_owner():
+        kvmsys.add_vcpu()
+        v = kvmsys.current()
+        CHANGES[change](v, mem)
+        assert v.changes == {"KVM_SET_REGS" if change.startswith("regs") else
+                             {"fpu": "KVM_SET_FPU", "debugregs": "KVM_SET_DEBUGREGS"}[change]}
+    called, v = _setters_of_the_reset(monkeypatch, first_owner)
+    try:
+        assert set(called) == reset and not v.touched and v.changes == frozenset()
+        with kvmsys.Kvm() as kvm, kvm.create_vm() as ref_vm:
+            ref_vm.add_memory(0, 0, layout.RAM_SIZE)
+            assert everything(v) == everything(ref_vm.create_vcpu(v.id))
+    finally:
+        kvmsys.remove_vcpu()
+
+
+def test_a_vcpu_that_ran_or_had_its_msrs_set_is_reset_whole(fresh_process_vm, monkeypatch):
+    mem = kvmsys.vm().memory(0)
+    setup_devices(kvmsys.vm())
+    for change in ("ran, an IN pending", "msrs"):
+        def first_owner():
+            kvmsys.add_vcpu()
+            v = kvmsys.current()
+            CHANGES[change](v, mem)
+            assert ("KVM_RUN" in v.changes) if change.startswith("ran") else v.changes == {"KVM_SET_MSRS"}
+        called, v = _setters_of_the_reset(monkeypatch, first_owner)
+        kvmsys.remove_vcpu()
+        assert {"set_regs", "set_fpu", "set_xsave", "set_msrs", "set_mp_state", "set_vcpu_events",
+                "set_debugregs"} <= set(called), (change, called)
+
+
+@pytest.mark.parametrize("mp_state", [3, 2])         # HALTED, INIT_RECEIVED (need the irqchip)
+def test_mp_state_alone_is_reset_with_the_lapic_and_events(monkeypatch, mp_state):
+    from kvmsys import syscall
+    with syscall.fresh_vm(memory_size=layout.RAM_SIZE, pc_ports=False, irqchip=True):
+        def first_owner():
+            kvmsys.add_vcpu()
+            kvmsys.current().set_mp_state(mp_state)
+        called, v = _setters_of_the_reset(monkeypatch, first_owner)
+        try:
+            assert set(called) == {"set_lapic", "set_mp_state", "set_vcpu_events"}
+            with kvmsys.Kvm() as kvm, kvm.create_vm() as ref_vm:
+                ref_vm.create_irqchip()
+                ref = ref_vm.create_vcpu(v.id)
+                assert v.get_mp_state() == ref.get_mp_state() != mp_state
                 assert everything(v) == everything(ref)
         finally:
             kvmsys.remove_vcpu()

@@ -313,6 +313,45 @@ def test_registers_refuse_odd_accesses(rig):
     assert rig.reg(0x2C) >> 31 == 0
 
 
+def test_random_tables_and_registers_never_break_the_host(rig):
+    """Seeded random guest behaviour: tables of random entries (pointers into the table
+    pages, past RAM, at themselves), random register writes, DMA and interrupts through
+    them.  Whatever it is, each request ends in a result or a VT-d fault, nothing raises,
+    and the work per request is bounded (the whole run takes well under its budget)."""
+    import random
+    import time
+    rnd = random.Random(22)
+    pages = [ROOT, CTX, L3, L2, L1, IRT, QUEUE]
+    pointers = pages + [RAM, RAM - 0x1000, 1 << 38, 0xFFFFFFFFF000, 0]
+    regs = [0x18, 0x20, 0x24, 0x28, 0x2C, 0x34, 0x38, 0x3C, 0x40, 0x80, 0x88, 0x90, 0x9C, 0xA0, 0xB8,
+            vtd.IOTLB_REGS + 8, vtd.FRCD + 12]
+    t0 = time.monotonic()
+    for step in range(1500):
+        what = rnd.randrange(6)
+        if what == 0:                               # a random entry in a table page
+            entry = rnd.choice(pointers) | rnd.getrandbits(12) if rnd.random() < 0.7 else rnd.getrandbits(64)
+            rig.q(rnd.choice(pages) + 8 * rnd.randrange(512), entry & (2 ** 64 - 1))
+        elif what == 1:
+            value = rnd.choice([rnd.getrandbits(32), rnd.choice(pointers) & 0xFFFFFFFF | rnd.getrandbits(4),
+                                0xFFFFFFFF, vtd.TE | vtd.QIE | vtd.IRE | vtd.SRTP | vtd.SIRTP])
+            rig.reg(rnd.choice(regs), 4, value)
+        elif what == 2:
+            rig.dma(rnd.getrandbits(rnd.choice([12, 28, 40])), rnd.randrange(1, 4097), 0, rnd.random() < 0.5)
+        elif what == 3:
+            rig.iommu.translate(rnd.getrandbits(16), rnd.getrandbits(rnd.choice([21, 39, 64])), rnd.random() < 0.5)
+            rig.iommu.remap(0xFEE00000 | rnd.getrandbits(20), rnd.getrandbits(32), rnd.getrandbits(16))
+        elif what == 4:
+            _edu_msi(rig, 0xFEE00000 | rnd.getrandbits(20), rnd.getrandbits(16))
+            rig.edu_reg(0x60, 4, 1)
+            rig.edu_reg(0x64, 4, 1)
+        else:
+            rig.ioapic.mmio(Access(0xFEC00000, 4, 0x10 + rnd.randrange(48)))
+            rig.ioapic.mmio(Access(0xFEC00010, 4, rnd.getrandbits(32)))
+            rig.ioapic.irq_line(rnd.randrange(24), rnd.randrange(2))
+            rig.ioapic.eoi(rnd.randrange(256))
+    assert rig.iommu.faults > 0 and time.monotonic() - t0 < 60
+
+
 # --- a kernel on the q35 machine ---------------------------------------------------------
 def test_an_smp_kernel_runs_on_the_q35_machine(abi):
     """INIT/SIPI through the in-kernel local APICs of the split irqchip, the PC's ports,
@@ -323,6 +362,19 @@ def test_an_smp_kernel_runs_on_the_q35_machine(abi):
                    timeout=30)
     assert (r.reason, r.status, r.vcpus) == ("STOP", 3, 2), r
     assert r.debug == b"smp ok\n"
+
+
+def test_a_guest_drives_the_ioapic_edu_and_iommu_itself(abi):
+    """Our own kernel (kvmsys/guests/firmware/q35_multiboot.S): a level-triggered IOAPIC pin
+    delivered again on the EOI KVM reports (IOAPIC_EOI), edu DMA through its IOMMU mapping,
+    a fault record for an unmapped IOVA, a remapped MSI; every access through real exits."""
+    from test_kut import FIRMWARE
+    from kvmsys.runner import run_kernel
+    kernel = (FIRMWARE / "q35_multiboot.bin").read_bytes()
+    r = run_kernel(kernel, abi=abi, irqchip=True, machine="q35", devices=("edu", "intel-iommu"), test_device=True,
+                   timeout=30)
+    assert (r.reason, r.status, r.debug) == ("STOP", 1, b"q35 ok\n"), r
+    assert r.exits.get("IOAPIC_EOI") == 2, r.exits
 
 
 def test_q35_options_are_refused_where_they_cannot_apply():

@@ -112,12 +112,15 @@ from .acpipm import AcpiPm               # noqa: E402  (the classes above come f
 from .ata import AtaDisk                 # noqa: E402
 from .cmos import Cmos                   # noqa: E402
 from .debugcon import Debugcon           # noqa: E402
+from .edu import Edu                     # noqa: E402
 from .fwcfg import FwCfg                 # noqa: E402
 from .i8042 import I8042, Port92         # noqa: E402
+from .ioapic import Ioapic               # noqa: E402
 from .pci import PciHost                 # noqa: E402
 from .pit import Pit                     # noqa: E402
 from .testdev import PcTestdev           # noqa: E402
 from .uart import Uart8250               # noqa: E402
+from .vtd import IntelIommu              # noqa: E402
 
-__all__ = ["Device", "Irq", "AcpiPm", "AtaDisk", "Cmos", "Debugcon", "FwCfg", "I8042", "Port92", "PciHost",
-           "PcTestdev", "Pit", "Uart8250"]
+__all__ = ["Device", "Irq", "AcpiPm", "AtaDisk", "Cmos", "Debugcon", "Edu", "FwCfg", "I8042", "IntelIommu",
+           "Ioapic", "Port92", "PciHost", "PcTestdev", "Pit", "Uart8250"]

@@ -22,7 +22,8 @@ BIN_DIR = HERE / "bin"
 # The firmware-level test images (a raw image at the reset vector, a boot sector, a
 # Multiboot kernel, a bzImage), built to firmware/<stem>.bin: stem -> `as` mode.
 FIRMWARE_DIR = HERE / "firmware"
-FIRMWARE = {"hello": 32, "bootsector": 32, "multiboot": 32, "smp_multiboot": 32, "s3_multiboot": 32, "bzimage": 64}
+FIRMWARE = {"hello": 32, "bootsector": 32, "multiboot": 32, "smp_multiboot": 32, "s3_multiboot": 32, "bzimage": 64,
+            "q35_multiboot": 32}
 TOOLS = ("as", "ld", "objcopy")
 VECTORS = "vectors"  # exception stubs: same bytes in every mode, assembled as 32-bit
 
