@@ -80,9 +80,13 @@ def mode_label(mode: str, native: bool) -> str:
     return label + ")"
 
 
-# A second vCPU's page for PVM's native-mode MSR: the first page above the built-in
-# images, which nothing writes (layout.PVM_PAGE is the first vCPU's).
-PAIRED_PVM_PAGE = layout.IMAGE_LIMIT
+def paired_pvm_page(vcpu_id: int) -> int:
+    """vCPU *vcpu_id*'s page (>= 1) for PVM's native-mode MSR: pages above the built-in
+    images, which nothing writes (layout.PVM_PAGE is vCPU 0's)."""
+    page = layout.IMAGE_LIMIT + (vcpu_id - 1) * 0x1000
+    if not 1 <= vcpu_id or page + 0x1000 > layout.RAM_SIZE:
+        raise ValueError(f"no PVM page for vCPU {vcpu_id} in the built-in layout")
+    return page
 
 
 class PairedFd:
@@ -100,7 +104,7 @@ class PairedFd:
             self.run = self.vcpu.run
             self.mem = sysg.mem
             guest = get_guest(guest_name)
-            self.native = guest.mode == "long64" and pvm.enable_native(self.vcpu, PAIRED_PVM_PAGE)
+            self.native = guest.mode == "long64" and pvm.enable_native(self.vcpu, paired_pvm_page(vcpu_id))
             layout.prepare(guest, self.vcpu, self.mem, **inputs)
         except BaseException:
             self.close()

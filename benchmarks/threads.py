@@ -12,10 +12,9 @@ import time
 
 import kvmsys
 from kvmsys import _core
-from kvmsys.machine import Machine
 
 from . import _reference
-from .guestvm import guest_name, mode_label, one_vcpu, set_handling
+from .guestvm import PairedFd, guest_name, mode_label, one_vcpu, set_handling
 from .harness import SuiteResult, Stat, bootstrap_ci, derive, interleave, progress
 
 NAME = "threads"
@@ -99,18 +98,27 @@ def run(profile) -> SuiteResult:
         ("d_bound", "extra per switch vs thread-bound [95% CI]"),
         ("d_fd", "extra per switch vs one fixed worker thread [95% CI]")])
     batch = profile.reps * 3
-    with kvmsys.Kvm() as kvm, Machine("fd", kvm=kvm) as fdm:
-        # the fd variants and the C reference on vCPUs of one VM (two VMs differ in the
-        # kernel's time per exit); they run one at a time and share the guest's counter
-        vcpus = {key: fdm.attach(i) for i, key in enumerate(FD_KEYS + ("c",))}
-        for v in vcpus.values():
-            fdm.load(name, v, n=0)
+    with kvmsys.Kvm() as kvm:
+        # every variant on a vCPU of one VM, the process VM (two VMs differ in the kernel's
+        # time per exit): the thread-bound one is its vCPU 0, the fd variants and the C
+        # reference vCPUs 1.. of it through the fd ABI (PairedFd); they run one at a time
+        # and share the guest's counter
         sysg = one_vcpu("sys", name, n=0)
-        ref = _reference.RefVcpu(vcpus["c"].fileno(), fdm.vm.mmap_size)
+        paired: list = []
+        try:
+            for i, key in enumerate(FD_KEYS + ("c",)):
+                paired.append(PairedFd(sysg, kvm, name, vcpu_id=i + 1, n=0))
+        except BaseException:
+            for p in paired:
+                p.close()
+            sysg.close()
+            raise
+        vcpus = {key: p.vcpu for key, p in zip(FD_KEYS + ("c",), paired)}
+        ref = _reference.RefVcpu(vcpus["c"].fileno(), sysg.vm.mmap_size)
         pool = _Pool(profile.thread_pool)
         single = _Pool(1)
         try:
-            for g in (fdm, sysg):
+            for g in [sysg] + paired:
                 set_handling(g.vm, "pio_out", "c")
 
             ran = {}                    # exits each machine's runs made, by machine
@@ -160,12 +168,13 @@ def run(profile) -> SuiteResult:
                 if all(done for done, _v in verdicts.values()):
                     break
             native = sysg.native
-            counters = {"bound": (sysg.counter(), ran["bound"]),
-                        "fd VM": (fdm.counter(), sum(ran[k] for k in FD_KEYS) + c_runs * n)}
+            counters = {"the VM's": (sysg.counter(), ran["bound"] + sum(ran[k] for k in FD_KEYS) + c_runs * n)}
         finally:
             pool.close()
             single.close()
             ref.close()
+            for p in paired:
+                p.close()
             sysg.close()
     labels = {
         "bound": "syscall ABI: thread-bound vCPU (always the same thread)",
@@ -208,9 +217,10 @@ def run(profile) -> SuiteResult:
         "fixed worker) per repetition is the cost of one switch (paired samples); the fixed worker separates "
         "the switch from any difference between the main thread and a worker thread.",
         f"C reference: the same rotation done from C (`RefVcpu.thread_switch`: pthreads handed the vCPU "
-        f"through semaphores, {n} exits per sample with minimal handling), on its own vCPU.  The fd variants "
-        "and the C reference each have a vCPU of one VM (the syscall ABI's is in the process VM); the "
-        "guest's counter, shared by them, is checked against the exits all their runs made.",
+        f"through semaphores, {n} exits per sample with minimal handling), on its own vCPU.  Every variant has a vCPU of "
+        "one VM, the process VM: the thread-bound one its vCPU 0, the fd variants and the C reference "
+        "vCPUs 1.. of the same kernel VM through the fd ABI (a `Vm` over a duplicate of its fd); the "
+        "guest's counter, shared by them all, is checked against the exits all their runs made.",
         f"Per switch, fd ABI in kvmsys: {verdicts['py'][1]}; C reference: {verdicts['c'][1]}.",
     ]
     res.elapsed_s = time.perf_counter() - t_start

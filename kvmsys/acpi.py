@@ -26,7 +26,7 @@ LAPIC_ADDR, IOAPIC_ADDR = 0xFEE00000, 0xFEC00000
 MAX_CPUS = 255
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes *data* plus it sum to 0 mod 256."""
     return -sum(data) & 0xFF
 
@@ -42,7 +42,7 @@ def _table(sig: bytes, body: bytes, revision: int = 1) -> bytes:
 def _fadt(facs: int, dsdt: int, pm_base: int) -> bytes:
     body = bytearray(116 - 36)
 
-    def put(offset, fmt, *values):
+    def put(offset: int, fmt: str, *values: int) -> None:
         struct.pack_into(fmt, body, offset - 36, *values)
     put(36, "<II", facs, dsdt)
     put(46, "<H", SCI_IRQ)

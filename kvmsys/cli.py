@@ -5,11 +5,16 @@ import argparse
 import os
 import stat
 import sys
+from typing import TYPE_CHECKING, Any, ContextManager, TextIO
 
 from .errors import CapabilityError, KvmOSError, KvmsysError
 
+if TYPE_CHECKING:
+    from .pc import Pc
+    from .runner import RunResult
 
-def _cmd_info(args) -> int:
+
+def _cmd_info(args: argparse.Namespace) -> int:
     from . import __version__, pvm
     from .fd import Kvm
     print(f"kvmsys {__version__}")
@@ -37,7 +42,7 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_guests(args) -> int:
+def _cmd_guests(args: argparse.Namespace) -> int:
     from .guests import GUESTS
     width = max(map(len, GUESTS))
     for name, g in sorted(GUESTS.items()):
@@ -45,7 +50,7 @@ def _cmd_guests(args) -> int:
     return 0
 
 
-def _print_result(r, out=None) -> None:
+def _print_result(r: RunResult, out: TextIO | None = None) -> None:
     """The console (to stdout), then the run's summary to *out* (stdout by default)."""
     if r.console:
         sys.stdout.write(r.console.decode("utf-8", "replace"))
@@ -129,7 +134,7 @@ def _positive(text: str) -> int:
 KERNEL_MAX = 256 << 20      # kernels, initrds and modules read by --kernel, --initrd, --module
 
 
-def _serial(spec: str):
+def _serial(spec: str) -> Any:
     """--serial: None (collect), or a sink with attach(pc) and close()."""
     from . import terminal
     if spec == "collect":
@@ -160,7 +165,7 @@ class _FileOutput:
         except OSError as e:
             raise UsageError(f"{self.option}: cannot write {self.path}: {e.strerror}") from None
 
-    def attach(self, pc) -> None:
+    def attach(self, pc: Pc) -> None:
         pass
 
     def close(self) -> None:
@@ -171,7 +176,7 @@ def _read(path: str) -> bytes:
     return read_image(path, KERNEL_MAX)
 
 
-def _run_pc(args, image, gdb=None):
+def _run_pc(args: argparse.Namespace, image: bytes | None, gdb: Any = None) -> RunResult:
     """--firmware or --kernel: the PC of kvmsys.pc."""
     from . import runner, terminal
     disk, readonly = None, False
@@ -204,6 +209,7 @@ def _run_pc(args, image, gdb=None):
                                      initrd=_read(args.initrd) if args.initrd else None, label=args.kernel,
                                      vcpus=args.vcpus, test_device=args.test_device, machine=args.machine,
                                      devices=tuple(args.device or ()), **common)
+        assert image is not None            # --firmware (read by _cmd_run)
         return runner.run_firmware(image, label=args.firmware, vcpus=args.vcpus,
                                    no_reboot=args.no_reboot, **common)
     finally:
@@ -212,7 +218,7 @@ def _run_pc(args, image, gdb=None):
                 f.close()
 
 
-def _cpu_hook(spec):
+def _cpu_hook(spec: str | None) -> Any:
     """--cpu: a cpuid hook, or None."""
     if spec is None:
         return None
@@ -224,7 +230,7 @@ def _cpu_hook(spec):
         raise UsageError(f"--cpu: {e}") from None
 
 
-def _gdb_server(args):
+def _gdb_server(args: argparse.Namespace) -> ContextManager[Any]:
     """The gdb server --gdb asks for (it says where it listens), or a no-op context."""
     import contextlib
     if args.gdb is None:
@@ -247,7 +253,7 @@ _KERNEL_ONLY = ("append", "initrd", "module", "test_device", "machine", "device"
 _GUEST_ONLY = ("n",)
 
 
-def _check_applicable(args) -> None:
+def _check_applicable(args: argparse.Namespace) -> None:
     kind = "--guest" if args.guest else "--firmware" if args.firmware else "--kernel"
     scopes = ((_PC_ONLY, "--firmware and --kernel", kind != "--guest"), (_KERNEL_ONLY, "--kernel", kind == "--kernel"),
               (_GUEST_ONLY, "--guest", kind == "--guest"))
@@ -257,7 +263,7 @@ def _check_applicable(args) -> None:
                 raise UsageError(f"--{dest.replace('_', '-')} applies to {where}, not to {kind}")
 
 
-def _cmd_run(args) -> int:
+def _cmd_run(args: argparse.Namespace) -> int:
     _check_applicable(args)
     from . import platform, runner
     image = read_image(args.firmware, platform.MAX_FIRMWARE_SIZE) if args.firmware else None
@@ -275,11 +281,11 @@ def _cmd_run(args) -> int:
     # with the terminal on stdio, stdout is the guest's alone: the summary goes to stderr
     _print_result(r, sys.stderr if getattr(args, "serial", None) == "stdio" else None)
     if r.status is not None:
-        return r.status & 0xFF      # a process exit status is 8 bits (QEMU truncates it too)
+        return int(r.status) & 0xFF      # a process exit status is 8 bits (QEMU truncates it too)
     return 0 if r.ok or r.reason in ("QUIT", "RESET", "MATCHED", "POWEROFF") else 2     # as QEMU: quit, -no-reboot
 
 
-def _cmd_bench(args) -> int:
+def _cmd_bench(args: argparse.Namespace) -> int:
     # The harness is a layer above the library: found through its entry point
     # (kvmsys_bench, installed with kvmsys), never imported by name from here.
     from importlib.metadata import entry_points
@@ -288,10 +294,10 @@ def _cmd_bench(args) -> int:
         print("kvmsys: the benchmark harness is not installed (pip install kvmsys, "
               "or python -m benchmarks from a checkout)", file=sys.stderr)
         return 2
-    return next(iter(found)).load()(args.rest, prog="kvmsys bench")
+    return int(next(iter(found)).load()(args.rest, prog="kvmsys bench"))
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from . import __version__
     p = argparse.ArgumentParser(prog="kvmsys", description="Real vCPUs on Linux KVM.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -376,9 +382,9 @@ def main(argv=None) -> int:
         return 130
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
     try:
-        return args.fn(args)
+        return int(args.fn(args))
     except UsageError as e:
         print(f"kvmsys: {e}", file=sys.stderr)
         return 2

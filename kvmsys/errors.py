@@ -5,9 +5,12 @@ Every failure raised by kvmsys is a KvmsysError.  Kernel failures are KvmOSError
 failures are InvalidArgumentError (also a ValueError); misuse of an object's
 state (closed, wrong thread, stale handle) is a StateError.
 """
+from __future__ import annotations
+
 import errno as _errno
 import os as _os
 import stat as _stat
+from typing import Iterable
 
 __all__ = [
     "KvmsysError", "KvmOSError", "KvmUnavailableError", "KvmPermissionError",
@@ -28,7 +31,7 @@ class KvmsysError(Exception):
 class KvmOSError(KvmsysError, OSError):
     """A system call failed.  ``errno`` and ``op`` (e.g. "KVM_CREATE_VCPU") say which."""
 
-    def __init__(self, err, op, hint=None):
+    def __init__(self, err: int, op: str, hint: str | None = None) -> None:
         if hint is None and err == _errno.ENOSPC and op.startswith("KVM_RUN"):
             hint = _HINT_RUN_ENOSPC
         msg = f"{op} failed: {_os.strerror(err)} [{_errno.errorcode.get(err, err)}]"
@@ -38,10 +41,10 @@ class KvmOSError(KvmsysError, OSError):
         self.op = op
         self.hint = hint
 
-    def __str__(self):
-        return self.strerror
+    def __str__(self) -> str:
+        return str(self.strerror)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[KvmOSError], tuple[object, ...]]:
         return (type(self), (self.errno, self.op, self.hint))
 
 
@@ -56,7 +59,7 @@ class KvmPermissionError(KvmOSError, PermissionError):
 class CapabilityError(KvmsysError):
     """The host KVM lacks a capability that an operation needs."""
 
-    def __init__(self, cap, needed_for):
+    def __init__(self, cap: str, needed_for: str) -> None:
         super().__init__(f"the host KVM lacks KVM_CAP_{cap}, which {needed_for} needs")
         self.cap = cap
         self.needed_for = needed_for
@@ -90,7 +93,7 @@ class OperationTimeoutError(KvmsysError, TimeoutError):
     """An operation that waits for other threads (smp.pause, a snapshot) ran out of time."""
 
 
-def access_hint(path, uid=None, groups=None):
+def access_hint(path: str, uid: int | None = None, groups: Iterable[int] | None = None) -> str:
     """What keeps this user (or *uid* with *groups*) from opening *path* read-write, from
     the file's owner, group and mode: the hint of a KvmPermissionError."""
     try:
@@ -106,7 +109,7 @@ def access_hint(path, uid=None, groups=None):
     except (ImportError, KeyError):
         group = str(st.st_gid)
 
-    def lacks(read, write):
+    def lacks(read: int, write: int) -> str:
         missing = [w for w, bit in (("read", st.st_mode & read), ("write", st.st_mode & write)) if not bit]
         return " and ".join(missing)
 

@@ -12,7 +12,7 @@ in the compiled core (kvmsys._core), shared with the syscall-style ABI.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from . import _core, kvmstats, routing, state
 from .errors import ArgumentTypeError, CapabilityError, InvalidArgumentError
@@ -24,7 +24,7 @@ MSR_IA32_APICBASE = 0x1B
 APICBASE_X2APIC = 1 << 10       # IA32_APIC_BASE.EXTD: the local APIC is in x2APIC mode
 
 
-def cap_number(cap) -> int:
+def cap_number(cap: int | str) -> int:
     """Capability number from an int or a name ("SYNC_REGS" or "KVM_CAP_SYNC_REGS")."""
     if isinstance(cap, int):
         return cap
@@ -68,7 +68,7 @@ class Kvm(_Limits, _core.KvmCore):
         keeps and closes its own)."""
         return cls(fd=fd)
 
-    def check_extension(self, cap) -> int:
+    def check_extension(self, cap: int | str) -> int:
         """KVM_CHECK_EXTENSION by number or name."""
         return super().check_extension(cap_number(cap))
 
@@ -92,11 +92,11 @@ class Vm(_Limits, _core.VmCore):
         this object's: add new slots (other slot numbers) and vCPUs (other ids)."""
         return cls(kvm, fd=fd)
 
-    def check_extension(self, cap) -> int:
+    def check_extension(self, cap: int | str) -> int:
         """KVM_CHECK_EXTENSION on the VM (by number or name): what this VM supports."""
         return super().check_extension(cap_number(cap))
 
-    def require(self, cap, needed_for: str) -> int:
+    def require(self, cap: int | str, needed_for: str) -> int:
         """The capability's value, or CapabilityError naming what needs it."""
         value = self.check_extension(cap)
         if not value:
@@ -109,12 +109,14 @@ class Vm(_Limits, _core.VmCore):
 
     x2apic_format = False     # KVM_X2APIC_API_USE_32BIT_IDS enabled: 32-bit APIC ids in MSIs and LAPIC state
 
-    def enable_cap(self, cap, flags: int = 0, args=()) -> None:
+    def enable_cap(self, cap: int | str, flags: int = 0, args: Iterable[int] = ()) -> None:
         """KVM_ENABLE_CAP on the VM (by number or name)."""
         num = cap_number(cap)
+        if isinstance(args, Iterable) and not isinstance(args, (str, bytes)):
+            args = tuple(args)          # (an iterator is read once, here)
         super().enable_cap(num, flags, args)
         if num == CAPABILITIES["X2APIC_API"] and args:
-            self.x2apic_format = bool(args[0] & _core.X2APIC_API["USE_32BIT_IDS"])
+            self.x2apic_format = bool(tuple(args)[0] & _core.X2APIC_API["USE_32BIT_IDS"])
 
     def msi_to_apic(self, apic_id: int, vector: int) -> int:
         """KVM_SIGNAL_MSI of *vector* to local APIC *apic_id* (physical destination, fixed
@@ -123,11 +125,11 @@ class Vm(_Limits, _core.VmCore):
         lo, hi, data = routing.msi_message(apic_id, vector, x2apic_format=self.x2apic_format)
         return self.signal_msi(lo, data, hi)
 
-    def kvm_stats(self, detail: bool = False) -> dict:
+    def kvm_stats(self, detail: bool = False) -> dict[str, Any]:
         """What KVM counts for this VM (KVM_GET_STATS_FD), by name; see kvmsys.kvmstats."""
         return kvmstats.read(self, detail)
 
-    def trap_msrs(self, indices, *, read: bool = True, write: bool = True) -> None:
+    def trap_msrs(self, indices: Iterable[int], *, read: bool = True, write: bool = True) -> None:
         """Make guest accesses to these MSRs exit to user space as MsrExit (answer them in
         Python, or with vm.add_handler(Space.MSR, ...) in C); every other MSR stays
         KVM's.  Enables KVM_CAP_X86_USER_SPACE_MSR for filter exits and installs an MSR
@@ -212,7 +214,7 @@ class Vcpu(_core.VcpuCore):
             return super().interrupt(vector)
         self.vm.msi_to_apic(self.apic_id(), vector)
 
-    def kvm_stats(self, detail: bool = False) -> dict:
+    def kvm_stats(self, detail: bool = False) -> dict[str, Any]:
         """What KVM counts for this vCPU (KVM_GET_STATS_FD): exits, io_exits, halt_exits,
         insn_emulation, ... by name; see kvmsys.kvmstats."""
         return kvmstats.read(self, detail)

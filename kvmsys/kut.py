@@ -42,9 +42,9 @@ class Test:
     test_args: str = ""
     qemu_params: str = ""
     arch: str = ""
-    groups: tuple = ()
+    groups: tuple[str, ...] = ()
     timeout: float = DEFAULT_TIMEOUT
-    check: tuple = ()
+    check: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -235,7 +235,7 @@ def _detail(out: str, vmm: str) -> str:
     return tail[-1][:200] if tail else ""
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvmsys.kut", description=__doc__.split("\n\n")[0])
     p.add_argument("kut_dir", help="a built kvm-unit-tests tree")
     p.add_argument("tests", nargs="*", help="test names from x86/unittests.cfg (default: all)")

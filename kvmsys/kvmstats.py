@@ -14,6 +14,7 @@ import struct
 from typing import Any
 
 from . import _core
+from ._core import VcpuCore, VmCore
 from .errors import CapabilityError, KvmOSError
 
 _L = _core.STATS_LAYOUT
@@ -33,7 +34,7 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
-def read(owner, detail: bool = False) -> dict:
+def read(owner: VmCore | VcpuCore, detail: bool = False) -> dict[str, Any]:
     """*owner*'s statistics: {name: value} (an int, or a list of ints for a histogram).
     With *detail*: {name: {"value", "type", "unit", "exponent", "base", "bucket_size"}}."""
     if _HEADER.size != _L["header_size"] or _DESC.size != _L["desc_size"]:

@@ -15,16 +15,18 @@ lifetime: one such machine at a time per process.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from . import platform, pvm, syscall
 from .enums import Kind
 from .errors import InvalidArgumentError
-from .fd import Kvm
+from .fd import Kvm, Vm
 from .guests import get as get_guest, layout
 
 ABIS = ("fd", "sys")
 
 
-def setup_devices(vm) -> None:
+def setup_devices(vm: Vm) -> None:
     """The runner's devices: PC ports, MMIO reads as all-ones, HLT re-enters."""
     platform.install_pc_ports(vm)
     vm.set_default(platform.MMIO, Kind.IGNORE)
@@ -46,24 +48,30 @@ class Machine:
     `vcpu` and `run` are the first attached vCPU and its ABI's entry point (one-vCPU use)."""
 
     def __init__(self, abi: str = "fd", *, memory_size: int = layout.RAM_SIZE, irqchip: bool | str = False,
-                 pit: bool = False, firmware: bytes | None = None, devices: bool = False, kvm=None):
+                 pit: bool = False, firmware: bytes | None = None, devices: bool = False,
+                 kvm: Kvm | None = None) -> None:
         self.abi = check_abi(abi)
-        self.vcpu = None
-        self._run = None
+        # (None only before _make() and after close(): Any, so users need no checks)
+        self.vcpu: Any = None
+        self._run: Any = None
         self.native = False         # a 64-bit guest was loaded to run natively (PVM host)
-        self._kvm = None
-        self._scope = None
-        self.vm = None
+        self._kvm: Kvm | None = None
+        self._scope: Any = None
+        self.vm: Any = None
+        self.mem: Any = None
         try:
             self._make(memory_size, irqchip, pit, firmware, devices, kvm)
         except BaseException:
             self.close()
             raise
 
-    def _make(self, memory_size, irqchip, pit, firmware, devices, kvm) -> None:
+    def _make(self, memory_size: int, irqchip: bool | str, pit: bool, firmware: bytes | None, devices: bool,
+              kvm: Kvm | None) -> None:
         if self.abi == "fd":
             self._kvm = None if kvm is not None else Kvm()
-            self.vm = (kvm or self._kvm).create_vm()
+            kvm_ = kvm if kvm is not None else self._kvm
+            assert kvm_ is not None
+            self.vm = kvm_.create_vm()
             if irqchip == "split":
                 self.vm.create_split_irqchip()
             elif irqchip:
@@ -87,7 +95,7 @@ class Machine:
             setup_devices(self.vm)
 
     # --- what differs between the ABIs -------------------------------------------------
-    def attach(self, i: int = 0):
+    def attach(self, i: int = 0) -> Any:
         """A vCPU for the calling thread.  fd ABI: `vm.create_vcpu(i)`; syscall ABI:
         `add_vcpu()` binds it to this thread (its id is the lowest free one)."""
         if self.abi == "fd":
@@ -100,21 +108,21 @@ class Machine:
         return vcpu
 
     @property
-    def run(self):
+    def run(self) -> Any:
         """The first attached vCPU's run entry point (`vcpu.run` or `kvmsys.run`)."""
         return self._run
 
-    def runner(self, vcpu):
+    def runner(self, vcpu: Any) -> Callable[..., Any]:
         """The ABI's own run entry point for *vcpu* (no wrapper: what a user calls)."""
         return vcpu.run if self.abi == "fd" else syscall.run
 
-    def detach(self, vcpu) -> None:
+    def detach(self, vcpu: Any) -> None:
         """Give the vCPU up (syscall ABI: `remove_vcpu()` if this thread still holds it)."""
         if self.abi == "sys" and syscall.current() is vcpu:
             syscall.remove_vcpu()
 
     # --- shared ------------------------------------------------------------------------
-    def load(self, guest_name: str, vcpu=None, *, native: bool = True, **inputs) -> bool:
+    def load(self, guest_name: str, vcpu: Any = None, *, native: bool = True, **inputs: int) -> bool:
         """Load built-in guest *guest_name* for *vcpu* (default: the first one).  A 64-bit
         guest runs natively on a PVM host when *native*; returns whether it does."""
         vcpu = vcpu if vcpu is not None else self.vcpu
@@ -149,5 +157,5 @@ class Machine:
     def __enter__(self) -> "Machine":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -30,6 +30,7 @@ import threading
 
 import math
 import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import acpi, platform, q35, smbios, vcpustate
 from .devices import (AcpiPm, AtaDisk, Cmos, Debugcon, FwCfg, I8042, Irq, PciHost, PcTestdev, Pit, Port92,
@@ -37,12 +38,19 @@ from .devices import (AcpiPm, AtaDisk, Cmos, Debugcon, FwCfg, I8042, Irq, PciHos
 from .devices.acpipm import RTC_EN
 from .errors import ArgumentTypeError, InvalidArgumentError, KvmsysError
 
+if TYPE_CHECKING:
+    from ._core import KvmCore
+    from .fd import Vcpu, Vm
+
+# A cpuid hook: (the CPUID entries a vCPU gets, its id) -> the entries (changed)
+CpuidHook = Callable[[list[dict[str, int]], int], list[dict[str, int]]]
+
 COM1 = 0x3F8
 # xAPIC IDs are 8 bits and 0xFF is the broadcast ID; CMOS 0x5F holds the count - 1
 MAX_CPUS = 255
 
 
-def check_cpus(cpus) -> None:
+def check_cpus(cpus: object) -> None:
     """A PC's vCPU count: an int in 1..MAX_CPUS (ArgumentTypeError, InvalidArgumentError)."""
     if not isinstance(cpus, int) or isinstance(cpus, bool):
         raise ArgumentTypeError(f"vcpus must be an int, not {type(cpus).__name__}")
@@ -56,7 +64,7 @@ TSS_ADDR = 0xFEFFD000
 IDENTITY_MAP_ADDR = 0xFEFFC000
 
 
-def default_cpuid(kvm, vcpu_id: int, cpus: int) -> list[dict]:
+def default_cpuid(kvm: KvmCore, vcpu_id: int, cpus: int) -> list[dict[str, int]]:
     """KVM_GET_SUPPORTED_CPUID, with this vCPU's APIC ID and the CPU count filled in."""
     entries = kvm.supported_cpuid()
     for e in entries:
@@ -69,7 +77,7 @@ def default_cpuid(kvm, vcpu_id: int, cpus: int) -> list[dict]:
     return entries
 
 
-def enter_real_mode(vcpu, segment: int, offset: int) -> None:
+def enter_real_mode(vcpu: Vcpu, segment: int, offset: int) -> None:
     """*vcpu* (in its power-on state) to start at *segment*:*offset* in real mode."""
     sregs = vcpu.get_sregs()
     sregs["cs"] = dict(sregs["cs"], selector=segment, base=segment << 4)
@@ -86,7 +94,7 @@ CPU_FEATURES = {
 }
 
 
-def cpu_features(spec: str):
+def cpu_features(spec: str) -> CpuidHook:
     """A cpuid hook (see Pc) from "+feature,-feature,..." (names in CPU_FEATURES): each
     feature set or cleared in every vCPU's CPUID.  InvalidArgumentError names a bad one."""
     if not isinstance(spec, str):
@@ -99,7 +107,7 @@ def cpu_features(spec: str):
                                        f"{', '.join(sorted(CPU_FEATURES))}")
         changes.append((item[0] == "+", *CPU_FEATURES[name]))
 
-    def hook(entries, vcpu_id):
+    def hook(entries: list[dict[str, int]], vcpu_id: int) -> list[dict[str, int]]:
         for on, leaf, reg, bit in changes:
             for e in entries:
                 if e["function"] == leaf and e.get("index", 0) == 0:
@@ -115,10 +123,11 @@ class Pc:
     ``cpuid(entries, vcpu_id) -> entries`` that may change the CPUID entries each vCPU gets.
     *map_memory*: map RAM and the image (platform.load_firmware); False if done already."""
 
-    def __init__(self, vm, image: bytes | None, *, ram_size: int, cpus: int = 1, disk: str | None = None,
-                 disk_readonly: bool = False, serial_sink=None, cpuid=None, boot_menu: bool = False,
+    def __init__(self, vm: Vm, image: bytes | None, *, ram_size: int, cpus: int = 1, disk: str | None = None,
+                 disk_readonly: bool = False, serial_sink: Callable[[bytes], object] | None = None,
+                 cpuid: CpuidHook | None = None, boot_menu: bool = False,
                  map_memory: bool = True, pit: bool = True, test_device: bool = False, machine: str = "pc",
-                 devices=()):
+                 devices: Iterable[str] = ()) -> None:
         check_cpus(cpus)
         devices = q35.check(machine, devices)
         if machine == "q35" and image is not None:
@@ -129,6 +138,8 @@ class Pc:
         self.vm, self.cpus, self.cpuid_hook, self.ram_size = vm, cpus, cpuid, ram_size
         self.image = None if image is None else bytes(image)    # None: a kernel loaded without firmware
         if map_memory:
+            if self.image is None:
+                raise InvalidArgumentError("map_memory maps a firmware image: pass one, or map_memory=False")
             platform.load_firmware(vm, self.image, ram_size=ram_size)
         for call, addr in ((vm.set_tss_addr, TSS_ADDR), (vm.set_identity_map_addr, IDENTITY_MAP_ADDR)):
             try:
@@ -150,7 +161,7 @@ class Pc:
         self.devices = [Debugcon(), self.cmos, self.fw_cfg, *pci, I8042(), Port92(), self.uart]
         if (self.split or not vm.has_irqchip) and pit:
             self.devices.append(Pit())
-        self.pm = None
+        self.pm: AcpiPm | None = None
         if self.image is None:          # a kernel without firmware: the tables firmware would leave
             self.pm = AcpiPm(acpi.PM_BASE, on_sleep=self.request_sleep)
             self.devices.append(self.pm)
@@ -169,14 +180,14 @@ class Pc:
         self.pending: str | None = None     # "reset", or why the run ends
         self.reset_reason = ""
         self.resets = 0
-        self.vcpus: list = []               # (vcpu, its power-on state)
-        self._handles: list = []
+        self.vcpus: list[tuple[Vcpu, dict[str, Any]]] = []     # (vcpu, its power-on state)
+        self._handles: list[Any] = []
         self._barrier = threading.Barrier(cpus)
         self._lock = threading.Lock()
         self.finished = threading.Event()   # set when the run is over (close())
 
     # --- vCPUs ----------------------------------------------------------------
-    def add_vcpu(self, vcpu) -> None:
+    def add_vcpu(self, vcpu: Vcpu) -> None:
         """Give a new vCPU (in its reset state, never run) its CPUID; remember that state."""
         entries = default_cpuid(self.vm.kvm, vcpu.id, self.cpus)
         if self.cpuid_hook is not None:
@@ -188,7 +199,7 @@ class Pc:
             self.vcpus.append((vcpu, vcpustate.capture(vcpu)))
             self._handles.append(vcpu.handle())
 
-    def _add_smbios(self, entries) -> None:
+    def _add_smbios(self, entries: list[dict[str, int]]) -> None:
         leaf1 = next((e for e in entries if e["function"] == 1), None)
         anchor, blob = smbios.tables(ram_size=self.ram_size, cpus=self.cpus,
                                      cpuid_1=(leaf1["eax"], leaf1["edx"]) if leaf1 else (0, 0))
@@ -230,7 +241,7 @@ class Pc:
         self._kick_all()
 
     # --- reset ----------------------------------------------------------------
-    def _save_chips(self):
+    def _save_chips(self) -> tuple[list[bytes], bytes | None] | None:
         if not self.vm.has_irqchip or self.split:         # split: the IOAPIC is a device here
             return None
         return ([self.vm.get_irqchip(i) for i in range(3)], self.vm.get_pit2() if self.in_kernel_pit else None)
@@ -249,13 +260,13 @@ class Pc:
             platform.copy_firmware(self.vm, self.image)
         self.resets += 1
 
-    def reset_vcpu(self, vcpu) -> None:
+    def reset_vcpu(self, vcpu: Vcpu) -> None:
         for v, state in self.vcpus:
             if v is vcpu:
                 vcpustate.apply(vcpu, state)
                 return
 
-    def synchronized_reset(self, vcpu, timeout: float | None) -> None:
+    def synchronized_reset(self, vcpu: Vcpu, timeout: float | None) -> None:
         """Called by every vCPU thread once it saw a reset request: one resets the platform
         while all wait, then each resets its vCPU, and all start together."""
         try:
@@ -269,13 +280,13 @@ class Pc:
             if self.pending in (None, "reset"):     # not stopped: a vCPU never came (deadline)
                 self.pending = "DEADLINE"
 
-    def synchronized_resume(self, vcpu, deadline: float) -> None:
+    def synchronized_resume(self, vcpu: Vcpu, deadline: float) -> None:
         """Called by every vCPU thread once it saw a suspend request: one waits for the
         wake-up (the RTC alarm, checked at each second; *deadline*: time.monotonic() when
         the run ends) while all wait; then each vCPU is put back in its power-on state and
         the boot vCPU enters real mode at the FACS's waking vector.  A zero vector, as on a
         PC whose firmware then boots afresh, is a reset, which ends a kernel's run."""
-        def until():
+        def until() -> float | None:
             return None if deadline == float("inf") else max(deadline - time.monotonic(), 0.0)
         try:
             if self._barrier.wait(until()) == 0:
@@ -303,7 +314,7 @@ class Pc:
         while self.pending == "suspend":
             now = time.time()
             if now >= update:
-                if self.pm.enable & RTC_EN and self.cmos.alarm_matches(update):
+                if self.pm is not None and self.pm.enable & RTC_EN and self.cmos.alarm_matches(update):
                     break
                 update = math.floor(now) + 1.0
                 continue
@@ -313,7 +324,8 @@ class Pc:
             time.sleep(min(update - now, 0.05))
         if self.pending != "suspend":
             return
-        self.pm.woke(by_rtc=True)
+        if self.pm is not None:
+            self.pm.woke(by_rtc=True)
         self.pending = None if self._waking_vector() else "reset"
 
     def close(self) -> None:

@@ -55,7 +55,7 @@ def _read(tid: int, name: str) -> str:
         return f.read()
 
 
-def thread_stats(tid: int) -> dict:
+def thread_stats(tid: int) -> dict[str, object]:
     """Host CPU now, migrations between CPUs and context switches of thread *tid*."""
     stat = _read(tid, "stat")
     fields = stat[stat.rindex(")") + 2:].split()

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from . import _core
 from .enums import Kind, Space
+from typing import TYPE_CHECKING
+
 from .errors import ArgumentTypeError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from ._core import VmCore
 
 PIO, MMIO = Space.PIO, Space.MMIO
 
@@ -29,7 +34,7 @@ VGA_TEXT = (0xB8000, 0xC0000)   # colour text page (RAM, no VGA behind it)
 RAM_MAX = 3 << 30               # RAM below the 32-bit PCI/firmware hole
 
 
-def install_pc_ports(vm) -> None:
+def install_pc_ports(vm: VmCore) -> None:
     """Install the PC port semantics above on *vm* (fd or process VM)."""
     vm.add_handler(PIO, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT + 1, Kind.EXIT)
     vm.add_handler(PIO, DEBUGCON_PORT, DEBUGCON_PORT + 1, Kind.SINK)
@@ -45,7 +50,7 @@ def _low_copy(size: int) -> int:
     return size if size <= 0x100000 - BIOS_AREA else LOW_COPY_MAX
 
 
-def load_firmware(vm, image: bytes, *, ram_size: int, first_slot: int = 0) -> list[int]:
+def load_firmware(vm: VmCore, image: bytes, *, ram_size: int, first_slot: int = 0) -> list[int]:
     """Map a raw firmware image the way a PC does; returns the slots used.
 
     RAM covers [0, 640 KiB), the VGA text page [0xB8000, 0xC0000), [0xC0000, 1 MiB)
@@ -72,7 +77,7 @@ def load_firmware(vm, image: bytes, *, ram_size: int, first_slot: int = 0) -> li
     return slots
 
 
-def copy_firmware(vm, image: bytes) -> None:
+def copy_firmware(vm: VmCore, image: bytes) -> None:
     """(Re)write the image below 4 GiB and its copy below 1 MiB: the power-on contents."""
     vm.write(FOUR_GIB - len(image), image)
     low = _low_copy(len(image))

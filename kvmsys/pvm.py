@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import os
 
+from typing import TYPE_CHECKING
+
 from .errors import ArgumentTypeError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from ._core import VcpuCore
 
 MSR_PVM_NATIVE = 0x4B564D10   # write (page-aligned GPA in a memory slot) | 1
 MSR_PVM_SIGNATURE = 0x4B564D11
@@ -39,7 +44,7 @@ def host_flavour() -> str:
 _host_is_pvm: bool | None = None     # the first vCPU's answer: the host does not change
 
 
-def is_pvm(vcpu) -> bool:
+def is_pvm(vcpu: VcpuCore) -> bool:
     """True if *vcpu* runs on a PVM host (its signature MSR reads 'PVM').  Asked of the
     first vCPU that answers, once per process (a vCPU ioctl, ~10 µs here, that every
     state capture and 64-bit guest load would otherwise pay)."""
@@ -52,12 +57,12 @@ def is_pvm(vcpu) -> bool:
     return _host_is_pvm
 
 
-def extra_msrs(vcpu) -> list[int]:
+def extra_msrs(vcpu: VcpuCore) -> list[int]:
     """MSRs of this host flavour to save and restore with a vCPU's state (not in KVM's list)."""
     return [MSR_PVM_NATIVE] if is_pvm(vcpu) else []
 
 
-def enable_native(vcpu, page_gpa: int) -> bool:
+def enable_native(vcpu: VcpuCore, page_gpa: int) -> bool:
     """On PVM, let a 64-bit guest run natively; elsewhere do nothing.  Returns True if enabled.
 
     Must be called before the vCPU's first KVM_RUN; *page_gpa* is a free page in a memory slot."""

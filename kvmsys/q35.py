@@ -18,22 +18,29 @@ local APICs.  A DMA is done a page at a time, each page translated and checked t
 RAM; a refused one is dropped (and recorded as a VT-d fault)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
 from ._core import IRQ_ROUTING
 from .devices import Device, Irq, PciHost
 from .devices.edu import BAR_SIZE, Edu
 from .devices.ioapic import Ioapic
 from .devices.pci import Q35
-from .devices.vtd import BASE as IOMMU_BASE, IntelIommu, guest_memory
+from .devices.vtd import BASE as _IOMMU_BASE, IntelIommu, guest_memory
 from .enums import Kind, Space
 from .errors import InvalidArgumentError
 
+if TYPE_CHECKING:
+    from ._core import MmioExit, VmCore
+    from .fd import Vm
+
 MACHINES = ("pc", "q35")
 DEVICES = ("edu", "intel-iommu")
+IOMMU_BASE = _IOMMU_BASE                    # where the IOMMU's registers are (the ACPI DMAR table says)
 PCI_WINDOW = (0xE0000000, 0xFEC00000)       # BARs live here: RAM must end below it
 EDU_DEVFN, EDU_BAR, EDU_PIN = 0x08, 0xFE000000, 16
 
 
-def check(machine: str, devices) -> tuple[str, ...]:
+def check(machine: str, devices: Iterable[str]) -> tuple[str, ...]:
     """Validate a machine name and its devices (InvalidArgumentError); the devices, sorted."""
     if machine not in MACHINES:
         raise InvalidArgumentError(f"machine must be one of {MACHINES}, not {machine!r}")
@@ -51,13 +58,15 @@ def check(machine: str, devices) -> tuple[str, ...]:
 class Bus:
     """The machine's side of its PCI devices (DMA, MSI, INTx) and of its IOAPIC."""
 
-    def __init__(self, vm, ioapic_pin_of) -> None:
-        self.vm, self.iommu, self.ioapic = vm, None, None
+    def __init__(self, vm: Vm, ioapic_pin_of: Callable[[Any], int]) -> None:
+        self.vm = vm
+        self.iommu: IntelIommu | None = None
+        self.ioapic: Ioapic | None = None
         self.read, self.write = guest_memory(vm)
         self.pin_of = ioapic_pin_of
 
     # --- DMA ------------------------------------------------------------------
-    def _pages(self, sid: int, addr: int, n: int, write: bool):
+    def _pages(self, sid: int, addr: int, n: int, write: bool) -> list[tuple[int, int]] | None:
         """[(guest-physical address, length)] of a DMA, a page at a time, or None."""
         out = []
         while n > 0:
@@ -74,7 +83,7 @@ class Bus:
         if pages is None:
             return None
         parts = [self.read(gpa, k) for gpa, k in pages]
-        return None if any(p is None for p in parts) else b"".join(parts)
+        return None if any(p is None for p in parts) else b"".join(p for p in parts if p is not None)
 
     def dma_write(self, sid: int, addr: int, data: bytes) -> bool:
         pages = self._pages(sid, addr, len(data), True)
@@ -100,13 +109,15 @@ class Bus:
         if address >> 20 == 0xFEE:          # anything else is a memory write, not an interrupt
             self.vm.signal_msi(address & 0xFFFFFFFF, data & 0xFFFFFFFF, address >> 32)
 
-    def intx(self, device, level: int) -> None:
+    def intx(self, device: Any, level: int) -> None:
+        assert self.ioapic is not None          # set by Q35Parts before any device runs
         self.ioapic.irq_line(self.pin_of(device), level)
 
     def routes_changed(self) -> None:
         """Tell KVM which vectors are the IOAPIC's level-triggered ones (for their EOI
         exits): an MSI route per such pin, as remapped now (none if refused)."""
         routes = []
+        assert self.ioapic is not None
         for pin, address, data in self.ioapic.routes():
             if self.iommu is not None:
                 out = self.iommu.remap(address, data, None, record=False)
@@ -120,7 +131,7 @@ class Bus:
 class Q35Parts:
     """What ``machine="q35"`` adds to a PC on a VM with the split irqchip."""
 
-    def __init__(self, vm, *, ram_size: int, devices=()) -> None:
+    def __init__(self, vm: Vm, *, ram_size: int, devices: Iterable[str] = ()) -> None:
         devices = check("q35", devices)
         if not getattr(vm, "split_irqchip", False):
             raise InvalidArgumentError("the q35 machine needs a VM with the split irqchip")
@@ -136,7 +147,7 @@ class Q35Parts:
             self.iommu = IntelIommu(read, write, self.bus.signal, self.bus.routes_changed)
             self.bus.iommu = self.iommu
         self.edu = Edu(self.bus, devfn=EDU_DEVFN, bar=EDU_BAR, line=EDU_PIN) if "edu" in devices else None
-        functions = dict(Q35)
+        functions: dict[tuple[int, int], Any] = dict(Q35)
         if self.edu is not None:
             functions[(EDU_DEVFN >> 3, EDU_DEVFN & 7)] = self.edu
         self.pci = PciHost(functions)
@@ -146,17 +157,18 @@ class Q35Parts:
         """An ISA interrupt line into the IOAPIC."""
         return Irq(self.ioapic, line)
 
-    def bar_access(self, ex) -> bool:
+    def bar_access(self, ex: MmioExit) -> bool:
         """An access in the PCI window: to the BAR that decodes it, else open bus."""
         edu = self.edu
         with self.pci.lock:         # config writes move BARs under this lock
             hit = edu is not None and edu.decodes(ex.address)
-            base = edu.bar if hit else 0
+            base = edu.bar if edu is not None and hit else 0
         n = ex.length
         if not hit or ex.address + n > base + BAR_SIZE:
             if not ex.is_write:
                 ex.data[:n] = b"\xff" * n
             return False
+        assert edu is not None                  # (hit)
         with self.pci.lock:
             if ex.is_write:
                 edu.write(ex.address - base, n, int.from_bytes(ex.data[:n], "little"))
@@ -175,7 +187,7 @@ class _PciWindow(Device):
         self.parts = parts
         super().__init__()
 
-    def install(self, vm) -> list[int]:
+    def install(self, vm: VmCore) -> list[int]:
         self._vm = vm
         self._handlers = [vm.add_handler(Space.MMIO, *PCI_WINDOW, Kind.PYTHON, 0, self.parts.bar_access)]
         return self._handlers

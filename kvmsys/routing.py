@@ -35,13 +35,13 @@ def msi_message(apic_id: int, vector: int, *, level: bool = False,
 
 
 def msi_route(gsi: int, apic_id: int, vector: int, *, level: bool = False,
-              x2apic_format: bool = False, devid: int | None = None) -> tuple:
+              x2apic_format: bool = False, devid: int | None = None) -> tuple[int | None, ...]:
     """A route that turns GSI *gsi* into an MSI of *vector* to *apic_id*."""
     return (gsi, _core.IRQ_ROUTING["MSI"], *msi_message(apic_id, vector, level=level,
                                                         x2apic_format=x2apic_format), devid)
 
 
-def irqchip_route(gsi: int, chip: str | int, pin: int) -> tuple:
+def irqchip_route(gsi: int, chip: str | int, pin: int) -> tuple[int | None, ...]:
     """A route from GSI *gsi* to pin *pin* of an in-kernel irqchip ("PIC_MASTER",
     "PIC_SLAVE" or "IOAPIC")."""
     if isinstance(chip, str):
@@ -52,7 +52,7 @@ def irqchip_route(gsi: int, chip: str | int, pin: int) -> tuple:
     return (gsi, _core.IRQ_ROUTING["IRQCHIP"], chip, pin)
 
 
-def default_routes() -> list[tuple]:
+def default_routes() -> list[tuple[int | None, ...]]:
     """The table KVM starts with on x86: GSIs 0..15 to the PICs (2 is the cascade), and
     0..23 to the IOAPIC (GSI 0 to IOAPIC pin 2, as the PC's timer is wired)."""
     routes = [irqchip_route(g, "PIC_MASTER" if g < 8 else "PIC_SLAVE", g % 8) for g in range(16) if g != 2]

@@ -10,12 +10,18 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Sequence
 
 from . import _core, platform, pvm
 from .errors import ArgumentTypeError, InvalidArgumentError, KvmsysError
 from .guests import get as get_guest, layout
 from .machine import ABIS, Machine, check_abi
 from .machine import setup_devices as setup_devices     # re-exported: README's quick start uses it
+
+if TYPE_CHECKING:
+    from .pc import CpuidHook, Pc
+
+Run = Callable[..., Any]            # an ABI's run entry point: run(timeout=) -> Exit
 
 
 @dataclass
@@ -27,8 +33,8 @@ class RunResult:
     status: int | None          # isa-debug-exit status, None if the guest did not stop that way
     reason: str                 # STOP, SHUTDOWN, DEADLINE, INTERNAL_ERROR, ...
     console: bytes
-    exits: dict = field(default_factory=dict)         # by reason, all vCPUs
-    port_counts: dict = field(default_factory=dict)   # ports with no handler: {port: accesses}
+    exits: dict[str, int] = field(default_factory=dict)         # by reason, all vCPUs
+    port_counts: dict[int, int] = field(default_factory=dict)   # ports with no handler: {port: accesses}
     elapsed_s: float = 0.0
     native64: bool = False      # 64-bit guest ran natively on a PVM host
     debug: bytes = b""          # firmware: what it wrote to the debug console (0xe9, 0x402)
@@ -43,11 +49,11 @@ class RunResult:
 _TERMINAL = {"SHUTDOWN", "INTERNAL_ERROR", "FAIL_ENTRY", "SYSTEM_EVENT", "DEADLINE", "UNKNOWN"}
 
 
-def _drive(run, deadline) -> _core.Exit:
+def _drive(run: Run, deadline: Callable[[], float]) -> _core.Exit:
     """Run until the guest stops, fails, or the deadline (a function) passes."""
     while True:
         remaining = deadline() - time.monotonic()
-        ex = run(timeout=max(remaining, 0.0))
+        ex: _core.Exit = run(timeout=max(remaining, 0.0))
         if isinstance(ex, (_core.StopExit, _core.DeadlineExit, _core.KickExit)) or ex.name in _TERMINAL:
             return ex       # a kick is how the runner stops its vCPUs early (Ctrl-C)
         if isinstance(ex, (_core.IoExit, _core.MmioExit)):
@@ -56,13 +62,14 @@ def _drive(run, deadline) -> _core.Exit:
             return ex
 
 
-def _feed_interrupts(mem, handles, vector: int, n: int, deadline: float, done) -> None:
+def _feed_interrupts(mem: memoryview, handles: Sequence[Any], vector: int, n: int, deadline: float,
+                     done: threading.Event) -> None:
     """Send *n* interrupts to each vCPU through its handle, one at a time: the next only
     once the guest counted the last (a second one sent before would merge with it)."""
-    def u32(addr):
+    def u32(addr: int) -> int:
         return int.from_bytes(mem[addr:addr + 4], "little")
 
-    def wait(cond) -> bool:
+    def wait(cond: Callable[[], bool]) -> bool:
         while not cond():
             if done.is_set() or time.monotonic() > deadline:
                 return False
@@ -78,7 +85,8 @@ def _feed_interrupts(mem, handles, vector: int, n: int, deadline: float, done) -
                 return
 
 
-def _debugged(gdb, vcpu, run, deadline: float, host_stop=None):
+def _debugged(gdb: Any, vcpu: Any, run: Run, deadline: float, host_stop: Callable[[], str | None] | None = None
+              ) -> tuple[ContextManager[Run], Callable[[], float]]:
     """*run* and its deadline function, under the gdb server if there is one: time the
     guest spends stopped in the debugger does not count against the timeout.
     *host_stop()*: why the host ends the run, or None (see GdbServer.attach)."""
@@ -87,7 +95,7 @@ def _debugged(gdb, vcpu, run, deadline: float, host_stop=None):
     return gdb.attach(vcpu, run, host_stop), lambda: deadline + gdb.parked_seconds(vcpu.id)
 
 
-def _check_run_args(abi, timeout) -> None:
+def _check_run_args(abi: str, timeout: object) -> None:
     check_abi(abi)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
         raise ArgumentTypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
@@ -95,7 +103,7 @@ def _check_run_args(abi, timeout) -> None:
         raise InvalidArgumentError(f"timeout must be finite non-negative seconds, not {timeout!r}")
 
 
-def _check_pc_args(abi, timeout) -> None:
+def _check_pc_args(abi: str, timeout: object) -> None:
     """As _check_run_args; a PC run may also have no deadline (timeout None)."""
     if timeout is None:
         check_abi(abi)
@@ -108,18 +116,19 @@ class _Crew:
     is the only one): each attaches its vCPU, sets it up under a common lock, waits for the
     others, then runs it (under the gdb server if there is one) until the run ends."""
 
-    def __init__(self, machine, vcpus: int, *, setup, drive, gdb, deadline: float, parties: int = 0,
-                 host_stop=None):
+    def __init__(self, machine: Machine, vcpus: int, *, setup: Callable[[int, Any], None],
+                 drive: Callable[[Run, Any, Callable[[], float]], Any], gdb: Any, deadline: float,
+                 parties: int = 0, host_stop: Callable[[], str | None] | None = None) -> None:
         self.machine, self.setup, self.drive, self.gdb, self.deadline = machine, setup, drive, gdb, deadline
         self.host_stop = host_stop
-        self.results: list = [None] * vcpus
-        self.errors: list = []
-        self.stats: list = []
+        self.results: list[Any] = [None] * vcpus
+        self.errors: list[BaseException] = []
+        self.stats: list[dict[str, Any]] = []
         self.setup_lock = threading.Lock()
         self.ready = threading.Barrier(vcpus + parties)         # *parties*: other threads that wait too
         self.finished = [threading.Event() for _ in range(vcpus)]   # vCPU given up (see run())
 
-    def _worker(self, i: int, on_error) -> None:
+    def _worker(self, i: int, on_error: Callable[[], object]) -> None:
         vcpu = None
         try:
             vcpu = self.machine.attach(i)
@@ -142,7 +151,7 @@ class _Crew:
             finally:
                 self.finished[i].set()
 
-    def run(self, *, stop, on_error=lambda: None) -> None:
+    def run(self, *, stop: Callable[[], object], on_error: Callable[[], object] = lambda: None) -> None:
         """Run every vCPU until each has ended.  If the caller is interrupted (Ctrl-C lands
         in the main thread only) *stop()* makes every vCPU thread leave its run loop, then
         this waits until each has given its vCPU up before it re-raises: not with
@@ -151,7 +160,7 @@ class _Crew:
         if len(self.results) == 1:
             self._worker(0, on_error)
             return
-        threads: list = []
+        threads: list[threading.Thread] = []
         try:
             for i in range(len(self.results)):
                 t = threading.Thread(target=self._worker, args=(i, on_error), name=f"vcpu{i}")
@@ -166,19 +175,19 @@ class _Crew:
                 done.wait()
             raise
 
-    def outcome(self):
+    def outcome(self) -> tuple[Any, dict[str, int], int | None]:
         """Raise the first worker error; else (vCPU 0's result, the exit counts of all vCPUs
         by reason, the isa-debug-exit status or None)."""
         if self.errors:
             raise self.errors[0]
-        exits = Counter()
+        exits: Counter[str] = Counter()
         for s in self.stats:
             exits.update(s["exits"])
         first = self.results[0]
         return first, dict(exits), first.status if isinstance(first, _core.StopExit) else None
 
 
-def _kick_all(handles) -> None:
+def _kick_all(handles: Iterable[Any]) -> None:
     for h in handles:
         if h is not None:
             try:
@@ -188,7 +197,7 @@ def _kick_all(handles) -> None:
 
 
 def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10.0,
-              memory_size: int = layout.RAM_SIZE, gdb=None, **inputs) -> RunResult:
+              memory_size: int = layout.RAM_SIZE, gdb: Any = None, **inputs: int) -> RunResult:
     """Run built-in guest *name* over *abi* on *vcpus* threads until it stops.
 
     gdb: a kvmsys.gdb.GdbServer made for *vcpus* vCPUs; the guest then waits for gdb
@@ -207,10 +216,10 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
     native = [False] * vcpus
     # A guest that waits for interrupts from the host (irq_count) gets them from a feeder thread.
     vector = guest.expect.get("vector")
-    handles: list = [None] * vcpus
+    handles: list[Any] = [None] * vcpus
     done = threading.Event()
 
-    def setup(i: int, vcpu) -> None:
+    def setup(i: int, vcpu: Any) -> None:
         per_cpu = {p.name: v for p in guest.params
                    for v in [{"cpu": i, "ncpus": vcpus}.get(p.name)] if v is not None}
         # PVM's native mode does not deliver interrupts to the guest, nor debug exits: stay emulated
@@ -229,6 +238,7 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
             return
         count = {p.name: p.default for p in guest.params}
         count.update(inputs)
+        assert vector is not None               # (the feeder runs only for such guests)
         _feed_interrupts(machine.mem, handles, vector, count.get("n", 1), crew.deadline, done)
 
     def stop() -> None:
@@ -256,8 +266,10 @@ def run_guest(name: str, *, abi: str = "fd", vcpus: int = 1, timeout: float = 10
 def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
                  memory_size: int = 16 << 20, label: str = "firmware", vcpus: int = 1,
                  irqchip: bool = False, disk: str | None = None, disk_readonly: bool = False,
-                 serial=None, no_reboot: bool = False, cpuid=None, on_start=None,
-                 until: bytes | None = None, debug_sink=None, gdb=None, pit: bool = True) -> RunResult:
+                 serial: Callable[[bytes], object] | None = None, no_reboot: bool = False,
+                 cpuid: CpuidHook | None = None, on_start: Callable[[Pc], object] | None = None,
+                 until: bytes | None = None, debug_sink: Callable[[bytes], object] | None = None,
+                 gdb: Any = None, pit: bool = True) -> RunResult:
     """Boot a raw firmware image (SeaBIOS, or any image entered at the reset vector F000:FFF0)
     on a PC (kvmsys.pc) over *abi*, on *vcpus* threads, until it stops, the deadline
     (*timeout* seconds, None: none) passes or something calls ``pc.stop()``.
@@ -289,12 +301,16 @@ def run_firmware(image: bytes, *, abi: str = "fd", timeout: float | None = 10.0,
                    until=until, debug_sink=debug_sink, gdb=gdb)
 
 
-def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), initrd: bytes | None = None, abi: str = "fd",
+def run_kernel(kernel: bytes, *, cmdline: str = "", modules: Sequence[tuple[bytes, str]] = (),
+               initrd: bytes | None = None, abi: str = "fd",
                timeout: float | None = 10.0,
                memory_size: int = 128 << 20, label: str = "kernel", irqchip: bool = False,
-               disk: str | None = None, disk_readonly: bool = False, serial=None, cpuid=None,
-               on_start=None, until: bytes | None = None, debug_sink=None, gdb=None, vcpus: int = 1,
-               pit: bool = True, test_device: bool = False, machine: str = "pc", devices=()) -> RunResult:
+               disk: str | None = None, disk_readonly: bool = False,
+               serial: Callable[[bytes], object] | None = None, cpuid: CpuidHook | None = None,
+               on_start: Callable[[Pc], object] | None = None, until: bytes | None = None,
+               debug_sink: Callable[[bytes], object] | None = None, gdb: Any = None, vcpus: int = 1,
+               pit: bool = True, test_device: bool = False, machine: str = "pc",
+               devices: Iterable[str] = ()) -> RunResult:
     """Boot a kernel with no firmware: RAM from 0, the PC's devices, ACPI tables, and
     either a Linux bzImage (kvmsys.loaders.linux: 64-bit entry, *cmdline*, *initrd*) or a
     Multiboot (v1) kernel (kvmsys.loaders.multiboot: 32-bit protected mode, *cmdline*,
@@ -340,8 +356,10 @@ def run_kernel(kernel: bytes, *, cmdline: str = "", modules=(), initrd: bytes | 
                    debug_sink=debug_sink, gdb=gdb, prepare=lambda vcpu: enter(vcpu, entry, info))
 
 
-def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, until, debug_sink, gdb,
-            prepare=None):
+def _run_pc(machine: Machine, make_pc: Callable[[], Pc], *, label: str, vcpus: int, timeout: float | None,
+            no_reboot: bool, on_start: Callable[[Pc], object] | None, until: bytes | None,
+            debug_sink: Callable[[bytes], object] | None, gdb: Any,
+            prepare: Callable[[Any], object] | None = None) -> RunResult:
     """Run a PC on *machine* (closed at the end) on *vcpus* threads: the part of
     run_firmware and run_kernel that is the same.  *prepare(vcpu)* sets up vCPU 0."""
     deadline = float("inf") if timeout is None else time.monotonic() + timeout
@@ -351,7 +369,7 @@ def _run_pc(machine, make_pc, *, label, vcpus, timeout, no_reboot, on_start, unt
             raise ArgumentTypeError(f"debug_sink must be callable, not {type(debug_sink).__name__}")
         pc = make_pc()
 
-        def setup(i: int, vcpu) -> None:
+        def setup(i: int, vcpu: Any) -> None:
             pc.add_vcpu(vcpu)
             if i == 0 and prepare is not None:
                 prepare(vcpu)
@@ -386,22 +404,22 @@ class _Watcher:
     an error of the sink ends the run and is raised there."""
     PERIOD_S = 0.005
 
-    def __init__(self, pc, until: bytes | None, debug_sink) -> None:
+    def __init__(self, pc: Pc, until: bytes | None, debug_sink: Callable[[bytes], object] | None) -> None:
         self.pc, self.until, self.sink = pc, until, debug_sink
         self.debug_seen = 0         # debug console bytes read so far
         self.serial_seen = 0        # serial bytes searched so far
         self.tail = b""             # the debug console's last len(until) - 1 bytes: a match may span looks
-        self.error = None
+        self.error: BaseException | None = None
         self.stopping, self.exited = threading.Event(), threading.Event()
-        self.thread = None
+        self.thread: threading.Thread | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> _Watcher:
         if self.until is not None or self.sink is not None:
             self.thread = threading.Thread(target=self._loop, name="watch", daemon=True)
             self.thread.start()
         return self
 
-    def __exit__(self, exc_type, *_):
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if self.thread is None:
             return
         self.stopping.set()
@@ -444,12 +462,12 @@ class _Watcher:
             self.pc.stop("MATCHED")
 
 
-def _drive_pc(pc, run, vcpu, deadline, no_reboot: bool):
+def _drive_pc(pc: Pc, run: Run, vcpu: Any, deadline: Callable[[], float], no_reboot: bool) -> Any:
     """One vCPU of a PC until the run ends: an Exit, or the reason the PC stopped (a str).
     *deadline*: a function (the gdb server moves it), inf for none."""
     while True:
-        left = deadline() - time.monotonic()
-        left = None if left == float("inf") else max(left, 0.0)
+        remaining = deadline() - time.monotonic()
+        left = None if remaining == float("inf") else max(remaining, 0.0)
         ex = run(timeout=left)
         if ex.name == "IOAPIC_EOI" and pc.q35 is not None:     # split irqchip: the IOAPIC is ours
             pc.q35.eoi(ex.vector)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import struct
 
+from typing import Sequence
+
 from . import __version__
 from .errors import ArgumentTypeError, InvalidArgumentError
 
@@ -23,7 +25,7 @@ MEMORY_DEVICE_MAX_MIB = 16 << 10        # one type 17 structure per 16 GiB, as Q
 UNKNOWN_HANDLE, NO_ERROR_INFO = 0xFFFF, 0xFFFE
 
 
-def _structure(kind: int, handle: int, formatted: bytes, strings=()) -> bytes:
+def _structure(kind: int, handle: int, formatted: bytes, strings: Sequence[str] = ()) -> bytes:
     """One structure: header, formatted area (after the header), string set."""
     body = struct.pack("<BBH", kind, 4 + len(formatted), handle) + formatted
     if not strings:
@@ -31,11 +33,11 @@ def _structure(kind: int, handle: int, formatted: bytes, strings=()) -> bytes:
     return body + b"".join(s.encode("ascii") + b"\0" for s in strings) + b"\0"
 
 
-def _checksum(data: bytes) -> int:
+def _checksum(data: bytes | bytearray) -> int:
     return -sum(data) & 0xFF
 
 
-def _check_int(value, what: str, low: int, high: int) -> None:
+def _check_int(value: object, what: str, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ArgumentTypeError(f"{what} must be an int, not {type(value).__name__}")
     if not low <= value <= high:
@@ -55,7 +57,7 @@ def tables(*, ram_size: int, cpus: int, cpuid_1: tuple[int, int] = (0, 0)) -> tu
     out = []
     handle = 0x100
 
-    def add(kind, formatted, strings=()):
+    def add(kind: int, formatted: bytes, strings: Sequence[str] = ()) -> int:
         nonlocal handle
         out.append(_structure(kind, handle, formatted, strings))
         handle += 1

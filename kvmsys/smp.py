@@ -33,8 +33,10 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 from . import _core, pvm, syscall, vcpustate
+from .fd import Vm
 from .errors import (ArgumentTypeError, InvalidArgumentError, OperationTimeoutError, StaleVcpuError,
                      StateError, VcpuBindingError)
 
@@ -47,16 +49,16 @@ _RESUME = None          # the inbox message that ends a park
 class _Part:
     """One vCPU's share of one pause: its acknowledgement and its inbox."""
 
-    def __init__(self, vcpu):
+    def __init__(self, vcpu: syscall.ThreadVcpu) -> None:
         self.vcpu = vcpu
         self.arrived = threading.Event()
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
 
 class _Pause:
-    def __init__(self):
+    def __init__(self) -> None:
         self.parts: dict[int, _Part] = {}
-        self.own = None         # the calling thread's vCPU, paused by being here
+        self.own: syscall.ThreadVcpu | None = None         # the calling thread's vCPU, paused by being here
 
 
 _lock = threading.Lock()
@@ -79,7 +81,7 @@ def _park(part: _Part) -> None:
             reply.put((False, e))
 
 
-def _check_timeout(timeout) -> None:
+def _check_timeout(timeout: object) -> None:
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
         raise ArgumentTypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
     if not 0 <= timeout < float("inf"):
@@ -147,7 +149,7 @@ def resume() -> None:
 
 
 @contextlib.contextmanager
-def paused(timeout: float = 5.0):
+def paused(timeout: float = 5.0) -> Iterator[list[int]]:
     """`with paused(): ...` -- pause(), then resume() however the block ends."""
     ids = pause(timeout)
     try:
@@ -173,23 +175,23 @@ class Snapshot:
     VM-level device state (in-kernel PIC/IOAPIC, PIT, kvmclock) is in ``devices``.
     Not included (host-side): fast handlers and the console, and interrupts queued
     through a VcpuHandle without irqchip that the owner had not injected yet."""
-    config: dict
+    config: dict[str, Any]
     memory: list[MemoryImage] = field(default_factory=list)
-    vcpus: list[dict] = field(default_factory=list)     # by vCPU id
-    devices: dict = field(default_factory=dict)
+    vcpus: list[dict[str, Any]] = field(default_factory=list)     # by vCPU id
+    devices: dict[str, Any] = field(default_factory=dict)
 
 
 _MEM_LOG_DIRTY = _core.MEM_FLAGS["LOG_DIRTY_PAGES"]
 _MEM_READONLY = _core.MEM_FLAGS["READONLY"]
 
 
-def capture_vcpu_state(vcpu) -> dict:
+def capture_vcpu_state(vcpu: syscall.ThreadVcpu) -> dict[str, Any]:
     """Everything KVM keeps about *vcpu* that kvmsys can read (call it on a stopped vCPU)."""
     return vcpustate.capture(vcpu)
 
 
-def _ask(part: _Part, fn, timeout: float):
-    reply: queue.SimpleQueue = queue.SimpleQueue()
+def _ask(part: _Part, fn: Callable[[syscall.ThreadVcpu], Any], timeout: float) -> Any:
+    reply: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
     part.inbox.put((fn, reply))
     try:
         ok, value = reply.get(timeout=timeout)
@@ -226,9 +228,9 @@ def snapshot(timeout: float = 5.0) -> Snapshot:
                     vcpus=[states[i] for i in sorted(states)], devices=capture_vm_devices(vm))
 
 
-def capture_vm_devices(vm) -> dict:
+def capture_vm_devices(vm: Vm) -> dict[str, Any]:
     """The VM's in-kernel device state: irqchips, PIT, kvmclock (raw kernel structs)."""
-    devices = {"clock": vm.get_clock()}
+    devices: dict[str, Any] = {"clock": vm.get_clock()}
     if vm.has_irqchip:
         devices["irqchip"] = [vm.get_irqchip(chip) for chip in (0, 1, 2)]
         if syscall.config().get("pit"):
@@ -236,7 +238,7 @@ def capture_vm_devices(vm) -> dict:
     return devices
 
 
-def restore(snap: Snapshot) -> list[dict]:
+def restore(snap: Snapshot) -> list[dict[str, Any]]:
     """Recreate a snapshot's process VM in this process: configuration and memory.
 
     There must be no process VM (a fork child, or after destroy_vm()): else
@@ -268,7 +270,7 @@ def restore(snap: Snapshot) -> list[dict]:
     return [dict(s) for s in snap.vcpus]
 
 
-def apply_vcpu_state(state: dict, *, check_id: bool = True, pvm_page: int | None = None) -> list[int]:
+def apply_vcpu_state(state: dict[str, Any], *, check_id: bool = True, pvm_page: int | None = None) -> list[int]:
     """Load a saved vCPU state into the calling thread's vCPU (before it runs).
 
     check_id: the vCPU id must be the saved one (its APIC id and MSI routing follow it).

@@ -16,6 +16,7 @@ compiled core's sizeof() in the tests.
 from __future__ import annotations
 
 import struct
+from typing import Any, KeysView
 
 __all__ = ["KernelStruct", "Fpu", "Lapic", "VcpuEvents", "Xsave", "Xcrs"]
 
@@ -26,7 +27,7 @@ class KernelStruct(bytearray):
     MIN_SIZE = 0
     FIELDS: dict[str, tuple[int, str]] = {}     # name -> (offset, struct format)
 
-    def __init__(self, data=None):
+    def __init__(self, data: bytes | bytearray | memoryview | None = None) -> None:
         from .errors import InvalidArgumentError
         if data is None:
             data = bytes(self.SIZE or self.MIN_SIZE)
@@ -45,14 +46,14 @@ class KernelStruct(bytearray):
             raise KeyError(f"{type(self).__name__} has no field {name!r}; "
                            f"fields: {', '.join(self.FIELDS)}") from None
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             off, fmt = self._field(key)
             value = struct.unpack_from("<" + fmt, self, off)
             return value[0] if len(value) == 1 else value
         return super().__getitem__(key)
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: Any, value: Any) -> None:
         if isinstance(key, str):
             off, fmt = self._field(key)
             from .errors import InvalidArgumentError
@@ -63,23 +64,23 @@ class KernelStruct(bytearray):
             return
         super().__setitem__(key, value)
 
-    def keys(self):
+    def keys(self) -> KeysView[str]:
         return self.FIELDS.keys()
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """Every named field."""
         return {name: self[name] for name in self.FIELDS}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v:#x}" for k, v in self.as_dict().items()
                           if isinstance(v, int) and v)
         return f"<{type(self).__name__} {len(self)} bytes: {shown}>"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[KernelStruct], tuple[bytes]]:
         return (type(self), (bytes(self),))
 
 
-def _array(prefix: str, base: int, count: int, stride: int, fmt: str) -> dict:
+def _array(prefix: str, base: int, count: int, stride: int, fmt: str) -> dict[str, tuple[int, str]]:
     return {f"{prefix}{i}": (base + i * stride, fmt) for i in range(count)}
 
 
@@ -136,7 +137,7 @@ class Lapic(KernelStruct):
         """The APIC id.  In xAPIC mode, and in x2APIC mode unless the VM enabled
         KVM_X2APIC_API_USE_32BIT_IDS (*x2apic_format*), KVM keeps it in bits 31:24 of the
         ID register; with that API in x2APIC mode the register holds the full 32-bit id."""
-        return self["id"] if (x2apic and x2apic_format) else self["id"] >> 24
+        return int(self["id"]) if (x2apic and x2apic_format) else int(self["id"]) >> 24
 
 
 class VcpuEvents(KernelStruct):
@@ -188,16 +189,16 @@ class Xcrs(KernelStruct):
                     return i
         raise KeyError(f"no {name!r} in these XCRs (have {sorted(self.entries())})")
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str) and key not in self.FIELDS:
             return struct.unpack_from("<Q", self, 16 + 16 * self._slot(key))[0]
         return super().__getitem__(key)
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: Any, value: Any) -> None:
         if isinstance(key, str) and key not in self.FIELDS:
             struct.pack_into("<Q", self, 16 + 16 * self._slot(key), value)
             return
         super().__setitem__(key, value)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {**super().as_dict(), **{f"xcr{i}": v for i, v in self.entries().items()}}

@@ -16,7 +16,7 @@ import errno
 import inspect
 import os
 import threading
-from typing import Any, Iterator, Literal, cast
+from typing import Any, Callable, Iterable, Iterator, Literal, cast
 
 from . import _core, platform, vcpustate
 from . import placement as _placement
@@ -37,6 +37,10 @@ _pool: dict[int, "ThreadVcpu"] = {}      # released kernel vCPUs by id, ready fo
 _bound: dict[int, "ThreadVcpu"] = {}     # id -> vCPU bound to some thread
 
 
+# The state an add/remove step list shares (see _core.steps): keyed by step.
+Steps = dict[str, Any]
+
+
 class ThreadVcpu(Vcpu):
     """A vCPU owned by one thread (the syscall-style ABI)."""
     tid: int | None = None          # native id of the owning thread while bound
@@ -44,7 +48,7 @@ class ThreadVcpu(Vcpu):
     _initial: Any = None            # its state when created (captured before its first owner gets it)
     _dirty: bool = False            # in the pool, used by its last owner: reset before the next one
 
-    def set_cpuid2(self, entries) -> None:
+    def set_cpuid2(self, entries: Iterable[dict[str, int]]) -> None:
         """KVM_SET_CPUID2.  KVM freezes a vCPU's CPUID at its first KVM_RUN, for good; a
         recycled vCPU that ran under an earlier owner, and not yet under this one, is
         therefore moved onto a new kernel vCPU (a new id, the lowest free one; the comm
@@ -62,14 +66,14 @@ class ThreadVcpu(Vcpu):
         if changed:         # what this owner did before: carried over (KVM order, CPUID first)
             vcpustate.apply(self, st["state"])
 
-    def replace_kernel_vcpu(self, new_id) -> None:
+    def replace_kernel_vcpu(self, new_id: int) -> None:
         """Move onto a new kernel vCPU *new_id* (see VcpuCore.replace_kernel_vcpu); the
         binding table follows the new id, and recycling resets it to the new one's state.
         All or nothing against a Ctrl-C, as add_vcpu() and remove_vcpu() are."""
         st = {"vcpu": self, "new_id": new_id}
         _core.steps(_lock, (_core.move_into, (st, _bound)), (_recapture, (st,)))
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Run-loop counters, plus host CPU, migrations and context switches of its thread."""
         s = super().stats()
         tid = self.tid
@@ -82,17 +86,17 @@ class ThreadVcpu(Vcpu):
 
 
 # The steps of a move onto a new kernel vCPU (see _core.steps and add_vcpu below).
-def _capture_for_move(st: dict) -> None:
+def _capture_for_move(st: Steps) -> None:
     if st["changed"]:
         st["state"] = vcpustate.capture(st["vcpu"])
 
 
-def _pick_id(st: dict) -> None:
+def _pick_id(st: Steps) -> None:
     if "new_id" not in st:
         st["new_id"] = _free_id(st["vcpu"].vm)
 
 
-def _recapture(st: dict) -> None:
+def _recapture(st: Steps) -> None:
     # the new kernel vCPU's initial state, what recycling resets it to
     st["vcpu"]._initial = vcpustate.capture(st["vcpu"])
 
@@ -230,7 +234,7 @@ def _reset_for_reuse(vcpu: ThreadVcpu) -> bool:
 # ones that change what others see (the binding with _bound and _pool, the hand-over
 # of the kernel vCPU, its creation with its pool entry) are single C calls.
 
-def _forget(st: dict) -> None:
+def _forget(st: Steps) -> None:
     # Step: the released vCPU leaves the binding table; its thread floats again; it
     # goes back to the pool only if its VM is still the process VM.
     vcpu = st["vcpu"]
@@ -244,7 +248,7 @@ def _forget(st: dict) -> None:
     st["keep"] = vcpu.vm is _vm and not vcpu.closed and _vm_pid == os.getpid()
 
 
-def _give_back(st: dict) -> tuple:
+def _give_back(st: Steps) -> tuple[tuple[Callable[..., object], tuple[Any, ...]], ...]:
     # The steps after the commit (st["vcpu"] unbound and claimed).
     return (_forget, (st,)), (_core.release_into, (st, _pool)), (_core.cancel_calls, (st,))
 
@@ -293,7 +297,7 @@ def _free_id(v: _core.VmCore) -> int:
     return vcpu_id
 
 
-def _take(st: dict) -> None:
+def _take(st: Steps) -> None:
     # Step: the vCPU the caller gets, st["vcpu"]: the pool's lowest id (reset first if
     # its last owner used it), or a new one created straight into the pool.
     if "vcpu" in st:
@@ -316,7 +320,7 @@ def _take(st: dict) -> None:
         return
 
 
-def _settle(st: dict) -> None:
+def _settle(st: Steps) -> None:
     # Step: the new owner's thread placed by its policy.
     vcpu = st["vcpu"]
     vcpu.tid = threading.get_native_id()
@@ -340,7 +344,8 @@ def add_vcpu(placement: str | None = None) -> memoryview:
     # the commit (bind_from_pool) last: whatever can fail with an error comes before it
     _core.steps(_lock, (_take, (st,)), (_settle, (st,)),
                 (_core.bind_from_pool, (st, _pool, _bound, _release)))
-    return st["vcpu"].comm_area
+    vcpu: ThreadVcpu = st["vcpu"]
+    return vcpu.comm_area
 
 
 run = _core.run

@@ -12,7 +12,13 @@ import select
 import sys
 import threading
 
+from typing import IO, TYPE_CHECKING, Any
+
 from .errors import KvmsysError
+
+if TYPE_CHECKING:
+    from ._core import VmCore
+    from .pc import Pc
 
 CTRL_A = 0x01
 
@@ -29,7 +35,7 @@ class FileSink:
     def __call__(self, data: bytes) -> None:
         os.write(self.fd, data)
 
-    def attach(self, pc) -> None:
+    def attach(self, pc: Pc) -> None:
         pass
 
     def close(self) -> None:
@@ -43,14 +49,14 @@ class Stdio:
 
     def __init__(self, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
         self.inp, self.out = stdin_fd, stdout_fd
-        self._saved = None
+        self._saved: list[Any] | None = None
         self._thread: threading.Thread | None = None
         self._escape = False
 
     def __call__(self, data: bytes) -> None:
         os.write(self.out, data)
 
-    def attach(self, pc) -> None:
+    def attach(self, pc: Pc) -> None:
         """Connect stdin to *pc*'s UART (called when the run starts)."""
         if os.isatty(self.inp):
             import termios
@@ -60,7 +66,7 @@ class Stdio:
         self._thread = threading.Thread(target=self._read, args=(pc,), name="serial-stdin", daemon=True)
         self._thread.start()
 
-    def keys(self, data: bytes, pc) -> bytes:
+    def keys(self, data: bytes, pc: Pc) -> bytes:
         """Bytes typed by the user -> bytes for the guest; Ctrl-A x stops *pc*."""
         out = bytearray()
         for b in data:
@@ -78,7 +84,7 @@ class Stdio:
             out.append(b)
         return bytes(out)
 
-    def _read(self, pc) -> None:
+    def _read(self, pc: Pc) -> None:
         while not pc.finished.is_set():
             ready, _, _ = select.select([self.inp], [], [], 0.1)
             if not ready:
@@ -105,7 +111,7 @@ class Screen:
 
     ADDR, COLS, ROWS = 0xB8000, 80, 25
 
-    def __init__(self, out=None, interval: float = 0.2) -> None:
+    def __init__(self, out: IO[str] | None = None, interval: float = 0.2) -> None:
         self.out = out if out is not None else sys.stdout
         self.interval = interval
         self.last: str | None = None
@@ -120,7 +126,7 @@ class Screen:
             rows.pop()
         return "\n".join(rows)
 
-    def show(self, vm) -> None:
+    def show(self, vm: VmCore) -> None:
         """Print the page if it changed since the last time."""
         try:
             page = vm.read(self.ADDR, 2 * self.COLS * self.ROWS)
@@ -132,8 +138,8 @@ class Screen:
             self.out.write(f"\n--- screen ---\n{text}\n--------------\n")
             self.out.flush()
 
-    def attach(self, pc) -> None:
-        def watch():
+    def attach(self, pc: Pc) -> None:
+        def watch() -> None:
             while not pc.finished.wait(self.interval):
                 self.show(pc.vm)
         threading.Thread(target=watch, name="screen", daemon=True).start()

@@ -5,15 +5,22 @@ kvmsys.smp for snapshots.  States are plain dicts (picklable).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from . import pvm
 from .errors import ArgumentTypeError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .fd import Vcpu
+
+State = dict[str, Any]      # what capture() returns
 
 # What capture() always records (plus "lapic" with the in-kernel irqchip).
 KEYS = frozenset(("id", "regs", "sregs", "fpu", "xsave", "xcrs", "debugregs", "msrs", "mp_state",
                   "vcpu_events"))
 
 
-def check(state) -> None:
+def check(state: object) -> None:
     """InvalidArgumentError unless *state* looks like what capture() returns."""
     if not isinstance(state, dict):
         raise ArgumentTypeError(f"a vCPU state is a dict from capture(), not {type(state).__name__}")
@@ -24,7 +31,7 @@ def check(state) -> None:
         raise ArgumentTypeError(f"the vCPU state's msrs must be a dict, not {type(state['msrs']).__name__}")
 
 
-def read_msrs(vcpu, indices: list[int]) -> dict[int, int]:
+def read_msrs(vcpu: Vcpu, indices: list[int]) -> dict[int, int]:
     """KVM_GET_MSRS stops at the first MSR it cannot read: skip that one and go on."""
     out: dict[int, int] = {}
     rest = list(indices)
@@ -35,7 +42,7 @@ def read_msrs(vcpu, indices: list[int]) -> dict[int, int]:
     return out
 
 
-def write_msrs(vcpu, msrs: dict[int, int]) -> list[int]:
+def write_msrs(vcpu: Vcpu, msrs: dict[int, int]) -> list[int]:
     """Same for KVM_SET_MSRS; returns the indices KVM refused."""
     refused: list[int] = []
     rest = list(msrs.items())
@@ -47,12 +54,12 @@ def write_msrs(vcpu, msrs: dict[int, int]) -> list[int]:
     return refused
 
 
-def msr_indices(vcpu) -> list[int]:
+def msr_indices(vcpu: Vcpu) -> list[int]:
     """The MSRs KVM saves and restores, plus the host flavour's own (kvmsys.pvm)."""
     return list(vcpu.vm.kvm.msr_index_list()) + pvm.extra_msrs(vcpu)
 
 
-def capture(vcpu, msrs: list[int] | None = None) -> dict:
+def capture(vcpu: Vcpu, msrs: list[int] | None = None) -> State:
     """Everything KVM keeps about *vcpu* that kvmsys can read (call it on a stopped vCPU).
 
     Besides what every KVM has: SREGS2 (with the PDPTRs), the TSC frequency and the
@@ -89,14 +96,14 @@ AFFECTS: dict[str, frozenset[str]] = {
 }
 
 
-def affected(changes) -> frozenset[str] | None:
+def affected(changes: set[str] | frozenset[str]) -> frozenset[str] | None:
     """The state components *changes* (vcpu.changes) may have changed; None for all."""
     if not changes <= AFFECTS.keys():
         return None
     return frozenset().union(*(AFFECTS[op] for op in changes))
 
 
-def apply(vcpu, state: dict, only: frozenset[str] | None = None) -> list[int]:
+def apply(vcpu: Vcpu, state: State, only: frozenset[str] | None = None) -> list[int]:
     """Load *state* into *vcpu* (not running): all of it, or the components named in *only*
     (keys of *state*; "sregs" includes SREGS2).  Returns the MSRs KVM refused (usually none)."""
     check(state)
@@ -141,7 +148,7 @@ def apply(vcpu, state: dict, only: frozenset[str] | None = None) -> list[int]:
     return refused
 
 
-def reset(vcpu, initial: dict) -> None:
+def reset(vcpu: Vcpu, initial: State) -> None:
     """Make a vCPU that its owner used indistinguishable from a new one, given the state
     *initial* captured when it was created: an I/O its last exit left pending is completed
     first (else KVM would finish it at the next owner's first run), guest debugging is

@@ -18,6 +18,10 @@ State held for the guest is bounded as the hardware bounds it (a FIFO's size), n
 by a count or length the guest chose.
 """
 from __future__ import annotations
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .._core import IoExit, VmCore
 
 import threading
 
@@ -32,7 +36,7 @@ class Device:
 
     def __init__(self) -> None:
         self._handlers: list[int] = []
-        self._vm = None
+        self._vm: VmCore | None = None
         self.lock = threading.RLock()      # one access at a time (re-entrant: reset() in a write)
         self.reset()
 
@@ -51,12 +55,12 @@ class Device:
         """Handle a write; return True to make the vCPU's run() return (the machine must act)."""
         return None
 
-    def io(self, ex) -> bool:
+    def io(self, ex: IoExit) -> bool:
         """The Python handler KVM's exits reach: one access, under the device's lock."""
         with self.lock:
             return self._io(ex)
 
-    def _io(self, ex) -> bool:
+    def _io(self, ex: IoExit) -> bool:
         """Every element of a (string) port access (subclasses may take a whole string)."""
         size, count, data, port = ex.size, ex.count, ex.data, ex.port
         if ex.is_in:
@@ -69,7 +73,7 @@ class Device:
             stop = bool(self.write(port, size, int.from_bytes(data[i * size:(i + 1) * size], "little"))) or stop
         return stop
 
-    def install(self, vm) -> list[int]:
+    def install(self, vm: VmCore) -> list[int]:
         self._vm = vm
         self._handlers = [vm.add_handler(PIO, start, end, Kind.PYTHON, 0, self.io)
                           for start, end in self.ports]
@@ -77,15 +81,23 @@ class Device:
 
     def uninstall(self) -> None:
         for h in self._handlers:
+            assert self._vm is not None         # handlers only after install()
             self._vm.remove_handler(h)
         self._handlers = []
+
+
+class IrqSink(Protocol):
+    """Where Irq lines go: a VM (its in-kernel irqchip, when it has one) or a user-space IOAPIC."""
+    @property
+    def has_irqchip(self) -> int: ...
+    def irq_line(self, irq: int, level: int, /) -> object: ...
 
 
 class Irq:
     """An ISA interrupt line: into the in-kernel PIC/IOAPIC when the VM has one, else nowhere
     (firmware without an interrupt controller polls)."""
 
-    def __init__(self, vm, line: int) -> None:
+    def __init__(self, vm: IrqSink | None, line: int) -> None:
         self.vm, self.line, self.level = vm, line, 0
 
     def set(self, level: int) -> None:

@@ -10,6 +10,7 @@
   writing SLP_EN with SLP_TYP 1 asks for S3 (suspend to RAM), SLP_TYP 0 for S5 (soft off),
   the sleep types QEMU's PIIX4 uses: *on_sleep(state)* is called with 3 or 5."""
 from __future__ import annotations
+from typing import Callable
 
 import time
 
@@ -25,7 +26,7 @@ SLEEP_STATES = {1: 3, 0: 5}     # SLP_TYP -> S state
 
 
 class AcpiPm(Device):
-    def __init__(self, base: int = 0x600, on_sleep=None) -> None:
+    def __init__(self, base: int = 0x600, on_sleep: Callable[[int], object] | None = None) -> None:
         self.base = base
         self.ports = ((base, base + 12),)
         self.on_sleep = on_sleep
@@ -41,7 +42,7 @@ class AcpiPm(Device):
     def timer(self) -> int:
         return (self.clock() - self.t0) * PM_TIMER_HZ // 1_000_000_000 & TMR_MASK
 
-    def _reg(self, offset: int) -> tuple[int, int] | None:
+    def _reg(self, offset: int) -> tuple[int, int]:
         """(register value, its first offset) of the 32-bit-aligned register at *offset*."""
         if offset < 4:
             return self.status | self.enable << 16, 0

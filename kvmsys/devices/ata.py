@@ -14,6 +14,10 @@ ABRT, as QEMU reports them (ide_rw_error); a read the host fails ends it with ER
 (uncorrectable data, a real disk's medium error).  A transfer goes through the host
 CHUNK_SECTORS at a time: memory per command is bounded whatever count the guest wrote."""
 from __future__ import annotations
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .._core import IoExit
 
 import os
 
@@ -90,7 +94,7 @@ class AtaDisk(Device):
             self.regs[reg] = value & 0xFF
         self.control &= ~0x80                       # any register write clears HOB
 
-    def _io(self, ex) -> bool:
+    def _io(self, ex: IoExit) -> bool:
         if ex.port == 0x1F0 and ex.count > 1:       # `rep insw/outsw`: a whole block per exit
             if ex.is_in:
                 n, done = ex.size * ex.count, 0
@@ -130,6 +134,7 @@ class AtaDisk(Device):
 
     def _load(self) -> None:
         """The next chunk of a read into the buffer (ERR|UNC if the host cannot read it)."""
+        assert self.reading is not None     # (a read in progress)
         lba, left = self.reading
         n = min(left, CHUNK_SECTORS)
         try:
@@ -144,7 +149,7 @@ class AtaDisk(Device):
     def _data_out(self, value: int, size: int) -> None:
         self._receive(value.to_bytes(size, "little"))
 
-    def _receive(self, data) -> None:
+    def _receive(self, data: bytes | memoryview) -> None:
         while data and self.writing is not None and self.status & DRQ:
             lba, left = self.writing
             room = min(left, CHUNK_SECTORS) * SECTOR - len(self.buf)

@@ -14,6 +14,8 @@ DMA completes within the write that starts it.  While MSI is enabled an interrup
 a message, else INTx (level, held while any status bit is set)."""
 from __future__ import annotations
 
+from typing import Any
+
 from .pci import PciFunction
 
 VENDOR, DEVICE = 0x1234, 0x11E8
@@ -41,7 +43,7 @@ class Edu(PciFunction):
     ``intx(self, level)``.  *bar*: where firmware would have put BAR 0; *line*: the
     interrupt line register (the IOAPIC pin INTA# drives)."""
 
-    def __init__(self, bus, *, devfn: int, bar: int, line: int) -> None:
+    def __init__(self, bus: Any, *, devfn: int, bar: int, line: int) -> None:
         self.bus, self.devfn, self.sid = bus, devfn, devfn      # bus 0: the requester id is devfn
         self.power_on_bar, self.line = bar, line
         super().__init__(self._power_on_config)

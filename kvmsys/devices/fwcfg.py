@@ -11,7 +11,12 @@ from __future__ import annotations
 import struct
 
 from ..errors import KvmsysError
+from typing import TYPE_CHECKING
+
 from . import Device
+
+if TYPE_CHECKING:
+    from .._core import IoExit, VmCore
 
 SIGNATURE, ID, UUID, RAM_SIZE, NOGRAPHIC, NB_CPUS = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05
 BOOT_DEVICE, MAX_CPUS, BOOT_MENU, FILE_DIR = 0x0C, 0x0F, 0x10, 0x19
@@ -30,7 +35,7 @@ _ZEROS = bytes(DMA_CHUNK)
 class FwCfg(Device):
     ports = ((0x510, 0x512), (0x514, 0x51C))
 
-    def __init__(self, memory, *, ram_size: int, cpus: int = 1, boot_menu: bool = False,
+    def __init__(self, memory: VmCore, *, ram_size: int, cpus: int = 1, boot_menu: bool = False,
                  boot_menu_wait_ms: int | None = None, bootorder: list[str] | None = None,
                  files: dict[str, bytes] | None = None) -> None:
         """*memory*: the VM (its read/write of guest-physical memory serve DMA)."""
@@ -86,7 +91,7 @@ class FwCfg(Device):
         self.offset += n
         return out + bytes(n - len(out))            # past the end reads as zeros
 
-    def _io(self, ex) -> bool:
+    def _io(self, ex: IoExit) -> bool:
         if ex.port == 0x511 and ex.is_in:           # `rep insb` of a whole item in one exit
             ex.data[:] = self._take(ex.size * ex.count)
             return False

@@ -28,7 +28,7 @@ class I8042(Device):
         self.out: collections.deque[int] = collections.deque()     # at most OUT_MAX
         self.ctr = 0x45                     # keyboard interrupt on, system flag, translation
         self.status = 0
-        self.pending = None                 # the controller command whose data byte comes next
+        self.pending: int | None = None     # the controller command whose data byte comes next
         self.kbd_arg = False                # the keyboard waits for a command's argument
         self.outport = 0x03                 # reset line high (inactive), A20 on
 

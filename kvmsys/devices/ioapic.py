@@ -20,7 +20,12 @@ them whenever an entry or the remapping changes)."""
 from __future__ import annotations
 
 from ..enums import Kind, Space
+from typing import TYPE_CHECKING, Callable
+
 from . import Device
+
+if TYPE_CHECKING:
+    from .._core import MmioExit, VmCore
 
 BASE, SIZE = 0xFEC00000, 0x1000
 PINS = 24
@@ -45,7 +50,7 @@ class Ioapic(Device):
     entries changed (see ``routes``).  Both are called without this device's lock."""
     has_irqchip = True          # an interrupt sink for kvmsys.devices.Irq
 
-    def __init__(self, msi, routes_changed=lambda: None) -> None:
+    def __init__(self, msi: Callable[[int, int], object], routes_changed: Callable[[], object] = lambda: None) -> None:
         self.msi, self.routes_changed = msi, routes_changed
         self._handler = None
         super().__init__()
@@ -56,7 +61,7 @@ class Ioapic(Device):
         self.entries = [MASK] * PINS
         self.lines = [0] * PINS
 
-    def install(self, vm) -> list[int]:
+    def install(self, vm: VmCore) -> list[int]:
         self._vm = vm
         self._handlers = [vm.add_handler(Space.MMIO, BASE, BASE + SIZE, Kind.PYTHON, 0, self.mmio)]
         return self._handlers
@@ -100,7 +105,7 @@ class Ioapic(Device):
             return [(pin, *message(e)) for pin, e in enumerate(self.entries) if e & LEVEL and not e & MASK]
 
     # --- registers ----------------------------------------------------------------
-    def mmio(self, ex) -> bool:
+    def mmio(self, ex: MmioExit) -> bool:
         off, n = ex.address - BASE, ex.length
         if ex.is_write:
             value = int.from_bytes(ex.data[:n], "little")

@@ -10,6 +10,8 @@ SeaBIOS looks for ISA ATA ports only when the bus is empty); and a Q35-like one
 Port 0xcf9 (a byte) is the PIIX/ICH reset control register: bit 2 resets the machine."""
 from __future__ import annotations
 
+from typing import Callable, Mapping
+
 from . import Device
 
 # Writable config-space bytes of the functions without BARs: command, cache line/latency,
@@ -33,7 +35,7 @@ class PciFunction:
     bytes of *writable* and ignores the rest; a device with BARs or capabilities
     overrides ``write_config``.  Accesses come under the PCI host's lock."""
 
-    def __init__(self, make, writable=_WRITABLE) -> None:
+    def __init__(self, make: Callable[[], bytearray], writable: frozenset[int] = _WRITABLE) -> None:
         self._make, self.writable = make, writable
         self.config = make()
 
@@ -63,7 +65,7 @@ Q35 = {
 class PciHost(Device):
     ports = ((0xCF8, 0xD00),)
 
-    def __init__(self, functions=None) -> None:
+    def __init__(self, functions: Mapping[tuple[int, int], PciFunction | Callable[[], bytearray]] | None = None) -> None:
         """*functions*: {(device, function): a config-space factory or a PciFunction}."""
         self.functions = {bdf: f if isinstance(f, PciFunction) else PciFunction(f)
                           for bdf, f in (I440FX if functions is None else functions).items()}
@@ -76,7 +78,7 @@ class PciHost(Device):
         for f in self.functions.values():
             f.reset()
 
-    def _target(self, port: int):
+    def _target(self, port: int) -> tuple[PciFunction | None, int]:
         a = self.address
         if not a & 0x80000000 or (a >> 16) & 0xFF != 0:     # disabled, or a bus other than 0
             return None, 0

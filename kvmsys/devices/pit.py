@@ -18,7 +18,7 @@ class _Channel:
         self.mode = 0
         self.access = 3            # 1: low byte, 2: high byte, 3: low then high
         self.reload = 0x10000
-        self.start = None          # ns when counting began (None: not counting)
+        self.start: int | None = None          # ns when counting began (None: not counting)
         self.latch: list[int] = []
         self.write_lo: int | None = None
         self.read_hi = False       # access 3: the next read returns the high byte
@@ -107,7 +107,7 @@ class Pit(Device):
         if c.access == 3 and c.write_lo is None:
             c.write_lo = value
             return
-        if c.access == 3:
+        if c.access == 3 and c.write_lo is not None:
             reload = c.write_lo | (value << 8)
             c.write_lo = None
         elif c.access == 1:

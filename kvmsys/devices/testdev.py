@@ -12,6 +12,10 @@
 - MMIO [0xff000000, +64 KiB): memory that is not RAM, so every guest access to it exits
   (the emulator test runs instructions on it through KVM's instruction emulator)."""
 from __future__ import annotations
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .._core import MmioExit, VmCore
 
 from ..enums import Kind, Space
 from . import Device
@@ -23,7 +27,7 @@ IOMEM, IOMEM_LEN = 0xFF000000, 0x10000
 class PcTestdev(Device):
     ports = ((DATA, FLUSH + 4), (IRQ_BASE, IRQ_BASE + IRQ_LINES))
 
-    def __init__(self, irqs=None) -> None:
+    def __init__(self, irqs: Any = None) -> None:
         """*irqs*: where the lines go (``irq_line(line, level)``): the VM it is installed
         on (its in-kernel irqchip) by default, or a user-space IOAPIC (kvmsys.q35)."""
         self.flushes = 0
@@ -34,7 +38,7 @@ class PcTestdev(Device):
         self.data = 0
         self.iomem = bytearray(IOMEM_LEN)
 
-    def mmio(self, ex) -> bool:
+    def mmio(self, ex: MmioExit) -> bool:
         """The MMIO window's handler: a read or write of 1..8 bytes inside it."""
         offset, n = ex.address - IOMEM, ex.length
         inside = max(0, min(n, IOMEM_LEN - offset))     # an access that runs past the end: the rest is open bus
@@ -45,7 +49,7 @@ class PcTestdev(Device):
                 ex.data[:n] = bytes(self.iomem[offset:offset + inside]) + b"\xff" * (n - inside)
         return False
 
-    def install(self, vm) -> list[int]:
+    def install(self, vm: VmCore) -> list[int]:
         handlers = super().install(vm)
         handlers.append(vm.add_handler(Space.MMIO, IOMEM, IOMEM + IOMEM_LEN, Kind.PYTHON, 0, self.mmio))
         return handlers

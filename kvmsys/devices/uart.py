@@ -11,6 +11,7 @@ bit (LSR.OE), as on the chip.  Bytes typed on the host wait in a queue of RX_HOS
 from __future__ import annotations
 
 import collections
+from typing import Callable
 
 from . import Device, Irq
 
@@ -26,7 +27,8 @@ RX_HOST_MAX = 64 << 10      # typed-ahead bytes from the host the guest has not 
 
 class Uart8250(Device):
 
-    def __init__(self, base: int = 0x3F8, irq: Irq | None = None, sink=None) -> None:
+    def __init__(self, base: int = 0x3F8, irq: Irq | None = None,
+                 sink: Callable[[bytes], object] | None = None) -> None:
         self.base = base
         self.ports = ((base, base + 8),)
         self.irq = irq or Irq(None, 4)

@@ -24,12 +24,16 @@ all-ones and are dropped."""
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING, Callable
 
 from ..enums import Kind, Space
 from ..errors import KvmsysError
 from . import Device
 from . import vtd_walk
-from .vtd_walk import Fault
+from .vtd_walk import Fault, Read
+
+if TYPE_CHECKING:
+    from .._core import MmioExit, VmCore
 
 BASE, SIZE = 0xFED90000, 0x1000
 FRCD, IOTLB_REGS = 0x220, 0x200
@@ -57,7 +61,8 @@ class IntelIommu(Device):
     message of the IOMMU's own (fault and invalidation events) to the local APICs;
     *routes_changed()*: see the module doc.  The last two are called without the lock."""
 
-    def __init__(self, read, write, signal, routes_changed=lambda: None) -> None:
+    def __init__(self, read: Read, write: Callable[[int, bytes], bool], signal: Callable[[int, int], object],
+                 routes_changed: Callable[[], object] = lambda: None) -> None:
         self.mem_read, self.mem_write, self.signal, self.routes_changed = read, write, signal, routes_changed
         self.faults = 0             # refused requests (recorded or not)
         super().__init__()
@@ -72,7 +77,7 @@ class IntelIommu(Device):
         self.status = 0             # GSTS
         self.root_table = 0         # latched by SRTP
         self.irta = 0               # latched by SIRTP
-        self._events: list = []     # interrupt messages to send once the lock is released
+        self._events: list[tuple[int, int]] = []     # interrupt messages to send once the lock is released
         self._routes_dirty = False
 
     def _get(self, off: int, n: int) -> int:
@@ -81,7 +86,7 @@ class IntelIommu(Device):
     def _put(self, off: int, n: int, value: int) -> None:
         self.r[off:off + n] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
 
-    def install(self, vm) -> list[int]:
+    def install(self, vm: VmCore) -> list[int]:
         self._vm = vm
         self._handlers = [vm.add_handler(Space.MMIO, BASE, BASE + SIZE, Kind.PYTHON, 0, self.mmio)]
         return self._handlers
@@ -98,6 +103,7 @@ class IntelIommu(Device):
     def translate(self, sid: int, iova: int, write: bool) -> int | None:
         """The guest-physical address of a DMA access to *iova* by requester *sid*, or None
         (refused: the fault is recorded)."""
+        result: int | None
         with self.lock:
             result = iova
             if self.status & TE:
@@ -110,7 +116,7 @@ class IntelIommu(Device):
         self._send(events)
         return result
 
-    def remap(self, address: int, data: int, sid: int | None, *, record: bool = True):
+    def remap(self, address: int, data: int, sid: int | None, *, record: bool = True) -> tuple[int, int] | None:
         """(address, data) of an interrupt message after remapping, or None (refused; the
         fault is recorded when *record*).  *sid* None: no source-id (the IOAPIC)."""
         with self.lock:
@@ -124,7 +130,7 @@ class IntelIommu(Device):
         self._send(events)
         return result
 
-    def _remap(self, address: int, data: int, sid: int | None):
+    def _remap(self, address: int, data: int, sid: int | None) -> tuple[int, int]:
         if not self.status & IRE:
             return address, data
         if not address & 0x10:                  # compatibility format
@@ -134,7 +140,7 @@ class IntelIommu(Device):
         irta = self.irta
         return vtd_walk.remap(self.mem_read, irta & ~0xFFF, 2 << (irta & 0xF), address, data, sid)
 
-    def _send(self, events) -> None:
+    def _send(self, events: list[tuple[int, int]]) -> None:
         for address, data in events:
             self.signal(address, data)
 
@@ -163,7 +169,7 @@ class IntelIommu(Device):
         return self._get(data_reg + 4, 4), self._get(data_reg, 4) & 0xFFFF    # (address, data)
 
     # --- registers ----------------------------------------------------------------
-    def mmio(self, ex) -> bool:
+    def mmio(self, ex: MmioExit) -> bool:
         off, n = ex.address - BASE, ex.length
         with self.lock:
             if ex.is_write:
@@ -286,9 +292,9 @@ class IntelIommu(Device):
         return False
 
 
-def guest_memory(vm):
+def guest_memory(vm: VmCore) -> tuple[Read, Callable[[int, bytes], bool]]:
     """(read, write) over *vm*'s RAM for the IOMMU: None / False outside a memory slot."""
-    def read(gpa: int, n: int):
+    def read(gpa: int, n: int) -> bytes | None:
         try:
             return vm.read(gpa, n)
         except (KvmsysError, ValueError, OverflowError):

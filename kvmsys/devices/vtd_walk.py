@@ -15,6 +15,9 @@ IRTEs only (no posted interrupts), with source-id verification."""
 from __future__ import annotations
 
 import struct
+from typing import Callable
+
+Read = Callable[[int, int], "bytes | None"]     # guest memory: (gpa, n) -> bytes, None outside RAM
 
 AW = 39                                     # input address width (3 levels)
 HAW = 39                                    # host address width: addresses in entries
@@ -39,20 +42,20 @@ class Fault(Exception):
         self.reason, self.sid, self.info, self.fpd, self.write = reason, sid, info, fpd, write
 
 
-def _q(read, gpa: int, n: int, reason: int, fault):
+def _q(read: Read, gpa: int, n: int, reason: int, fault: Callable[[int], Fault]) -> tuple[int, ...]:
     data = read(gpa, 8 * n)
     if data is None or len(data) != 8 * n:
         raise fault(reason)
     return struct.unpack(f"<{n}Q", data)
 
 
-def translate(read, root_table: int, sid: int, iova: int, write: bool) -> int:
+def translate(read: Read, root_table: int, sid: int, iova: int, write: bool) -> int:
     """The guest-physical address DMA request (*sid*, *iova*, *write*) reaches, through
     the tables at *root_table*; raises Fault."""
     fpd = False
     page = iova & ~0xFFF
 
-    def fault(reason):
+    def fault(reason: int) -> Fault:
         return Fault(reason, sid, page, fpd=fpd, write=write)
     lo, hi = _q(read, root_table + (sid >> 8) * 16, 2, ROOT_TABLE_ERROR, fault)
     if not lo & 1:
@@ -91,7 +94,7 @@ def translate(read, root_table: int, sid: int, iova: int, write: bool) -> int:
     raise AssertionError("unreachable")
 
 
-def remap(read, irta: int, entries: int, address: int, data: int, sid: int | None) -> tuple[int, int]:
+def remap(read: Read, irta: int, entries: int, address: int, data: int, sid: int | None) -> tuple[int, int]:
     """(MSI address, data) of a remappable-format interrupt request, through the
     remapping table at *irta* of *entries* entries; raises Fault.  *sid* None: a request
     without a source-id (the IOAPIC's, as QEMU sends them), which is not verified."""
@@ -100,7 +103,7 @@ def remap(read, irta: int, entries: int, address: int, data: int, sid: int | Non
         index = (index + (data & 0xFFFF)) & 0xFFFF
     fpd = False
 
-    def fault(reason):
+    def fault(reason: int) -> Fault:
         return Fault(reason, 0 if sid is None else sid, index << 48, fpd=fpd)
     if address & 3 or address >> 32 or (address & 8 and data >> 16):
         raise fault(IR_REQUEST_RESERVED)

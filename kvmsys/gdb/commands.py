@@ -4,10 +4,16 @@ stopped: registers, memory, breakpoints, threads, queries (GDB's manual, "Packet
 the vCPUs (_live, _call, _g) and resuming (_go)."""
 from __future__ import annotations
 
+import functools
 import string
+import threading
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import target
 from .protocol import PACKET_SIZE
+
+if TYPE_CHECKING:
+    from .server import _Cpu
 
 SIGINT, SIGTRAP = 2, 5
 _PAGE = 4096
@@ -38,8 +44,27 @@ def _hexes(text: str, sep: str = ",") -> list[int]:
 
 
 class Commands:
+    if TYPE_CHECKING:       # what GdbServer supplies (see server.py)
+        mode: Any                   # the guest's CPU mode (target.MODES), once a session began
+        regs: tuple[target.Reg, ...]
+        sw_bp_native: bool | None
+        watch_native: bool | None
+        _g: Any                     # the selected _Cpu, once a session began
+        _conn: Any                  # the session's protocol.Connection
+        _cond: threading.Condition
+        _phys: bool
+        _stepped: dict[tuple[int, int], list[Any]]
+        _sw_bps: dict[int, tuple[int, int]]
+        _hw: list[tuple[int, int, int] | None]
+        _hw_sw: set[int]
+
+        def _live(self) -> list[_Cpu]: ...
+        def _call(self, cpu: _Cpu, fn: Callable[[], Any]) -> Any: ...
+        def _resume(self, actions: dict[int, str], default: str | None) -> None: ...
+        def _wait_stop(self) -> str: ...
+
     # --- packets --------------------------------------------------------------------
-    def _cpu_for(self, tid_text: str):
+    def _cpu_for(self, tid_text: str) -> _Cpu:
         tid = -1 if tid_text == "-1" else _hex(tid_text)
         live = self._live()
         if tid in (0, -1):
@@ -49,7 +74,7 @@ class Commands:
                 return c
         raise Failure(2)
 
-    def _dispatch(self, p: bytes):
+    def _dispatch(self, p: bytes) -> object:
         text = p.decode("latin-1")
         cmd = text[:1]
         if text.startswith("qSupported"):
@@ -100,10 +125,10 @@ class Commands:
         if cmd == "M":
             where, data = text[1:].split(":")
             addr, length = _hexes(where)
-            data = bytes.fromhex(data)
-            if len(data) != length:
+            raw = bytes.fromhex(data)
+            if len(raw) != length:
                 raise Failure(1)
-            self._write_memory(addr, data)
+            self._write_memory(addr, raw)
             return "OK"
         if cmd in "Zz" and text[1:2] in "01234":
             kind, addr, length = _hexes(text[1:].split(";")[0])
@@ -114,7 +139,8 @@ class Commands:
         if text == "vCont?":
             return "vCont;c;C;s;S"
         if text.startswith("vCont;"):
-            actions, default = {}, None
+            actions: dict[int, str] = {}
+            default: str | None = None
             for action in text[6:].split(";"):
                 what, _, tid = action.partition(":")
                 what = what[:1].lower()
@@ -158,8 +184,9 @@ class Commands:
         return "OK"
 
     # registers
-    def _state(self, cpu):
-        return self._call(cpu, lambda: target.VcpuState.of(cpu.vcpu))
+    def _state(self, cpu: _Cpu) -> target.VcpuState:
+        st: target.VcpuState = self._call(cpu, lambda: target.VcpuState.of(cpu.vcpu))
+        return st
 
     def _read_regs(self, n: int | None = None) -> str:
         st = self._state(self._g)
@@ -188,7 +215,7 @@ class Commands:
         return "OK"
 
     # memory
-    def _gpa_ranges(self, addr: int, length: int):
+    def _gpa_ranges(self, addr: int, length: int) -> list[tuple[int, int]]:
         """[(gpa, length)] covering guest address [addr, addr+length), page by page."""
         if length > 0x10000 or addr < 0 or addr + length > 1 << 64:
             raise Failure(1)
@@ -198,7 +225,7 @@ class Commands:
         out = []
         while length > 0:
             n = min(length, _PAGE - addr % _PAGE)
-            t = self._call(cpu, lambda a=addr: cpu.vcpu.translate(a))
+            t = self._call(cpu, functools.partial(cpu.vcpu.translate, addr))
             if not t["valid"]:
                 raise Failure(0x0E)
             out.append((t["physical_address"], n))
@@ -206,7 +233,7 @@ class Commands:
             length -= n
         return out
 
-    def _vm(self):
+    def _vm(self) -> Any:
         return self._g.vcpu.vm
 
     def _read_memory(self, addr: int, length: int) -> bytes:
@@ -222,14 +249,14 @@ class Commands:
 
     def _write_memory(self, addr: int, data: bytes) -> None:
         vm = self._vm()
-        data = bytearray(data)
+        buf = bytearray(data)
         for a, (gpa, orig) in list(self._sw_bps.items()):
-            if addr <= a < addr + len(data):
-                self._sw_bps[a] = (gpa, data[a - addr])
-                data[a - addr] = 0xCC
+            if addr <= a < addr + len(buf):
+                self._sw_bps[a] = (gpa, buf[a - addr])
+                buf[a - addr] = 0xCC
         off = 0
-        for gpa, n in self._gpa_ranges(addr, len(data)):
-            vm.write(gpa, bytes(data[off:off + n]))
+        for gpa, n in self._gpa_ranges(addr, len(buf)):
+            vm.write(gpa, bytes(buf[off:off + n]))
             off += n
 
     # breakpoints

@@ -10,6 +10,7 @@ leaves watchpoints to gdb (which single-steps) where the answer is no.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from .. import _core
 from . import target
@@ -17,13 +18,14 @@ from . import target
 _RESULT = 0x1004        # a data word of the built-in layout (layout.RESULT_ADDR)
 
 
-def _run(mode: str, code: bytes, **debug):
+def _run(mode: str, code: bytes, **debug: Any) -> tuple[int, int] | None:
     """(exception, dr6) of the DEBUG exit that *code* ends in under *debug*, else None."""
     from ..guests import layout
     from ..machine import Machine
     with Machine("fd") as m:
         vcpu = m.attach()
         m.load(f"debug_exit.{mode}", vcpu, native=False)
+        assert m.mem is not None            # (a machine without firmware has RAM in slot 0)
         m.mem[layout.LOAD_ADDR:layout.LOAD_ADDR + len(code)] = code
         vcpu.set_guest_debug(True, **debug)
         ex = vcpu.run(budget=4, timeout=1.0)

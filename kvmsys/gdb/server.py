@@ -22,6 +22,7 @@ import socket
 import stat
 import threading
 import time
+from typing import Any, Callable, Iterator
 
 from .. import _core
 from ..errors import InvalidArgumentError, KvmsysError
@@ -46,26 +47,27 @@ HOST_ENDINGS = {"MATCHED": "W00", "QUIT": "W00", "RESET": "W00", "INTERRUPTED": 
 
 
 class _Cpu:
-    def __init__(self, index: int, vcpu, run, host_stop=None):
+    def __init__(self, index: int, vcpu: Any, run: Callable[..., Any],
+                 host_stop: Callable[[], str | None] | None = None) -> None:
         self.index = index
         self.tid = index + 1
         self.vcpu = vcpu
         self.real_run = run
         self.handle = vcpu.handle()
         self.state = "running"      # running, parked, done
-        self.calls: list = []       # [fn, result, done] run on the vCPU thread while parked
+        self.calls: list[list[Any]] = []    # [fn, result, done] run on the vCPU thread while parked
         self.resume: str | None = None      # "c" or "s", set by the server
-        self.event = None           # (exception, dr6, pc, watched address or None) that stopped it
+        self.event: tuple[int, int, int, int | None] | None = None      # (exception, dr6, pc, watched address or None) that stopped it
         self.stepping = False
-        self.debug = None           # guest-debug settings last applied
+        self.debug: Any = None      # guest-debug settings last applied
         self.parked_s = 0.0         # time spent stopped in the debugger
-        self.final = None           # the exit that ended it
+        self.final: Any = None      # the exit that ended it
         self.host_stop = host_stop  # () -> why the host ends the run (a str), or None
-        self.why = None             # what host_stop() said when a kick ended the run
-        self.action = None          # how it was last resumed: "c" or "s"
+        self.why: str | None = None     # what host_stop() said when a kick ended the run
+        self.action: str | None = None  # how it was last resumed: "c" or "s"
 
 
-def parse_address(address: str):
+def parse_address(address: str) -> tuple[socket.AddressFamily, Any]:
     """'HOST:PORT' -> (AF_INET, (host, port)); anything with a '/' -> (AF_UNIX, path)."""
     if "/" in address:
         return socket.AF_UNIX, address
@@ -117,21 +119,22 @@ class GdbServer(Commands):
         self._wake_r, self._wake_w = os.pipe()
         self.sw_bp_native: bool | None = None      # int3 breakpoints (else debug registers)
         self.watch_native: bool | None = None      # data breakpoints (else stepped watchpoints)
-        self._stepped: dict = {}    # (address, length) -> [gpa, last bytes]: write watchpoints
+        self._stepped: dict[tuple[int, int], list[Any]] = {}    # (address, length) -> [gpa, last bytes]: write watchpoints
                                     # checked after each single-step where DRs do not watch data
         self._sw_bps: dict[int, tuple[int, int]] = {}   # address -> (gpa, original byte)
-        self._hw: list = [None] * target.HW_SLOTS         # (kind, address, length)
+        self._hw: list[tuple[int, int, int] | None] = [None] * target.HW_SLOTS         # (kind, address, length)
         self._hw_sw: set[int] = set()               # hw slots standing in for Z0
         self._phys = False
-        self._g = None              # selected thread for registers/memory
-        self.mode = None
-        self._conn = None
+        self._g: Any = None         # selected thread (_Cpu) for registers/memory
+        self.mode: Any = None
+        self._conn: Any = None
         self._thread = threading.Thread(target=self._serve, name="gdb-server", daemon=True)
         self._thread.start()
 
     # --- vCPU side -------------------------------------------------------------
     @contextlib.contextmanager
-    def attach(self, vcpu, run, host_stop=None):
+    def attach(self, vcpu: Any, run: Callable[..., Any], host_stop: Callable[[], str | None] | None = None
+               ) -> Iterator[Callable[..., Any]]:
         """On the vCPU's thread: *run* under the debugger (see the class docstring).
         *host_stop()*: why the host is ending the run (a str: the reason its kick means
         "stop", not a stop the server asked for), or None; its kick is then returned to
@@ -159,7 +162,7 @@ class GdbServer(Commands):
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"!")
 
-    def _run(self, cpu: _Cpu, **kw):
+    def _run(self, cpu: _Cpu, **kw: Any) -> Any:
         while True:
             with self._cond:
                 must_park = not self._detached and (self._stop or cpu.event is not None)
@@ -238,7 +241,7 @@ class GdbServer(Commands):
                                      hw_breakpoints=hw, debugreg=regs)
         cpu.debug = settings
 
-    def _check_stepped(self):
+    def _check_stepped(self) -> int | None:
         """Under the lock: the address of a stepped watchpoint whose bytes changed."""
         vm = next(iter(self._cpus.values())).vcpu.vm
         for (addr, length), entry in self._stepped.items():
@@ -249,9 +252,9 @@ class GdbServer(Commands):
         return None
 
     # --- server side: control of the vCPUs ----------------------------------------
-    def _call(self, cpu: _Cpu, fn):
+    def _call(self, cpu: _Cpu, fn: Callable[[], Any]) -> Any:
         """Run fn() on the parked vCPU's own thread and return its result."""
-        call = [fn, None, False]
+        call: list[Any] = [fn, None, False]
         with self._cond:
             if cpu.state != "parked":
                 raise Failure(1)
@@ -325,10 +328,10 @@ class GdbServer(Commands):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def __enter__(self):
+    def __enter__(self) -> GdbServer:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _serve(self) -> None:
@@ -372,7 +375,7 @@ class GdbServer(Commands):
         gets how the guest ended; everything else an empty reply (unsupported)."""
         return self._exit_reply() if packet == b"?" else ""
 
-    def _loop(self, dispatch) -> None:
+    def _loop(self, dispatch: Callable[[bytes], object]) -> None:
         conn = self._conn
         while not self._closed:
             packet = conn.read()
@@ -434,13 +437,15 @@ class GdbServer(Commands):
                     if hit is not None:
                         self._g = hit
                         return self._stop_reply(hit)
-                    cpu = self._g if self._g in self._live() else (self._live() or [None])[0]
+                    live = self._live()
+                    cpu = self._g if self._g in live else (live[0] if live else None)
                     if cpu is None:
                         return self._exit_reply()
                     self._g = cpu
                     return f"T{SIGINT:02x}thread:{cpu.tid:x};"
 
     def _stop_reply(self, cpu: _Cpu) -> str:
+        assert cpu.event is not None            # (a vCPU that stopped says why)
         exception, dr6, pc, watch = cpu.event
         why = ""
         if watch is not None:

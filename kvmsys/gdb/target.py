@@ -10,6 +10,12 @@ KVM_SET_FPU were not seen by KVM_GET_XSAVE on our host (measured 2026-11-30).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..state import Xsave
+
+if TYPE_CHECKING:
+    from ..fd import Vcpu
 
 MODES = ("real", "pm32", "long64")
 _ARCH = {"real": "i8086", "pm32": "i386", "long64": "i386:x86-64"}
@@ -94,7 +100,7 @@ def target_xml(mode: str) -> bytes:
             (feature("segments") if mode == "long64" else "") + '</target>\n').encode()
 
 
-def mode_of(sregs: dict) -> str:
+def mode_of(sregs: dict[str, Any]) -> str:
     """The CPU mode a vCPU is in: long64 (EFER.LMA), pm32 (CR0.PE) or real."""
     if sregs["efer"] & 0x400:
         return "long64"
@@ -105,15 +111,15 @@ def mode_of(sregs: dict) -> str:
 @dataclass
 class VcpuState:
     """The vCPU state gdb's registers are read from and written to."""
-    regs: dict
-    sregs: dict
-    xsave: object       # kvmsys.state.Xsave
+    regs: dict[str, int]
+    sregs: dict[str, Any]
+    xsave: Xsave
 
     @classmethod
-    def of(cls, vcpu) -> "VcpuState":
+    def of(cls, vcpu: Vcpu) -> "VcpuState":
         return cls(vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_xsave())
 
-    def apply(self, vcpu, changed: set) -> None:
+    def apply(self, vcpu: Vcpu, changed: set[str]) -> None:
         """Write the parts named in *changed* back to *vcpu*."""
         if "sregs" in changed:
             vcpu.set_sregs(self.sregs)
@@ -124,7 +130,7 @@ class VcpuState:
             vcpu.set_xsave(self.xsave)
 
 
-def _x87_ctrl(fpu) -> dict:
+def _x87_ctrl(fpu: Xsave) -> dict[str, int]:
     # fpu: the XSAVE legacy region (FXSAVE layout, 64-bit FIP/FDP)
     ftwx, last_ip, last_dp = fpu["ftw"], fpu["fip"], fpu["fdp"]
     # FXSAVE keeps one "not empty" bit per register; gdb shows the full tag word (3 = empty)
@@ -134,7 +140,7 @@ def _x87_ctrl(fpu) -> dict:
                 fooff=last_dp & 0xFFFFFFFF, fop=fpu["fop"])
 
 
-def _pc_base(reg: Reg, sregs: dict, mode: str) -> int:
+def _pc_base(reg: Reg, sregs: dict[str, Any], mode: str) -> int:
     # Real mode: gdb's eip is the linear address CS.base + IP, the address breakpoints
     # (debug registers) and memory use; a firmware's reset vector is 0xFFFFFFF0.
     return sregs["cs"]["base"] if mode == "real" and reg.src == "rip" else 0
@@ -148,9 +154,9 @@ def read_value(reg: Reg, st: VcpuState, mode: str) -> bytes:
     elif reg.kind == "seg":
         value = sregs[reg.src]["selector"]
     elif reg.kind == "st":
-        return fpu[reg.name][:10]           # 80-bit registers in 16-byte slots
+        return bytes(fpu[reg.name][:10])    # 80-bit registers in 16-byte slots
     elif reg.kind == "xmm":
-        return fpu[reg.name]
+        return bytes(fpu[reg.name])
     elif reg.kind == "base":
         value = sregs[reg.src]["base"]
     elif reg.kind == "mxcsr":
@@ -199,7 +205,7 @@ def write_value(reg: Reg, data: bytes, st: VcpuState, mode: str) -> str:
     return "xsave"
 
 
-def _write_x87_ctrl(fpu, name: str, value: int) -> None:
+def _write_x87_ctrl(fpu: Xsave, name: str, value: int) -> None:
     ctrl = _x87_ctrl(fpu)
     ctrl[name] = value
     fpu["fcw"], fpu["fsw"], fpu["fop"] = ctrl["fctrl"] & 0xFFFF, ctrl["fstat"] & 0xFFFF, ctrl["fop"] & 0xFFFF
@@ -217,7 +223,7 @@ _LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
 _DR7_ONE = 1 << 10      # reserved bit 10 reads as 1
 
 
-def debugreg(slots) -> list[int]:
+def debugreg(slots: Sequence[tuple[int, int, int] | None]) -> list[int]:
     """KVM_SET_GUEST_DEBUG's debugreg[8] for up to four (kind, address, length) slots
     (None for a free one): DR0-DR3 the addresses, DR7 the local-enable, R/W and LEN
     fields (Intel SDM vol. 3, "Debug Registers")."""

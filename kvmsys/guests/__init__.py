@@ -98,7 +98,7 @@ _LOOP_N = "iterations (ECX); 0 = forever"
 _DONE = {"exit_value": 0, "exit_status": exit_status(0)}
 
 # base name -> (description, params, expect)
-_SPECS: dict[str, tuple[str, tuple[Param, ...], dict]] = {
+_SPECS: dict[str, tuple[str, tuple[Param, ...], dict[str, Any]]] = {
     "pio_out_loop": (
         f"1-byte out to port {PORT_OUT:#x} per iteration (data = low byte of the counter)",
         _n(DEFAULT_N, _LOOP_N),
@@ -163,7 +163,7 @@ def _smp(default: int, doc: str) -> tuple[Param, ...]:
                   bits=7))
 
 
-def _smp_expect(n: int, **more) -> dict:
+def _smp_expect(n: int, **more: Any) -> dict[str, Any]:
     return {**_DONE, "fail_value": layout.SMP_FAIL_VALUE,
             "fail_status": exit_status(layout.SMP_FAIL_VALUE),
             "value_addr": layout.SMP_VALUE_ADDR, "value": n, **more}

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterable
 
 from . import GUESTS, layout
 
@@ -39,7 +40,7 @@ def targets() -> dict[str, tuple[Path, int, int]]:
     return out
 
 
-def _binutils(src: Path, steps) -> bytes:
+def _binutils(src: Path, steps: Callable[[str, str, str], Iterable[list[str]]]) -> bytes:
     """Run *steps(obj, elf, out)* (binutils command lines) in a scratch directory; the bytes of out."""
     env = dict(os.environ, LC_ALL="C")
     with tempfile.TemporaryDirectory(prefix="kvmsys-guest-") as tmp:

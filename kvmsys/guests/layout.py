@@ -9,7 +9,15 @@ import operator
 import struct
 from importlib import resources
 
+from typing import TYPE_CHECKING, Any, Union
+
 from ..errors import ArgumentTypeError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .._core import VcpuCore
+    from . import Guest
+
+Mem = Union[memoryview, bytearray]      # guest RAM from slot 0 (or a copy of it)
 
 # --- guest-physical layout --------------------------------------------------
 # Everything sits below 64 KiB so real-mode code reaches it with segment bases 0.
@@ -130,30 +138,30 @@ def read_bin(stem: str) -> bytes:
     return resources.files(__package__).joinpath("bin", stem + ".bin").read_bytes()
 
 
-def _put(mem, gpa: int, data: bytes) -> None:
+def _put(mem: Mem, gpa: int, data: bytes | bytearray) -> None:
     mem[gpa:gpa + len(data)] = data
 
 
-def _seg(d: dict, *, selector=0, base=0, limit=0xFFFF, type=3, s=1, db=0, l=0, g=0,
-         present=1, dpl=0) -> None:
+def _seg(d: dict[str, Any], *, selector: int = 0, base: int = 0, limit: int = 0xFFFF, type: int = 3,
+         s: int = 1, db: int = 0, l: int = 0, g: int = 0, present: int = 1, dpl: int = 0) -> None:
     d.update(base=base, limit=limit, selector=selector, type=type, present=present, dpl=dpl,
              db=db, s=s, l=l, g=g, avl=0, unusable=0)
 
 
-def _tables_real(mem) -> None:
+def _tables_real(mem: Mem) -> None:
     # IVT entries are offset:segment with segment 0 (stubs lie below 64 KiB).
     ivt = b"".join(struct.pack("<HH", VECTORS_ADDR + VECTOR_STUB_SIZE * v, 0)
                    for v in range(NUM_VECTORS))
     _put(mem, IVT_ADDR, ivt)
 
 
-def _tables_pm32(mem) -> None:
+def _tables_pm32(mem: Mem) -> None:
     idt = b"".join(struct.pack("<HHHH", off & 0xFFFF, SEL_CODE32, 0x8E00, off >> 16)
                    for off in (VECTORS_ADDR + VECTOR_STUB_SIZE * v for v in range(NUM_VECTORS)))
     _put(mem, IDT_ADDR, idt)
 
 
-def _tables_long64(mem) -> None:
+def _tables_long64(mem: Mem) -> None:
     idt = b"".join(struct.pack("<HHHHII", off & 0xFFFF, SEL_CODE64, 0x8E00,
                                (off >> 16) & 0xFFFF, off >> 32, 0)
                    for off in (VECTORS_ADDR + VECTOR_STUB_SIZE * v for v in range(NUM_VECTORS)))
@@ -171,7 +179,7 @@ def _tables_long64(mem) -> None:
                                                for i in range(512))))
 
 
-def _sregs(sregs: dict, mode: str) -> None:
+def _sregs(sregs: dict[str, Any], mode: str) -> None:
     for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
         sregs[name] = dict(sregs[name])
     # TR/LDT as after reset (busy TSS, valid LDT): VT-x checks them on entry in every mode.
@@ -202,7 +210,8 @@ def _sregs(sregs: dict, mode: str) -> None:
     sregs["idt"] = dict(sregs["idt"], base=IDT_ADDR, limit=idt_limit)
 
 
-def prepare(guest, vcpu, mem, *, pvm_page=None, **inputs) -> dict:
+def prepare(guest: Guest, vcpu: VcpuCore, mem: Mem, *, pvm_page: int | None = None,
+            **inputs: int) -> dict[str, int]:
     """Load `guest` into `mem` and set up `vcpu` for its mode; return the regs set.
 
     `inputs` are the guest's params by name (e.g. n=1000); missing ones take

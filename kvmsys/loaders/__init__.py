@@ -3,3 +3,6 @@ way its boot protocol says, with no firmware: Multiboot (version 1) and Linux's 
 boot protocol (64-bit entry)."""
 from .linux import LinuxBootError, enter as enter_linux, is_bzimage, load_linux  # noqa: F401
 from .multiboot import MultibootError, enter as enter_multiboot, load_multiboot  # noqa: F401
+
+__all__ = ["LinuxBootError", "enter_linux", "is_bzimage", "load_linux", "MultibootError", "enter_multiboot",
+           "load_multiboot"]

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import struct
 
+from typing import TYPE_CHECKING, Any
+
 from ..errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .._core import VcpuCore
 
 HDRS = b"HdrS"
 GDT_ADDR = 0x500
@@ -41,7 +46,7 @@ def is_bzimage(image: bytes) -> bool:
     return len(image) > 0x264 and image[0x202:0x206] == HDRS
 
 
-def load_linux(mem, image: bytes, *, cmdline: str = "", initrd: bytes | None = None) -> tuple[int, int]:
+def load_linux(mem: memoryview, image: bytes, *, cmdline: str = "", initrd: bytes | None = None) -> tuple[int, int]:
     """Load bzImage *image* into *mem* (a writable view of guest RAM from 0).  Returns
     (64-bit entry point, zero page address).  Every header field is checked against the
     file and RAM before the first byte is written: a LinuxBootError leaves RAM as it was."""
@@ -96,12 +101,12 @@ def load_linux(mem, image: bytes, *, cmdline: str = "", initrd: bytes | None = N
     return KERNEL_ADDR + 0x200, ZERO_PAGE
 
 
-def enter(vcpu, entry: int, zero_page: int) -> None:
+def enter(vcpu: VcpuCore, entry: int, zero_page: int) -> None:
     """Set *vcpu* up for the 64-bit boot protocol: long mode, paging with the identity
     map, flat segments, interrupts off, RSI = the zero page."""
     sregs = vcpu.get_sregs()
 
-    def seg(selector, type_, l, db):
+    def seg(selector: int, type_: int, l: int, db: int) -> dict[str, Any]:
         return dict(base=0, limit=0xFFFFFFFF, selector=selector, type=type_, present=1, dpl=0,
                     db=db, s=1, l=l, g=1, avl=0, unusable=0, padding=0)
     sregs["cs"] = seg(0x10, 11, 1, 0)

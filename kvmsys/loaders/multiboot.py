@@ -16,7 +16,12 @@ from __future__ import annotations
 
 import struct
 
+from typing import TYPE_CHECKING, Any, Sequence
+
 from ..errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .._core import VcpuCore
 
 HEADER_MAGIC = 0x1BADB002
 BOOTLOADER_MAGIC = 0x2BADB002
@@ -38,7 +43,7 @@ class MultibootError(InvalidArgumentError):
     """The image is not a Multiboot kernel kvmsys can load into this RAM."""
 
 
-def find_header(image: bytes) -> tuple[int, int, tuple]:
+def find_header(image: bytes) -> tuple[int, int, tuple[int, ...]]:
     """(offset, flags, the five a.out-kludge address fields) of the Multiboot header."""
     for off in range(0, min(len(image), SEARCH) - 11, 4):
         magic, flags, checksum = struct.unpack_from("<III", image, off)
@@ -54,7 +59,7 @@ ELF_HEADER, PHDR = 52, 32       # sizeof(Elf32_Ehdr), sizeof(Elf32_Phdr)
 PT_LOAD, EM_386 = 1, 3
 
 
-def _aout_segment(image: bytes, off: int, fields: tuple) -> tuple[list, int]:
+def _aout_segment(image: bytes, off: int, fields: tuple[int, ...]) -> tuple[list[tuple[int, int, int, int]], int]:
     header_addr, load_addr, load_end, bss_end, entry = fields
     start = off - (header_addr - load_addr)
     if header_addr < load_addr or start < 0:
@@ -70,7 +75,7 @@ def _aout_segment(image: bytes, off: int, fields: tuple) -> tuple[list, int]:
     return [(load_addr, start, end - start, max(end - start, bss_end - load_addr if bss_end else 0))], entry
 
 
-def _elf_segments(image: bytes) -> tuple[list, int]:
+def _elf_segments(image: bytes) -> tuple[list[tuple[int, int, int, int]], int]:
     if (len(image) < ELF_HEADER or image[:4] != b"\x7fELF" or image[4] != 1 or image[5] != 1
             or struct.unpack_from("<H", image, 18)[0] != EM_386):
         raise MultibootError("not a 32-bit little-endian x86 ELF and no a.out-kludge fields in the header")
@@ -91,7 +96,7 @@ def _elf_segments(image: bytes) -> tuple[list, int]:
     return segs, entry
 
 
-def _segments(image: bytes, off: int, flags: int, fields: tuple, ram: int) -> tuple[list, int]:
+def _segments(image: bytes, off: int, flags: int, fields: tuple[int, ...], ram: int) -> tuple[list[tuple[int, int, int, int]], int]:
     """[(guest address, file offset, bytes from the file, size in memory)], entry point:
     each inside RAM (above the IVT, not in the hole below 1 MiB), none overlapping another
     (so loading them costs at most the file and the RAM, whatever the headers say)."""
@@ -109,7 +114,8 @@ def _segments(image: bytes, off: int, flags: int, fields: tuple, ram: int) -> tu
     return segs, entry
 
 
-def load_multiboot(mem, image: bytes, *, cmdline: str = "", modules=()) -> tuple[int, int]:
+def load_multiboot(mem: memoryview, image: bytes, *, cmdline: str = "",
+                   modules: Sequence[tuple[bytes, str]] = ()) -> tuple[int, int]:
     """Load *image* and its *modules* ([(bytes, command line)]) into *mem* (a writable view
     of guest RAM from address 0).  Returns (entry point, address of the Multiboot info).
     Everything is checked before the first byte is written: a MultibootError leaves RAM
@@ -173,11 +179,11 @@ def load_multiboot(mem, image: bytes, *, cmdline: str = "", modules=()) -> tuple
     return entry, info_addr
 
 
-def enter(vcpu, entry: int, info_addr: int) -> None:
+def enter(vcpu: VcpuCore, entry: int, info_addr: int) -> None:
     """Set *vcpu* up as Multiboot says the kernel finds it."""
     sregs = vcpu.get_sregs()
 
-    def seg(selector, type_):
+    def seg(selector: int, type_: int) -> dict[str, Any]:
         return dict(base=0, limit=0xFFFFFFFF, selector=selector, type=type_, present=1, dpl=0,
                     db=1, s=1, l=0, g=1, avl=0, unusable=0, padding=0)
     sregs["cs"] = seg(0x08, 11)

@@ -9,6 +9,8 @@
 #     a word DMAed from IOVA 0 into edu and back to IOVA 4 must land at DATA + 4.
 #  3. a DMA from an unmapped IOVA: a fault record with reason 6 (read) for requester 0x0008.
 #  4. interrupt remapping: edu's MSI in remappable format, handle 5 -> IRTE 5 -> vector 0x41.
+#  5. a remapped level-triggered IOAPIC pin: pin 11 in remappable format -> IRTE 6 (level,
+#     vector 0x42); as in step 1, delivered again on the EOI while the line (0x200b) is high.
 # Build: python -m kvmsys.guests.build (as --32 -I. and objcopy -O binary -j .text)
     .include "debugcon.inc"
     .code32
@@ -34,6 +36,9 @@ entry:
     call    set_gate
     mov     $0x41, %ebx
     mov     $isr_msi + BASE, %eax
+    call    set_gate
+    mov     $0x42, %ebx
+    mov     $isr_remapped + BASE, %eax
     call    set_gate
     lidt    idtr + BASE
     orl     $0x100, APIC + 0xF0     # software-enable the local APIC
@@ -115,6 +120,23 @@ entry:
     movl    $1, EDU + 0x60          # raise
 3:  cmpl    $1, msi_count + BASE
     jne     3b
+    inc     %ecx                    # step 5
+    movl    $1 | 1 << 4 | 0x42 << 16, IRT + 6 * 16  # present, level, vector 0x42, APIC 0
+    movl    $0, IRT + 6 * 16 + 8    # no source-id check (the IOAPIC sends none)
+    movl    $0x10 + 2 * 11, IOAPIC  # pin 11: remappable, index 6, level, vector 0x42
+    movl    $0x8042, IOAPIC + 0x10
+    movl    $0x11 + 2 * 11, IOAPIC
+    movl    $(1 << 16) | (6 << 17), IOAPIC + 0x10
+    mov     $0x200B, %dx
+    mov     $1, %al
+    out     %al, %dx
+4:  cmpl    $2, remapped_count + BASE
+    jne     4b
+    mov     $1000, %eax
+5:  dec     %eax
+    jnz     5b
+    cmpl    $2, remapped_count + BASE
+    jne     fail
     mov     $msg_ok + BASE, %esi
     call    puts
     xor     %ecx, %ecx
@@ -168,6 +190,23 @@ isr_level:
     sti
     ret     $8
 
+isr_remapped:
+    pushf
+    push    %eax
+    push    %edx
+    incl    remapped_count + BASE
+    cmpl    $2, remapped_count + BASE
+    jb      1f
+    mov     $0x200B, %dx
+    xor     %al, %al
+    out     %al, %dx
+1:  movl    $0, APIC + 0xB0
+    pop     %edx
+    pop     %eax
+    popf
+    sti
+    ret     $8
+
 isr_msi:
     pushf
     incl    msi_count + BASE
@@ -183,8 +222,10 @@ level_count:
     .long   0
 msi_count:
     .long   0
+remapped_count:
+    .long   0
 idtr:
-    .word   0x42 * 8 - 1
+    .word   0x43 * 8 - 1
     .long   IDT
 msg_ok:
     .asciz  "q35 ok\n"
