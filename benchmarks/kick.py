@@ -145,7 +145,8 @@ class _Target:
         kick, block, now = self.handle.kick, self.done.acquire, time.perf_counter_ns
         t0 = now()
         kick()
-        block()                         # at once, as the C floor's kicker does
+        if not block(True, 10):         # at once, as the C floor's kicker does (it too has a timeout)
+            raise RuntimeError(f"kick target ({self.abi}): run() did not return within 10 s of the kick")
         self.done.release()
         t1, name, clocks = self._wait()
         if name == "KICK":
