@@ -45,6 +45,7 @@ RTPS, IRTPS = SRTP, SIRTP
 PFO, PPF, IQE = 1 << 0, 1 << 1, 1 << 4
 FSTS_W1C = PFO | 1 << 2 | 1 << 3 | IQE | 1 << 5 | 1 << 6
 IM, IP = 1 << 31, 1 << 30
+FECTL, IECTL = 0x38, 0xA0             # event control registers: data at +4, address at +8
 MAX_QUEUE = 256 << 7                        # QS at most 7: 128 pages of 256 descriptors
 
 # 32-bit halves that software may write, and the bits it may: {offset: mask}
@@ -72,8 +73,8 @@ class IntelIommu(Device):
         self._put(0x00, 4, VERSION)
         self._put(0x08, 8, CAP)
         self._put(0x10, 8, ECAP)
-        self._put(0x38, 4, IM)
-        self._put(0xA0, 4, IM)
+        self._put(FECTL, 4, IM)
+        self._put(IECTL, 4, IM)
         self.status = 0             # GSTS
         self.root_table = 0         # latched by SRTP
         self.irta = 0               # latched by SIRTP
@@ -156,17 +157,26 @@ class IntelIommu(Device):
         self._put(FRCD, 8, f.info)
         self._put(FRCD + 8, 8, f.sid | f.reason << 32 | (0 if f.write else 1) << 62 | 1 << 63)
         self._put(0x34, 4, (fsts | PPF) & ~0xFF00)      # FRI 0
-        self._fault_event()
+        self._event(FECTL)
 
-    def _fault_event(self) -> None:
-        fectl = self._get(0x38, 4)
-        if fectl & IM:
-            self._put(0x38, 4, fectl | IP)
+    # The fault event (FECTL, its data and address after it) and the invalidation event
+    # (IECTL) work alike: sent at once, or left pending (IP) while masked (IM).
+    def _event(self, ctl: int) -> None:
+        control = self._get(ctl, 4)
+        if control & IM:
+            self._put(ctl, 4, control | IP)
         else:
-            self._events.append(self._event_message(0x3C))
+            self._events.append(self._event_message(ctl))
 
-    def _event_message(self, data_reg: int) -> tuple[int, int]:
-        return self._get(data_reg + 4, 4), self._get(data_reg, 4) & 0xFFFF    # (address, data)
+    def _write_event_control(self, ctl: int, value: int) -> None:
+        control = (self._get(ctl, 4) & IP) | (value & IM)
+        if not control & IM and control & IP:   # unmasked with one pending: sent now
+            control &= ~IP
+            self._events.append(self._event_message(ctl))
+        self._put(ctl, 4, control)
+
+    def _event_message(self, ctl: int) -> tuple[int, int]:
+        return self._get(ctl + 8, 4), self._get(ctl + 4, 4) & 0xFFFF    # (address, data)
 
     # --- registers ----------------------------------------------------------------
     def mmio(self, ex: MmioExit) -> bool:
@@ -199,20 +209,10 @@ class IntelIommu(Device):
             self._put(0x34, 4, fsts)
             if value & IQE:
                 self._run_queue()               # a queue stopped by an error goes on
-        elif off == 0x38:
-            fectl = (self._get(0x38, 4) & IP) | (value & IM)
-            if not fectl & IM and fectl & IP:
-                fectl &= ~IP
-                self._events.append(self._event_message(0x3C))
-            self._put(0x38, 4, fectl)
+        elif off in (FECTL, IECTL):
+            self._write_event_control(off, value)
         elif off == 0x9C:
             self._put(0x9C, 4, self._get(0x9C, 4) & ~(value & 1))      # IWC: write 1 to clear
-        elif off == 0xA0:
-            iectl = (self._get(0xA0, 4) & IP) | (value & IM)
-            if not iectl & IM and iectl & IP:
-                iectl &= ~IP
-                self._events.append(self._event_message(0xA4))
-            self._put(0xA0, 4, iectl)
         elif off == FRCD + 12:
             if value & (1 << 31):               # F: write 1 to clear
                 self._put(FRCD + 12, 4, self._get(FRCD + 12, 4) & ~(1 << 31))
@@ -265,7 +265,7 @@ class IntelIommu(Device):
 
     def _queue_error(self) -> None:
         self._put(0x34, 4, self._get(0x34, 4) | IQE)
-        self._fault_event()
+        self._event(FECTL)
 
     def _descriptor(self, lo: int, hi: int) -> bool:
         """Run one descriptor; False if it is invalid."""
@@ -283,11 +283,7 @@ class IntelIommu(Device):
                     return False
             if lo & (1 << 4):                   # IF: invalidation complete, its interrupt
                 self._put(0x9C, 4, 1)
-                iectl = self._get(0xA0, 4)
-                if iectl & IM:
-                    self._put(0xA0, 4, iectl | IP)
-                else:
-                    self._events.append(self._event_message(0xA4))
+                self._event(IECTL)
             return True
         return False
 
