@@ -78,23 +78,20 @@ class Edu(PciFunction):
         self.dma_errors = 0         # transfers dropped (outside the buffer, or refused by the DMA path)
 
     # --- configuration space ------------------------------------------------------
-    def _u16(self, off: int) -> int:
-        return int.from_bytes(self.config[off:off + 2], "little")
-
     @property
     def command(self) -> int:
-        return self._u16(4)
+        return self.read_config(4, 2)
 
     @property
     def bar(self) -> int:
-        return int.from_bytes(self.config[0x10:0x14], "little") & ~0xF
+        return self.read_config(0x10, 4) & ~0xF
 
     def decodes(self, address: int) -> bool:
         """Whether BAR 0 (memory decoding on) covers *address*."""
         return bool(self.command & COMMAND_MEMORY) and self.bar <= address < self.bar + BAR_SIZE
 
     def msi_enabled(self) -> bool:
-        return bool(self._u16(MSI_CAP + 2) & 1)
+        return bool(self.read_config(MSI_CAP + 2, 2) & 1)
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         for i, b in enumerate(value.to_bytes(size, "little")):
@@ -118,9 +115,7 @@ class Edu(PciFunction):
             c[off] = b & 0xFC if off == MSI_CAP + 4 else b
 
     def msi_message(self) -> tuple[int, int]:
-        c = self.config
-        addr = int.from_bytes(c[MSI_CAP + 4:MSI_CAP + 12], "little")
-        return addr, int.from_bytes(c[MSI_CAP + 12:MSI_CAP + 14], "little")
+        return self.read_config(MSI_CAP + 4, 8), self.read_config(MSI_CAP + 12, 2)
 
     # --- interrupts ---------------------------------------------------------------
     def _raise(self, bits: int) -> None:
