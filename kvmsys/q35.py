@@ -143,8 +143,7 @@ class Q35Parts:
         self.bus.ioapic = self.ioapic
         self.iommu = None
         if "intel-iommu" in devices:
-            read, write = guest_memory(vm)
-            self.iommu = IntelIommu(read, write, self.bus.signal, self.bus.routes_changed)
+            self.iommu = IntelIommu(self.bus.read, self.bus.write, self.bus.signal, self.bus.routes_changed)
             self.bus.iommu = self.iommu
         self.edu = Edu(self.bus, devfn=EDU_DEVFN, bar=EDU_BAR, line=EDU_PIN) if "edu" in devices else None
         functions: dict[tuple[int, int], Any] = dict(Q35)
