@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ._core import IRQ_ROUTING
-from .devices import Device, Irq, PciHost
+from .devices import Device, PciHost
 from .devices.edu import BAR_SIZE, Edu
 from .devices.ioapic import Ioapic
 from .devices.pci import Q35
@@ -151,10 +151,6 @@ class Q35Parts:
             functions[(EDU_DEVFN >> 3, EDU_DEVFN & 7)] = self.edu
         self.pci = PciHost(functions)
         self.devices = [self.pci, _PciWindow(self), self.ioapic] + ([self.iommu] if self.iommu else [])
-
-    def irq(self, line: int) -> Irq:
-        """An ISA interrupt line into the IOAPIC."""
-        return Irq(self.ioapic, line)
 
     def bar_access(self, ex: MmioExit) -> bool:
         """An access in the PCI window: to the BAR that decodes it, else open bus."""
