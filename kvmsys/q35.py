@@ -96,14 +96,15 @@ class Bus:
         return True
 
     # --- interrupts -----------------------------------------------------------
+    def _remapped(self, address: int, data: int, sid: int | None, record: bool = True) -> tuple[int, int] | None:
+        """(address, data) of a message after the IOMMU's remapping (when there is one), or None."""
+        return (address, data) if self.iommu is None else self.iommu.remap(address, data, sid, record=record)
+
     def msi(self, address: int, data: int, sid: int | None = None) -> None:
         """A message from a device (*sid*) or the IOAPIC (None): remapped, then sent."""
-        if self.iommu is not None:
-            out = self.iommu.remap(address, data, sid)
-            if out is None:
-                return
-            address, data = out
-        self.signal(address, data)
+        out = self._remapped(address, data, sid)
+        if out is not None:
+            self.signal(*out)
 
     def signal(self, address: int, data: int) -> None:
         if address >> 20 == 0xFEE:          # anything else is a memory write, not an interrupt
@@ -119,12 +120,9 @@ class Bus:
         routes = []
         assert self.ioapic is not None
         for pin, address, data in self.ioapic.routes():
-            if self.iommu is not None:
-                out = self.iommu.remap(address, data, None, record=False)
-                if out is None:
-                    continue
-                address, data = out
-            routes.append((pin, IRQ_ROUTING["MSI"], address & 0xFFFFFFFF, address >> 32, data))
+            out = self._remapped(address, data, None, record=False)
+            if out is not None:
+                routes.append((pin, IRQ_ROUTING["MSI"], out[0] & 0xFFFFFFFF, out[0] >> 32, out[1]))
         self.vm.set_gsi_routing(routes)
 
 
