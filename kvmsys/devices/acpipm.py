@@ -67,13 +67,12 @@ class AcpiPm(Device):
             elif o < 6:
                 shift = 8 * (o - 4)
                 self.control = (self.control & ~(0xFF << shift)) | byte << shift
+        self.control |= SCI_EN                  # always in ACPI mode
         if self.control & SLP_EN:
             self.control &= ~SLP_EN             # write-only: reads 0
             state = SLEEP_STATES.get((self.control >> SLP_TYP_SHIFT) & 7)
-            self.control |= SCI_EN
             if state is not None and self.on_sleep is not None:
                 return bool(self.on_sleep(state))
-        self.control |= SCI_EN
         return None
 
     def woke(self, by_rtc: bool) -> None:
