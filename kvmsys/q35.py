@@ -26,11 +26,10 @@ from .devices.edu import BAR_SIZE, Edu
 from .devices.ioapic import Ioapic
 from .devices.pci import Q35
 from .devices.vtd import BASE as _IOMMU_BASE, IntelIommu, guest_memory
-from .enums import Kind, Space
 from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from ._core import MmioExit, VmCore
+    from ._core import MmioExit
     from .fd import Vm
 
 MACHINES = ("pc", "q35")
@@ -180,7 +179,7 @@ class _PciWindow(Device):
         self.parts = parts
         super().__init__()
 
-    def install(self, vm: VmCore) -> list[int]:
-        self._vm = vm
-        self._handlers = [vm.add_handler(Space.MMIO, *PCI_WINDOW, Kind.PYTHON, 0, self.parts.bar_access)]
-        return self._handlers
+    mmio_ranges = (PCI_WINDOW,)
+
+    def mmio(self, ex: MmioExit) -> bool:
+        return self.parts.bar_access(ex)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .._core import IoExit, VmCore
+    from .._core import IoExit, MmioExit, VmCore
 
 import threading
 
@@ -31,8 +31,9 @@ PIO = Space.PIO
 
 
 class Device:
-    """A device answering port accesses from Python."""
+    """A device answering port accesses (and MMIO accesses, in ``mmio``) from Python."""
     ports: tuple[tuple[int, int], ...] = ()     # [start, end) ranges
+    mmio_ranges: tuple[tuple[int, int], ...] = ()   # [start, end) guest-physical ranges ``mmio`` handles
 
     def __init__(self) -> None:
         self._handlers: list[int] = []
@@ -73,10 +74,16 @@ class Device:
             stop = bool(self.write(port, size, int.from_bytes(data[i * size:(i + 1) * size], "little"))) or stop
         return stop
 
+    def mmio(self, ex: MmioExit) -> bool:
+        """The Python handler of an access in ``mmio_ranges`` (the subclass takes its lock)."""
+        raise NotImplementedError
+
     def install(self, vm: VmCore) -> list[int]:
         self._vm = vm
         self._handlers = [vm.add_handler(PIO, start, end, Kind.PYTHON, 0, self.io)
                           for start, end in self.ports]
+        self._handlers += [vm.add_handler(Space.MMIO, start, end, Kind.PYTHON, 0, self.mmio)
+                           for start, end in self.mmio_ranges]
         return self._handlers
 
     def uninstall(self) -> None:

@@ -19,13 +19,12 @@ as level-triggered MSIs on the IOAPIC's pins: ``routes()`` gives those (the mach
 them whenever an entry or the remapping changes)."""
 from __future__ import annotations
 
-from ..enums import Kind, Space
 from typing import TYPE_CHECKING, Callable
 
 from . import Device
 
 if TYPE_CHECKING:
-    from .._core import MmioExit, VmCore
+    from .._core import MmioExit
 
 BASE, SIZE = 0xFEC00000, 0x1000
 PINS = 24
@@ -49,6 +48,7 @@ class Ioapic(Device):
     """*msi(address, data)*: deliver a message; *routes_changed()*: the level-triggered
     entries changed (see ``routes``).  Both are called without this device's lock."""
     has_irqchip = True          # an interrupt sink for kvmsys.devices.Irq
+    mmio_ranges = ((BASE, BASE + SIZE),)
 
     def __init__(self, msi: Callable[[int, int], object], routes_changed: Callable[[], object] = lambda: None) -> None:
         self.msi, self.routes_changed = msi, routes_changed
@@ -60,11 +60,6 @@ class Ioapic(Device):
         self.id = 0
         self.entries = [MASK] * PINS
         self.lines = [0] * PINS
-
-    def install(self, vm: VmCore) -> list[int]:
-        self._vm = vm
-        self._handlers = [vm.add_handler(Space.MMIO, BASE, BASE + SIZE, Kind.PYTHON, 0, self.mmio)]
-        return self._handlers
 
     # --- the lines ----------------------------------------------------------------
     def irq_line(self, pin: int, level: int) -> None:

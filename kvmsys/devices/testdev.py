@@ -15,9 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .._core import MmioExit, VmCore
+    from .._core import MmioExit
 
-from ..enums import Kind, Space
 from . import Device
 
 DATA, FLUSH, IRQ_BASE, IRQ_LINES = 0xE0, 0xE4, 0x2000, 24
@@ -26,6 +25,7 @@ IOMEM, IOMEM_LEN = 0xFF000000, 0x10000
 
 class PcTestdev(Device):
     ports = ((DATA, FLUSH + 4), (IRQ_BASE, IRQ_BASE + IRQ_LINES))
+    mmio_ranges = ((IOMEM, IOMEM + IOMEM_LEN),)
 
     def __init__(self, irqs: Any = None) -> None:
         """*irqs*: where the lines go (``irq_line(line, level)``): the VM it is installed
@@ -48,11 +48,6 @@ class PcTestdev(Device):
             else:
                 ex.data[:n] = bytes(self.iomem[offset:offset + inside]) + b"\xff" * (n - inside)
         return False
-
-    def install(self, vm: VmCore) -> list[int]:
-        handlers = super().install(vm)
-        handlers.append(vm.add_handler(Space.MMIO, IOMEM, IOMEM + IOMEM_LEN, Kind.PYTHON, 0, self.mmio))
-        return handlers
 
     def read(self, port: int, size: int) -> int:
         if DATA <= port < FLUSH:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Callable
 
-from ..enums import Kind, Space
 from ..errors import KvmsysError
 from . import Device
 from . import vtd_walk
@@ -61,6 +60,7 @@ class IntelIommu(Device):
     returns False where there is no RAM; *signal(address, data)*: send an interrupt
     message of the IOMMU's own (fault and invalidation events) to the local APICs;
     *routes_changed()*: see the module doc.  The last two are called without the lock."""
+    mmio_ranges = ((BASE, BASE + SIZE),)
 
     def __init__(self, read: Read, write: Callable[[int, bytes], bool], signal: Callable[[int, int], object],
                  routes_changed: Callable[[], object] = lambda: None) -> None:
@@ -86,11 +86,6 @@ class IntelIommu(Device):
 
     def _put(self, off: int, n: int, value: int) -> None:
         self.r[off:off + n] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
-
-    def install(self, vm: VmCore) -> list[int]:
-        self._vm = vm
-        self._handlers = [vm.add_handler(Space.MMIO, BASE, BASE + SIZE, Kind.PYTHON, 0, self.mmio)]
-        return self._handlers
 
     # --- what devices and the IOAPIC ask -------------------------------------------
     @property
