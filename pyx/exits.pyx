@@ -66,12 +66,16 @@ cdef class Exit:
     @staticmethod
     cdef Exit _new_of(type cls, VcpuCore vcpu, int reason):
         cdef Exit e = cls.__new__(cls)
-        e.vcpu = vcpu
-        e.reason = reason
-        e.page = vcpu.page
-        e._run = vcpu.v.run
-        e.seq = vcpu.v.run_seq
+        e.stamp(vcpu, reason)
         return e
+
+    cdef inline void stamp(self, VcpuCore vcpu, int reason):
+        # this vCPU's exit of its current run (a reused exit is stamped again)
+        self.vcpu = vcpu
+        self.reason = reason
+        self.page = vcpu.page
+        self._run = vcpu.v.run
+        self.seq = vcpu.v.run_seq
 
     cdef int check(self) except -1:
         # Refused once the vCPU ran again or went to another owner (or process), so an
@@ -589,24 +593,20 @@ _EXIT_TYPES = {
 cdef Exit make_exit(VcpuCore vcpu):
     cdef int reason = vcpu.v.run.exit_reason
     cdef Exit e = vcpu.spare_exit
+    cdef type cls
     vcpu.spare_exit = None
     # IO, MMIO and HLT are the exits that reach Python handlers most: the previous exit of
     # the same kind is reused when nothing but the vCPU refers to it (the handler kept
-    # no reference, so no one can tell), else allocated directly
+    # no reference, so no one can tell), else allocated
     if reason == KVM_EXIT_IO:
-        if e is None or type(e) is not IoExit or Py_REFCNT(e) != 1:     # only this local
-            e = IoExit.__new__(IoExit)
+        cls = IoExit
     elif reason == KVM_EXIT_MMIO:
-        if e is None or type(e) is not MmioExit or Py_REFCNT(e) != 1:
-            e = MmioExit.__new__(MmioExit)
+        cls = MmioExit
     elif reason == KVM_EXIT_HLT:
-        if e is None or type(e) is not HltExit or Py_REFCNT(e) != 1:
-            e = HltExit.__new__(HltExit)
+        cls = HltExit
     else:
         return Exit._new_of(_EXIT_TYPES.get(reason, UnknownExit), vcpu, reason)
-    e.vcpu = vcpu
-    e.reason = reason
-    e.page = vcpu.page
-    e._run = vcpu.v.run
-    e.seq = vcpu.v.run_seq
+    if e is None or type(e) is not cls or Py_REFCNT(e) != 1:     # 1: only this local
+        return Exit._new_of(cls, vcpu, reason)
+    e.stamp(vcpu, reason)
     return e

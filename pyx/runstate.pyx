@@ -226,17 +226,12 @@ cdef int flush_ring(vmstate_t *vm, kvm_coalesced_mmio *out, uint32_t cap, uint32
 # with, when the host changed that state after the last exit (registers, sync regs,
 # sregs, events, a restore, the gdb server): IF from the registers it will run
 # with, no interrupt shadow, none injected and not yet taken.  1, 0, or -errno.
-cdef int ready_now(vcpustate_t *v, kvm_run *run) noexcept nogil:
+cdef int ready_now(vcpustate_t *v) noexcept nogil:
     cdef kvm_regs regs
     cdef kvm_vcpu_events ev
-    cdef uint64_t rflags
-    if run.kvm_dirty_regs & KVM_SYNC_X86_REGS:
-        rflags = run.s.regs.regs.rflags         # written through the comm area, not sent yet
-    else:
-        if ioctl(v.fd, KVM_GET_REGS, &regs) < 0:
-            return -errno
-        rflags = regs.rflags
-    if not rflags & 0x200:                      # IF
+    if ioctl(v.fd, KVM_GET_REGS, &regs) < 0:
+        return -errno
+    if not regs.rflags & 0x200:                 # IF
         return 0
     if ioctl(v.fd, KVM_GET_VCPU_EVENTS, &ev) < 0:
         return -errno
@@ -246,16 +241,16 @@ cdef int ready_now(vcpustate_t *v, kvm_run *run) noexcept nogil:
 cdef int inject_pending(vcpustate_t *v, kvm_run *run) noexcept nogil:
     cdef kvm_vcpu_events ev
     cdef kvm_interrupt irq
-    cdef int window = 0, ready
-    if run.kvm_dirty_regs & KVM_SYNC_X86_EVENTS and (v.nirq or v.nmi_queued):
-        # events written through the comm area first: KVM_RUN would load them after
-        # KVM_INTERRUPT / KVM_NMI and drop what those queued.  On failure the bit stays
-        # (run_once reports the refused set).
-        ev = run.s.regs.events
-        if ioctl(v.fd, KVM_SET_VCPU_EVENTS, &ev) < 0:
-            return errno
-        run.kvm_dirty_regs &= ~(<uint64_t>KVM_SYNC_X86_EVENTS)
+    cdef int window = 0, ready, unsent
+    if run.kvm_dirty_regs and (v.nirq or v.nmi_queued):
+        # comm-area writes go first, as before any vCPU ioctl (flush_sync): KVM_RUN would
+        # load their events after KVM_INTERRUPT / KVM_NMI and drop what those queued.  A
+        # set refused stays marked (run_once reports it and drops it).
+        unsent = flush_sync(v)
         v.state_set = 1
+        if unsent:
+            run.kvm_dirty_regs |= <uint64_t>unsent
+            return errno
     if kvmsys_load_int(&v.nmi_queued) > 0:
         if ioctl(v.fd, KVM_GET_VCPU_EVENTS, &ev) < 0:
             return errno
@@ -268,8 +263,8 @@ cdef int inject_pending(vcpustate_t *v, kvm_run *run) noexcept nogil:
             v.nmis_injected += 1
     if kvmsys_load_int(&v.nirq) > 0:
         ready = run.ready_for_interrupt_injection and run.if_flag
-        if ready and (v.state_set or run.kvm_dirty_regs & KVM_SYNC_X86_REGS):
-            ready = ready_now(v, run)       # the last exit's word is stale
+        if ready and v.state_set:
+            ready = ready_now(v)            # the last exit's word is stale
             if ready < 0:
                 return -ready
         if ready:

@@ -2,6 +2,7 @@
 from cpython.exc cimport PyErr_CheckSignals
 from libc.string cimport memcpy
 import threading as _threading
+from _signal import getsignal as _getsignal, SIGINT as _SIGINT   # (signal.getsignal adds an enum lookup)
 import weakref as _weakref
 from cpython.pythread cimport PyThread_get_thread_ident
 
@@ -50,22 +51,18 @@ _REG_NAMES = frozenset(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", 
 _CPUID_KEYS = frozenset(("function", "index", "flags", "eax", "ebx", "ecx", "edx"))
 
 
-# Main thread, before each entry of its run loop: Python's own signals.  A Ctrl-C
-# before this point raises here; one after it is counted by the SIGINT relay, which
-# the loop sees (kvmsys_native.h).  With *relay*, first put the relay back in front
-# of SIGINT's handler if signal.signal() replaced it (one sigaction query): at each
-# run() call and every POLL_NS of exits, not after each exit a Python handler took
-# (a system call there costs that path ~20%; see README's known limits).
 cdef object _sigint_seen = None     # Python's SIGINT handler at the relay's last check
 cdef uint64_t _relay_checked = 0     # when that was (run loop clock)
-from _signal import getsignal as _getsignal, SIGINT as _SIGINT   # (signal.getsignal wraps it in an enum lookup)
 
 
+# Main thread, before an entry of its run loop: Python's own signals.  A Ctrl-C
+# before this point raises here; one after it is counted by the SIGINT relay, which
+# the loop sees (kvmsys_native.h).  With *relay* (each run() call, every POLL_NS of
+# exits), first put the relay back in front of SIGINT's handler if signal.signal()
+# replaced it: one sigaction query, made only when Python's SIGINT handler is another
+# object than at the last query, and every POLL_NS (a system call per run() is most of
+# a short run()'s cost; see README's known limits).  Main thread only: no lock.
 cdef int look_at_signals(vcpustate_t *v, bint relay) except -1:
-    # The relay's check is a sigaction() query: made when Python's SIGINT handler is
-    # another object than at the last check (signal.signal() put its own C handler in
-    # front) and every POLL_NS, not at every run() (a system call there is most of a
-    # short run()'s cost).  Main thread only, so the globals need no lock.
     global _sigint_seen, _relay_checked
     if relay:
         h = _getsignal(_SIGINT)
