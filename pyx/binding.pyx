@@ -78,13 +78,6 @@ cdef int bind_thread(VcpuCore vcpu_, object on_release) except -1:
     return 0
 
 
-def bind(vcpu, on_release=None):
-    """Bind *vcpu* to the calling thread; *on_release(vcpu)* runs if the thread ends bound."""
-    cdef VcpuCore vcpu_ = of_type(vcpu, VcpuCore, "vcpu")
-    bind_thread(vcpu_, on_release)
-    return vcpu_.v.generation
-
-
 def bind_from_pool(st_, pool_, bound_, on_release):
     """add_vcpu()'s commit, a step (see steps()): bind st["vcpu"] to the calling thread,
     take it from *pool* and list it in *bound*, all at once (no Python code runs)."""

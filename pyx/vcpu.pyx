@@ -573,11 +573,7 @@ cdef class VcpuCore:
 
     cdef long require_cap(self, int cap, str name, str op) except -1:
         self.require_open()
-        cdef long n = self.vm.check_extension(cap)
-        if n <= 0:
-            from kvmsys.errors import CapabilityError
-            raise CapabilityError(name, op)
-        return n
+        return self.vm.require_cap(cap, name, op)
 
     def fileno(self):
         """The vCPU fd."""

@@ -161,6 +161,15 @@ cdef class VmCore:
         # (which takes names): no Python code runs (see _WeakRefs)
         return ioctl_checked(self.fd, KVM_CHECK_EXTENSION, <void *>cap_, "KVM_CHECK_EXTENSION")
 
+    cdef long require_cap(self, long cap_, str name, str needed_for) except -1:
+        # The VM capability's value (through check_extension), or CapabilityError
+        # naming it and what needs it
+        cdef long n = self.check_extension(cap_)
+        if n <= 0:
+            from kvmsys.errors import CapabilityError
+            raise CapabilityError(name, needed_for)
+        return n
+
     @property
     def default_handler(self):
         """Called with IO/MMIO exits no handler range took (None: run() returns them)."""
@@ -273,17 +282,13 @@ cdef class VmCore:
             require(S_ISREG(st.st_mode) and <uint64_t>st.st_size >= gmem_off + size_,
                     f"guest_memfd {gmem} must be a guest_memfd of at least offset + size = "
                     f"{gmem_off + size_:#x} bytes (it has {st.st_size:#x})")
-        if region2 and self.check_extension(KVM_CAP_USER_MEMORY2) <= 0:
-            from kvmsys.errors import CapabilityError
-            raise CapabilityError("USER_MEMORY2", "KVM_SET_USER_MEMORY_REGION2")
-        if gmem >= 0 and self.check_extension(KVM_CAP_GUEST_MEMFD) <= 0:
-            from kvmsys.errors import CapabilityError
-            raise CapabilityError("GUEST_MEMFD", "a memory slot backed by a guest_memfd")
+        if region2:
+            self.require_cap(KVM_CAP_USER_MEMORY2, "USER_MEMORY2", "KVM_SET_USER_MEMORY_REGION2")
+        if gmem >= 0:
+            self.require_cap(KVM_CAP_GUEST_MEMFD, "GUEST_MEMFD", "a memory slot backed by a guest_memfd")
         cdef uint32_t flags = KVM_MEM_GUEST_MEMFD if gmem >= 0 else 0
         if readonly:
-            if not self.check_extension(KVM_CAP_READONLY_MEM):
-                from kvmsys.errors import CapabilityError
-                raise CapabilityError("READONLY_MEM", "a read-only memory slot")
+            self.require_cap(KVM_CAP_READONLY_MEM, "READONLY_MEM", "a read-only memory slot")
             flags |= KVM_MEM_READONLY
         if log_dirty:
             flags |= KVM_MEM_LOG_DIRTY_PAGES
@@ -456,10 +461,7 @@ cdef class VmCore:
         vcpu.harvest_dirty_ring(), then reset_dirty_rings().  Before any vCPU."""
         require(not self.vcpu_ids, "the dirty ring must be enabled before the first vCPU")
         cdef uint32_t size_ = as_u32(size, "dirty ring size")
-        cdef long limit = self.check_extension(KVM_CAP_DIRTY_LOG_RING)
-        if limit <= 0:
-            from kvmsys.errors import CapabilityError
-            raise CapabilityError("DIRTY_LOG_RING", "a dirty ring")
+        cdef long limit = self.require_cap(KVM_CAP_DIRTY_LOG_RING, "DIRTY_LOG_RING", "a dirty ring")
         require(size_ >= <uint32_t>sysconf(_SC_PAGESIZE) and size_ & (size_ - 1) == 0 and size_ <= limit,
                 f"the dirty ring size must be a power of two between a page and {limit} bytes")
         cdef kvm_enable_cap c
@@ -518,9 +520,7 @@ cdef class VmCore:
         cdef uint32_t ioapic_pins_ = as_uint(ioapic_pins, "IOAPIC pins", KVM_IOAPIC_NUM_PINS * 16)
         require(not self.vcpu_ids, "the split irqchip must be enabled before the first vCPU")
         require(not self.has_irqchip, "the VM already has an irqchip")
-        if not self.check_extension(KVM_CAP_SPLIT_IRQCHIP):
-            from kvmsys.errors import CapabilityError
-            raise CapabilityError("SPLIT_IRQCHIP", "a split irqchip")
+        self.require_cap(KVM_CAP_SPLIT_IRQCHIP, "SPLIT_IRQCHIP", "a split irqchip")
         cdef kvm_enable_cap c
         memset(&c, 0, sizeof(c))
         c.cap = KVM_CAP_SPLIT_IRQCHIP
@@ -678,9 +678,7 @@ cdef class VmCore:
         require(addr_ + size_ > addr_, "the zone wraps past the end of the address space")
         require(not pio or addr_ + size_ <= 0x10000, "a PIO zone must lie within ports 0..0xffff")
         cap = KVM_CAP_COALESCED_PIO if pio else KVM_CAP_COALESCED_MMIO
-        if not self.check_extension(cap):
-            from kvmsys.errors import CapabilityError
-            raise CapabilityError("COALESCED_PIO" if pio else "COALESCED_MMIO", "a coalesced zone")
+        self.require_cap(cap, "COALESCED_PIO" if pio else "COALESCED_MMIO", "a coalesced zone")
         cdef kvm_coalesced_mmio_zone z
         memset(&z, 0, sizeof(z))
         z.addr = addr_
@@ -745,11 +743,10 @@ cdef class VmCore:
         memset(&g, 0, sizeof(g))
         g.size = size_
         g.flags = (GUEST_MEMFD_FLAG_MMAP if mmap else 0) | (GUEST_MEMFD_FLAG_INIT_SHARED if init_shared else 0)
-        from kvmsys.errors import CapabilityError
-        if self.check_extension(KVM_CAP_GUEST_MEMFD) <= 0:
-            raise CapabilityError("GUEST_MEMFD", "KVM_CREATE_GUEST_MEMFD")
+        self.require_cap(KVM_CAP_GUEST_MEMFD, "GUEST_MEMFD", "KVM_CREATE_GUEST_MEMFD")
         cdef long supported = self.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
         if g.flags & ~<uint64_t>(supported if supported > 0 else 0):
+            from kvmsys.errors import CapabilityError
             raise CapabilityError("GUEST_MEMFD_FLAGS", f"a guest_memfd with flags {g.flags:#x} (this VM takes "
                                   f"{max(supported, 0):#x}: mmap {GUEST_MEMFD_FLAG_MMAP:#x}, init_shared "
                                   f"{GUEST_MEMFD_FLAG_INIT_SHARED:#x})")

@@ -104,9 +104,12 @@ def test_other_core_classes_refuse_construction():
         _core.VmCore(None)
     with pytest.raises(ArgumentTypeError):
         _core.VcpuCore(None, 0)
-    for fn in (_core.bind, _core.release_state, _core.handle_of):
+    for fn in (_core.release_state, _core.handle_of):
         with pytest.raises(ArgumentTypeError):
             fn(None)
+    with pytest.raises(ArgumentTypeError):                  # the binding step: no vCPU, no binding
+        _core.bind_from_pool({"vcpu": None}, {}, {}, None)
+    assert _core.bound() is None
 
 
 def test_handle_generation_comes_from_the_vcpu(machine):
