@@ -20,7 +20,7 @@ from ._core import (Exit, IoExit, MmioExit, HltExit, ShutdownExit, IntrExit, Fai
                     KickExit, DeadlineExit, BudgetExit, CoalescedExit, CoalescedWrite, VcpuHandle,
                     exit_name, kick_signal, set_kick_signal, MsrExit,
                     HypercallExit, IrqWindowOpenExit, IoapicEoiExit, NotifyExit, BusLockExit,
-                    MemoryFaultExit, DirtyRingFullExit)
+                    MemoryFaultExit, DirtyRingFullExit, AccessOps)
 from .enums import Kind, Space, ExitReason, SystemEvent, MpState, MsrExitReason, SyncReg
 from .errors import (KvmsysError, KvmOSError, KvmUnavailableError, KvmPermissionError,
                      CapabilityError, InvalidArgumentError, ArgumentTypeError, StateError,
@@ -38,7 +38,7 @@ __all__ = ["Kvm", "Vm", "Vcpu", "configure", "add_vcpu", "run", "remove_vcpu", "
            "CoalescedExit", "CoalescedWrite", "VcpuHandle", "exit_name", "kick_signal",
            "set_kick_signal", "MsrExit", "HypercallExit", "IrqWindowOpenExit",
            "IoapicEoiExit", "NotifyExit", "BusLockExit", "MemoryFaultExit", "DirtyRingFullExit",
-           "Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReason", "SyncReg",
+           "AccessOps", "Kind", "Space", "ExitReason", "SystemEvent", "MpState", "MsrExitReason", "SyncReg",
            "__version__",
            # kvmsys.errors.__all__ (a test checks that the two agree)
            "KvmsysError", "KvmOSError", "KvmUnavailableError", "KvmPermissionError",

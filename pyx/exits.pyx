@@ -180,7 +180,8 @@ cdef class IoExit(Exit):
         """The first element as an unsigned little-endian int."""
         cdef kvm_run *r = self.cur()
         cdef uint32_t size = r.io.size
-        require(1 <= size <= 8, f"invalid port access size {size}")
+        if not (1 <= size <= 8):     # (the message is built only when raised)
+            raise InvalidArgumentError(f"invalid port access size {size}")
         return le_value(comm_bytes(self, r.io.data_offset, size), size)
 
     @value.setter
@@ -223,7 +224,8 @@ cdef class MmioExit(Exit):
         """Writable zero-copy view of the 1..8 data bytes: fill it for a read."""
         cdef kvm_run *r = self.cur()
         cdef uint32_t n = r.mmio.len
-        require(0 < n <= 8, f"invalid MMIO length {n}")
+        if not (0 < n <= 8):     # (the message is built only when raised)
+            raise InvalidArgumentError(f"invalid MMIO length {n}")
         return comm_slice(self, <uint64_t>(<char *>r.mmio.data - <char *>r), n)
 
     @property
@@ -231,7 +233,8 @@ cdef class MmioExit(Exit):
         """The data as an unsigned little-endian int (settable for a read)."""
         cdef kvm_run *r = self.cur()
         cdef uint32_t n = r.mmio.len
-        require(0 < n <= 8, f"invalid MMIO length {n}")
+        if not (0 < n <= 8):     # (the message is built only when raised)
+            raise InvalidArgumentError(f"invalid MMIO length {n}")
         return le_value(r.mmio.data, n)
 
     @value.setter

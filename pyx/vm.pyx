@@ -853,12 +853,14 @@ cdef class VmCore:
         self.vm_ioctl(KVM_SET_CLOCK, <char *>buf, "KVM_SET_CLOCK")
 
     # --- fast handlers (used by the run loop) ------------------------------
-    def add_handler(self, space, start, end, kind, value=0, callback=None):
+    def add_handler(self, space, start, end, kind, value=0, callback=None, *, read=None, write=None):
         """Route exits at [start, end) of *space* (kvmsys.Space: PIO, MMIO, or MSR by index) to a handler kind.
 
         Returns the handler's index.  Where ranges overlap the latest handler wins, so a
         handler added later overrides (replaces) part of an earlier one; remove_handler()
-        takes it away again.  A SINK handler's reads return *value* (0 by default)."""
+        takes it away again.  A SINK handler's reads return *value* (0 by default).
+        A PYTHON handler of PIO or MMIO takes either *callback* (called with the exit) or
+        *read*/*write* (AccessOps: called with the decoded access)."""
         cdef int space_ = as_int(space, "space", 0, 2)
         cdef uint64_t start_ = as_u64(start, "start")
         cdef uint64_t end_ = as_u64(end, "end")
@@ -871,6 +873,12 @@ cdef class VmCore:
         require(space_ != SPACE_PIO or end_ <= 0x10000, "a PIO range must lie within ports 0..0xffff")
         require(callback is None or kind_ == H_PYTHON, "only a Python handler takes a callback")
         require(callback is None or callable(callback), "callback must be callable")
+        cdef bint has_ops = read is not None or write is not None
+        require(not has_ops or kind_ == H_PYTHON, "only a Python handler takes read= or write=")
+        require(not has_ops or callback is None, "a handler takes a callback or read=/write=, not both")
+        require(not has_ops or space_ != SPACE_MSR, "read=/write= serve PIO and MMIO, not MSRs")
+        require(read is None or callable(read), "read must be callable")
+        require(write is None or callable(write), "write must be callable")
         self.require_open()
         cdef int n = self.state.nhandlers
         if n >= MAX_HANDLERS:
@@ -881,7 +889,7 @@ cdef class VmCore:
         h.start = start_
         h.end = end_
         h.value = value_
-        self.py_handlers.append(callback)
+        self.py_handlers.append(AccessOps.of(read, write) if has_ops else callback)
         kvmsys_store_int(&self.state.nhandlers, n + 1)   # publish after the entry is complete
         return n
 
@@ -898,7 +906,8 @@ cdef class VmCore:
 
     def handlers(self):
         """The handler table by index: list of (space, start, end, kind, value, callback);
-        a removed handler's space is -1."""
+        a removed handler's space is -1, and a handler added with read=/write= has its
+        AccessOps as callback."""
         cdef int i
         return [(self.state.handlers[i].space, self.state.handlers[i].start, self.state.handlers[i].end,
                  self.state.handlers[i].kind, self.state.handlers[i].value, self.py_handlers[i])

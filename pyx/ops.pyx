@@ -1,0 +1,108 @@
+# Access ops: a Python device model's read/write callbacks, called with the access
+# already decoded (address, size, value as ints), so the handler reads no exit object.
+# On a host where each exit leaves the interpreter's caches cold (PVM here), the first
+# attribute read in a handler costs more than the whole call: ops skip all of them.
+from cpython.long cimport PyLong_AsUnsignedLongLong
+
+
+cdef class AccessOps:
+    """The callbacks of a PYTHON handler added with read=/write= (vm.add_handler):
+    ``read(address, size) -> int`` answers a read, ``write(address, value, size)`` takes
+    a write (its return value is ignored).  ``address`` is the port or guest-physical
+    address (absolute, not an offset in the range); a string I/O instruction calls them
+    once per element.  A direction without its callback goes as in a PYTHON range
+    without a callback: to the VM's default_handler if set, else back from run()."""
+    cdef readonly object read
+    cdef readonly object write
+    cdef uint64_t last_address      # the int passed last time, reused for the same address:
+    cdef object last_address_obj    # a register hammered needs no new int per access
+
+    cdef inline object address_obj(self, uint64_t address):
+        if self.last_address_obj is None or self.last_address != address:
+            self.last_address_obj = address
+            self.last_address = address
+        return self.last_address_obj
+
+    def __init__(self, *args, **kwargs):
+        raise ArgumentTypeError("AccessOps come from vm.add_handler(..., read=, write=)")
+
+    @staticmethod
+    cdef AccessOps of(object read, object write):
+        cdef AccessOps o = AccessOps.__new__(AccessOps)
+        o.read = read
+        o.write = write
+        return o
+
+    def __repr__(self):
+        return f"<AccessOps read={self.read!r} write={self.write!r}>"
+
+
+cdef inline uint64_t op_result(object x, uint32_t size, uint64_t address) except? 0xffffffffffffffff:
+    # what read() returned, checked like ex.value = x: an int that fits the access
+    cdef uint64_t r
+    if type(x) is not int:
+        r = as_u64(x, "the value read() returned")      # typed error (a bool is an int)
+    else:
+        try:
+            r = PyLong_AsUnsignedLongLong(x)
+        except OverflowError:
+            raise InvalidArgumentError(f"read({address:#x}, {size}) returned {x}, not a value of {size} bytes") from None
+    if size < 8 and r >> (8 * size):
+        raise InvalidArgumentError(f"read({address:#x}, {size}) returned {r:#x}, which does not fit in {size} bytes")
+    return r
+
+
+# Dispatch the exit run_loop returned for *ops*' range: decode it from the comm area
+# (or the ring entry taken), call read or write, answer a read in place.  Returns 1
+# when it was handled, 0 when the callback for its direction is missing (run() returns
+# the exit), or raises what a callback raised.  Sizes are checked again here: the comm
+# area is writable from Python between the run loop's checks and this call.
+cdef int call_ops(VcpuCore vcpu, AccessOps ops) except -1:
+    cdef vcpustate_t *v = vcpu.v
+    cdef kvm_run *r = v.run
+    cdef kvm_coalesced_mmio *e
+    cdef uint8_t *p
+    cdef uint32_t size, count, i
+    cdef uint64_t addr
+    if v.from_ring:                 # a batched write (the ring holds writes only)
+        e = &v.ring_entry
+        if ops.write is None:
+            return 0
+        size = e.len
+        if not (1 <= size <= 8):     # (the message is built only when raised)
+            raise InvalidArgumentError(f"coalesced entry of {size} bytes")
+        ops.write(ops.address_obj(e.phys_addr), le_value(e.data, size), size)
+        return 1
+    if r.exit_reason == KVM_EXIT_IO:
+        size = r.io.size
+        count = r.io.count
+        fn = ops.read if r.io.direction == KVM_EXIT_IO_IN else ops.write
+        if fn is None:
+            return 0
+        if not (size in (1, 2, 4) and count >= 1):     # (the message is built only when raised)
+            raise InvalidArgumentError(f"invalid port access: size {size}, count {count}")
+        # count elements, bounded by the comm area (never by the guest's number alone)
+        vcpu.page.check_range(r.io.data_offset, <uint64_t>size * count)
+        p = vcpu.page.addr + r.io.data_offset
+        a = ops.address_obj(r.io.port)
+        for i in range(count):
+            if r.io.direction == KVM_EXIT_IO_IN:
+                fill(p + i * size, size, op_result(fn(a, size), size, r.io.port), size)
+            else:
+                fn(a, le_value(p + i * size, size), size)
+        return 1
+    if r.exit_reason == KVM_EXIT_MMIO:
+        size = r.mmio.len
+        addr = r.mmio.phys_addr
+        if not (1 <= size <= 8):     # (the message is built only when raised)
+            raise InvalidArgumentError(f"invalid MMIO length {size}")
+        if r.mmio.is_write:
+            if ops.write is None:
+                return 0
+            ops.write(ops.address_obj(addr), le_value(r.mmio.data, size), size)
+        else:
+            if ops.read is None:
+                return 0
+            fill(r.mmio.data, size, op_result(ops.read(ops.address_obj(addr), size), size, addr), size)
+        return 1
+    return 0

@@ -1,0 +1,227 @@
+"""Python handlers with read/write callbacks (`vm.add_handler(..., read=, write=)`), over
+both ABIs: each access reaches its callback decoded (address, value, size as ints), a
+read's answer reaches the guest, string I/O is one call per element, a batched write one
+call per ring entry, a bad answer is a typed error out of run(), a direction without its
+callback goes as in a range without a callback."""
+import signal
+import struct
+
+import pytest
+
+from kvmsys import (AccessOps, ArgumentTypeError, InvalidArgumentError, IoExit, Kind, MmioExit,
+                    Space, StateError, StopExit)
+from kvmsys.guests import layout as L
+from test_wrappers import debug_exit_port, load_code, out, status
+
+PORT = 0x80
+MMIO = 0xD000_0000
+SCRATCH = L.DATA_ADDR + 0x100       # guest RAM the code stores what it read to
+END = out(L.PORT_DEBUG_EXIT, 0)
+
+
+def a32(x):
+    return struct.pack("<I", x)
+
+
+def in_store(size, port, at):
+    """in al/ax/eax, port; mov [at], al/ax/eax"""
+    op16 = b"\x66" if size == 2 else b""
+    return op16 + bytes([0xE4 if size == 1 else 0xE5, port]) + op16 + (b"\xA2" if size == 1 else b"\xA3") + a32(at)
+
+
+def mmio_load_store(addr, at):
+    """mov eax, [addr]; mov [at], eax"""
+    return b"\xA1" + a32(addr) + b"\xA3" + a32(at)
+
+
+def mmio_store(size, addr, value):
+    """mov byte/dword [addr], value"""
+    return (b"\xC6\x05" + a32(addr) + bytes([value])) if size == 1 else (b"\xC7\x05" + a32(addr) + a32(value))
+
+
+def rep_string(op, port, addr, n):
+    """mov dx, port; mov ecx, n; mov esi/edi, addr; cld; rep ins/outs (op: 0x6C insb, 0x6E outsb)"""
+    return (b"\x66\xBA" + struct.pack("<H", port) + b"\xB9" + a32(n)
+            + (b"\xBF" if op == 0x6C else b"\xBE") + a32(addr) + b"\xFC\xF3" + bytes([op]))
+
+
+def run_to_end(m):
+    ex = m.run(timeout=10)
+    assert isinstance(ex, StopExit) and ex.status == status(0), ex
+
+
+def test_writes_arrive_decoded_in_order(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    code = (out(PORT, 1) + out(PORT, 0xFF) + mmio_store(4, MMIO, 0xDEADBEEF) + mmio_store(1, MMIO + 3, 0x5A)
+            + mmio_store(4, MMIO + 8, 0x12345678) + mmio_store(4, MMIO, 7) + END)
+    load_code(m.vcpu, m.mem, code)
+    seen = []
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, v, s: seen.append((a, v, s)))
+    m.vm.add_handler(Space.MMIO, MMIO, MMIO + 0x1000, Kind.PYTHON, write=lambda a, v, s: seen.append((a, v, s)))
+    run_to_end(m)
+    # the addresses change between accesses: each call gets its own (an int reused
+    # for the same address must never show an old one)
+    assert seen == [(PORT, 1, 1), (PORT, 0xFF, 1), (MMIO, 0xDEADBEEF, 4), (MMIO + 3, 0x5A, 1),
+                    (MMIO + 8, 0x12345678, 4), (MMIO, 7, 4)]
+
+
+def test_a_reads_answer_reaches_the_guest(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    code = (in_store(1, PORT, SCRATCH) + in_store(2, PORT + 1, SCRATCH + 4) + in_store(4, PORT + 2, SCRATCH + 8)
+            + mmio_load_store(MMIO + 0x10, SCRATCH + 12) + END)
+    load_code(m.vcpu, m.mem, code)
+    answers = {(PORT, 1): 0xA5, (PORT + 1, 2): 0xBEEF, (PORT + 2, 4): 0xCAFEF00D, (MMIO + 0x10, 4): 0x89ABCDEF}
+    asked = []
+
+    def read(address, size):
+        asked.append((address, size))
+        return answers[address, size]
+    m.vm.add_handler(Space.PIO, PORT, PORT + 3, Kind.PYTHON, read=read)
+    m.vm.add_handler(Space.MMIO, MMIO, MMIO + 0x1000, Kind.PYTHON, read=read)
+    run_to_end(m)
+    assert asked == list(answers)
+    assert struct.unpack_from("<BxxxHxxII", m.mem, SCRATCH) == tuple(answers.values())
+
+
+def test_string_io_is_one_call_per_element(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    pattern = bytes([3, 1, 4, 1, 5, 9, 2, 6])
+    code = rep_string(0x6E, PORT, SCRATCH, len(pattern)) + rep_string(0x6C, PORT, SCRATCH + 0x40, 6) + END
+    load_code(m.vcpu, m.mem, code)
+    m.mem[SCRATCH:SCRATCH + len(pattern)] = pattern
+    written, reads = [], iter(range(0x40, 0x100))
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON,
+                     read=lambda a, s: next(reads), write=lambda a, v, s: written.append((a, v, s)))
+    run_to_end(m)
+    assert written == [(PORT, b, 1) for b in pattern]
+    assert bytes(m.mem[SCRATCH + 0x40:SCRATCH + 0x46]) == bytes(range(0x40, 0x46))
+
+
+@pytest.mark.parametrize("answer, error", [
+    (0x100, InvalidArgumentError), (-1, InvalidArgumentError), (1 << 64, InvalidArgumentError),
+    ("1", ArgumentTypeError), (None, ArgumentTypeError), (1.0, ArgumentTypeError)])
+def test_a_bad_answer_is_a_typed_error_and_the_vcpu_goes_on(machine, answer, error):
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, in_store(1, PORT, SCRATCH) + in_store(1, PORT, SCRATCH + 1) + END)
+    answers = [answer, 0x42]
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, read=lambda a, s: answers.pop(0))
+    with pytest.raises(error, match="read|value|int"):
+        m.run(timeout=10)
+    run_to_end(m)                       # the refused answer was not written; the next one was
+    assert m.mem[SCRATCH + 1] == 0x42 and m.mem[SCRATCH] in (0, 0xFF)
+
+
+def test_a_callbacks_exception_ends_the_run_and_the_next_run_goes_on(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, 7)) + END)
+    seen = []
+
+    def write(address, value, size):
+        seen.append(value)
+        if value == 3:
+            raise RuntimeError("device fault")
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=write)
+    with pytest.raises(RuntimeError, match="device fault"):
+        m.run(timeout=10)
+    run_to_end(m)
+    assert seen == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_inside_a_callback_ends_the_run(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, 7)) + END)
+    seen = []
+
+    def write(address, value, size):
+        seen.append(value)
+        if value == 2:
+            signal.raise_signal(signal.SIGINT)      # Python's handler raises at the next bytecode
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=write)
+    with pytest.raises(KeyboardInterrupt):
+        m.run(timeout=10)
+    assert seen == [1, 2]
+    run_to_end(m)
+    assert seen == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_direction_without_its_callback_goes_as_in_a_range_without_one(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, out(PORT, 9) + in_store(1, PORT, SCRATCH) + mmio_load_store(MMIO, SCRATCH + 4)
+              + mmio_store(4, MMIO, 5) + END)
+    seen = []
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, v, s: seen.append(v))
+    m.vm.add_handler(Space.MMIO, MMIO, MMIO + 8, Kind.PYTHON, read=lambda a, s: 0x77)
+    ex = m.run(timeout=10)                      # no default handler: run() returns the IN
+    assert isinstance(ex, IoExit) and ex.is_in and ex.port == PORT and seen == [9]
+    ex.value = 0x33
+    kept = []
+    m.vm.default_handler = lambda e: kept.append((type(e), e.value if not e.is_write else None, e.is_write))
+    run_to_end(m)                               # the MMIO write goes to the default handler
+    assert kept == [(MmioExit, None, True)]
+    assert m.mem[SCRATCH] == 0x33 and m.mem[SCRATCH + 4] == 0x77
+
+
+def test_batched_writes_reach_write_in_order(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, 9)) + out(PORT + 1, 0) + END)
+    seen = []
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, v, s: seen.append((a, v, s)))
+    m.vm.add_handler(Space.PIO, PORT + 1, PORT + 2, Kind.IGNORE)    # an exit that drains the ring
+    m.vm.register_coalesced(PORT, 1, pio=True)
+    run_to_end(m)
+    assert seen == [(PORT, i, 1) for i in range(1, 9)]
+
+
+def test_run_from_inside_a_callback_is_refused(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, out(PORT, 1) + END)
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, v, s: m.run(timeout=1))
+    with pytest.raises(StateError, match="inside its own run"):
+        m.run(timeout=10)
+
+
+def test_a_callback_may_remove_its_own_handler(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, out(PORT, 1) + out(PORT, 2) + END)
+    seen = []
+
+    def write(address, value, size):
+        seen.append(value)
+        m.vm.remove_handler(index)
+    index = m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=write)
+    ex = m.run(timeout=10)          # the second out falls to the PYTHON default: returned
+    assert seen == [1] and isinstance(ex, IoExit) and ex.value == 2
+
+
+@pytest.mark.parametrize("space, kind, kwargs, error", [
+    (Space.PIO, Kind.SINK, dict(read=lambda a, s: 0), "only a Python handler"),
+    (Space.PIO, Kind.PYTHON, dict(read=lambda a, s: 0, callback=lambda e: None), "not both"),
+    (Space.MSR, Kind.PYTHON, dict(write=lambda a, v, s: None), "not MSRs"),
+    (Space.PIO, Kind.PYTHON, dict(read=5), "read must be callable"),
+    (Space.MMIO, Kind.PYTHON, dict(write="w"), "write must be callable"),
+])
+def test_add_handler_refuses_bad_callbacks(machine, space, kind, kwargs, error):
+    n = len(machine.vm.handlers())
+    with pytest.raises(InvalidArgumentError, match=error):
+        machine.vm.add_handler(space, 0x80, 0x81, kind, **kwargs)
+    assert len(machine.vm.handlers()) == n
+
+
+def test_the_handler_table_shows_the_callbacks(machine):
+    def r(a, s):
+        return 0
+    i = machine.vm.add_handler(Space.MMIO, MMIO, MMIO + 4, Kind.PYTHON, read=r)
+    ops = machine.vm.handlers()[i][5]
+    assert type(ops) is AccessOps and ops.read is r and ops.write is None and "read=" in repr(ops)
+    with pytest.raises(ArgumentTypeError):
+        AccessOps(r, None)
