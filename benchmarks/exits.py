@@ -10,7 +10,9 @@ group with its own C reference and naive loop on its vCPU:
 - `naive`     the naive pure-Python loop, with no clock inside its loop;
 - `c`         kvmsys's run(budget=n), the exit handled in its C loop;
 - `py`        kvmsys with a no-op Python handler;
-- `pyw`       kvmsys with a Python handler doing exactly the naive loop's work per exit.
+- `pyw`       kvmsys with a Python handler doing exactly the naive loop's work per exit;
+- `pyo`       the same work through read/write callbacks (AccessOps), called with the access
+              decoded; for HLT, an HLT callback.
 
 Windows per exit: the C reference clocks each KVM_RUN in C (`ioctl_ns`: from the clock read
 before the ioctl to the one after it), with and without the mask; their paired difference is
@@ -28,6 +30,7 @@ import time
 
 import kvmsys
 from kvmsys import _core
+from kvmsys import AccessOps
 from kvmsys.enums import Kind
 from kvmsys.guests import get as get_guest
 
@@ -45,9 +48,10 @@ LOOPS = {
     "c": "kvmsys, C handler",
     "py": "kvmsys, no-op Python handler",
     "pyw": "kvmsys, Python handler doing the naive loop's work",
+    "pyo": "kvmsys, read/write callbacks doing the naive loop's work",
 }
 ABIS = {"fd": "fd ABI (`vcpu.run`)", "sys": "syscall ABI (`kvmsys.run`)"}
-KVMSYS_LOOPS = ("c", "py", "pyw")
+KVMSYS_LOOPS = ("c", "py", "pyw", "pyo")
 
 
 def naive_work(ex) -> None:
@@ -70,6 +74,23 @@ def naive_work(ex) -> None:
         raise RuntimeError(f"unexpected exit {ex!r}")
 
 
+def naive_read(address: int, size: int) -> int:
+    """The naive loop's work for a read, as a read callback: it is given the access decoded
+    and answers zeros."""
+    return 0
+
+
+def naive_write(address: int, value: int, size: int) -> None:
+    """The naive loop's work for a write, as a write callback: it is given the access decoded."""
+
+
+def naive_hlt(ex) -> None:
+    """The naive loop's work for HLT, as the HLT callback: knowing it was a HLT."""
+
+
+NAIVE_OPS = AccessOps(naive_read, naive_write)
+
+
 def _budget_run(run, n: int) -> None:
     ex = run(budget=n)
     if not isinstance(ex, _core.BudgetExit):
@@ -77,13 +98,14 @@ def _budget_run(run, n: int) -> None:
 
 
 def _set_handling(vm, kind: str, how: str) -> None:
-    """c / py (no-op handler) / pyw (the naive loop's work) for this exit kind."""
+    """c / py (no-op handler) / pyw (the naive loop's work) / pyo (the same through
+    read/write callbacks) for this exit kind."""
     set_handling(vm, kind, "c" if how == "c" else "python")
-    if how == "pyw":
+    if how in ("pyw", "pyo"):
         if EXIT_KINDS[kind][2] is None:
-            vm.set_hlt_action(Kind.PYTHON, naive_work)
+            vm.set_hlt_action(Kind.PYTHON, naive_work if how == "pyw" else naive_hlt)
         else:
-            vm.default_handler = naive_work
+            vm.default_handler = naive_work if how == "pyw" else NAIVE_OPS
 
 
 def calibrate(run, min_exits: int, max_exits: int, sample_ms: float) -> tuple[int, float]:
@@ -292,16 +314,17 @@ def run(profile, kinds=None) -> SuiteResult:
         for key in KVMSYS_LOOPS:
             rows[f"{grp}/{key}"]["stats"]["own_over_ref"] = derive(rows, "user_own", f"{grp}/{key}",
                                                                    f"{grp}/ref", "difference")
-        for key in ("py", "pyw"):
+        for key in ("py", "pyw", "pyo"):
             rows[f"{grp}/{key}"]["stats"]["py_own"] = derive(rows, "user_own", f"{grp}/{key}", f"{grp}/c",
                                                              "difference")
         rows[f"{grp}/py"]["stats"]["py_path"] = derive(rows, "cpu", f"{grp}/py", f"{grp}/c", "difference")
-        rows[f"{grp}/pyw"]["stats"]["py_path"] = derive(rows, "cpu", f"{grp}/pyw", f"{grp}/c", "difference")
-        rows[f"{grp}/pyw"]["stats"]["vs_naive"] = derive(rows, "cpu", f"{grp}/pyw", f"{grp}/naive", "ratio")
-        # what issue-level goals compare: the time outside KVM_RUN only (the kernel's and the
-        # guest's share is the same for both and would hide the difference)
-        rows[f"{grp}/pyw"]["stats"]["user_vs_naive"] = derive(rows, "user_cpu", f"{grp}/pyw", f"{grp}/naive",
-                                                              "ratio")
+        for key in ("pyw", "pyo"):
+            st = rows[f"{grp}/{key}"]["stats"]
+            st["py_path"] = derive(rows, "cpu", f"{grp}/{key}", f"{grp}/c", "difference")
+            st["vs_naive"] = derive(rows, "cpu", f"{grp}/{key}", f"{grp}/naive", "ratio")
+            # what issue-level goals compare: the time outside KVM_RUN only (the kernel's and
+            # the guest's share is the same for both and would hide the difference)
+            st["user_vs_naive"] = derive(rows, "user_cpu", f"{grp}/{key}", f"{grp}/naive", "ratio")
         rows[f"{grp}/c"]["stats"]["vs_naive"] = derive(rows, "cpu", f"{grp}/c", f"{grp}/naive", "ratio")
         rows[f"{grp}/c"]["extra"]["uses_mask"] = m["uses_mask"]
     first = next(iter(measured.values()))
@@ -336,8 +359,10 @@ def run(profile, kinds=None) -> SuiteResult:
         "The naive loop is what a competent Python programmer writes: `fcntl.ioctl(fd, KVM_RUN)` with no "
         "argument, `mmap` of kvm_run, `struct.unpack_from` per exit, zeros for reads; no clock inside its "
         "loop.  `pyw` is kvmsys with a Python handler doing the same work on the exit object (decode the "
-        "fields, zeros for reads); `py` is a no-op handler.  HLT's Python variants are the callback of "
-        "`vm.set_hlt_action(Kind.PYTHON, callback)`.",
+        "fields, zeros for reads); `pyo` does it through read/write callbacks (`AccessOps`), which kvmsys "
+        "calls with the access decoded (address, value, size) and whose return value answers a read; `py` "
+        "is a no-op handler.  HLT's Python variants are the callback of `vm.set_hlt_action(Kind.PYTHON, "
+        "callback)` (`pyo`: one that does nothing, as HLT needs no decoding).",
         "Ratios and differences are per round (paired samples), median with a 95% bootstrap interval of "
         "the median within this run; with `--runs N` the spread is the range over N separate processes.",
     ]

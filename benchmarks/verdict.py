@@ -74,6 +74,9 @@ def verdict(doc: dict) -> str:
                      f"loop's work takes {_text(f('sys', 'pyw/vs_naive'))}"
                      + (f", and outside KVM_RUN {_text(f('sys', 'pyw/user_vs_naive'))} of the naive loop's user "
                         "time" if f('sys', 'pyw/user_vs_naive') else "")
+                     + (f"; through read/write callbacks (`AccessOps`, the access decoded by kvmsys) "
+                        f"{_text(f('sys', 'pyo/vs_naive'))}, outside KVM_RUN "
+                        f"{_text(f('sys', 'pyo/user_vs_naive'))}" if f('sys', 'pyo/user_vs_naive') else "")
                      + f" (a no-op handler adds "
                      f"{_text(f('sys', 'py/path'))} over the C loop; own clocks: {_text(f('sys', 'py/path_own'))}).")
     boot = doc["suites"].get("boot")
@@ -108,6 +111,8 @@ EXIT_TABLE = [   # (label, abi, loop, stat)
     ("syscall ABI, no-op Python handler − C handler", "sys", "py", "py_path"),
     ("syscall ABI, naive-work Python handler − C handler", "sys", "pyw", "py_path"),
     ("syscall ABI, naive-work Python handler ÷ naive loop", "sys", "pyw", "vs_naive"),
+    ("syscall ABI, naive-work read/write callbacks − C handler", "sys", "pyo", "py_path"),
+    ("syscall ABI, naive-work read/write callbacks ÷ naive loop", "sys", "pyo", "vs_naive"),
     ("naive loop − bare C loop (syscall VM)", "sys", "naive", "cpu_over_ref"),
 ]
 

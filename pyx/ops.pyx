@@ -6,12 +6,14 @@ from cpython.long cimport PyLong_AsUnsignedLongLong
 
 
 cdef class AccessOps:
-    """The callbacks of a PYTHON handler added with read=/write= (vm.add_handler):
+    """A device model's callbacks for PIO or MMIO accesses, called with the access decoded:
     ``read(address, size) -> int`` answers a read, ``write(address, value, size)`` takes
     a write (its return value is ignored).  ``address`` is the port or guest-physical
     address (absolute, not an offset in the range); a string I/O instruction calls them
-    once per element.  A direction without its callback goes as in a PYTHON range
-    without a callback: to the VM's default_handler if set, else back from run()."""
+    once per element, a batched (coalesced) write once per entry.  Give one as a PYTHON
+    handler's callback (or ``read=``/``write=`` to vm.add_handler), or as
+    ``vm.default_handler``.  An access whose direction has no callback, and an MSR exit
+    reaching a default AccessOps, are returned from run()."""
     cdef readonly object read
     cdef readonly object write
     cdef uint64_t last_address      # the int passed last time, reused for the same address:
@@ -23,15 +25,12 @@ cdef class AccessOps:
             self.last_address = address
         return self.last_address_obj
 
-    def __init__(self, *args, **kwargs):
-        raise ArgumentTypeError("AccessOps come from vm.add_handler(..., read=, write=)")
-
-    @staticmethod
-    cdef AccessOps of(object read, object write):
-        cdef AccessOps o = AccessOps.__new__(AccessOps)
-        o.read = read
-        o.write = write
-        return o
+    def __init__(self, read=None, write=None):
+        require(read is not None or write is not None, "AccessOps needs read, write or both")
+        require(read is None or callable(read), "read must be callable")
+        require(write is None or callable(write), "write must be callable")
+        self.read = read
+        self.write = write
 
     def __repr__(self):
         return f"<AccessOps read={self.read!r} write={self.write!r}>"
@@ -54,8 +53,8 @@ cdef inline uint64_t op_result(object x, uint32_t size, uint64_t address) except
 
 # Dispatch the exit run_loop returned for *ops*' range: decode it from the comm area
 # (or the ring entry taken), call read or write, answer a read in place.  Returns 1
-# when it was handled, 0 when the callback for its direction is missing (run() returns
-# the exit), or raises what a callback raised.  Sizes are checked again here: the comm
+# when it was handled, 0 when there is no callback for it (run() returns the exit),
+# or raises what a callback raised.  Sizes are checked again here: the comm
 # area is writable from Python between the run loop's checks and this call.
 cdef int call_ops(VcpuCore vcpu, AccessOps ops) except -1:
     cdef vcpustate_t *v = vcpu.v

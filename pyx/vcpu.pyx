@@ -707,19 +707,19 @@ cdef class VcpuCore:
                 if res == R_EXIT:
                     # the handler first, the exit object only for a handler that takes one
                     handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
-                    if type(handler) is AccessOps:
-                        kvmsys_bench_pause(1)   # benchmark hook, off: see kvmsys_native.h
-                        if call_ops(self, <AccessOps>handler):  # (its time is booked by run_loop's clocks)
-                            if v.budget_left == 0:
-                                return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
-                            continue
-                        handler = None      # no callback for this direction: as a range without one
                     if handler is None:
                         if v.from_ring or v.run.exit_reason in (KVM_EXIT_IO, KVM_EXIT_MMIO,
                                                                 KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR):
                             handler = vm._default_handler
                         elif v.run.exit_reason == KVM_EXIT_HLT:
                             handler = vm._hlt_handler
+                    if type(handler) is AccessOps:
+                        kvmsys_bench_pause(1)   # benchmark hook, off: see kvmsys_native.h
+                        if call_ops(self, <AccessOps>handler):  # (its time is booked by run_loop's clocks)
+                            if v.budget_left == 0:
+                                return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
+                            continue
+                        handler = None      # no callback for it: run() returns the exit
                     ex = CoalescedExit.of_ring(self) if v.from_ring else make_exit(self)
                     if handler is None:
                         return ex

@@ -172,13 +172,14 @@ cdef class VmCore:
 
     @property
     def default_handler(self):
-        """Called with IO/MMIO exits no handler range took (None: run() returns them)."""
+        """Called with IO/MMIO/MSR exits no handler range took (None: run() returns them);
+        an AccessOps takes the IO/MMIO ones decoded."""
         return self._default_handler
 
     @default_handler.setter
     def default_handler(self, fn):
-        if fn is not None and not callable(fn):
-            raise ArgumentTypeError(f"default_handler must be callable or None, not {type(fn).__name__}")
+        if fn is not None and not callable(fn) and type(fn) is not AccessOps:
+            raise ArgumentTypeError(f"default_handler must be callable, an AccessOps or None, not {type(fn).__name__}")
         self._default_handler = fn
 
     def fileno(self):
@@ -859,8 +860,8 @@ cdef class VmCore:
         Returns the handler's index.  Where ranges overlap the latest handler wins, so a
         handler added later overrides (replaces) part of an earlier one; remove_handler()
         takes it away again.  A SINK handler's reads return *value* (0 by default).
-        A PYTHON handler of PIO or MMIO takes either *callback* (called with the exit) or
-        *read*/*write* (AccessOps: called with the decoded access)."""
+        A PYTHON handler's *callback* is called with the exit; for PIO and MMIO it may be
+        an AccessOps instead (called with the decoded access), or given as *read*/*write*."""
         cdef int space_ = as_int(space, "space", 0, 2)
         cdef uint64_t start_ = as_u64(start, "start")
         cdef uint64_t end_ = as_u64(end, "end")
@@ -871,14 +872,14 @@ cdef class VmCore:
         require(space_ != SPACE_MSR or end_ <= (<uint64_t>1 << 32), "an MSR range must lie within indices 0..0xffffffff")
         require(start_ < end_, "handler range is empty")
         require(space_ != SPACE_PIO or end_ <= 0x10000, "a PIO range must lie within ports 0..0xffff")
-        require(callback is None or kind_ == H_PYTHON, "only a Python handler takes a callback")
-        require(callback is None or callable(callback), "callback must be callable")
         cdef bint has_ops = read is not None or write is not None
-        require(not has_ops or kind_ == H_PYTHON, "only a Python handler takes read= or write=")
         require(not has_ops or callback is None, "a handler takes a callback or read=/write=, not both")
-        require(not has_ops or space_ != SPACE_MSR, "read=/write= serve PIO and MMIO, not MSRs")
-        require(read is None or callable(read), "read must be callable")
-        require(write is None or callable(write), "write must be callable")
+        if has_ops:
+            callback = AccessOps(read, write)
+        require(callback is None or kind_ == H_PYTHON, "only a Python handler takes a callback")
+        require(callback is None or callable(callback) or type(callback) is AccessOps,
+                "callback must be callable or an AccessOps")
+        require(type(callback) is not AccessOps or space_ != SPACE_MSR, "AccessOps serve PIO and MMIO, not MSRs")
         self.require_open()
         cdef int n = self.state.nhandlers
         if n >= MAX_HANDLERS:
@@ -889,7 +890,7 @@ cdef class VmCore:
         h.start = start_
         h.end = end_
         h.value = value_
-        self.py_handlers.append(AccessOps.of(read, write) if has_ops else callback)
+        self.py_handlers.append(callback)
         kvmsys_store_int(&self.state.nhandlers, n + 1)   # publish after the entry is complete
         return n
 
@@ -906,7 +907,7 @@ cdef class VmCore:
 
     def handlers(self):
         """The handler table by index: list of (space, start, end, kind, value, callback);
-        a removed handler's space is -1, and a handler added with read=/write= has its
+        a removed handler's space is -1, and a handler added with read=/write= has their
         AccessOps as callback."""
         cdef int i
         return [(self.state.handlers[i].space, self.state.handlers[i].start, self.state.handlers[i].end,

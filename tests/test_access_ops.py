@@ -150,7 +150,7 @@ def test_ctrl_c_inside_a_callback_ends_the_run(machine):
     assert seen == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_direction_without_its_callback_goes_as_in_a_range_without_one(machine):
+def test_an_access_without_its_callback_is_returned_from_run(machine):
     m = machine
     debug_exit_port(m.vm)
     load_code(m.vcpu, m.mem, out(PORT, 9) + in_store(1, PORT, SCRATCH) + mmio_load_store(MMIO, SCRATCH + 4)
@@ -158,14 +158,33 @@ def test_a_direction_without_its_callback_goes_as_in_a_range_without_one(machine
     seen = []
     m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, v, s: seen.append(v))
     m.vm.add_handler(Space.MMIO, MMIO, MMIO + 8, Kind.PYTHON, read=lambda a, s: 0x77)
-    ex = m.run(timeout=10)                      # no default handler: run() returns the IN
+    m.vm.default_handler = lambda e: pytest.fail(f"the default handler got {e}")
+    ex = m.run(timeout=10)
     assert isinstance(ex, IoExit) and ex.is_in and ex.port == PORT and seen == [9]
     ex.value = 0x33
-    kept = []
-    m.vm.default_handler = lambda e: kept.append((type(e), e.value if not e.is_write else None, e.is_write))
-    run_to_end(m)                               # the MMIO write goes to the default handler
-    assert kept == [(MmioExit, None, True)]
+    ex = m.run(timeout=10)
+    assert isinstance(ex, MmioExit) and ex.is_write and ex.address == MMIO and ex.value == 5
+    run_to_end(m)
     assert m.mem[SCRATCH] == 0x33 and m.mem[SCRATCH + 4] == 0x77
+
+
+def test_access_ops_as_the_default_handler(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, out(0x81, 4) + in_store(2, 0x82, SCRATCH) + mmio_load_store(MMIO + 0x20, SCRATCH + 4)
+              + mmio_store(4, MMIO + 0x24, 6) + END)
+    seen = []
+
+    def read(address, size):
+        seen.append(("r", address, size))
+        return 0x1234 if size == 2 else 0x5678
+
+    m.vm.set_default(Space.PIO, Kind.PYTHON)
+    m.vm.set_default(Space.MMIO, Kind.PYTHON)
+    m.vm.default_handler = AccessOps(read, lambda a, v, s: seen.append(("w", a, v, s)))
+    run_to_end(m)
+    assert seen == [("w", 0x81, 4, 1), ("r", 0x82, 2), ("r", MMIO + 0x20, 4), ("w", MMIO + 0x24, 6, 4)]
+    assert struct.unpack_from("<HxxI", m.mem, SCRATCH) == (0x1234, 0x5678)
 
 
 def test_batched_writes_reach_write_in_order(machine):
@@ -203,12 +222,19 @@ def test_a_callback_may_remove_its_own_handler(machine):
     assert seen == [1] and isinstance(ex, IoExit) and ex.value == 2
 
 
+def r0(a, s):
+    return 0
+
+
 @pytest.mark.parametrize("space, kind, kwargs, error", [
-    (Space.PIO, Kind.SINK, dict(read=lambda a, s: 0), "only a Python handler"),
-    (Space.PIO, Kind.PYTHON, dict(read=lambda a, s: 0, callback=lambda e: None), "not both"),
+    (Space.PIO, Kind.SINK, dict(read=r0), "only a Python handler"),
+    (Space.PIO, Kind.CONST, dict(callback=AccessOps(r0)), "only a Python handler"),
+    (Space.PIO, Kind.PYTHON, dict(read=r0, callback=lambda e: None), "not both"),
     (Space.MSR, Kind.PYTHON, dict(write=lambda a, v, s: None), "not MSRs"),
+    (Space.MSR, Kind.PYTHON, dict(callback=AccessOps(r0)), "not MSRs"),
     (Space.PIO, Kind.PYTHON, dict(read=5), "read must be callable"),
     (Space.MMIO, Kind.PYTHON, dict(write="w"), "write must be callable"),
+    (Space.MMIO, Kind.PYTHON, dict(callback=3), "callable or an AccessOps"),
 ])
 def test_add_handler_refuses_bad_callbacks(machine, space, kind, kwargs, error):
     n = len(machine.vm.handlers())
@@ -217,11 +243,17 @@ def test_add_handler_refuses_bad_callbacks(machine, space, kind, kwargs, error):
     assert len(machine.vm.handlers()) == n
 
 
-def test_the_handler_table_shows_the_callbacks(machine):
-    def r(a, s):
-        return 0
-    i = machine.vm.add_handler(Space.MMIO, MMIO, MMIO + 4, Kind.PYTHON, read=r)
+def test_access_ops_values(machine):
+    i = machine.vm.add_handler(Space.MMIO, MMIO, MMIO + 4, Kind.PYTHON, read=r0)
     ops = machine.vm.handlers()[i][5]
-    assert type(ops) is AccessOps and ops.read is r and ops.write is None and "read=" in repr(ops)
-    with pytest.raises(ArgumentTypeError):
-        AccessOps(r, None)
+    assert type(ops) is AccessOps and ops.read is r0 and ops.write is None and "read=" in repr(ops)
+    for args, error in [((), "read, write or both"), ((None, None), "read, write or both"),
+                        ((1,), "read must be callable"), ((None, 1), "write must be callable")]:
+        with pytest.raises(InvalidArgumentError, match=error):
+            AccessOps(*args)
+    with pytest.raises(ArgumentTypeError, match="default_handler"):
+        machine.vm.default_handler = 5
+    machine.vm.default_handler = ops
+    assert machine.vm.default_handler is ops
+    with pytest.raises(InvalidArgumentError, match="callable"):
+        machine.vm.set_hlt_action(Kind.PYTHON, ops)     # HLT has no access to decode
