@@ -80,7 +80,7 @@ def naive_read(address: int, size: int) -> int:
     return 0
 
 
-def naive_write(address: int, value: int, size: int) -> None:
+def naive_write(address: int, size: int, value: int) -> None:
     """The naive loop's work for a write, as a write callback: it is given the access decoded."""
 
 
@@ -360,7 +360,7 @@ def run(profile, kinds=None) -> SuiteResult:
         "argument, `mmap` of kvm_run, `struct.unpack_from` per exit, zeros for reads; no clock inside its "
         "loop.  `pyw` is kvmsys with a Python handler doing the same work on the exit object (decode the "
         "fields, zeros for reads); `pyo` does it through read/write callbacks (`AccessOps`), which kvmsys "
-        "calls with the access decoded (address, value, size) and whose return value answers a read; `py` "
+        "calls with the access decoded (address, size, value) and whose return value answers a read; `py` "
         "is a no-op handler.  HLT's Python variants are the callback of `vm.set_hlt_action(Kind.PYTHON, "
         "callback)` (`pyo`: one that does nothing, as HLT needs no decoding).",
         "Ratios and differences are per round (paired samples), median with a 95% bootstrap interval of "

@@ -7,8 +7,9 @@ from cpython.long cimport PyLong_AsUnsignedLongLong
 
 cdef class AccessOps:
     """A device model's callbacks for PIO or MMIO accesses, called with the access decoded:
-    ``read(address, size) -> int`` answers a read, ``write(address, value, size)`` takes
-    a write (its return value is ignored).  ``address`` is the port or guest-physical
+    ``read(address, size) -> int`` answers a read, ``write(address, size, value)`` takes
+    a write (the order of kvmsys.devices.Device's methods); a write that returns a true
+    value makes run() return the exit, as an exit callback's does.  ``address`` is the port or guest-physical
     address (absolute, not an offset in the range); a string I/O instruction calls them
     once per element, a batched (coalesced) write once per entry.  Give one as a PYTHON
     handler's callback (or ``read=``/``write=`` to vm.add_handler), or as
@@ -52,10 +53,17 @@ cdef inline uint64_t op_result(object x, uint32_t size, uint64_t address) except
 
 
 # Dispatch the exit run_loop returned for *ops*' range: decode it from the comm area
-# (or the ring entry taken), call read or write, answer a read in place.  Returns 1
-# when it was handled, 0 when there is no callback for it (run() returns the exit),
-# or raises what a callback raised.  Sizes are checked again here: the comm
-# area is writable from Python between the run loop's checks and this call.
+# (or the ring entry taken), call read or write, answer a read in place.  Returns
+# OPS_DONE, OPS_STOP (a write returned a true value: run() returns the exit), OPS_NONE
+# (no callback for it: run() returns the exit), or raises what a callback raised.
+# Sizes are checked again here: the comm area is writable from Python between the run
+# loop's checks and this call.
+cdef enum:
+    OPS_NONE = 0
+    OPS_DONE = 1
+    OPS_STOP = 2
+
+
 cdef int call_ops(VcpuCore vcpu, AccessOps ops) except -1:
     cdef vcpustate_t *v = vcpu.v
     cdef kvm_run *r = v.run
@@ -63,21 +71,21 @@ cdef int call_ops(VcpuCore vcpu, AccessOps ops) except -1:
     cdef uint8_t *p
     cdef uint32_t size, count, i
     cdef uint64_t addr
+    cdef bint stop = 0
     if v.from_ring:                 # a batched write (the ring holds writes only)
         e = &v.ring_entry
         if ops.write is None:
-            return 0
+            return OPS_NONE
         size = e.len
         if not (1 <= size <= 8):     # (the message is built only when raised)
             raise InvalidArgumentError(f"coalesced entry of {size} bytes")
-        ops.write(ops.address_obj(e.phys_addr), le_value(e.data, size), size)
-        return 1
-    if r.exit_reason == KVM_EXIT_IO:
+        stop = bool(ops.write(ops.address_obj(e.phys_addr), size, le_value(e.data, size)))
+    elif r.exit_reason == KVM_EXIT_IO:
         size = r.io.size
         count = r.io.count
         fn = ops.read if r.io.direction == KVM_EXIT_IO_IN else ops.write
         if fn is None:
-            return 0
+            return OPS_NONE
         if not (size in (1, 2, 4) and count >= 1):     # (the message is built only when raised)
             raise InvalidArgumentError(f"invalid port access: size {size}, count {count}")
         # count elements, bounded by the comm area (never by the guest's number alone)
@@ -87,21 +95,21 @@ cdef int call_ops(VcpuCore vcpu, AccessOps ops) except -1:
         for i in range(count):
             if r.io.direction == KVM_EXIT_IO_IN:
                 fill(p + i * size, size, op_result(fn(a, size), size, r.io.port), size)
-            else:
-                fn(a, le_value(p + i * size, size), size)
-        return 1
-    if r.exit_reason == KVM_EXIT_MMIO:
+            elif fn(a, size, le_value(p + i * size, size)):
+                stop = 1            # every element still goes to the device, as Device.io does
+    elif r.exit_reason == KVM_EXIT_MMIO:
         size = r.mmio.len
         addr = r.mmio.phys_addr
         if not (1 <= size <= 8):     # (the message is built only when raised)
             raise InvalidArgumentError(f"invalid MMIO length {size}")
         if r.mmio.is_write:
             if ops.write is None:
-                return 0
-            ops.write(ops.address_obj(addr), le_value(r.mmio.data, size), size)
+                return OPS_NONE
+            stop = bool(ops.write(ops.address_obj(addr), size, le_value(r.mmio.data, size)))
         else:
             if ops.read is None:
-                return 0
+                return OPS_NONE
             fill(r.mmio.data, size, op_result(ops.read(ops.address_obj(addr), size), size, addr), size)
-        return 1
-    return 0
+    else:
+        return OPS_NONE
+    return OPS_STOP if stop else OPS_DONE

@@ -715,11 +715,12 @@ cdef class VcpuCore:
                             handler = vm._hlt_handler
                     if type(handler) is AccessOps:
                         kvmsys_bench_pause(1)   # benchmark hook, off: see kvmsys_native.h
-                        if call_ops(self, <AccessOps>handler):  # (its time is booked by run_loop's clocks)
+                        if call_ops(self, <AccessOps>handler) == OPS_DONE:   # (its time is booked by run_loop's clocks)
                             if v.budget_left == 0:
                                 return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                             continue
-                        handler = None      # no callback for it: run() returns the exit
+                        # a write asked to stop, or no callback for it: run() returns the exit
+                        return CoalescedExit.of_ring(self) if v.from_ring else make_exit(self)
                     ex = CoalescedExit.of_ring(self) if v.from_ring else make_exit(self)
                     if handler is None:
                         return ex

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from kvmsys import (AccessOps, ArgumentTypeError, InvalidArgumentError, IoExit, Kind, MmioExit,
+from kvmsys import (AccessOps, ArgumentTypeError, CoalescedExit, InvalidArgumentError, IoExit, KickExit, Kind, MmioExit,
                     Space, StateError, StopExit)
 from kvmsys.guests import layout as L
 from test_wrappers import debug_exit_port, load_code, out, status
@@ -57,8 +57,8 @@ def test_writes_arrive_decoded_in_order(machine):
             + mmio_store(4, MMIO + 8, 0x12345678) + mmio_store(4, MMIO, 7) + END)
     load_code(m.vcpu, m.mem, code)
     seen = []
-    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, v, s: seen.append((a, v, s)))
-    m.vm.add_handler(Space.MMIO, MMIO, MMIO + 0x1000, Kind.PYTHON, write=lambda a, v, s: seen.append((a, v, s)))
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, s, v: seen.append((a, v, s)))
+    m.vm.add_handler(Space.MMIO, MMIO, MMIO + 0x1000, Kind.PYTHON, write=lambda a, s, v: seen.append((a, v, s)))
     run_to_end(m)
     # the addresses change between accesses: each call gets its own (an int reused
     # for the same address must never show an old one)
@@ -94,7 +94,7 @@ def test_string_io_is_one_call_per_element(machine):
     m.mem[SCRATCH:SCRATCH + len(pattern)] = pattern
     written, reads = [], iter(range(0x40, 0x100))
     m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON,
-                     read=lambda a, s: next(reads), write=lambda a, v, s: written.append((a, v, s)))
+                     read=lambda a, s: next(reads), write=lambda a, s, v: written.append((a, v, s)))
     run_to_end(m)
     assert written == [(PORT, b, 1) for b in pattern]
     assert bytes(m.mem[SCRATCH + 0x40:SCRATCH + 0x46]) == bytes(range(0x40, 0x46))
@@ -121,7 +121,7 @@ def test_a_callbacks_exception_ends_the_run_and_the_next_run_goes_on(machine):
     load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, 7)) + END)
     seen = []
 
-    def write(address, value, size):
+    def write(address, size, value):
         seen.append(value)
         if value == 3:
             raise RuntimeError("device fault")
@@ -138,7 +138,7 @@ def test_ctrl_c_inside_a_callback_ends_the_run(machine):
     load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, 7)) + END)
     seen = []
 
-    def write(address, value, size):
+    def write(address, size, value):
         seen.append(value)
         if value == 2:
             signal.raise_signal(signal.SIGINT)      # Python's handler raises at the next bytecode
@@ -156,7 +156,7 @@ def test_an_access_without_its_callback_is_returned_from_run(machine):
     load_code(m.vcpu, m.mem, out(PORT, 9) + in_store(1, PORT, SCRATCH) + mmio_load_store(MMIO, SCRATCH + 4)
               + mmio_store(4, MMIO, 5) + END)
     seen = []
-    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, v, s: seen.append(v))
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, s, v: seen.append(v))
     m.vm.add_handler(Space.MMIO, MMIO, MMIO + 8, Kind.PYTHON, read=lambda a, s: 0x77)
     m.vm.default_handler = lambda e: pytest.fail(f"the default handler got {e}")
     ex = m.run(timeout=10)
@@ -181,7 +181,7 @@ def test_access_ops_as_the_default_handler(machine):
 
     m.vm.set_default(Space.PIO, Kind.PYTHON)
     m.vm.set_default(Space.MMIO, Kind.PYTHON)
-    m.vm.default_handler = AccessOps(read, lambda a, v, s: seen.append(("w", a, v, s)))
+    m.vm.default_handler = AccessOps(read, lambda a, s, v: seen.append(("w", a, v, s)))
     run_to_end(m)
     assert seen == [("w", 0x81, 4, 1), ("r", 0x82, 2), ("r", MMIO + 0x20, 4), ("w", MMIO + 0x24, 6, 4)]
     assert struct.unpack_from("<HxxI", m.mem, SCRATCH) == (0x1234, 0x5678)
@@ -192,7 +192,7 @@ def test_batched_writes_reach_write_in_order(machine):
     debug_exit_port(m.vm)
     load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, 9)) + out(PORT + 1, 0) + END)
     seen = []
-    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, v, s: seen.append((a, v, s)))
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, s, v: seen.append((a, v, s)))
     m.vm.add_handler(Space.PIO, PORT + 1, PORT + 2, Kind.IGNORE)    # an exit that drains the ring
     m.vm.register_coalesced(PORT, 1, pio=True)
     run_to_end(m)
@@ -203,7 +203,7 @@ def test_run_from_inside_a_callback_is_refused(machine):
     m = machine
     debug_exit_port(m.vm)
     load_code(m.vcpu, m.mem, out(PORT, 1) + END)
-    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, v, s: m.run(timeout=1))
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, s, v: m.run(timeout=1))
     with pytest.raises(StateError, match="inside its own run"):
         m.run(timeout=10)
 
@@ -214,7 +214,7 @@ def test_a_callback_may_remove_its_own_handler(machine):
     load_code(m.vcpu, m.mem, out(PORT, 1) + out(PORT, 2) + END)
     seen = []
 
-    def write(address, value, size):
+    def write(address, size, value):
         seen.append(value)
         m.vm.remove_handler(index)
     index = m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=write)
@@ -230,7 +230,7 @@ def r0(a, s):
     (Space.PIO, Kind.SINK, dict(read=r0), "only a Python handler"),
     (Space.PIO, Kind.CONST, dict(callback=AccessOps(r0)), "only a Python handler"),
     (Space.PIO, Kind.PYTHON, dict(read=r0, callback=lambda e: None), "not both"),
-    (Space.MSR, Kind.PYTHON, dict(write=lambda a, v, s: None), "not MSRs"),
+    (Space.MSR, Kind.PYTHON, dict(write=lambda a, s, v: None), "not MSRs"),
     (Space.MSR, Kind.PYTHON, dict(callback=AccessOps(r0)), "not MSRs"),
     (Space.PIO, Kind.PYTHON, dict(read=5), "read must be callable"),
     (Space.MMIO, Kind.PYTHON, dict(write="w"), "write must be callable"),
@@ -257,3 +257,62 @@ def test_access_ops_values(machine):
     assert machine.vm.default_handler is ops
     with pytest.raises(InvalidArgumentError, match="callable"):
         machine.vm.set_hlt_action(Kind.PYTHON, ops)     # HLT has no access to decode
+
+
+def test_a_write_that_returns_true_makes_run_return_the_access(machine):
+    """As Device.write and an exit callback: a true value returns the exit from run();
+    every element of a string write still reaches the device first."""
+    m = machine
+    debug_exit_port(m.vm)
+    pattern = bytes([1, 2, 3, 4])
+    load_code(m.vcpu, m.mem, out(PORT, 7) + mmio_store(4, MMIO, 0xABCD) + rep_string(0x6E, PORT, SCRATCH, 4) + END)
+    m.mem[SCRATCH:SCRATCH + 4] = pattern
+    seen = []
+
+    def write(address, size, value):
+        seen.append(value)
+        return value in (7, 0xABCD, 2)
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=write)
+    m.vm.add_handler(Space.MMIO, MMIO, MMIO + 4, Kind.PYTHON, write=write)
+    ex = m.run(timeout=10)
+    assert isinstance(ex, IoExit) and not ex.is_in and ex.value == 7 and seen == [7]
+    ex = m.run(timeout=10)
+    assert isinstance(ex, MmioExit) and ex.is_write and ex.value == 0xABCD and seen == [7, 0xABCD]
+    ex = m.run(timeout=10)
+    # KVM may hand `rep outsb` over in one exit or in several: the stop comes at the
+    # end of the exit that held the element which asked for it
+    assert isinstance(ex, IoExit) and seen[:4] == [7, 0xABCD, 1, 2]
+    run_to_end(m)
+    assert seen == [7, 0xABCD, 1, 2, 3, 4]
+
+
+def test_a_batched_write_that_returns_true_makes_run_return_it(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, 5)) + out(PORT + 1, 0) + END)
+    seen = []
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=lambda a, s, v: seen.append(v) or v == 2)
+    m.vm.add_handler(Space.PIO, PORT + 1, PORT + 2, Kind.IGNORE)
+    m.vm.register_coalesced(PORT, 1, pio=True)
+    ex = m.run(timeout=10)
+    assert isinstance(ex, CoalescedExit) and ex.value == 2 and seen == [1, 2]
+    run_to_end(m)
+    assert seen == [1, 2, 3, 4]
+
+
+def test_a_kick_from_inside_a_callback_is_not_lost(machine):
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, 5)) + END)
+    handle = m.vcpu.handle()
+    seen = []
+
+    def write(address, size, value):
+        seen.append(value)
+        if value == 2:
+            handle.kick()
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=write)
+    ex = m.run(timeout=10)
+    assert isinstance(ex, KickExit) and seen == [1, 2]
+    run_to_end(m)
+    assert seen == [1, 2, 3, 4]
