@@ -82,8 +82,14 @@ def storm():
         time.sleep(0.0003)
 t = threading.Thread(target=storm)
 t.start()
-interrupted = 0
-for i in range(100 if MOVE else 400):
+# The loop is fast (~25 us a call, 400 calls in ~10 ms) and the storm thread sends only when
+# it gets the GIL (each switch interval, 5 ms) and a core: on a loaded host it may send nothing
+# before a fixed count of calls ends.  So go on, within a bound, until WANT interrupts landed.
+WANT = 20
+interrupted = i = 0
+deadline = time.monotonic() + 120
+while i < (100 if MOVE else 400) or (interrupted < WANT and time.monotonic() < deadline):
+    i += 1
     try:
         armed = True
         if kvmsys.current() is None:
@@ -119,7 +125,7 @@ def test_no_kernel_vcpu_leaks_under_a_sigint_storm():
                        cwd=tempfile.gettempdir())
     assert p.returncode == 0, p.stderr.decode()[-3000:]
     interrupted, kernel_vcpus, pooled = map(int, p.stdout.split())
-    assert interrupted > 0                  # the storm did cut calls short
+    assert interrupted >= 20, interrupted   # the storm did cut calls short (WANT in STORM)
     assert kernel_vcpus == 1, kernel_vcpus  # one bound vCPU at a time: one kernel vCPU, recycled
 
 
@@ -131,7 +137,7 @@ def test_moves_stay_consistent_under_a_sigint_storm():
                        timeout=240, cwd=tempfile.gettempdir())
     assert p.returncode == 0, p.stderr.decode()[-3000:]
     interrupted, kernel_vcpus, pooled = map(int, p.stdout.split())
-    assert interrupted > 0
+    assert interrupted >= 20, interrupted
 
 
 def test_no_other_thread_runs_a_vcpu_being_removed(fresh_process_vm):
