@@ -248,9 +248,19 @@ def _forget(st: Steps) -> None:
     st["keep"] = vcpu.vm is _vm and not vcpu.closed and _vm_pid == os.getpid()
 
 
+def _mark_for_reuse(st: Steps) -> None:
+    # Step: the pool's new object for the released kernel vCPU (release_into's
+    # st["fresh"]) is reset to the state it was created in before its next owner gets it.
+    fresh = st.get("fresh")
+    if fresh is not None:
+        fresh._initial = st["vcpu"]._initial
+        fresh._dirty = True
+
+
 def _give_back(st: Steps) -> tuple[tuple[Callable[..., object], tuple[Any, ...]], ...]:
     # The steps after the commit (st["vcpu"] unbound and claimed).
-    return (_forget, (st,)), (_core.release_into, (st, _pool)), (_core.cancel_calls, (st,))
+    return ((_forget, (st,)), (_core.release_into, (st, _pool)), (_mark_for_reuse, (st,)),
+            (_core.cancel_calls, (st,)))
 
 
 def _release(vcpu: ThreadVcpu) -> None:

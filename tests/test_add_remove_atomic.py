@@ -14,7 +14,7 @@ import time
 import pytest
 
 import kvmsys
-from kvmsys import syscall
+from kvmsys import _core, syscall
 from kvmsys.errors import KvmsysError, StaleVcpuError
 from kvmsys.guests import get, layout as L
 
@@ -66,7 +66,7 @@ STORM = r"""
 import os, signal, sys, threading, time
 MOVE = len(sys.argv) > 1                # also move each recycled vCPU (set_cpuid2)
 import kvmsys
-from kvmsys import syscall
+from kvmsys import _core, syscall
 from kvmsys.guests import layout as L
 syscall.configure(memory_size=L.RAM_SIZE, pc_ports=False)
 cpuid = kvmsys.Kvm().supported_cpuid()
@@ -169,3 +169,21 @@ def test_no_other_thread_runs_a_vcpu_being_removed(fresh_process_vm):
         v.run(timeout=0.1)
     kvmsys.add_vcpu()
     assert kvmsys.current().id == v.id and sorted(kvmsys.vm().vcpu_ids) == [v.id]
+
+
+def test_the_core_release_step_needs_nothing_of_the_python_layer():
+    # _core.release_into, remove_vcpu()'s hand-over, renews the kernel vCPU into the pool
+    # and names the object it made (st["fresh"]); what recycling keeps on it (ThreadVcpu's
+    # initial state and reset mark) the Python layer sets in its own next step.  So the
+    # core step works on any vCPU, here an fd-ABI one, which has none of those attributes.
+    with kvmsys.Kvm() as kvm, kvm.create_vm() as vm:
+        v = vm.create_vcpu(0)
+        regs = v.get_regs()
+        st, pool = {"vcpu": v, "claimed": True, "keep": True}, {}
+        _core.release_into(st, pool)
+        fresh = st["fresh"]
+        assert pool == {0: fresh} and type(fresh) is type(v) and fresh is not v
+        assert v.stale and not fresh.stale and fresh.get_regs() == regs
+        assert not {"_initial", "_dirty"} & set(vars(fresh))
+        _core.release_into(st, pool)        # a step: idempotent
+        assert pool == {0: fresh} and st["fresh"] is fresh
