@@ -248,9 +248,19 @@ def _forget(st: Steps) -> None:
     st["keep"] = vcpu.vm is _vm and not vcpu.closed and _vm_pid == os.getpid()
 
 
+def _mark_for_reuse(st: Steps) -> None:
+    # Step: the pool's new object for the released kernel vCPU (release_into's
+    # st["fresh"]) is reset to the state it was created in before its next owner gets it.
+    fresh = st.get("fresh")
+    if fresh is not None:
+        fresh._initial = st["vcpu"]._initial
+        fresh._dirty = True
+
+
 def _give_back(st: Steps) -> tuple[tuple[Callable[..., object], tuple[Any, ...]], ...]:
     # The steps after the commit (st["vcpu"] unbound and claimed).
-    return (_forget, (st,)), (_core.release_into, (st, _pool)), (_core.cancel_calls, (st,))
+    return ((_forget, (st,)), (_core.release_into, (st, _pool)), (_mark_for_reuse, (st,)),
+            (_core.cancel_calls, (st,)))
 
 
 def _release(vcpu: ThreadVcpu) -> None:
@@ -274,19 +284,31 @@ def _place(vcpu: ThreadVcpu) -> None:
 
 
 def set_placement(policy: str, vcpu: ThreadVcpu | None = None) -> None:
-    """Change the placement policy at run time: of one bound vCPU, or of all (and the default)."""
+    """Change the placement policy at run time: of one bound vCPU, or of all (and the
+    default).  All or nothing against a Ctrl-C, as add_vcpu() is."""
     _placement.check_policy(policy)
     if vcpu is not None and not isinstance(vcpu, ThreadVcpu):
         raise ArgumentTypeError(f"vcpu must be a vCPU of the process VM or None, not {type(vcpu).__name__}")
-    with _lock:
-        targets = [vcpu] if vcpu is not None else list(_bound.values())
-        if vcpu is None:
-            _config["placement"] = policy
-        for v in targets:
-            if v.tid is None:
-                raise VcpuBindingError(f"vCPU {v.id} is not bound to a thread")
-            v.placement = policy
-            _place(v)
+    st: dict[str, Any] = {"policy": policy, "vcpu": vcpu}
+    _core.steps(_lock, (_placement_targets, (st,)), (_apply_placement, (st,)))
+
+
+def _placement_targets(st: Steps) -> None:
+    # Step: the vCPUs set_placement() places; it refuses (nothing changed) one not bound.
+    targets = [st["vcpu"]] if st["vcpu"] is not None else list(_bound.values())
+    for v in targets:
+        if v.tid is None:
+            raise VcpuBindingError(f"vCPU {v.id} is not bound to a thread")
+    st["targets"] = targets
+
+
+def _apply_placement(st: Steps) -> None:
+    # Step: the policy set and applied, to every target (idempotent: cut short, it runs again).
+    if st["vcpu"] is None:
+        _config["placement"] = st["policy"]
+    for v in st["targets"]:
+        v.placement = st["policy"]
+        _place(v)
 
 
 def _free_id(v: _core.VmCore) -> int:
@@ -380,19 +402,28 @@ def vcpus() -> dict[int, ThreadVcpu]:
 
 
 def destroy_vm() -> None:
-    """Close the process VM (no vCPU may be bound); the next add_vcpu creates a fresh one."""
+    """Close the process VM (no vCPU may be bound); the next add_vcpu creates a fresh one.
+    All or nothing against a Ctrl-C, as remove_vcpu() is."""
+    _core.steps(_lock, (_check_unbound, ()), (_close_vm, ()))
+
+
+def _check_unbound() -> None:
+    # Step: destroy_vm() refuses (nothing changed) while vCPUs are bound.
+    running = sorted(v.id for v in _bound.values() if v.active)
+    if running:
+        raise StateError(f"vCPUs {running} are running (destroy_vm() from an exit handler or "
+                         "another thread): nothing is released under a running loop")
+    if _bound:
+        raise VcpuBindingError(f"vCPUs {sorted(_bound)} are still bound to threads: remove them first")
+
+
+def _close_vm() -> None:
+    # Step: the process VM closed and forgotten with its pool (idempotent: Vm.close is).
     global _vm
-    with _lock:
-        running = sorted(v.id for v in _bound.values() if v.active)
-        if running:
-            raise StateError(f"vCPUs {running} are running (destroy_vm() from an exit handler or "
-                             "another thread): nothing is released under a running loop")
-        if _bound:
-            raise VcpuBindingError(f"vCPUs {sorted(_bound)} are still bound to threads: remove them first")
-        if _vm is not None:
-            Vm.close(_vm)
-        _vm = None
-        _pool.clear()
+    if _vm is not None:
+        Vm.close(_vm)
+    _vm = None
+    _pool.clear()
 
 
 @contextlib.contextmanager

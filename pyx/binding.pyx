@@ -146,8 +146,8 @@ def release_state(st_):
 
 def release_into(st_, pool_):
     """A step (see steps()): the claimed vCPU st["vcpu"] goes to *pool* as a new object
-    (renew()) marked for a reset before reuse, if st["keep"]; else its claim is
-    dropped.  The old object is stale from here on.  No Python code runs."""
+    (renew()), also put in st["fresh"] for the caller's next step, if st["keep"]; else
+    its claim is dropped.  The old object is stale from here on.  No Python code runs."""
     cdef dict st = of_type(st_, dict, "step state"), pool = of_type(pool_, dict, "pool")
     if st.get("released"):
         return
@@ -156,9 +156,8 @@ def release_into(st_, pool_):
     if st.get("claimed"):
         if st.get("keep") and not vcpu.closed:
             fresh = vcpu.renew_claimed()
-            (<object>fresh)._initial = (<object>vcpu)._initial
-            (<object>fresh)._dirty = True
             pool[fresh.id] = fresh
+            st["fresh"] = fresh
         elif vcpu.v != NULL:
             kvmsys_store_int(&vcpu.v.active, 0)
     st["released"] = True

@@ -82,16 +82,22 @@ cdef int require_system_cap(KvmCore kvm, long cap, str name, str needed_for) exc
     return 0
 
 
+cdef str fd_target(int n):
+    """What fd *n* is open on (/proc/self/fd's link: "/dev/kvm", "anon_inode:kvm-vm")."""
+    try:
+        return _os.readlink(f"/proc/self/fd/{n}")
+    except OSError as e:
+        raise InvalidArgumentError(f"fd {n} is not open ({e.strerror})") from None
+
+
 cdef int adopt_fd(object fd, str kind) except -1:
     """A duplicate (close-on-exec, ours to close) of the caller's fd *fd*, which must be
     the KVM object *kind* ("kvm-vm", "kvm-vcpu:3"): anything else is refused before it
-    is used (an mmap of another kind of file could fault on access)."""
+    is used (an mmap of another kind of file could fault on access).  *kind* None: any
+    file (the system fd, whose device node may have any path: KvmCore checks its API version)."""
     cdef int n = as_int(fd, "fd", 0, 0x7fffffff)
-    try:
-        what = _os.readlink(f"/proc/self/fd/{n}")
-    except OSError as e:
-        raise InvalidArgumentError(f"fd {n} is not open ({e.strerror})") from None
-    if what != f"anon_inode:{kind}":
+    what = fd_target(n)
+    if kind is not None and what != f"anon_inode:{kind}":
         raise InvalidArgumentError(f"fd {n} is {what}, not a KVM {kind} fd")
     return _os.dup(n)
 
@@ -106,12 +112,8 @@ cdef class KvmCore:
         self.fd = -1
         cdef int err
         if fd is not None:          # adopt a duplicate of a /dev/kvm fd opened elsewhere
-            n = as_int(fd, "fd", 0, 0x7fffffff)
-            try:
-                self.path = _os.readlink(f"/proc/self/fd/{n}")
-            except OSError as e:
-                raise InvalidArgumentError(f"fd {n} is not open ({e.strerror})") from None
-            self.fd = _os.dup(n)
+            self.fd = adopt_fd(fd, None)
+            self.path = fd_target(self.fd)
             self.check_api_version()
             return
         try:

@@ -5,6 +5,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -365,6 +366,46 @@ def test_kut_reads_unittests_cfg_and_maps_qemu_params(tmp_path):
     assert r.verdict == "FAIL" and r.detail.startswith("kvmsys failed"), r
     summary = "--- x86/sieve.flat over the sys ABI on 1 vCPU(s): DEADLINE, exit status none, 30000.0 ms"
     assert kut._summary(f"starting sieve\nstatic:{summary}\nexits: 138\n") == summary    # after an unfinished line
+
+
+
+@pytest.mark.nokvm
+def test_kut_runs_no_command_that_unittests_cfg_names(tmp_path):
+    # x86/run evals each entry in a shell; the file is untrusted: only `date +%s` is honoured,
+    # computed in Python, and any other expansion makes the test a SKIP that says why
+    ran = tmp_path / "ran"
+    (tmp_path / "x86").mkdir()
+    (tmp_path / "x86" / "kvmclock.flat").write_bytes(b"")
+    (tmp_path / "x86" / "unittests.cfg").write_text(f"""
+[kvmclock_test]
+file = kvmclock.flat
+test_args = "10000000 `date +%s`"
+
+[backtick]
+file = kvmclock.flat
+test_args = "1 `touch {ran}`"
+
+[dollar]
+file = kvmclock.flat
+test_args = '$(touch {ran}) `date +%s`'
+
+[unmatched]
+file = kvmclock.flat
+test_args = "1 `date +%s"
+""")
+    tests = {t.name: t for t in kut.parse_cfg(str(tmp_path / "x86" / "unittests.cfg"))}
+    for vmm in ("kvmsys", "qemu"):
+        for name, why in (("backtick", f"runs `touch {ran}`"), ("dollar", "'$'"), ("unmatched", "unmatched")):
+            r = kut.run_test(tests[name], str(tmp_path), vmm=vmm)
+            assert r.verdict == "SKIP" and why in r.detail and r.status is None, r
+            with pytest.raises(InvalidArgumentError, match="kvmsys runs no"):
+                kut.command(tests[name], str(tmp_path), vmm, "sys", 90)
+    assert not ran.exists()
+    before = int(time.time())
+    for vmm, flag in (("kvmsys", "--append"), ("qemu", "-append")):
+        cmd, why = kut.command(tests["kvmclock_test"], str(tmp_path), vmm, "sys", 90)
+        loops, stamp = cmd[cmd.index(flag) + 1].split()[-2:]
+        assert why is None and loops == "10000000" and before <= int(stamp) <= time.time()
 
 
 # --- the suite itself ----------------------------------------------------------------
