@@ -70,6 +70,9 @@ cdef struct vmstate_t:
     # by the VM itself from its first vCPU, so it outlives any vCPU; NULL before that
     kvm_coalesced_mmio_ring *ring
     uint32_t ring_max
+    # a zone may exist (one was registered here, or the VM fd came from elsewhere): only
+    # then does the loop read the ring at every exit (its page is one more TLB miss)
+    int ring_used
     uint64_t coalesced_flushed   # ring entries taken by unregistering a zone (no vCPU's stats)
 
 cdef struct vcpustate_t:

@@ -177,7 +177,8 @@ cdef int drain_ring(vcpustate_t *v) noexcept nogil:
 
 
 cdef inline bint ring_pending(vmstate_t *vm) noexcept nogil:
-    return vm.ring != NULL and kvmsys_load_u32(&vm.ring.first) != kvmsys_load_u32(&vm.ring.last)
+    return (vm.ring != NULL and kvmsys_load_int(&vm.ring_used) and
+            kvmsys_load_u32(&vm.ring.first) != kvmsys_load_u32(&vm.ring.last))
 
 
 # Outside any run (a zone was just unregistered): drain the ring, in order, up to
@@ -477,6 +478,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
                 res = R_SIGNAL
             break
         v.need_dispatch = 0
+        v.from_ring = 0                 # this result is the exit's, not a ring entry's taken before it
         v.exits[run.exit_reason if run.exit_reason < NR_REASONS else NR_REASONS - 1] += 1
         res = dispatch(v, run)
         kvmsys_bench_pause(0)           # benchmark hook, off: see kvmsys_native.h

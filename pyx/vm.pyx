@@ -141,6 +141,8 @@ cdef class VmCore:
         if self.state == NULL:
             raise MemoryError()
         vm_init(self.state, self.fd)
+        if fd is not None:
+            self.state.ring_used = 1    # its other owner may have registered zones
         n = self.check_extension(KVM_CAP_NR_MEMSLOTS)
         self.max_slots = n if n > 0 else 32
         self.has_sync_regs = self.check_extension(KVM_CAP_SYNC_REGS) & KVM_SYNC_X86_REGS != 0
@@ -687,6 +689,7 @@ cdef class VmCore:
         z.pio = 1 if pio else 0
         key = (addr_, size_, bool(pio))
         if not unregister:
+            kvmsys_store_int(&self.state.ring_used, 1)     # before any write can land in the ring
             self.vm_ioctl(KVM_REGISTER_COALESCED_MMIO, &z, "KVM_REGISTER_COALESCED_MMIO")
             self.coalesced_zones.add(key)
             return ()

@@ -298,3 +298,57 @@ def test_unregistering_a_zone_inside_another_drops_both_as_kvm_does(machine):
     machine.devices()
     assert isinstance(machine.run(timeout=T), StopExit)
     assert vm.console() == b"z" and machine.vcpu.stats()["coalesced"] == 0
+
+
+def test_a_vm_adopted_from_a_raw_fd_delivers_zones_its_other_owner_registered():
+    """The run loop reads the ring only on a VM where a zone may exist: one registered
+    through it, or any VM whose fd came from elsewhere (whose other owner may have
+    registered zones kvmsys never saw).  Writes to such a zone are never left behind."""
+    from kvmsys import Kvm, Vm
+    from kvmsys.guests import layout as L
+    from test_wrappers import debug_exit_port, load_code as load_pm32
+    with Kvm() as kvm, kvm.create_vm() as theirs:
+        if not theirs.check_extension("COALESCED_PIO"):
+            pytest.skip("host: no KVM_CAP_COALESCED_PIO")
+        mem = theirs.add_memory(0, 0, L.RAM_SIZE)
+        theirs.register_coalesced(PORT, 1, pio=True)       # through the other object
+        ours = Vm.from_raw_fd(kvm, theirs.fileno())
+        try:
+            debug_exit_port(ours)
+            vcpu = ours.create_vcpu(1)
+            load_pm32(vcpu, mem, b"".join(out_imm(PORT, i) for i in (5, 6, 7)) + out_imm(PORT + 1, 0)
+                      + out_imm(layout.PORT_DEBUG_EXIT, 0))
+            seen = []
+            ours.add_handler(PIO, PORT, PORT + 1, K["PYTHON"], write=lambda a, s, v: seen.append(v))
+            ours.add_handler(PIO, PORT + 1, PORT + 2, K["IGNORE"])      # the exit that drains the ring
+            ex = vcpu.run(timeout=T)
+            assert isinstance(ex, StopExit) and ex.status == exit_status(0), ex
+            assert seen == [5, 6, 7]
+        finally:
+            ours.close()
+
+
+@pytest.mark.parametrize("ops", [True, False], ids=["access_ops", "exit_callback"])
+def test_the_exit_that_drained_the_ring_reaches_python_as_itself(machine, ops):
+    """Ring entries handled in Python, then the exit that drained them goes to Python too:
+    it is that exit (an IoExit of its port), never the last ring entry again (a stale
+    `from_ring` once made run() return a copy of the entry instead).  Also: a VM whose loop
+    skipped the ring (no zone yet) delivers the first zone's writes at the next exit."""
+    m = machine
+    load_code(m, "pm32", out_imm(PORT, 1) + out_imm(PORT + 1, 0) + out_imm(PORT, 2) + out_imm(PORT, 3)
+              + out_imm(PORT + 1, 0) + STOP)
+    m.devices()
+    seen, stops = [], []
+    if ops:
+        m.vm.add_handler(PIO, PORT, PORT + 1, K["PYTHON"], write=lambda a, s, v: seen.append(v))
+    else:
+        m.vm.add_handler(PIO, PORT, PORT + 1, K["PYTHON"], callback=lambda ex: seen.append(ex.value))
+    m.vm.add_handler(PIO, PORT + 1, PORT + 2, K["PYTHON"],
+                     callback=lambda ex: stops.append((type(ex), ex.port)) or True)
+    ex = m.run(timeout=T)
+    assert type(ex) is _core.IoExit and ex.port == PORT + 1 and seen == [1]
+    m.vm.register_coalesced(PORT, 1, pio=True)
+    ex = m.run(timeout=T)
+    assert type(ex) is _core.IoExit and ex.port == PORT + 1 and seen == [1, 2, 3]
+    assert stops == [(_core.IoExit, PORT + 1)] * 2
+    assert isinstance(m.run(timeout=T), StopExit)
