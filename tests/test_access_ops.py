@@ -115,38 +115,41 @@ def test_a_bad_answer_is_a_typed_error_and_the_vcpu_goes_on(machine, answer, err
     assert m.mem[SCRATCH + 1] == 0x42 and m.mem[SCRATCH] in (0, 0xFF)
 
 
-def test_a_callbacks_exception_ends_the_run_and_the_next_run_goes_on(machine):
-    m = machine
+def outs_through(m, n, action, at):
+    """Guest: out PORT, 1..n; the write callback records each value and calls action()
+    at value *at*.  Returns the list it records into."""
     debug_exit_port(m.vm)
-    load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, 7)) + END)
+    load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, n + 1)) + END)
     seen = []
 
     def write(address, size, value):
         seen.append(value)
-        if value == 3:
-            raise RuntimeError("device fault")
+        if value == at:
+            action()
     m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=write)
+    return seen
+
+
+def fault():
+    raise RuntimeError("device fault")
+
+
+def test_a_callbacks_exception_ends_the_run_and_the_next_run_goes_on(machine):
+    seen = outs_through(machine, 6, fault, 3)
     with pytest.raises(RuntimeError, match="device fault"):
-        m.run(timeout=10)
-    run_to_end(m)
+        machine.run(timeout=10)
+    assert seen == [1, 2, 3]
+    run_to_end(machine)
     assert seen == [1, 2, 3, 4, 5, 6]
 
 
 def test_ctrl_c_inside_a_callback_ends_the_run(machine):
-    m = machine
-    debug_exit_port(m.vm)
-    load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, 7)) + END)
-    seen = []
-
-    def write(address, size, value):
-        seen.append(value)
-        if value == 2:
-            signal.raise_signal(signal.SIGINT)      # Python's handler raises at the next bytecode
-    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=write)
+    # Python's handler raises at the callback's next bytecode
+    seen = outs_through(machine, 6, lambda: signal.raise_signal(signal.SIGINT), 2)
     with pytest.raises(KeyboardInterrupt):
-        m.run(timeout=10)
+        machine.run(timeout=10)
     assert seen == [1, 2]
-    run_to_end(m)
+    run_to_end(machine)
     assert seen == [1, 2, 3, 4, 5, 6]
 
 
@@ -301,18 +304,9 @@ def test_a_batched_write_that_returns_true_makes_run_return_it(machine):
 
 
 def test_a_kick_from_inside_a_callback_is_not_lost(machine):
-    m = machine
-    debug_exit_port(m.vm)
-    load_code(m.vcpu, m.mem, b"".join(out(PORT, i) for i in range(1, 5)) + END)
-    handle = m.vcpu.handle()
-    seen = []
-
-    def write(address, size, value):
-        seen.append(value)
-        if value == 2:
-            handle.kick()
-    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=write)
-    ex = m.run(timeout=10)
+    handle = machine.vcpu.handle()
+    seen = outs_through(machine, 4, handle.kick, 2)
+    ex = machine.run(timeout=10)
     assert isinstance(ex, KickExit) and seen == [1, 2]
-    run_to_end(m)
+    run_to_end(machine)
     assert seen == [1, 2, 3, 4]
