@@ -71,7 +71,10 @@ cdef int call_ops(VcpuCore vcpu, AccessOps ops) except -1:
     cdef uint8_t *p
     cdef uint32_t size, count, i
     cdef uint64_t addr
-    cdef bint stop = 0
+    cdef bint stop = 0, is_in
+    cdef uint16_t port
+    cdef uint64_t off
+    cdef Mapping page = vcpu.page     # (held: the comm area stays mapped through the callbacks)
     if v.from_ring:                 # a batched write (the ring holds writes only)
         e = &v.ring_entry
         if ops.write is None:
@@ -83,18 +86,25 @@ cdef int call_ops(VcpuCore vcpu, AccessOps ops) except -1:
     elif r.exit_reason == KVM_EXIT_IO:
         size = r.io.size
         count = r.io.count
-        fn = ops.read if r.io.direction == KVM_EXIT_IO_IN else ops.write
+        is_in = r.io.direction == KVM_EXIT_IO_IN       # read once: a callback may write the comm area
+        fn = ops.read if is_in else ops.write
         if fn is None:
             return OPS_NONE
         if not (size in (1, 2, 4) and count >= 1):     # (the message is built only when raised)
             raise InvalidArgumentError(f"invalid port access: size {size}, count {count}")
-        # count elements, bounded by the comm area (never by the guest's number alone)
-        vcpu.page.check_range(r.io.data_offset, <uint64_t>size * count)
-        p = vcpu.page.addr + r.io.data_offset
-        a = ops.address_obj(r.io.port)
+        # count elements, bounded by the comm area (never by the guest's number alone);
+        # each element checked again, after the callbacks before it ran
+        off = r.io.data_offset
+        if page is None:
+            vcpu.require_open()     # closed: says so (never while inside run())
+        page.check_range(off, <uint64_t>size * count)
+        port = r.io.port
+        a = ops.address_obj(port)
         for i in range(count):
-            if r.io.direction == KVM_EXIT_IO_IN:
-                fill(p + i * size, size, op_result(fn(a, size), size, r.io.port), size)
+            page.check_range(off + i * size, size)
+            p = page.addr + off
+            if is_in:
+                fill(p + i * size, size, op_result(fn(a, size), size, port), size)
             elif fn(a, size, le_value(p + i * size, size)):
                 stop = 1            # every element still goes to the device, as Device.io does
     elif r.exit_reason == KVM_EXIT_MMIO:

@@ -310,3 +310,34 @@ def test_a_kick_from_inside_a_callback_is_not_lost(machine):
     assert isinstance(ex, KickExit) and seen == [1, 2]
     run_to_end(machine)
     assert seen == [1, 2, 3, 4]
+
+
+def test_a_callback_that_rewrites_the_comm_area_mid_string_cannot_derail_it(machine):
+    """The comm area is writable from Python while a string access is being handed to the
+    callbacks: the direction, port and element size are read once, and every element is
+    bounds-checked again, so a callback scribbling over io.direction/size/data_offset
+    changes nothing about the calls still to come (and never reaches outside the map)."""
+    from kvmsys import _core
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, rep_string(0x6C, PORT, SCRATCH, 6) + END)
+    io = _core.KVM_RUN_LAYOUT["exit_union"]           # struct kvm_io: direction, size, port, count, data_offset
+    area = m.vcpu.comm_area
+    calls = []
+
+    def read(address, size):
+        calls.append((address, size))
+        if len(calls) == 2:
+            area[io] = 1                                   # KVM_EXIT_IO_OUT
+            area[io + 1] = 4
+            struct.pack_into("<Q", area, io + 8, len(area) - 1)     # data_offset: the map's last byte
+        return 0x60 + len(calls)
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, read=read)
+    try:
+        run_to_end(m)
+    finally:
+        area.release()
+    assert calls == [(PORT, 1)] * 6
+    # every answer went where KVM takes the string from (its own record of the access,
+    # not the scribbled comm area)
+    assert bytes(m.mem[SCRATCH:SCRATCH + 6]) == bytes(range(0x61, 0x67))
