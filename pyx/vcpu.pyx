@@ -719,8 +719,7 @@ cdef class VcpuCore:
                             if v.budget_left == 0:
                                 return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
                             continue
-                        # a write asked to stop, or no callback for it: run() returns the exit
-                        return CoalescedExit.of_ring(self) if v.from_ring else make_exit(self)
+                        handler = None      # a write asked to stop, or no callback for it: run() returns the exit
                     ex = CoalescedExit.of_ring(self) if v.from_ring else make_exit(self)
                     if handler is None:
                         return ex
