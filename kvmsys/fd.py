@@ -107,6 +107,18 @@ class Vm(_Limits, _core.VmCore):
         """KVM_CREATE_VCPU: vCPU *vcpu_id* and its comm area."""
         return Vcpu(self, vcpu_id)
 
+    def create_interrupt_controllers(self, irqchip: bool | str, pit: bool, needed_for: str) -> None:
+        """*irqchip* "split": the split irqchip (local APICs in the kernel); true: the
+        whole in-kernel irqchip, with the PIT if *pit* (CapabilityError naming
+        *needed_for* where the host has none); false: none.  Both ABIs' VMs are made so."""
+        if irqchip == "split":
+            self.create_split_irqchip()
+        elif irqchip:
+            self.require("IRQCHIP", needed_for)
+            self.create_irqchip()
+            if pit:
+                self.create_pit2()
+
     x2apic_format = False     # KVM_X2APIC_API_USE_32BIT_IDS enabled: 32-bit APIC ids in MSIs and LAPIC state
 
     def enable_cap(self, cap: int | str, flags: int = 0, args: Iterable[int] = ()) -> None:

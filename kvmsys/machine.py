@@ -68,17 +68,10 @@ class Machine:
     def _make(self, memory_size: int, irqchip: bool | str, pit: bool, firmware: bytes | None, devices: bool,
               kvm: Kvm | None) -> None:
         if self.abi == "fd":
-            self._kvm = None if kvm is not None else Kvm()
-            kvm_ = kvm if kvm is not None else self._kvm
-            assert kvm_ is not None
-            self.vm = kvm_.create_vm()
-            if irqchip == "split":
-                self.vm.create_split_irqchip()
-            elif irqchip:
-                self.vm.require("IRQCHIP", "a guest that takes interrupts")
-                self.vm.create_irqchip()
-                if pit:
-                    self.vm.create_pit2()
+            if kvm is None:
+                kvm = self._kvm = Kvm()
+            self.vm = kvm.create_vm()
+            self.vm.create_interrupt_controllers(irqchip, pit, "a guest that takes interrupts")
             self.mem = self.vm.add_memory(0, 0, memory_size) if firmware is None else None
         else:
             self._scope = syscall.fresh_vm(memory_size=4096 if firmware is not None else memory_size,

@@ -59,7 +59,7 @@ class ThreadVcpu(Vcpu):
         except KvmOSError as e:
             if e.errno != errno.EINVAL or not self.run_before:
                 raise
-        st: dict[str, Any] = {"vcpu": self, "changed": changed}
+        st: Steps = {"vcpu": self, "changed": changed}
         _core.steps(_lock, (_capture_for_move, (st,)), (_pick_id, (st,)), (_core.move_into, (st, _bound)),
                     (_recapture, (st,)))
         super().set_cpuid2(entries)
@@ -177,13 +177,7 @@ def _create_vm() -> ProcessVm:
         _kvm = Kvm()
     v = ProcessVm(_kvm)
     try:
-        if _config["irqchip"] == "split":
-            v.create_split_irqchip()
-        elif _config["irqchip"]:
-            v.require("IRQCHIP", "configure(irqchip=True)")
-            v.create_irqchip()
-            if _config["pit"]:
-                v.create_pit2()
+        v.create_interrupt_controllers(_config["irqchip"], _config["pit"], "configure(irqchip=True)")
         if _config["memory_size"]:
             v.add_memory(0, 0, _config["memory_size"])
         if _config["pc_ports"]:
@@ -289,7 +283,7 @@ def set_placement(policy: str, vcpu: ThreadVcpu | None = None) -> None:
     _placement.check_policy(policy)
     if vcpu is not None and not isinstance(vcpu, ThreadVcpu):
         raise ArgumentTypeError(f"vcpu must be a vCPU of the process VM or None, not {type(vcpu).__name__}")
-    st: dict[str, Any] = {"policy": policy, "vcpu": vcpu}
+    st: Steps = {"policy": policy, "vcpu": vcpu}
     _core.steps(_lock, (_placement_targets, (st,)), (_apply_placement, (st,)))
 
 
@@ -362,7 +356,7 @@ def add_vcpu(placement: str | None = None) -> memoryview:
     if _core.bound() is not None:
         raise VcpuBindingError("this thread already has a vCPU: call remove_vcpu() first "
                                "(one vCPU per thread)")
-    st: dict[str, Any] = {"policy": policy}
+    st: Steps = {"policy": policy}
     # the commit (bind_from_pool) last: whatever can fail with an error comes before it
     _core.steps(_lock, (_take, (st,)), (_settle, (st,)),
                 (_core.bind_from_pool, (st, _pool, _bound, _release)))
@@ -378,7 +372,7 @@ def remove_vcpu() -> None:
     """Detach the calling thread's vCPU and release it (its id becomes reusable).  All or
     nothing: an exception (a Ctrl-C included) while it waits for the process VM's lock
     leaves the vCPU bound; once detached, the release completes."""
-    st: dict[str, Any] = {}
+    st: Steps = {}
     _core.steps(_lock, (_core.unbind_into, (st,)), *_give_back(st))
 
 
