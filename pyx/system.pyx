@@ -93,11 +93,10 @@ cdef str fd_target(int n):
 cdef int adopt_fd(object fd, str kind) except -1:
     """A duplicate (close-on-exec, ours to close) of the caller's fd *fd*, which must be
     the KVM object *kind* ("kvm-vm", "kvm-vcpu:3"): anything else is refused before it
-    is used (an mmap of another kind of file could fault on access).  *kind* None: any
-    file (the system fd, whose device node may have any path: KvmCore checks its API version)."""
+    is used (an mmap of another kind of file could fault on access)."""
     cdef int n = as_int(fd, "fd", 0, 0x7fffffff)
     what = fd_target(n)
-    if kind is not None and what != f"anon_inode:{kind}":
+    if what != f"anon_inode:{kind}":
         raise InvalidArgumentError(f"fd {n} is {what}, not a KVM {kind} fd")
     return _os.dup(n)
 
@@ -112,8 +111,10 @@ cdef class KvmCore:
         self.fd = -1
         cdef int err
         if fd is not None:          # adopt a duplicate of a /dev/kvm fd opened elsewhere
-            self.fd = adopt_fd(fd, None)
-            self.path = fd_target(self.fd)
+            # (its device node may have any path: the API version says what it is)
+            n = as_int(fd, "fd", 0, 0x7fffffff)
+            self.path = fd_target(n)
+            self.fd = _os.dup(n)
             self.check_api_version()
             return
         try:
