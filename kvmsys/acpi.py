@@ -66,7 +66,7 @@ def _madt(cpus: int) -> bytes:
     return _table(b"APIC", body, revision=1)
 
 
-DMAR_HAW = 39                   # the IOMMU's host address width (kvmsys.devices.vtd_walk.HAW)
+DMAR_HAW = 39                   # the IOMMU's host address width (kvmsys.devices.vtd_walk walks with it)
 IOAPIC_SID = 0xFF00             # the IOAPIC's requester id in the DMAR's device scope (bus 0xff, 00.0)
 
 

@@ -17,6 +17,7 @@ import struct
 from typing import Sequence
 
 from . import __version__
+from .acpi import checksum
 from .errors import ArgumentTypeError, InvalidArgumentError
 
 MANUFACTURER = "kvmsys"
@@ -31,10 +32,6 @@ def _structure(kind: int, handle: int, formatted: bytes, strings: Sequence[str] 
     if not strings:
         return body + b"\0\0"
     return body + b"".join(s.encode("ascii") + b"\0" for s in strings) + b"\0"
-
-
-def _checksum(data: bytes | bytearray) -> int:
-    return -sum(data) & 0xFF
 
 
 def _check_int(value: object, what: str, low: int, high: int) -> None:
@@ -105,6 +102,6 @@ def tables(*, ram_size: int, cpus: int, cpuid_1: tuple[int, int] = (0, 0)) -> tu
         raise InvalidArgumentError(f"SMBIOS tables of {len(blob)} bytes for {cpus} CPUs: more than 64 KiB")
     anchor = bytearray(struct.pack("<4sBBBBHB5s5sBHIHB", b"_SM_", 0, 0x1F, 2, 8, max(map(len, out)), 0, bytes(5),
                                    b"_DMI_", 0, len(blob), 0, len(out), 0x28))
-    anchor[0x15] = _checksum(anchor[0x10:])      # intermediate checksum: the _DMI_ part
-    anchor[0x04] = _checksum(anchor)             # the whole entry point
+    anchor[0x15] = checksum(anchor[0x10:])      # intermediate checksum: the _DMI_ part
+    anchor[0x04] = checksum(anchor)             # the whole entry point
     return bytes(anchor), blob

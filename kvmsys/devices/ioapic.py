@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
+from ..acpi import IOAPIC_ADDR
 from . import Device
 
 if TYPE_CHECKING:
     from .._core import MmioExit
 
-BASE, SIZE = 0xFEC00000, 0x1000
+BASE, SIZE = IOAPIC_ADDR, 0x1000       # where the ACPI MADT says it is
 PINS = 24
 VERSION = 0x20
 MASK, REMOTE_IRR, LEVEL, REMAPPABLE = 1 << 16, 1 << 14, 1 << 15, 1 << 48
@@ -52,7 +53,6 @@ class Ioapic(Device):
 
     def __init__(self, msi: Callable[[int, int], object], routes_changed: Callable[[], object] = lambda: None) -> None:
         self.msi, self.routes_changed = msi, routes_changed
-        self._handler = None
         super().__init__()
 
     def _reset(self) -> None:

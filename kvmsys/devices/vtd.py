@@ -45,7 +45,6 @@ PFO, PPF, IQE = 1 << 0, 1 << 1, 1 << 4
 FSTS_W1C = PFO | 1 << 2 | 1 << 3 | IQE | 1 << 5 | 1 << 6
 IM, IP = 1 << 31, 1 << 30
 FECTL, IECTL = 0x38, 0xA0             # event control registers: data at +4, address at +8
-MAX_QUEUE = 256 << 7                        # QS at most 7: 128 pages of 256 descriptors
 
 # 32-bit halves that software may write, and the bits it may: {offset: mask}
 _RW = {0x20: 0xFFFFF000, 0x24: 0xFFFFFFFF, 0x3C: 0xFFFFFFFF, 0x40: 0xFFFFFFFC, 0x44: 0xFFFFFFFF,
@@ -88,14 +87,6 @@ class IntelIommu(Device):
         self.r[off:off + n] = (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
 
     # --- what devices and the IOAPIC ask -------------------------------------------
-    @property
-    def translating(self) -> bool:
-        return bool(self.status & TE)
-
-    @property
-    def remapping(self) -> bool:
-        return bool(self.status & IRE)
-
     def translate(self, sid: int, iova: int, write: bool) -> int | None:
         """The guest-physical address of a DMA access to *iova* by requester *sid*, or None
         (refused: the fault is recorded)."""

@@ -17,10 +17,12 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
+from ..acpi import DMAR_HAW
+
 Read = Callable[[int, int], "bytes | None"]     # guest memory: (gpa, n) -> bytes, None outside RAM
 
 AW = 39                                     # input address width (3 levels)
-HAW = 39                                    # host address width: addresses in entries
+HAW = DMAR_HAW                              # host address width (addresses in entries), as the DMAR says
 _ADDR = ((1 << HAW) - 1) & ~0xFFF
 _ABOVE_HAW = ((1 << 52) - 1) & ~((1 << HAW) - 1)     # address bits 51:HAW of an entry (63:52: ignored)
 # fault reasons
