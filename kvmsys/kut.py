@@ -58,6 +58,7 @@ class Result:
     detail: str
     seconds: float
     output: str = ""
+    command: list[str] = dataclasses.field(default_factory=list)     # what ran (none for a SKIP)
 
 
 def _seconds(text: str) -> float:
@@ -107,13 +108,19 @@ def expand_args(text: str) -> str:
     parts = text.split("`")
     if len(parts) % 2 == 0:
         raise InvalidArgumentError(f"test_args {text!r} has an unmatched backtick: kvmsys runs no shell to read it")
+    out = []
     for i, part in enumerate(parts):
-        if i % 2 and " ".join(part.split()) not in SUBSTITUTIONS:
-            raise InvalidArgumentError(f"test_args runs `{part}`: kvmsys runs no command a file names "
-                                       f"(it computes only {', '.join(f'`{c}`' for c in SUBSTITUTIONS)} itself)")
-        if not i % 2 and "$" in part:        # $(cmd), $VAR: the shell would expand them
+        if i % 2:
+            key = " ".join(part.split())
+            if key not in SUBSTITUTIONS:
+                raise InvalidArgumentError(f"test_args runs `{part}`: kvmsys runs no command a file names "
+                                           f"(it computes only {', '.join(f'`{c}`' for c in SUBSTITUTIONS)} itself)")
+            out.append(SUBSTITUTIONS[key]())
+        elif "$" in part:        # $(cmd), $VAR: the shell would expand them
             raise InvalidArgumentError(f"test_args {text!r} needs a shell to expand '$': kvmsys runs none")
-    return "".join(SUBSTITUTIONS[" ".join(p.split())]() if i % 2 else p for i, p in enumerate(parts))
+        else:
+            out.append(part)
+    return "".join(out)
 
 
 # -device NAME,PROPS that kvmsys.q35 has, with the properties that say what it does anyway
@@ -233,17 +240,19 @@ def run_test(test: Test, kut_dir: str, *, vmm: str = "kvmsys", abi: str = "sys",
         out, status = ((e.stdout or b"") + (e.stderr or b"")).decode("utf-8", "replace"), None
         errors = []
     elapsed = time.monotonic() - t0
+
+    def ran(verdict: str, detail: str) -> Result:
+        return Result(test.name, verdict, status, detail, elapsed, out, cmd)
     if status is None or (vmm == "kvmsys" and "DEADLINE" in _summary(out)):
-        return Result(test.name, "TIMEOUT", status, f"no result in {timeout:g} s", elapsed, out)
+        return ran("TIMEOUT", f"no result in {timeout:g} s")
     if vmm == "kvmsys" and not _summary(out):
         # kvmsys run prints its summary however the guest ended: without it, kvmsys itself failed
         # (a Python error also exits with status 1, which must not read as the guest's PASS)
-        return Result(test.name, "FAIL", status, f"kvmsys failed: {(errors or [''])[-1][:160]}", elapsed, out)
+        return ran("FAIL", f"kvmsys failed: {(errors or [''])[-1][:160]}")
     if vmm == "qemu" and status == 1 and errors:
         # as the suite's qemu_fixup_return_code: status 1 with errors (not warnings) is QEMU's own failure
-        return Result(test.name, "FAIL", status, f"QEMU failed: {errors[0][:160]}", elapsed, out)
-    verdict = verdict_of(status)
-    return Result(test.name, verdict, status, _detail(out, vmm), elapsed, out)
+        return ran("FAIL", f"QEMU failed: {errors[0][:160]}")
+    return ran(verdict_of(status), _detail(out, vmm))
 
 
 def _summary(out: str) -> str:
@@ -288,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         failed += r.verdict in ("FAIL", "TIMEOUT")
         if args.log and r.output:
             with open(os.path.join(args.log, f"{r.test}.log"), "w", encoding="utf-8") as f:
-                f.write(" ".join(shlex.quote(c) for c in command(t, args.kut_dir, args.vmm, args.abi,
-                                                                    t.timeout)[0]) + "\n" + r.output)
+                f.write(" ".join(shlex.quote(c) for c in r.command) + "\n" + r.output)
     return 1 if failed else 0
 
 

@@ -2,6 +2,7 @@
 own kernel, pc-testdev, ACPI tables, the PM timer and S3 registers, the loader's room for a
 low kernel), and the suite itself when KVMSYS_KUT_DIR points at a build of it."""
 import os
+import shlex
 import struct
 import subprocess
 import sys
@@ -406,6 +407,29 @@ test_args = "1 `date +%s"
         cmd, why = kut.command(tests["kvmclock_test"], str(tmp_path), vmm, "sys", 90)
         loops, stamp = cmd[cmd.index(flag) + 1].split()[-2:]
         assert why is None and loops == "10000000" and before <= int(stamp) <= time.time()
+
+
+
+@pytest.mark.nokvm
+def test_kut_log_names_the_command_that_ran(tmp_path, monkeypatch):
+    # the log's first line is the command run_test ran (the capped timeout, the same clock
+    # reading), not one built again afterwards
+    (tmp_path / "x86").mkdir()
+    (tmp_path / "x86" / "kvmclock.flat").write_bytes(b"")
+    (tmp_path / "x86" / "unittests.cfg").write_text(
+        '[kvmclock_test]\nfile = kvmclock.flat\ntest_args = "7 `date +%s`"\ntimeout = 90\n')
+    ran = []
+    clock = iter(range(1000, 2000))
+
+    def fake_run(cmd, **kwargs):
+        ran.append(list(cmd))
+        return subprocess.CompletedProcess(cmd, 1, b"PASS\n", b"")
+    monkeypatch.setattr(kut.subprocess, "run", fake_run)
+    monkeypatch.setitem(kut.SUBSTITUTIONS, "date +%s", lambda: str(next(clock)))   # a new reading per call
+    log = tmp_path / "log"
+    kut.main([str(tmp_path), "--vmm", "qemu", "--timeout-cap", "5", "--log", str(log)])
+    assert len(ran) == 1
+    assert (log / "kvmclock_test.log").read_text().splitlines()[0] == " ".join(shlex.quote(c) for c in ran[0])
 
 
 # --- the suite itself ----------------------------------------------------------------
