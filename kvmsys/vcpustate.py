@@ -80,11 +80,10 @@ def capture(vcpu: Vcpu, msrs: list[int] | None = None) -> State:
 
 # What each setter can change (KVM couples some state: FPU and XSAVE overlap, XCR0 says
 # which XSAVE components are live, an INIT/SIPI mp_state is LAPIC and event state); a run
-# anything but the TSC frequency, which only KVM_SET_TSC_KHZ sets.  A reset after only
-# these restores only what they reach; any other setter (sregs and MSRs reach EFER, the
-# APIC base and more) can change anything: a whole reset.
-STATE = frozenset(("regs", "sregs", "fpu", "xsave", "xcrs", "debugregs", "msrs", "mp_state", "vcpu_events",
-                   "lapic", "tsc_khz", "nested_state"))
+# can change anything but the TSC frequency, which only KVM_SET_TSC_KHZ sets.  A reset after
+# only these restores only what they reach; any other setter (sregs and MSRs reach EFER,
+# the APIC base and more) can change anything: a whole reset.
+STATE = (KEYS - {"id"}) | {"lapic", "tsc_khz", "nested_state"}     # every component apply() sets
 AFFECTS: dict[str, frozenset[str]] = {
     "KVM_RUN": STATE - {"tsc_khz"},
     "KVM_SET_REGS": frozenset({"regs"}),
