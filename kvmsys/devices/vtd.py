@@ -23,8 +23,9 @@ is set and it is sent when IM clears).  Registers are 4 or 8 bytes; other access
 all-ones and are dropped."""
 from __future__ import annotations
 
+import contextlib
 import struct
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import KvmsysError
 from . import Device
@@ -91,7 +92,7 @@ class IntelIommu(Device):
         """The guest-physical address of a DMA access to *iova* by requester *sid*, or None
         (refused: the fault is recorded)."""
         result: int | None
-        with self.lock:
+        with self._locked():
             result = iova
             if self.status & TE:
                 try:
@@ -99,22 +100,18 @@ class IntelIommu(Device):
                 except Fault as f:
                     self._fault(f)
                     result = None
-            events, self._events = self._events, []
-        self._send(events)
         return result
 
     def remap(self, address: int, data: int, sid: int | None, *, record: bool = True) -> tuple[int, int] | None:
         """(address, data) of an interrupt message after remapping, or None (refused; the
         fault is recorded when *record*).  *sid* None: no source-id (the IOAPIC)."""
-        with self.lock:
+        with self._locked():
             try:
                 result = self._remap(address, data, sid)
             except Fault as f:
                 if record:
                     self._fault(f)
                 result = None
-            events, self._events = self._events, []
-        self._send(events)
         return result
 
     def _remap(self, address: int, data: int, sid: int | None) -> tuple[int, int]:
@@ -127,7 +124,13 @@ class IntelIommu(Device):
         irta = self.irta
         return vtd_walk.remap(self.mem_read, irta & ~0xFFF, 2 << (irta & 0xF), address, data, sid)
 
-    def _send(self, events: list[tuple[int, int]]) -> None:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # The lock, and the interrupt messages queued under it (fault and invalidation
+        # events) sent once it is released: never signal with the lock held
+        with self.lock:
+            yield
+            events, self._events = self._events, []
         for address, data in events:
             self.signal(address, data)
 
@@ -167,7 +170,7 @@ class IntelIommu(Device):
     # --- registers ----------------------------------------------------------------
     def mmio(self, ex: MmioExit) -> bool:
         off, n = ex.address - BASE, ex.length
-        with self.lock:
+        with self._locked():
             if ex.is_write:
                 if n in (4, 8) and off % n == 0:
                     value = int.from_bytes(ex.data[:n], "little")
@@ -180,9 +183,7 @@ class IntelIommu(Device):
                 ex.data[:n] = value.to_bytes(n, "little")
             else:
                 ex.data[:n] = b"\xff" * n
-            events, self._events = self._events, []
             dirty, self._routes_dirty = self._routes_dirty, False
-        self._send(events)
         if dirty:
             self.routes_changed()
         return False
