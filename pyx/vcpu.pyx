@@ -139,6 +139,7 @@ cdef class VcpuCore:
     cdef uint32_t dirty_fetch    # next ring entry to harvest
     cdef unsigned long _runner   # Python thread ident of the run() in progress (for messages)
     cdef Exit spare_exit         # the last exit a Python handler took and let go (make_exit reuses it)
+    cdef Exit spare_own          # the last own exit run() returned (own_exit reuses it)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -306,7 +307,7 @@ cdef class VcpuCore:
         self.gone = "was removed (or its thread ended)"
         self.successor = n
         _all_vcpus.add(n)
-        self.page = self.page_view = None
+        self.page = self.page_view = self.spare_exit = self.spare_own = None   # (the spares refer back to it)
         self.vm.vcpus.discard(self)
         self.vm.vcpus.add(n)
         kvmsys_store_int(&self.v.active, 0)    # last: a run() claiming it now sees this object gone
@@ -656,7 +657,7 @@ cdef class VcpuCore:
             raise StateError("the interpreter is exiting: vCPUs no longer run")
         if budget == 0:             # checked like any run, but no KVM_RUN: nothing changes
             kvmsys_store_int(&v.active, 0)
-            return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
+            return own_exit(self, BudgetExit, KVMSYS_EXIT_BUDGET)
         self._touched = 1
         self.ran = self.ran_here = 1
         try:
@@ -717,7 +718,7 @@ cdef class VcpuCore:
                         kvmsys_bench_pause(1)   # benchmark hook, off: see kvmsys_native.h
                         if call_ops(self, <AccessOps>handler) == OPS_DONE:   # (its time is booked by run_loop's clocks)
                             if v.budget_left == 0:
-                                return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
+                                return own_exit(self, BudgetExit, KVMSYS_EXIT_BUDGET)
                             continue
                         handler = None      # a write asked to stop, or no callback for it: run() returns the exit
                     ex = CoalescedExit.of_ring(self) if v.from_ring else make_exit(self)
@@ -728,7 +729,7 @@ cdef class VcpuCore:
                     if stop:
                         return ex
                     if v.budget_left == 0:
-                        return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
+                        return own_exit(self, BudgetExit, KVMSYS_EXIT_BUDGET)
                     # reusable if the handler kept no reference (see make_exit)
                     self.spare_exit = ex
                     ex = None
@@ -738,9 +739,9 @@ cdef class VcpuCore:
                 if res == R_SIGNAL:
                     if v.poll_signals:
                         look_at_signals(v, False)   # run Python signal handlers (Ctrl-C raises here)
-                    return Exit._new_of(IntrExit, self, KVM_EXIT_INTR)
+                    return own_exit(self, IntrExit, KVM_EXIT_INTR)
                 if res == R_STOP:
-                    ex = Exit._new_of(StopExit, self, KVMSYS_EXIT_STOP)
+                    ex = own_exit(self, StopExit, KVMSYS_EXIT_STOP)
                     (<StopExit>ex).status = v.stop_status
                     return ex
                 if res == R_KICK:
@@ -754,12 +755,12 @@ cdef class VcpuCore:
                                 kvmsys_or_int(&v.kick_pending, KICK_USER)
                             raise
                     if v.kick_bits & KICK_USER:
-                        return Exit._new_of(KickExit, self, KVMSYS_EXIT_KICK)
+                        return own_exit(self, KickExit, KVMSYS_EXIT_KICK)
                     continue
                 if res == R_DEADLINE:
-                    return Exit._new_of(DeadlineExit, self, KVMSYS_EXIT_DEADLINE)
+                    return own_exit(self, DeadlineExit, KVMSYS_EXIT_DEADLINE)
                 if res == R_BUDGET:
-                    return Exit._new_of(BudgetExit, self, KVMSYS_EXIT_BUDGET)
+                    return own_exit(self, BudgetExit, KVMSYS_EXIT_BUDGET)
                 if v.error < 0:
                     raise_os(-v.error, "KVM_RUN", "the comm area holds a size, offset or ring index out of range")
                 refused = <int>(v.run.kvm_dirty_regs & KVM_SYNC_X86_VALID_FIELDS)
@@ -1233,7 +1234,7 @@ cdef class VcpuCore:
             # of other threads; closing our fd touches nothing of the parent's.
             close(self.v.fd)
             self.v.fd = -1
-            self.page = self.page_view = None
+            self.page = self.page_view = self.spare_exit = self.spare_own = None   # (the spares refer back to it)
             return
         # Claim the vCPU as run() does, so a run() starting in another thread now
         # fails cleanly instead of entering KVM_RUN on a closing vCPU; keep the claim.
@@ -1267,7 +1268,7 @@ cdef class VcpuCore:
         self.v.run = NULL
         self.v.generation += 1
         pthread_mutex_unlock(&self.v.lock)
-        self.page = self.page_view = None
+        self.page = self.page_view = self.spare_exit = self.spare_own = None   # (the spares refer back to it)
 
     def __enter__(self):
         return self

@@ -138,3 +138,31 @@ def test_hlt_callback_refused_where_it_cannot_apply(machine, kind, callback, err
     with pytest.raises(error):
         machine.vm.set_hlt_action(kind, callback)
     assert machine.vm.hlt_handler is None
+
+
+def test_own_exits_run_returns_are_reused_only_once_let_go(machine):
+    """run() reuses its last own exit (stop, kick, budget) when nothing but the vCPU refers
+    to it: one the caller holds keeps its type and status, and a new one is made."""
+    m = machine
+    debug_exit_port(m.vm)
+    load_code(m.vcpu, m.mem, out(L.PORT_DEBUG_EXIT, 1) + out(L.PORT_DEBUG_EXIT, 2)
+              + out(L.PORT_DEBUG_EXIT, 3))
+    first = m.run(timeout=10)
+    second = m.run(timeout=10)
+    assert second is not first
+    assert (first.status, second.status) == (status(1), status(2))
+    let_go = id(second)
+    del first, second
+    third = m.run(timeout=10)
+    assert third.status == status(3)
+    assert id(third) == let_go          # reused: the kick's return path allocates nothing
+    handle = m.vcpu.handle()
+    handle.kick()
+    kick1 = m.run(timeout=10)
+    handle.kick()
+    kick2 = m.run(timeout=10)
+    budget = m.run(budget=0)
+    assert len({id(third), id(kick1), id(kick2), id(budget)}) == 4
+    assert [type(e).__name__ for e in (third, kick1, kick2, budget)] == \
+        ["StopExit", "KickExit", "KickExit", "BudgetExit"]
+    assert third.status == status(3)
