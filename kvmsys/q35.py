@@ -27,6 +27,7 @@ from .devices.ioapic import Ioapic
 from .devices.pci import Q35
 from .devices.vtd import BASE as _IOMMU_BASE, IntelIommu, guest_memory
 from .errors import InvalidArgumentError
+from .msi import is_interrupt
 
 if TYPE_CHECKING:
     from ._core import MmioExit
@@ -106,7 +107,7 @@ class Bus:
             self.signal(*out)
 
     def signal(self, address: int, data: int) -> None:
-        if address >> 20 == 0xFEE:          # anything else is a memory write, not an interrupt
+        if is_interrupt(address):           # anything else is a memory write, not an interrupt
             self.vm.signal_msi(address & 0xFFFFFFFF, data & 0xFFFFFFFF, address >> 32)
 
     def intx(self, device: Any, level: int) -> None:
