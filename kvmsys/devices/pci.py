@@ -17,7 +17,7 @@ from . import Device
 # Writable config-space bytes of the functions without BARs: command, cache line/latency,
 # interrupt line, and the device-specific registers (PAM, PIRQ routing, IDE timing):
 # stored, no effect.
-_WRITABLE = frozenset({0x04, 0x05, 0x0C, 0x0D, 0x3C} | set(range(0x40, 0x100)))
+_WRITABLE = {off: 0xFF for off in (0x04, 0x05, 0x0C, 0x0D, 0x3C, *range(0x40, 0x100))}
 
 
 def _config(vendor: int, device: int, class_code: int, *, rev: int = 0, header: int = 0) -> bytearray:
@@ -31,12 +31,12 @@ def _config(vendor: int, device: int, class_code: int, *, rev: int = 0, header: 
 
 
 class PciFunction:
-    """One function's 256-byte configuration space.  The base class stores writes to the
-    bytes of *writable* and ignores the rest; a device with BARs or capabilities
-    overrides ``write_config``.  Accesses come under the PCI host's lock."""
+    """One function's 256-byte configuration space.  A write changes the bits that
+    *write_masks* ({offset: writable bits of that byte}) names and keeps the others
+    (read-only; absent offsets: all).  Accesses come under the PCI host's lock."""
 
-    def __init__(self, make: Callable[[], bytearray], writable: frozenset[int] = _WRITABLE) -> None:
-        self._make, self.writable = make, writable
+    def __init__(self, make: Callable[[], bytearray], write_masks: Mapping[int, int] = _WRITABLE) -> None:
+        self._make, self.write_masks = make, write_masks
         self.config = make()
 
     def reset(self) -> None:
@@ -46,9 +46,11 @@ class PciFunction:
         return int.from_bytes(self.config[offset:offset + size], "little")
 
     def write_config(self, offset: int, size: int, value: int) -> None:
+        c = self.config
         for i, b in enumerate(value.to_bytes(size, "little")):
-            if offset + i in self.writable:
-                self.config[offset + i] = b
+            m = self.write_masks.get(offset + i, 0)
+            if m:
+                c[offset + i] = c[offset + i] & ~m | b & m
 
 
 I440FX = {
