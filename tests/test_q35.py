@@ -69,7 +69,7 @@ class Rig:
     # edu through its BAR
     def edu_reg(self, off, n=4, value=None):
         a = Access(q35.EDU_BAR + off, n, value)
-        self.parts.bar_access(a)
+        self.parts.pci.mmio(a)
         return int.from_bytes(a.data[:n], "little")
 
     def dma(self, iova, n, dev_offset, from_device):

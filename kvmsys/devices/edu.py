@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .pci import PciFunction
+from .pci import COMMAND_MEMORY, PciFunction
 
 VENDOR, DEVICE = 0x1234, 0x11E8
 ID = 0x010000ED
@@ -26,7 +26,7 @@ MSI_CAP = 0x40                      # capability list: MSI (64-bit address, one 
 DMA_MASK = (1 << 28) - 1            # QEMU's default dma_mask: the addresses the device can drive
 FACT_IRQ, DMA_IRQ = 0x1, 0x100
 CMD_START, CMD_FROM_DEVICE, CMD_IRQ = 1, 2, 4
-COMMAND_MEMORY, COMMAND_MASTER, COMMAND_INTX_DISABLE = 1 << 1, 1 << 2, 1 << 10
+COMMAND_MASTER, COMMAND_INTX_DISABLE = 1 << 2, 1 << 10
 # Writable config bits: command (memory space, bus master; interrupt disable), BAR 0 (1 MiB
 # aligned, 32-bit memory), cache line/latency, interrupt line, MSI enable (one vector:
 # MME stays 0, 64-bit stays set), the message address (low dword 4-aligned), high, data
@@ -48,6 +48,7 @@ class Edu(PciFunction):
     ``dma_read(sid, addr, n)``, ``dma_write(sid, addr, data)``, ``msi(addr, data, sid)``,
     ``intx(self, level)``.  *bar*: where firmware would have put BAR 0; *line*: the
     interrupt line register (the IOAPIC pin INTA# drives)."""
+    bar_size = BAR_SIZE
 
     def __init__(self, bus: Any, *, devfn: int, bar: int, line: int) -> None:
         self.bus, self.devfn, self.sid = bus, devfn, devfn      # bus 0: the requester id is devfn
@@ -84,18 +85,6 @@ class Edu(PciFunction):
         self.dma_errors = 0         # transfers dropped (outside the buffer, or refused by the DMA path)
 
     # --- configuration space ------------------------------------------------------
-    @property
-    def command(self) -> int:
-        return self.read_config(4, 2)
-
-    @property
-    def bar(self) -> int:
-        return self.read_config(0x10, 4) & ~0xF
-
-    def decodes(self, address: int) -> bool:
-        """Whether BAR 0 (memory decoding on) covers *address*."""
-        return bool(self.command & COMMAND_MEMORY) and self.bar <= address < self.bar + BAR_SIZE
-
     def msi_enabled(self) -> bool:
         return bool(self.read_config(MSI_CAP + 2, 2) & 1)
 
