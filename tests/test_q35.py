@@ -303,6 +303,35 @@ def test_queued_invalidation(rig):
     assert rig.reg(0x34) & vtd.IQE and rig.reg(0x80, 8) == 256 << 4
 
 
+def test_invalidation_waits_interrupt_once_until_iwc_is_cleared(rig):
+    """A wait descriptor with IF is a new interrupt condition only while ICS.IWC is clear
+    (VT-d): a queue full of them sends one message, not one per descriptor, until the
+    guest clears IWC; a masked one stays pending (IP) until it is unmasked."""
+    sent = []
+    rig.iommu.signal = lambda address, data: sent.append((address, data))
+    rig.reg(vtd.IECTL + 4, 4, 0x41)
+    rig.reg(vtd.IECTL + 8, 4, 0xFEE00000)
+    rig.reg(vtd.IECTL, 4, 0)                        # unmasked
+    rig.reg(0x90, 8, QUEUE)
+    rig.gcmd(vtd.QIE)
+    rig.q(QUEUE, *[0x5 | 1 << 4, 0] * 256)          # a page of waits with IF
+    rig.reg(0x88, 8, 200 << 4)
+    assert rig.reg(0x80, 8) == 200 << 4 and rig.reg(0x9C) == 1
+    assert sent == [(0xFEE00000, 0x41)]
+    rig.reg(0x88, 8, 210 << 4)                      # IWC still set: no new condition
+    assert rig.reg(0x80, 8) == 210 << 4 and len(sent) == 1
+    rig.reg(0x9C, 4, 1)                             # cleared: the next wait interrupts
+    assert rig.reg(0x9C) == 0
+    rig.reg(0x88, 8, 220 << 4)
+    assert len(sent) == 2 and rig.reg(0x9C) == 1
+    rig.reg(vtd.IECTL, 4, vtd.IM)                   # masked: held pending
+    rig.reg(0x9C, 4, 1)
+    rig.reg(0x88, 8, 230 << 4)
+    assert len(sent) == 2 and rig.reg(vtd.IECTL) & vtd.IP
+    rig.reg(vtd.IECTL, 4, 0)
+    assert len(sent) == 3 and not rig.reg(vtd.IECTL) & vtd.IP
+
+
 def test_registers_refuse_odd_accesses(rig):
     assert rig.reg(0x00) == 0x10 and rig.reg(0x08, 8) == vtd.CAP and rig.reg(0x10, 8) == vtd.ECAP
     for off, n in ((0x01, 4), (0x00, 2), (0x00, 1), (0xFF8, 8)):

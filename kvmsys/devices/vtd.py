@@ -13,7 +13,7 @@ Global command: TE, SRTP (latches RTADDR), QIE (IQH to 0), IRE, SIRTP (latches I
 CFI; each takes effect within the write.  The queue: on an IQT write, descriptors from
 IQH to IQT are run (at most the queue's size, 2^QS pages of 256): context-cache, IOTLB
 and interrupt-entry-cache invalidations, and invalidation waits (status write, ICS.IWC
-and the invalidation event interrupt).  A descriptor of another type, reserved bits, a
+and the invalidation event interrupt, which is sent only where IWC was clear).  A descriptor of another type, reserved bits, a
 tail outside the queue, or a queue outside RAM set FSTS.IQE and stop the queue there.
 
 A refused DMA or interrupt is recorded in the fault recording register (unless its
@@ -269,7 +269,9 @@ class IntelIommu(Device):
             if lo & (1 << 5):                   # SW: write the status data
                 if not self.mem_write(hi & ~3, (lo >> 32).to_bytes(4, "little")):
                     return False
-            if lo & (1 << 4):                   # IF: invalidation complete, its interrupt
+            if lo & (1 << 4) and not self._get(0x9C, 4) & 1:
+                # IF: ICS.IWC set, and an interrupt condition only if IWC was clear (VT-d):
+                # a queue of such waits is one message until the guest clears IWC
                 self._put(0x9C, 4, 1)
                 self._event(IECTL)
             return True
