@@ -259,6 +259,26 @@ def test_no_spurious_exit_after_a_kick(machine):
     assert set(names) == {"KICK"}, f"after {len(names) - 1} kicks run() returned {names[-1]}"
 
 
+def test_kick_suite_pins_both_harnesses_alike_and_gives_the_cpus_back():
+    """kvmsys's target threads and the C floor's run on one CPU, the kicking thread on
+    another (left to the scheduler, the floor's target often shared the kicker's CPU and
+    took no cross-CPU signal); the main thread's CPU set is as it was afterwards."""
+    import os
+    before = os.sched_getaffinity(0)
+    harness.set_quiet(True)
+    try:
+        res = bench.run_suites(["kick"], TINY)["kick"].to_json()
+    finally:
+        harness.set_quiet(False)
+    assert os.sched_getaffinity(0) == before
+    assert all(c["ok"] for c in res["checks"]), res["checks"]
+    if len(before) >= 2:
+        cpus = res["config"]["cpus"]
+        assert cpus["targets"] != cpus["kicker"] and {cpus["targets"], cpus["kicker"]} <= before
+    else:
+        assert res["config"]["cpus"] is None
+
+
 @pytest.mark.skipif(not __import__("os").path.exists("/usr/share/seabios/bios.bin"),
                     reason="env: Debian package seabios is not installed")
 def test_boot_suite_tiny():
