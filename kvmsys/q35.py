@@ -21,15 +21,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ._core import IRQ_ROUTING
-from .devices import Device, PciHost
-from .devices.edu import BAR_SIZE, Edu
+from .devices import PciHost
+from .devices.edu import Edu
 from .devices.ioapic import Ioapic
 from .devices.pci import Q35
 from .devices.vtd import BASE as _IOMMU_BASE, IntelIommu, guest_memory
 from .errors import InvalidArgumentError
+from .msi import is_interrupt
 
 if TYPE_CHECKING:
-    from ._core import MmioExit
     from .fd import Vm
 
 MACHINES = ("pc", "q35")
@@ -106,7 +106,7 @@ class Bus:
             self.signal(*out)
 
     def signal(self, address: int, data: int) -> None:
-        if address >> 20 == 0xFEE:          # anything else is a memory write, not an interrupt
+        if is_interrupt(address):           # anything else is a memory write, not an interrupt
             self.vm.signal_msi(address & 0xFFFFFFFF, data & 0xFFFFFFFF, address >> 32)
 
     def intx(self, device: Any, level: int) -> None:
@@ -146,40 +146,8 @@ class Q35Parts:
         functions: dict[tuple[int, int], Any] = dict(Q35)
         if self.edu is not None:
             functions[(EDU_DEVFN >> 3, EDU_DEVFN & 7)] = self.edu
-        self.pci = PciHost(functions)
-        self.devices = [self.pci, _PciWindow(self), self.ioapic] + ([self.iommu] if self.iommu else [])
-
-    def bar_access(self, ex: MmioExit) -> bool:
-        """An access in the PCI window: to the BAR that decodes it, else open bus."""
-        edu = self.edu
-        with self.pci.lock:         # config writes move BARs under this lock
-            hit = edu is not None and edu.decodes(ex.address)
-            base = edu.bar if edu is not None and hit else 0
-        n = ex.length
-        if not hit or ex.address + n > base + BAR_SIZE:
-            if not ex.is_write:
-                ex.data[:n] = b"\xff" * n
-            return False
-        assert edu is not None                  # (hit)
-        with self.pci.lock:
-            if ex.is_write:
-                edu.write(ex.address - base, n, int.from_bytes(ex.data[:n], "little"))
-            else:
-                ex.data[:n] = edu.read(ex.address - base, n).to_bytes(n, "little")
-        return False
+        self.pci = PciHost(functions, window=PCI_WINDOW)
+        self.devices = [self.pci, self.ioapic] + ([self.iommu] if self.iommu else [])
 
     def eoi(self, vector: int) -> None:
         self.ioapic.eoi(vector)
-
-
-class _PciWindow(Device):
-    """The MMIO window of the PCI BARs: its accesses go to Q35Parts.bar_access."""
-
-    def __init__(self, parts: Q35Parts) -> None:
-        self.parts = parts
-        super().__init__()
-
-    mmio_ranges = (PCI_WINDOW,)
-
-    def mmio(self, ex: MmioExit) -> bool:
-        return self.parts.bar_access(ex)

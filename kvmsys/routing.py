@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from . import _core
 from .errors import ArgumentTypeError, InvalidArgumentError
+from .msi import compat_message
 
 __all__ = ["msi_message", "msi_route", "irqchip_route", "default_routes"]
-
-MSI_ADDRESS = 0xFEE00000          # the x86 MSI address window (Intel SDM vol. 3, "Message Signalled Interrupts")
-MSI_DATA_LEVEL_ASSERT = 1 << 14   # data bit 14: level asserted (level-triggered messages)
-MSI_DATA_TRIGGER_LEVEL = 1 << 15  # data bit 15: level- rather than edge-triggered
 
 
 def msi_message(apic_id: int, vector: int, *, level: bool = False,
@@ -30,8 +27,8 @@ def msi_message(apic_id: int, vector: int, *, level: bool = False,
     if not 0 <= apic_id < (1 << 32) or (apic_id > 0xFF and not x2apic_format):
         raise InvalidArgumentError(f"APIC id {apic_id} needs KVM_CAP_X2APIC_API with 32-bit ids"
                                    if 0xFF < apic_id < (1 << 32) else f"APIC id {apic_id} is out of range")
-    data = vector | ((MSI_DATA_TRIGGER_LEVEL | MSI_DATA_LEVEL_ASSERT) if level else 0)
-    return MSI_ADDRESS | (apic_id & 0xFF) << 12, apic_id & ~0xFF, data
+    address, data = compat_message(apic_id & 0xFF, vector, level=bool(level))
+    return address, apic_id & ~0xFF, data
 
 
 def msi_route(gsi: int, apic_id: int, vector: int, *, level: bool = False,

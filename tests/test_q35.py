@@ -69,7 +69,7 @@ class Rig:
     # edu through its BAR
     def edu_reg(self, off, n=4, value=None):
         a = Access(q35.EDU_BAR + off, n, value)
-        self.parts.bar_access(a)
+        self.parts.pci.mmio(a)
         return int.from_bytes(a.data[:n], "little")
 
     def dma(self, iova, n, dev_offset, from_device):
@@ -470,6 +470,33 @@ def test_edu_config_space_bar_sizing_and_msi_capability():
     cfg(0x42, 2, 0xFFFF)
     assert cfg(0x42, 2) == 0x0081 and e.msi_enabled()
     assert host.read(0xCF8, 4) & 0xFF == 0x42       # (the address register reads back as written)
+
+
+# The writable bits of each config byte (others read-only): edu's as QEMU has them, and
+# those of the bridges (whole bytes)
+_EDU_WRITABLE = {0x04: 0x06, 0x05: 0x04, 0x0C: 0xFF, 0x0D: 0xFF, 0x3C: 0xFF, 0x10: 0, 0x11: 0, 0x12: 0xF0,
+                 0x13: 0xFF, 0x42: 0x01, 0x44: 0xFC, **{off: 0xFF for off in range(0x45, 0x4E)}}
+_BRIDGE_WRITABLE = {off: 0xFF for off in (0x04, 0x05, 0x0C, 0x0D, 0x3C, *range(0x40, 0x100))}
+
+
+@pytest.mark.nokvm
+@pytest.mark.parametrize("which", ["edu", "bridge"])
+def test_config_writes_change_only_the_writable_bits(which):
+    import random
+    from kvmsys.devices.pci import Q35, PciFunction
+    fn = edu_mod.Edu(_Bus(), devfn=0x08, bar=0xFE000000, line=16) if which == "edu" else PciFunction(Q35[(0, 0)])
+    writable = _EDU_WRITABLE if which == "edu" else _BRIDGE_WRITABLE
+    rnd = random.Random(21)
+    for _ in range(3000):
+        size = rnd.choice((1, 2, 4))
+        off = rnd.randrange(0, 257 - size) if rnd.getrandbits(1) else rnd.randrange(0, 0x50 - size)
+        value = rnd.getrandbits(8 * size)
+        before = bytes(fn.config)
+        fn.write_config(off, size, value)
+        for o in range(256):
+            m = writable.get(o, 0) if off <= o < off + size else 0
+            b = value >> (8 * (o - off)) & 0xFF if m else 0
+            assert fn.config[o] == before[o] & ~m | b & m, (hex(off), size, hex(value), hex(o))
 
 
 @pytest.mark.nokvm

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .pci import PciFunction
+from .pci import COMMAND_MEMORY, PciFunction
 
 VENDOR, DEVICE = 0x1234, 0x11E8
 ID = 0x010000ED
@@ -26,7 +26,13 @@ MSI_CAP = 0x40                      # capability list: MSI (64-bit address, one 
 DMA_MASK = (1 << 28) - 1            # QEMU's default dma_mask: the addresses the device can drive
 FACT_IRQ, DMA_IRQ = 0x1, 0x100
 CMD_START, CMD_FROM_DEVICE, CMD_IRQ = 1, 2, 4
-COMMAND_MEMORY, COMMAND_MASTER, COMMAND_INTX_DISABLE = 1 << 1, 1 << 2, 1 << 10
+COMMAND_MASTER, COMMAND_INTX_DISABLE = 1 << 2, 1 << 10
+# Writable config bits: command (memory space, bus master; interrupt disable), BAR 0 (1 MiB
+# aligned, 32-bit memory), cache line/latency, interrupt line, MSI enable (one vector:
+# MME stays 0, 64-bit stays set), the message address (low dword 4-aligned), high, data
+_WRITE_MASKS = {4: 0x06, 5: 0x04, 0x0C: 0xFF, 0x0D: 0xFF, 0x3C: 0xFF, MSI_CAP + 2: 0x01, MSI_CAP + 4: 0xFC,
+                **{0x10 + i: (~(BAR_SIZE - 1) & 0xFFFFFFFF) >> (8 * i) & 0xFF for i in range(4)},
+                **{off: 0xFF for off in range(MSI_CAP + 5, MSI_CAP + 0x0E)}}
 
 
 def factorial_u32(n: int) -> int:
@@ -42,11 +48,12 @@ class Edu(PciFunction):
     ``dma_read(sid, addr, n)``, ``dma_write(sid, addr, data)``, ``msi(addr, data, sid)``,
     ``intx(self, level)``.  *bar*: where firmware would have put BAR 0; *line*: the
     interrupt line register (the IOAPIC pin INTA# drives)."""
+    bar_size = BAR_SIZE
 
     def __init__(self, bus: Any, *, devfn: int, bar: int, line: int) -> None:
         self.bus, self.devfn, self.sid = bus, devfn, devfn      # bus 0: the requester id is devfn
         self.power_on_bar, self.line = bar, line
-        super().__init__(self._power_on_config)
+        super().__init__(self._power_on_config, _WRITE_MASKS)
         self._reset_regs()
 
     def _power_on_config(self) -> bytearray:
@@ -78,41 +85,12 @@ class Edu(PciFunction):
         self.dma_errors = 0         # transfers dropped (outside the buffer, or refused by the DMA path)
 
     # --- configuration space ------------------------------------------------------
-    @property
-    def command(self) -> int:
-        return self.read_config(4, 2)
-
-    @property
-    def bar(self) -> int:
-        return self.read_config(0x10, 4) & ~0xF
-
-    def decodes(self, address: int) -> bool:
-        """Whether BAR 0 (memory decoding on) covers *address*."""
-        return bool(self.command & COMMAND_MEMORY) and self.bar <= address < self.bar + BAR_SIZE
-
     def msi_enabled(self) -> bool:
         return bool(self.read_config(MSI_CAP + 2, 2) & 1)
 
     def write_config(self, offset: int, size: int, value: int) -> None:
-        for i, b in enumerate(value.to_bytes(size, "little")):
-            self._write_byte(offset + i, b)
-        self._update_intx()
-
-    def _write_byte(self, off: int, b: int) -> None:
-        c = self.config
-        if off == 4:
-            c[4] = b & 0x06                         # memory space, bus master
-        elif off == 5:
-            c[5] = b & 0x04                         # interrupt disable
-        elif 0x10 <= off < 0x14:                    # BAR 0: 1 MiB aligned, 32-bit memory
-            mask = (~(BAR_SIZE - 1) & 0xFFFFFFFF) >> (8 * (off - 0x10)) & 0xFF
-            c[off] = b & mask
-        elif off in (0x0C, 0x0D, 0x3C):
-            c[off] = b
-        elif off == MSI_CAP + 2:
-            c[off] = (c[off] & 0x80) | (b & 0x01)   # MSI enable; one vector (MME 0); 64-bit stays
-        elif MSI_CAP + 4 <= off < MSI_CAP + 0x0E:   # address (low dword 4-aligned), high, data
-            c[off] = b & 0xFC if off == MSI_CAP + 4 else b
+        super().write_config(offset, size, value)
+        self._update_intx()                         # interrupt disable, MSI enable may have changed
 
     def msi_message(self) -> tuple[int, int]:
         return self.read_config(MSI_CAP + 4, 8), self.read_config(MSI_CAP + 12, 2)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from ..acpi import IOAPIC_ADDR
+from ..msi import compat_message, remappable_address
 from . import Device
 
 if TYPE_CHECKING:
@@ -36,13 +37,10 @@ _RO_BITS = REMOTE_IRR | 1 << 12             # remote IRR, delivery status: the I
 
 def message(entry: int) -> tuple[int, int]:
     """(MSI address, data) of a redirection *entry* (either format)."""
-    vector, level = entry & 0xFF, bool(entry & LEVEL)
     if entry & REMAPPABLE:
-        index = (entry >> 49) & 0x7FFF | ((entry >> 11) & 1) << 15
-        return 0xFEE00000 | (index & 0x7FFF) << 5 | 1 << 4 | (index >> 15) << 2, 0
-    dest, dest_mode, mode = (entry >> 56) & 0xFF, (entry >> 11) & 1, (entry >> 8) & 7
-    data = vector | mode << 8 | (int(level) << 15 | 1 << 14 if level else 0)
-    return 0xFEE00000 | dest << 12 | dest_mode << 2, data
+        return remappable_address((entry >> 49) & 0x7FFF | ((entry >> 11) & 1) << 15), 0
+    return compat_message((entry >> 56) & 0xFF, entry & 0xFF, dest_mode=(entry >> 11) & 1,
+                          delivery_mode=(entry >> 8) & 7, level=bool(entry & LEVEL))
 
 
 class Ioapic(Device):

@@ -10,14 +10,19 @@ SeaBIOS looks for ISA ATA ports only when the bus is empty); and a Q35-like one
 Port 0xcf9 (a byte) is the PIIX/ICH reset control register: bit 2 resets the machine."""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from . import Device
+
+if TYPE_CHECKING:
+    from .._core import MmioExit
+
+COMMAND_MEMORY = 1 << 1             # command register: memory space decoding (BARs)
 
 # Writable config-space bytes of the functions without BARs: command, cache line/latency,
 # interrupt line, and the device-specific registers (PAM, PIRQ routing, IDE timing):
 # stored, no effect.
-_WRITABLE = frozenset({0x04, 0x05, 0x0C, 0x0D, 0x3C} | set(range(0x40, 0x100)))
+_WRITABLE = {off: 0xFF for off in (0x04, 0x05, 0x0C, 0x0D, 0x3C, *range(0x40, 0x100))}
 
 
 def _config(vendor: int, device: int, class_code: int, *, rev: int = 0, header: int = 0) -> bytearray:
@@ -31,12 +36,15 @@ def _config(vendor: int, device: int, class_code: int, *, rev: int = 0, header: 
 
 
 class PciFunction:
-    """One function's 256-byte configuration space.  The base class stores writes to the
-    bytes of *writable* and ignores the rest; a device with BARs or capabilities
-    overrides ``write_config``.  Accesses come under the PCI host's lock."""
+    """One function's 256-byte configuration space.  A write changes the bits that
+    *write_masks* ({offset: writable bits of that byte}) names and keeps the others
+    (read-only; absent offsets: all).  A function with *bar_size* has BAR 0, a 32-bit
+    memory BAR of that many bytes, whose registers are ``read``/``write``.  Accesses come
+    under the PCI host's lock."""
+    bar_size = 0
 
-    def __init__(self, make: Callable[[], bytearray], writable: frozenset[int] = _WRITABLE) -> None:
-        self._make, self.writable = make, writable
+    def __init__(self, make: Callable[[], bytearray], write_masks: Mapping[int, int] = _WRITABLE) -> None:
+        self._make, self.write_masks = make, write_masks
         self.config = make()
 
     def reset(self) -> None:
@@ -46,9 +54,31 @@ class PciFunction:
         return int.from_bytes(self.config[offset:offset + size], "little")
 
     def write_config(self, offset: int, size: int, value: int) -> None:
+        c = self.config
         for i, b in enumerate(value.to_bytes(size, "little")):
-            if offset + i in self.writable:
-                self.config[offset + i] = b
+            m = self.write_masks.get(offset + i, 0)
+            if m:
+                c[offset + i] = c[offset + i] & ~m | b & m
+
+    @property
+    def command(self) -> int:
+        return self.read_config(4, 2)
+
+    @property
+    def bar(self) -> int:
+        return self.read_config(0x10, 4) & ~0xF
+
+    def decodes(self, address: int) -> bool:
+        """Whether BAR 0 (memory decoding on) covers *address*."""
+        bar = self.bar
+        return bool(self.bar_size and self.command & COMMAND_MEMORY) and bar <= address < bar + self.bar_size
+
+    def read(self, off: int, size: int) -> int:
+        """A read of BAR 0's register at *off*."""
+        return (1 << (8 * size)) - 1
+
+    def write(self, off: int, size: int, value: int) -> None:
+        """A write of BAR 0's register at *off*."""
 
 
 I440FX = {
@@ -65,8 +95,11 @@ Q35 = {
 class PciHost(Device):
     ports = ((0xCF8, 0xD00),)
 
-    def __init__(self, functions: Mapping[tuple[int, int], PciFunction | Callable[[], bytearray]] | None = None) -> None:
-        """*functions*: {(device, function): a config-space factory or a PciFunction}."""
+    def __init__(self, functions: Mapping[tuple[int, int], PciFunction | Callable[[], bytearray]] | None = None,
+                 window: tuple[int, int] | None = None) -> None:
+        """*functions*: {(device, function): a config-space factory or a PciFunction};
+        *window*: the MMIO range where their BARs live."""
+        self.mmio_ranges = (window,) if window else ()
         self.functions = {bdf: f if isinstance(f, PciFunction) else PciFunction(f)
                           for bdf, f in (I440FX if functions is None else functions).items()}
         self.request_reset = None           # set by the machine
@@ -111,4 +144,18 @@ class PciHost(Device):
             if fn is not None:
                 n = min(size, 256 - off)
                 fn.write_config(off, n, value & ((1 << (8 * n)) - 1))
+        return False
+
+    def mmio(self, ex: MmioExit) -> bool:
+        """An access in the BAR window: to the BAR that decodes it, else open bus."""
+        n = ex.length
+        with self.lock:                     # config writes move BARs under this lock
+            fn = next((f for f in self.functions.values() if f.decodes(ex.address)), None)
+            if fn is None or ex.address + n > fn.bar + fn.bar_size:
+                if not ex.is_write:
+                    ex.data[:n] = b"\xff" * n
+            elif ex.is_write:
+                fn.write(ex.address - fn.bar, n, int.from_bytes(ex.data[:n], "little"))
+            else:
+                ex.data[:n] = fn.read(ex.address - fn.bar, n).to_bytes(n, "little")
         return False

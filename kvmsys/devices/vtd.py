@@ -27,6 +27,7 @@ import contextlib
 import struct
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from .. import msi
 from ..errors import KvmsysError
 from . import Device
 from . import vtd_walk
@@ -117,7 +118,7 @@ class IntelIommu(Device):
     def _remap(self, address: int, data: int, sid: int | None) -> tuple[int, int]:
         if not self.status & IRE:
             return address, data
-        if not address & 0x10:                  # compatibility format
+        if not address & msi.REMAPPABLE:        # compatibility format
             if self.status & CFI:
                 return address, data
             raise Fault(vtd_walk.IR_COMPAT_BLOCKED, sid or 0, 0)

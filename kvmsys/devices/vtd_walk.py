@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
+from .. import msi
 from ..acpi import DMAR_HAW
 
 Read = Callable[[int, int], "bytes | None"]     # guest memory: (gpa, n) -> bytes, None outside RAM
@@ -100,14 +101,14 @@ def remap(read: Read, irta: int, entries: int, address: int, data: int, sid: int
     """(MSI address, data) of a remappable-format interrupt request, through the
     remapping table at *irta* of *entries* entries; raises Fault.  *sid* None: a request
     without a source-id (the IOAPIC's, as QEMU sends them), which is not verified."""
-    index = ((address >> 5) & 0x7FFF) | ((address >> 2) & 1) << 15
-    if address & 8:                             # SHV: the subhandle in the data adds to the handle
+    index = msi.handle(address)
+    if address & msi.SHV:                       # the subhandle in the data adds to the handle
         index = (index + (data & 0xFFFF)) & 0xFFFF
     fpd = False
 
     def fault(reason: int) -> Fault:
         return Fault(reason, 0 if sid is None else sid, index << 48, fpd=fpd)
-    if address & 3 or address >> 32 or (address & 8 and data >> 16):
+    if address & 3 or address >> 32 or (address & msi.SHV and data >> 16):
         raise fault(IR_REQUEST_RESERVED)
     if index >= entries:
         raise fault(IR_INDEX_BEYOND)
@@ -126,4 +127,4 @@ def remap(read: Read, irta: int, entries: int, address: int, data: int, sid: int
             raise fault(IR_SID_MISMATCH)
     dest, dm, rh, tm, dlm, vector = (lo >> 40) & 0xFF, (lo >> 2) & 1, (lo >> 3) & 1, (lo >> 4) & 1, \
         (lo >> 5) & 7, (lo >> 16) & 0xFF
-    return 0xFEE00000 | dest << 12 | rh << 3 | dm << 2, vector | dlm << 8 | (tm << 15 | 1 << 14 if tm else 0)
+    return msi.compat_message(dest, vector, dest_mode=dm, redirection_hint=rh, delivery_mode=dlm, level=bool(tm))
