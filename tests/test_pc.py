@@ -304,7 +304,8 @@ def test_reset_restarts_the_firmware(abi, tmp_path):
 
     r = run_firmware(seabios(), abi=abi, irqchip=True, vcpus=2, memory_size=32 << 20,
                      disk=str(boot_disk(tmp_path, 2)), timeout=120, on_start=stop_after_a_reset)
-    assert r.reason == "DONE" and r.resets >= 1, (r.reason, r.debug[-800:])
+    # (resets and exits say, if it fails, whether the reset was reached and what the vCPUs did)
+    assert r.reason == "DONE" and r.resets >= 1, (r.reason, r.resets, r.exits, r.debug[-800:])
     assert r.debug.count(b"SeaBIOS (version") >= 2
     assert r.debug.count(b"Found 2 cpu(s)") >= 2           # the AP was reset and started again
 
