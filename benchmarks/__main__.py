@@ -69,21 +69,22 @@ def _parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--profile", choices=["tiny", "quick", "full"], help=argparse.SUPPRESS)
     # the self-test's knobs: a known delay per exit (C loop) or per Python handler call, in ns
-    p.add_argument("--inject", metavar="c=NS,py=NS", help=argparse.SUPPRESS)
+    p.add_argument("--inject", metavar="c=NS,py=NS,kick=NS", help=argparse.SUPPRESS)
     p.add_argument("--kinds", metavar="KIND,...", help=argparse.SUPPRESS)
     p.add_argument("--mode-only", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
 def _injections(text: str | None) -> dict:
-    """--inject c=100,py=200 -> {"c": 100, "py": 200} (ns); ValueError on bad input."""
+    """--inject c=100,py=200,kick=1000 -> {"c": 100, "py": 200, "kick": 1000} (ns); ValueError
+    on bad input."""
     out = {}
     for part in (text or "").split(","):
         if not part:
             continue
         where, _, ns = part.partition("=")
-        if where not in ("c", "py") or not ns.isdigit() or int(ns) > 10_000_000:
-            raise ValueError(f"--inject: {part!r} is not c=NS or py=NS")
+        if where not in ("c", "py", "kick") or not ns.isdigit() or int(ns) > 10_000_000:
+            raise ValueError(f"--inject: {part!r} is not c=NS, py=NS or kick=NS")
         out[where] = int(ns)
     return out
 
@@ -215,6 +216,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
                 from kvmsys import _core
                 _core._bench_delay(0, inject.get("c", 0) / 1e9)
                 _core._bench_delay(1, inject.get("py", 0) / 1e9)
+                _core._bench_delay(2, inject.get("kick", 0) / 1e9)
                 machine["injected"] = inject
             harness.progress(f"profile {profile.name}, suites {', '.join(names)}, guest mode {profile.mode}")
             results = run_suites(names + (["trace"] if args.trace else []), profile)

@@ -301,9 +301,10 @@ static inline void kvmsys_set_kick_delay(long ns) {
 }
 
 /* Benchmark hook (its self-test injects known regressions): busy-wait this long at
- * place 0 (every exit the C run loop dispatches) or 1 (before every Python exit
- * handler).  Off by default: one relaxed load and an untaken branch. */
-static uint64_t kvmsys_bench_delay[2];
+ * place 0 (every exit the C run loop dispatches), 1 (before every Python exit
+ * handler) or 2 (every kick, before its signal).  Off by default: one relaxed load
+ * and an untaken branch. */
+static uint64_t kvmsys_bench_delay[3];
 static inline void kvmsys_bench_pause(int at) {
     uint64_t ns = __atomic_load_n(&kvmsys_bench_delay[at], __ATOMIC_RELAXED), end;
     if (__builtin_expect(ns == 0, 1))

@@ -574,6 +574,7 @@ cdef inline void kick_locked(vcpustate_t *v, int bits) noexcept nogil:
         kvmsys_store_u8(&v.run.immediate_exit, 1)
         kvmsys_kick_pause(2)
     if kvmsys_load_int(&v.running):
+        kvmsys_bench_pause(2)           # benchmark hook, off: see kvmsys_native.h
         v.kick_sent_ns = kvmsys_now_ns()
         pthread_kill(v.thread, kvmsys_kick_signal())
 

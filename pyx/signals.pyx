@@ -85,8 +85,9 @@ def _delay_kick(double seconds):
 
 
 def _bench_delay(int at, double seconds):
-    """Benchmark hook: busy-wait *seconds* on every exit the C run loop dispatches (at 0)
-    or before every Python exit handler (at 1), process-wide; 0 turns it off."""
-    if at not in (0, 1) or not 0 <= seconds <= 0.01:
-        raise InvalidArgumentError("at must be 0 or 1 and seconds within [0, 0.01]")
+    """Benchmark hook: busy-wait *seconds* on every exit the C run loop dispatches (at 0),
+    before every Python exit handler (at 1) or in every kick of a running vCPU, before
+    its signal (at 2), process-wide; 0 turns it off."""
+    if at not in (0, 1, 2) or not 0 <= seconds <= 0.01:
+        raise InvalidArgumentError("at must be 0, 1 or 2 and seconds within [0, 0.01]")
     kvmsys_set_bench_delay(at, <uint64_t>(seconds * 1e9))

@@ -340,7 +340,7 @@ def test_bench_hook_delays_and_refuses_bad_input(machine):
     from kvmsys_bench.guestvm import set_handling
     machine.load("pio_out_loop.pm32", n=0)
     set_handling(machine.vm, "pio_out", "c")
-    for bad in ((2, 0.0), (0, -1.0), (0, 1.0)):
+    for bad in ((3, 0.0), (-1, 0.0), (0, -1.0), (0, 1.0)):
         with pytest.raises(_core.InvalidArgumentError if hasattr(_core, "InvalidArgumentError") else ValueError):
             _core._bench_delay(*bad)
     _core._bench_delay(0, 0.002)
@@ -351,6 +351,41 @@ def test_bench_hook_delays_and_refuses_bad_input(machine):
     finally:
         _core._bench_delay(0, 0)
     assert machine.counter() >= 20
+
+
+def test_bench_hook_delays_a_kick_of_a_running_vcpu_only(machine):
+    """At 2 the hook busy-waits in every kick of a vCPU inside KVM_RUN, before its signal
+    (the kick suite's self-check); a kick of a vCPU that is not running does not wait."""
+    import threading
+    import time
+    from kvmsys import _core
+    machine.load("compute.pm32", n=0xFFFFFFFF)
+    handle = machine.vcpu.handle()
+    _core._bench_delay(2, 0.002)
+    try:
+        t0 = time.perf_counter()
+        handle.kick()                       # not running: taken by the next run()
+        idle = time.perf_counter() - t0
+        assert type(machine.run(timeout=10)).__name__ == "KickExit"
+        took = []
+
+        def kicker():
+            while not machine.vcpu.running:
+                time.sleep(0.001)
+            t = time.perf_counter()
+            handle.kick()
+            took.append(time.perf_counter() - t)
+
+        k = threading.Thread(target=kicker)
+        k.start()
+        try:
+            ex = machine.run(timeout=10)
+        finally:
+            k.join()
+    finally:
+        _core._bench_delay(2, 0)
+    assert type(ex).__name__ == "KickExit"
+    assert took[0] >= 0.002 > idle
 
 
 def _counter_off(monkeypatch):
