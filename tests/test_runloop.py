@@ -1020,3 +1020,27 @@ def test_python_handler_time_counted(machine):
                            callback=lambda ex: time.sleep(0.02))
     run_to_stop(machine)
     assert machine.vcpu.stats()["ns_in_handlers"] >= 5 * 20_000_000
+
+
+@pytest.mark.parametrize("kind,value,op,n,want", [
+    ("CONST", 0x01020304, 0x6D, 3, bytes.fromhex("0403") * 3),     # rep insw: the low word, each element
+    ("CONST", 0x01020304, 0x6C, 5, b"\x04" * 5),                   # rep insb
+    ("IGNORE", 0, 0x6D, 3, b"\xff" * 6),                           # all-ones, 6 bytes
+    ("IGNORE", 0, 0x6D, 8, b"\xff" * 16),                          # and past 8 bytes
+])
+def test_fast_handlers_answer_string_ins_element_by_element(machine, kind, value, op, n, want):
+    """A string `in` from a CONST or IGNORE port: every element gets the answer, and not a
+    byte past the last one is written."""
+    from kvmsys.guests.layout import PORT_DEBUG_EXIT
+    from test_wrappers import debug_exit_port, load_code, out
+    dest = 0x5000
+    code = (b"\x66\xBA" + struct.pack("<H", PORT_IN) + b"\xB9" + struct.pack("<I", n)
+            + b"\xBF" + struct.pack("<I", dest) + b"\xFC\xF3" + (b"\x66" if op == 0x6D else b"") + bytes([op])
+            + out(PORT_DEBUG_EXIT, 0))
+    debug_exit_port(machine.vm)
+    load_code(machine.vcpu, machine.mem, code)
+    machine.mem[dest:dest + 64] = b"\x5a" * 64
+    machine.vm.add_handler(PIO, PORT_IN, PORT_IN + 1, Kind[kind], value)
+    ex = machine.run(timeout=10)
+    assert type(ex).__name__ == "StopExit", ex
+    assert bytes(machine.mem[dest:dest + len(want) + 8]) == want + b"\x5a" * 8
