@@ -94,6 +94,8 @@ cdef struct vcpustate_t:
     uint64_t deadline_ns         # 0: none
     int poll_signals             # main thread: come back every few ms to check signals
     int last_handler
+    uint32_t ignored_port        # the last port the PIO default (H_IGNORE) took, and how many
+    uint64_t ignored_pending     # of its accesses are not in vm.port_counts yet (flush_port_count)
     uint64_t stop_status
     int error
     uint64_t exits[NR_REASONS]

@@ -980,7 +980,9 @@ cdef class VmCore:
         return self.state.coalesced_flushed
 
     def port_counts(self):
-        """Accesses to ports with no handler (when the PIO default is H_IGNORE): {port: count}."""
+        """Accesses to ports with no handler (when the PIO default is H_IGNORE): {port: count}.
+        A vCPU inside run() adds its latest ones when its run loop returns (at every exit a
+        Python handler takes, a kick, or the end of the run)."""
         cdef int p
         return {p: self.state.port_counts[p] for p in range(NR_PORTS) if self.state.port_counts[p]}
 

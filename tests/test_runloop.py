@@ -276,6 +276,31 @@ def test_default_ignore_reads_all_ones_and_counts_each_port(machine, mode):
     assert machine.vcpu.stats()["default_hits"] == 5
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_ignored_ports_are_counted_exactly_as_the_port_changes_and_the_loop_returns(machine, mode):
+    """Counts a vCPU keeps while one port repeats reach vm.port_counts() when the port
+    changes and whenever the run loop returns: seen from a Python handler mid-run, and
+    after a budget ends a run."""
+    seen = []
+    code = (out_imm(0x77, 1) + out_imm(0x78, 1) + out_imm(0x77, 1) * 2 + out_al(PORT_RESULT)
+            + out_imm(0x78, 1) + STOP)
+    load_code(machine, mode, code)
+    machine.devices()
+    machine.vm.add_handler(PIO, PORT_RESULT, PORT_RESULT + 1, Kind.PYTHON,
+                           callback=lambda ex: seen.append(machine.vm.port_counts()))
+    run_to_stop(machine)
+    assert seen == [{0x77: 3, 0x78: 1}]
+    assert machine.vm.port_counts() == {0x77: 3, 0x78: 2}
+
+
+def test_ignored_port_counts_are_whole_after_each_budget(machine):
+    machine.devices().load("pio_out_loop.pm32", n=0)       # endless
+    for total in (7, 12, 30):
+        assert isinstance(machine.run(budget=total - sum(machine.vm.port_counts().values()), timeout=10),
+                          BudgetExit)
+        assert machine.vm.port_counts() == {PORT_OUT: total}
+
+
 # --- HLT actions ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", MODES)
