@@ -101,9 +101,17 @@ cdef inline int handler_kind(vmstate_t *vm, int space, uint64_t addr, int *h) no
 # port, and added to the VM's shared count when the port changes and when the run
 # loop returns: a locked add to a 512 KiB table on every such exit cost ~30 ns of a
 # 64-bit guest's OUT here.
+cdef inline bint ignored_port_access(int space, int h, int kind) noexcept nogil:
+    return h < 0 and kind == H_IGNORE and space == SPACE_PIO
+
+
+cdef inline void add_port_count(vmstate_t *vm, uint64_t port, uint64_t n) noexcept nogil:
+    kvmsys_add_u64(&vm.port_counts[port & 0xffff], n)
+
+
 cdef inline void flush_port_count(vcpustate_t *v) noexcept nogil:
     if v.ignored_pending:
-        kvmsys_add_u64(&v.vm.port_counts[v.ignored_port & 0xffff], v.ignored_pending)
+        add_port_count(v.vm, v.ignored_port, v.ignored_pending)
         v.ignored_pending = 0
 
 
@@ -127,7 +135,7 @@ cdef inline int access(vcpustate_t *v, int space, uint64_t addr, int is_write,
         v.handler_hits[h] += 1
     else:
         v.default_hits += 1
-        if kind == H_IGNORE and space == SPACE_PIO:
+        if ignored_port_access(space, h, kind):
             count_ignored_port(v, <uint32_t>addr)
     v.last_handler = h
     if kind == H_PYTHON:
@@ -139,10 +147,8 @@ cdef inline int access(vcpustate_t *v, int space, uint64_t addr, int is_write,
             v.stop_status = (le_value(data, unit) << 1) | 1     # 64-bit: 0xffffffff is no -1
             return R_STOP
         return -1
-    if kind == H_CONST:
+    if kind == H_CONST or kind == H_SINK:   # (SINK: a console that reads back, debugcon's 0xe9)
         fill(data, total, value, unit)
-    elif kind == H_SINK:
-        fill(data, total, value, unit)      # a console that reads back (debugcon's 0xe9)
     elif total <= 8:
         fill(data, total, ~(<uint64_t>0), 8)
     else:
@@ -213,7 +219,7 @@ cdef inline bint ring_pending(vmstate_t *vm) noexcept nogil:
 cdef int flush_ring(vmstate_t *vm, kvm_coalesced_mmio *out, uint32_t cap, uint32_t *nout) noexcept nogil:
     cdef kvm_coalesced_mmio e
     cdef int r = 0
-    cdef int h, kind
+    cdef int h, kind, space
     cdef uint32_t stop
     nout[0] = 0
     pthread_mutex_lock(&vm.ring_lock)
@@ -227,9 +233,10 @@ cdef int flush_ring(vmstate_t *vm, kvm_coalesced_mmio *out, uint32_t cap, uint32
             if e.len == 0 or e.len > 8:
                 kvmsys_add_u64(&vm.coalesced_unhandled, 1)
                 continue
-            kind = handler_kind(vm, SPACE_PIO if e.pio else SPACE_MMIO, e.phys_addr, &h)
-            if h < 0 and kind == H_IGNORE and e.pio:
-                kvmsys_add_u64(&vm.port_counts[e.phys_addr & 0xffff], 1)
+            space = SPACE_PIO if e.pio else SPACE_MMIO
+            kind = handler_kind(vm, space, e.phys_addr, &h)
+            if ignored_port_access(space, h, kind):
+                add_port_count(vm, e.phys_addr, 1)
             if kind == H_PYTHON or kind == H_EXIT:
                 out[nout[0]] = e
                 nout[0] += 1

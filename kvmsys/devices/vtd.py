@@ -13,8 +13,9 @@ Global command: TE, SRTP (latches RTADDR), QIE (IQH to 0), IRE, SIRTP (latches I
 CFI; each takes effect within the write.  The queue: on an IQT write, descriptors from
 IQH to IQT are run (at most the queue's size, 2^QS pages of 256): context-cache, IOTLB
 and interrupt-entry-cache invalidations, and invalidation waits (status write, ICS.IWC
-and the invalidation event interrupt, which is sent only where IWC was clear).  A descriptor of another type, reserved bits, a
-tail outside the queue, or a queue outside RAM set FSTS.IQE and stop the queue there.
+and the invalidation event interrupt, sent only where IWC was clear).  A descriptor of
+another type, reserved bits, a tail outside the queue, or a queue outside RAM set
+FSTS.IQE and stop the queue there.
 
 A refused DMA or interrupt is recorded in the fault recording register (unless its
 context entry or IRTE sets FPD): FSTS.PPF, or PFO when the register is still full; the
