@@ -77,17 +77,25 @@ def _signal_between_runs(int sig):
 
 
 
-def _delay_kick(double seconds):
-    """Test hook: the next kick pauses *seconds* after setting its pending bit and again
-    after setting immediate_exit, before its signal (holding the vCPU's lock), as a kicker
-    preempted there does.  0 cancels."""
-    kvmsys_set_kick_delay(<long>(seconds * 1e9))
+cdef double hook_seconds(object seconds, double most) except -1.0:
+    # a test or benchmark hook's delay: a number in [0, most] (never NaN, never one whose
+    # nanoseconds overflow the C integer it becomes)
+    if not isinstance(seconds, (int, float)):
+        raise ArgumentTypeError(f"seconds must be a number, not {type(seconds).__name__}")
+    if not 0 <= seconds <= most:
+        raise InvalidArgumentError(f"seconds must be within [0, {most:g}], not {seconds!r}")
+    return seconds
 
 
-def _bench_delay(int at, double seconds):
+def _delay_kick(seconds):
+    """Test hook: the next kick pauses *seconds* (0..10) after setting its pending bit and
+    again after setting immediate_exit, before its signal (holding the vCPU's lock), as a
+    kicker preempted there does.  0 cancels."""
+    kvmsys_set_kick_delay(<long>(hook_seconds(seconds, 10.0) * 1e9))
+
+
+def _bench_delay(at, seconds):
     """Benchmark hook: busy-wait *seconds* on every exit the C run loop dispatches (at 0),
     before every Python exit handler (at 1) or in every kick of a running vCPU, before
     its signal (at 2), process-wide; 0 turns it off."""
-    if at not in (0, 1, 2) or not 0 <= seconds <= 0.01:
-        raise InvalidArgumentError("at must be 0, 1 or 2 and seconds within [0, 0.01]")
-    kvmsys_set_bench_delay(at, <uint64_t>(seconds * 1e9))
+    kvmsys_set_bench_delay(as_int(at, "at", 0, 2), <uint64_t>(hook_seconds(seconds, 0.01) * 1e9))

@@ -340,7 +340,8 @@ def test_bench_hook_delays_and_refuses_bad_input(machine):
     from kvmsys_bench.guestvm import set_handling
     machine.load("pio_out_loop.pm32", n=0)
     set_handling(machine.vm, "pio_out", "c")
-    for bad in ((3, 0.0), (-1, 0.0), (0, -1.0), (0, 1.0)):
+    for bad in ((3, 0.0), (-1, 0.0), (0, -1.0), (0, 1.0), (0, float("nan")), (2.5, 0.0), ("2", 0.0),
+                (0, "x"), (2**40, 0.0)):
         with pytest.raises(_core.InvalidArgumentError if hasattr(_core, "InvalidArgumentError") else ValueError):
             _core._bench_delay(*bad)
     _core._bench_delay(0, 0.002)
