@@ -1039,6 +1039,37 @@ def test_stats_accumulate_across_runs(machine):
     assert st["runs"] >= 100
 
 
+@pytest.mark.parametrize("mode", ["pm32", "long64"])
+@pytest.mark.parametrize("kind,value", [("CONST", 0x8877665544332211), ("IGNORE", 0)], ids=["CONST", "IGNORE"])
+def test_fast_handlers_answer_mmio_reads_of_every_width(machine, mode, kind, value):
+    """An MMIO read of 1, 2, 4 (and, in 64-bit code, 8) bytes from a CONST or IGNORE range
+    gets the low bytes of the value (IGNORE: all-ones) in the guest's register, whatever
+    the width of the store that answers it."""
+    from kvmsys.guests.layout import PORT_DEBUG_EXIT
+    from test_wrappers import debug_exit_port, load_code, out
+    code = (b"\xB8" + struct.pack("<I", MMIO_READ_ADDR)      # mov eax, MMIO_READ_ADDR
+            + b"\x8A\x18"                                     # mov bl, [eax] / [rax]
+            + b"\x66\x8B\x08"                                 # mov cx, [...]
+            + b"\x8B\x10"                                     # mov edx, [...]
+            + (b"\x48\x8B\x30" if mode == "long64" else b"")  # mov rsi, [rax]
+            + out(PORT_DEBUG_EXIT, 0))
+    debug_exit_port(machine.vm)
+    load_code(machine.vcpu, machine.mem, code, mode)
+    fill = 0x5A5A5A5A_5A5A5A5A
+    machine.vcpu.set_regs(dict(machine.vcpu.get_regs(), rbx=fill, rcx=fill, rdx=fill, rsi=fill))
+    machine.vm.add_handler(MMIO, MMIO_READ_ADDR, MMIO_READ_ADDR + 8, Kind[kind], value)
+    ex = machine.run(timeout=10)
+    assert type(ex).__name__ == "StopExit", ex
+    regs = machine.vcpu.get_regs()
+    answer = value if kind == "CONST" else (1 << 64) - 1
+    assert regs["rbx"] & 0xFFFFFFFF == 0x5A5A5A00 | (answer & 0xFF)
+    assert regs["rcx"] & 0xFFFFFFFF == 0x5A5A0000 | (answer & 0xFFFF)
+    assert regs["rdx"] & 0xFFFFFFFF == answer & 0xFFFFFFFF
+    if mode == "long64":
+        assert regs["rsi"] == answer
+    assert machine.vcpu.stats()["exits"]["MMIO"] == (4 if mode == "long64" else 3)
+
+
 def test_python_handler_time_counted(machine):
     machine.devices().load("pio_out_loop.real", n=5)
     machine.vm.add_handler(PIO, PORT_OUT, PORT_OUT + 1, Kind.PYTHON,
