@@ -79,9 +79,9 @@ cdef inline uint64_t le_value(const uint8_t *p, size_t n) noexcept nogil:
 
 
 # The low *n* bytes of *value*, little-endian (x86), at p (n 1..8): one store of the
-# access's width where there is one.  Byte by byte, the four bytes of a 32-bit MMIO
-# read's answer cost 23 ns more per exit than one 4-byte store (37 ns in a 64-bit
-# guest) on our host: the whole gap between kvmsys's and a bare C loop's MMIO read.
+# access's width where there is one.  Through a generic byte loop, answering a read
+# cost 18-40 ns more per exit on our host (PIO in and MMIO read, both guest modes;
+# cause not pinned down): the whole gap to a bare C loop's reads.
 cdef inline void store_le(uint8_t *p, size_t n, uint64_t value) noexcept nogil:
     cdef uint32_t v4
     cdef uint16_t v2
