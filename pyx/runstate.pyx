@@ -432,13 +432,11 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
             v.error = err
             return R_ERROR
     kvmsys_set_running(run)
-    if v.bound:
-        kvmsys_store_int(&v.running, 1)     # only this thread runs it: no lock
-    else:
-        pthread_mutex_lock(&v.lock)
-        v.thread = pthread_self()
-        kvmsys_store_int(&v.running, 1)
-        pthread_mutex_unlock(&v.lock)
+    # No lock: v.thread is this thread's for the whole run() (bound, or set by
+    # run_once under the lock), and a thread leaves run() only through a lock/unlock of
+    # v.lock (run_once's finally, or unbinding), so a kicker that saw `running` signals
+    # a thread still inside run()
+    kvmsys_store_int(&v.running, 1)
     # An ioctl another thread issued on this vCPU before it saw `running`: let it
     # finish, so it never waits on the vCPU's mutex for a KVM_RUN (see
     # vcpu_ioctl_outside; a later one sees `running` and is refused).
@@ -549,13 +547,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         if v.poll_signals and t_out - t_poll >= POLL_NS:
             res = R_POLL
             break
-    if v.bound:
-        kvmsys_store_int(&v.running, 0)
-    else:
-        # under the lock, so a kicker never signals a thread that has moved on
-        pthread_mutex_lock(&v.lock)
-        kvmsys_store_int(&v.running, 0)
-        pthread_mutex_unlock(&v.lock)
+    kvmsys_store_int(&v.running, 0)
     kvmsys_set_running(NULL)
     flush_port_count(v)
     v.t_left = t_out

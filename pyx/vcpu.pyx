@@ -661,6 +661,12 @@ cdef class VcpuCore:
         self._touched = 1
         self.ran = self.ran_here = 1
         try:
+            if not v.bound:
+                # the thread a kick signals while this run() is in KVM_RUN (run_loop
+                # marks `running` without the lock: see there)
+                pthread_mutex_lock(&v.lock)
+                v.thread = pthread_self()
+                pthread_mutex_unlock(&v.lock)
             v.budget_left = budget
             v.deadline_ns = 0
             if timeout >= 0:
@@ -772,6 +778,13 @@ cdef class VcpuCore:
                              "the comm area; that write was dropped")
                 raise_os(v.error, "KVM_RUN (or injecting a queued interrupt before it)")
         finally:
+            if not v.bound and self.forkgen == kvmsys_fork_generation:
+                # A kicker holds v.lock from reading `running` to its pthread_kill: wait
+                # for one that saw this thread inside run() before it may end (fd ABI; a
+                # bound thread's way out is unbinding, under the same lock).  Never in a
+                # fork child: a parent's kicker may have held the lock at fork().
+                pthread_mutex_lock(&v.lock)
+                pthread_mutex_unlock(&v.lock)
             if watching:
                 kvmsys_sigint_watch_leave()     # (a fork child's depth is 0 already)
             if v.deadline_ns and self.forkgen == kvmsys_fork_generation:

@@ -737,6 +737,37 @@ def test_a_late_immediate_exit_store_does_not_end_the_run(fresh, abi):
     assert set(seen) == {"BudgetExit"} and stores > 0, (stores, dict(seen))
 
 
+def test_the_owner_leaves_its_vcpu_only_after_a_kick_aimed_at_it_is_sent(machine):
+    """A kicker that saw the vCPU in KVM_RUN signals its owning thread: the owner must not
+    get away (fd ABI: run() returned; syscall ABI: remove_vcpu() returned) before that
+    signal is sent, or it could go to a thread that has ended.  A kicker held between
+    seeing the vCPU running and its signal (the benchmark hook; preemption does the same)
+    shows it: the way out waits for the signal.  The kick is `immediate_exit = 1`, which
+    (like interrupt() and the kicks at interpreter exit) lets the GIL go while it kicks."""
+    machine.vm.add_handler(PIO, layout.PORT_OUT, layout.PORT_OUT + 1, Kind.IGNORE)   # exits stay in C
+    machine.load("pio_out_loop.pm32", n=0)
+    vcpu, hold = machine.vcpu, 0.01
+
+    def kick_while_running():
+        wait_until(lambda: vcpu.running, what="the vCPU in KVM_RUN")
+        t0 = time.monotonic_ns()
+        vcpu.immediate_exit = 1
+        return t0, time.monotonic_ns()
+
+    _core._bench_delay(2, hold)         # between seeing `running` and the signal
+    try:
+        kicker = spawn(kick_while_running)
+        ex = machine.run(timeout=10)
+        machine.detach(vcpu)
+        left = time.monotonic_ns()
+        t0, t1 = kicker.finish()
+    finally:
+        _core._bench_delay(2, 0)
+    assert isinstance(ex, KickExit), ex
+    assert t1 - t0 >= hold * 1e9, "the kicker did not find the vCPU in KVM_RUN"
+    assert left >= t0 + hold * 1e9, f"the owner got away {(t0 + hold * 1e9 - left) / 1e6:.2f} ms before the kick's signal"
+
+
 def test_a_kick_whose_immediate_exit_store_comes_late_ends_one_run(machine):
     """The test above through the real kick path: a kicker held after each of its two stores
     (a test hook; the scheduler does it under load) while the owner, on the main thread, takes
