@@ -84,6 +84,15 @@ cdef int fill_enable_cap(kvm_enable_cap *c, object cap, object flags, object arg
     return 0
 
 
+# What the run loop can call for an exit: a callable, or (*ops_ok*: IO/MMIO exits, taken
+# decoded) an AccessOps; None for none.
+cdef int check_exit_callback(object fn, str what, bint ops_ok) except -1:
+    if fn is None or callable(fn) or (ops_ok and type(fn) is AccessOps):
+        return 0
+    raise ArgumentTypeError(f"{what} must be callable{', an AccessOps' if ops_ok else ''} or None, "
+                            f"not {type(fn).__name__}")
+
+
 cdef class VmCore:
     """A KVM VM fd.  Memory, devices and vCPUs hang off it.
 
@@ -180,8 +189,7 @@ cdef class VmCore:
 
     @default_handler.setter
     def default_handler(self, fn):
-        if fn is not None and not callable(fn) and type(fn) is not AccessOps:
-            raise ArgumentTypeError(f"default_handler must be callable, an AccessOps or None, not {type(fn).__name__}")
+        check_exit_callback(fn, "default_handler", True)
         self._default_handler = fn
 
     def fileno(self):
@@ -880,8 +888,7 @@ cdef class VmCore:
         if has_ops:
             callback = AccessOps(read, write)
         require(callback is None or kind_ == H_PYTHON, "only a Python handler takes a callback")
-        require(callback is None or callable(callback) or type(callback) is AccessOps,
-                "callback must be callable or an AccessOps")
+        check_exit_callback(callback, "callback", True)
         require(type(callback) is not AccessOps or space_ != SPACE_MSR, "AccessOps serve PIO and MMIO, not MSRs")
         self.require_open()
         cdef int n = self.state.nhandlers
@@ -933,7 +940,7 @@ cdef class VmCore:
         cdef int kind_ = as_int(kind, "HLT action", -0x80000000, 0x7fffffff)
         require(kind_ in (H_PYTHON, H_IGNORE, H_EXIT), "HLT action is H_PYTHON, H_IGNORE or H_EXIT")
         require(callback is None or kind_ == H_PYTHON, "only the PYTHON HLT action takes a callback")
-        require(callback is None or callable(callback), "callback must be callable")
+        check_exit_callback(callback, "callback", False)     # (HLT has no access to decode)
         self.require_open()
         self._hlt_handler = callback
         self.state.hlt_action = kind_

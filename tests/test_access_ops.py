@@ -237,7 +237,7 @@ def r0(a, s):
     (Space.MSR, Kind.PYTHON, dict(callback=AccessOps(r0)), "not MSRs"),
     (Space.PIO, Kind.PYTHON, dict(read=5), "read must be callable"),
     (Space.MMIO, Kind.PYTHON, dict(write="w"), "write must be callable"),
-    (Space.MMIO, Kind.PYTHON, dict(callback=3), "callable or an AccessOps"),
+    (Space.MMIO, Kind.PYTHON, dict(callback=3), "callback must be callable, an AccessOps or None, not int"),
 ])
 def test_add_handler_refuses_bad_callbacks(machine, space, kind, kwargs, error):
     n = len(machine.vm.handlers())
@@ -258,8 +258,10 @@ def test_access_ops_values(machine):
         machine.vm.default_handler = 5
     machine.vm.default_handler = ops
     assert machine.vm.default_handler is ops
-    with pytest.raises(InvalidArgumentError, match="callable"):
+    with pytest.raises(ArgumentTypeError, match="callback must be callable or None, not AccessOps"):
         machine.vm.set_hlt_action(Kind.PYTHON, ops)     # HLT has no access to decode
+    with pytest.raises(ArgumentTypeError, match="callback must be callable, an AccessOps or None, not int"):
+        machine.vm.add_handler(Space.PIO, 0x80, 0x81, Kind.PYTHON, callback=7)
 
 
 def test_a_write_that_returns_true_makes_run_return_the_access(machine):
