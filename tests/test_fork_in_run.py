@@ -29,9 +29,10 @@ def run_forking(machine, fork_in, kick_held=False):
     def fork_now():
         nonlocal kicker
         if kick_held:
-            # another thread inside kick(), holding the vCPU's lock, at the fork
+            # another thread inside a kick, holding the vCPU's lock, at the fork: one that
+            # lets the GIL go while it kicks (handle.kick() keeps it, so the fork would wait)
             _core._delay_kick(0.6)
-            kicker = threading.Thread(target=handle.kick)
+            kicker = threading.Thread(target=setattr, args=(v, "immediate_exit", 1))
             kicker.start()
             time.sleep(0.2)
         pid = os.fork()

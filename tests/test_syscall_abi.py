@@ -773,12 +773,13 @@ def test_a_kick_whose_immediate_exit_store_comes_late_ends_one_run(machine):
     (a test hook; the scheduler does it under load) while the owner, on the main thread, takes
     the kick from kick_pending at its next signal poll.  The kick ends that run() only; its
     immediate_exit store, and then its signal, land in the next run(), which goes on to its
-    deadline."""
+    deadline.  The kick is `immediate_exit = 1`, which lets the GIL go while it kicks
+    (handle.kick() keeps it: the owner could not leave its first run() before the kick ended)."""
     machine.devices()
     machine.load("pio_out_loop.pm32", n=0)
-    h = machine.vcpu.handle()
+    vcpu = machine.vcpu
     _core._delay_kick(0.3)
-    kicker = spawn(h.kick)
+    kicker = spawn(setattr, vcpu, "immediate_exit", 1)
     try:
         first = machine.run(timeout=10)
         second = machine.run(timeout=1.0)       # the late store lands in this one
