@@ -80,13 +80,13 @@ cdef struct vcpustate_t:
     kvm_run *run
     size_t run_size
     vmstate_t *vm
-    pthread_mutex_t lock         # kick vs release, and run entry in the fd ABI
+    pthread_mutex_t lock         # kick vs release, and vs the end of an fd-ABI run()
     int running
     int ioctls                   # vCPU ioctls in flight outside the run loop (vcpu_ioctl_outside)
     int active                   # inside a run() call (any thread)
     int kick_pending             # KICK_* bits
     int kick_bits                # the bits the loop took when it returned R_KICK
-    int bound                    # owned by one thread (syscall ABI): no locking on run
+    int bound                    # owned by one thread (syscall ABI)
     pthread_t thread
     uint64_t generation
     uint64_t run_seq             # bumped before every KVM_RUN: exits of earlier runs are stale
