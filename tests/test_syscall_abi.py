@@ -549,6 +549,26 @@ def test_kick_from_another_thread_ends_an_endless_run(machine, guest):
         assert isinstance(machine.run(budget=10, timeout=10), BudgetExit)
 
 
+def test_a_kick_reaches_the_thread_running_an_fd_vcpu_now():
+    """fd ABI only (a bound vCPU has one thread): threads take turns on one vCPU, and a kick
+    signals the thread whose run() is in KVM_RUN now, not the one that ran it before (the
+    guest never exits: a kick to the wrong thread would leave it running to the deadline)."""
+    with Machine("fd") as m:
+        m.attach(0)
+        m.devices().load("pio_out_loop.pm32", n=0)
+        endless_no_exit(m.mem)
+        h = m.vcpu.handle()
+        assert isinstance(spawn(m.vcpu.run, None, 0.05).finish(), DeadlineExit)    # an earlier thread
+
+        def kicker():
+            time.sleep(0.2)             # inside its one KVM_RUN by then
+            h.kick()
+        t = spawn(kicker)
+        ex = spawn(m.vcpu.run, None, 20).finish()
+        t.finish()
+        assert isinstance(ex, KickExit), ex
+
+
 def test_kick_before_run_is_not_lost(machine):
     machine.devices().load("pio_out_loop.pm32", n=0)
     h = machine.vcpu.handle()
