@@ -18,6 +18,7 @@ local APICs.  A DMA is done a page at a time, each page translated and checked t
 RAM; a refused one is dropped (and recorded as a VT-d fault)."""
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ._core import IRQ_ROUTING
@@ -63,6 +64,8 @@ class Bus:
         self.ioapic: Ioapic | None = None
         self.read, self.write = guest_memory(vm)
         self.pin_of = ioapic_pin_of
+        self._routes: list[tuple[int, int, int, int, int]] | None = None     # what KVM has (None: not set)
+        self._routes_lock = threading.Lock()
 
     # --- DMA ------------------------------------------------------------------
     def _pages(self, sid: int, addr: int, n: int, write: bool) -> list[tuple[int, int]] | None:
@@ -115,14 +118,20 @@ class Bus:
 
     def routes_changed(self) -> None:
         """Tell KVM which vectors are the IOAPIC's level-triggered ones (for their EOI
-        exits): an MSI route per such pin, as remapped now (none if refused)."""
-        routes = []
+        exits): an MSI route per such pin, as remapped now (none if refused).  Every
+        IOREDTBL write comes here: the VM ioctl is made only when the routes differ from
+        KVM's.  Under a lock, so a route computed before another vCPU's write never
+        replaces the one computed after it."""
         assert self.ioapic is not None
-        for pin, address, data in self.ioapic.routes():
-            out = self._remapped(address, data, None, record=False)
-            if out is not None:
-                routes.append((pin, IRQ_ROUTING["MSI"], out[0] & 0xFFFFFFFF, out[0] >> 32, out[1]))
-        self.vm.set_gsi_routing(routes)
+        with self._routes_lock:
+            routes = []
+            for pin, address, data in self.ioapic.routes():
+                out = self._remapped(address, data, None, record=False)
+                if out is not None:
+                    routes.append((pin, IRQ_ROUTING["MSI"], out[0] & 0xFFFFFFFF, out[0] >> 32, out[1]))
+            if routes != self._routes:
+                self.vm.set_gsi_routing(routes)
+                self._routes = routes
 
 
 class Q35Parts:

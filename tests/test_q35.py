@@ -272,6 +272,29 @@ def test_level_triggered_ioapic_pin_waits_for_the_eoi(rig):
     assert len(sent) == 2
 
 
+def test_kvm_gets_the_level_triggered_routes_only_when_they_change(rig, monkeypatch):
+    """Every IOREDTBL write recomputes the IOAPIC's level-triggered routes; the VM ioctl that
+    gives them to KVM is made only when they differ from what it has."""
+    rig.parts.iommu = None                          # compatibility messages, straight to the APIC
+    rig.parts.bus.iommu = None
+    sent = []
+    real = rig.vm.set_gsi_routing
+    monkeypatch.setattr(rig.vm, "set_gsi_routing", lambda routes: (sent.append(list(routes)), real(routes))[1])
+
+    def entry(pin, value):
+        rig.ioapic.mmio(Access(0xFEC00000, 4, 0x10 + 2 * pin))
+        rig.ioapic.mmio(Access(0xFEC00010, 4, value))
+
+    level = 0x71 | 1 << 15                          # level, APIC 0, fixed
+    entry(5, level)
+    entry(5, level)                                 # the same again: KVM has it
+    entry(6, 0x72)                                  # an edge-triggered pin: no route
+    assert len(sent) == 1 and [r[0] for r in sent[0]] == [5]
+    entry(5, level | 1 << 16)                       # masked: its route goes
+    entry(6, 0x72 | 1 << 15)                        # level now: a route
+    assert [[r[0] for r in routes] for routes in sent] == [[5], [], [6]]
+
+
 def test_queued_invalidation(rig):
     rig.reg(0x90, 8, QUEUE)                         # one page: 256 descriptors
     rig.gcmd(vtd.QIE)
