@@ -35,3 +35,8 @@ def handle(address: int) -> int:
 def is_interrupt(address: int) -> bool:
     """Whether a memory write to *address* is an interrupt message (the APICs' window)."""
     return address >> 20 == ADDRESS >> 20
+
+
+def halves(address: int) -> tuple[int, int]:
+    """(low, high) 32 bits of a message address, as KVM takes it (kvm_msi, an MSI route)."""
+    return address & 0xFFFFFFFF, address >> 32

@@ -28,7 +28,7 @@ from .devices.ioapic import Ioapic
 from .devices.pci import Q35
 from .devices.vtd import BASE as _IOMMU_BASE, IntelIommu, guest_memory
 from .errors import InvalidArgumentError
-from .msi import is_interrupt
+from .msi import halves, is_interrupt
 
 if TYPE_CHECKING:
     from .fd import Vm
@@ -110,7 +110,8 @@ class Bus:
 
     def signal(self, address: int, data: int) -> None:
         if is_interrupt(address):           # anything else is a memory write, not an interrupt
-            self.vm.signal_msi(address & 0xFFFFFFFF, data & 0xFFFFFFFF, address >> 32)
+            low, high = halves(address)
+            self.vm.signal_msi(low, data & 0xFFFFFFFF, high)
 
     def intx(self, device: Any, level: int) -> None:
         assert self.ioapic is not None          # set by Q35Parts before any device runs
@@ -128,7 +129,7 @@ class Bus:
             for pin, address, data in self.ioapic.routes():
                 out = self._remapped(address, data, None, record=False)
                 if out is not None:
-                    routes.append((pin, IRQ_ROUTING["MSI"], out[0] & 0xFFFFFFFF, out[0] >> 32, out[1]))
+                    routes.append((pin, IRQ_ROUTING["MSI"], *halves(out[0]), out[1]))
             if routes != self._routes:
                 self.vm.set_gsi_routing(routes)
                 self._routes = routes
