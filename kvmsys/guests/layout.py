@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import operator
 import struct
-from importlib import resources
+from pathlib import Path
 
 from typing import TYPE_CHECKING, Any, Union
 
@@ -133,9 +133,15 @@ def smp_stack_top(cpu: int) -> int:
     return SMP_STACKS_ADDR + (cpu + 1) * SMP_STACK_SIZE
 
 
+_BIN = Path(__file__).resolve().parent / "bin"
+
+
 def read_bin(stem: str) -> bytes:
-    """Bytes of bin/<stem>.bin shipped with the package."""
-    return resources.files(__package__).joinpath("bin", stem + ".bin").read_bytes()
+    """Bytes of bin/<stem>.bin shipped with the package.  A plain file read: through
+    importlib.resources the first read imports modules, and a fork child whose parent
+    forked while another thread was inside that import waits for the import's lock for
+    ever (CPython resets no module lock at fork)."""
+    return (_BIN / f"{stem}.bin").read_bytes()
 
 
 def _put(mem: Mem, gpa: int, data: bytes | bytearray) -> None:
