@@ -169,12 +169,9 @@ cdef inline int access(vcpustate_t *v, int space, uint64_t addr, int is_write,
             v.stop_status = (le_value(data, unit) << 1) | 1     # 64-bit: 0xffffffff is no -1
             return R_STOP
         return -1
-    if kind == H_CONST or kind == H_SINK:   # (SINK: a console that reads back, debugcon's 0xe9)
-        fill(data, total, value, unit)
-    elif total <= 8:
-        fill(data, total, ~(<uint64_t>0), 8)
-    else:
-        memset(data, 0xff, total)
+    # CONST answers its value, and so does SINK (a console that reads back, debugcon's
+    # 0xe9); anything else reads all-ones
+    fill(data, total, value if kind == H_CONST or kind == H_SINK else ~(<uint64_t>0), unit)
     return -1
 
 
