@@ -12,7 +12,10 @@ both see one VM's exit and signal costs; both targets run on one CPU and the kic
 on another (a kick whose target shares the kicker's CPU needs no cross-CPU signal,
 and costs half as much on our host).  Each kick is also cut where kvmsys's
 own clocks see it: kick() called → signal sent (the kicker's clock just before
-pthread_kill) → KVM_RUN returned EINTR (the run loop's clock) → run() returned."""
+pthread_kill) → KVM_RUN returned EINTR (the run loop's clock) → run() returned.
+Between the two, the Python floor: the same threads and Python code calling bare C
+(RefVcpu.bare_kick / bare_run) instead of kvmsys, so the interpreter's share (calling in
+after a sleep, retaking the GIL, returning) and kvmsys's own are told apart."""
 from __future__ import annotations
 
 import os
@@ -78,7 +81,7 @@ class _Target:
                 which = self.requests.get()
                 if which is None:
                     return
-                if isinstance(which, tuple):        # ("load", guest): for the C floor on this vCPU
+                if isinstance(which, tuple) and which[0] == "load":    # for the C floor on this vCPU
                     try:
                         self._load(which[1])
                         self.results.put((True, None))
@@ -95,6 +98,16 @@ class _Target:
             self.g.close()
 
     def _one(self, which):
+        if isinstance(which, tuple):        # ("bare", guest, RefVcpu): the Python floor
+            _bare, guest, ref = which
+            self._load(guest)
+            ref.bare_arm(_core.kick_signal())
+            self.in_run.set()
+            run, now = ref.bare_run, time.perf_counter_ns
+            intr = run()
+            t1 = now()
+            self.in_run.clear()
+            return t1, "KICK", (ref.bare_sent_ns, intr, None)
         if which == "drain":
             # absorb a kick sent after run() had already returned (it is never lost)
             return time.perf_counter_ns(), self.g.run(timeout=1.0).name, None
@@ -140,21 +153,27 @@ class _Target:
             raise value
         return value
 
-    def sample(self, which: str, delay_s: float) -> dict | None:
+    def sample(self, which: str, delay_s: float, bare=None) -> dict | None:
         """One kick: {"time": latency, "signal"/"kvm"/"back": its segments} in ns (a
         segment None where kvmsys's clocks did not see it: no signal was needed), or
-        None if run() ended otherwise."""
-        self.requests.put(which)
+        None if run() ended otherwise.  With *bare* (a RefVcpu on this vCPU): the Python
+        floor, its bare_kick() and bare_run() in place of kvmsys's kick() and run()."""
+        self.requests.put(which if bare is None else ("bare", which, bare))
         if not self.in_run.wait(10):
             raise RuntimeError(f"kick target ({self.abi}) did not start running")
         time.sleep(delay_s)              # let it get into KVM_RUN
-        kick, block, now = self.handle.kick, self.done.acquire, time.perf_counter_ns
+        kick, block, now = self.handle.kick if bare is None else bare.bare_kick, self.done.acquire, time.perf_counter_ns
         t0 = now()
         kick()
         if not block(True, 10):         # at once, as the C floor's kicker does (it too has a timeout)
             raise RuntimeError(f"kick target ({self.abi}): run() did not return within 10 s of the kick")
         self.done.release()
         t1, name, clocks = self._wait()
+        if bare is not None and clocks[1] < t0:
+            # KVM_RUN returned EINTR before the kick (someone else's signal): not a sample;
+            # the kick's immediate_exit is cleared by the next bare_arm()
+            self.otherwise.append("EINTR before the kick (Python floor)")
+            return None
         if name == "KICK":
             sent, intr, _left = clocks
             seen = t0 <= sent <= intr <= t1
@@ -185,6 +204,7 @@ def run(profile) -> SuiteResult:
     res = SuiteResult(NAME, TITLE, columns=[("abi", "ABI"), ("guest", "target guest"),
                                             ("time", "latency"), ("p90", "90th percentile"),
                                             ("ratio", "vs the C floor, same vCPU [95% CI]"),
+                                            ("over_py", "vs the Python floor [95% CI]"),
                                             ("signal", "kick() → signal sent"),
                                             ("kvm", "signal → KVM_RUN returned"),
                                             ("back", "KVM_RUN → run() returned")])
@@ -220,12 +240,12 @@ def run(profile) -> SuiteResult:
                     return {f"c/{abi}/{which}": lat}
                 return go
 
-            def variant(abi, which):
-                key = f"{abi}/{which}"
+            def variant(abi, which, bare=None):
+                key = f"{abi}/{which}" if bare is None else f"py/{abi}/{which}"
 
                 def go():
                     for _ in range(5):
-                        got = targets[abi].sample(which, rng.uniform(lo, hi) / 1e3)
+                        got = targets[abi].sample(which, rng.uniform(lo, hi) / 1e3, bare)
                         if got is not None:
                             for seg in ("signal", "kvm", "back"):
                                 if got[seg] is not None:
@@ -239,6 +259,8 @@ def run(profile) -> SuiteResult:
             for abi in targets:
                 for w in GUESTS:
                     key, go = variant(abi, w)
+                    variants[key] = go
+                    key, go = variant(abi, w, floor[abi])
                     variants[key] = go
                     variants[f"c/{abi}/{w}"] = c_floor(abi, w)
             progress(f"{NAME}: {profile.kick_samples} kicks per variant, "
@@ -255,6 +277,8 @@ def run(profile) -> SuiteResult:
             os.sched_setaffinity(0, own_cpus)
     abi_label = {"fd": "fd (`vcpu.handle().kick()`)", "sys": "syscall (`kvmsys.handle().kick()`)"}
     floor_label = "C floor on the {} target's vCPU: `pthread_kill` + `immediate_exit` (`RefVcpu.kick`)"
+    py_label = ("Python floor on the {} target's vCPU: the same threads calling bare C "
+                "(`RefVcpu.bare_kick()` / `bare_run()`)")
     for key, s in samples.items():
         parts = key.split("/")
         abi, which = parts[-2], parts[-1]
@@ -265,7 +289,8 @@ def run(profile) -> SuiteResult:
             stats["kvm"] = Stat(s, "ns")        # its clock is read right before its signal
         for seg, xs in segments.get(key, {}).items():
             stats[seg] = Stat(xs, "ns")
-        res.add_row(key, {"abi": floor_label.format(abi) if parts[0] == "c" else abi_label[abi],
+        label = {"c": floor_label, "py": py_label}.get(parts[0])
+        res.add_row(key, {"abi": label.format(abi) if label else abi_label[abi],
                           "guest": f"{guest_name(GUESTS[which][0], profile.mode)}: {GUESTS[which][2]}"},
                     stats, {"ended_otherwise": lost.get(key, [])})
         if parts[0] != "c":     # both guests run endlessly: only the kick may end run()
@@ -280,8 +305,11 @@ def run(profile) -> SuiteResult:
                   f"{abi}: in {runs} kicked runs of the exiting guest its counter matched the run loop's "
                   f"IO exits" + (f"; not in {len(bad)}: {bad[:3]}" if bad else ""))
     for key in samples:
-        if not key.startswith("c/"):
+        if key.startswith("py/"):
+            res.rows[key]["stats"]["ratio"] = derive(res.rows, "time", key, f"c/{key[3:]}", "ratio")
+        elif not key.startswith("c/"):
             res.rows[key]["stats"]["ratio"] = derive(res.rows, "time", key, f"c/{key}", "ratio")
+            res.rows[key]["stats"]["over_py"] = derive(res.rows, "time", key, f"py/{key}", "ratio")
     res.config = dict(mode=profile.mode, samples=profile.kick_samples, delay_ms=[lo, hi], floor="same vCPU",
                       cpus=dict(targets=apart[0], kicker=apart[1]) if apart else None)
     res.notes += [
@@ -301,6 +329,13 @@ def run(profile) -> SuiteResult:
         "the clock, sets kvm_run.immediate_exit, sends kvmsys's kick signal with pthread_kill and "
         "blocks on a semaphore; latency = clock after KVM_RUN returned EINTR − clock before the kick.  "
         "Ratios pair the i-th kick of each variant (interleaved) with the i-th kick of its floor.",
+        "Python floor: what any binding called from Python pays at least.  The same kicking and "
+        "target threads as kvmsys's rows, in the same Python code, call bare C instead of kvmsys: "
+        "the target `RefVcpu.bare_run()` (KVM_RUN with minimal exit handling, the GIL released, "
+        "until EINTR), the kicker `RefVcpu.bare_kick()` (immediate_exit and pthread_kill, the GIL "
+        "held, as kvmsys's kick()).  Its ratio to the C floor is the interpreter's share (calling "
+        "into C after a sleep, retaking the GIL, returning to Python); kvmsys's ratio to it, "
+        "kvmsys's own.",
         "Segments (kvmsys rows): kick() called → the kicker's clock just before pthread_kill; → the run "
         "loop's clock after KVM_RUN returned EINTR; → run() returned in Python.  The floor's whole "
         "latency is its signal → KVM_RUN segment.",

@@ -246,7 +246,7 @@ SHORT_LABELS = {
     "lifecycle": {"c": "C reference", "fd": "fd ABI: create_vcpu + close",
                   "sys_recycled": "syscall ABI: add + remove, recycled",
                   "sys_new": "syscall ABI: first add + remove in a VM"},
-    "kick": {"fd": "fd ABI", "sys": "syscall ABI", "c": "C floor", "exits": "guest exiting",
+    "kick": {"fd": "fd ABI", "sys": "syscall ABI", "c": "C floor", "py": "Python floor", "exits": "guest exiting",
              "compute": "guest computing"},
     "memory": {"fd": "fd ABI: create_vcpu", "sys": "syscall ABI: thread + add_vcpu",
                "threads": "idle thread, no vCPU"},

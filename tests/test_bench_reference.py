@@ -107,3 +107,44 @@ def test_signal_mask_on_and_off(machine):
     with pytest.raises(ValueError):
         r.signal_mask(-1)
     assert machine.counter() == 40
+
+
+@pytest.mark.parametrize("guest", ["pio_out_loop.pm32", "compute.pm32"])
+def test_bare_kick_ends_a_bare_run(machine, guest):
+    """The kick suite's Python floor: bare_run() runs the vCPU (exits handled minimally)
+    until bare_kick() from another thread ends it, and returns its clock after KVM_RUN
+    returned EINTR, which comes after the kicker's clock read before its signal."""
+    import threading
+    import time
+    machine.load(guest, n=0 if guest.startswith("pio") else 0xFFFFFFFF)
+    r = ref_vcpu(machine)
+    with pytest.raises(RuntimeError):
+        r.bare_kick()                   # nobody armed: no thread to signal
+    with pytest.raises(RuntimeError):
+        r.bare_run()
+    with pytest.raises(ValueError):
+        r.bare_arm(2)                   # SIGINT: not a real-time signal
+    r.bare_arm(_core.kick_signal())
+    before = []
+
+    def kicker():
+        time.sleep(0.02)
+        before.append(time.perf_counter_ns())
+        r.bare_kick()
+    t = threading.Thread(target=kicker)
+    t.start()
+    try:
+        intr = r.bare_run()
+    finally:
+        t.join()
+    assert before[0] <= r.bare_sent_ns <= intr
+    if guest.startswith("pio"):
+        assert machine.counter() > 0    # it ran the guest, exit after exit
+    other = []
+    t = threading.Thread(target=lambda: other.append(pytest.raises(RuntimeError, r.bare_run)))
+    t.start()
+    t.join()
+    assert other, "bare_run() from a thread that did not arm it must raise"
+    r.close()
+    with pytest.raises(ValueError):
+        r.bare_arm(_core.kick_signal())

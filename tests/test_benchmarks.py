@@ -272,6 +272,11 @@ def test_kick_suite_pins_both_harnesses_alike_and_gives_the_cpus_back():
         harness.set_quiet(False)
     assert os.sched_getaffinity(0) == before
     assert all(c["ok"] for c in res["checks"]), res["checks"]
+    # every kvmsys row has its Python floor (the same threads calling bare C) beside its C floor
+    for key, row in res["rows"].items():
+        if key.split("/")[0] not in ("c", "py"):
+            assert f"py/{key}" in res["rows"] and f"c/{key}" in res["rows"]
+            assert row["stats"]["over_py"]["samples"] and row["stats"]["ratio"]["samples"]
     if len(before) >= 2:
         cpus = res["config"]["cpus"]
         assert cpus["targets"] != cpus["kicker"] and {cpus["targets"], cpus["kicker"]} <= before

@@ -122,6 +122,10 @@ cdef class RefVcpu:
     cdef kvm_run *run
     cdef size_t size
     cdef target_t *target        # the kick target thread, kept between kick() calls
+    cdef pthread_t py_thread     # the Python floor's target: the thread in bare_run()
+    cdef bint py_armed
+    cdef int py_signo
+    cdef uint64_t py_sent        # the clock bare_kick() read right before its pthread_kill
 
     def __cinit__(self, int fd, size_t mmap_size):
         self.run = map_run(fd, mmap_size)
@@ -214,6 +218,60 @@ cdef class RefVcpu:
         if self.target == NULL:
             self.target = target_start(self.fd, self.run, self.size, signo)
         return kick(self.target, samples, delay_lo_s, delay_hi_s, seed)
+
+    # --- the Python floor of a kick: the least any binding called from Python does ---------
+    def bare_arm(self, int signo):
+        """The calling thread becomes the one bare_kick() signals with *signo* (a real-time
+        signal with a handler); a stale kick is cleared.  Called by the target before it
+        tells the kicker it runs."""
+        self.require_open()
+        if not SIGRTMIN <= signo <= SIGRTMAX:
+            raise ValueError(f"signo {signo} is not a real-time signal")
+        self.py_signo = signo
+        kvmsys_store_u8(&self.run.immediate_exit, 0)
+        self.py_thread = pthread_self()
+        self.py_armed = 1
+
+    def bare_run(self):
+        """KVM_RUN with minimal exit handling, the GIL released, until it fails with EINTR
+        (a kick, or a signal of someone else's) -> the clock read right after (ns).  Raises
+        on any other error and on an exit the minimal handling does not take."""
+        self.require_open()
+        if not self.py_armed or not pthread_equal(self.py_thread, pthread_self()):
+            raise RuntimeError("bare_run() from a thread that did not call bare_arm()")
+        cdef int r, err = 0
+        cdef uint32_t stop = 0
+        cdef uint64_t t = 0
+        with nogil:
+            while True:
+                r = ioctl(self.fd, KVM_RUN, 0)
+                if r < 0:
+                    t = kvmsys_now_ns()
+                    err = errno
+                    break
+                stop = handle_min(self.run, self.size)
+                if stop:
+                    break
+        if stop:
+            raise RuntimeError(f"bare_run(): the guest stopped on exit reason {stop}")
+        if err != EINTR:
+            raise OSError(err, "KVM_RUN")
+        return t
+
+    def bare_kick(self):
+        """Sets kvm_run.immediate_exit and sends the target that called bare_arm() its signal
+        with pthread_kill, the GIL held throughout (as kvmsys's kick())."""
+        self.require_open()
+        if not self.py_armed:
+            raise RuntimeError("bare_kick() before a target called bare_arm()")
+        kvmsys_store_u8(&self.run.immediate_exit, 1)
+        self.py_sent = kvmsys_now_ns()
+        pthread_kill(self.py_thread, self.py_signo)
+
+    @property
+    def bare_sent_ns(self):
+        """The clock bare_kick() read right before its pthread_kill."""
+        return self.py_sent
 
 
 def reference_lifecycle(int vmfd, size_t mmap_size, int first_id, int count):
