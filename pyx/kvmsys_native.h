@@ -290,7 +290,10 @@ static inline void kvmsys_set_window_signal(int sig) { __atomic_store_n(&kvmsys_
 static long kvmsys_kick_delay_ns;
 static int kvmsys_kick_delay_at;
 static inline void kvmsys_kick_pause(int at) {
-    long ns = __atomic_load_n(&kvmsys_kick_delay_ns, __ATOMIC_SEQ_CST);
+    long ns;
+    if (__builtin_expect(!(__atomic_load_n(&kvmsys_kick_delay_at, __ATOMIC_RELAXED) & at), 1))
+        return;             /* the usual case: no locked instruction in a kick */
+    ns = __atomic_load_n(&kvmsys_kick_delay_ns, __ATOMIC_SEQ_CST);
     if (!(__atomic_fetch_and(&kvmsys_kick_delay_at, ~at, __ATOMIC_SEQ_CST) & at) || ns <= 0)
         return;
     kvmsys_sleep_ns((uint64_t)ns);

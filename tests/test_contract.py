@@ -668,3 +668,43 @@ def test_mp_state_alone_is_reset_with_the_lapic_and_events(monkeypatch, mp_state
                 assert everything(v) == everything(ref)
         finally:
             kvmsys.remove_vcpu()
+
+
+def test_a_fork_child_cannot_kick_the_parents_running_vcpu(machine):
+    """A handle inherited by a fork child names the parent's vCPU: every request on it
+    raises StaleVcpuError there and signals no one (the vCPU's thread and lock are the
+    parent's), while the parent's vCPU, running in another thread of the parent, goes on
+    until the parent's own kick ends its run."""
+    from conftest import fork_child, fork_result
+    machine.devices().load("pio_out_loop.pm32", n=0)
+    h = machine.vcpu.handle()
+    got = {}
+
+    def child():
+        out = {"alive": h.alive}
+        for name, call in (("kick", h.kick), ("interrupt", lambda: h.interrupt(0x40)),
+                           ("call_soon", lambda: h.call_soon(print))):
+            try:
+                call()
+                out[name] = "no error"
+            except StaleVcpuError:
+                out[name] = "stale"
+        return out
+
+    def forker():
+        try:
+            deadline = time.monotonic() + 10
+            while not machine.vcpu.running:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            got.update(fork_result(*fork_child(child)))
+            got["running after"] = machine.vcpu.running
+        finally:
+            h.kick()
+    t = threading.Thread(target=forker)
+    t.start()
+    ex = machine.run(timeout=20)
+    t.join(10)
+    assert isinstance(ex, KickExit), ex
+    assert got == {"alive": False, "kick": "stale", "interrupt": "stale", "call_soon": "stale",
+                   "running after": True}
