@@ -104,8 +104,11 @@ def affected(changes: set[str] | frozenset[str]) -> frozenset[str] | None:
 
 def apply(vcpu: Vcpu, state: State, only: frozenset[str] | None = None) -> list[int]:
     """Load *state* into *vcpu* (not running): all of it, or the components named in *only*
-    (keys of *state*; "sregs" includes SREGS2).  Returns the MSRs KVM refused (usually none)."""
+    (keys of *state*; "sregs" includes SREGS2).  Returns the MSRs KVM refused (usually none).
+    An access the vCPU's last exit left pending is completed first: KVM would finish it at
+    the next KVM_RUN, over the registers loaded here."""
     check(state)
+    vcpu.complete_pending_io()
 
     def want(key: str) -> bool:
         return only is None or key in only
@@ -158,7 +161,6 @@ def reset(vcpu: Vcpu, initial: State) -> None:
     each piece costs a vCPU ioctl; a vCPU that ran is restored whole."""
     if vcpu.touched:
         only = affected(vcpu.changes)
-        vcpu.complete_pending_io()
         if vcpu.guest_debug:
             vcpu.set_guest_debug(False)
         apply(vcpu, initial, only)

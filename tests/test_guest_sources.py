@@ -143,11 +143,16 @@ class FakeVcpu:
                       "cr4": 0, "cr8": 0, "efer": 0, "apic_base": 0xFEE00900,
                       "interrupt_bitmap": [0, 0, 0, 0]}
         self.regs = dict.fromkeys(layout.REG_NAMES, 0)
+        self.settled = False        # complete_pending_io() came before any register was set
+
+    def complete_pending_io(self):
+        self.settled = True
 
     def get_sregs(self):
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.sregs.items()}
 
     def set_sregs(self, d):
+        assert self.settled, "registers set before the pending access was completed"
         assert d.keys() == self.sregs.keys()
         for k in ("cs", "ds", "tr", "ldt", "gdt", "idt"):
             assert d[k].keys() == self.sregs[k].keys()
@@ -157,6 +162,7 @@ class FakeVcpu:
         return dict(self.regs)
 
     def set_regs(self, d):
+        assert self.settled, "registers set before the pending access was completed"
         assert d.keys() == self.regs.keys()
         self.regs = d
 

@@ -259,6 +259,10 @@ def prepare(guest: Guest, vcpu: VcpuCore, mem: Mem, *, pvm_page: int | None = No
     image = guest.image
     if not (LOAD_ADDR <= guest.load_addr and guest.load_addr + len(image) <= IMAGE_LIMIT):
         raise InvalidArgumentError(f"{guest.name}: image does not fit below {IMAGE_LIMIT:#x}")
+    # An access the vCPU's last exit left for user space (an IN, an MMIO read) is finished
+    # by KVM at the next KVM_RUN, which stores the value read (in memory, for string I/O)
+    # and writes back the registers its emulator decoded then: over the ones set below.
+    vcpu.complete_pending_io()
     _put(mem, DATA_ADDR, bytes(_PAGE))
     _put(mem, guest.load_addr, image)
     _put(mem, VECTORS_ADDR, read_bin("vectors"))

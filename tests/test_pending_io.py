@@ -1,0 +1,51 @@
+"""Loading a whole state settles the access the last exit left for user space first.
+
+After an IN, MMIO read or any emulated access exits, KVM finishes the instruction only
+at the next KVM_RUN: it stores the value read and moves RIP on, through its instruction
+emulator by writing back the registers it decoded then.  Registers set in between are
+overwritten.  So a new built-in guest loaded onto such a vCPU (Machine.load,
+layout.prepare) and a captured state applied to it (vcpustate.apply: reset, recycling)
+must complete that access first (KVM_RUN with immediate_exit), or the vCPU goes on
+where the old instruction ended, in the new code.  Both ABIs, every guest mode."""
+import pytest
+
+from kvmsys import IoExit, MmioExit, vcpustate
+from kvmsys.guests import layout
+
+PENDING = ["pio_in_loop", "mmio_read_loop", "pio_out_loop", "mmio_write_loop"]
+KIND = {"pio_in_loop": IoExit, "mmio_read_loop": MmioExit, "pio_out_loop": IoExit, "mmio_write_loop": MmioExit}
+
+
+def outs_of_pio_out_loop(machine, n):
+    """The ports of the exits of a freshly loaded pio_out_loop with N = n, up to its debug exit."""
+    ports = []
+    for _ in range(n + 1):
+        ex = machine.run(timeout=10)
+        assert isinstance(ex, IoExit), ex
+        ports.append(ex.port)
+    return ports
+
+
+@pytest.mark.parametrize("mode", ["real", "pm32", "long64"])
+@pytest.mark.parametrize("first", PENDING)
+def test_a_guest_loaded_after_an_exit_starts_at_its_entry(machine, mode, first):
+    machine.load(f"{first}.{mode}", n=0)
+    ex = machine.run(budget=1, timeout=10)
+    assert isinstance(ex, KIND[first]), ex          # its access waits for the next KVM_RUN
+    machine.load(f"pio_out_loop.{mode}", n=3)
+    assert outs_of_pio_out_loop(machine, 3) == [layout.PORT_OUT] * 3 + [layout.PORT_DEBUG_EXIT]
+    assert machine.counter() == 3
+
+
+@pytest.mark.parametrize("mode", ["real", "pm32", "long64"])
+@pytest.mark.parametrize("first", ["pio_in_loop", "mmio_read_loop"])
+def test_a_state_applied_after_an_exit_is_the_state_the_vcpu_runs_from(machine, mode, first):
+    machine.load(f"{first}.{mode}", n=0)
+    start = vcpustate.capture(machine.vcpu)
+    assert isinstance(machine.run(budget=1, timeout=10), KIND[first])
+    want = machine.vcpu.get_regs()                  # at the first access, from the start
+    assert isinstance(machine.run(budget=1, timeout=10), KIND[first])     # the second: pending
+    vcpustate.apply(machine.vcpu, start)
+    assert isinstance(machine.run(budget=1, timeout=10), KIND[first])
+    got = machine.vcpu.get_regs()
+    assert (got["rip"], got["rcx"]) == (want["rip"], want["rcx"])
