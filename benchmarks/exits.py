@@ -12,7 +12,10 @@ group with its own C reference and naive loop on its vCPU:
 - `py`        kvmsys with a no-op Python handler;
 - `pyw`       kvmsys with a Python handler doing exactly the naive loop's work per exit;
 - `pyo`       the same work through read/write callbacks (AccessOps), called with the access
-              decoded; for HLT, an HLT callback.
+              decoded; for HLT, an HLT callback;
+- `pyf`       the Python floor: the same callbacks called from a bare C loop that releases
+              the GIL around each KVM_RUN (`RefVcpu.run_callbacks`): what any binding that
+              calls Python per exit pays at least, so `pyo` − `pyf` is kvmsys's own share.
 
 Windows per exit: the C reference clocks each KVM_RUN in C (`ioctl_ns`: from the clock read
 before the ioctl to the one after it), with and without the mask; their paired difference is
@@ -49,6 +52,7 @@ LOOPS = {
     "py": "kvmsys, no-op Python handler",
     "pyw": "kvmsys, Python handler doing the naive loop's work",
     "pyo": "kvmsys, read/write callbacks doing the naive loop's work",
+    "pyf": "Python floor: bare C calling the same callbacks",
 }
 ABIS = {"fd": "fd ABI (`vcpu.run`)", "sys": "syscall ABI (`kvmsys.run`)"}
 KVMSYS_LOOPS = ("c", "py", "pyw", "pyo")
@@ -153,9 +157,10 @@ def _measure_group(kind: str, mode: str, abi: str, profile, kvm) -> dict:
 
         core_stats = _core.VcpuCore.stats
 
-        def sample(key, fn, mask=None, own_clock=False):
+        def sample(key, fn, mask=None, own_clock=False, own_returned=False):
             """One sample of n exits: {key: wall, key/cpu: thread CPU, key/ioctl: KVM_RUN} per exit;
-            for kvmsys's loops also key/own: KVM_RUN as its run loop clocks it (read untimed)."""
+            for kvmsys's loops also key/own: KVM_RUN as its run loop clocks it (read untimed);
+            own_returned: the KVM_RUN time fn returns is the loop's own clock (key/own)."""
             def go():
                 nonlocal counted
                 if mask is not None:
@@ -173,7 +178,7 @@ def _measure_group(kind: str, mode: str, abi: str, profile, kvm) -> dict:
                 counted += n
                 out = {key: wall / n, f"{key}/cpu": cpu / n}
                 if inside is not None:
-                    out[f"{key}/ioctl"] = inside / n
+                    out[f"{key}/own" if own_returned else f"{key}/ioctl"] = inside / n
                 if own_clock:
                     out[f"{key}/own"] = out_own
                 return out
@@ -187,6 +192,10 @@ def _measure_group(kind: str, mode: str, abi: str, profile, kvm) -> dict:
 
         def naive_loop():
             nv.run(n)
+
+        def floor_loop():
+            done, _ns, inside = ref.run_callbacks(n, naive_read, naive_write, naive_hlt)
+            return inside
 
         def kvmsys_loop(how):
             def go():
@@ -204,6 +213,7 @@ def _measure_group(kind: str, mode: str, abi: str, profile, kvm) -> dict:
             "ref": sample("ref", ref_loop, mask=-1),
             "ref_mask": sample("ref_mask", ref_loop, mask=kick_sig),
             "naive": sample("naive", naive_loop, mask=-1),
+            "pyf": sample("pyf", floor_loop, mask=-1, own_returned=True),
         }
         for how in KVMSYS_LOOPS:
             inner = sample(how, kvmsys_loop(how), own_clock=True)
@@ -262,6 +272,8 @@ def run(profile, kinds=None) -> SuiteResult:
         ("user_cpu", "user window (CPU)"), ("user_own", "user window (own clocks)"),
         ("cpu_over_ref", "CPU − bare C loop's [95% CI]"),
         ("cpu_ratio", "CPU vs bare C loop [95% CI]"),
+        ("user_vs_naive", "user window (CPU) vs the naive loop's [95% CI]"),
+        ("over_pyf", "user window (own clocks) − the Python floor's [95% CI]"),
         ("count", "guest counter = exits counted")])
     kinds = list(kinds or profile.exit_kinds or EXIT_KINDS)
     measured = {}
@@ -293,7 +305,7 @@ def run(profile, kinds=None) -> SuiteResult:
             if key.startswith("ref"):
                 stats["ioctl_ns"] = Stat(s[f"{key}/ioctl"], "ns")
                 stats["user_own"] = Stat([t - i for t, i in zip(s[key], s[f"{key}/ioctl"])], "ns")
-            elif key in KVMSYS_LOOPS:
+            elif key in KVMSYS_LOOPS or key == "pyf":
                 stats["user_own"] = Stat([t - i for t, i in zip(s[key], s[f"{key}/own"])], "ns")
             res.add_row(f"{grp}/{key}", dict(mode=mode, exit=label, abi=ABIS[abi], loop=LOOPS[key],
                                              count=f"{m['counter']} {'✓' if good else '✗ counted ' + str(m['counted'])}"
@@ -326,6 +338,11 @@ def run(profile, kinds=None) -> SuiteResult:
             # the guest's share is the same for both and would hide the difference)
             st["user_vs_naive"] = derive(rows, "user_cpu", f"{grp}/{key}", f"{grp}/naive", "ratio")
         rows[f"{grp}/c"]["stats"]["vs_naive"] = derive(rows, "cpu", f"{grp}/c", f"{grp}/naive", "ratio")
+        # the Python floor: what the interpreter alone gives, and kvmsys's own share over it
+        pyf = rows[f"{grp}/pyf"]["stats"]
+        pyf["user_vs_naive"] = derive(rows, "user_cpu", f"{grp}/pyf", f"{grp}/naive", "ratio")
+        rows[f"{grp}/pyo"]["stats"]["over_pyf"] = derive(rows, "user_own", f"{grp}/pyo", f"{grp}/pyf",
+                                                         "difference")
         rows[f"{grp}/c"]["extra"]["uses_mask"] = m["uses_mask"]
     first = next(iter(measured.values()))
     res.config = dict(mode=profile.mode, modes=modes(profile), kinds=kinds,
@@ -363,6 +380,11 @@ def run(profile, kinds=None) -> SuiteResult:
         "calls with the access decoded (address, size, value) and whose return value answers a read; `py` "
         "is a no-op handler.  HLT's Python variants are the callback of `vm.set_hlt_action(Kind.PYTHON, "
         "callback)` (`pyo`: one that does nothing, as HLT needs no decoding).",
+        "`pyf`, the Python floor: the same callbacks called by a bare C loop (`RefVcpu.run_callbacks`: "
+        "the GIL released around each KVM_RUN, the access decoded from kvm_run, a read answered with the "
+        "value returned; HLT calls the HLT callback with None): no exit object, no checks, no signals, "
+        "kicks or budget.  Its user window over the naive loop's is what the interpreter alone allows; "
+        "`pyo` − `pyf` (own clocks) is kvmsys's own share of a callback's exit.",
         "Ratios and differences are per round (paired samples), median with a 95% bootstrap interval of "
         "the median within this run; with `--runs N` the spread is the range over N separate processes.",
     ]

@@ -228,6 +228,7 @@ EXIT_LOOPS = [            # (row id suffix, legend label, colour), in bar order
     ("py", "kvmsys, no-op Python handler", C_FD_PY),
     ("pyw", "kvmsys, Python handler with the naive loop's work", C_SYS_PY),
     ("pyo", "kvmsys, read/write callbacks with the naive loop's work", C_OTHER),
+    ("pyf", "Python floor: bare C calling the same callbacks", C_EXTRA[1]),
 ]
 
 # Short row labels, by row id or by the parts of a "group/part" id; rows not listed

@@ -113,6 +113,10 @@ EXIT_TABLE = [   # (label, abi, loop, stat)
     ("syscall ABI, naive-work Python handler ÷ naive loop", "sys", "pyw", "vs_naive"),
     ("syscall ABI, naive-work read/write callbacks − C handler", "sys", "pyo", "py_path"),
     ("syscall ABI, naive-work read/write callbacks ÷ naive loop", "sys", "pyo", "vs_naive"),
+    ("syscall ABI, read/write callbacks ÷ naive loop, outside KVM_RUN", "sys", "pyo", "user_vs_naive"),
+    ("Python floor (bare C calling the same callbacks) ÷ naive loop, outside KVM_RUN", "sys", "pyf",
+     "user_vs_naive"),
+    ("syscall ABI, read/write callbacks − Python floor, own clocks (wall)", "sys", "pyo", "over_pyf"),
     ("naive loop − bare C loop (syscall VM)", "sys", "naive", "cpu_over_ref"),
 ]
 
@@ -149,7 +153,8 @@ def readme_section(doc: dict, path: str, boot: tuple | None = None) -> str:
                 for k in kinds:
                     st = ex["rows"].get(f"{mode}/{k}/{abi}/{loop}", {}).get("stats", {}).get(stat)
                     cells.append(fmt_stat(st) if st else "—")
-                out.append(f"| {label} | " + " | ".join(cells) + " |")
+                if any(c != "—" for c in cells):      # (a stored run from before the row existed)
+                    out.append(f"| {label} | " + " | ".join(cells) + " |")
             out.append("")
     other = []
     for suite, stat_keys in (("abi", ("d_user", "ratio")), ("lifecycle", ("time", "ratio")),

@@ -148,3 +148,58 @@ def test_bare_kick_ends_a_bare_run(machine, guest):
     r.close()
     with pytest.raises(ValueError):
         r.bare_arm(_core.kick_signal())
+
+
+@pytest.mark.parametrize("mode", ["pm32", "long64"])
+def test_run_callbacks_hands_every_exit_to_python(machine, mode):
+    """The exits suite's Python floor: each exit goes to the callback for it, decoded, and
+    a read is answered with what the callback returned (the guests sum what they read)."""
+    from kvmsys.guests import layout
+    got = []
+
+    def read(address, size):
+        got.append(("r", address, size))
+        return 3
+
+    def write(address, size, value):
+        got.append(("w", address, size, value))
+
+    def hlt(arg):
+        got.append(("h", arg))
+
+    def result():
+        return int.from_bytes(machine.mem[layout.RESULT_ADDR:layout.RESULT_ADDR + 4], "little")
+    for guest, want in (("pio_in_loop", ("r", layout.PORT_IN, 1)),
+                        ("mmio_read_loop", ("r", layout.MMIO_READ_ADDR, 4)),
+                        ("pio_out_loop", ("w", layout.PORT_OUT, 1)),
+                        ("mmio_write_loop", ("w", layout.MMIO_WRITE_ADDR, 4)),
+                        ("hlt_loop", ("h", None))):
+        machine.load(f"{guest}.{mode}", n=0)
+        got.clear()
+        r = ref_vcpu(machine)
+        done, ns, kernel, = r.run_callbacks(20, read, write, hlt)
+        r.close()
+        assert done == 20 and 0 < kernel < ns, guest
+        assert [g[:len(want)] for g in got] == [want] * 20, (guest, got[:3])
+        if guest == "pio_out_loop":         # data = the counter's low byte, one per iteration
+            assert [g[3] for g in got[1:]] == [(got[0][3] + i) % 256 for i in range(1, 20)]
+        if want[0] == "r":
+            machine.run(budget=1)           # the last read completes; the guest stores its sum
+            assert result() >= 3 * 19, (guest, result())
+
+
+def test_run_callbacks_refuses_bad_callbacks_and_passes_on_their_errors(machine):
+    machine.load("pio_in_loop.pm32", n=0)
+    r = ref_vcpu(machine)
+    with pytest.raises(TypeError):
+        r.run_callbacks(1, None, print, print)
+
+    def boom(address, size):
+        raise KeyError("from the callback")
+    with pytest.raises(KeyError, match="from the callback"):
+        r.run_callbacks(5, boom, print, print)
+    with pytest.raises(OverflowError):
+        r.run_callbacks(1, lambda a, s: -1, print, print)     # no value of an unsigned read
+    r.close()
+    with pytest.raises(ValueError):
+        r.run_callbacks(1, print, print, print)

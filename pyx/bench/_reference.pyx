@@ -219,6 +219,65 @@ cdef class RefVcpu:
             self.target = target_start(self.fd, self.run, self.size, signo)
         return kick(self.target, samples, delay_lo_s, delay_hi_s, seed)
 
+    # --- the Python floor of an exit: the least any binding that calls Python does ---------
+    def run_callbacks(self, uint64_t exits, read, write, hlt):
+        """*exits* exits, each handed to Python the way kvmsys's read/write callbacks
+        (AccessOps) get them, with nothing else around it: KVM_RUN with the GIL released,
+        then ``read(address, size) -> int`` answers an IN or MMIO read, ``write(address,
+        size, value)`` takes an OUT or MMIO write, ``hlt(None)`` a HLT.  Returns (done,
+        elapsed_ns, kernel_ns): kernel_ns clocked around each KVM_RUN, as run_exits does.
+        Single accesses only (string I/O raises); what a callback raises ends the loop."""
+        self.require_open()
+        for name, fn in (("read", read), ("write", write), ("hlt", hlt)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
+        cdef uint64_t i, t_in = 0, t_out = 0, kernel = 0, t0, value
+        cdef int r = 0, err = 0
+        cdef uint32_t size
+        cdef uint8_t *p
+        cdef kvm_run *run = self.run
+        t0 = kvmsys_now_ns()
+        for i in range(exits):
+            with nogil:
+                t_in = kvmsys_now_ns()
+                r = ioctl(self.fd, KVM_RUN, 0)
+                err = errno
+                t_out = kvmsys_now_ns()
+            if r < 0:
+                raise OSError(err, "KVM_RUN")
+            kernel += t_out - t_in
+            if run.exit_reason == KVM_EXIT_IO:
+                size = run.io.size
+                if run.io.count != 1 or size not in (1, 2, 4):
+                    raise RuntimeError(f"run_callbacks: string or odd-sized port access (size {size}, "
+                                       f"count {run.io.count})")
+                if run.io.data_offset < sizeof(kvm_run) or run.io.data_offset + size > self.size:
+                    raise RuntimeError(f"run_callbacks: data offset {run.io.data_offset} out of the mapping")
+                p = <uint8_t *>run + run.io.data_offset
+                if run.io.direction == KVM_EXIT_IO_IN:
+                    value = read(run.io.port, size)
+                    memcpy(p, &value, size)         # (x86: the low bytes, little-endian)
+                else:
+                    value = 0
+                    memcpy(&value, p, size)
+                    write(run.io.port, size, value)
+            elif run.exit_reason == KVM_EXIT_MMIO:
+                size = run.mmio.len
+                if not 1 <= size <= 8:
+                    raise RuntimeError(f"run_callbacks: MMIO length {size}")
+                if run.mmio.is_write:
+                    value = 0
+                    memcpy(&value, run.mmio.data, size)
+                    write(run.mmio.phys_addr, size, value)
+                else:
+                    value = read(run.mmio.phys_addr, size)
+                    memcpy(run.mmio.data, &value, size)
+            elif run.exit_reason == KVM_EXIT_HLT:
+                hlt(None)
+            else:
+                raise RuntimeError(f"run_callbacks: exit reason {run.exit_reason} after {i} exits")
+        return exits, kvmsys_now_ns() - t0, kernel
+
     # --- the Python floor of a kick: the least any binding called from Python does ---------
     def bare_arm(self, int signo):
         """The calling thread becomes the one bare_kick() signals with *signo* (a real-time
