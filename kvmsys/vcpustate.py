@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import pvm
-from .errors import ArgumentTypeError, InvalidArgumentError
+from . import _core, pvm
+from .errors import ArgumentTypeError, InvalidArgumentError, StateError
 
 if TYPE_CHECKING:
+    from ._core import VcpuCore
     from .fd import Vcpu
 
 State = dict[str, Any]      # what capture() returns
@@ -102,13 +103,33 @@ def affected(changes: set[str] | frozenset[str]) -> frozenset[str] | None:
     return frozenset().union(*(AFFECTS[op] for op in changes))
 
 
+def settle(vcpu: VcpuCore, what: str) -> None:
+    """Before registers are loaded wholesale (*what*, for the message): complete the access
+    the vCPU's last exit left for user space.  KVM finishes an IN, an MMIO read, an MSR
+    access or a hypercall only at the next KVM_RUN, writing registers (the value read, RIP
+    past the instruction, through its emulator all it decoded then) over any set in
+    between; KVM_RUN with immediate_exit settles it first.  From inside the vCPU's own
+    run() (its exit handler) the run loop completes the exit being handled when the
+    handler returns, after the load: harmless for a write, which KVM wrote back before
+    exiting; for an exit whose completion writes registers, StateError."""
+    if not vcpu.active:
+        vcpu.complete_pending_io()
+        return
+    ex = vcpu.last_exit()
+    if (isinstance(ex, _core.IoExit) and ex.is_in) or (isinstance(ex, _core.MmioExit) and not ex.is_write) \
+            or isinstance(ex, (_core.MsrExit, _core.HypercallExit)):
+        raise StateError(f"cannot {what} from the handler of this {ex.name} exit: KVM finishes that exit when "
+                         "the handler returns, over the registers loaded; return the exit from run() "
+                         "(a true return value) and load it then")
+
+
 def apply(vcpu: Vcpu, state: State, only: frozenset[str] | None = None) -> list[int]:
     """Load *state* into *vcpu* (not running): all of it, or the components named in *only*
     (keys of *state*; "sregs" includes SREGS2).  Returns the MSRs KVM refused (usually none).
     An access the vCPU's last exit left pending is completed first: KVM would finish it at
     the next KVM_RUN, over the registers loaded here."""
     check(state)
-    vcpu.complete_pending_io()
+    settle(vcpu, "load a vCPU state")
 
     def want(key: str) -> bool:
         return only is None or key in only

@@ -145,6 +145,8 @@ class FakeVcpu:
         self.regs = dict.fromkeys(layout.REG_NAMES, 0)
         self.settled = False        # complete_pending_io() came before any register was set
 
+    active = False          # not inside run(): prepare() completes a pending access first
+
     def complete_pending_io(self):
         self.settled = True
 

@@ -49,3 +49,43 @@ def test_a_state_applied_after_an_exit_is_the_state_the_vcpu_runs_from(machine, 
     assert isinstance(machine.run(budget=1, timeout=10), KIND[first])
     got = machine.vcpu.get_regs()
     assert (got["rip"], got["rcx"]) == (want["rip"], want["rcx"])
+
+
+@pytest.mark.parametrize("load", ["apply", "guest"])
+def test_loading_from_the_handler_of_a_read_exit_is_refused_and_of_a_write_allowed(machine, load):
+    """Inside run() the run loop completes the exit being handled when its handler returns,
+    after anything loaded there: a write's completion writes no register, a read's does."""
+    from kvmsys import StateError, _core
+    machine.load("pio_in_loop.pm32", n=0)
+    start = vcpustate.capture(machine.vcpu)
+    seen = []
+
+    def handler(ex):
+        try:
+            if load == "apply":
+                vcpustate.apply(machine.vcpu, start)
+            else:
+                machine.load("pio_out_loop.pm32", n=3)
+            seen.append("loaded")
+        except StateError as e:
+            seen.append(str(e))
+        return True                         # run() returns this exit
+    machine.vm.default_handler = handler
+    machine.vm.set_default(_core.SPACES["PIO"], _core.H_KINDS["PYTHON"])
+    ex = machine.run(timeout=10)
+    assert isinstance(ex, IoExit) and ex.is_in
+    assert len(seen) == 1 and "IO exit" in seen[0] and "return the exit from run()" in seen[0], seen
+    # once run() returned, the same load is complete and the vCPU runs from it
+    if load == "apply":
+        vcpustate.apply(machine.vcpu, start)
+        assert isinstance(machine.run(budget=1, timeout=10), IoExit)
+    else:
+        machine.vm.default_handler = None
+        machine.load("pio_out_loop.pm32", n=3)
+        assert outs_of_pio_out_loop(machine, 3) == [layout.PORT_OUT] * 3 + [layout.PORT_DEBUG_EXIT]
+    # from the handler of a write, both are allowed (nothing of that exit is left to write back)
+    machine.load("pio_out_loop.pm32", n=0)
+    seen.clear()
+    machine.vm.default_handler = handler
+    assert isinstance(machine.run(timeout=10), IoExit)
+    assert seen == ["loaded"]

@@ -195,6 +195,11 @@ class FakeVcpu:
     def set_regs(self, regs):
         self.regs = dict(regs)
 
+    active = False          # not inside run(): prepare() completes a pending access first
+
+    def complete_pending_io(self):
+        pass
+
 
 @pytest.mark.nokvm
 def test_prepare_gives_each_vcpu_its_stack():

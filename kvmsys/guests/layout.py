@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from ..errors import ArgumentTypeError, InvalidArgumentError
+from ..vcpustate import settle
 
 if TYPE_CHECKING:
     from .._core import VcpuCore
@@ -262,7 +263,7 @@ def prepare(guest: Guest, vcpu: VcpuCore, mem: Mem, *, pvm_page: int | None = No
     # An access the vCPU's last exit left for user space (an IN, an MMIO read) is finished
     # by KVM at the next KVM_RUN, which stores the value read (in memory, for string I/O)
     # and writes back the registers its emulator decoded then: over the ones set below.
-    vcpu.complete_pending_io()
+    settle(vcpu, f"load guest {guest.name}")
     _put(mem, DATA_ADDR, bytes(_PAGE))
     _put(mem, guest.load_addr, image)
     _put(mem, VECTORS_ADDR, read_bin("vectors"))
