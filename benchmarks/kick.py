@@ -336,8 +336,9 @@ def run(profile) -> SuiteResult:
         "held, as kvmsys's kick()).  Its ratio to the C floor is the interpreter's share (calling "
         "into C after a sleep, retaking the GIL, returning to Python); kvmsys's ratio to it, "
         "kvmsys's own.",
-        "Segments (kvmsys rows): kick() called → the kicker's clock just before pthread_kill; → the run "
-        "loop's clock after KVM_RUN returned EINTR; → run() returned in Python.  The floor's whole "
+        "Segments (kvmsys rows; the Python floor's alike, bare_kick() for kick()): kick() called → "
+        "the kicker's clock just before pthread_kill; → the run "
+        "loop's clock after KVM_RUN returned EINTR; → run() returned in Python.  The C floor's whole "
         "latency is its signal → KVM_RUN segment.",
     ]
     if lost:
