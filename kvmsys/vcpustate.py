@@ -64,7 +64,9 @@ def capture(vcpu: Vcpu, msrs: list[int] | None = None) -> State:
     """Everything KVM keeps about *vcpu* that kvmsys can read (call it on a stopped vCPU).
 
     Besides what every KVM has: SREGS2 (with the PDPTRs), the TSC frequency and the
-    nested-virtualization state where the host has them."""
+    nested-virtualization state where the host has them.  The access the last exit left
+    pending is completed first (settle()): KVM's record of it is in no state read here."""
+    settle(vcpu, "capture a vCPU state", loading=False)
     state = dict(id=vcpu.id, regs=vcpu.get_regs(), sregs=vcpu.get_sregs(), fpu=vcpu.get_fpu(),
                  xsave=vcpu.get_xsave(), xcrs=vcpu.get_xcrs(), debugregs=vcpu.get_debugregs(),
                  msrs=read_msrs(vcpu, msr_indices(vcpu) if msrs is None else msrs),
@@ -103,24 +105,32 @@ def affected(changes: set[str] | frozenset[str]) -> frozenset[str] | None:
     return frozenset().union(*(AFFECTS[op] for op in changes))
 
 
-def settle(vcpu: VcpuCore, what: str) -> None:
-    """Before registers are loaded wholesale (*what*, for the message): complete the access
-    the vCPU's last exit left for user space.  KVM finishes an IN, an MMIO read, an MSR
-    access or a hypercall only at the next KVM_RUN, writing registers (the value read, RIP
-    past the instruction, through its emulator all it decoded then) over any set in
-    between; KVM_RUN with immediate_exit settles it first.  From inside the vCPU's own
-    run() (its exit handler) the run loop completes the exit being handled when the
-    handler returns, after the load: harmless for a write, which KVM wrote back before
-    exiting; for an exit whose completion writes registers, StateError."""
+# Of the exits whose access KVM finishes only at the next KVM_RUN (I/O, MMIO, MSR,
+# hypercall), the ones whose completion writes registers.
+def _writes_back(ex: Any) -> bool:
+    return (isinstance(ex, _core.IoExit) and ex.is_in) or (isinstance(ex, _core.MmioExit) and not ex.is_write) \
+        or isinstance(ex, (_core.MsrExit, _core.HypercallExit))
+
+
+def settle(vcpu: VcpuCore, what: str, *, loading: bool = True) -> None:
+    """Before a whole state is loaded or read (*what*, for the message): complete the
+    access the vCPU's last exit left for user space.  KVM finishes an I/O, MMIO, MSR or
+    hypercall exit only at the next KVM_RUN, keeps what is left of it where no state
+    read can see it, and when it finishes a read writes registers (the value, RIP past the
+    instruction, through its emulator all it decoded then) over any set in between;
+    KVM_RUN with immediate_exit settles it first.  From inside the vCPU's own run() (its
+    exit handler) the run loop completes the exit being handled when the handler returns:
+    for a write, whose completion writes no register, a load or a capture goes ahead (on
+    VT-x a captured RIP may still point at that OUT, which KVM skips when the vCPU runs on
+    from there); for a read, StateError (*loading*: a load rather than a capture)."""
     if not vcpu.active:
         vcpu.complete_pending_io()
         return
     ex = vcpu.last_exit()
-    if (isinstance(ex, _core.IoExit) and ex.is_in) or (isinstance(ex, _core.MmioExit) and not ex.is_write) \
-            or isinstance(ex, (_core.MsrExit, _core.HypercallExit)):
-        raise StateError(f"cannot {what} from the handler of this {ex.name} exit: KVM finishes that exit when "
-                         "the handler returns, over the registers loaded; return the exit from run() "
-                         "(a true return value) and load it then")
+    if _writes_back(ex):
+        raise StateError(f"cannot {what} from the handler of this {ex.name} exit: KVM finishes that exit "
+                         "only when the handler returns" + (", over the registers loaded" if loading else "")
+                         + f"; return the exit from run() (a true return value) and {what} then")
 
 
 def apply(vcpu: Vcpu, state: State, only: frozenset[str] | None = None) -> list[int]:
