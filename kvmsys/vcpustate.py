@@ -105,8 +105,11 @@ def affected(changes: set[str] | frozenset[str]) -> frozenset[str] | None:
     return frozenset().union(*(AFFECTS[op] for op in changes))
 
 
-# Of the exits whose access KVM finishes only at the next KVM_RUN (I/O, MMIO, MSR,
-# hypercall), the ones whose completion writes registers.
+# Exits whose access KVM finishes only at the next KVM_RUN; of these, _writes_back():
+# the ones whose completion writes registers.
+_AWAITING = (_core.IoExit, _core.MmioExit, _core.MsrExit, _core.HypercallExit)
+
+
 def _writes_back(ex: Any) -> bool:
     return (isinstance(ex, _core.IoExit) and ex.is_in) or (isinstance(ex, _core.MmioExit) and not ex.is_write) \
         or isinstance(ex, (_core.MsrExit, _core.HypercallExit))
@@ -122,11 +125,15 @@ def settle(vcpu: VcpuCore, what: str, *, loading: bool = True) -> None:
     exit handler) the run loop completes the exit being handled when the handler returns:
     for a write, whose completion writes no register, a load or a capture goes ahead (on
     VT-x a captured RIP may still point at that OUT, which KVM skips when the vCPU runs on
-    from there); for a read, StateError (*loading*: a load rather than a capture)."""
+    from there); for a read, StateError (*loading*: a load rather than a capture).
+    Nothing is done where the comm area holds no such exit (a new or recycled vCPU, a HLT,
+    a kick), so reading a state leaves the comm area as it was."""
+    ex = vcpu.last_exit()
+    if not isinstance(ex, _AWAITING):
+        return
     if not vcpu.active:
         vcpu.complete_pending_io()
         return
-    ex = vcpu.last_exit()
     if _writes_back(ex):
         raise StateError(f"cannot {what} from the handler of this {ex.name} exit: KVM finishes that exit "
                          "only when the handler returns" + (", over the registers loaded" if loading else "")

@@ -145,10 +145,13 @@ class FakeVcpu:
         self.regs = dict.fromkeys(layout.REG_NAMES, 0)
         self.settled = False        # complete_pending_io() came before any register was set
 
-    active = False          # not inside run(): prepare() completes a pending access first
+    active = False          # not inside run(): prepare() settles a pending access first
+
+    def last_exit(self):
+        self.settled = True     # (prepare() looked at the last exit: nothing pending in a fake)
 
     def complete_pending_io(self):
-        self.settled = True
+        raise AssertionError("no exit of a fake vCPU awaits completion")
 
     def get_sregs(self):
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.sregs.items()}

@@ -195,10 +195,10 @@ class FakeVcpu:
     def set_regs(self, regs):
         self.regs = dict(regs)
 
-    active = False          # not inside run(): prepare() completes a pending access first
+    active = False          # not inside run(): prepare() settles a pending access first
 
-    def complete_pending_io(self):
-        pass
+    def last_exit(self):
+        return None             # (no exit awaits completion)
 
 
 @pytest.mark.nokvm
