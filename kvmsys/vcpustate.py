@@ -135,9 +135,11 @@ def settle(vcpu: VcpuCore, what: str, *, loading: bool = True) -> None:
         vcpu.complete_pending_io()
         return
     if _writes_back(ex):
-        raise StateError(f"cannot {what} from the handler of this {ex.name} exit: KVM finishes that exit "
-                         "only when the handler returns" + (", over the registers loaded" if loading else "")
-                         + f"; return the exit from run() (a true return value) and {what} then")
+        raise StateError(f"cannot {what} while the vCPU is inside run() with its {ex.name} exit unfinished: "
+                         "KVM finishes that exit only when the run goes on"
+                         + (", over the registers loaded" if loading else "")
+                         + f"; from the exit's handler, return the exit from run() (a true return value) "
+                         f"and {what} then")
 
 
 def apply(vcpu: Vcpu, state: State, only: frozenset[str] | None = None) -> list[int]:

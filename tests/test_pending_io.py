@@ -76,7 +76,7 @@ def test_loading_from_the_handler_of_a_read_exit_is_refused_and_of_a_write_allow
     machine.vm.set_default(_core.SPACES["PIO"], _core.H_KINDS["PYTHON"])
     ex = machine.run(timeout=10)
     assert isinstance(ex, IoExit) and ex.is_in
-    assert len(seen) == 1 and "IO exit" in seen[0] and "return the exit from run()" in seen[0], seen
+    assert len(seen) == 1 and "IO exit unfinished" in seen[0] and "return the exit from run()" in seen[0], seen
     # once run() returned, the same load is complete and the vCPU runs from it
     if load in ("apply", "capture"):
         vcpustate.apply(machine.vcpu, start if load == "apply" else vcpustate.capture(machine.vcpu))
