@@ -243,7 +243,7 @@ cdef class VcpuHandle:
         """The VM of the vCPU (StaleVcpuError once it is gone)."""
         return self._named().vm
 
-    cdef inline bint _alive(self):
+    cdef inline bint _alive(self) noexcept:
         # generation 0 is never a vCPU's (they start at 1): a handle made by __new__ is dead
         return self.vcpu is not None and self.generation != 0 and not self.vcpu.is_closed() \
             and self.vcpu.v.generation == self.generation
@@ -261,17 +261,15 @@ cdef class VcpuHandle:
         return 0
 
     cdef int _kick(self, int bits) except -1:
-        # _check()'s tests inline, the generation again under the vCPU's lock (kick_vcpu;
-        # a closed vCPU has a new one): a kicker runs cold after its sleep, and the call
-        # into _check cost it more than all the work (~0.5 us on our host).  Never a
-        # parent's vCPU in a fork child (forkgen).
+        # _alive() (inline), the generation again under the vCPU's lock (kick_vcpu), and
+        # _check() only to raise: a kicker runs cold after its sleep, and the call into
+        # _check cost it more than all the work (~0.5 us on our host).  Never a parent's
+        # vCPU in a fork child (is_closed).
         # With the GIL held: kick_vcpu waits for v.lock at most, which no holder keeps
         # across a wait for the GIL; releasing and taking the GIL back would put more
         # work between the kick and the caller's next blocking call (on a shared core
         # the kicked thread runs only then).
-        cdef VcpuCore c = self.vcpu
-        if c is not None and c.v != NULL and self.generation != 0 and c.gone is None \
-                and c.forkgen == kvmsys_fork_generation and kick_vcpu(c.v, self.generation, bits) == 0:
+        if self._alive() and kick_vcpu(self.vcpu.v, self.generation, bits) == 0:
             return 0
         self._check()
         raise StaleVcpuError(f"vCPU {self.vcpu.id} (generation {self.generation}) was removed")

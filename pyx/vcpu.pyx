@@ -581,7 +581,7 @@ cdef class VcpuCore:
         self.require_open()
         return self.v.fd
 
-    cdef inline bint is_closed(self):
+    cdef inline bint is_closed(self) noexcept:
         return self.v == NULL or self.v.fd < 0 or self.gone is not None or self.forkgen != kvmsys_fork_generation
 
     @property
