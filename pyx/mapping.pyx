@@ -46,7 +46,17 @@ cdef class Mapping:
         m.forkgen = kvmsys_fork_generation
         return m
 
+    cdef inline bint usable(self) noexcept:
+        return self.addr != NULL and self.forkgen == kvmsys_fork_generation and self.revoked is None
+
+    cdef inline bint covers(self, uint64_t offset, uint64_t length) noexcept:
+        # usable, and [offset, offset + length) inside it: check_range()'s test without a
+        # call (the run loop's callbacks run it per port access, with cold caches)
+        return self.usable() and offset <= self.size and length <= self.size - offset
+
     cdef int check_usable(self) except -1:
+        if self.usable():
+            return 0
         if self.addr == NULL:
             raise StateError(f"{self.what} is closed")
         if self.forkgen != kvmsys_fork_generation:
@@ -85,6 +95,8 @@ cdef class Mapping:
         return <size_t>self.addr
 
     cdef int check_range(self, uint64_t offset, uint64_t length) except -1:
+        if self.covers(offset, length):
+            return 0
         self.check_usable()
         if offset > self.size or length > self.size - offset:
             raise InvalidArgumentError(

@@ -52,16 +52,6 @@ cdef inline uint64_t op_result(object x, uint32_t size, uint64_t address) except
     return r
 
 
-# check_range()'s tests inline (it raises the precise error): a port access runs them
-# once per element with the interpreter's caches cold, where each call into another
-# function costs more than its tests.
-cdef inline int comm_range(Mapping page, uint64_t offset, uint64_t length) except -1:
-    if page.addr != NULL and page.forkgen == kvmsys_fork_generation and page.revoked is None \
-            and offset <= page.size and length <= page.size - offset:
-        return 0
-    return page.check_range(offset, length)
-
-
 # Dispatch the exit run_loop returned for *ops*' range: decode it from the comm area
 # (or the ring entry taken), call read or write, answer a read in place.  Returns
 # OPS_DONE, OPS_STOP (a write returned a true value: run() returns the exit), OPS_NONE
@@ -107,12 +97,16 @@ cdef int call_ops(VcpuCore vcpu, AccessOps ops) except -1:
         off = r.io.data_offset
         if page is None:
             vcpu.require_open()     # closed: says so (never while inside run())
-        if count > 1:
-            comm_range(page, off, <uint64_t>size * count)
+        # page.covers() inline, check_range() only to raise: a port access runs these tests
+        # once per element with the interpreter's caches cold, where a call into another
+        # function costs more than the tests
+        if count > 1 and not page.covers(off, <uint64_t>size * count):
+            page.check_range(off, <uint64_t>size * count)
         port = r.io.port
         a = ops.address_obj(port)
         for i in range(count):
-            comm_range(page, off + i * size, size)
+            if not page.covers(off + i * size, size):
+                page.check_range(off + i * size, size)
             p = page.addr + off
             if is_in:
                 fill(p + i * size, size, op_result(fn(a, size), size, port), size)
