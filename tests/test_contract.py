@@ -20,6 +20,7 @@ from kvmsys.guests import exit_status, get, layout
 from kvmsys.runner import setup_devices
 
 from conftest import forked
+from test_syscall_abi import wait_until
 
 PIO = _core.SPACES["PIO"]
 K = _core.H_KINDS
@@ -405,10 +406,7 @@ def test_close_from_another_thread_while_running_is_refused(machine):
     refused = []
 
     def other():                            # while the owner (this test's thread) runs it
-        deadline = time.monotonic() + 10
-        while not machine.vcpu.active:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        wait_until(lambda: machine.vcpu.active, what="the owner's run()")
         try:
             ops = [machine.vcpu.close, machine.vm.close]
             if machine.abi == "sys":
@@ -693,10 +691,7 @@ def test_a_fork_child_cannot_kick_the_parents_running_vcpu(machine):
 
     def forker():
         try:
-            deadline = time.monotonic() + 10
-            while not machine.vcpu.running:
-                assert time.monotonic() < deadline
-                time.sleep(0.001)
+            wait_until(lambda: machine.vcpu.running, what="the owner's KVM_RUN")
             got.update(fork_result(*fork_child(child)))
             got["running after"] = machine.vcpu.running
         finally:
