@@ -47,7 +47,11 @@ def choose_cpus(policy: str, vcpu_id: int, siblings_cpus: list[int]) -> set[int]
 
 
 def apply(tid: int, cpus: set[int]) -> None:
-    os.sched_setaffinity(tid, cpus)
+    # Set only if it differs: most add_vcpu()/remove_vcpu() pairs leave a `float` thread
+    # where it was, and the look costs a third of the change (0.6 µs against 1.6 on our
+    # AMD PVM host).
+    if os.sched_getaffinity(tid) != cpus:
+        os.sched_setaffinity(tid, cpus)
 
 
 def _read(tid: int, name: str) -> str:

@@ -270,10 +270,12 @@ def _release(vcpu: ThreadVcpu) -> None:
 
 
 def _place(vcpu: ThreadVcpu) -> None:
-    # Under _lock.  Siblings: the other bound vCPUs pinned to one CPU.
-    siblings = [next(iter(c)) for v in _bound.values() if v is not vcpu and v.tid is not None
-                for c in [os.sched_getaffinity(v.tid)] if len(c) == 1]
+    # Under _lock.  Siblings (only `balance` looks at them, a system call each): the other
+    # bound vCPUs pinned to one CPU.
     assert vcpu.tid is not None and vcpu.placement is not None     # bound: both set
+    siblings = [] if vcpu.placement != "balance" else [
+        next(iter(c)) for v in _bound.values() if v is not vcpu and v.tid is not None
+        for c in [os.sched_getaffinity(v.tid)] if len(c) == 1]
     _placement.apply(vcpu.tid, _placement.choose_cpus(vcpu.placement, vcpu.id, siblings))
 
 

@@ -609,6 +609,17 @@ static kvmsys_region_t *kvmsys_region_add(void *addr, size_t size) {
     return r;
 }
 
+/* How many records cover addr (tests: a mapping's record is kept, and dropped with it). */
+static int kvmsys_region_records(void *addr) {
+    kvmsys_region_t *r;
+    int n = 0;
+    pthread_mutex_lock(&kvmsys_regions_lock);
+    for (r = kvmsys_regions.next; r != &kvmsys_regions; r = r->next)
+        n += (char *)r->addr <= (char *)addr && (char *)addr < (char *)r->addr + r->size;
+    pthread_mutex_unlock(&kvmsys_regions_lock);
+    return n;
+}
+
 /* Forget a region (its owner unmaps it right after). */
 static void kvmsys_region_remove(kvmsys_region_t *r) {
     if (!r)

@@ -18,6 +18,7 @@ cdef class Mapping:
     cdef unsigned long forkgen     # the process that mapped it (kvmsys_fork_generation)
     cdef str revoked               # why it no longer shows what it mapped, or None
     cdef object owner              # borrowed memory: the buffer export that keeps it alive
+    cdef bint handed_on            # hand_over() gave the region to another Mapping: not unmapped here
 
     @staticmethod
     cdef Mapping borrow(void *addr, size_t size, str what, object owner):
@@ -74,6 +75,27 @@ cdef class Mapping:
             self.revoked = why
         return 0
 
+    cdef Mapping hand_over(self, str what, str why):
+        """The region under a new Mapping named *what*, with no system call, where nothing
+        can reach its memory through this one: no view of it is alive (a view, or a slice
+        of one, holds an export).  This one is then revoked (*why*) and unmaps nothing.
+        None where a view is alive: revoke() that one instead."""
+        if self.exports or not self.usable() or self.owner is not None:
+            return None
+        cdef Mapping m = Mapping.__new__(Mapping)
+        m.addr, m.size, m.what, m.forkgen, m.region = self.addr, self.size, what, self.forkgen, self.region
+        self.region = NULL
+        self.handed_on = 1
+        self.revoked = why
+        return m
+
+    cdef void take_back(self, Mapping m) noexcept:
+        # undo hand_over() that returned *m* (its new owner's set-up failed)
+        self.region, m.region = m.region, NULL
+        m.addr = NULL
+        self.handed_on = 0
+        self.revoked = None
+
     def __getbuffer__(self, Py_buffer *buf, int flags):
         self.check_usable()
         PyBuffer_FillInfo(buf, self, self.addr, self.size, 0, flags)
@@ -104,7 +126,13 @@ cdef class Mapping:
         return 0
 
     def __dealloc__(self):
-        if self.addr != NULL and self.owner is None:
+        if self.addr != NULL and self.owner is None and not self.handed_on:
             kvmsys_region_remove(self.region)
             munmap(self.addr, self.size)
             self.addr = NULL
+
+
+def _fork_records(size_t address):
+    """How many records of kvmsys's mappings cover host *address* (each is replaced by
+    zeros in a fork child): 1 while a mapping lives there, 0 after (for tests)."""
+    return kvmsys_region_records(<void *>address)

@@ -7,8 +7,10 @@ import psutil
 import pytest
 
 import kvmsys
-from kvmsys import syscall, KickExit, IoExit
+from kvmsys import _core, syscall, KickExit, IoExit, StaleVcpuError
 from kvmsys.guests import get, layout as L
+
+from conftest import forked
 
 CYCLES = 1000
 SLOT = 1 << 20      # untouched (MAP_NORESERVE): costs address space only, so a leak shows in vms
@@ -21,7 +23,10 @@ def snapshot():
     return p.num_fds(), len(p.memory_maps(grouped=False)), p.memory_info().vms
 
 
-def assert_no_growth(before, after, cycles, map_slack=0, check_vms=True):
+def assert_no_growth(before, after, cycles, map_slack=2, check_vms=True):
+    # map_slack: CPython's object allocator maps arenas (1 MiB, anonymous) as its heap
+    # grows and keeps some: seen here as one more such mapping, which no kvmsys region
+    # covers, after 1000 cycles in 1 run of 4 (a leak per cycle would show hundreds)
     fds0, maps0, vms0 = before
     fds1, maps1, vms1 = after
     assert fds1 == fds0, f"{fds1 - fds0} fds leaked over {cycles} cycles"
@@ -232,3 +237,94 @@ def test_closed_vm_releases_memory_without_views():
         vm.close()
         gc.collect()
         assert not is_mapped(addr)
+
+
+# --- a comm area handed to the vCPU's next owner ------------------------------------------------
+
+def _hand_on(machine):
+    """The machine's vCPU handed to a new owner: renew() (fd ABI), remove_vcpu() and
+    add_vcpu() (syscall ABI, which recycles it)."""
+    old = machine.vcpu
+    if machine.abi == "fd":
+        new = old.renew()
+        machine._run = new.run
+    else:
+        kvmsys.remove_vcpu()
+        kvmsys.add_vcpu()
+        new = kvmsys.current()
+        assert new.id == old.id and new is not old
+    machine.vcpu = new
+    return new
+
+
+def _comm_address(vcpu):
+    view = vcpu.comm_area
+    try:
+        return host_address(view)
+    finally:
+        view.release()
+
+
+def test_a_comm_area_nobody_sees_goes_to_the_next_owner_as_it_is(machine):
+    # No view of it left: the next owner takes the mapping itself (no system call), the
+    # old objects refuse as before, dropping them unmaps nothing, and the mapping is
+    # unmapped once, by its last owner.
+    v = machine.vcpu
+    machine.load("pio_out_loop.pm32", n=3)
+    ex = machine.run(timeout=5)
+    assert isinstance(ex, IoExit) and ex.value == 1
+    addr = _comm_address(v)
+    new = _hand_on(machine)
+    assert _comm_address(new) == addr
+    assert _core._fork_records(addr) == 1      # hidden from fork children, once
+    with pytest.raises(StaleVcpuError):
+        v.comm_area
+    with pytest.raises(StaleVcpuError):
+        ex.value
+    del v, ex
+    gc.collect()
+    assert is_mapped(addr) and _core._fork_records(addr) == 1
+    comm = new.comm_area
+    machine.load("pio_out_loop.pm32", n=3)
+    ex = machine.run(timeout=5)
+    assert isinstance(ex, IoExit) and ex.value == 1 and comm[8] == 2    # exit_reason KVM_EXIT_IO
+    del comm, ex
+    machine.close()
+    gc.collect()
+    assert not is_mapped(addr) and _core._fork_records(addr) == 0
+
+
+@pytest.mark.parametrize("held", ["comm area", "exit data"])
+def test_a_comm_area_somebody_sees_is_cut_off_from_the_next_owner(machine, held):
+    # A slice of a comm-area view, or an exit's data (a slice too), keeps the mapping from
+    # the next owner: that one gets a new mapping, and the slice reads private zeros.
+    v = machine.vcpu
+    machine.load("pio_out_loop.pm32", n=3)
+    ex = machine.run(timeout=5)
+    assert isinstance(ex, IoExit)
+    addr = _comm_address(v)
+    seen = v.comm_area[:64] if held == "comm area" else ex.data
+    assert seen[8 if held == "comm area" else 0] != 0
+    new = _hand_on(machine)
+    assert _comm_address(new) != addr
+    assert bytes(seen) == bytes(len(seen))
+    seen[0] = 0x5A                      # reaches nothing of the new owner's
+    assert new.comm_area[0] == 0
+    machine.load("pio_out_loop.pm32", n=3)
+    ex = machine.run(timeout=5)
+    assert isinstance(ex, IoExit) and ex.value == 1
+    assert bytes(seen[1:]) == bytes(len(seen) - 1)
+
+
+def test_a_fork_child_after_a_hand_on_never_sees_the_comm_area(machine):
+    # The region's record (what a fork child detaches) goes with the mapping.
+    new = _hand_on(machine)
+    machine.load("pio_out_loop.pm32", n=3)
+    assert isinstance(machine.run(timeout=5), IoExit)
+    addr = _comm_address(new)
+    assert ctypes.string_at(addr + 8, 1) == b"\x02"
+
+    def child():
+        return {"comm": ctypes.string_at(addr, 64).hex()}
+
+    assert forked(child) == {"comm": "00" * 64}

@@ -122,6 +122,7 @@ cdef extern from "kvmsys_native.h" nogil:
         pass
     kvmsys_region_t *kvmsys_region_add(void *addr, size_t size)
     void kvmsys_region_remove(kvmsys_region_t *r)
+    int kvmsys_region_records(void *addr)
     int kvmsys_detach_region(void *addr, size_t size)
     unsigned long kvmsys_fork_generation
     void kvmsys_atfork_install()
