@@ -2,7 +2,7 @@
 # see the native API.
 import sys
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable, KeysView, Mapping as _Mapping, NamedTuple
+from typing import Any, Callable, Iterable, KeysView, Mapping as _Mapping, NamedTuple, final
 
 from typing_extensions import Self, disjoint_base
 
@@ -451,7 +451,7 @@ class KickExit(Exit): ...
 class DeadlineExit(Exit): ...
 class BudgetExit(Exit): ...
 
-@disjoint_base
+@final
 class VcpuHandle:
     """Made by handle_of() / vcpu.handle() only: constructing one raises ArgumentTypeError."""
     generation: int

@@ -7,6 +7,7 @@ the Python package; this module checks every size, offset and id it is given.
 """
 # Declarations of each concept live in their own .pxd, implementations in the
 # matching .pyx; this module includes them all (one extension, like uvloop).
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from includes.kvm cimport *
 from includes.posix cimport *

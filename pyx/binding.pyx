@@ -210,6 +210,7 @@ def run(budget=None, timeout=None):
     return (<VcpuCore>p).run_once(as_budget(budget), as_timeout(timeout))
 
 
+@cython.final           # its methods are called directly, not through a table: see _kick
 cdef class VcpuHandle:
     """Names a vCPU by (VM, id, generation), never by thread: safe to hold in any thread.
 
@@ -260,11 +261,13 @@ cdef class VcpuHandle:
             raise StaleVcpuError(f"vCPU {self.vcpu.id} (generation {self.generation}) was removed")
         return 0
 
-    cdef int _kick(self, int bits) except -1:
-        # _alive() (inline), the generation again under the vCPU's lock (kick_vcpu), and
-        # _check() only to raise: a kicker runs cold after its sleep, and the call into
-        # _check cost it more than all the work (~0.5 us on our host).  Never a parent's
-        # vCPU in a fork child (is_closed).
+    cdef inline int _kick(self, int bits) except -1:
+        # _alive(), the generation again under the vCPU's lock (kick_vcpu), and _check()
+        # only to raise.  A kicker runs cold after its sleep: every function it enters and
+        # every cache line it touches costs more than its work (a call through the type's
+        # method table 0.5-0.7 us on our AMD PVM host), so this, _alive() and kick_vcpu()
+        # are inlined into kick() (the class is final).  Never a parent's vCPU in a fork
+        # child (is_closed).
         # With the GIL held: kick_vcpu waits for v.lock at most, which no holder keeps
         # across a wait for the GIL; releasing and taking the GIL back would put more
         # work between the kick and the caller's next blocking call (on a shared core

@@ -70,10 +70,14 @@ cdef class Exit:
         return e
 
     cdef inline void stamp(self, VcpuCore vcpu, int reason):
-        # this vCPU's exit of its current run (a reused exit is stamped again)
-        self.vcpu = vcpu
+        # this vCPU's exit of its current run (a reused exit is stamped again: the same
+        # vCPU and mapping, whose reference counts it leaves alone, so a run that
+        # returns after a long KVM_RUN, with cold caches, misses no line for them)
+        if self.vcpu is not vcpu:
+            self.vcpu = vcpu
         self.reason = reason
-        self.page = vcpu.page
+        if self.page is not vcpu.page:
+            self.page = vcpu.page
         self._run = vcpu.v.run
         self.seq = vcpu.v.run_seq
 

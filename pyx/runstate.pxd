@@ -89,6 +89,9 @@ cdef struct vcpustate_t:
     int bound                    # owned by one thread (syscall ABI)
     pthread_t thread
     uint64_t generation
+    # when the last kick signal was sent, by the kicker's clock (the kick suite's
+    # breakdown): beside what a kicker reads anyway, so it costs no cache line more
+    uint64_t kick_sent_ns
     uint64_t run_seq             # bumped before every KVM_RUN: exits of earlier runs are stale
     int64_t budget_left          # < 0: unlimited
     uint64_t deadline_ns         # 0: none
@@ -111,10 +114,7 @@ cdef struct vcpustate_t:
     unsigned sigint_snap         # main thread: kvmsys_sigint_count() at run_once's last look
     int sample_signals           # run_loop looks at the thread's signal mask on entry
     uint64_t t_left              # the last KVM_RUN return run_loop saw, or run()'s start
-    # where a kick's time goes (the kick suite's breakdown): the kicker's clock just
-    # before its signal, the loop's when KVM_RUN last returned EINTR
-    uint64_t kick_sent_ns
-    uint64_t intr_ns
+    uint64_t intr_ns             # the loop's clock when KVM_RUN last returned EINTR (kick suite)
     uint64_t t_sampled           # when run_once last asked for sample_signals
     # interrupts without an in-kernel irqchip (under lock): a FIFO of vectors and a count
     # of NMIs, injected by the owner's loop only when the guest can take them

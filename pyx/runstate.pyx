@@ -625,7 +625,7 @@ cdef inline void kick_locked(vcpustate_t *v, int bits) noexcept nogil:
 
 # Force the vCPU out of KVM_RUN, or make its next KVM_RUN return at once.
 # Returns 0, or ESRCH if the generation no longer matches (a stale handle).
-cdef int kick_vcpu(vcpustate_t *v, uint64_t generation, int bits) noexcept nogil:
+cdef inline int kick_vcpu(vcpustate_t *v, uint64_t generation, int bits) noexcept nogil:
     cdef int rc
     pthread_mutex_lock(&v.lock)
     rc = vcpu_alive_locked(v, generation)
