@@ -328,3 +328,32 @@ def test_a_fork_child_after_a_hand_on_never_sees_the_comm_area(machine):
         return {"comm": ctypes.string_at(addr, 64).hex()}
 
     assert forked(child) == {"comm": "00" * 64}
+
+
+def test_a_handed_on_comm_area_meets_the_other_ways_a_mapping_changes(machine):
+    # After a hand-over with no view left: the move onto a new kernel vCPU maps over it in
+    # place (its record stays one), a view taken then keeps the next hand-over from
+    # reusing it (a new mapping, the view reads zeros), and each old object refuses.
+    new = _hand_on(machine)
+    addr = _comm_address(new)
+    new.replace_kernel_vcpu(max(new.vm.vcpu_ids) + 1)
+    assert _comm_address(new) == addr and _core._fork_records(addr) == 1
+    machine.load("pio_out_loop.pm32", n=3)
+    ex = machine.run(timeout=5)
+    assert isinstance(ex, IoExit) and ex.value == 1
+    seen = new.comm_area[:16]
+    assert seen[8] == 2
+    newer = _hand_on(machine)
+    newer_addr = _comm_address(newer)
+    assert newer_addr != addr
+    assert bytes(seen) == bytes(16)
+    for stale in (new, ex):
+        with pytest.raises(StaleVcpuError):
+            stale.comm_area if stale is new else stale.value
+    machine.load("pio_out_loop.pm32", n=3)
+    assert machine.run(timeout=5).value == 1
+    last = _hand_on(machine)        # no view of newer's mapping: handed on again
+    assert _comm_address(last) == newer_addr
+    del seen, ex, stale
+    gc.collect()
+    assert not is_mapped(addr) and _core._fork_records(addr) == 0
