@@ -187,36 +187,11 @@ cdef class VcpuCore:
         # hands an unseen one on), no mmap.  On failure the object is closed.
         cdef VmCore vm = self.vm
         cdef void *addr
-        cdef int err
         if page is not None:
-            self.page = page
+            self.page = page        # handed on as it is: mapped and registered already
             addr = page.addr
         else:
-            addr = mmap(at, vm.mmap_size, PROT_READ | PROT_WRITE,
-                        MAP_SHARED | (MAP_FIXED if at != NULL else 0), fd, 0)
-        if addr == MAP_FAILED:
-            err = errno
-            if fd != self.v.fd:
-                close(fd)
-            if at != NULL:
-                # the old vCPU's page is gone from this address: this object is done for
-                kvmsys_detach_region(at, vm.mmap_size)
-                self.close_claimed()
-            raise_os(err, "mmap(kvm_run)")
-        if at != NULL:
-            if madvise(addr, vm.mmap_size, MADV_DONTFORK) != 0:     # the region is registered
-                err = errno
-                close(fd)
-                kvmsys_detach_region(at, vm.mmap_size)
-                self.close_claimed()
-                raise_os(err, "madvise(kvm_run, MADV_DONTFORK)")
-        elif page is None:
-            try:
-                self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {self.id} comm area")
-            except BaseException:
-                if fd != self.v.fd:
-                    close(fd)
-                raise
+            addr = self.map_comm_area(fd, at)
         # the kernel vCPU, its comm area and the run loop's per-vCPU state, under the
         # lock (kicks read fd and run)
         pthread_mutex_lock(&self.v.lock)
@@ -239,6 +214,38 @@ cdef class VcpuCore:
         vm.vcpu_ids.add(self.id)
         vm.vcpus.add(self)
         return 0
+
+    cdef void *map_comm_area(self, int fd, void *at) except NULL:
+        # set_up_kernel_vcpu()'s mapping of fd's comm area (see there for *at*); on
+        # failure fd is closed unless it is this object's, and with *at* the object too
+        cdef VmCore vm = self.vm
+        cdef int err
+        cdef void *addr = mmap(at, vm.mmap_size, PROT_READ | PROT_WRITE,
+                               MAP_SHARED | (MAP_FIXED if at != NULL else 0), fd, 0)
+        if addr == MAP_FAILED:
+            err = errno
+            if fd != self.v.fd:
+                close(fd)
+            if at != NULL:
+                # the old vCPU's page is gone from this address: this object is done for
+                kvmsys_detach_region(at, vm.mmap_size)
+                self.close_claimed()
+            raise_os(err, "mmap(kvm_run)")
+        if at != NULL:
+            if madvise(addr, vm.mmap_size, MADV_DONTFORK) != 0:     # the region is registered
+                err = errno
+                close(fd)
+                kvmsys_detach_region(at, vm.mmap_size)
+                self.close_claimed()
+                raise_os(err, "madvise(kvm_run, MADV_DONTFORK)")
+        else:
+            try:
+                self.page = Mapping.wrap(addr, vm.mmap_size, f"vCPU {self.id} comm area")
+            except BaseException:
+                if fd != self.v.fd:
+                    close(fd)
+                raise
+        return addr
 
     cdef int map_dirty_ring(self) except -1:
         cdef long page = sysconf(_SC_PAGESIZE)
