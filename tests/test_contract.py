@@ -400,23 +400,12 @@ def test_remove_vcpu_from_a_call_soon_callback_is_refused(fresh_process_vm):
     assert kvmsys.current() is not None and h.alive
 
 
-def test_close_from_another_thread_while_running_is_refused(machine):
-    machine.devices().load("pio_out_loop.pm32", n=0)
-    h = machine.vcpu.handle()
-    refused = []
-
-    def other():                            # while the owner (this test's thread) runs it
-        wait_until(lambda: machine.vcpu.active, what="the owner's run()")
+def run_while(machine, h, act):
+    """The owner (this thread) runs the machine's vCPU while another thread does act() and
+    then kicks it through handle *h*, even if act() failed: run() ends with that KickExit."""
+    def other():
         try:
-            ops = [machine.vcpu.close, machine.vm.close]
-            if machine.abi == "sys":
-                ops.append(kvmsys.destroy_vm)
-            for op in ops:
-                try:
-                    op()
-                except StateError as e:
-                    refused.append("running" in str(e))
-            refused.append(not machine.vcpu.closed and not machine.vm.closed)
+            act()
         finally:
             h.kick()
     t = threading.Thread(target=other)
@@ -424,6 +413,25 @@ def test_close_from_another_thread_while_running_is_refused(machine):
     ex = machine.run(timeout=20)
     t.join(10)
     assert isinstance(ex, KickExit), ex
+
+
+def test_close_from_another_thread_while_running_is_refused(machine):
+    machine.devices().load("pio_out_loop.pm32", n=0)
+    h = machine.vcpu.handle()
+    refused = []
+
+    def other():                            # while the owner (this test's thread) runs it
+        wait_until(lambda: machine.vcpu.active, what="the owner's run()")
+        ops = [machine.vcpu.close, machine.vm.close]
+        if machine.abi == "sys":
+            ops.append(kvmsys.destroy_vm)
+        for op in ops:
+            try:
+                op()
+            except StateError as e:
+                refused.append("running" in str(e))
+        refused.append(not machine.vcpu.closed and not machine.vm.closed)
+    run_while(machine, h, other)
     assert refused == [True] * (4 if machine.abi == "sys" else 3)
 
 
@@ -690,16 +698,9 @@ def test_a_fork_child_cannot_kick_the_parents_running_vcpu(machine):
         return out
 
     def forker():
-        try:
-            wait_until(lambda: machine.vcpu.running, what="the owner's KVM_RUN")
-            got.update(fork_result(*fork_child(child)))
-            got["running after"] = machine.vcpu.running
-        finally:
-            h.kick()
-    t = threading.Thread(target=forker)
-    t.start()
-    ex = machine.run(timeout=20)
-    t.join(10)
-    assert isinstance(ex, KickExit), ex
+        wait_until(lambda: machine.vcpu.running, what="the owner's KVM_RUN")
+        got.update(fork_result(*fork_child(child)))
+        got["running after"] = machine.vcpu.running
+    run_while(machine, h, forker)
     assert got == {"alive": False, "kick": "stale", "interrupt": "stale", "call_soon": "stale",
                    "running after": True}
