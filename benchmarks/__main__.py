@@ -15,7 +15,7 @@ import sys
 import time
 
 SUITES = ["exits", "abi", "console", "dispatch", "threads", "lifecycle", "kick", "scaling", "memory"]
-OPTIONAL_SUITES = ["boot"]      # minutes long: only with --suite
+OPTIONAL_SUITES = ["boot", "windows"]      # only with --suite: minutes long (boot), root (windows)
 EXIT_MODES = ("real", "pm32", "long64")
 
 
@@ -43,7 +43,8 @@ def _parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     p.add_argument("--suite", action="append", choices=SUITES + OPTIONAL_SUITES, metavar="NAME",
                    help=f"run only this suite (repeatable): {', '.join(SUITES)}; "
-                        f"only when named: {', '.join(OPTIONAL_SUITES)} (real firmware vs QEMU, minutes)")
+                        f"only when named: {', '.join(OPTIONAL_SUITES)} (boot: real firmware vs QEMU, minutes; "
+                        "windows: every loop's user window by the kernel's clock, root)")
     p.add_argument("--json", metavar="FILE", help="also write raw samples and the machine record as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="also draw a plot (needs matplotlib: kvmsys[plot])")
     p.add_argument("--mode", choices=EXIT_MODES, default="pm32",

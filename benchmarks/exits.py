@@ -132,109 +132,122 @@ def _kvm_counters(vcpu) -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, int) and not k.endswith("_ns")}
 
 
-def _measure_group(kind: str, mode: str, abi: str, profile, kvm) -> dict:
-    """All loops on one vCPU of one VM (*abi*'s), interleaved."""
-    base, label, _space = EXIT_KINDS[kind]
-    name = guest_name(base, mode)
-    g = ref = nv = None
-    try:
-        g = one_vcpu(abi, name, kvm=kvm if abi == "fd" else None, n=0)
-        vm, vcpu, run = g.vm, g.vcpu, g.run
-        _set_handling(vm, kind, "c")
-        n, probe_ns, counted = calibrate(run, profile.min_exits, profile.max_exits, profile.sample_ms)
-        kick_sig = _core.kick_signal()
-        uses_mask = vcpu.signal_mask == "kvm"       # what kvmsys set on this vCPU in its first run()
-        ref = _reference.RefVcpu(vcpu.fileno(), vm.mmap_size)
-        nv = naive.NaiveVcpu(vcpu, vm.mmap_size)
-        ref.signal_mask(-1)
-        _validate_naive(nv, name)
-        counted += 1
+class Group:
+    """One exit kind on one vCPU of one VM (*abi*'s), with every loop of LOOPS ready to run
+    on it in turn, n exits a sample (calibrated at set-up).  Used by this suite (clocks) and
+    by `--trace` (the kernel's clock).  A context manager: closes the VM."""
+
+    def __init__(self, kind: str, mode: str, abi: str, profile, kvm):
+        base, self.label, _space = EXIT_KINDS[kind]
+        self.kind, self.name = kind, guest_name(base, mode)
+        self.g = self.ref = self.nv = None
+        try:
+            self.g = g = one_vcpu(abi, self.name, kvm=kvm if abi == "fd" else None, n=0)
+            self.vm, self.vcpu, self.run = g.vm, g.vcpu, g.run
+            _set_handling(self.vm, kind, "c")
+            self.n, self.probe_ns, self.counted = calibrate(self.run, profile.min_exits, profile.max_exits,
+                                                            profile.sample_ms)
+            self.kick_sig = _core.kick_signal()
+            self.uses_mask = self.vcpu.signal_mask == "kvm"   # what kvmsys set in its first run()
+            self.ref = _reference.RefVcpu(self.vcpu.fileno(), self.vm.mmap_size)
+            self.nv = naive.NaiveVcpu(self.vcpu, self.vm.mmap_size)
+            self.ref.signal_mask(-1)
+            _validate_naive(self.nv, self.name)
+            self.counted += 1
+            self._restore_mask()
+            self.before = _kvm_counters(self.vcpu)
+        except BaseException:
+            self.close()
+            raise
+
+    def _restore_mask(self) -> None:
         # kvmsys's own mask back (the reference computes the same one: the thread's mask
         # less the kick signal), or none while kvmsys sets none
-        restore = (lambda: ref.signal_mask(kick_sig)) if uses_mask else (lambda: ref.signal_mask(-1))
-        restore()
-        before = _kvm_counters(vcpu)
+        self.ref.signal_mask(self.kick_sig if self.uses_mask else -1)
 
-        core_stats = _core.VcpuCore.stats
+    def _ref_loop(self):
+        done, _ns, inside, stop = self.ref.run_exits(self.n)
+        if done != self.n:
+            raise RuntimeError(f"reference_run stopped after {done} of {self.n} exits (exit reason {stop})")
+        return inside
 
-        def sample(key, fn, mask=None, own_clock=False, own_returned=False):
-            """One sample of n exits: {key: wall, key/cpu: thread CPU, key/ioctl: KVM_RUN} per exit;
-            for kvmsys's loops also key/own: KVM_RUN as its run loop clocks it (read untimed);
-            own_returned: the KVM_RUN time fn returns is the loop's own clock (key/own)."""
+    def _naive_loop(self):
+        self.nv.run(self.n)
+
+    def _floor_loop(self):
+        done, _ns, inside = self.ref.run_callbacks(self.n, naive_read, naive_write, naive_hlt)
+        return inside
+
+    def sample(self, key: str, timed):
+        """One sample of loop *key*: *timed*(body) runs body() (the n exits) inside its clocks
+        and returns (its measures, body's result).  Set-up and read-out are outside it.
+        Returns (measures, KVM_RUN ns by the loop's own clock, or None: the naive loop)."""
+        if key in KVMSYS_LOOPS:
+            _set_handling(self.vm, self.kind, key)        # switched between samples
+            k0 = _core.VcpuCore.stats(self.vcpu)["ns_in_run"]
+            out, _ = timed(lambda: _budget_run(self.run, self.n))
+            own = _core.VcpuCore.stats(self.vcpu)["ns_in_run"] - k0
+        else:
+            body = {"ref": self._ref_loop, "ref_mask": self._ref_loop, "naive": self._naive_loop,
+                    "pyf": self._floor_loop}[key]
+            self.ref.signal_mask(self.kick_sig if key == "ref_mask" else -1)
+            try:
+                out, own = timed(body)
+            finally:
+                self._restore_mask()
+        self.counted += self.n
+        return out, own
+
+    def kvm_per_exit(self) -> dict:
+        after = _kvm_counters(self.vcpu)
+        return {c: (after[c] - self.before[c]) / self.counted for c in after
+                if c in self.before and after[c] != self.before[c]} if self.before else {}
+
+    def close(self) -> None:
+        for obj in (self.nv, self.ref, self.g):
+            if obj is not None:
+                obj.close()
+        self.nv = self.ref = self.g = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _clocked(body):
+    """Wall time and thread CPU time around body()."""
+    c0 = time.thread_time_ns()
+    t0 = time.perf_counter_ns()
+    inside = body()
+    wall = time.perf_counter_ns() - t0
+    return (wall, time.thread_time_ns() - c0), inside
+
+
+def _measure_group(kind: str, mode: str, abi: str, profile, kvm) -> dict:
+    """All loops on one vCPU of one VM (*abi*'s), interleaved."""
+    with Group(kind, mode, abi, profile, kvm) as grp:
+        n = grp.n
+
+        def sample(key):
+            """{key: wall, key/cpu: thread CPU, key/ioctl (the C reference's) or key/own
+            (kvmsys's loops and the Python floor: their loop's own clock)} per exit."""
             def go():
-                nonlocal counted
-                if mask is not None:
-                    ref.signal_mask(mask)
-                k0 = core_stats(vcpu)["ns_in_run"] if own_clock else 0
-                c0 = time.thread_time_ns()
-                t0 = time.perf_counter_ns()
-                inside = fn()
-                wall = time.perf_counter_ns() - t0
-                cpu = time.thread_time_ns() - c0
-                if own_clock:
-                    out_own = (core_stats(vcpu)["ns_in_run"] - k0) / n
-                if mask is not None:
-                    restore()
-                counted += n
+                (wall, cpu), own = grp.sample(key, _clocked)
                 out = {key: wall / n, f"{key}/cpu": cpu / n}
-                if inside is not None:
-                    out[f"{key}/own" if own_returned else f"{key}/ioctl"] = inside / n
-                if own_clock:
-                    out[f"{key}/own"] = out_own
+                if own is not None:
+                    out[f"{key}/ioctl" if key.startswith("ref") else f"{key}/own"] = own / n
                 return out
             return go
 
-        def ref_loop():
-            done, _ns, inside, stop = ref.run_exits(n)
-            if done != n:
-                raise RuntimeError(f"reference_run stopped after {done} of {n} exits (exit reason {stop})")
-            return inside
-
-        def naive_loop():
-            nv.run(n)
-
-        def floor_loop():
-            done, _ns, inside = ref.run_callbacks(n, naive_read, naive_write, naive_hlt)
-            return inside
-
-        def kvmsys_loop(how):
-            def go():
-                _budget_run(run, n)
-            return go
-
-        def switched(how, fn):
-            # handling is switched between samples, untimed
-            def go():
-                _set_handling(vm, kind, how)
-                return fn()
-            return go
-
-        variants = {
-            "ref": sample("ref", ref_loop, mask=-1),
-            "ref_mask": sample("ref_mask", ref_loop, mask=kick_sig),
-            "naive": sample("naive", naive_loop, mask=-1),
-            "pyf": sample("pyf", floor_loop, mask=-1, own_returned=True),
-        }
-        for how in KVMSYS_LOOPS:
-            inner = sample(how, kvmsys_loop(how), own_clock=True)
-            variants[how] = switched(how, inner)
-        progress(f"{NAME}: {label} ({name}, {abi} ABI): {n} exits per sample, "
+        variants = {key: sample(key) for key in ("ref", "ref_mask", "naive", "pyf", *KVMSYS_LOOPS)}
+        progress(f"{NAME}: {grp.label} ({grp.name}, {abi} ABI): {n} exits per sample, "
                  f"{len(variants)} loops on one vCPU × {profile.reps} reps")
         samples = interleave(variants, profile.reps, profile.warmup)
-        after = _kvm_counters(vcpu)
-        exits = counted
-        kvm_per_exit = {c: (after[c] - before[c]) / exits for c in after
-                        if c in before and after[c] != before[c]} if before else {}
-        return dict(name=name, n=n, probe_ns=probe_ns, samples=samples, counter=g.counter(),
-                    counted=counted, native=g.native, uses_mask=uses_mask, kvm_per_exit=kvm_per_exit,
-                    signal_mask=vcpu.signal_mask)
-    finally:
-        if nv is not None:
-            nv.close()
-        if ref is not None:
-            ref.close()
-        if g is not None:
-            g.close()
+        return dict(name=grp.name, n=n, probe_ns=grp.probe_ns, samples=samples, counter=grp.g.counter(),
+                    counted=grp.counted, native=grp.g.native, uses_mask=grp.uses_mask,
+                    kvm_per_exit=grp.kvm_per_exit(), signal_mask=grp.vcpu.signal_mask)
 
 
 def _validate_naive(nv, name: str) -> None:

@@ -62,9 +62,11 @@ def unavailable() -> str | None:
 
 
 class _Instance:
-    """A tracefs instance of our own: its own buffer, this thread's events only."""
+    """A tracefs instance of our own: its own buffer, this thread's events only (*events*,
+    each with *filter_* if given), in trace clock *clock* (None: the default)."""
 
-    def __init__(self):
+    def __init__(self, events=EVENTS, clock: str | None = None, filter_: str | None = None):
+        self.events, self.clock, self.filter = events, clock, filter_
         self.path = f"{TRACEFS}/instances/kvmsys-bench-{os.getpid()}"
         os.mkdir(self.path)
 
@@ -73,10 +75,18 @@ class _Instance:
             f.write(value)
 
     def __enter__(self):
-        self.write("buffer_size_kb", "8192")
-        self.write("set_event_pid", str(threading.get_native_id()))
-        for e in EVENTS:
-            self.write(f"events/{e}/enable", "1")
+        try:
+            self.write("buffer_size_kb", "8192")
+            self.write("set_event_pid", str(threading.get_native_id()))
+            if self.clock:
+                self.write("trace_clock", self.clock)
+            for e in self.events:
+                if self.filter:
+                    self.write(f"events/{e}/filter", self.filter)
+                self.write(f"events/{e}/enable", "1")
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def read(self) -> str:
@@ -86,7 +96,7 @@ class _Instance:
     def __exit__(self, *exc):
         try:
             self.write("tracing_on", "0")
-            for e in EVENTS:
+            for e in self.events:
                 self.write(f"events/{e}/enable", "0")
         finally:
             os.rmdir(self.path)

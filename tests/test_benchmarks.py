@@ -521,6 +521,76 @@ def test_trace_breaks_down_round_trips():
     assert {rid.split("/")[1] for rid in res.rows} == {"fd", "sys"}
 
 
+# --- suite windows (tracepoints, x86-tsc) ----------------------------------------------
+def _tsc_trace(run_arg, lines):
+    return "\n".join(["# tracer: nop"] + [f" python-7 [001] ..... {t}: {what}" for t, what in lines])
+
+
+@pytest.mark.nokvm
+def test_windows_from_a_trace():
+    from kvmsys_bench import windows
+    run = windows._KVM_RUN_ARG
+    text = _tsc_trace(run, [
+        (1000, "tracing_mark_write: kvmsys-begin"),
+        (1100, f"sys_enter: NR 16 ({5}, {run}, 0, 0, 0, 0)"),
+        (9100, "sys_exit: NR 16 = 0"),
+        (9400, f"sys_enter: NR 16 (5, {run}, 0, 0, 0, 0)"),       # window 300
+        (19400, "sys_exit: NR 16 = 0"),
+        (19500, "sys_enter: NR 16 (5, 5401, 0, 0, 0, 0)"),        # another ioctl: no window
+        (19600, "sys_exit: NR 16 = -25"),
+        (19700, f"sys_enter: NR 16 (5, {run}, 0, 0, 0, 0)"),
+        (29700, "sys_exit: NR 16 = 0"),
+        (29950, f"sys_enter: NR 16 (5, {run}, 0, 0, 0, 0)"),      # window 250
+        (39950, "sys_exit: NR 16 = 0"),
+        (40000, "tracing_mark_write: kvmsys-end"),
+    ])
+    assert windows.windows(text) == ([300, 250], 39000)
+    assert windows.windows(text.replace("kvmsys-end", "other"))[1] is None
+
+
+@pytest.mark.nokvm
+def test_windows_refuses_a_trace_that_lost_events():
+    """A sample whose trace holds fewer windows than its exits (a full buffer) fails
+    loudly instead of averaging what is left."""
+    from kvmsys_bench import windows
+    run = windows._KVM_RUN_ARG
+
+    class Inst:
+        def write(self, rel, value):
+            pass
+
+        def read(self):
+            return _tsc_trace(run, [(0, "tracing_mark_write: kvmsys-begin"),
+                                    (10, f"sys_enter: NR 16 (5, {run}, 0)"), (20, "sys_exit: NR 16 = 0"),
+                                    (30, f"sys_enter: NR 16 (5, {run}, 0)"), (40, "sys_exit: NR 16 = 0"),
+                                    (50, "tracing_mark_write: kvmsys-end")])
+    with pytest.raises(RuntimeError, match="events were lost"):
+        windows._Tracer(Inst(), 10)(lambda: None)
+    assert windows._Tracer(Inst(), 2)(lambda: 7)[1] == 7
+
+
+def test_windows_suite_tiny():
+    """`--suite windows` (root, not in the default run): every loop's traced window on
+    one vCPU, the naive loop's included, and the proof that a known delay shows."""
+    from kvmsys_bench import trace, windows
+    if trace.unavailable():
+        pytest.skip(f"host: {trace.unavailable()}")
+    assert "windows" in bench.OPTIONAL_SUITES and "windows" not in bench.SUITES
+    res = windows.run(TINY.with_(mode="pm32", mode_only=True), kinds=["pio_out"])
+    assert not res.skipped
+    for abi in ("fd", "sys"):
+        for key in EXIT_LOOPS:
+            st = res.rows[f"pm32/pio_out/{abi}/{key}"]["stats"]
+            assert st["traced"].median > 0
+            assert ("own" in st) == (key != "naive")
+        assert res.rows[f"pm32/pio_out/{abi}/pyo"]["stats"]["vs_naive"].samples
+    assert [c["name"] for c in res.checks] == ["pm32/pio_out/fd sees", "pm32/pio_out/sys sees"]
+    for abi in ("fd", "sys"):       # a 1 µs busy-wait per callback shows (0.95-1.35 µs seen here)
+        assert 500 <= res.rows[f"pm32/pio_out/{abi}/pyo"]["extra"]["proof_ns"] <= 2000
+    doc = json.loads(json.dumps(res.to_json()))
+    assert doc["rows"] and "## windows:" in report.markdown_suite(res)
+
+
 # --- packaging and layering -----------------------------------------------------------
 @pytest.mark.nokvm
 def test_library_does_not_import_the_benchmark_layer():
