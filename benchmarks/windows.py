@@ -105,6 +105,9 @@ class _Tracer:
 def _measure(kind: str, mode: str, abi: str, profile, kvm, inst) -> dict:
     with Group(kind, mode, abi, profile, kvm) as grp:
         n = grp.n
+        # room for a sample's events (two of ~100 bytes per exit) with a margin: a ring that
+        # wrapped would have lost its first ones (the sample then fails, never averages less)
+        inst.write("buffer_size_kb", str(max(8192, n * 2 * 256 // 1024)))
         tracer = _Tracer(inst, n)
 
         def sample(key):
@@ -122,11 +125,12 @@ def _measure(kind: str, mode: str, abi: str, profile, kvm, inst) -> dict:
             moved = []
             for _ in range(3):
                 (plain, _wall), _own = grp.sample("pyo", tracer)
-                _core._bench_delay(1, INJECT_NS / 1e9)
+                before = _core._bench_delay(1, 0)      # an --inject py= delay stays, plus ours
+                _core._bench_delay(1, before + INJECT_NS / 1e9)
                 try:
                     (delayed, _wall), _own = grp.sample("pyo", tracer)
                 finally:
-                    _core._bench_delay(1, 0)
+                    _core._bench_delay(1, before)
                 moved.append(delayed - plain)
             return statistics.median(moved)
 

@@ -316,8 +316,9 @@ static inline void kvmsys_bench_pause(int at) {
     while (kvmsys_now_ns() < end)
         ;
 }
-static inline void kvmsys_set_bench_delay(int at, uint64_t ns) {
-    __atomic_store_n(&kvmsys_bench_delay[at], ns, __ATOMIC_RELAXED);
+/* returns the delay it replaces */
+static inline uint64_t kvmsys_set_bench_delay(int at, uint64_t ns) {
+    return __atomic_exchange_n(&kvmsys_bench_delay[at], ns, __ATOMIC_RELAXED);
 }
 
 

@@ -97,5 +97,5 @@ def _delay_kick(seconds):
 def _bench_delay(at, seconds):
     """Benchmark hook: busy-wait *seconds* on every exit the C run loop dispatches (at 0),
     before every Python exit handler (at 1) or in every kick of a running vCPU, before
-    its signal (at 2), process-wide; 0 turns it off."""
-    kvmsys_set_bench_delay(as_int(at, "at", 0, 2), <uint64_t>(hook_seconds(seconds, 0.01) * 1e9))
+    its signal (at 2), process-wide; 0 turns it off.  Returns the delay it replaces (s)."""
+    return kvmsys_set_bench_delay(as_int(at, "at", 0, 2), <uint64_t>(hook_seconds(seconds, 0.01) * 1e9)) / 1e9

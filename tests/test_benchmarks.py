@@ -349,13 +349,13 @@ def test_bench_hook_delays_and_refuses_bad_input(machine):
                 (0, "x"), (2**40, 0.0)):
         with pytest.raises(_core.InvalidArgumentError if hasattr(_core, "InvalidArgumentError") else ValueError):
             _core._bench_delay(*bad)
-    _core._bench_delay(0, 0.002)
+    assert _core._bench_delay(0, 0.002) == 0.0                  # it returns the delay it replaces
     try:
         t0 = time.perf_counter()
         assert isinstance(machine.run(budget=20), _core.BudgetExit)
         assert time.perf_counter() - t0 >= 20 * 0.002            # a busy-wait lasts at least that long
     finally:
-        _core._bench_delay(0, 0)
+        assert _core._bench_delay(0, 0) == 0.002
     assert machine.counter() >= 20
 
 

@@ -115,7 +115,7 @@ cdef extern from "kvmsys_native.h" nogil:
     void kvmsys_kick_pause(int at)
     void kvmsys_set_kick_delay(long ns)
     void kvmsys_bench_pause(int at)
-    void kvmsys_set_bench_delay(int at, uint64_t ns)
+    uint64_t kvmsys_set_bench_delay(int at, uint64_t ns)
     void kvmsys_thread_cleanup_register()
     void *kvmsys_bound
     ctypedef struct kvmsys_region_t:
