@@ -569,6 +569,23 @@ def test_windows_refuses_a_trace_that_lost_events():
     assert windows._Tracer(Inst(), 2)(lambda: 7)[1] == 7
 
 
+@pytest.mark.nokvm
+def test_windows_suite_says_why_when_tracing_cannot_be_set_up(monkeypatch):
+    from kvmsys_bench import trace, windows
+
+    class NoClock:
+        def __init__(self, *a, **kw):
+            pass
+
+        def __enter__(self):
+            raise OSError(22, "Invalid argument", "trace_clock")
+    monkeypatch.setattr(trace, "unavailable", lambda: None)
+    monkeypatch.setattr(trace, "_Instance", NoClock)
+    res = windows.run(TINY)
+    assert not res.rows and len(res.skipped) == 1
+    assert "could not be set up" in res.skipped[0] and "trace_clock" in res.skipped[0]
+
+
 def test_windows_suite_tiny():
     """`--suite windows` (root, not in the default run): every loop's traced window on
     one vCPU, the naive loop's included, and the proof that a known delay shows."""
