@@ -134,8 +134,8 @@ def _kvm_counters(vcpu) -> dict:
 
 class Group:
     """One exit kind on one vCPU of one VM (*abi*'s), with every loop of LOOPS ready to run
-    on it in turn, n exits a sample (calibrated at set-up).  Used by this suite (clocks) and
-    by `--trace` (the kernel's clock).  A context manager: closes the VM."""
+    on it in turn, n exits a sample (calibrated at set-up).  Used by this suite (its clocks)
+    and by the windows suite (the kernel's).  A context manager: closes the VM."""
 
     def __init__(self, kind: str, mode: str, abi: str, profile, kvm):
         base, self.label, _space = EXIT_KINDS[kind]
