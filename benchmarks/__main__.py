@@ -66,7 +66,7 @@ def _parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
                         "report the spread over them (default 1)")
     p.add_argument("--readme", metavar="FILE.json", action="append",
                    help="measure nothing: print README's benchmark section generated from a stored run "
-                        "(a second --readme: a stored boot-suite run for the verdict's QEMU figures)")
+                        "(more --readme: stored runs whose boot or windows suite the verdict adds)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--profile", choices=["tiny", "quick", "full"], help=argparse.SUPPRESS)
     # the self-test's knobs: a known delay per exit (C loop) or per Python handler call, in ns
@@ -183,7 +183,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
         print(f"benchmarks: {e}", file=sys.stderr)
         return 2
     if readme:
-        print(report.readme_section(readme[0][0], readme[0][1], readme[1] if len(readme) > 1 else None), end="")
+        print(report.readme_section(*readme[0], *readme[1:]), end="")
         return 0
     if stored is not None:          # the Markdown (and plot) regenerated from the JSON alone
         print(report.markdown(stored))

@@ -140,9 +140,9 @@ def markdown(doc: dict) -> str:
     return "\n".join(out)
 
 
-def readme_section(doc: dict, path: str, boot: tuple | None = None) -> str:
+def readme_section(doc: dict, path: str, *others: tuple) -> str:
     from .verdict import readme_section as section
-    return section(doc, path, boot)
+    return section(doc, path, *others)
 
 
 def merge(docs: list, argv: list) -> dict:
