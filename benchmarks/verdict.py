@@ -73,7 +73,8 @@ def verdict(doc: dict) -> str:
                      f"{_text(f('sys', 'c/vs_naive'))} of its CPU per exit; a Python handler doing the naive "
                      f"loop's work takes {_text(f('sys', 'pyw/vs_naive'))}"
                      + (f", and outside KVM_RUN {_text(f('sys', 'pyw/user_vs_naive'))} of the naive loop's user "
-                        "time" if f('sys', 'pyw/user_vs_naive') else "")
+                        "time (each loop's round trip less the C reference's KVM_RUN window)"
+                        if f('sys', 'pyw/user_vs_naive') else "")
                      + (f"; through read/write callbacks (`AccessOps`, the access decoded by kvmsys) "
                         f"{_text(f('sys', 'pyo/vs_naive'))}, outside KVM_RUN "
                         f"{_text(f('sys', 'pyo/user_vs_naive'))}" if f('sys', 'pyo/user_vs_naive') else "")
