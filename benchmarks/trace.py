@@ -61,12 +61,34 @@ def unavailable() -> str | None:
     return None
 
 
+def _remove_stale() -> None:
+    """Remove the instances of runs that were killed before they could (their syscall
+    tracepoints would slow every system call on the host until then)."""
+    base = f"{TRACEFS}/instances"
+    for name in os.listdir(base):
+        m = re.fullmatch(r"kvmsys-bench-(\d+)", name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue                        # its run is still going (or the pid is reused)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.rmdir(f"{base}/{name}")
+        except OSError:
+            pass                            # another run removed it first
+
+
 class _Instance:
     """A tracefs instance of our own: its own buffer, this thread's events only (*events*,
     each with *filter_* if given), in trace clock *clock* (None: the default)."""
 
     def __init__(self, events=EVENTS, clock: str | None = None, filter_: str | None = None):
         self.events, self.clock, self.filter = events, clock, filter_
+        _remove_stale()
         self.path = f"{TRACEFS}/instances/kvmsys-bench-{os.getpid()}"
         os.mkdir(self.path)
 

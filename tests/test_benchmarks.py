@@ -586,6 +586,32 @@ def test_windows_suite_says_why_when_tracing_cannot_be_set_up(monkeypatch):
     assert "could not be set up" in res.skipped[0] and "trace_clock" in res.skipped[0]
 
 
+def test_trace_instances_of_killed_runs_are_removed():
+    """A run killed before it could remove its tracefs instance leaves its syscall
+    tracepoints on; the next run removes it (and leaves a live run's alone)."""
+    import os
+    import subprocess
+    from kvmsys_bench import trace
+    if trace.unavailable():
+        pytest.skip(f"host: {trace.unavailable()}")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{trace.TRACEFS}/instances/kvmsys-bench-{dead.pid}"
+    live = f"{trace.TRACEFS}/instances/kvmsys-bench-{os.getppid()}"
+    os.mkdir(stale)
+    os.mkdir(live)
+    try:
+        with open(f"{stale}/events/raw_syscalls/sys_enter/enable", "w") as f:
+            f.write("1")
+        with trace._Instance(trace.EVENTS[:2]):
+            assert not os.path.exists(stale)
+            assert os.path.isdir(live)
+    finally:
+        for path in (stale, live):
+            if os.path.isdir(path):
+                os.rmdir(path)
+
+
 def test_windows_suite_tiny():
     """`--suite windows` (root, not in the default run): every loop's traced window on
     one vCPU, the naive loop's included, and the proof that a known delay shows."""
