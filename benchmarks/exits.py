@@ -56,6 +56,8 @@ LOOPS = {
 }
 ABIS = {"fd": "fd ABI (`vcpu.run`)", "sys": "syscall ABI (`kvmsys.run`)"}
 KVMSYS_LOOPS = ("c", "py", "pyw", "pyo")
+# a round's samples, in this order (the exits and windows suites): references and the naive loop first
+SAMPLE_ORDER = ("ref", "ref_mask", "naive", "pyf", *KVMSYS_LOOPS)
 
 
 def naive_work(ex) -> None:
@@ -241,7 +243,7 @@ def _measure_group(kind: str, mode: str, abi: str, profile, kvm) -> dict:
                 return out
             return go
 
-        variants = {key: sample(key) for key in ("ref", "ref_mask", "naive", "pyf", *KVMSYS_LOOPS)}
+        variants = {key: sample(key) for key in SAMPLE_ORDER}
         progress(f"{NAME}: {grp.label} ({grp.name}, {abi} ABI): {n} exits per sample, "
                  f"{len(variants)} loops on one vCPU × {profile.reps} reps")
         samples = interleave(variants, profile.reps, profile.warmup)

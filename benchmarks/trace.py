@@ -46,18 +46,18 @@ _LINE = re.compile(r"^\s*\S+-(\d+)\s+\[\d+\]\s+\S+\s+(\d+)\.(\d+):\s+(\w+):\s*(.
 _KVM_RUN_ARG = f"{_reference.IOCTLS['KVM_RUN']:x}"
 
 
-def unavailable() -> str | None:
-    """Why tracing cannot be used here, or None; mounts tracefs if it must."""
+def unavailable(who: str = "--trace", events=EVENTS) -> str | None:
+    """Why *who* cannot trace *events* here, or None; mounts tracefs if it must."""
     if os.geteuid() != 0:
-        return "--trace needs root (tracefs)"
+        return f"{who} needs root (tracefs)"
     if not os.path.isdir(f"{TRACEFS}/events"):
         r = subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True, text=True)
         if r.returncode != 0 or not os.path.isdir(f"{TRACEFS}/events"):
-            return f"--trace: tracefs is not available at {TRACEFS} ({r.stderr.strip() or 'mount failed'})"
+            return f"{who}: tracefs is not available at {TRACEFS} ({r.stderr.strip() or 'mount failed'})"
         progress(f"{NAME}: mounted tracefs at {TRACEFS}")
-    missing = [e for e in EVENTS if not os.path.isdir(f"{TRACEFS}/events/{e}")]
+    missing = [e for e in events if not os.path.isdir(f"{TRACEFS}/events/{e}")]
     if missing:
-        return f"--trace: tracepoints missing on this kernel: {', '.join(missing)}"
+        return f"{who}: tracepoints missing on this kernel: {', '.join(missing)}"
     return None
 
 

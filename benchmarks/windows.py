@@ -33,8 +33,8 @@ import time
 import kvmsys
 from kvmsys import _core
 
-from . import _reference, trace
-from .exits import ABIS, KVMSYS_LOOPS, LOOPS, Group, modes
+from . import trace
+from .exits import ABIS, LOOPS, SAMPLE_ORDER, Group, modes
 from .guestvm import EXIT_KINDS, mode_label
 from .harness import SuiteResult, Stat, derive, interleave, progress
 
@@ -45,8 +45,6 @@ FILTER = "id == 16"                 # ioctl: the only system call the loops make
 INJECT_NS = 1000                    # the proof's busy-wait before each callback
 _LINE = re.compile(r"^\s*\S+-\d+\s+\[\d+\]\s+\S+\s+(\d+):\s+(sys_enter|sys_exit):\s*NR 16 (.*)$")
 _MARK = re.compile(r"^\s*\S+-\d+\s+\[\d+\]\s+\S+\s+(\d+):\s+tracing_mark_write:\s*kvmsys-(\w+)")
-_KVM_RUN_ARG = f"{_reference.IOCTLS['KVM_RUN']:x}"
-ORDER = ("ref", "ref_mask", "naive", "pyf", *KVMSYS_LOOPS)
 
 
 def windows(text: str) -> tuple:
@@ -64,7 +62,7 @@ def windows(text: str) -> tuple:
             continue
         t, event, args = int(m.group(1)), m.group(2), m.group(3)
         if event == "sys_enter":
-            in_run = args.split(", ")[1:2] == [_KVM_RUN_ARG]
+            in_run = args.split(", ")[1:2] == [trace._KVM_RUN_ARG]
             if in_run and t_ret is not None:
                 out.append(t - t_ret)
             t_ret = None
@@ -134,7 +132,7 @@ def _measure(kind: str, mode: str, abi: str, profile, kvm, inst) -> dict:
                 moved.append(delayed - plain)
             return statistics.median(moved)
 
-        variants = {key: sample(key) for key in ORDER}
+        variants = {key: sample(key) for key in SAMPLE_ORDER}
         progress(f"{NAME}: {grp.label} ({grp.name}, {abi} ABI): {n} exits per sample, "
                  f"{len(variants)} loops traced × {profile.reps} reps")
         samples = interleave(variants, profile.reps, profile.warmup)
@@ -150,9 +148,9 @@ def run(profile, kinds=None) -> SuiteResult:
         ("user", "user window (traced − the C reference's share)"),
         ("vs_naive", "user window vs the naive loop's [95% CI]"),
         ("over_pyf", "user window − the Python floor's [95% CI]")])
-    why = trace.unavailable()
+    why = trace.unavailable(f"suite {NAME}", EVENTS)
     if why:
-        res.skipped.append(why.replace("--trace", f"suite {NAME}"))
+        res.skipped.append(why)
         res.elapsed_s = time.perf_counter() - t_start
         return res
     kinds = list(kinds or profile.exit_kinds or EXIT_KINDS)
@@ -174,7 +172,7 @@ def run(profile, kinds=None) -> SuiteResult:
     for (mode, kind, abi), m in measured.items():
         grp, s = f"{mode}/{kind}/{abi}", m["samples"]
         share = [t - o for t, o in zip(s["ref/traced"], s["ref/own"])]
-        for key in ORDER:
+        for key in SAMPLE_ORDER:
             stats = dict(traced=Stat(s[f"{key}/traced"], "ns"),
                          user=Stat([t - c for t, c in zip(s[f"{key}/traced"], share)], "ns"))
             if f"{key}/own" in s:

@@ -528,8 +528,8 @@ def _tsc_trace(run_arg, lines):
 
 @pytest.mark.nokvm
 def test_windows_from_a_trace():
-    from kvmsys_bench import windows
-    run = windows._KVM_RUN_ARG
+    from kvmsys_bench import trace, windows
+    run = trace._KVM_RUN_ARG
     text = _tsc_trace(run, [
         (1000, "tracing_mark_write: kvmsys-begin"),
         (1100, f"sys_enter: NR 16 ({5}, {run}, 0, 0, 0, 0)"),
@@ -552,8 +552,8 @@ def test_windows_from_a_trace():
 def test_windows_refuses_a_trace_that_lost_events():
     """A sample whose trace holds fewer windows than its exits (a full buffer) fails
     loudly instead of averaging what is left."""
-    from kvmsys_bench import windows
-    run = windows._KVM_RUN_ARG
+    from kvmsys_bench import trace, windows
+    run = trace._KVM_RUN_ARG
 
     class Inst:
         def write(self, rel, value):
@@ -579,7 +579,7 @@ def test_windows_suite_says_why_when_tracing_cannot_be_set_up(monkeypatch):
 
         def __enter__(self):
             raise OSError(22, "Invalid argument", "trace_clock")
-    monkeypatch.setattr(trace, "unavailable", lambda: None)
+    monkeypatch.setattr(trace, "unavailable", lambda *who_events: None)
     monkeypatch.setattr(trace, "_Instance", NoClock)
     res = windows.run(TINY)
     assert not res.rows and len(res.skipped) == 1
