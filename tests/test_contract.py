@@ -700,6 +700,10 @@ def test_a_fork_child_cannot_kick_the_parents_running_vcpu(machine):
     def forker():
         wait_until(lambda: machine.vcpu.running, what="the owner's KVM_RUN")
         got.update(fork_result(*fork_child(child)))
+        # the owner's run() leaves KVM_RUN for a moment every 10 ms (the main thread's look
+        # at Python's signals): wait for it to be back inside, or for its run to have ended
+        wait_until(lambda: machine.vcpu.running or not machine.vcpu.active,
+                   what="the owner back in KVM_RUN, or its run() ended")
         got["running after"] = machine.vcpu.running
     run_while(machine, h, forker)
     assert got == {"alive": False, "kick": "stale", "interrupt": "stale", "call_soon": "stale",
