@@ -145,25 +145,35 @@ def derive(rows: dict, field_: str, a: str, b: str, op: str, unit: str | None = 
 
 
 def interleave(variants: dict, reps: int, warmup: int = 0,
-               on_round: Callable[[int], None] | None = None) -> dict:
-    """Run each variant once per round, in order, `warmup` + `reps` rounds.
+               on_round: Callable[[int], None] | None = None,
+               shuffle: random.Random | None = None) -> dict:
+    """Run each variant once per round, in order, `warmup` + `reps` rounds; with
+    *shuffle* (a seeded Random: repeatable), each round in an order drawn from it.
+
+    Shuffle where a sample is one short event (a kick): it starts from the caches the
+    sample before it left, so in a fixed order a variant always starts where the same
+    other one ended (the kick suite's note says what that did there).
 
     A variant is a callable returning one sample (a number) or several named
-    samples (a dict).  Returns {name: [samples of the measured rounds]}."""
+    samples (a dict).  Returns {name: [samples of the measured rounds]}, in the
+    variants' order whatever order they ran in."""
     out: dict = {}
+    rank = {name: i for i, name in enumerate(variants)}
+    made_by: dict = {}          # sample name -> the rank of the variant that gave it
+    names = list(variants)
     for r in range(warmup + reps):
-        for name, fn in variants.items():
-            value = fn()
+        if shuffle is not None:
+            shuffle.shuffle(names)
+        for name in names:
+            value = variants[name]()
             if r < warmup:
                 continue
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    out.setdefault(k, []).append(v)
-            else:
-                out.setdefault(name, []).append(value)
+            for k, v in (value.items() if isinstance(value, dict) else ((name, value),)):
+                out.setdefault(k, []).append(v)
+                made_by.setdefault(k, rank[name])
         if on_round is not None and r >= warmup:
             on_round(r - warmup + 1)
-    return out
+    return dict(sorted(out.items(), key=lambda kv: made_by[kv[0]]))     # (stable: a variant's names keep their order)
 
 
 def calibrate_count(fn: Callable[[int], object], sample_ms: float, lo: int, hi: int, probe: int = 20) -> int:
