@@ -57,7 +57,7 @@ def _parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=None,
                    help="with --baseline: a figure must also be this fraction worse (default 0)")
     p.add_argument("--report", metavar="FILE.json",
-                   help="measure nothing: print the Markdown report of a stored run (and --plot it)")
+                   help="measure nothing: print the Markdown report of a stored run (and --plot it; with --baseline, gate it)")
     p.add_argument("--trace", action="store_true",
                    help="also break one exit round trip into segments from the kernel's tracepoints "
                         "(root; mounts tracefs if needed; says why and skips otherwise)")
@@ -183,13 +183,17 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
         print(f"benchmarks: {e}", file=sys.stderr)
         return 2
     if readme:
+        if base is not None:
+            print("benchmarks: --baseline compares a run (measured, or stored with --report), "
+                  "not README's section", file=sys.stderr)
+            return 2
         print(report.readme_section(*readme[0], *readme[1:]), end="")
         return 0
     if stored is not None:          # the Markdown (and plot) regenerated from the JSON alone
         print(report.markdown(stored))
         if args.plot:
             report.plot(stored, args.plot)
-        return 0
+        return _gate(stored, base, args.baseline, tolerance) if base is not None else 0
     if not os.path.exists("/dev/kvm"):
         print("benchmarks: /dev/kvm is missing: KVM is not available on this machine", file=sys.stderr)
         return 3
@@ -241,19 +245,22 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
     if not doc["ok"]:
         print("benchmarks: some checks FAILED (see above)", file=sys.stderr)
         return 1
-    if base is not None:
-        compared = baseline.compare(doc, base, tolerance)
-        warnings = baseline.differences(doc, base)
-        print(baseline.markdown(compared, args.baseline, tolerance, warnings))
-        for w in warnings:
-            print(f"benchmarks: warning: {w}", file=sys.stderr)
-        worse = [r for r in compared if r["worse"]]
-        for r in worse:
-            print(f"benchmarks: REGRESSION {r['metric']}: {r['old']:.4g} -> {r['new']:.4g} {r['unit']} "
-                  f"(+{r['delta']:.4g}, threshold {r['threshold']:.4g}; {r['change']:.3f}x)", file=sys.stderr)
-        if worse:
-            return 4
-    return 0
+    return _gate(doc, base, args.baseline, tolerance) if base is not None else 0
+
+
+def _gate(doc: dict, base: dict, base_path: str, tolerance: float) -> int:
+    """--baseline: the comparison's Markdown, its warnings; 4 if a kvmsys figure got worse."""
+    from . import baseline
+    compared = baseline.compare(doc, base, tolerance)
+    warnings = baseline.differences(doc, base)
+    print(baseline.markdown(compared, base_path, tolerance, warnings))
+    for w in warnings:
+        print(f"benchmarks: warning: {w}", file=sys.stderr)
+    worse = [r for r in compared if r["worse"]]
+    for r in worse:
+        print(f"benchmarks: REGRESSION {r['metric']}: {r['old']:.4g} -> {r['new']:.4g} {r['unit']} "
+              f"(+{r['delta']:.4g}, threshold {r['threshold']:.4g}; {r['change']:.3f}x)", file=sys.stderr)
+    return 4 if worse else 0
 
 
 if __name__ == "__main__":

@@ -185,6 +185,14 @@ def differences(doc: dict, base: dict) -> list:
                        ("modes", "guest modes")):
         if cfg[0].get(key) != cfg[1].get(key):
             warn.append(f"{label} differs: baseline {cfg[0].get(key)!r}, this run {cfg[1].get(key)!r}")
+    kick = [d["suites"].get("kick", {}).get("config") for d in (base, doc)]
+    if kick[0] and kick[1]:
+        # runs stored before 2026-12-08 ran the kick suite in one fixed order, which held
+        # kvmsys back (see kick.py's note): their kick figures are not the same measure
+        for key, label in (("order", "the kick suite's sample order"), ("loads", "the kick suite's guest loads")):
+            if kick[0].get(key) != kick[1].get(key):
+                warn.append(f"{label} differs: baseline {kick[0].get(key) or 'fixed'!r}, "
+                            f"this run {kick[1].get(key) or 'fixed'!r}")
     if len(run_values(base)) < 2 and len(run_values(doc)) < 2:
         warn.append("neither document has run-to-run spread (one process each): thresholds are "
                     f"{max(SINGLE_RUN_TOLERANCE, 0):.0%} of each figure; store a baseline with --runs 3 or more")

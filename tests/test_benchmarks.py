@@ -495,6 +495,32 @@ def test_gate_thresholds_come_from_run_to_run_spread():
     assert not next(r for r in worse if r["metric"] == "exits/pm32/sys/naive/cost")["worse"]   # a reference
     warn = baseline.differences(doc([1], kernel="6.1", load_avg=[3.0]), doc([1], kernel="6.2"))
     assert any("kernel differs" in w for w in warn) and any("loaded host" in w for w in warn)
+    # a kick suite measured in the old fixed order is not the same measure
+    old, new = doc([1]), doc([1])
+    old["suites"]["kick"] = dict(config=dict(mode="pm32"))
+    new["suites"]["kick"] = dict(config=dict(mode="pm32", order="drawn per round", loads="before every sample"))
+    warn = baseline.differences(new, old)
+    assert any("sample order differs: baseline 'fixed', this run 'drawn per round'" in w for w in warn), warn
+    assert not any("kick" in w for w in baseline.differences(new, new))
+
+
+@pytest.mark.nokvm
+def test_gate_compares_a_stored_run_and_refuses_with_readme(tmp_path, capsys):
+    """`--report FILE --baseline BASE` gates the stored run as it would a measured one (it
+    used to print the report and ignore --baseline); `--readme` with --baseline is refused."""
+    import pathlib
+    stored = str(pathlib.Path(__file__).parent.parent / "benchmarks" / "results" / "2026-12-07m-pvm-epyc-2core-quick.json")
+    assert bench.main(["--report", stored, "--baseline", stored]) == 0
+    assert "| figure | baseline | this run |" in capsys.readouterr().out
+    doc = json.load(open(stored))
+    for run in doc["headline_runs"]:
+        run["exits/pm32/fd/c/user_own"]["value"] += 1000      # 1 us worse in every process
+    worse = tmp_path / "worse.json"
+    worse.write_text(json.dumps(doc))
+    assert bench.main(["--report", str(worse), "--baseline", stored]) == 4
+    assert "REGRESSION exits/pm32/fd/c/user_own" in capsys.readouterr().err
+    assert bench.main(["--readme", stored, "--baseline", stored]) == 2
+    assert "not README's section" in capsys.readouterr().err
 
 
 @pytest.mark.nokvm
