@@ -187,8 +187,8 @@ def differences(doc: dict, base: dict) -> list:
             warn.append(f"{label} differs: baseline {cfg[0].get(key)!r}, this run {cfg[1].get(key)!r}")
     kick = [d["suites"].get("kick", {}).get("config") for d in (base, doc)]
     if kick[0] and kick[1]:
-        # runs stored before 2026-12-08 ran the kick suite in one fixed order, which held
-        # kvmsys back (see kick.py's note): their kick figures are not the same measure
+        # a kick suite that records no order ran in one fixed order, which held kvmsys back
+        # (see kick.py's note): its kick figures are not the same measure
         for key, label in (("order", "the kick suite's sample order"), ("loads", "the kick suite's guest loads")):
             if kick[0].get(key) != kick[1].get(key):
                 warn.append(f"{label} differs: baseline {kick[0].get(key) or 'fixed'!r}, "
