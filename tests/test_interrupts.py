@@ -59,12 +59,19 @@ def check(log, vectors, nmis=0, n=N):
     assert [e[1] for e in after if e[0] == "isr"] == list(vectors), log
     counts = [e[1] & ~AFTER_STI for e in after if e[0] == "main"]
     assert len(counts) == n and counts == sorted(counts) and counts[-1] == len(vectors), log
-    seen = 0                            # every report counts exactly the ISRs before it
+    # Every report counts exactly the ISRs before it, or one fewer right after an ISR: the
+    # guest reads its count, then reports it with an `out`, and an interrupt can land
+    # between the two.  On VT-x/AMD-V the window opens right after each `iret` (the queue
+    # drains before the guest goes on); our PVM host's emulator opens it at its next exit,
+    # which can come between that read and that `out` (seen once in CI: a report of 1
+    # right after the second ISR)
+    seen, last = 0, None
     for e in after:
         if e[0] == "isr":
             seen += 1
         else:
-            assert e[1] == AFTER_STI | seen, log
+            assert e[1] == AFTER_STI | seen or (last == "isr" and e[1] == AFTER_STI | (seen - 1)), log
+        last = e[0]
 
 
 @pytest.mark.parametrize("mode", ["real", "pm32", "long64"])
