@@ -448,7 +448,9 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     # sets it again and is counted after `sigs`, so its EINTR is known as ours.
     sigs = kvmsys_own_signal_count()
     sints = kvmsys_sigint_count()
-    kvmsys_store_u8(&run.immediate_exit, 0)
+    # (relaxed: the locked RMW on kick_pending right after orders it before that read,
+    # and a kicker's RMW that comes later reads ours, so its immediate_exit store wins)
+    kvmsys_store_u8_relaxed(&run.immediate_exit, 0)
     if kvmsys_and_int(&v.kick_pending, ~KICK_IRQ):
         kvmsys_store_u8(&run.immediate_exit, 1)
     # Main thread: a SIGINT since run_once's last look at Python's signals (its
@@ -544,7 +546,9 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
         if v.poll_signals and t_out - t_poll >= POLL_NS:
             res = R_POLL
             break
-    kvmsys_store_int(&v.running, 0)
+    # (release: nothing waits on `running` going to 0 in a Dekker pair; a reader that
+    # sees 0 sees the loop's stores before it)
+    kvmsys_store_int_release(&v.running, 0)
     kvmsys_set_running(NULL)
     flush_port_count(v)
     v.t_left = t_out

@@ -86,6 +86,8 @@ cdef extern from "kvmsys_native.h" nogil:
     int kvmsys_or_int(int *p, int v)
     int kvmsys_and_int(int *p, int v)
     void kvmsys_store_u8(uint8_t *p, uint8_t v)
+    void kvmsys_store_u8_relaxed(uint8_t *p, uint8_t v)
+    void kvmsys_store_int_release(int *p, int v)
     uint8_t kvmsys_xchg_u8(uint8_t *p, uint8_t v)
     uint64_t kvmsys_add_u64(uint64_t *p, uint64_t v)
     uint64_t kvmsys_load_u64(uint64_t *p)
