@@ -416,6 +416,7 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
     cdef int r, res, err
     cdef unsigned sigs, now_sigs, taken, sints, now_sints
     cdef uint8_t late
+    cdef int kicks
     if v.budget_left == 0:
         return R_BUDGET     # 0 is no exit at all, never "unlimited" (< 0)
     # Time outside KVM_RUN is booked from the last KVM_RUN's return (or run()'s start,
@@ -429,29 +430,34 @@ cdef int run_loop(vcpustate_t *v) noexcept nogil:
             v.error = err
             return R_ERROR
     kvmsys_set_running(run)
+    # immediate_exit may be stale (set by a kick signal that landed after its kick
+    # was taken) or missing (a kick that came while we were outside the loop):
+    # cleared here, then derived from kick_pending below.  Count our signals *before*
+    # clearing it: one that lands in between sets it again and is counted after
+    # `sigs`, so its EINTR is known as ours.  (A relaxed store: the barrier of the
+    # `running` store orders it before kick_pending is read.)
+    sigs = kvmsys_own_signal_count()
+    sints = kvmsys_sigint_count()
+    kvmsys_store_u8_relaxed(&run.immediate_exit, 0)
     # No lock: v.thread is this thread's for the whole run() (bound, or set by
     # run_once under the lock), and a thread leaves run() only through a lock/unlock of
     # v.lock (run_once's finally, or unbinding), so a kicker that saw `running` signals
-    # a thread still inside run()
+    # a thread still inside run().  This store is the entry's one full barrier
+    # (seq_cst: an xchg): every load below comes after it.
     kvmsys_store_int(&v.running, 1)
     # An ioctl another thread issued on this vCPU before it saw `running`: let it
     # finish, so it never waits on the vCPU's mutex for a KVM_RUN (see
     # vcpu_ioctl_outside; a later one sees `running` and is refused).
     while kvmsys_load_int(&v.ioctls):
         sched_yield()
-    # immediate_exit may be stale (set by a kick signal that landed after its kick
-    # was taken) or missing (a kick that came while we were outside the loop):
-    # derive it from kick_pending.  Kickers set kick_pending before immediate_exit
-    # and signal only a running vCPU, so reading it after `running` loses nothing.
-    # Queued interrupts need no immediate exit: they are injected before KVM_RUN.
-    # Count our signals *before* clearing immediate_exit: one that lands in between
-    # sets it again and is counted after `sigs`, so its EINTR is known as ours.
-    sigs = kvmsys_own_signal_count()
-    sints = kvmsys_sigint_count()
-    # (relaxed: the locked RMW on kick_pending right after orders it before that read,
-    # and a kicker's RMW that comes later reads ours, so its immediate_exit store wins)
-    kvmsys_store_u8_relaxed(&run.immediate_exit, 0)
-    if kvmsys_and_int(&v.kick_pending, ~KICK_IRQ):
+    # Kickers set kick_pending before immediate_exit and signal only a running vCPU:
+    # one that read `running` before our store set kick_pending before it, so this
+    # load sees it.  Queued interrupts need no immediate exit (they are injected before
+    # KVM_RUN): their bit is dropped, with a locked RMW only when it is set.
+    kicks = kvmsys_load_int(&v.kick_pending)
+    if kicks & KICK_IRQ:
+        kicks = kvmsys_and_int(&v.kick_pending, ~KICK_IRQ)
+    if kicks & ~KICK_IRQ:
         kvmsys_store_u8(&run.immediate_exit, 1)
     # Main thread: a SIGINT since run_once's last look at Python's signals (its
     # relay's immediate_exit store may have been cleared just above)
