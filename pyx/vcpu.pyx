@@ -1,5 +1,7 @@
 # The vCPU object: state ioctls, the comm area and run().
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from libc.string cimport memcpy
 import threading as _threading
 from _signal import getsignal as _getsignal, SIGINT as _SIGINT   # (signal.getsignal adds an enum lookup)
@@ -106,6 +108,26 @@ cdef int create_kernel_vcpu(VmCore vm, int vcpu_id) except -1:
     with nogil:
         fd = ioctl(vmfd, KVM_CREATE_VCPU, <unsigned long>vcpu_id)
     return check(fd, "KVM_CREATE_VCPU")
+
+
+# The Python handler of the exit run_loop returned (R_EXIT), borrowed, or NULL: none.
+# No reference is taken and None is only compared with: after KVM_RUN each object line
+# the run path touches is a cache miss (None's refcount was one, per exit).
+cdef inline PyObject *python_handler(VmCore vm, vcpustate_t *v) noexcept:
+    cdef PyObject *h = NULL
+    cdef uint32_t reason
+    if v.last_handler >= 0 and v.last_handler < PyList_GET_SIZE(vm.py_handlers):
+        h = PyList_GET_ITEM(vm.py_handlers, v.last_handler)
+    if h == NULL or h == <PyObject *>None:
+        reason = v.run.exit_reason
+        if v.from_ring or reason == KVM_EXIT_IO or reason == KVM_EXIT_MMIO or \
+                reason == KVM_EXIT_X86_RDMSR or reason == KVM_EXIT_X86_WRMSR:
+            h = <PyObject *>vm._default_handler
+        elif reason == KVM_EXIT_HLT:
+            h = <PyObject *>vm._hlt_handler
+        else:
+            h = NULL
+    return NULL if h == <PyObject *>None else h
 
 
 cdef class VcpuCore:
@@ -661,6 +683,8 @@ cdef class VcpuCore:
         cdef int res
         cdef Exit ex
         cdef object handler
+        cdef PyObject *h
+        cdef AccessOps ops
         cdef uint64_t outer_deadline = 0
         cdef bint watching = 0
         cdef const char *op = "timer_create(watchdog)"
@@ -740,20 +764,16 @@ cdef class VcpuCore:
                     raise StateError("the interpreter is exiting: vCPUs no longer run")
                 if res == R_EXIT:
                     # the handler first, the exit object only for a handler that takes one
-                    handler = vm.py_handlers[v.last_handler] if v.last_handler >= 0 else None
-                    if handler is None:
-                        if v.from_ring or v.run.exit_reason in (KVM_EXIT_IO, KVM_EXIT_MMIO,
-                                                                KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR):
-                            handler = vm._default_handler
-                        elif v.run.exit_reason == KVM_EXIT_HLT:
-                            handler = vm._hlt_handler
-                    if type(handler) is AccessOps:
+                    h = python_handler(vm, v)
+                    if h != NULL and h.ob_type == <PyTypeObject *>AccessOps:
                         kvmsys_bench_pause(1)   # benchmark hook, off: see kvmsys_native.h
-                        if call_ops(self, <AccessOps>handler) == OPS_DONE:   # (its time is booked by run_loop's clocks)
+                        ops = <AccessOps>h      # a reference: a callback may replace the handler
+                        if call_ops(self, ops) == OPS_DONE:   # (its time is booked by run_loop's clocks)
                             if v.budget_left == 0:
                                 return own_exit(self, BudgetExit, KVMSYS_EXIT_BUDGET)
                             continue
-                        handler = None      # a write asked to stop, or no callback for it: run() returns the exit
+                        h = NULL            # a write asked to stop, or no callback for it: run() returns the exit
+                    handler = <object>h if h != NULL else None
                     ex = CoalescedExit.of_ring(self) if v.from_ring else make_exit(self)
                     if handler is None:
                         return ex

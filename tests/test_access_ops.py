@@ -100,6 +100,42 @@ def test_string_io_is_one_call_per_element(machine):
     assert bytes(m.mem[SCRATCH + 0x40:SCRATCH + 0x46]) == bytes(range(0x40, 0x46))
 
 
+def test_a_callback_that_replaces_its_own_handler_finishes_the_access(machine):
+    # The run loop holds the handler it called: the default AccessOps, referenced by
+    # nothing but the VM, is replaced (and so released by the VM) from its own first
+    # callback of a string OUT, and a range handler removed from its own.  Every element
+    # still arrives, in order, to the old handler until the switch and to the new one
+    # after (the rest of one string access goes to the old one; a host whose emulator
+    # exits once per element sends those to the new one), never lost or twice
+    m = machine
+    debug_exit_port(m.vm)
+    pattern = bytes([7, 8, 9])
+    load_code(m.vcpu, m.mem, rep_string(0x6E, PORT, SCRATCH, 3) + out(PORT, 4)
+              + rep_string(0x6E, PORT + 1, SCRATCH, 3) + out(PORT + 1, 5) + END)
+    m.mem[SCRATCH:SCRATCH + 3] = pattern
+    seen = []
+    m.vm.set_default(Space.PIO, Kind.PYTHON)
+
+    def first(a, s, v):
+        seen.append(("first", a, v))
+        m.vm.default_handler = AccessOps(write=lambda a, s, v: seen.append(("second", a, v)))
+
+    def ranged(a, s, v):
+        seen.append(("ranged", a, v))
+        m.vm.remove_handler(index[0])
+
+    m.vm.default_handler = AccessOps(write=first)
+    index = [m.vm.add_handler(Space.PIO, PORT + 1, PORT + 2, Kind.PYTHON, write=ranged)]
+    run_to_end(m)
+    assert [(a, v) for _, a, v in seen] == [(PORT, 7), (PORT, 8), (PORT, 9), (PORT, 4),
+                                            (PORT + 1, 7), (PORT + 1, 8), (PORT + 1, 9), (PORT + 1, 5)]
+    who = [w for w, _, _ in seen]
+    assert who[0] == "first" and who[3] == "second" and who[4] == "ranged" and who[7] == "second"
+    for old, part in (("first", who[:4]), ("ranged", who[4:])):
+        switch = part.index("second")
+        assert part == [old] * switch + ["second"] * (len(part) - switch), who
+
+
 @pytest.mark.parametrize("answer, error", [
     (0x100, InvalidArgumentError), (-1, InvalidArgumentError), (1 << 64, InvalidArgumentError),
     ("1", ArgumentTypeError), (None, ArgumentTypeError), (1.0, ArgumentTypeError)])
