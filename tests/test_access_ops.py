@@ -3,13 +3,16 @@ both ABIs: each access reaches its callback decoded (address, value, size as int
 read's answer reaches the guest, string I/O is one call per element, a batched write one
 call per ring entry, a bad answer is a typed error out of run(), a direction without its
 callback goes as in a range without a callback."""
+import random
 import signal
 import struct
+import threading
+import time
 
 import pytest
 
-from kvmsys import (AccessOps, ArgumentTypeError, CoalescedExit, InvalidArgumentError, IoExit, KickExit, Kind, MmioExit,
-                    Space, StateError, StopExit)
+from kvmsys import (AccessOps, ArgumentTypeError, CoalescedExit, DeadlineExit, InvalidArgumentError, IoExit, KickExit, Kind,
+                    MmioExit, Space, StateError, StopExit)
 from kvmsys.guests import layout as L
 from test_wrappers import debug_exit_port, load_code, out, status
 
@@ -348,6 +351,52 @@ def test_a_kick_from_inside_a_callback_is_not_lost(machine):
     assert isinstance(ex, KickExit) and seen == [1, 2]
     run_to_end(machine)
     assert seen == [1, 2, 3, 4]
+
+
+def test_kicks_racing_with_exits_that_go_to_python_are_each_seen(machine):
+    # Every exit goes to a write callback, so run() leaves the C loop and enters it again
+    # at each one: kicks from another thread land anywhere on that path (the callback,
+    # which lets the kicker in by releasing the GIL as a device model doing I/O would, the
+    # loop's entry before or after `running`, KVM_RUN itself), and each one is seen (run()
+    # returns KickExit) and none is invented.  (Without the loop reading kick_pending at
+    # its entry, kicks that land in the callback are lost: checked.)
+    m = machine
+    loop = out(PORT, 1)
+    load_code(m.vcpu, m.mem, loop + b"\xEB" + bytes([(-(len(loop) + 2)) & 0xFF]))     # jmp back
+    calls = [0]
+
+    def write(address, size, value):
+        calls[0] += 1
+        time.sleep(0)               # releases the GIL
+
+    m.vm.add_handler(Space.PIO, PORT, PORT + 1, Kind.PYTHON, write=write)
+    handle = m.vcpu.handle()
+    n, go, rng, failed = 300, threading.Semaphore(0), random.Random(20), []
+
+    def kicker():
+        try:
+            for _ in range(n):
+                if not go.acquire(timeout=20):
+                    return
+                end = time.perf_counter() + rng.uniform(0, 150e-6)    # a few exits in
+                while time.perf_counter() < end:
+                    pass
+                handle.kick()
+        except BaseException as e:      # (reported by the main thread)
+            failed.append(e)
+
+    t = threading.Thread(target=kicker)
+    t.start()
+    try:
+        for i in range(n):
+            go.release()
+            ex = m.run(timeout=10)
+            assert isinstance(ex, KickExit), f"kick {i}: {ex!r}"
+    finally:
+        t.join(30)
+    assert not failed and not t.is_alive()
+    assert isinstance(m.run(timeout=0.05), DeadlineExit)     # nothing left over
+    assert calls[0] > n
 
 
 def test_a_callback_that_rewrites_the_comm_area_mid_string_cannot_derail_it(machine):
