@@ -31,7 +31,40 @@ REQUIRE_KVM = os.environ.get("KVMSYS_REQUIRE_KVM") == "1"
 TEST_TIMEOUT = float(os.environ.get("KVMSYS_TEST_TIMEOUT", "120"))
 
 
+def other_checkout(tests_dir, module_file):
+    """The source checkout that *module_file* (a package's __init__.py) lies in, when it is
+    not the checkout *tests_dir* belongs to; None for an installed package (CI tests the
+    wheel) or this checkout's own."""
+    from pathlib import Path
+    root = Path(module_file).resolve().parent.parent
+    here = Path(tests_dir).resolve().parent
+    if root != here and (root / "setup.py").is_file() and (root / "pyx").is_dir():
+        return root
+    return None
+
+
+def check_the_code_under_test():
+    # An editable install of one checkout serves `import kvmsys` to every other checkout
+    # (a git worktree): its tests would then pass or fail on code they do not contain
+    import kvmsys
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    mods = [kvmsys]
+    try:
+        import kvmsys_bench
+        mods.append(kvmsys_bench)
+    except ImportError:
+        pass
+    for mod in mods:
+        other = other_checkout(tests_dir, mod.__file__)
+        if other is not None:
+            raise pytest.UsageError(
+                f"these tests are {os.path.dirname(tests_dir)}'s, but `import {mod.__name__}` "
+                f"finds {other}'s (an editable install of another checkout?): install this "
+                "checkout, or put its kvmsys/ and benchmarks/ (as kvmsys_bench) first on PYTHONPATH")
+
+
 def pytest_configure(config):
+    check_the_code_under_test()
     # A suite started with SIGINT ignored (`pytest &` in a script, nohup) would pass the
     # ignoring on to every child it starts (exec keeps SIG_IGN), and the Ctrl-C tests would
     # wait in vain: take Python's default handler here, so this process raises

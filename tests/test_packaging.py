@@ -41,3 +41,23 @@ def test_license_and_metadata():
     # every build requirement pinned to the version this project is built with
     for req in meta["build-system"]["requires"]:
         assert re.fullmatch(r"[\w\-]+==[\d.]+", req), req
+
+
+def test_the_tests_refuse_another_checkouts_code(tmp_path):
+    # conftest's check: an editable install of one checkout (or a path entry) serving
+    # `import kvmsys` to another checkout's tests is refused by name; an installed package
+    # (CI tests the wheel) and this checkout's own are not
+    from conftest import other_checkout
+    tests = ROOT / "tests"
+    other = tmp_path / "other"
+    for d in ("kvmsys", "pyx", "benchmarks"):
+        (other / d).mkdir(parents=True)
+    (other / "setup.py").write_text("")
+    assert other_checkout(tests, other / "kvmsys" / "__init__.py") == other.resolve()
+    assert other_checkout(tests, other / "benchmarks" / "__init__.py") == other.resolve()
+    assert other_checkout(tests, ROOT / "kvmsys" / "__init__.py") is None
+    site = tmp_path / "venv" / "lib" / "python3" / "site-packages"
+    (site / "kvmsys").mkdir(parents=True)
+    assert other_checkout(tests, site / "kvmsys" / "__init__.py") is None
+    (tmp_path / "link").symlink_to(ROOT / "kvmsys")      # a path entry pointing back here
+    assert other_checkout(tests, tmp_path / "link" / "__init__.py") is None
