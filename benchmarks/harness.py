@@ -158,22 +158,20 @@ def interleave(variants: dict, reps: int, warmup: int = 0,
     samples (a dict).  Returns {name: [samples of the measured rounds]}, in the
     variants' order whatever order they ran in."""
     out: dict = {}
-    rank = {name: i for i, name in enumerate(variants)}
-    made_by: dict = {}          # sample name -> the rank of the variant that gave it
     names = list(variants)
     for r in range(warmup + reps):
         if shuffle is not None:
             shuffle.shuffle(names)
-        for name in names:
-            value = variants[name]()
-            if r < warmup:
-                continue
+        got = {name: variants[name]() for name in names}
+        if r < warmup:
+            continue
+        for name in variants:           # filed in the variants' order
+            value = got[name]
             for k, v in (value.items() if isinstance(value, dict) else ((name, value),)):
                 out.setdefault(k, []).append(v)
-                made_by.setdefault(k, rank[name])
-        if on_round is not None and r >= warmup:
+        if on_round is not None:
             on_round(r - warmup + 1)
-    return dict(sorted(out.items(), key=lambda kv: made_by[kv[0]]))     # (stable: a variant's names keep their order)
+    return out
 
 
 def calibrate_count(fn: Callable[[int], object], sample_ms: float, lo: int, hi: int, probe: int = 20) -> int:
